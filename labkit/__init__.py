@@ -1,0 +1,1 @@
+"""labkit: see how virtualization works by running tiny x86 guests under KVM or under emulation."""

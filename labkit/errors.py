@@ -1,0 +1,71 @@
+"""The one exception tree of labkit.
+
+Lower-layer errors (``OSError`` from an ioctl, ``UcError`` from Unicorn, a
+``CalledProcessError`` from GNU as) are translated into these at the boundary
+where they happen, so callers catch labkit errors only::
+
+    LabkitError
+     ├── ConfigError            bad arguments: memory size, mode, backend name, device args
+     ├── GuestError             a guest that cannot be loaded
+     │    ├── AssemblyError     GNU as/ld rejected the source, or binutils is missing
+     │    └── GuestFileError    a malformed guest file or metadata
+     ├── BackendUnavailable     the asked-for backend cannot run here (no /dev/kvm, no permission, ...)
+     ├── KvmError               an ioctl on /dev/kvm failed; carries the ioctl's name and errno
+     └── EmulatorError          Unicorn failed, crashed or hung (contained in a worker process)
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class LabkitError(Exception):
+    """Base of every error labkit raises on purpose."""
+
+
+class ConfigError(LabkitError, ValueError):
+    """An argument is out of range or inconsistent (memory size, mode, device arguments)."""
+
+
+class GuestError(LabkitError):
+    """A guest cannot be loaded."""
+
+
+class AssemblyError(GuestError):
+    """GNU as or ld rejected a guest's source, or binutils is not installed."""
+
+
+class GuestFileError(GuestError):
+    """A guest file or its metadata is malformed."""
+
+
+class BackendUnavailable(LabkitError):
+    """The requested backend cannot be used on this machine; the message says why and how to fix it."""
+
+
+class KvmError(LabkitError, OSError):
+    """An ioctl on a KVM file descriptor failed.
+
+    ``str(e)`` reads like ``KVM_SET_USER_MEMORY_REGION failed: errno 22 (EINVAL)``.
+    """
+
+    def __init__(self, ioctl: str, errno: int, detail: str = ""):
+        name = _errno.errorcode.get(errno, "?")
+        message = f"{ioctl} failed: errno {errno} ({name})"
+        if detail:
+            message += f": {detail}"
+        super().__init__(errno, message)
+        self.ioctl = ioctl
+
+    def __str__(self) -> str:
+        return self.args[1]
+
+
+class EmulatorError(LabkitError):
+    """The Unicorn emulator failed, crashed or hung while running a guest."""
+
+
+def strerror(errno: int) -> str:
+    """``errno 13 (EACCES): Permission denied`` for messages."""
+    return f"errno {errno} ({_errno.errorcode.get(errno, '?')}): {os.strerror(errno)}"

@@ -1,0 +1,65 @@
+"""Where things live in a labkit guest: guest-physical memory map, ports, selectors.
+
+Both backends and every shipped guest use this one layout, so a guest written
+for one runs on the other.  All addresses are guest-physical; page tables map
+them 1:1 (identity) in long mode.
+
+    0x0000_0000  real-mode IVT (256 x 4 bytes)
+    0x0000_0500  boot area: default exception stubs and the ring-3 trampoline
+    0x0000_1000  GDT
+    0x0000_2000  IDT (256 x 16 bytes)
+    0x0000_3000  TSS (with RSP0 = KERNEL_STACK_TOP)
+    0x0000_4000  PML4, 0x5000 PDPT, 0x6000 PD, 0x7000 PT (first 2 MiB in 4 KiB pages)
+    0x0000_8000  guest code (LOAD_ADDRESS), entry point unless the guest says otherwise
+    ...          guest code and data
+    STACK_TOP    initial stack, grows down (0x8_0000); kernel stack below it
+    memory_size  end of RAM; above it, up to 1 GiB, identity-mapped with no RAM:
+                 an access there is an MMIO exit
+"""
+
+from __future__ import annotations
+
+PAGE_SIZE = 0x1000
+
+IVT_ADDRESS = 0x0000
+BOOT_AREA = 0x0500
+GDT_ADDRESS = 0x1000
+IDT_ADDRESS = 0x2000
+TSS_ADDRESS = 0x3000
+PML4_ADDRESS = 0x4000
+PDPT_ADDRESS = 0x5000
+PD_ADDRESS = 0x6000
+PT_ADDRESS = 0x7000
+LOAD_ADDRESS = 0x8000
+STACK_TOP = 0x80000
+KERNEL_STACK_TOP = 0x70000
+"""RSP0 in the TSS: the stack a fault or interrupt from ring 3 switches to."""
+MAPPED_LIMIT = 1 << 30
+"""Long-mode page tables identity-map [0, 1 GiB); beyond it a guest access page-faults."""
+
+DEFAULT_MEMORY = 2 << 20
+MIN_MEMORY = 1 << 20
+MAX_MEMORY = 1 << 30
+
+# GDT selectors.  The order of 0x08..0x28 is what SYSCALL/SYSRET expect with
+# STAR = (USER_BASE << 48) | (KERNEL_CS64 << 32): SYSRET loads CS = base + 16, SS = base + 8.
+KERNEL_CS64 = 0x08
+KERNEL_DS = 0x10
+USER_CS32 = 0x18 | 3
+USER_DS = 0x20 | 3
+USER_CS64 = 0x28 | 3
+KERNEL_CS32 = 0x30
+KERNEL_CS16 = 0x38
+TSS_SELECTOR = 0x40
+GDT_ENTRIES = 10  # the 64-bit TSS descriptor takes two slots
+STAR_USER_BASE = 0x18
+
+# Ports.
+COM1_PORT = 0x3F8
+"""Minimal 16550A UART (8 ports)."""
+DEBUG_EXIT_PORT = 0xF4
+"""A write ends the run with the written value as exit code."""
+HYPERCALL_PORT = 0xF0
+"""A write of EAX makes a hypercall (arguments in RBX, RCX, RDX, RSI); a read returns its result."""
+FAULT_PORT = 0xF1
+"""The default exception stubs write the vector here; labkit reports the fault and stops."""
