@@ -1,1 +1,64 @@
-"""labkit: see how virtualization works by running tiny x86 guests under KVM or under emulation."""
+"""labkit: see how virtualization works by running tiny x86 guests under KVM or under emulation.
+
+    >>> import labkit
+    >>> labkit.Machine("hello64").run().console
+    'Hello from 64-bit mode!\\n'
+
+The public names are imported on first use, so ``import labkit`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Machine": "labkit.vmm.machine",
+    "RunResult": "labkit.vmm.status",
+    "Status": "labkit.vmm.status",
+    "Fault": "labkit.vmm.status",
+    "Guest": "labkit.guest",
+    "list_guests": "labkit.guest",
+    "assemble": "labkit.assemble",
+    "ExitTrace": "labkit.trace",
+    "ExitRecord": "labkit.trace",
+    "ExitReason": "labkit.exits",
+    "choose_backend": "labkit.backend",
+    "LabkitError": "labkit.errors",
+    "ConfigError": "labkit.errors",
+    "GuestError": "labkit.errors",
+    "AssemblyError": "labkit.errors",
+    "GuestFileError": "labkit.errors",
+    "BackendUnavailable": "labkit.errors",
+    "KvmError": "labkit.errors",
+    "EmulatorError": "labkit.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'labkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from labkit.assemble import assemble
+    from labkit.backend import choose_backend
+    from labkit.errors import (AssemblyError, BackendUnavailable, ConfigError, EmulatorError, GuestError,
+                               GuestFileError, KvmError, LabkitError)
+    from labkit.exits import ExitReason
+    from labkit.guest import Guest, list_guests
+    from labkit.trace import ExitRecord, ExitTrace
+    from labkit.vmm.machine import Machine
+    from labkit.vmm.status import Fault, RunResult, Status

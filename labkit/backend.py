@@ -129,4 +129,8 @@ def create_backend(name: str, memory_size: int, mode: int) -> Backend:
         from labkit.emu import EmuBackend
 
         return EmuBackend(memory_size=memory_size, mode=mode)
+    if name == "fake":
+        from labkit.vmm.fake import FakeBackend
+
+        return FakeBackend(memory_size=memory_size, mode=mode)
     raise ConfigError(f"cannot create backend {name!r}")

@@ -1,0 +1,1 @@
+"""Everything above a backend: the run loop, buses, devices, isolation."""

@@ -1,0 +1,195 @@
+"""One guest on one backend with its devices: the run loop.
+
+:class:`MachineCore` is what a backend's ``run`` calls back for every port and
+MMIO exit (it implements :class:`labkit.backend.Dispatcher`), and the loop
+that runs the backend until the guest stops.  :class:`labkit.Machine` drives a
+core in the calling process, or inside a worker process (``labkit.vmm.worker``)
+so that an emulator crash cannot take the caller down.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+from labkit import exits
+from labkit.backend import create_backend
+from labkit.errors import ConfigError, LabkitError
+from labkit.exits import ExitReason
+from labkit.trace import ExitTrace
+from labkit.vmm.bus import Bus, Device, PortBus
+from labkit.vmm.devices import Console, DebugExit, HypercallPort, Uart16550
+from labkit.vmm.exit_handling import Buses, handle_exit
+from labkit.vmm.fault import FaultReporter
+from labkit.vmm.status import RunResult, Status
+from labkit.x86 import layout
+from labkit.x86.state import Regs, SRegs
+
+IO = int(ExitReason.IO)
+MMIO = int(ExitReason.MMIO)
+
+DeviceSpec = tuple[str, int, int, Device]
+"""``(bus, base, length, device)`` with bus ``"pio"`` or ``"mmio"``."""
+
+
+class MachineCore:
+    """Backend + buses + devices + trace for one guest.  Not thread-safe."""
+
+    def __init__(self, guest, backend_name: str, memory_size: int, *,
+                 devices: Sequence[DeviceSpec] = (), trace_limit: int | None = None):
+        from labkit.x86.boot import boot_state  # the boot builder pulls in the table builders
+
+        self.guest = guest
+        self.backend = create_backend(backend_name, memory_size, guest.mode)
+        self.stop = False
+        self.status: Status | None = None
+        self.trace = ExitTrace() if trace_limit is None else ExitTrace(trace_limit)
+        self.console = Console()
+        self.buses = Buses(PortBus(), Bus("mmio", layout.MAPPED_LIMIT))
+        self._single_exit = False
+        self._resumed_ns = 0
+        try:
+            self._attach_devices(devices)
+            boot = boot_state(guest.mode, guest.entry, memory_size, user=guest.user)
+            self._load(boot, guest)
+        except BaseException:
+            self.backend.close()
+            raise
+
+    # -- set-up ---------------------------------------------------------------
+
+    def _attach_devices(self, extra: Sequence[DeviceSpec]) -> None:
+        pio = self.buses.pio
+        pio.register(layout.COM1_PORT, 8, Uart16550(self.console))
+        pio.register(layout.DEBUG_EXIT_PORT, 1, DebugExit(self._exit_requested))
+        self.hypercalls = HypercallPort(self.backend.get_regs, self.backend.memory, self.console.extend)
+        pio.register(layout.HYPERCALL_PORT, 1, self.hypercalls)
+        self.faults = FaultReporter(self.guest.mode, self.backend, self._fault_reported)
+        pio.register(layout.FAULT_PORT, 1, self.faults)
+        for bus, base, length, device in extra:
+            if bus not in ("pio", "mmio"):
+                raise ConfigError(f"a device goes on bus 'pio' or 'mmio', not {bus!r}")
+            if bus == "mmio" and base < len(self.backend.memory):
+                raise ConfigError(f"MMIO device at {base:#x} lies inside guest RAM "
+                                  f"(which ends at {len(self.backend.memory):#x})")
+            getattr(self.buses, bus).register(base, length, device)
+
+    def _load(self, boot, guest) -> None:
+        memory = self.backend.memory
+        for address, data in boot.memory:
+            memory[address:address + len(data)] = data
+        end = guest.load_address + len(guest.code)
+        if end > len(memory):
+            raise ConfigError(f"guest {guest.name!r} ends at {end:#x}, beyond guest RAM ({len(memory):#x} bytes)")
+        memory[guest.load_address:end] = guest.code
+        self.backend.set_sregs(boot.sregs)
+        if boot.msrs:
+            self.backend.set_msrs(boot.msrs)
+        self.backend.set_regs(boot.regs)
+
+    # -- the Dispatcher the backend calls (hot path) ---------------------------
+
+    def pio(self, port: int, size: int, is_write: bool, value: int, rip: int) -> int:
+        if is_write:
+            self.buses.pio.write(port, size, value)
+        else:
+            value = self.buses.pio.read(port, size)
+        self._record(IO, rip, port, size, is_write, value)
+        return value
+
+    def mmio(self, address: int, size: int, is_write: bool, value: int, rip: int) -> int:
+        if is_write:
+            self.buses.mmio.write(address, size, value)
+        else:
+            value = self.buses.mmio.read(address, size)
+        self._record(MMIO, rip, address, size, is_write, value)
+        return value
+
+    def _record(self, reason: int, rip, address, size, is_write, data) -> None:
+        now = time.perf_counter_ns()
+        host_ns = now - self._resumed_ns
+        self._resumed_ns = now
+        trace = self.trace
+        trace.counts[reason] = trace.counts.get(reason, 0) + 1
+        trace.host_ns[reason] = trace.host_ns.get(reason, 0) + host_ns
+        if len(trace.records) < trace.limit:
+            trace.records.append((reason, rip, address, size, is_write, data, host_ns))
+        else:
+            trace.dropped += 1
+        if self._single_exit:
+            self.stop = True
+
+    def _exit_requested(self, code: int) -> None:
+        self.status = Status("exited", code=code)
+        self.stop = True
+
+    def _fault_reported(self, status: Status) -> None:
+        self.status = status
+        self.stop = True
+
+    # -- the run loop -----------------------------------------------------------
+
+    def run(self, timeout: float, single_exit: bool = False) -> RunResult:
+        """Run until the guest stops or ``timeout`` seconds pass; with ``single_exit``, until the next exit.
+
+        A run stopped after one exit by ``single_exit`` has the status ``running``.
+        """
+        if self.status is not None:
+            raise LabkitError(f"the guest has already stopped ({self.status}); create a new Machine to run it again")
+        started = time.perf_counter()
+        deadline = time.monotonic() + timeout
+        self._single_exit = single_exit
+        self._resumed_ns = time.perf_counter_ns()
+        while self.status is None:
+            self.stop = False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                exit: exits.Exit = exits.Timeout(budget_s=timeout)
+            else:
+                exit = self.backend.run(self, remaining)
+            if isinstance(exit, (exits.Io, exits.Mmio)):
+                if single_exit:
+                    break
+                continue  # a device stopped the run: its status is set
+            if isinstance(exit, exits.Timeout):
+                exit = exits.Timeout(budget_s=timeout)
+            self._record(int(exit.reason), self._rip(), None, None, None, None)
+            handled = handle_exit(exit, self.buses)
+            if handled.status is not None:
+                self.status = handled.status
+            elif single_exit:
+                break
+        return self.result(time.perf_counter() - started)
+
+    def _rip(self) -> int | None:
+        try:
+            return self.backend.get_regs().rip
+        except LabkitError:
+            return None
+
+    def result(self, elapsed_s: float = 0.0) -> RunResult:
+        status = self.status or Status("running")
+        regs = self.faults.regs_at_fault if status.kind == "fault" else self.backend.get_regs()
+        return RunResult(status=status, console=self.console.text(), regs=regs, trace=self.trace,
+                         backend=self.backend.kind, elapsed_s=elapsed_s)
+
+    # -- inspection ---------------------------------------------------------------
+
+    def regs(self) -> Regs:
+        return self.backend.get_regs()
+
+    def sregs(self) -> SRegs:
+        return self.backend.get_sregs()
+
+    def read_memory(self, address: int, size: int) -> bytes:
+        memory = self.backend.memory
+        if address < 0 or size < 0 or address + size > len(memory):
+            raise ConfigError(f"[{address:#x}, {address + size:#x}) is outside guest RAM (0 to {len(memory):#x})")
+        return bytes(memory[address:address + size])
+
+    def describe(self) -> dict[str, str]:
+        return self.backend.describe()
+
+    def close(self) -> None:
+        self.backend.close()
+

@@ -1,0 +1,166 @@
+"""``Machine``: one guest, one backend, its devices, and the trace of every exit.
+
+    >>> from labkit import Machine
+    >>> result = Machine("hello64", backend="emu").run()
+    >>> result.console, str(result.status)
+    ('Hello from 64-bit mode!\\n', 'halted')
+
+On the emulation backend the machine runs in a forked worker process (see
+``labkit.vmm.worker``): an emulator crash or hang becomes a run with status
+``error``, never a dead notebook kernel.  KVM keeps the guest behind the
+kernel's own boundary, so it runs in the calling process unless ``isolate=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Iterator, Sequence
+
+from labkit.backend import choose_backend
+from labkit.errors import ConfigError
+from labkit.trace import ExitRecord, ExitTrace
+from labkit.vmm.core import DeviceSpec, MachineCore
+from labkit.vmm.status import RunResult, Status
+from labkit.vmm.worker import GRACE_S, Worker, WorkerDied
+from labkit.x86 import layout
+from labkit.x86.state import Regs, SRegs
+
+MAX_TIMEOUT_S = 3600.0
+
+
+def check_memory_size(memory: int) -> int:
+    """Validate a guest RAM size: whole 4 KiB pages, between 1 MiB and 1 GiB."""
+    if isinstance(memory, bool) or not isinstance(memory, int):
+        raise ConfigError(f"memory must be a whole number of bytes, not {memory!r}")
+    if memory % layout.PAGE_SIZE:
+        raise ConfigError(f"memory must be a multiple of the 4 KiB page size; {memory} bytes is not "
+                          f"(try {memory // layout.PAGE_SIZE * layout.PAGE_SIZE or layout.PAGE_SIZE})")
+    if not layout.MIN_MEMORY <= memory <= layout.MAX_MEMORY:
+        raise ConfigError(f"memory must be between {layout.MIN_MEMORY >> 20} MiB and "
+                          f"{layout.MAX_MEMORY >> 20} MiB; got {memory} bytes")
+    return memory
+
+
+def check_timeout(timeout: float) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout) \
+            or not 0 < timeout <= MAX_TIMEOUT_S:
+        raise ConfigError(f"timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], not {timeout!r}")
+    return float(timeout)
+
+
+class Machine:
+    """A virtual machine running one guest.
+
+    ``guest`` is a :class:`labkit.Guest` or the name of a shipped guest.
+    ``backend`` is ``"auto"`` (KVM when usable, else emulation; see
+    :attr:`backend_reason`), ``"kvm"`` or ``"emu"``.  ``devices`` adds
+    ``(bus, base, length, device)`` entries to the standard UART, debug-exit,
+    hypercall and fault ports.
+    """
+
+    def __init__(self, guest, backend: str = "auto", memory: int = layout.DEFAULT_MEMORY, *,
+                 isolate: bool | None = None, devices: Sequence[DeviceSpec] = (),
+                 trace_limit: int | None = None):
+        from labkit.guest import Guest
+
+        if isinstance(guest, str):
+            guest = Guest.named(guest)
+        elif not isinstance(guest, Guest):
+            raise ConfigError(f"a Machine runs a labkit.Guest or a shipped guest's name, not {type(guest).__name__}")
+        self.guest = guest
+        self.memory_size = check_memory_size(memory)
+        choice = choose_backend(backend)
+        self.backend = choice.name
+        self.backend_reason = choice.reason
+        self.isolated = (choice.name == "emu") if isolate is None else bool(isolate)
+        self._last: RunResult | None = None
+
+        def make_core() -> MachineCore:
+            return MachineCore(guest, choice.name, self.memory_size, devices=devices, trace_limit=trace_limit)
+
+        if self.isolated:
+            self._worker: Worker | None = Worker(make_core)
+            self._core: MachineCore | None = None
+            self._finalizer = weakref.finalize(self, self._worker.close)
+        else:
+            self._worker = None
+            self._core = make_core()
+            self._finalizer = weakref.finalize(self, self._core.close)
+
+    def __repr__(self) -> str:
+        return f"<Machine {self.guest.name!r} on {self.backend}>"
+
+    def _call(self, name: str, *args, timeout: float | None = None):
+        if self._worker is None:
+            return getattr(self._core, name)(*args)
+        if timeout is None:
+            return self._worker.call(name, *args)
+        return self._worker.call(name, *args, timeout=timeout)
+
+    def run(self, timeout: float = 5.0) -> RunResult:
+        """Run the guest until it halts, exits, faults, shuts down, or ``timeout`` seconds pass."""
+        timeout = check_timeout(timeout)
+        try:
+            result = self._call("run", timeout, False, timeout=timeout + GRACE_S)
+        except WorkerDied as died:
+            result = self._lost(str(died))
+        self._last = result
+        return result
+
+    def steps(self, timeout: float = 5.0) -> Iterator[ExitRecord]:
+        """Run the guest one exit at a time, yielding each exit's trace record; ends when the guest stops.
+
+        The whole stepped run shares one ``timeout``; :attr:`last_result` has the status after it.
+        """
+        timeout = check_timeout(timeout)
+        while True:
+            try:
+                result = self._call("run", timeout, True, timeout=timeout + GRACE_S)
+            except WorkerDied as died:
+                self._last = self._lost(str(died))
+                return
+            self._last = result
+            if result.trace.records:
+                yield result.trace[len(result.trace.records) - 1]
+            if result.status.kind != "running":
+                return
+
+    def _lost(self, message: str) -> RunResult:
+        last = self._last
+        return RunResult(status=Status("error", message=message),
+                         console=last.console if last else "",
+                         regs=last.regs if last else Regs(),
+                         trace=last.trace if last else ExitTrace(),
+                         backend=self.backend, elapsed_s=0.0)
+
+    @property
+    def last_result(self) -> RunResult | None:
+        """The result of the latest ``run`` or ``steps``."""
+        return self._last
+
+    def regs(self) -> Regs:
+        """The vCPU's general-purpose registers, RIP and RFLAGS now."""
+        return self._call("regs")
+
+    def sregs(self) -> SRegs:
+        """Segment, descriptor-table and control registers now."""
+        return self._call("sregs")
+
+    def read_memory(self, address: int, size: int) -> bytes:
+        """A copy of ``size`` bytes of guest RAM at guest-physical ``address``."""
+        return self._call("read_memory", address, size)
+
+    def describe(self) -> dict[str, str]:
+        """What runs the guest (backend, flavour, versions) and why it was chosen."""
+        return {**self._call("describe"), "reason": self.backend_reason}
+
+    def close(self) -> None:
+        """Release the VM (and stop the worker process, if any)."""
+        self._finalizer()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,85 @@
+"""How a run ended, and what a run returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from labkit.trace import ExitTrace
+from labkit.x86.state import Regs
+
+EXCEPTION_NAMES = {
+    0: ("#DE", "divide error"), 1: ("#DB", "debug"), 2: ("NMI", "non-maskable interrupt"),
+    3: ("#BP", "breakpoint"), 4: ("#OF", "overflow"), 5: ("#BR", "bound range exceeded"),
+    6: ("#UD", "invalid opcode"), 7: ("#NM", "device not available"), 8: ("#DF", "double fault"),
+    10: ("#TS", "invalid TSS"), 11: ("#NP", "segment not present"), 12: ("#SS", "stack-segment fault"),
+    13: ("#GP", "general protection"), 14: ("#PF", "page fault"), 16: ("#MF", "x87 floating-point error"),
+    17: ("#AC", "alignment check"), 18: ("#MC", "machine check"), 19: ("#XM", "SIMD floating-point"),
+    20: ("#VE", "virtualization exception"), 21: ("#CP", "control protection"),
+}
+"""Mnemonic and name of each exception vector (Intel SDM vol. 3, table 6-1)."""
+
+KINDS = ("running", "halted", "exited", "shutdown", "timeout", "fault", "error")
+
+
+def exception_name(vector: int) -> str:
+    """``"#GP (general protection)"`` for 13; ``"vector 0x80"`` for a software interrupt."""
+    if vector in EXCEPTION_NAMES:
+        short, name = EXCEPTION_NAMES[vector]
+        return f"{short} ({name})"
+    return f"vector {vector:#x}"
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """An exception the default handlers caught: which one, where, and its error code."""
+
+    vector: int
+    rip: int
+    error_code: int | None = None
+    cr2: int | None = None
+    """The faulting linear address, for #PF."""
+
+    def __str__(self) -> str:
+        text = f"{exception_name(self.vector)} at rip {self.rip:#x}"
+        if self.error_code is not None:
+            text += f", error code {self.error_code:#x}"
+        if self.cr2 is not None:
+            text += f", cr2 {self.cr2:#x}"
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """How a run ended (``kind`` in :data:`KINDS`; ``running`` after a single step)."""
+
+    kind: str
+    code: int | None = None
+    """The exit code, for ``exited``."""
+    message: str = ""
+    fault: Fault | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "exited":
+            return f"exited with code {self.code}"
+        if self.kind == "fault":
+            return f"fault: {self.fault}"
+        if self.kind == "shutdown":
+            return "shutdown (triple fault)"
+        return f"{self.kind}: {self.message}" if self.message else self.kind
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What ``Machine.run`` returns."""
+
+    status: Status
+    console: str
+    regs: Regs
+    trace: ExitTrace = field(repr=False)
+    backend: str
+    elapsed_s: float
+
+    @property
+    def exits(self) -> dict[str, int]:
+        """Exit counts by reason name."""
+        return self.trace.by_reason()
