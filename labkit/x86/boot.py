@@ -1,0 +1,415 @@
+"""The state a labkit guest starts in: memory image, registers and MSRs per mode.
+
+``boot_state(mode, entry, memory_size)`` is what both backends load before the
+first instruction.  KVM takes ``sregs`` as is (``KVM_SET_SREGS``), so every
+segment's hidden part equals its GDT descriptor (``gdt.gdt_segments``) and the
+whole is a valid VM-entry state (Intel SDM vol. 3, 27.3.1 "Checks on the Guest
+State Area"): CS type 0xB (accessed code), SS.DPL == CS.DPL, TR a busy TSS
+(type 0xB), LDTR unusable, CR0.PE/PG, CR4.PAE and EFER.LME/LMA consistent.
+
+Per mode (SDM vol. 3, 9.9 "Mode Switching" and 9.8.5 "Initializing IA-32e Mode")::
+
+    mode 16  real mode: CR0 = ET.  CS = 0, IP = entry, DS = ES = FS = GS = 0,
+             SS:SP = (stack_top - 0x10000) >> 4 : 0xFFFE (SS = 0, SP = stack_top - 2
+             when stack_top <= 0x10000).  IVT at 0 (IDTR 0/0x3FF).
+    mode 32  flat protected mode, paging off: CR0 = PE|ET|NE, CS = KERNEL_CS32,
+             SS = DS = ES = FS = GS = KERNEL_DS (D/B = 1), ESP = stack_top.
+    mode 64  long mode: CR0 = PE|ET|NE|WP|PG, CR4 = PAE|OSFXSR|OSXMMEXCPT,
+             EFER = SCE|LME|LMA, CR3 = PML4_ADDRESS (identity map, see paging.py),
+             CS = KERNEL_CS64 (L = 1), SS = DS = ES = FS = GS = KERNEL_DS.
+
+In every mode GDTR points at ``build_gdt()``, TR at the TSS (RSP0/ESP0 =
+KERNEL_STACK_TOP), and every IDT vector (IVT entry in real mode) at its own
+8-byte fault stub in the boot area, except the ``int 0x80`` kernel-service
+gate (DPL 3) in 32/64-bit mode; vector 3 (``int3``) is DPL 3 too.
+
+Fault stubs
+-----------
+
+Stub ``v`` sits at ``fault_stub_address(v) = BOOT_AREA + 8 * v`` and is the same
+8 bytes in every mode::
+
+    50        push rax / eax / ax     save the accumulator
+    B0 vv     mov al, v
+    E6 F1     out FAULT_PORT, al      labkit sees the vector (the byte written)
+    F4        hlt
+    EB FD     jmp back to the hlt
+
+So at the ``out`` exit every register except RAX (only AL changed), RSP and
+RIP still holds its value at the fault, and the stack holds, from RSP upwards
+(``w`` = 8 bytes in 64-bit mode, 4 in 32-bit, 2 in real mode)::
+
+    [rsp + 0]      RAX at the fault
+    [rsp + w]      error code        only for vectors 8, 10-14, 17, 21, 29, 30
+                                     (idt.ERROR_CODE_VECTORS); absent otherwise
+                                     and always absent in real mode
+    then           RIP / EIP / IP    of the faulting instruction (of the next one for
+                                     traps such as int3 and int n)
+    then           CS
+    then           RFLAGS / EFLAGS / FLAGS
+    64-bit:        RSP, SS           always pushed
+    32-bit:        ESP, SS           only if the fault came from ring 3 (CS & 3 == 3);
+                                     from ring 0, ESP at the fault = address just
+                                     above the EFLAGS slot
+    real mode:     SP at the fault = address just above the FLAGS slot (SS unchanged)
+
+On a fault from ring 3 the frame is on the kernel stack (RSP0 = KERNEL_STACK_TOP);
+from ring 0 it is on the stack in use (no IST), so a fault with a broken ring-0
+stack becomes a triple fault.
+
+Kernel services (``int 0x80`` in 32/64-bit mode, ``syscall`` in 64-bit mode)
+---------------------------------------------------------------------------
+
+A tiny ring-0 "kernel" in the boot area, for ring-3 programs (whose port I/O
+would fault)::
+
+    eax = 0  exit:  writes dil to DEBUG_EXIT_PORT, then hlt
+    eax = 1  write: sends rsi bytes at rdi to COM1 (polling LSR.THRE);
+                    returns rax = rsi; clobbers rdx only
+    other    returns rax = -1
+
+``int 0x80`` returns with ``iretq``/``iretd``; ``syscall`` (LSTAR) with
+``sysretq`` and uses the caller's stack for one return address.  Unicorn's
+SYSCALL does not enter ring 0 (it only calls hooks), so guests meant for both
+backends use ``int 0x80``.
+
+``user=True`` starts at ``USER_TRAMPOLINE``, a single ``iretq``/``iretd`` in ring 0
+whose frame (entry, USER_CS64/USER_CS32, RFLAGS = IF|0x2, stack_top, USER_DS)
+is part of the memory image just below KERNEL_STACK_TOP; DS/ES/FS/GS are
+USER_DS from the start so the ``iret`` keeps them.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field, replace
+
+from labkit.errors import ConfigError
+from labkit.x86 import layout
+from labkit.x86.gdt import build_gdt, gdt_limit, gdt_segments
+from labkit.x86.idt import INTERRUPT_GATE, VECTORS, Gate, build_idt, build_ivt, idt_limit
+from labkit.x86.paging import build_page_tables
+from labkit.x86.state import DescriptorTable, Regs, Segment, SRegs
+from labkit.x86.tss import build_tss32, build_tss64
+
+MODES = (16, 32, 64)
+
+# MSRs (SDM vol. 4, table 2-2).
+MSR_EFER = 0xC0000080
+MSR_STAR = 0xC0000081
+MSR_LSTAR = 0xC0000082
+MSR_CSTAR = 0xC0000083
+MSR_SFMASK = 0xC0000084
+
+EFER_SCE = 1 << 0
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
+
+CR0_PE = 1 << 0
+CR0_ET = 1 << 4
+CR0_NE = 1 << 5
+CR0_WP = 1 << 16
+CR0_PG = 1 << 31
+CR4_PAE = 1 << 5
+CR4_OSFXSR = 1 << 9
+CR4_OSXMMEXCPT = 1 << 10
+
+RFLAGS_FIXED = 0x2
+RFLAGS_IF = 0x200
+SFMASK_VALUE = 0x47700
+"""SYSCALL clears TF, IF, DF, IOPL, NT and AC (as Linux does)."""
+
+KERNEL_SERVICE_VECTOR = 0x80
+SERVICE_EXIT = 0
+SERVICE_WRITE = 1
+
+FAULT_STUB_SIZE = 8
+USER_TRAMPOLINE = layout.BOOT_AREA + VECTORS * FAULT_STUB_SIZE  # 0xD00
+SERVICE_ADDRESS = USER_TRAMPOLINE + 0x10  # 0xD10
+BOOT_AREA_END = layout.GDT_ADDRESS
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Hand-encoded machine code: ``(bytes, "instruction")`` pairs; ``(b"", ".label:")`` marks a label."""
+
+    mode: int
+    lines: tuple[tuple[bytes, str], ...]
+
+    @property
+    def code(self) -> bytes:
+        return b"".join(encoded for encoded, _ in self.lines)
+
+    def labels(self) -> dict[str, int]:
+        """Offset of each label in ``code``."""
+        offsets, offset = {}, 0
+        for encoded, text in self.lines:
+            if text.endswith(":"):
+                offsets[text[:-1]] = offset
+            offset += len(encoded)
+        return offsets
+
+
+def fault_stub(vector: int) -> Listing:
+    """The 8-byte default handler for ``vector``; identical bytes in 16-, 32- and 64-bit mode."""
+    if not 0 <= vector < VECTORS:
+        raise ConfigError(f"vector must be 0..255, not {vector}")
+    return Listing(0, (
+        (b"\x50", "push rax"),
+        (bytes([0xB0, vector]), f"mov al, {vector:#x}"),
+        (bytes([0xE6, layout.FAULT_PORT]), f"out {layout.FAULT_PORT:#x}, al"),
+        (b"", ".halt:"),
+        (b"\xf4", "hlt"),
+        (b"\xeb\xfd", "jmp .halt"),
+    ))
+
+
+def fault_stub_address(vector: int) -> int:
+    """Where the default handler for ``vector`` lives (the IDT gate's / IVT entry's target)."""
+    return layout.BOOT_AREA + FAULT_STUB_SIZE * vector
+
+
+SERVICE64 = Listing(64, (
+    (b"", ".int80:"),
+    (b"\xe8\x0a\x00\x00\x00", "call .service"),
+    (b"\x48\xcf", "iretq"),
+    (b"", ".syscall:"),
+    (b"\xe8\x03\x00\x00\x00", "call .service"),
+    (b"\x48\x0f\x07", "sysretq"),
+    (b"", ".service:"),
+    (b"\x83\xf8\x01", "cmp eax, 1"),
+    (b"\x74\x13", "je .write"),
+    (b"\x85\xc0", "test eax, eax"),
+    (b"\x75\x07", "jne .bad"),
+    (b"\x89\xf8", "mov eax, edi"),
+    (b"\xe6\xf4", "out 0xf4, al"),
+    (b"", ".halt:"),
+    (b"\xf4", "hlt"),
+    (b"\xeb\xfd", "jmp .halt"),
+    (b"", ".bad:"),
+    (b"\x48\xc7\xc0\xff\xff\xff\xff", "mov rax, 0xffffffffffffffff"),
+    (b"\xc3", "ret"),
+    (b"", ".write:"),
+    (b"\x57", "push rdi"),
+    (b"\x56", "push rsi"),
+    (b"\xba\xfd\x03\x00\x00", "mov edx, 0x3fd"),
+    (b"", ".next:"),
+    (b"\x48\x85\xf6", "test rsi, rsi"),
+    (b"\x74\x14", "je .done"),
+    (b"", ".poll:"),
+    (b"\xec", "in al, dx"),
+    (b"\xa8\x20", "test al, 0x20"),
+    (b"\x74\xfb", "je .poll"),
+    (b"\x8a\x07", "mov al, byte ptr [rdi]"),
+    (b"\xb2\xf8", "mov dl, 0xf8"),
+    (b"\xee", "out dx, al"),
+    (b"\xb2\xfd", "mov dl, 0xfd"),
+    (b"\x48\xff\xc7", "inc rdi"),
+    (b"\x48\xff\xce", "dec rsi"),
+    (b"\xeb\xe7", "jmp .next"),
+    (b"", ".done:"),
+    (b"\x5e", "pop rsi"),
+    (b"\x5f", "pop rdi"),
+    (b"\x48\x89\xf0", "mov rax, rsi"),
+    (b"\xc3", "ret"),
+))
+"""The 64-bit kernel services (see the module docstring), at SERVICE_ADDRESS."""
+
+SERVICE32 = Listing(32, (
+    (b"", ".int80:"),
+    (b"\xe8\x01\x00\x00\x00", "call .service"),
+    (b"\xcf", "iretd"),
+    (b"", ".service:"),
+    (b"\x83\xf8\x01", "cmp eax, 1"),
+    (b"\x74\x11", "je .write"),
+    (b"\x85\xc0", "test eax, eax"),
+    (b"\x75\x07", "jne .bad"),
+    (b"\x89\xf8", "mov eax, edi"),
+    (b"\xe6\xf4", "out 0xf4, al"),
+    (b"", ".halt:"),
+    (b"\xf4", "hlt"),
+    (b"\xeb\xfd", "jmp .halt"),
+    (b"", ".bad:"),
+    (b"\xb8\xff\xff\xff\xff", "mov eax, 0xffffffff"),
+    (b"\xc3", "ret"),
+    (b"", ".write:"),
+    (b"\x57", "push edi"),
+    (b"\x56", "push esi"),
+    (b"\xba\xfd\x03\x00\x00", "mov edx, 0x3fd"),
+    (b"", ".next:"),
+    (b"\x85\xf6", "test esi, esi"),
+    (b"\x74\x10", "je .done"),
+    (b"", ".poll:"),
+    (b"\xec", "in al, dx"),
+    (b"\xa8\x20", "test al, 0x20"),
+    (b"\x74\xfb", "je .poll"),
+    (b"\x8a\x07", "mov al, byte ptr [edi]"),
+    (b"\xb2\xf8", "mov dl, 0xf8"),
+    (b"\xee", "out dx, al"),
+    (b"\xb2\xfd", "mov dl, 0xfd"),
+    (b"\x47", "inc edi"),
+    (b"\x4e", "dec esi"),
+    (b"\xeb\xec", "jmp .next"),
+    (b"", ".done:"),
+    (b"\x5e", "pop esi"),
+    (b"\x5f", "pop edi"),
+    (b"\x89\xf0", "mov eax, esi"),
+    (b"\xc3", "ret"),
+))
+"""The 32-bit kernel service (``int 0x80`` only), at SERVICE_ADDRESS."""
+
+TRAMPOLINE64 = Listing(64, ((b"\x48\xcf", "iretq"),))
+TRAMPOLINE32 = Listing(32, ((b"\xcf", "iretd"),))
+
+
+def service_entry(mode: int, how: str = "int80") -> int:
+    """Guest address of the ``int 0x80`` (``how="int80"``) or ``syscall`` entry."""
+    listing = {64: SERVICE64, 32: SERVICE32}.get(mode)
+    if listing is None:
+        raise ConfigError(f"kernel services exist in 32- and 64-bit mode, not {mode!r}")
+    labels = listing.labels()
+    if "." + how not in labels:
+        raise ConfigError(f"no {how!r} entry in {mode}-bit mode")
+    return SERVICE_ADDRESS + labels["." + how]
+
+
+@dataclass(frozen=True)
+class BootState:
+    """Everything a backend loads before the guest's first instruction.
+
+    ``memory`` is ``((guest-physical address, bytes), ...)`` to write into
+    zeroed RAM; ``regs``/``sregs`` go to ``KVM_SET_REGS``/``KVM_SET_SREGS``
+    (or Unicorn's registers), ``msrs`` to ``KVM_SET_MSRS``.  Treat the
+    mutable ``Regs``/``SRegs`` as read-only: copy before changing them.
+    """
+
+    mode: int
+    entry: int
+    user: bool
+    memory: tuple[tuple[int, bytes], ...]
+    regs: Regs
+    sregs: SRegs
+    msrs: dict[int, int] = field(default_factory=dict)
+
+
+def boot_state(
+    mode: int,
+    entry: int,
+    memory_size: int,
+    *,
+    user: bool = False,
+    stack_top: int = layout.STACK_TOP,
+) -> BootState:
+    """The start state for a guest whose code is at ``entry`` (see the module docstring)."""
+    _check(mode, entry, memory_size, user, stack_top)
+    segments = gdt_segments()
+    memory: list[tuple[int, bytes]] = [(layout.GDT_ADDRESS, build_gdt())]
+    stubs = b"".join(fault_stub(vector).code for vector in range(VECTORS))
+    memory.append((layout.BOOT_AREA, stubs))
+    sregs = SRegs(
+        gdt=DescriptorTable(base=layout.GDT_ADDRESS, limit=gdt_limit()),
+        tr=segments[layout.TSS_SELECTOR],
+        ldt=Segment(base=0, limit=0, selector=0, type=0x2, present=0, s=0, unusable=1),
+    )
+    regs = Regs(rip=entry, rsp=stack_top, rflags=RFLAGS_FIXED)
+    msrs = {MSR_EFER: 0}
+
+    if mode == 16:
+        ivt = build_ivt([(0, fault_stub_address(vector)) for vector in range(VECTORS)])
+        memory.append((layout.IVT_ADDRESS, ivt))
+        memory.append((layout.TSS_ADDRESS, build_tss32()))
+        sregs.idt = DescriptorTable(base=layout.IVT_ADDRESS, limit=idt_limit(16))
+        sregs.cr0 = CR0_ET
+        stack_segment = 0 if stack_top <= 0x10000 else (stack_top - 0x10000) >> 4
+        regs.rsp = stack_top - 2 - (stack_segment << 4)
+        sregs.cs = _real_mode_segment(0, code=True)
+        sregs.ss = _real_mode_segment(stack_segment)
+        for name in ("ds", "es", "fs", "gs"):
+            setattr(sregs, name, _real_mode_segment(0))
+        return BootState(mode, entry, user, tuple(memory), regs, sregs, msrs)
+
+    code_selector = layout.KERNEL_CS64 if mode == 64 else layout.KERNEL_CS32
+    service = SERVICE64 if mode == 64 else SERVICE32
+    memory.append((SERVICE_ADDRESS, service.code))
+    gates = [
+        Gate(offset=fault_stub_address(vector), selector=code_selector, type=INTERRUPT_GATE,
+             dpl=3 if vector == 3 else 0)
+        for vector in range(VECTORS)
+    ]
+    gates[KERNEL_SERVICE_VECTOR] = Gate(
+        offset=service_entry(mode), selector=code_selector, type=INTERRUPT_GATE, dpl=3
+    )
+    memory.append((layout.IDT_ADDRESS, build_idt(gates, mode)))
+    sregs.idt = DescriptorTable(base=layout.IDT_ADDRESS, limit=idt_limit(mode))
+    sregs.cs = segments[code_selector]
+    sregs.ss = segments[layout.KERNEL_DS]
+    data = segments[layout.USER_DS if user else layout.KERNEL_DS]
+    for name in ("ds", "es", "fs", "gs"):
+        setattr(sregs, name, data)
+    # Each register gets its own copy: SRegs fields are mutable.
+    for name in ("cs", "ss", "ds", "es", "fs", "gs", "tr"):
+        setattr(sregs, name, replace(getattr(sregs, name)))
+
+    if mode == 32:
+        memory.append((layout.TSS_ADDRESS, build_tss32()))
+        sregs.cr0 = CR0_PE | CR0_ET | CR0_NE
+    else:
+        memory.append((layout.TSS_ADDRESS, build_tss64()))
+        memory.extend(build_page_tables())
+        sregs.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_WP | CR0_PG
+        sregs.cr3 = layout.PML4_ADDRESS
+        sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
+        sregs.efer = EFER_SCE | EFER_LME | EFER_LMA
+        msrs = {
+            MSR_EFER: sregs.efer,
+            MSR_STAR: layout.STAR_USER_BASE << 48 | layout.KERNEL_CS64 << 32,
+            MSR_LSTAR: service_entry(64, "syscall"),
+            MSR_CSTAR: 0,
+            MSR_SFMASK: SFMASK_VALUE,
+        }
+
+    if user:
+        user_cs = layout.USER_CS64 if mode == 64 else layout.USER_CS32
+        frame_values = (entry, user_cs, RFLAGS_IF | RFLAGS_FIXED, stack_top, layout.USER_DS)
+        word = "<Q" if mode == 64 else "<I"
+        frame = b"".join(struct.pack(word, value) for value in frame_values)
+        trampoline = TRAMPOLINE64 if mode == 64 else TRAMPOLINE32
+        memory.append((USER_TRAMPOLINE, trampoline.code))
+        memory.append((layout.KERNEL_STACK_TOP - len(frame), frame))
+        regs.rip = USER_TRAMPOLINE
+        regs.rsp = layout.KERNEL_STACK_TOP - len(frame)
+    return BootState(mode, entry, user, tuple(memory), regs, sregs, msrs)
+
+
+def _real_mode_segment(selector: int, code: bool = False) -> Segment:
+    """A real-mode segment register: base = selector * 16, 64 KiB limit (SDM vol. 3, 20.1.1)."""
+    return Segment(
+        base=selector << 4, limit=0xFFFF, selector=selector, type=0xB if code else 0x3,
+        present=1, dpl=0, db=0, s=1, l=0, g=0,
+    )
+
+
+def _check(mode: int, entry: int, memory_size: int, user: bool, stack_top: int) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"mode must be 16, 32 or 64, not {mode!r}")
+    if not layout.MIN_MEMORY <= memory_size <= layout.MAX_MEMORY or memory_size % layout.PAGE_SIZE:
+        raise ConfigError(
+            f"memory_size must be a multiple of 4 KiB in [{layout.MIN_MEMORY:#x}, "
+            f"{layout.MAX_MEMORY:#x}], not {memory_size:#x}"
+        )
+    if not layout.LOAD_ADDRESS <= entry < memory_size:
+        raise ConfigError(
+            f"entry {entry:#x} must lie in guest RAM above the system area "
+            f"[{layout.LOAD_ADDRESS:#x}, {memory_size:#x})"
+        )
+    if not layout.LOAD_ADDRESS < stack_top <= memory_size or stack_top % 16:
+        raise ConfigError(
+            f"stack_top {stack_top:#x} must be 16-byte aligned in ({layout.LOAD_ADDRESS:#x}, {memory_size:#x}]"
+        )
+    if mode == 16:
+        if user:
+            raise ConfigError("real mode has no rings: user=True needs mode 32 or 64")
+        if entry > 0xFFFF:
+            raise ConfigError(f"a real-mode entry must be below 64 KiB (CS = 0), not {entry:#x}")
+        if stack_top > 0x10FFF0:
+            raise ConfigError(f"a real-mode stack must end below 1 MiB + 64 KiB, not {stack_top:#x}")
