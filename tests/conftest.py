@@ -14,7 +14,10 @@ KVM_DEVICE = "/dev/kvm"
 HAS_KVM = os.path.exists(KVM_DEVICE) and os.environ.get("LABKIT_TEST_NO_KVM") != "1"
 NO_KVM_REASON = f"{KVM_DEVICE} does not exist on this machine (the emulation path is tested instead)"
 
-BACKENDS = ["emu", pytest.param("kvm", marks=pytest.mark.skipif(not HAS_KVM, reason=NO_KVM_REASON))]
+BACKENDS = [
+    pytest.param("emu", marks=pytest.mark.emu),
+    pytest.param("kvm", marks=[pytest.mark.kvm, pytest.mark.skipif(not HAS_KVM, reason=NO_KVM_REASON)]),
+]
 
 
 def pytest_collection_modifyitems(config, items):

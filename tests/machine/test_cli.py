@@ -1,0 +1,70 @@
+"""The ``labkit`` command as a student types it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+HELLO = {
+    16: "mov dx, 0x3f8\nmov al, 'x'\nout dx, al\nhlt\n",
+    32: "mov dx, 0x3f8\nmov al, 'x'\nout dx, al\nmov ecx, 3\n1: loop 1b\nhlt\n",
+    64: "mov dx, 0x3f8\nlea rsi, [rip + msg]\nmov al, [rsi]\nout dx, al\nhlt\nmsg: .byte 'x'\n",
+}
+
+
+def labkit(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "labkit.cli", *args], capture_output=True, text=True,
+                          timeout=120, check=check)
+
+
+@pytest.mark.unit
+def test_doctor_reports_kvm_tools_and_the_choice():
+    report = json.loads(labkit("doctor", "--json", check=True).stdout)
+    assert {"kvm", "unicorn", "capstone", "binutils", "auto", "fixes"} <= set(report)
+    assert report["auto"]["backend"] in ("kvm", "emu") and report["auto"]["reason"]
+    assert report["unicorn"] == "2.1.4"
+    text = labkit("doctor", check=True).stdout
+    assert "backend='auto' picks" in text and "/dev/kvm" in text
+
+
+@pytest.mark.unit
+def test_guests_lists_names_and_modes():
+    guests = json.loads(labkit("guests", "--json", check=True).stdout)
+    names = {guest["name"]: guest["mode"] for guest in guests}
+    assert names["hello16"] == 16 and names["hello32"] == 32 and names["hello64"] == 64
+
+
+def test_run_a_shipped_guest_prints_console_and_exit_table(backend_name):
+    done = labkit("run", "hello64", "--backend", backend_name)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Hello from 64-bit mode!\n")
+    assert "reason" in done.stdout and "IO" in done.stdout and "HLT" in done.stdout
+
+
+@pytest.mark.parametrize("mode", [16, 32, 64])
+def test_run_assembly_written_outside_the_project(mode, backend_name, tmp_path):
+    source = tmp_path / f"outside{mode}.S"
+    source.write_text(textwrap.dedent(HELLO[mode]))
+    done = labkit("run", str(source), "--mode", str(mode), "--backend", backend_name, "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["console"] == "x"
+    assert result["status"] == "halted"
+    assert result["exits"]["IO"] >= 1 and result["exits"]["HLT"] == 1
+    assert set(result["regs"]) >= {"rax", "rip", "rflags"}
+
+
+@pytest.mark.unit
+def test_run_reports_bad_input_clearly(tmp_path):
+    broken = tmp_path / "broken.S"
+    broken.write_text("mov rax,, 1\n")
+    done = labkit("run", str(broken), "--backend", "emu")
+    assert done.returncode == 2 and "broken.S" in done.stderr and "line 1" in done.stderr
+    done = labkit("run", "no-such-guest", "--backend", "emu")
+    assert done.returncode == 2 and "no-such-guest" in done.stderr
+    done = labkit("run", "hello64", "--backend", "emu", "--memory", "12345")
+    assert done.returncode == 2 and "4 KiB" in done.stderr

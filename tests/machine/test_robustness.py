@@ -1,0 +1,144 @@
+"""Bad guests and bad input: every run ends with a classified status, nothing kills the caller."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from labkit import Guest, Machine
+from labkit.backend import choose_backend
+from labkit.errors import BackendUnavailable, ConfigError, GuestFileError
+from labkit.vmm.status import KINDS
+
+RANDOM_GUESTS = int(os.environ.get("LABKIT_RANDOM_GUESTS", "1000"))
+BUDGET_S = 0.2
+
+
+@pytest.mark.slow
+def test_random_guests_end_classified_within_budget(backend_name):
+    rng = random.Random(20261126)
+    statuses: dict[str, int] = {}
+    worst = 0.0
+    for index in range(RANDOM_GUESTS):
+        mode = (16, 32, 64)[index % 3]
+        code = bytes(rng.getrandbits(8) for _ in range(64))
+        guest = Guest.from_bytes(code, mode=mode, name=f"random-{index}")
+        started = time.monotonic()
+        with Machine(guest, backend=backend_name) as machine:
+            result = machine.run(timeout=BUDGET_S)
+        took = time.monotonic() - started
+        worst = max(worst, took)
+        assert result.status.kind in KINDS and result.status.kind != "running", (index, result.status)
+        assert took <= BUDGET_S + 1.0, f"random guest {index} ran {took:.2f} s past a {BUDGET_S} s budget"
+        statuses[result.status.kind] = statuses.get(result.status.kind, 0) + 1
+    print(f"{backend_name}: {statuses}, slowest {worst:.3f} s")
+    assert sum(statuses.values()) == RANDOM_GUESTS
+    assert len(statuses) >= 2, "random code should end in more than one way"
+
+
+def test_endless_loops_time_out_on_budget(backend_name):
+    for name in ("forever64", "forever_user64"):
+        started = time.monotonic()
+        result = Machine(name, backend=backend_name).run(timeout=0.3)
+        took = time.monotonic() - started
+        assert result.status.kind == "timeout", (name, str(result.status))
+        assert 0.25 <= took <= 1.3, (name, took)
+
+
+class Crash:
+    """A device whose port write kills the process it runs in."""
+
+    def write(self, offset, size, value):
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+    def read(self, offset, size):
+        return 0
+
+
+class Hang:
+    def write(self, offset, size, value):
+        time.sleep(3600)
+
+    def read(self, offset, size):
+        return 0
+
+
+CRASH_PORT_GUEST = "mov al, 1\nout 0x80, al\nhlt\n"
+
+
+@pytest.mark.emu
+def test_an_emulator_crash_is_contained():
+    guest = Guest.from_asm(CRASH_PORT_GUEST, mode=64)
+    machine = Machine(guest, backend="emu", devices=[("pio", 0x80, 1, Crash())])
+    result = machine.run(timeout=2)
+    assert result.status.kind == "error"
+    assert "crashed (SIGSEGV)" in result.status.message
+    # the caller is alive and labkit still works
+    assert Machine("hello64", backend="emu").run().console == "Hello from 64-bit mode!\n"
+
+
+@pytest.mark.emu
+def test_a_hung_emulator_is_stopped():
+    guest = Guest.from_asm(CRASH_PORT_GUEST, mode=64)
+    machine = Machine(guest, backend="emu", devices=[("pio", 0x80, 1, Hang())])
+    started = time.monotonic()
+    result = machine.run(timeout=0.5)
+    assert time.monotonic() - started < 0.5 + 1.5
+    assert result.status.kind == "error" and "did not answer" in result.status.message
+    with pytest.raises(Exception, match="did not answer"):
+        machine.regs()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("memory, message", [
+    (1_000_001, "multiple of the 4 KiB page size"),
+    (4096, "between 1 MiB"),
+    (64 << 30, "between 1 MiB"),
+    ("2M", "whole number"),
+])
+def test_bad_memory_sizes_are_refused(memory, message):
+    with pytest.raises(ConfigError, match=message):
+        Machine(Guest.from_bytes(b"\xf4", mode=64), backend="emu", memory=memory)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), 1e9, "5"])
+def test_bad_timeouts_are_refused(timeout):
+    machine = Machine(Guest.from_bytes(b"\xf4", mode=64), backend="emu")
+    with pytest.raises(ConfigError, match="timeout"):
+        machine.run(timeout=timeout)
+    machine.close()
+
+
+@pytest.mark.unit
+def test_malformed_guest_files_name_the_problem(tmp_path):
+    metadata = tmp_path / "broken.json"
+    binary = tmp_path / "broken.bin"
+    binary.write_bytes(b"\xf4")
+    metadata.write_text("{ not json")
+    with pytest.raises(GuestFileError, match="broken.json"):
+        Guest.from_file(binary)
+    odd = tmp_path / "guest.exe"
+    odd.write_bytes(b"MZ")
+    with pytest.raises(GuestFileError, match=r"\.exe"):
+        Guest.from_file(odd)
+    with pytest.raises(GuestFileError):
+        Guest.from_file(tmp_path / "missing.bin")
+
+
+@pytest.mark.unit
+def test_missing_kvm_falls_back_with_auto_and_fails_with_kvm(monkeypatch):
+    import labkit.backend as backend
+
+    monkeypatch.delenv("LABKIT_BACKEND", raising=False)
+    monkeypatch.setattr(backend, "kvm_problem", lambda: "/dev/kvm does not exist")
+    choice = choose_backend("auto")
+    assert choice.name == "emu" and "/dev/kvm does not exist" in choice.reason
+    with pytest.raises(BackendUnavailable, match="/dev/kvm does not exist"):
+        choose_backend("kvm")
+    with pytest.raises(ConfigError, match="unknown backend"):
+        choose_backend("xen")
