@@ -1,0 +1,45 @@
+"""Figures and tables for the notebooks.
+
+    >>> from labkit.viz import exit_timeline, exit_counts, exits_side_by_side
+    >>> exit_timeline(result)              # a RunResult: its backend labels the figure
+    >>> exit_counts(trace, backend="kvm")  # an ExitTrace: say what measured it
+
+Every figure has a title, labelled axes with units, and says what measured it:
+"measured on KVM (kvm_pvm)" or "measured on the emulator (Unicorn): emulator
+time, not hardware time".  Figures are ``matplotlib.figure.Figure`` objects made
+without pyplot, so nothing is shown twice and no global figure state leaks;
+in a notebook, run ``%matplotlib inline`` once and end a cell with the figure.
+
+matplotlib is imported on first use, so ``import labkit`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "exit_timeline": "labkit.viz.exits",
+    "exit_counts": "labkit.viz.exits",
+    "exits_side_by_side": "labkit.viz.exits",
+    "measured_on": "labkit.viz.labels",
+    "capability_table": "labkit.viz.report",
+    "exit_table": "labkit.viz.report",
+    "runs_side_by_side": "labkit.viz.report",
+    "backends_to_compare": "labkit.viz.report",
+    "Skipped": "labkit.viz.report",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'labkit.viz' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,94 @@
+"""What measured a figure's data, said in the figure: KVM (which flavour) or the emulator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from labkit.errors import ConfigError
+from labkit.trace import ExitTrace
+
+KVM_FLAVOURS = ("kvm_intel", "kvm_amd", "kvm_pvm")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A trace and the backend that produced it."""
+
+    trace: ExitTrace
+    backend: str
+    """``"kvm"``, ``"emu"``, ``"fake"`` or a free-form name."""
+    flavour: str | None
+    guest: str | None = None
+
+    @property
+    def label(self) -> str:
+        return measured_on(self.backend, self.flavour)
+
+    @property
+    def short(self) -> str:
+        """``KVM (kvm_pvm)`` or ``emulator (Unicorn)``: for a column heading."""
+        if self.backend == "kvm":
+            return f"KVM ({self.flavour})" if self.flavour else "KVM"
+        if self.backend == "emu":
+            return "emulator (Unicorn)"
+        return self.backend
+
+
+def measured_on(backend: str, flavour: str | None = None) -> str:
+    """The sentence a figure carries about what measured it.
+
+    >>> measured_on("kvm", "kvm_pvm")
+    'measured on KVM (kvm_pvm)'
+    >>> measured_on("emu")
+    'measured on the emulator (Unicorn): emulator time, not hardware time'
+    """
+    if backend == "kvm":
+        return f"measured on KVM ({flavour})" if flavour else "measured on KVM"
+    if backend == "emu":
+        return "measured on the emulator (Unicorn): emulator time, not hardware time"
+    if backend == "fake":
+        return "scripted exits (fake backend): not a measurement"
+    return f"measured on {backend}"
+
+
+def _local_flavour() -> str:
+    from labkit.kvm.system import kvm_flavour  # reads /sys/module only; no ioctl
+
+    return kvm_flavour()
+
+
+def resolve(data, backend=None, flavour: str | None = None) -> Source:
+    """Turn what a figure function was given into a :class:`Source`.
+
+    ``data`` is an :class:`ExitTrace` or a :class:`labkit.RunResult` (which
+    knows its backend).  ``backend`` is ``"kvm"``, ``"emu"``, a KVM module name
+    (``"kvm_pvm"``), or ``Machine.describe()``'s dict.  A KVM run with no
+    flavour given is labelled with this host's KVM module, which is what
+    measured it when the run happened here.
+    """
+    guest = None
+    if isinstance(data, ExitTrace):
+        trace = data
+    elif isinstance(getattr(data, "trace", None), ExitTrace):
+        trace = data.trace
+        if backend is None:
+            backend = getattr(data, "backend", None)
+    else:
+        raise ConfigError(f"a figure needs an ExitTrace or a RunResult, not {type(data).__name__}")
+    if isinstance(backend, Mapping):
+        flavour = flavour or backend.get("flavour")
+        guest = backend.get("guest")
+        backend = backend.get("backend")
+    if backend is None:
+        raise ConfigError("say what measured this trace: backend='kvm' or backend='emu' "
+                          "(a RunResult carries it; a bare ExitTrace does not)")
+    if not isinstance(backend, str):
+        raise ConfigError(f"backend must be a name such as 'kvm' or 'emu', not {backend!r}")
+    if backend in KVM_FLAVOURS:
+        backend, flavour = "kvm", backend
+    if backend == "kvm" and flavour is None:
+        flavour = _local_flavour()
+        if flavour == "unknown":
+            flavour = None
+    return Source(trace, backend, flavour, guest)

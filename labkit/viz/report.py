@@ -1,0 +1,149 @@
+"""Small tables for the notebooks: what this machine offers, runs side by side, the exit table.
+
+Each function returns a :class:`Table`, which a notebook shows as HTML and
+``print`` shows as plain text; ``rows`` holds the plain data for tests.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+from labkit.trace import _format_ns
+from labkit.viz.labels import resolve
+
+@dataclass
+class Table:
+    """A titled table: shown as HTML in a notebook, as text by ``print``."""
+
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+    code_rows: tuple[str, ...] = ()
+    """Rows (named by their first cell) shown in a monospace font, line breaks kept: console output."""
+
+    def __str__(self) -> str:
+        lines = [self.title]
+        widths = [max(len(line) for cell in column for line in (cell.splitlines() or [""]))
+                  for column in zip(self.header, *self.rows)]
+        for row in [self.header, *self.rows]:
+            cells = [cell.splitlines() or [""] for cell in row]
+            for depth in range(max(len(cell) for cell in cells)):
+                parts = [(cell[depth] if depth < len(cell) else "").ljust(width)
+                         for cell, width in zip(cells, widths)]
+                lines.append("  ".join(parts).rstrip())
+        if self.note:
+            lines.append(self.note)
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        def cell(text: str, tag: str, code: bool = False) -> str:
+            body = html.escape(text)
+            if code:
+                body = f"<pre style='margin:0;text-align:left'>{body}</pre>"
+            return f"<{tag} style='text-align:left;vertical-align:top'>{body}</{tag}>"
+
+        head = "".join(cell(text, "th") for text in self.header)
+        body = "".join("<tr>" + "".join(cell(text, "td", index > 0 and row[0] in self.code_rows)
+                                        for index, text in enumerate(row)) + "</tr>"
+                       for row in self.rows)
+        note = f"<p style='font-size:90%'>{html.escape(self.note)}</p>" if self.note else ""
+        return (f"<div class='labkit-table'><b>{html.escape(self.title)}</b>"
+                f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}</div>")
+
+
+def _doctor_report() -> dict:
+    # labkit.cli builds the report ``labkit doctor`` prints; use the same facts.
+    from labkit import cli
+
+    return cli._doctor_report()
+
+
+def capability_table(report: dict | None = None) -> Table:
+    """What ``labkit doctor`` says about this machine, as a small table.
+
+    ``report`` is ``labkit doctor --json``'s dict (default: probe this machine now).
+    """
+    report = _doctor_report() if report is None else report
+    kvm = report["kvm"]
+    if kvm["usable"]:
+        kvm_text = f"usable, flavour {kvm['flavour']}"
+        if kvm.get("explanation"):
+            kvm_text += f": {kvm['explanation']}"
+    else:
+        kvm_text = f"not usable: {kvm['problem']}"
+    rows = [
+        ["KVM (/dev/kvm)", kvm_text],
+        ["Unicorn (emulator)", report["unicorn"] or "missing"],
+        ["Capstone (disassembler)", report["capstone"] or "missing"],
+        ["GNU binutils (assembler)", report["binutils"] or "missing: Guest.from_asm cannot assemble"],
+        ["backend='auto' picks", f"{report['auto']['backend']}: {report['auto']['reason']}"],
+    ]
+    note = ("To fix: " + "; ".join(report["fixes"])) if report.get("fixes") else ""
+    return Table(f"This machine (labkit {report['labkit']}, Python {report['python']})",
+                 ["what", "found"], rows, note)
+
+
+def exit_table(data, backend=None) -> Table:
+    """The exit table of a run: reason, count, share of all exits, mean host time per exit."""
+    source = resolve(data, backend)
+    trace = source.trace
+    rows = [[row.reason, str(row.count), f"{row.share:.1%}", _format_ns(row.mean_host_ns)]
+            for row in trace.summary()]
+    note = source.label
+    if trace.dropped:
+        note += f"; {trace.dropped} exits counted but not kept (trace limit {trace.limit})"
+    return Table(f"VM exits ({len(trace)} in all)", ["reason", "count", "share", "mean host time"], rows, note)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A backend that is not run here, and why."""
+
+    backend: str
+    reason: str
+
+
+def backends_to_compare(environ=None) -> list[tuple[str, str | None]]:
+    """Which backends a notebook can run side by side here: ``[(name, None or why it is skipped)]``.
+
+    The emulator always runs.  KVM runs when it is usable, unless
+    ``LABKIT_BACKEND=emu`` asks for emulation only (Binder sets it; the
+    notebook tests set it to run every notebook as Binder would).
+    """
+    from labkit.backend import kvm_problem
+
+    environ = os.environ if environ is None else environ
+    forced = environ.get("LABKIT_BACKEND", "auto")
+    if forced == "emu":
+        kvm_skip: str | None = "LABKIT_BACKEND=emu is set: this session uses emulation only (as on Binder)"
+    else:
+        kvm_skip = kvm_problem()
+    return [("kvm", kvm_skip), ("emu", None)]
+
+
+def runs_side_by_side(runs: Sequence, *, console_lines: int = 12) -> Table:
+    """Runs of one guest next to each other: backend, status, console, run time, exits.
+
+    Each item is a RunResult or a :class:`Skipped` (shown with its reason).
+    """
+    header, columns = [""], []
+    for run in runs:
+        if isinstance(run, Skipped):
+            header.append(f"{run.backend}: skipped")
+            columns.append(["skipped", run.reason, "", "", ""])
+            continue
+        source = resolve(run)
+        header.append(source.short)
+        console = run.console.splitlines()
+        if len(console) > console_lines:
+            console = console[:console_lines] + [f"... ({len(run.console.splitlines()) - console_lines} more lines)"]
+        exits = ", ".join(f"{reason} {count}" for reason, count in run.exits.items()) or "none"
+        columns.append([str(run.status), source.label, "\n".join(console),
+                        f"{run.elapsed_s * 1e3:.2f} ms", exits])
+    names = ["status", "measured on", "console", "run time (host)", "exits"]
+    rows = [[name, *(column[index] for column in columns)] for index, name in enumerate(names)]
+    return Table("The same guest on each backend", header, rows, code_rows=("console",))

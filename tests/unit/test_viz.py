@@ -1,0 +1,174 @@
+"""The figures and tables of labkit.viz, fed with hand-made exit traces."""
+
+import subprocess
+import sys
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+from labkit.errors import ConfigError  # noqa: E402
+from labkit.exits import ExitReason  # noqa: E402
+from labkit.trace import ExitTrace  # noqa: E402
+from labkit.viz import (Skipped, backends_to_compare, capability_table, exit_counts, exit_table,  # noqa: E402
+                        exit_timeline, exits_side_by_side, measured_on, runs_side_by_side)
+from labkit.vmm.status import RunResult, Status  # noqa: E402
+from labkit.x86.state import Regs  # noqa: E402
+
+pytestmark = pytest.mark.unit
+
+EMU_LABEL = "measured on the emulator (Unicorn): emulator time, not hardware time"
+
+
+def hello_trace() -> ExitTrace:
+    """Three UART writes 10 µs apart, then a HLT 5 µs later: exits end at 10, 20, 30, 35 µs."""
+    trace = ExitTrace()
+    for char in b"Hi\n":
+        trace.add(ExitReason.IO, 0x8000, 0x3F8, 1, True, char, 10_000)
+    trace.add(ExitReason.HLT, 0x8010, None, None, None, None, 5_000)
+    return trace
+
+
+def hello_result(backend: str) -> RunResult:
+    return RunResult(status=Status("halted"), console="Hi\n", regs=Regs(), trace=hello_trace(),
+                     backend=backend, elapsed_s=35e-6)
+
+
+def title_text(ax) -> str:
+    return " ".join(ax.get_title().split())  # the label is wrapped onto lines
+
+
+def scatter_points(ax) -> dict[str, list[tuple[float, float]]]:
+    return {collection.get_label(): [tuple(point) for point in collection.get_offsets()]
+            for collection in ax.collections}
+
+
+def test_measured_on_says_what_measured():
+    assert measured_on("kvm", "kvm_pvm") == "measured on KVM (kvm_pvm)"
+    assert measured_on("kvm", "kvm_intel") == "measured on KVM (kvm_intel)"
+    assert measured_on("emu") == EMU_LABEL
+    assert "not a measurement" in measured_on("fake")
+
+
+def test_timeline_rows_times_and_labels():
+    figure = exit_timeline(hello_trace(), backend="kvm_pvm", guest="hello")
+    ax = figure.axes[0]
+    assert title_text(ax) == "VM exits over time: hello measured on KVM (kvm_pvm)"
+    assert ax.get_xlabel() == "host time since the run started (µs)"
+    assert ax.get_ylabel() == "exit reason (count)"
+    points = scatter_points(ax)
+    # One row per reason, most frequent on top; x is the running sum of host_ns in µs.
+    assert points["IO"] == [(10.0, 1.0), (20.0, 1.0), (30.0, 1.0)]
+    assert points["HLT"] == [(35.0, 0.0)]
+    assert [label.get_text() for label in ax.get_yticklabels()] == ["IO (3)", "HLT (1)"]
+    assert ax.collections[0].get_facecolor()[0].tolist() != ax.collections[1].get_facecolor()[0].tolist()
+
+
+def test_timeline_units_and_emulator_label():
+    ax = exit_timeline(hello_result("emu"), unit="ms").axes[0]
+    assert EMU_LABEL in title_text(ax)
+    assert ax.get_xlabel() == "host time since the run started (ms)"
+    assert scatter_points(ax)["HLT"] == [(pytest.approx(0.035), 0.0)]
+    long = ExitTrace()
+    long.add(ExitReason.IO, 0, 0x3F8, 1, True, 0, 50_000_000)  # 50 ms: picked unit is ms
+    assert exit_timeline(long, "emu").axes[0].get_xlabel().endswith("(ms)")
+    with pytest.raises(ConfigError, match="unit"):
+        exit_timeline(long, "emu", unit="hours")
+
+
+def test_timeline_notes_dropped_exits_and_empty_trace():
+    trace = ExitTrace(limit=2)
+    for _ in range(5):
+        trace.add(ExitReason.IO, 0, 0x3F8, 1, True, 0, 1000)
+    ax = exit_timeline(trace, "emu").axes[0]
+    assert len(scatter_points(ax)["IO"]) == 2
+    assert any("3 later exits counted" in text.get_text() for text in ax.texts)
+    empty = exit_timeline(ExitTrace(), "emu").axes[0]
+    assert any(text.get_text() == "no exits recorded" for text in empty.texts)
+
+
+def test_counts_bars():
+    ax = exit_counts(hello_result("kvm"), flavour="kvm_pvm").axes[0]
+    assert title_text(ax) == "VM exits by reason measured on KVM (kvm_pvm)"
+    assert ax.get_xlabel() == "exit reason"
+    assert ax.get_ylabel() == "exits (count)"
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["IO", "HLT"]
+    assert [patch.get_height() for patch in ax.patches] == [3, 1]
+    assert ax.get_yscale() == "linear"
+    assert exit_counts(hello_trace(), "emu", log=True).axes[0].get_yscale() == "log"
+
+
+def test_draws_into_given_axes():
+    from matplotlib.figure import Figure
+
+    figure = Figure()
+    left, right = figure.subplots(1, 2)
+    assert exit_counts(hello_trace(), "emu", ax=right) is figure
+    assert len(left.patches) == 0 and len(right.patches) == 2
+
+
+def test_side_by_side_one_column_per_backend():
+    figure = exits_side_by_side([hello_result("kvm"), hello_result("emu")], guest="hello")
+    assert len(figure.axes) == 4
+    timeline_kvm, timeline_emu, counts_kvm, counts_emu = figure.axes
+    assert "KVM" in title_text(timeline_kvm) and EMU_LABEL in title_text(timeline_emu)
+    assert "KVM" in title_text(counts_kvm) and EMU_LABEL in title_text(counts_emu)
+    assert counts_kvm.get_ylim() == counts_emu.get_ylim()
+    assert figure.get_suptitle() == "The same hello on 2 backends"
+    figure.savefig(__import__("io").BytesIO(), format="png")  # renders with Agg
+
+
+def test_bare_trace_needs_a_backend():
+    with pytest.raises(ConfigError, match="backend='kvm'"):
+        exit_timeline(hello_trace())
+    with pytest.raises(ConfigError, match="ExitTrace or a RunResult"):
+        exit_counts([1, 2, 3], "emu")
+    with pytest.raises(ConfigError, match="2 runs but 1 backends"):
+        exits_side_by_side([hello_trace(), hello_trace()], ["emu"])
+
+
+def test_exit_table_rows_and_label():
+    table = exit_table(hello_result("emu"))
+    assert table.rows == [["IO", "3", "75.0%", "10.00 µs"], ["HLT", "1", "25.0%", "5.00 µs"]]
+    assert table.note == EMU_LABEL
+    assert "<td style='text-align:left;vertical-align:top'>IO</td>" in table._repr_html_()
+    assert "75.0%" in str(table)
+
+
+def test_runs_side_by_side_with_a_skipped_backend():
+    table = runs_side_by_side([Skipped("kvm", "no <kvm> here"), hello_result("emu")])
+    assert table.header == ["", "kvm: skipped", "emulator (Unicorn)"]
+    rows = {row[0]: row[1:] for row in table.rows}
+    assert rows["status"] == ["skipped", "halted"]
+    assert rows["measured on"] == ["no <kvm> here", EMU_LABEL]
+    assert rows["console"][1] == "Hi"
+    assert rows["exits"][1] == "IO 3, HLT 1"
+    page = table._repr_html_()
+    assert "no &lt;kvm&gt; here" in page and "<pre" in page
+
+
+def test_capability_table_from_a_report():
+    report = {
+        "python": "3.11", "labkit": "0.1.0",
+        "kvm": {"usable": False, "problem": "/dev/kvm does not exist", "flavour": "unknown"},
+        "unicorn": "2.1.4", "capstone": "5.0.7", "binutils": None,
+        "auto": {"backend": "emu", "reason": "KVM is not usable"}, "fixes": ["install binutils"],
+    }
+    table = capability_table(report)
+    rows = dict((row[0], row[1]) for row in table.rows)
+    assert rows["KVM (/dev/kvm)"] == "not usable: /dev/kvm does not exist"
+    assert rows["GNU binutils (assembler)"].startswith("missing")
+    assert rows["backend='auto' picks"] == "emu: KVM is not usable"
+    assert table.note == "To fix: install binutils"
+
+
+def test_backends_to_compare_respects_labkit_backend():
+    assert backends_to_compare({"LABKIT_BACKEND": "emu"})[0][1].startswith("LABKIT_BACKEND=emu")
+    assert backends_to_compare({"LABKIT_BACKEND": "emu"})[1] == ("emu", None)
+
+
+def test_import_stays_light():
+    code = "import sys, labkit.viz; import labkit.viz.exits; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
