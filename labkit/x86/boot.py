@@ -20,8 +20,9 @@ Per mode (SDM vol. 3, 9.9 "Mode Switching" and 9.8.5 "Initializing IA-32e Mode")
 
 In every mode GDTR points at ``build_gdt()``, TR at the TSS (RSP0/ESP0 =
 KERNEL_STACK_TOP), and every IDT vector (IVT entry in real mode) at its own
-8-byte fault stub in the boot area, except the ``int 0x80`` kernel-service
-gate (DPL 3) in 32/64-bit mode; vector 3 (``int3``) is DPL 3 too.
+8-byte fault stub in the boot area, except vector 4, the ``int 4`` kernel-service
+gate, in 32/64-bit mode.  Vectors 3 and 4 have DPL 3, so ring 3 may use ``int3``
+and ``int 4``; any other ``int n`` from ring 3 raises #GP.
 
 Fault stubs
 -----------
@@ -57,8 +58,8 @@ On a fault from ring 3 the frame is on the kernel stack (RSP0 = KERNEL_STACK_TOP
 from ring 0 it is on the stack in use (no IST), so a fault with a broken ring-0
 stack becomes a triple fault.
 
-Kernel services (``int 0x80`` in 32/64-bit mode, ``syscall`` in 64-bit mode)
----------------------------------------------------------------------------
+Kernel services (``int 4``; also ``syscall`` in 64-bit mode, see below)
+---------------------------------------------------------------------
 
 A tiny ring-0 "kernel" in the boot area, for ring-3 programs (whose port I/O
 would fault)::
@@ -68,15 +69,34 @@ would fault)::
                     returns rax = rsi; clobbers rdx only
     other    returns rax = -1
 
-``int 0x80`` returns with ``iretq``/``iretd``; ``syscall`` (LSTAR) with
-``sysretq`` and uses the caller's stack for one return address.  Unicorn's
-SYSCALL does not enter ring 0 (it only calls hooks), so guests meant for both
-backends use ``int 0x80``.
+``int 4`` returns with ``iretq``/``iretd``.  Vector 4 is #OF, which nothing
+else raises in 64-bit mode (INTO is invalid there).  Why ``int 4`` and not
+``int 0x80`` or ``syscall`` (measured on this project's PVM host and Unicorn 2.1.4):
 
-``user=True`` starts at ``USER_TRAMPOLINE``, a single ``iretq``/``iretd`` in ring 0
-whose frame (entry, USER_CS64/USER_CS32, RFLAGS = IF|0x2, stack_top, USER_DS)
-is part of the memory image just below KERNEL_STACK_TOP; DS/ES/FS/GS are
-USER_DS from the start so the ``iret`` keeps them.
+- under PVM (kvm_pvm) ring-3 ``int3`` and ``int 4`` are delivered through this
+  IDT as traps, but every other ``int n`` raises #UD: KVM's instruction
+  emulator cannot do a protected-mode ``int n`` (and ``int3`` at CPL 0 is an
+  emulation failure, KVM_EXIT_INTERNAL_ERROR);
+- under PVM ``syscall`` enters PVM's own supervisor mode, where the handler's
+  ``out`` raises #GP; Unicorn's SYSCALL does not enter ring 0 at all (it only
+  calls UC_HOOK_INSN hooks).
+
+``syscall`` (LSTAR, STAR, SFMASK set up; returns with ``sysretq``, using the
+caller's stack for one return address) therefore works on VT-x/AMD-V only.
+Under PVM all of 32-bit mode is emulated, so there a 32-bit ``int 4`` from
+ring 3 raises #UD as well.
+
+``user=True`` starts at ``USER_TRAMPOLINE``, one ring-0 instruction:
+
+- 64-bit: ``iretq``, whose frame (entry, USER_CS64, RFLAGS = IF|0x2, stack_top,
+  USER_DS) is part of the memory image just below KERNEL_STACK_TOP;
+- 32-bit: ``sysexit`` with EDX = entry, ECX = stack_top and IA32_SYSENTER_CS =
+  0x08 (so CS = USER_CS32, SS = USER_DS), RFLAGS = IF|0x2: KVM's instruction
+  emulator, which runs all 32-bit code under PVM, cannot ``iretd`` to an outer
+  ring.  The 32-bit ring-3 program therefore starts with ECX = stack_top and
+  EDX = entry; every other GPR is 0.
+
+DS/ES/FS/GS are USER_DS from the start so the switch keeps them usable.
 """
 
 from __future__ import annotations
@@ -95,6 +115,7 @@ from labkit.x86.tss import build_tss32, build_tss64
 MODES = (16, 32, 64)
 
 # MSRs (SDM vol. 4, table 2-2).
+MSR_SYSENTER_CS = 0x174
 MSR_EFER = 0xC0000080
 MSR_STAR = 0xC0000081
 MSR_LSTAR = 0xC0000082
@@ -119,7 +140,7 @@ RFLAGS_IF = 0x200
 SFMASK_VALUE = 0x47700
 """SYSCALL clears TF, IF, DF, IOPL, NT and AC (as Linux does)."""
 
-KERNEL_SERVICE_VECTOR = 0x80
+KERNEL_SERVICE_VECTOR = 4
 SERVICE_EXIT = 0
 SERVICE_WRITE = 1
 
@@ -170,7 +191,7 @@ def fault_stub_address(vector: int) -> int:
 
 
 SERVICE64 = Listing(64, (
-    (b"", ".int80:"),
+    (b"", ".int4:"),
     (b"\xe8\x0a\x00\x00\x00", "call .service"),
     (b"\x48\xcf", "iretq"),
     (b"", ".syscall:"),
@@ -216,7 +237,7 @@ SERVICE64 = Listing(64, (
 """The 64-bit kernel services (see the module docstring), at SERVICE_ADDRESS."""
 
 SERVICE32 = Listing(32, (
-    (b"", ".int80:"),
+    (b"", ".int4:"),
     (b"\xe8\x01\x00\x00\x00", "call .service"),
     (b"\xcf", "iretd"),
     (b"", ".service:"),
@@ -256,14 +277,15 @@ SERVICE32 = Listing(32, (
     (b"\x89\xf0", "mov eax, esi"),
     (b"\xc3", "ret"),
 ))
-"""The 32-bit kernel service (``int 0x80`` only), at SERVICE_ADDRESS."""
+"""The 32-bit kernel services (``int 4`` only), at SERVICE_ADDRESS."""
 
 TRAMPOLINE64 = Listing(64, ((b"\x48\xcf", "iretq"),))
-TRAMPOLINE32 = Listing(32, ((b"\xcf", "iretd"),))
+TRAMPOLINE32 = Listing(32, ((b"\x0f\x35", "sysexit"),))
+"""KVM's instruction emulator (all 32-bit code under PVM) cannot ``iretd`` to ring 3; SYSEXIT it can."""
 
 
-def service_entry(mode: int, how: str = "int80") -> int:
-    """Guest address of the ``int 0x80`` (``how="int80"``) or ``syscall`` entry."""
+def service_entry(mode: int, how: str = "int4") -> int:
+    """Guest address of the ``int 4`` (``how="int4"``) or ``syscall`` entry."""
     listing = {64: SERVICE64, 32: SERVICE32}.get(mode)
     if listing is None:
         raise ConfigError(f"kernel services exist in 32- and 64-bit mode, not {mode!r}")
@@ -368,16 +390,22 @@ def boot_state(
             MSR_SFMASK: SFMASK_VALUE,
         }
 
-    if user:
-        user_cs = layout.USER_CS64 if mode == 64 else layout.USER_CS32
-        frame_values = (entry, user_cs, RFLAGS_IF | RFLAGS_FIXED, stack_top, layout.USER_DS)
-        word = "<Q" if mode == 64 else "<I"
-        frame = b"".join(struct.pack(word, value) for value in frame_values)
-        trampoline = TRAMPOLINE64 if mode == 64 else TRAMPOLINE32
-        memory.append((USER_TRAMPOLINE, trampoline.code))
+    if user and mode == 64:
+        frame_values = (entry, layout.USER_CS64, RFLAGS_IF | RFLAGS_FIXED, stack_top, layout.USER_DS)
+        frame = struct.pack("<5Q", *frame_values)
+        memory.append((USER_TRAMPOLINE, TRAMPOLINE64.code))
         memory.append((layout.KERNEL_STACK_TOP - len(frame), frame))
         regs.rip = USER_TRAMPOLINE
         regs.rsp = layout.KERNEL_STACK_TOP - len(frame)
+    elif user:
+        # SYSEXIT: CS = SYSENTER_CS + 16 = USER_CS32, SS = SYSENTER_CS + 24 = USER_DS,
+        # EIP = EDX, ESP = ECX; RFLAGS is kept (SDM vol. 2B, SYSEXIT).
+        memory.append((USER_TRAMPOLINE, TRAMPOLINE32.code))
+        msrs[MSR_SYSENTER_CS] = layout.USER_CS32 - 16 & ~3
+        regs.rip = USER_TRAMPOLINE
+        regs.rsp = layout.KERNEL_STACK_TOP
+        regs.rcx, regs.rdx = stack_top, entry
+        regs.rflags = RFLAGS_IF | RFLAGS_FIXED
     return BootState(mode, entry, user, tuple(memory), regs, sregs, msrs)
 
 

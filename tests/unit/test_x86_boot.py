@@ -140,8 +140,9 @@ def test_every_idt_gate_points_at_its_stub(mode):
     for vector in range(256):
         gate = decode(ram[layout.IDT_ADDRESS + vector * size:][:size])
         assert gate.selector == state.sregs.cs.selector and gate.present
+        assert gate.dpl == (3 if vector in (3, 4) else 0)  # int3 and the int 4 service
         if vector == boot.KERNEL_SERVICE_VECTOR:
-            assert gate.offset == boot.service_entry(mode) and gate.dpl == 3
+            assert gate.offset == boot.service_entry(mode)
         else:
             assert gate.offset == boot.fault_stub_address(vector)
             assert ram[gate.offset:gate.offset + 8] == boot.fault_stub(vector).code
@@ -161,19 +162,26 @@ def test_real_mode_ivt_and_stack():
     assert (state.regs.rip, state.sregs.cs.selector) == (0x8000, 0)
 
 
-@pytest.mark.parametrize("mode", [32, 64])
-def test_user_trampoline_frame(mode):
-    state = boot.boot_state(mode, 0x9000, layout.DEFAULT_MEMORY, user=True, stack_top=0x60000)
+def test_user_trampoline_64_iretq_frame():
+    state = boot.boot_state(64, 0x9000, layout.DEFAULT_MEMORY, user=True, stack_top=0x60000)
     ram = _image(state)
     assert state.regs.rip == boot.USER_TRAMPOLINE
-    word, fmt = (8, "<5Q") if mode == 64 else (4, "<5I")
-    frame = struct.unpack_from(fmt, ram, state.regs.rsp)
-    user_cs = layout.USER_CS64 if mode == 64 else layout.USER_CS32
-    assert frame == (0x9000, user_cs, 0x202, 0x60000, layout.USER_DS)
-    assert state.regs.rsp + 5 * word == layout.KERNEL_STACK_TOP
-    assert state.sregs.ds.selector == layout.USER_DS  # kept by the iret
-    trampoline = boot.TRAMPOLINE64 if mode == 64 else boot.TRAMPOLINE32
-    assert ram[boot.USER_TRAMPOLINE:][:len(trampoline.code)] == trampoline.code
+    frame = struct.unpack_from("<5Q", ram, state.regs.rsp)
+    assert frame == (0x9000, layout.USER_CS64, 0x202, 0x60000, layout.USER_DS)
+    assert state.regs.rsp + 5 * 8 == layout.KERNEL_STACK_TOP
+    assert state.sregs.ds.selector == layout.USER_DS  # kept by the iretq
+    assert ram[boot.USER_TRAMPOLINE:][:2] == boot.TRAMPOLINE64.code
+
+
+def test_user_trampoline_32_sysexit():
+    state = boot.boot_state(32, 0x9000, layout.DEFAULT_MEMORY, user=True, stack_top=0x60000)
+    ram = _image(state)
+    assert state.regs.rip == boot.USER_TRAMPOLINE
+    assert ram[boot.USER_TRAMPOLINE:][:2] == boot.TRAMPOLINE32.code == b"\x0f\x35"
+    assert (state.regs.rdx, state.regs.rcx) == (0x9000, 0x60000)  # SYSEXIT: EIP = EDX, ESP = ECX
+    sysenter_cs = state.msrs[boot.MSR_SYSENTER_CS]
+    assert (sysenter_cs + 16) | 3 == layout.USER_CS32 and (sysenter_cs + 24) | 3 == layout.USER_DS
+    assert state.sregs.ds.selector == layout.USER_DS
 
 
 def test_long_mode_msrs_and_identity_map():

@@ -1,0 +1,195 @@
+"""Assemble guest source with GNU binutils: ``as`` -> ``ld`` -> ``objcopy -O binary``.
+
+``assemble(source, mode)`` prepends ``.intel_syntax noprefix`` and ``.code16`` /
+``.code32`` / ``.code64``, assembles with ``as --32`` (16/32-bit) or ``as --64``,
+links every section into one flat image at ``load_address`` and returns its
+bytes.  The result is deterministic: no build ids, no time stamps.  Keystone is
+not used: it silently encodes ``mov rbx, [0x3000]`` as RIP-relative.
+
+``python -m labkit.assemble --build-guests`` rebuilds the shipped guests'
+binaries from their sources (see :func:`build_guests`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from labkit.errors import AssemblyError, ConfigError
+from labkit.x86.layout import LOAD_ADDRESS
+
+MODES = (16, 32, 64)
+INSTALL_HINT = (
+    "GNU binutils (as, ld, objcopy) is needed to assemble guest source: "
+    "install it with `apt install binutils` (Debian/Ubuntu), `dnf install binutils` (Fedora) "
+    "or `conda install -c conda-forge binutils`; the shipped guests' prebuilt binaries work without it"
+)
+_TOOL_PREFIXES = ("", "x86_64-linux-gnu-", "x86_64-conda-linux-gnu-", "x86_64-elf-")
+_TIMEOUT_S = 30
+
+_LINKER_SCRIPT = """\
+SECTIONS
+{{
+  . = {load:#x};
+  .image : {{ *(.text .text.*) *(.rodata .rodata.*) *(.data .data.*) *(.bss .bss.* COMMON) }}
+  /DISCARD/ : {{ *(.note*) *(.comment) *(.eh_frame*) }}
+}}
+"""
+
+
+@lru_cache(maxsize=None)
+def _tools() -> tuple[str, str, str]:
+    """Paths of GNU ``as``, ``ld`` and ``objcopy``, found once.
+
+    ``LABKIT_BINUTILS_PREFIX`` (e.g. ``x86_64-elf-``) picks a cross toolchain.
+    """
+    prefixes = (os.environ["LABKIT_BINUTILS_PREFIX"],) if "LABKIT_BINUTILS_PREFIX" in os.environ else _TOOL_PREFIXES
+    for prefix in prefixes:
+        found = [shutil.which(prefix + name) for name in ("as", "ld", "objcopy")]
+        if all(found) and _is_gnu_as(found[0]):
+            return found[0], found[1], found[2]
+    raise AssemblyError(f"GNU binutils not found on PATH. {INSTALL_HINT}")
+
+
+def _is_gnu_as(path: str) -> bool:
+    try:
+        result = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.returncode == 0 and "GNU assembler" in result.stdout
+
+
+def binutils_version() -> str:
+    """The GNU assembler's version, e.g. ``"2.40"``; raises AssemblyError when binutils is missing."""
+    as_path = _tools()[0]
+    output = subprocess.run([as_path, "--version"], capture_output=True, text=True, timeout=_TIMEOUT_S).stdout
+    first = output.splitlines()[0] if output else ""
+    match = re.search(r"(\d+\.\d+(?:\.\d+)?)\s*$", first)
+    return match.group(1) if match else first
+
+
+def have_binutils() -> bool:
+    """True when GNU as, ld and objcopy are installed."""
+    try:
+        _tools()
+    except AssemblyError:
+        return False
+    return True
+
+
+def _prelude(mode: int) -> list[str]:
+    return [".intel_syntax noprefix", f".code{mode}"]
+
+
+def assemble(source: str, mode: int, load_address: int = LOAD_ADDRESS) -> bytes:
+    """Assemble Intel-syntax ``source`` for ``mode`` 16/32/64 into a flat image at ``load_address``.
+
+    Runs ``as``, ``ld`` and ``objcopy`` in a temporary directory.  Raises
+    :class:`AssemblyError` with the tool's messages, line numbers counted in
+    ``source``, or saying how to install binutils when it is missing.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"mode must be 16, 32 or 64, not {mode!r}")
+    if not 0 <= load_address < 1 << 32:
+        raise ConfigError(f"load_address must be a 32-bit address, not {load_address:#x}")
+    as_path, ld_path, objcopy_path = _tools()
+    prelude = _prelude(mode)
+    text = "\n".join(prelude) + "\n" + source
+    if not text.endswith("\n"):
+        text += "\n"  # as warns about a last line without a newline
+    as_flag, emulation = ("--64", "elf_x86_64") if mode == 64 else ("--32", "elf_i386")
+    with tempfile.TemporaryDirectory(prefix="labkit-as-") as tmp:
+        directory = Path(tmp)
+        (directory / "guest.S").write_text(text)
+        (directory / "guest.ld").write_text(_LINKER_SCRIPT.format(load=load_address))
+        _run([as_path, as_flag, "-o", "guest.o", "guest.S"], directory, "as", len(prelude))
+        _run(
+            [ld_path, "-m", emulation, "--build-id=none", "-nostdlib", "-e", f"{load_address:#x}", "-T", "guest.ld", "-o", "guest.elf", "guest.o"],
+            directory, "ld", len(prelude),
+        )
+        _run([objcopy_path, "-O", "binary", "guest.elf", "guest.bin"], directory, "objcopy", len(prelude))
+        return (directory / "guest.bin").read_bytes()
+
+
+def _run(argv: list[str], directory: Path, tool: str, prelude_lines: int) -> None:
+    try:
+        result = subprocess.run(argv, cwd=directory, capture_output=True, text=True, timeout=_TIMEOUT_S)
+    except FileNotFoundError as error:
+        raise AssemblyError(f"{tool} could not be started ({error}). {INSTALL_HINT}") from None
+    except subprocess.TimeoutExpired:
+        raise AssemblyError(f"{tool} did not finish within {_TIMEOUT_S} s") from None
+    if result.returncode != 0:
+        message = _user_messages(result.stderr + result.stdout, prelude_lines)
+        raise AssemblyError(f"{tool} failed:\n{message}")
+
+
+def _user_messages(output: str, prelude_lines: int) -> str:
+    """Tool messages with ``guest.S:7:`` turned into ``line 5:`` of the user's source."""
+    lines = []
+    for line in output.splitlines():
+        if line.endswith("Assembler messages:"):
+            continue
+        line = re.sub(
+            r"^guest\.S:(\d+):\s*",
+            lambda m: f"line {max(int(m.group(1)) - prelude_lines, 1)}: ",
+            line,
+        )
+        lines.append(line.replace("guest.S", "source"))
+    return "\n".join(lines).strip() or "(no message)"
+
+
+def build_guests(out_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Rebuild every shipped guest's binary from its source, per ``guests/guests.json``.
+
+    Writes into the guests directory itself, or into ``out_dir``; returns the
+    paths written.
+    """
+    from labkit.guest import guests_dir, load_manifest  # lazy: guest imports this module
+
+    source_dir = guests_dir()
+    target = Path(out_dir) if out_dir is not None else source_dir
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for entry in load_manifest():
+        source = (source_dir / entry["source"]).read_text()
+        code = assemble(source, entry["mode"], entry["load_address"])
+        path = target / entry["binary"]
+        path.write_bytes(code)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m labkit.assemble", description=__doc__.splitlines()[0])
+    parser.add_argument("--build-guests", action="store_true", help="rebuild the shipped guests' binaries")
+    parser.add_argument("--out", help="write the binaries here instead of the guests directory")
+    parser.add_argument("--mode", type=int, default=64, choices=MODES, help="mode for assembling FILE")
+    parser.add_argument("file", nargs="?", help="assemble this file and write FILE.bin")
+    args = parser.parse_args(argv)
+    try:
+        if args.build_guests:
+            for path in build_guests(args.out):
+                print(f"wrote {path} ({path.stat().st_size} bytes)")
+            return 0
+        if args.file:
+            code = assemble(Path(args.file).read_text(), args.mode)
+            out = Path(args.out) if args.out else Path(args.file).with_suffix(".bin")
+            out.write_bytes(code)
+            print(f"wrote {out} ({len(code)} bytes)")
+            return 0
+    except (AssemblyError, ConfigError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
