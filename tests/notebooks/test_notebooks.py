@@ -1,0 +1,76 @@
+"""Every notebook runs top to bottom, headless, on every backend this machine has, within a minute.
+
+The backend comes from ``LABKIT_BACKEND`` in the kernel's environment: ``emu``
+everywhere (that is also how Binder runs them), and ``kvm`` where ``/dev/kvm``
+exists; there the KVM run must happen and pass, never skip.  A run fails on any
+error output, on stderr that reads as a traceback, error or warning, and when
+the notebook's own content checks (below) do not find what a student should see.
+"""
+
+from __future__ import annotations
+
+import nbformat
+import pytest
+from notebook_execution import NOTEBOOKS, Execution, execute
+
+MAX_SECONDS = 60.0
+PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
+
+pytestmark = pytest.mark.notebooks
+
+
+def check_welcome(run: Execution, backend: str) -> None:
+    from labkit.kvm.system import kvm_flavour, probe
+
+    text = run.text()
+    assert "Hello from 64-bit mode!" in text, "hello64's console output is not shown"
+    assert "This machine (labkit" in text, "the capability table is missing"
+    assert "console: 'A'" in text, "the student's own guest did not print its 'A'"
+    assert "same console output and exits on all of them: True" in text
+    assert len(run.images()) >= 2, f"expected the side-by-side figure and the timeline, got {len(run.images())} images"
+    assert "measured on the emulator (Unicorn)" in text
+    kvm = probe()
+    if kvm.usable:
+        assert f"usable, flavour {kvm.flavour}" in text, "the capability table does not name the KVM flavour"
+    else:
+        assert f"not usable: {kvm.problem}" in text, "the capability table does not say why KVM is absent"
+    if backend == "kvm":
+        assert "backends run: kvm, emu" in text, "hello did not run on both backends"
+        assert f"measured on KVM ({kvm_flavour()})" in text
+        assert "main backend of this session: kvm" in text
+    else:
+        assert "backends run: emu" in text and "backends run: kvm" not in text
+        assert "emulation only" in text or "not usable" in text, "the notebook does not say why KVM was skipped"
+        assert "main backend of this session: emu" in text
+
+
+CONTENT_CHECKS = {
+    "00-welcome.ipynb": check_welcome,
+}
+
+
+def test_there_are_notebooks():
+    assert [path.name for path in PATHS][:1] == ["00-welcome.ipynb"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("path", PATHS, ids=[path.name for path in PATHS])
+def test_stored_without_outputs(path):
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    assert notebook.metadata.kernelspec.name == "python3"
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"cell {index} of {path.name} has outputs"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PATHS, ids=[path.name for path in PATHS])
+def test_runs_clean(path, backend_name, record_property):
+    run = execute(path, backend_name)
+    record_property("run_time_s", round(run.seconds, 2))
+    assert not run.problems, f"{path.name} on {backend_name}:\n" + "\n".join(run.problems)
+    assert run.seconds < MAX_SECONDS, f"{path.name} took {run.seconds:.1f} s on {backend_name} (limit {MAX_SECONDS:g} s)"
+    check = CONTENT_CHECKS.get(path.name)
+    if check is not None:
+        check(run, backend_name)
