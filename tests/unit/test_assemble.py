@@ -1,0 +1,113 @@
+"""labkit.assemble: GNU as pipeline, error messages, and the shipped binaries rebuilding byte for byte."""
+
+from __future__ import annotations
+
+import json
+
+import capstone
+import pytest
+
+import importlib
+from labkit.assemble import assemble, binutils_version, build_guests, have_binutils
+from labkit.errors import AssemblyError, ConfigError
+from labkit.guest import guests_dir, load_manifest
+
+assemble_module = importlib.import_module("labkit.assemble")  # labkit.assemble is also the function
+
+pytestmark = [
+    pytest.mark.unit,
+    pytest.mark.skipif(not have_binutils(), reason="GNU binutils (as, ld, objcopy) is not installed"),
+]
+
+
+def test_absolute_memory_operand_is_not_rip_relative():
+    """The reason Keystone is banned: [0x3000] must be an absolute address in 64-bit mode."""
+    code = assemble("mov rbx, [0x3000]", 64)
+    assert code == bytes.fromhex("488b1c2500300000")  # ModRM 0x1C + SIB 0x25: disp32, no base
+    instruction = next(capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64).disasm(code, 0x8000))
+    assert instruction.op_str == "rbx, qword ptr [0x3000]"
+
+
+@pytest.mark.parametrize(
+    "mode,source,expected",
+    [
+        (16, "mov ax, [message]\nmessage: .byte 1", bytes.fromhex("a1038001")),
+        (32, "mov eax, [message]\nmessage: .byte 1", bytes.fromhex("a10580000001")),
+        (64, "lea rdi, [rip + message]\nmessage: .byte 1", bytes.fromhex("488d3d0000000001")),
+    ],
+)
+def test_modes_and_load_address(mode, source, expected):
+    assert assemble(source, mode) == expected
+
+
+def test_load_address_moves_absolute_references():
+    code = assemble("mov eax, offset here\nhere: nop", 32, load_address=0x10000)
+    assert code == bytes.fromhex("b80500010090")
+
+
+def test_data_and_bss_follow_the_code_in_one_image():
+    code = assemble(".data\nvalue: .byte 7\n.text\nmov eax, [value]\n.bss\nspace: .skip 4", 32)
+    assert code == bytes.fromhex("a105800000") + b"\x07" + bytes(4)
+
+
+def test_deterministic():
+    source = "mov rax, 1\nhlt\n.ascii \"x\""
+    assert assemble(source, 64) == assemble(source, 64)
+
+
+def test_syntax_error_names_the_users_line():
+    with pytest.raises(AssemblyError) as caught:
+        assemble("nop\nnop\nfrobnicate eax\n", 64)
+    message = str(caught.value)
+    assert "line 3:" in message and "frobnicate" in message
+    assert "guest.S" not in message
+
+
+def test_undefined_symbol_is_reported():
+    with pytest.raises(AssemblyError, match="undefined reference to `nowhere'"):
+        assemble("jmp nowhere", 64)
+
+
+def test_bad_mode():
+    with pytest.raises(ConfigError):
+        assemble("nop", 8)
+
+
+def test_missing_binutils_says_how_to_install(monkeypatch):
+    assemble_module._tools.cache_clear()
+    monkeypatch.setenv("PATH", "/nonexistent")
+    try:
+        with pytest.raises(AssemblyError, match="apt install binutils"):
+            assemble("nop", 64)
+    finally:
+        assemble_module._tools.cache_clear()
+
+
+def test_binutils_version():
+    version = binutils_version()
+    assert version[0].isdigit() and "." in version
+
+
+def test_shipped_binaries_rebuild_byte_identical(tmp_path):
+    written = build_guests(tmp_path)
+    assert len(written) == len(load_manifest()) >= 10
+    for path in written:
+        committed = (guests_dir() / path.name).read_bytes()
+        assert path.read_bytes() == committed, f"{path.name} differs: run python -m labkit.assemble --build-guests"
+
+
+def test_every_shipped_source_starts_with_a_comment():
+    for entry in load_manifest():
+        first = (guests_dir() / entry["source"]).read_text().lstrip().splitlines()[0]
+        assert first.startswith("# " + entry["name"] + ":"), entry["source"]
+
+
+def test_cli_assembles_a_file(tmp_path, capsys):
+    source = tmp_path / "tiny.S"
+    source.write_text("hlt\n")
+    assert assemble_module.main([str(source), "--mode", "32"]) == 0
+    assert (tmp_path / "tiny.bin").read_bytes() == b"\xf4"
+    bad = tmp_path / "bad.S"
+    bad.write_text("nope\n")
+    assert assemble_module.main([str(bad)]) == 1
+    assert "line 1:" in capsys.readouterr().err
