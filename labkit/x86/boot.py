@@ -22,7 +22,8 @@ In every mode GDTR points at ``build_gdt()``, TR at the TSS (RSP0/ESP0 =
 KERNEL_STACK_TOP), and every IDT vector (IVT entry in real mode) at its own
 8-byte fault stub in the boot area, except vector 4, the ``int 4`` kernel-service
 gate, in 32/64-bit mode.  Vectors 3 and 4 have DPL 3, so ring 3 may use ``int3``
-and ``int 4``; any other ``int n`` from ring 3 raises #GP.
+and ``int 4``; any other ``int n`` from ring 3 raises #GP (#UD under PVM, whose
+instruction emulator cannot run a protected-mode ``int n``).
 
 Fault stubs
 -----------
