@@ -194,7 +194,8 @@ class KvmBackend:
         """Page frame numbers of RAM written since the last call (``KVM_GET_DIRTY_LOG`` on slot 0).
 
         Also clears the kernel's dirty bitmap: the next call reports only newer writes.
-        The first call after creation reports every page the host has written too.
+        Only the guest's writes are logged (including those KVM's instruction emulator
+        makes for it); writes by the host through :attr:`memory` are not.
         """
         return dirty_page_numbers(self._vm.get_dirty_log(0))
 

@@ -48,7 +48,8 @@ class VmFd:
 
         Side effect: this also clears the kernel's dirty bitmap for the slot and
         write-protects its pages again, so the next call reports only newer writes.
-        The slot must have been registered with ``KVM_MEM_LOG_DIRTY_PAGES``.
+        The slot must have been registered with ``KVM_MEM_LOG_DIRTY_PAGES``.  Writes
+        the host makes through its own mapping of the slot are not logged.
         """
         size = self._slot_sizes.get(slot)
         if size is None:

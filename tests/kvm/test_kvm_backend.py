@@ -188,6 +188,8 @@ def test_dirty_log_shows_written_pages_then_is_cleared(backend):
     assert {0x20, 0x31} <= set(dirty)
     assert dirty == sorted(dirty)
     assert backend.dirty_pages() == []  # reading the log cleared it
+    backend.memory[0x50000] = 1
+    assert backend.dirty_pages() == []  # the host's own writes are not logged
 
 
 def test_stats_have_exit_counters_that_grow(backend):
@@ -221,6 +223,14 @@ def test_regs_sregs_msrs_fpu_round_trip(backend):
     fpu.fcw = 0x27F
     backend.set_fpu(fpu)
     assert backend.get_fpu().fcw == 0x27F
+
+
+def test_without_sync_regs_rip_comes_from_kvm_get_regs(backend):
+    backend.sync_regs = False  # what a kernel without KVM_CAP_SYNC_REGS gets
+    load_real_mode(backend, OUT_HLT16)
+    dispatcher = RecordingDispatcher()
+    assert backend.run(dispatcher, timeout=2.0) == exits.Hlt()
+    assert dispatcher.log == [("pio", 0x10, 1, True, 0, ENTRY + 2)]
 
 
 def test_sync_regs_are_used_where_the_kernel_offers_them(backend):
