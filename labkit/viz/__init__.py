@@ -3,6 +3,7 @@
     >>> from labkit.viz import exit_timeline, exit_counts, exits_side_by_side
     >>> exit_timeline(result)              # a RunResult: its backend labels the figure
     >>> exit_counts(trace, backend="kvm")  # an ExitTrace: say what measured it
+    >>> exit_costs([kvm_result, emu_result])  # host time of every exit, both backends
 
 Every figure has a title, labelled axes with units, and says what measured it:
 "measured on KVM (kvm_pvm)" or "measured on the emulator (Unicorn): emulator
@@ -21,6 +22,7 @@ _EXPORTS = {
     "exit_timeline": "labkit.viz.exits",
     "exit_counts": "labkit.viz.exits",
     "exits_side_by_side": "labkit.viz.exits",
+    "exit_costs": "labkit.viz.exits",
     "measured_on": "labkit.viz.labels",
     "capability_table": "labkit.viz.report",
     "exit_table": "labkit.viz.report",

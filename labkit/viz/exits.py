@@ -49,6 +49,16 @@ def _new_axes(ax, size: tuple[float, float]):
     return figure, figure.add_subplot()
 
 
+def _plain_log_axis(axis) -> None:
+    """A logarithmic axis labelled 1, 2, 5, 10, 20, 50, ... rather than 10^1."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.axes.set_yscale("log") if axis.axis_name == "y" else axis.axes.set_xscale("log")
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _title(what: str, source: Source) -> str:
     name = f": {source.guest}" if source.guest else ""
     return f"{what}{name}\n" + textwrap.fill(source.label, 46)
@@ -121,7 +131,7 @@ def exit_counts(data, backend=None, ax=None, *, flavour: str | None = None, gues
                   color=[reason_colour(reason) for reason in reasons])
     ax.bar_label(bars, padding=2)
     if log:
-        ax.set_yscale("log")
+        _plain_log_axis(ax.yaxis)
     else:
         ax.margins(y=0.15)
     ax.set_xlabel("exit reason")
@@ -163,4 +173,39 @@ def exits_side_by_side(runs: Sequence, backends: Sequence | None = None, *, gues
         shared.set_ylim(top=top)
     name = f" {guest}" if guest else " guest"
     figure.suptitle(f"The same{name} on {len(runs)} backend{'s' if len(runs) > 1 else ''}", fontsize=12)
+    return figure
+
+
+def exit_costs(runs: Sequence, backends: Sequence | None = None, ax=None, *, guest: str | None = None):
+    """Host time of each exit against its number, one series per run: steady state and outliers at a glance.
+
+    ``runs`` are RunResults (or ExitTraces with ``backends``), typically the
+    same guest on KVM and on the emulator.  The time axis is logarithmic,
+    because the two can differ by orders of magnitude.  Returns the Figure.
+    """
+    runs = list(runs)
+    if not runs:
+        raise ConfigError("exit_costs needs at least one run")
+    backends = [None] * len(runs) if backends is None else list(backends)
+    if len(backends) != len(runs):
+        raise ConfigError(f"{len(runs)} runs but {len(backends)} backends")
+    figure, ax = _new_axes(ax, (7.0, 3.4))
+    sources = [resolve(run, backend) for run, backend in zip(runs, backends)]
+    markers = ("o", "s", "^", "D")
+    for index, source in enumerate(sources):
+        costs = [record[6] / 1e3 for record in source.trace.records]
+        colour = "#1f77b4" if source.backend == "kvm" else "#ff7f0e" if source.backend == "emu" else None
+        ax.plot(range(len(costs)), costs, linestyle="none", marker=markers[index % len(markers)],
+                markersize=4, color=colour, label=source.short)
+    _plain_log_axis(ax.yaxis)
+    ax.set_xlabel("exit number (in the order they happened)")
+    ax.set_ylabel("host time of the exit (µs, log scale)")
+    name = f": {guest}" if guest else ""
+    ax.set_title(f"Host time per exit{name}\n" + "\n".join(textwrap.fill(source.label, 60) for source in sources),
+                 fontsize=10)
+    ax.grid(alpha=0.3, which="both", axis="y")
+    if any(source.trace.records for source in sources):
+        ax.legend(loc="upper right", fontsize=9)
+    else:
+        ax.text(0.5, 0.5, "no exits recorded", transform=ax.transAxes, ha="center", va="center")
     return figure

@@ -39,6 +39,9 @@ class Table:
             lines.append(self.note)
         return "\n".join(lines)
 
+    def _repr_pretty_(self, printer, cycle: bool) -> None:  # IPython's text/plain
+        printer.text(str(self))
+
     def _repr_html_(self) -> str:
         def cell(text: str, tag: str, code: bool = False) -> str:
             body = html.escape(text)
@@ -117,11 +120,9 @@ def backends_to_compare(environ=None) -> list[tuple[str, str | None]]:
     from labkit.backend import kvm_problem
 
     environ = os.environ if environ is None else environ
-    forced = environ.get("LABKIT_BACKEND", "auto")
-    if forced == "emu":
-        kvm_skip: str | None = "LABKIT_BACKEND=emu is set: this session uses emulation only (as on Binder)"
-    else:
-        kvm_skip = kvm_problem()
+    kvm_skip = kvm_problem()
+    if kvm_skip is None and environ.get("LABKIT_BACKEND") == "emu":
+        kvm_skip = "KVM is usable here, but LABKIT_BACKEND=emu is set: this session uses emulation only (as on Binder)"
     return [("kvm", kvm_skip), ("emu", None)]
 
 

@@ -78,7 +78,7 @@ def test_student_sees_hello_figures_and_no_errors(rendered, browser, tmp_path):
     assert page.get_by_text("measured on the emulator (Unicorn)").first.is_visible()
 
     images = page.locator(".jp-OutputArea-output img")
-    assert images.count() >= 2, f"expected at least 2 figures, found {images.count()}"
+    assert images.count() >= 3, f"expected at least 3 figures, found {images.count()}"
     for index in range(images.count()):
         image = images.nth(index)
         image.scroll_into_view_if_needed()

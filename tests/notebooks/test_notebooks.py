@@ -27,7 +27,7 @@ def check_welcome(run: Execution, backend: str) -> None:
     assert "This machine (labkit" in text, "the capability table is missing"
     assert "console: 'A'" in text, "the student's own guest did not print its 'A'"
     assert "same console output and exits on all of them: True" in text
-    assert len(run.images()) >= 2, f"expected the side-by-side figure and the timeline, got {len(run.images())} images"
+    assert len(run.images()) >= 3, f"expected the side-by-side, exit-cost and timeline figures, got {len(run.images())} images"
     assert "measured on the emulator (Unicorn)" in text
     kvm = probe()
     if kvm.usable:

@@ -163,12 +163,37 @@ def test_capability_table_from_a_report():
     assert table.note == "To fix: install binutils"
 
 
-def test_backends_to_compare_respects_labkit_backend():
-    assert backends_to_compare({"LABKIT_BACKEND": "emu"})[0][1].startswith("LABKIT_BACKEND=emu")
-    assert backends_to_compare({"LABKIT_BACKEND": "emu"})[1] == ("emu", None)
+def test_backends_to_compare_respects_labkit_backend(monkeypatch):
+    import labkit.backend
+
+    monkeypatch.setattr(labkit.backend, "kvm_problem", lambda: None)
+    assert backends_to_compare({}) == [("kvm", None), ("emu", None)]
+    kvm, emu = backends_to_compare({"LABKIT_BACKEND": "emu"})
+    assert kvm[1].startswith("KVM is usable here, but LABKIT_BACKEND=emu is set") and emu == ("emu", None)
+    monkeypatch.setattr(labkit.backend, "kvm_problem", lambda: "/dev/kvm does not exist")
+    assert backends_to_compare({"LABKIT_BACKEND": "emu"})[0] == ("kvm", "/dev/kvm does not exist")
 
 
 def test_import_stays_light():
     code = "import sys, labkit.viz; import labkit.viz.exits; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_exit_costs_one_series_per_backend():
+    from labkit.viz import exit_costs
+
+    ax = exit_costs([hello_result("kvm"), hello_result("emu")], guest="hello").axes[0]
+    kvm, emu = ax.get_lines()
+    assert list(kvm.get_xdata()) == [0, 1, 2, 3] and list(kvm.get_ydata()) == [10.0, 10.0, 10.0, 5.0]
+    assert kvm.get_label().startswith("KVM") and emu.get_label() == "emulator (Unicorn)"
+    assert ax.get_yscale() == "log"
+    assert ax.get_xlabel() == "exit number (in the order they happened)"
+    assert ax.get_ylabel() == "host time of the exit (µs, log scale)"
+    assert "measured on KVM" in title_text(ax) and EMU_LABEL in title_text(ax)
+
+
+def test_table_plain_text_in_ipython():
+    from IPython.lib.pretty import pretty
+
+    assert pretty(exit_table(hello_trace(), "emu")).startswith("VM exits (4 in all)\nreason")
