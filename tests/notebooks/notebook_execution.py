@@ -73,13 +73,16 @@ def problems_in(notebook: nbformat.NotebookNode) -> list[str]:
     return problems
 
 
-def execute(path: Path, backend: str | None) -> Execution:
+def execute(path: Path, backend: str | None, *, prelude: str | None = None) -> Execution:
     """Run every cell of ``path`` in a fresh kernel, with ``LABKIT_BACKEND=backend`` when given.
 
+    ``prelude`` is code run first in a hidden cell (removed from the result).
     Errors do not stop the run (``allow_errors``): every failing cell is reported.
     """
     check_kernel_is_this_python()
     notebook = nbformat.read(path, as_version=4)
+    if prelude is not None:
+        notebook.cells.insert(0, nbformat.v4.new_code_cell(prelude, id="test-prelude"))
     env = dict(os.environ)
     env.pop("LABKIT_BACKEND", None)
     if backend is not None:
@@ -90,5 +93,8 @@ def execute(path: Path, backend: str | None) -> Execution:
     started = time.perf_counter()
     client.execute(env=env)
     seconds = time.perf_counter() - started
-    RUN_TIMES[(path.name, backend)] = seconds
-    return Execution(notebook, seconds, problems_in(notebook))
+    RUN_TIMES[(path.name + (" (prelude)" if prelude else ""), backend)] = seconds
+    problems = problems_in(notebook)
+    if prelude is not None:
+        notebook.cells.pop(0)
+    return Execution(notebook, seconds, problems)

@@ -19,7 +19,15 @@ PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 pytestmark = pytest.mark.notebooks
 
 
-def check_welcome(run: Execution, backend: str) -> None:
+NO_KVM = "/dev/kvm does not exist (simulated by the notebook test)"
+# Makes the kernel see a machine without KVM, as on Binder, even where /dev/kvm exists.
+WITHOUT_KVM = f"""
+import labkit.kvm.system as system
+system.probe = lambda device=system.KVM_DEVICE: system.KvmStatus(False, {NO_KVM!r}, None, "unknown", device, None)
+"""
+
+
+def check_welcome(run: Execution, backend: str, kvm=None) -> None:
     from labkit.kvm.system import kvm_flavour, probe
 
     text = run.text()
@@ -29,7 +37,7 @@ def check_welcome(run: Execution, backend: str) -> None:
     assert "same console output and exits on all of them: True" in text
     assert len(run.images()) >= 3, f"expected the side-by-side, exit-cost and timeline figures, got {len(run.images())} images"
     assert "measured on the emulator (Unicorn)" in text
-    kvm = probe()
+    kvm = kvm or probe()
     if kvm.usable:
         assert f"usable, flavour {kvm.flavour}" in text, "the capability table does not name the KVM flavour"
     else:
@@ -74,3 +82,19 @@ def test_runs_clean(path, backend_name, record_property):
     check = CONTENT_CHECKS.get(path.name)
     if check is not None:
         check(run, backend_name)
+
+
+@pytest.mark.slow
+@pytest.mark.emu
+@pytest.mark.parametrize("path", PATHS, ids=[path.name for path in PATHS])
+def test_runs_clean_without_kvm(path):
+    """As on Binder: no usable KVM, LABKIT_BACKEND=emu; the notebooks say why and run on emulation."""
+    from labkit.kvm.system import KvmStatus
+
+    run = execute(path, "emu", prelude=WITHOUT_KVM)
+    assert not run.problems, f"{path.name} without KVM:\n" + "\n".join(run.problems)
+    assert run.seconds < MAX_SECONDS
+    assert "kvm_pvm" not in run.text() and NO_KVM in run.text()
+    check = CONTENT_CHECKS.get(path.name)
+    if check is not None:
+        check(run, "emu", KvmStatus(False, NO_KVM, None, "unknown", "/dev/kvm", None))
