@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-from labkit.errors import ConfigError, GuestFileError
+from labkit.errors import AssemblyError, ConfigError, GuestFileError
 from labkit.x86 import layout
 
 MODES = (16, 32, 64)
@@ -153,7 +153,10 @@ class Guest:
 
             if metadata["mode"] not in MODES:
                 raise ConfigError(f"{path}: mode must be 16, 32 or 64, not {metadata['mode']!r}")
-            code = assemble(source, metadata["mode"], metadata.get("load_address", layout.LOAD_ADDRESS))
+            try:
+                code = assemble(source, metadata["mode"], metadata.get("load_address", layout.LOAD_ADDRESS))
+            except AssemblyError as error:
+                raise AssemblyError(f"{path}: {error}") from None
         return cls(code=code, **metadata)
 
     @classmethod

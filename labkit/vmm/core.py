@@ -10,6 +10,7 @@ so that an emulator crash cannot take the caller down.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Sequence
 
 from labkit import exits
@@ -23,6 +24,7 @@ from labkit.vmm.exit_handling import Buses, handle_exit
 from labkit.vmm.fault import FaultReporter
 from labkit.vmm.status import RunResult, Status
 from labkit.x86 import layout
+from labkit.x86.disasm import instruction_at
 from labkit.x86.state import Regs, SRegs
 
 IO = int(ExitReason.IO)
@@ -156,10 +158,22 @@ class MachineCore:
             self._record(int(exit.reason), self._rip(), None, None, None, None)
             handled = handle_exit(exit, self.buses)
             if handled.status is not None:
-                self.status = handled.status
+                self.status = self._explain(exit, handled.status)
             elif single_exit:
                 break
         return self.result(time.perf_counter() - started)
+
+    def _explain(self, exit: exits.Exit, status: Status) -> Status:
+        """Add where it happened to an error status: the instruction KVM could not emulate, say."""
+        if status.kind != "error" or not isinstance(exit, (exits.InternalError, exits.EmulatorFailure)):
+            return status
+        try:
+            regs, sregs = self.backend.get_regs(), self.backend.get_sregs()
+        except LabkitError:
+            return status
+        address = sregs.cs.base + regs.rip
+        where = f" at rip {regs.rip:#x}: {instruction_at(self.backend.memory, address, self.guest.mode)}"
+        return replace(status, message=status.message + where)
 
     def _rip(self) -> int | None:
         try:

@@ -1,0 +1,35 @@
+"""Disassembly of guest code with Capstone, for messages, traces and monitors."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+MAX_INSTRUCTION = 15
+"""The longest x86 instruction, in bytes (Intel SDM vol. 2, 2.3.11)."""
+
+
+@lru_cache(maxsize=3)
+def _disassembler(mode: int):
+    import capstone
+
+    cs_mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[mode]
+    return capstone.Cs(capstone.CS_ARCH_X86, cs_mode)
+
+
+def disassemble(code: bytes, address: int, mode: int, count: int = 0) -> list[tuple[int, bytes, str]]:
+    """``(address, bytes, "mnemonic operands")`` for each instruction Capstone decodes (``count`` 0: all)."""
+    return [
+        (insn.address, bytes(insn.bytes), f"{insn.mnemonic} {insn.op_str}".strip())
+        for insn in _disassembler(mode).disasm(code, address, count)
+    ]
+
+
+def instruction_at(memory: memoryview, address: int, mode: int) -> str:
+    """``"fsave [rax]"`` for the instruction at guest-physical ``address``, or a hex dump if it does not decode."""
+    if not 0 <= address < len(memory):
+        return f"(rip {address:#x} is outside guest RAM)"
+    code = bytes(memory[address:address + MAX_INSTRUCTION])
+    decoded = disassemble(code, address, mode, count=1)
+    if not decoded:
+        return f"(undecodable bytes {code[:8].hex(' ')})"
+    return decoded[0][2]
