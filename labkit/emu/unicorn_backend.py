@@ -1,0 +1,543 @@
+"""The emulation backend: one x86 vCPU in Unicorn 2.1.4, its hooks turned into labkit exits.
+
+What maps to what:
+
+- guest RAM: an anonymous private mmap owned here, given to Unicorn with
+  ``uc_mem_map_ptr``; :attr:`EmuBackend.memory` is a memoryview of the same
+  bytes (no copies).  After ``os.fork()`` the child has its own copy, as with
+  any process memory.
+- port I/O: ``UC_HOOK_INSN`` for IN and OUT calls ``dispatcher.pio`` while the
+  guest waits (no emulation restart).
+- MMIO: ``uc_mmio_map`` over ``[memory_size, MAPPED_LIMIT)`` calls
+  ``dispatcher.mmio``.  ``[MAPPED_LIMIT, 4 GiB)`` behaves as an empty bus, as on
+  a PC: reads return all ones, writes are dropped, nothing is reported.  An
+  access above 4 GiB (only reachable through the guest's own page tables) ends
+  the run with :class:`~labkit.exits.InternalError`, as KVM's emulator does for
+  an access it cannot complete.
+- ``hlt``: Unicorn stops with RIP after the ``hlt`` (as KVM): :class:`~labkit.exits.Hlt`.
+- exceptions: ``UC_HOOK_INTR`` plus :mod:`labkit.emu.delivery`, which delivers
+  them through the guest's IVT/IDT; #UD (which Unicorn reports as
+  ``UC_ERR_INSN_INVALID`` after stopping) is delivered the same way as vector 6.
+  A triple fault is :class:`~labkit.exits.Shutdown`.  After every exception the
+  CPU's ``old_exception`` is reset to -1 in place (unicorn#1883, see
+  :mod:`labkit.emu.cpu_state`).
+- a time budget: Unicorn's own ``timeout`` argument (a watchdog thread that
+  ``uc_emu_start`` creates and joins, so no thread outlives a run).
+
+Stopping exactly.  A hook cannot end Unicorn's translated block: after
+``uc_emu_stop`` the rest of the block still runs.  When the dispatcher sets
+``stop`` during IN/OUT, the backend copies the CPU state in the hook, makes
+guest RAM read-only so later stores in the block fault instead of landing,
+ignores further I/O, and after ``uc_emu_start`` returns puts the copy back and
+moves RIP past the I/O instruction.  The guest then resumes exactly after it,
+as on KVM.  For MMIO and string I/O (``ins``/``outs``) the stop takes effect at
+the end of the translated block instead.
+
+What the emulator cannot show: real exit latency.  Its timings are Python's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import time
+import weakref
+from typing import Iterable, Mapping
+
+import capstone
+import unicorn
+from unicorn import unicorn_const as UC
+from unicorn import x86_const as X
+
+from labkit.emu import cpu_state as S
+from labkit.emu.cpu_state import CpuStateView
+from labkit.emu.delivery import DeliveryUnsupported, ExceptionDelivery, TripleFault
+from labkit.errors import ConfigError, EmulatorError
+from labkit.exits import EmulatorFailure, Exit, Hlt, InternalError, Io, Mmio, Shutdown, Timeout
+from labkit.x86 import layout
+from labkit.x86.state import GPR_NAMES, DescriptorTable, Regs, Segment, SRegs
+
+UNICORN_VERSION = "2.1.4"
+_UC_MODES = {16: UC.UC_MODE_16, 32: UC.UC_MODE_32, 64: UC.UC_MODE_64}
+_OPEN_BUS_END = 1 << 32
+_NEVER = 1 << 63  # a non-canonical "until" address: emulation never stops there
+_EFER = 0xC0000080
+KVM_INTERNAL_ERROR_EMULATION = 1
+
+# QEMU's regs[] order, as labkit's names.
+_QEMU_GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+                   "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+_SEGMENTS = (("es", S.R_ES), ("cs", S.R_CS), ("ss", S.R_SS), ("ds", S.R_DS), ("fs", S.R_FS), ("gs", S.R_GS))
+
+# --- the C API, called directly (the Python binding's wrappers cost a few Python frames per call) ---
+_lib = ctypes.CDLL(unicorn.unicorn_py3.unicorn.uclib._name)
+_c_void_p, _u64, _u32, _i32 = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int
+_lib.uc_emu_start.argtypes = (_c_void_p, _u64, _u64, _u64, ctypes.c_size_t)
+_lib.uc_emu_start.restype = _i32
+_lib.uc_emu_stop.argtypes = (_c_void_p,)
+_lib.uc_emu_stop.restype = _i32
+_lib.uc_reg_read.argtypes = (_c_void_p, _i32, _c_void_p)
+_lib.uc_reg_read.restype = _i32
+_lib.uc_mem_protect.argtypes = (_c_void_p, _u64, _u64, _u32)
+_lib.uc_mem_protect.restype = _i32
+_lib.uc_strerror.argtypes = (_i32,)
+_lib.uc_strerror.restype = ctypes.c_char_p
+_lib.uc_hook_add.restype = _i32
+_lib.uc_mmio_map.argtypes = (_c_void_p, _u64, _u64, _c_void_p, _c_void_p, _c_void_p, _c_void_p)
+_lib.uc_mmio_map.restype = _i32
+_lib.uc_ctl.restype = _i32
+
+HOOK_INTR = ctypes.CFUNCTYPE(None, _c_void_p, _u32, _c_void_p)
+HOOK_IN = ctypes.CFUNCTYPE(_u32, _c_void_p, _u32, _i32, _c_void_p)
+HOOK_OUT = ctypes.CFUNCTYPE(None, _c_void_p, _u32, _i32, _u32, _c_void_p)
+MMIO_READ = ctypes.CFUNCTYPE(_u64, _c_void_p, _u64, ctypes.c_uint, _c_void_p)
+MMIO_WRITE = ctypes.CFUNCTYPE(None, _c_void_p, _u64, ctypes.c_uint, _u64, _c_void_p)
+_UC_CTL_TLB_FLUSH = (UC.UC_CTL_IO_WRITE << 30) | UC.UC_CTL_TLB_FLUSH  # UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)
+
+
+def _check(status: int, what: str) -> None:
+    if status != UC.UC_ERR_OK:
+        raise EmulatorError(f"{what} failed: {_lib.uc_strerror(status).decode()}")
+
+
+def _io_instruction_length(code: bytes) -> int | None:
+    """Length of the IN/OUT at the start of ``code``; None for string I/O or anything else."""
+    for i, byte in enumerate(code[:15]):
+        if byte in (0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0xF0) or 0x40 <= byte <= 0x4F:
+            continue
+        if 0xE4 <= byte <= 0xE7:
+            return i + 2
+        if 0xEC <= byte <= 0xEF:
+            return i + 1
+        return None
+    return None
+
+
+class _Engine:
+    """The Unicorn engine, guest RAM and hooks; what the finalizer tears down.
+
+    Hooks close over this object, never over :class:`EmuBackend`, so dropping the
+    backend runs its finalizer without waiting for the cycle collector.
+    """
+
+    def __init__(self, memory_size: int, mode: int):
+        self.memory_size = memory_size
+        self.ram_map = mmap.mmap(-1, memory_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._anchor = ctypes.c_char.from_buffer(self.ram_map)
+        self.ram_address = ctypes.addressof(self._anchor)
+        self.ram = memoryview(self.ram_map)
+        self.uc = unicorn.Uc(UC.UC_ARCH_X86, _UC_MODES[mode])
+        self.handle = self.uc._uch
+        self.uc.mem_map_ptr(0, memory_size, UC.UC_PROT_ALL, self.ram_address)
+        self.cpu = CpuStateView(self.uc)
+        self._eflags = _u64()
+        self._eflags_ref = ctypes.byref(self._eflags)
+        self._eflags_id = X.UC_X86_REG_RFLAGS if mode == 64 else X.UC_X86_REG_EFLAGS
+        self.delivery = ExceptionDelivery(self.cpu, self.ram, self.read_eflags)
+        self.dispatcher = None
+        self.hook_error: BaseException | None = None
+        self.shutdown = False
+        self.failure: str | None = None
+        self.stop: Io | None = None
+        self.stop_state: bytes | None = None
+        self.stop_rip = 0
+        self.stop_value: int | None = None
+        self.stopping = False
+        self.callbacks = self._install_hooks()
+
+    def read_eflags(self) -> int:
+        _lib.uc_reg_read(self.handle, self._eflags_id, self._eflags_ref)
+        return self._eflags.value
+
+    # --- hooks -------------------------------------------------------------------------------
+
+    def _install_hooks(self) -> list:
+        handle = self.handle
+        q = self.cpu.q
+        i32 = self.cpu.i32
+        eip_index = S.EIP // 8
+        old_exception_index = self.cpu.deep.old_exception // 4
+        error_code_index = self.cpu.deep.error_code // 4
+        is_int_index = self.cpu.deep.exception_is_int // 4
+        deliver = self.delivery.deliver
+        engine = self
+
+        def fail(error: BaseException) -> None:
+            if engine.hook_error is None:
+                engine.hook_error = error
+            engine.begin_stop(None, None)
+
+        def on_out(_uc, port, size, value, _user):
+            if engine.stopping:
+                return
+            try:
+                dispatcher = engine.dispatcher
+                dispatcher.pio(port, size, True, value, q[eip_index])
+                if dispatcher.stop:
+                    engine.begin_stop(Io(port, size, True, value), None)
+            except BaseException as error:  # noqa: BLE001 - re-raised after uc_emu_start returns
+                fail(error)
+
+        def on_in(_uc, port, size, _user):
+            if engine.stopping:
+                return 0
+            try:
+                dispatcher = engine.dispatcher
+                value = dispatcher.pio(port, size, False, 0, q[eip_index]) & ((1 << (8 * size)) - 1)
+                if dispatcher.stop:
+                    engine.begin_stop(Io(port, size, False, value), value)
+                return value
+            except BaseException as error:  # noqa: BLE001
+                fail(error)
+                return 0
+
+        def on_interrupt(_uc, vector, _user):
+            i32[old_exception_index] = -1  # unicorn#1883
+            if engine.stopping:
+                _lib.uc_emu_stop(handle)
+                return
+            try:
+                deliver(vector, i32[error_code_index], bool(i32[is_int_index]))
+            except TripleFault:
+                engine.shutdown = True
+                engine.stopping = True
+                _lib.uc_emu_stop(handle)
+            except DeliveryUnsupported as error:
+                engine.failure = str(error)
+                engine.stopping = True
+                _lib.uc_emu_stop(handle)
+            except BaseException as error:  # noqa: BLE001
+                engine.hook_error = engine.hook_error or error
+                engine.stopping = True
+                _lib.uc_emu_stop(handle)
+
+        base = self.memory_size
+
+        def on_mmio_read(_uc, offset, size, _user):
+            if engine.stopping:
+                return 0
+            try:
+                dispatcher = engine.dispatcher
+                value = dispatcher.mmio(base + offset, size, False, 0, q[eip_index])
+                if dispatcher.stop:
+                    engine.stopping = True
+                    engine.stop = _MmioStop(base + offset, size, False, value)
+                    _lib.uc_emu_stop(handle)
+                return value & ((1 << (8 * size)) - 1)
+            except BaseException as error:  # noqa: BLE001
+                engine.hook_error = engine.hook_error or error
+                engine.stopping = True
+                _lib.uc_emu_stop(handle)
+                return 0
+
+        def on_mmio_write(_uc, offset, size, value, _user):
+            if engine.stopping:
+                return
+            try:
+                dispatcher = engine.dispatcher
+                dispatcher.mmio(base + offset, size, True, value, q[eip_index])
+                if dispatcher.stop:
+                    engine.stopping = True
+                    engine.stop = _MmioStop(base + offset, size, True, value)
+                    _lib.uc_emu_stop(handle)
+            except BaseException as error:  # noqa: BLE001
+                engine.hook_error = engine.hook_error or error
+                engine.stopping = True
+                _lib.uc_emu_stop(handle)
+
+        def open_bus_read(_uc, _offset, size, _user):
+            return (1 << (8 * size)) - 1
+
+        def open_bus_write(_uc, _offset, _size, _value, _user):
+            return None
+
+        callbacks = [HOOK_OUT(on_out), HOOK_IN(on_in), HOOK_INTR(on_interrupt),
+                     MMIO_READ(on_mmio_read), MMIO_WRITE(on_mmio_write),
+                     MMIO_READ(open_bus_read), MMIO_WRITE(open_bus_write)]
+        out_cb, in_cb, intr_cb, mmio_read, mmio_write, bus_read, bus_write = callbacks
+        for hook_type, callback, extra in ((UC.UC_HOOK_INSN, out_cb, X.UC_X86_INS_OUT),
+                                           (UC.UC_HOOK_INSN, in_cb, X.UC_X86_INS_IN),
+                                           (UC.UC_HOOK_INTR, intr_cb, None)):
+            hook = ctypes.c_size_t()
+            args = [handle, ctypes.byref(hook), _i32(hook_type), ctypes.cast(callback, _c_void_p), None,
+                    _u64(1), _u64(0)]
+            if extra is not None:
+                args.append(_i32(extra))
+            _check(_lib.uc_hook_add(*args), "uc_hook_add")
+        if base < layout.MAPPED_LIMIT:
+            _check(_lib.uc_mmio_map(handle, base, layout.MAPPED_LIMIT - base, ctypes.cast(mmio_read, _c_void_p),
+                                    None, ctypes.cast(mmio_write, _c_void_p), None), "uc_mmio_map (MMIO)")
+        _check(_lib.uc_mmio_map(handle, layout.MAPPED_LIMIT, _OPEN_BUS_END - layout.MAPPED_LIMIT,
+                                ctypes.cast(bus_read, _c_void_p), None, ctypes.cast(bus_write, _c_void_p), None),
+               "uc_mmio_map (empty bus)")
+        return callbacks
+
+    def begin_stop(self, exit_: Io | None, in_value: int | None) -> None:
+        """Called in an IN/OUT hook: freeze the state for an exact stop after this instruction."""
+        self.stopping = True
+        self.stop = exit_
+        self.stop_state = bytes(self.cpu.bytes)
+        self.stop_rip = self.cpu.q[S.EIP // 8]
+        self.stop_value = in_value
+        _lib.uc_mem_protect(self.handle, 0, self.memory_size, UC.UC_PROT_READ | UC.UC_PROT_EXEC)
+        _lib.uc_emu_stop(self.handle)
+
+    def finish_stop(self, read_code) -> None:
+        """After uc_emu_start: undo what the rest of the translated block did; RIP after the I/O."""
+        if self.stop_state is None:
+            return
+        state, self.stop_state = self.stop_state, None
+        _check(_lib.uc_mem_protect(self.handle, 0, self.memory_size, UC.UC_PROT_ALL), "uc_mem_protect")
+        length = _io_instruction_length(read_code(self.stop_rip, 15))
+        if length is None:
+            return  # string I/O: the stop takes effect at the end of the block
+        self.cpu.bytes[:] = state
+        _lib.uc_ctl(self.handle, _i32(_UC_CTL_TLB_FLUSH))
+        self.cpu.q[S.EIP // 8] = self.stop_rip + length
+        if self.stop_value is not None and isinstance(self.stop, Io):
+            size = self.stop.size
+            rax = self.cpu.q[0]
+            if size == 4:
+                rax = self.stop_value  # writing EAX zero-extends into RAX
+            else:
+                mask = (1 << (8 * size)) - 1
+                rax = (rax & ~mask) | self.stop_value
+            self.cpu.q[0] = rax
+
+    def close(self) -> None:
+        if self.uc is None:
+            return
+        self.cpu.release()
+        release = self.uc._Uc__finalizer  # the binding's weakref.finalize: uc_close, exactly once
+        self.uc = None
+        release()  # the engine goes before the RAM it points into
+        self.ram.release()
+        del self._anchor
+        try:
+            self.ram_map.close()
+        except BufferError:
+            pass  # someone still holds backend.memory; the mapping goes when they let go
+
+
+class _MmioStop(tuple):
+    """(address, size, is_write, value) of an MMIO access that asked to stop."""
+
+    def __new__(cls, address: int, size: int, is_write: bool, value: int):
+        return super().__new__(cls, (address, size, is_write, value))
+
+
+class EmuBackend:
+    """One VM with one vCPU emulated by Unicorn; see the module docstring for what maps to what."""
+
+    kind = "emu"
+
+    def __init__(self, memory_size: int = layout.DEFAULT_MEMORY, mode: int = 64):
+        if mode not in _UC_MODES:
+            raise ConfigError(f"mode must be 16, 32 or 64, not {mode!r}")
+        if not isinstance(memory_size, int) or memory_size % layout.PAGE_SIZE:
+            raise ConfigError(f"memory_size must be a whole number of 4 KiB pages, not {memory_size!r}")
+        if not layout.MIN_MEMORY <= memory_size <= layout.MAX_MEMORY:
+            raise ConfigError(f"memory_size must be between {layout.MIN_MEMORY} and {layout.MAX_MEMORY} bytes")
+        self.mode = mode
+        self._engine = _Engine(memory_size, mode)
+        self.memory = self._engine.ram
+        self._finalizer = weakref.finalize(self, self._engine.close)
+
+    # --- description ---------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "backend": "emu",
+            "engine": f"unicorn {unicorn.__version__}",
+            "disassembler": f"capstone {capstone.__version__}",
+            "mode": f"{self.mode}-bit start",
+            "note": "instruction-level emulation (QEMU TCG inside Unicorn); timings are not hardware timings",
+        }
+
+    # --- registers -----------------------------------------------------------------------------
+
+    def _live(self) -> _Engine:
+        if self._engine.uc is None:
+            raise EmulatorError("this emulation backend is closed")
+        return self._engine
+
+    def get_regs(self) -> Regs:
+        engine = self._live()
+        q = engine.cpu.q
+        values = {name: q[i] for i, name in enumerate(_QEMU_GPR_ORDER)}
+        return Regs(rip=q[S.EIP // 8], rflags=engine.read_eflags(), **values)
+
+    def set_regs(self, regs: Regs) -> None:
+        engine = self._live()
+        q = engine.cpu.q
+        for i, name in enumerate(_QEMU_GPR_ORDER):
+            q[i] = getattr(regs, name) & 0xFFFF_FFFF_FFFF_FFFF
+        q[S.EIP // 8] = regs.rip & 0xFFFF_FFFF_FFFF_FFFF
+        engine.uc.reg_write(engine._eflags_id, (regs.rflags | 0x2) & 0xFFFF_FFFF)
+        engine.shutdown = False
+
+    def get_sregs(self) -> SRegs:
+        engine = self._live()
+        cpu = engine.cpu
+        q = cpu.q
+        segments = {name: self._segment(cpu.segment(S.SEGS + index * S.SEGMENT_SIZE)) for name, index in _SEGMENTS}
+        gdt = cpu.segment(S.GDT)
+        idt = cpu.segment(S.IDT)
+        return SRegs(
+            tr=self._segment(cpu.segment(S.TR)), ldt=self._segment(cpu.segment(S.LDT)),
+            gdt=DescriptorTable(base=gdt[1], limit=gdt[2]), idt=DescriptorTable(base=idt[1], limit=idt[2]),
+            cr0=q[S.CR // 8], cr2=q[(S.CR + 16) // 8], cr3=q[(S.CR + 24) // 8], cr4=q[(S.CR + 32) // 8],
+            cr8=engine.uc.reg_read(X.UC_X86_REG_CR8), efer=engine.uc.msr_read(_EFER), **segments)
+
+    @staticmethod
+    def _segment(cache: tuple[int, int, int, int]) -> Segment:
+        selector, base, limit, flags = cache
+        present = (flags >> 15) & 1
+        return Segment(base=base, limit=limit, selector=selector, type=(flags >> 8) & 0xF, present=present,
+                       dpl=(flags >> 13) & 3, db=(flags >> 22) & 1, s=(flags >> 12) & 1, l=(flags >> 21) & 1,
+                       g=(flags >> 23) & 1, avl=(flags >> 20) & 1, unusable=0 if present else 1)
+
+    @staticmethod
+    def _flags(segment: Segment) -> int:
+        return ((segment.type & 0xF) << 8 | (segment.s & 1) << 12 | (segment.dpl & 3) << 13
+                | (0 if segment.unusable else (segment.present & 1)) << 15 | (segment.avl & 1) << 20
+                | (segment.l & 1) << 21 | (segment.db & 1) << 22 | (segment.g & 1) << 23)
+
+    def set_sregs(self, sregs: SRegs) -> None:
+        """Set control registers, descriptor tables and segments, hidden caches included.
+
+        CR0/CR3/CR4 go through Unicorn (QEMU updates its derived flags and flushes
+        its TLB); EFER goes through Unicorn for everything but LMA, which is set in
+        place from ``sregs.efer`` (Unicorn cannot otherwise set LMA without a
+        CR0.PG 0->1 transition).  Segment caches are written in place as the
+        descriptors would load them, so a cache that differs from the GDT, or a
+        CPL 3 start (SS.DPL = 3), is honoured as on KVM.  ``cr8`` and
+        ``apic_base`` are ignored: Unicorn models no local APIC.
+        """
+        engine = self._live()
+        uc, cpu = engine.uc, engine.cpu
+        uc.reg_write(X.UC_X86_REG_CR4, sregs.cr4)
+        uc.reg_write(X.UC_X86_REG_CR3, sregs.cr3)
+        uc.reg_write(X.UC_X86_REG_CR0, sregs.cr0)
+        uc.msr_write(_EFER, sregs.efer & ~0x400)
+        uc.reg_write(X.UC_X86_REG_CR2, sregs.cr2)
+        cpu.q[cpu.deep.efer // 8] = sregs.efer
+        hflags = cpu.u32[S.HFLAGS // 4] & ~S.HF_LMA_MASK
+        cpu.u32[S.HFLAGS // 4] = hflags | (S.HF_LMA_MASK if sregs.efer & 0x400 else 0)
+        for table, value in ((S.GDT, sregs.gdt), (S.IDT, sregs.idt)):
+            cpu.q[(table + 8) // 8] = value.base
+            cpu.u32[(table + 16) // 4] = value.limit
+        for offset, segment in ((S.TR, sregs.tr), (S.LDT, sregs.ldt)):
+            cpu.u32[offset // 4] = segment.selector
+            cpu.q[(offset + 8) // 8] = segment.base
+            cpu.u32[(offset + 16) // 4] = segment.limit
+            cpu.u32[(offset + 20) // 4] = self._flags(segment)
+        for name, index in sorted(_SEGMENTS, key=lambda item: item[1] == S.R_CS):
+            segment = getattr(sregs, name)
+            cpu.load_segment(index, segment.selector, segment.base, segment.limit, self._flags(segment))
+        _lib.uc_ctl(engine.handle, _i32(_UC_CTL_TLB_FLUSH))
+        engine.shutdown = False
+
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        """RDMSR through Unicorn (QEMU's helper_rdmsr); MSRs QEMU does not model read as 0."""
+        engine = self._live()
+        return {index: engine.uc.msr_read(index) for index in indices}
+
+    def set_msrs(self, msrs: Mapping[int, int]) -> None:
+        """WRMSR through Unicorn (QEMU's helper_wrmsr); writes QEMU does not model are dropped."""
+        engine = self._live()
+        for index, value in msrs.items():
+            engine.uc.msr_write(index, value)
+
+    # --- running -------------------------------------------------------------------------------
+
+    def read_linear(self, address: int, size: int) -> bytes:
+        """Bytes at a linear address, through the guest's page tables (b"" where unmapped)."""
+        engine = self._live()
+        out = bytearray()
+        for i in range(size):
+            try:
+                physical = engine.delivery._translate(address + i, False, False)
+            except Exception:  # noqa: BLE001 - an unmapped byte ends the read
+                break
+            if physical >= engine.memory_size:
+                break
+            out.append(engine.ram[physical])
+        return bytes(out)
+
+    def run(self, dispatcher, timeout: float) -> Exit:
+        engine = self._live()
+        if timeout <= 0:
+            raise ConfigError(f"timeout must be positive, not {timeout!r}")
+        if engine.shutdown:
+            return Shutdown()
+        engine.dispatcher = dispatcher
+        engine.delivery.flush()
+        cpu = engine.cpu
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return Timeout(budget_s=timeout)
+                engine.stopping = False
+                engine.stop = None
+                begin = cpu.q[S.EIP // 8]
+                if self.mode == 16:
+                    begin = (cpu.u32[(S.SEGS + S.R_CS * S.SEGMENT_SIZE) // 4] << 4) + (begin & 0xFFFF)
+                status = _lib.uc_emu_start(engine.handle, begin, _NEVER, max(1, int(remaining * 1e6)), 0)
+                engine.finish_stop(self.read_linear)
+                cpu.i32[cpu.deep.old_exception // 4] = -1
+                if engine.hook_error is not None:
+                    error, engine.hook_error = engine.hook_error, None
+                    raise error
+                if engine.shutdown:
+                    return Shutdown()
+                if engine.failure is not None:
+                    message, engine.failure = engine.failure, None
+                    return EmulatorFailure(message)
+                if engine.stop is not None:
+                    stop = engine.stop
+                    if isinstance(stop, _MmioStop):
+                        return Mmio(*stop)
+                    return stop
+                if status == UC.UC_ERR_OK:
+                    return Hlt() if time.monotonic() < deadline else Timeout(budget_s=timeout)
+                if status == UC.UC_ERR_INSN_INVALID:
+                    outcome = self._deliver_outside(6)
+                    if outcome is not None:
+                        return outcome
+                    continue
+                if status in (UC.UC_ERR_FETCH_UNMAPPED, UC.UC_ERR_READ_UNMAPPED, UC.UC_ERR_WRITE_UNMAPPED):
+                    return InternalError(KVM_INTERNAL_ERROR_EMULATION, (status, cpu.q[S.EIP // 8]))
+                return EmulatorFailure(f"Unicorn stopped at rip={cpu.q[S.EIP // 8]:#x}: "
+                                       f"{_lib.uc_strerror(status).decode()}")
+        finally:
+            engine.dispatcher = None
+            engine.stopping = False
+
+    def _deliver_outside(self, vector: int) -> Exit | None:
+        """Deliver an exception after uc_emu_start returned (Unicorn stops on #UD)."""
+        engine = self._engine
+        try:
+            engine.delivery.deliver(vector, 0, False)
+        except TripleFault:
+            engine.shutdown = True
+            return Shutdown()
+        except DeliveryUnsupported as error:
+            return EmulatorFailure(str(error))
+        return None
+
+    def close(self) -> None:
+        """Free the Unicorn engine and guest RAM (also done when the backend is garbage-collected)."""
+        self._finalizer()
+
+    def __enter__(self) -> "EmuBackend":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+__all__ = ["EmuBackend", "GPR_NAMES"]
