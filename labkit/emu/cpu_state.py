@@ -39,7 +39,7 @@ import random
 import struct
 from dataclasses import dataclass
 
-from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc
+from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_32, UC_MODE_64, UC_PROT_ALL, Uc
 from unicorn import x86_const as X
 
 from labkit.errors import EmulatorError
@@ -48,6 +48,9 @@ from labkit.errors import EmulatorError
 REGS = 0
 EIP = 128
 EFLAGS = 136
+CC_SRC = 152
+CC_OP = 168  # uint32; CC_OP_EFLAGS = 1
+DF = 172  # int32: +1 or -1
 HFLAGS = 176
 SEGS = 184
 SEGMENT_SIZE = 24  # struct SegmentCache { u32 selector; u64 base; u32 limit; u32 flags; }
@@ -71,6 +74,7 @@ HF_CS64_MASK = 1 << 15
 
 DESC_B_MASK = 1 << 22
 DESC_L_MASK = 1 << 21
+HF_CS64_MASK = 1 << 15
 
 GPR_IDS = (
     X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX, X.UC_X86_REG_RBX,
@@ -79,6 +83,10 @@ GPR_IDS = (
     X.UC_X86_REG_R12, X.UC_X86_REG_R13, X.UC_X86_REG_R14, X.UC_X86_REG_R15,
 )
 """Unicorn ids in QEMU's regs[] order (RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8..R15)."""
+GPR_IDS32 = (
+    X.UC_X86_REG_EAX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX, X.UC_X86_REG_EBX,
+    X.UC_X86_REG_ESP, X.UC_X86_REG_EBP, X.UC_X86_REG_ESI, X.UC_X86_REG_EDI,
+)
 
 
 @dataclass(frozen=True)
@@ -116,10 +124,13 @@ def _handle_address(uc: Uc) -> int:
 def locate_state(uc: Uc) -> int:
     """Address of the engine's CPUX86State; verified, or EmulatorError."""
     rng = random.Random(os.getpid() ^ id(uc))
-    pattern_values = [rng.getrandbits(63) | (1 << 62) for _ in GPR_IDS]
-    for reg, value in zip(GPR_IDS, pattern_values):
+    wide = uc._mode == UC_MODE_64  # in 16/32-bit mode Unicorn only accepts the 32-bit register ids
+    ids = GPR_IDS if wide else GPR_IDS32
+    pattern_values = [rng.getrandbits(63 if wide else 32) | (1 << (62 if wide else 31)) for _ in ids]
+    for reg, value in zip(ids, pattern_values):
         uc.reg_write(reg, value)
-    pattern = struct.pack("<16Q", *pattern_values)
+    pattern = struct.pack(f"<{len(ids)}Q", *pattern_values)
+    accumulator = ids[0]
     starts, ends = _writable_regions()
 
     def region_end(address: int) -> int | None:
@@ -147,10 +158,10 @@ def locate_state(uc: Uc) -> int:
             hits.add(word + at)
             at = block.find(pattern, at + 1)
     for address in sorted(hits):
-        probe = rng.getrandbits(63)
-        uc.reg_write(X.UC_X86_REG_RAX, probe)
+        probe = rng.getrandbits(31)
+        uc.reg_write(accumulator, probe)
         if ctypes.c_uint64.from_address(address).value == probe:
-            uc.reg_write(X.UC_X86_REG_RAX, 0)
+            uc.reg_write(accumulator, 0)
             return address
     raise EmulatorError("cannot find Unicorn's CPU state in memory (is unicorn 2.1.4 installed?)")
 
@@ -172,10 +183,12 @@ class CpuStateView:
     def _verify_layout(self, uc: Uc) -> None:
         """Check the expected offsets by writing through the API and reading in place."""
         checks = []
-        saved = {reg: uc.reg_read(reg) for reg in (X.UC_X86_REG_RIP, X.UC_X86_REG_CR3, X.UC_X86_REG_EFLAGS)}
+        pc, pc_value = {UC_MODE_64: (X.UC_X86_REG_RIP, 0x1234_5678_9ABC), UC_MODE_32: (X.UC_X86_REG_EIP, 0x1234_5678)}.get(
+            uc._mode, (X.UC_X86_REG_IP, 0x1234))
+        saved = {reg: uc.reg_read(reg) for reg in (pc, X.UC_X86_REG_CR3, X.UC_X86_REG_EFLAGS)}
         gdtr, idtr = uc.reg_read(X.UC_X86_REG_GDTR), uc.reg_read(X.UC_X86_REG_IDTR)
-        uc.reg_write(X.UC_X86_REG_RIP, 0x1234_5678_9ABC)
-        checks.append(("eip", self.q[EIP // 8] == 0x1234_5678_9ABC))
+        uc.reg_write(pc, pc_value)
+        checks.append(("eip", self.q[EIP // 8] & 0xFFFF_FFFF_FFFF == pc_value))
         uc.reg_write(X.UC_X86_REG_EFLAGS, 0x202)
         checks.append(("eflags", self.q[EFLAGS // 8] & 0x200 == 0x200))
         uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
@@ -231,6 +244,14 @@ class CpuStateView:
                 q[(SEGS + R_SS * SEGMENT_SIZE + 8) // 8]:
             new |= HF_ADDSEG_MASK
         u32[HFLAGS // 4] = (hflags & ~(HF_SS32_MASK | HF_ADDSEG_MASK)) | new
+
+    def set_rflags(self, rflags: int) -> None:
+        """Set RFLAGS in place as QEMU keeps it inside a run: CC_SRC holds the arithmetic flags, df the DF."""
+        arithmetic = 0x8D5  # OF SF ZF AF PF CF
+        self.q[CC_SRC // 8] = rflags & arithmetic
+        self.u32[CC_OP // 4] = 1  # CC_OP_EFLAGS
+        self.i32[DF // 4] = -1 if rflags & 0x400 else 1
+        self.q[EFLAGS // 8] = (rflags & ~(arithmetic | 0x400)) | 0x2
 
     def release(self) -> None:
         for view in (self.i32, self.u32, self.q, self.bytes):

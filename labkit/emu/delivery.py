@@ -103,6 +103,8 @@ class ExceptionDelivery:
                 self._deliver_once(vector, code, software, ext)
                 return
             except _Fault as fault:
+                if software:
+                    self._rewind_software_interrupt(vector)
                 if fault.cr2 is not None:
                     self.cpu.q[(S.CR + 16) // 8] = fault.cr2
                 if vector == 8:
@@ -113,6 +115,18 @@ class ExceptionDelivery:
                 else:
                     vector, error_code = fault.vector, fault.error_code
                 software, ext = False, 1
+
+    def _rewind_software_interrupt(self, vector: int) -> None:
+        """Point EIP back at the ``int n``/``int3``/``into`` that failed its checks (a fault, not a trap)."""
+        q = self.cpu.q
+        eip = q[S.EIP // 8]
+        cs_base = q[(S.SEGS + S.R_CS * S.SEGMENT_SIZE + 8) // 8]
+        try:
+            two = self._read(cs_base + eip - 2, 2, False)
+        except (_Fault, DeliveryUnsupported):
+            two = 0
+        length = 2 if two == 0xCD | (vector << 8) else 1
+        q[S.EIP // 8] = eip - length
 
     # --- modes ---------------------------------------------------------------------------------
 
@@ -204,7 +218,7 @@ class ExceptionDelivery:
         if error_code is not None:
             frame.append(error_code)
         rsp = (rsp - 8 * len(frame)) & 0xFFFF_FFFF_FFFF_FFFF
-        self._write_frame(rsp, frame, 8, new_cpl == 3)
+        self._write_frame(rsp, frame[::-1], 8, new_cpl == 3)  # lowest address first
         q[S.REGS // 8 + 4] = rsp
         if new_cpl < cpl:
             cpu.load_segment(S.R_SS, new_cpl, 0, 0, new_cpl << 13)
@@ -275,6 +289,29 @@ class ExceptionDelivery:
         q[S.EFLAGS // 8] &= ~(TF | NT | RF | VM | (IF if gate_type in (0x6, 0xE) else 0))
 
     # --- tables ----------------------------------------------------------------------------------
+
+    def io_permitted(self, port: int, size: int) -> bool:
+        """IN/OUT permission: CPL <= IOPL, else the TSS I/O bitmap (SDM vol. 1, 19.5.2)."""
+        q, u32 = self.cpu.q, self.cpu.u32
+        if not q[S.CR // 8] & 1:
+            return True
+        eflags = q[S.EFLAGS // 8]
+        if not eflags & VM and u32[S.HFLAGS // 4] & 3 <= (eflags >> 12) & 3:
+            return True
+        if (u32[(S.TR + 20) // 4] >> 8) & 0xF not in (9, 11):
+            return False
+        base, limit = q[(S.TR + 8) // 8], u32[(S.TR + 16) // 4]
+        try:
+            if limit < 0x67:
+                return False
+            bitmap = self._read(base + 0x66, 2, False)
+            where = bitmap + (port >> 3)
+            if where + 1 > limit:
+                return False
+            bits = self._read(base + where, 2, False) >> (port & 7)
+        except (_Fault, DeliveryUnsupported):
+            return False
+        return not bits & ((1 << size) - 1)
 
     def _descriptor(self, selector: int, ext: int, fault_vector: int = 13) -> tuple[int, int]:
         q, u32 = self.cpu.q, self.cpu.u32

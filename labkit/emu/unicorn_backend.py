@@ -88,6 +88,7 @@ _lib.uc_mmio_map.restype = _i32
 _lib.uc_ctl.restype = _i32
 
 HOOK_INTR = ctypes.CFUNCTYPE(None, _c_void_p, _u32, _c_void_p)
+HOOK_SYSCALL = ctypes.CFUNCTYPE(None, _c_void_p, _c_void_p)
 HOOK_IN = ctypes.CFUNCTYPE(_u32, _c_void_p, _u32, _i32, _c_void_p)
 HOOK_OUT = ctypes.CFUNCTYPE(None, _c_void_p, _u32, _i32, _u32, _c_void_p)
 MMIO_READ = ctypes.CFUNCTYPE(_u64, _c_void_p, _u64, ctypes.c_uint, _c_void_p)
@@ -143,6 +144,7 @@ class _Engine:
         self.stop_state: bytes | None = None
         self.stop_rip = 0
         self.stop_value: int | None = None
+        self.pending_fault: tuple[int, int] | None = None
         self.stopping = False
         self.callbacks = self._install_hooks()
 
@@ -168,10 +170,15 @@ class _Engine:
                 engine.hook_error = error
             engine.begin_stop(None, None)
 
+        io_permitted = self.delivery.io_permitted
+
         def on_out(_uc, port, size, value, _user):
             if engine.stopping:
                 return
             try:
+                if not io_permitted(port, size):
+                    engine.begin_stop(None, None, fault=(13, 0))
+                    return
                 dispatcher = engine.dispatcher
                 dispatcher.pio(port, size, True, value, q[eip_index])
                 if dispatcher.stop:
@@ -183,6 +190,9 @@ class _Engine:
             if engine.stopping:
                 return 0
             try:
+                if not io_permitted(port, size):
+                    engine.begin_stop(None, None, fault=(13, 0))
+                    return 0
                 dispatcher = engine.dispatcher
                 value = dispatcher.pio(port, size, False, 0, q[eip_index]) & ((1 << (8 * size)) - 1)
                 if dispatcher.stop:
@@ -246,6 +256,14 @@ class _Engine:
                 engine.stopping = True
                 _lib.uc_emu_stop(handle)
 
+        def on_syscall(_uc, _user):
+            try:
+                engine.syscall()
+            except BaseException as error:  # noqa: BLE001
+                engine.hook_error = engine.hook_error or error
+                engine.stopping = True
+                _lib.uc_emu_stop(handle)
+
         def open_bus_read(_uc, _offset, size, _user):
             return (1 << (8 * size)) - 1
 
@@ -254,10 +272,11 @@ class _Engine:
 
         callbacks = [HOOK_OUT(on_out), HOOK_IN(on_in), HOOK_INTR(on_interrupt),
                      MMIO_READ(on_mmio_read), MMIO_WRITE(on_mmio_write),
-                     MMIO_READ(open_bus_read), MMIO_WRITE(open_bus_write)]
-        out_cb, in_cb, intr_cb, mmio_read, mmio_write, bus_read, bus_write = callbacks
+                     MMIO_READ(open_bus_read), MMIO_WRITE(open_bus_write), HOOK_SYSCALL(on_syscall)]
+        out_cb, in_cb, intr_cb, mmio_read, mmio_write, bus_read, bus_write, syscall_cb = callbacks
         for hook_type, callback, extra in ((UC.UC_HOOK_INSN, out_cb, X.UC_X86_INS_OUT),
                                            (UC.UC_HOOK_INSN, in_cb, X.UC_X86_INS_IN),
+                                           (UC.UC_HOOK_INSN, syscall_cb, X.UC_X86_INS_SYSCALL),
                                            (UC.UC_HOOK_INTR, intr_cb, None)):
             hook = ctypes.c_size_t()
             args = [handle, ctypes.byref(hook), _i32(hook_type), ctypes.cast(callback, _c_void_p), None,
@@ -273,9 +292,49 @@ class _Engine:
                "uc_mmio_map (empty bus)")
         return callbacks
 
-    def begin_stop(self, exit_: Io | None, in_value: int | None) -> None:
-        """Called in an IN/OUT hook: freeze the state for an exact stop after this instruction."""
+    def syscall(self) -> None:
+        """SYSCALL as the CPU does it (SDM vol. 2B); Unicorn 2.1.4 only calls hooks and skips it.
+
+        Called from Unicorn's helper with EIP at the ``syscall``; Unicorn adds the
+        instruction's 2 bytes to EIP after the hook, so the target is written minus 2.
+        EFER.SCE clear gives #UD.
+        """
+        cpu = self.cpu
+        q = cpu.q
+        msr = self.uc.msr_read
+        efer = q[cpu.deep.efer // 8]
+        rip = q[S.EIP // 8]
+        if not efer & 1:
+            self.delivery.deliver(6, 0, False)
+            q[S.EIP // 8] -= 2
+            return
+        star = msr(0xC0000081)
+        selector = (star >> 32) & 0xFFFC
+        rflags = self.read_eflags()
+        long_mode = bool(cpu.u32[S.HFLAGS // 4] & S.HF_LMA_MASK)
+        code_flags = 0x00809B00 | (S.DESC_L_MASK if long_mode else S.DESC_B_MASK)  # G P S code R A, L or D
+        data_flags = 0x00C09300  # G B P S data W A
+        if long_mode:
+            q[1] = rip + 2  # RCX
+            q[11] = rflags  # R11
+            target = msr(0xC0000082 if cpu.u32[S.HFLAGS // 4] & S.HF_CS64_MASK else 0xC0000083)
+            cpu.set_rflags(rflags & ~msr(0xC0000084) & ~0x10000)
+        else:
+            q[1] = (rip + 2) & 0xFFFFFFFF
+            target = star & 0xFFFFFFFF
+            cpu.set_rflags(rflags & ~(0x200 | 0x20000 | 0x10000))
+        cpu.load_segment(S.R_SS, (selector + 8) & 0xFFFC, 0, 0xFFFFFFFF, data_flags)
+        cpu.load_segment(S.R_CS, selector, 0, 0xFFFFFFFF, code_flags)
+        q[S.EIP // 8] = (target - 2) & 0xFFFF_FFFF_FFFF_FFFF
+
+    def begin_stop(self, exit_: Io | None, in_value: int | None, fault: tuple[int, int] | None = None) -> None:
+        """Called in an IN/OUT hook: freeze the state for an exact stop after this instruction.
+
+        With ``fault`` the instruction is not allowed (CPL > IOPL and the TSS bitmap
+        says no): the state is put back to before it and the fault delivered after the stop.
+        """
         self.stopping = True
+        self.pending_fault = fault
         self.stop = exit_
         self.stop_state = bytes(self.cpu.bytes)
         self.stop_rip = self.cpu.q[S.EIP // 8]
@@ -289,6 +348,10 @@ class _Engine:
             return
         state, self.stop_state = self.stop_state, None
         _check(_lib.uc_mem_protect(self.handle, 0, self.memory_size, UC.UC_PROT_ALL), "uc_mem_protect")
+        if self.pending_fault is not None:
+            self.cpu.bytes[:] = state
+            _lib.uc_ctl(self.handle, _i32(_UC_CTL_TLB_FLUSH))
+            return
         length = _io_instruction_length(read_code(self.stop_rip, 15))
         if length is None:
             return  # string I/O: the stop takes effect at the end of the block
@@ -497,6 +560,12 @@ class EmuBackend:
                 if engine.failure is not None:
                     message, engine.failure = engine.failure, None
                     return EmulatorFailure(message)
+                if engine.pending_fault is not None:
+                    (vector, error_code), engine.pending_fault = engine.pending_fault, None
+                    outcome = self._deliver_outside(vector, error_code)
+                    if outcome is not None:
+                        return outcome
+                    continue
                 if engine.stop is not None:
                     stop = engine.stop
                     if isinstance(stop, _MmioStop):
@@ -509,7 +578,8 @@ class EmuBackend:
                     if outcome is not None:
                         return outcome
                     continue
-                if status in (UC.UC_ERR_FETCH_UNMAPPED, UC.UC_ERR_READ_UNMAPPED, UC.UC_ERR_WRITE_UNMAPPED):
+                if status in (UC.UC_ERR_FETCH_UNMAPPED, UC.UC_ERR_READ_UNMAPPED, UC.UC_ERR_WRITE_UNMAPPED,
+                              UC.UC_ERR_FETCH_PROT):
                     return InternalError(KVM_INTERNAL_ERROR_EMULATION, (status, cpu.q[S.EIP // 8]))
                 return EmulatorFailure(f"Unicorn stopped at rip={cpu.q[S.EIP // 8]:#x}: "
                                        f"{_lib.uc_strerror(status).decode()}")
@@ -517,11 +587,11 @@ class EmuBackend:
             engine.dispatcher = None
             engine.stopping = False
 
-    def _deliver_outside(self, vector: int) -> Exit | None:
-        """Deliver an exception after uc_emu_start returned (Unicorn stops on #UD)."""
+    def _deliver_outside(self, vector: int, error_code: int = 0) -> Exit | None:
+        """Deliver an exception after uc_emu_start returned (#UD, on which Unicorn stops; I/O #GP)."""
         engine = self._engine
         try:
-            engine.delivery.deliver(vector, 0, False)
+            engine.delivery.deliver(vector, error_code, False)
         except TripleFault:
             engine.shutdown = True
             return Shutdown()
