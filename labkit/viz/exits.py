@@ -201,7 +201,7 @@ def exit_costs(runs: Sequence, backends: Sequence | None = None, ax=None, *, gue
     ax.set_xlabel("exit number (in the order they happened)")
     ax.set_ylabel("host time of the exit (µs, log scale)")
     name = f": {guest}" if guest else ""
-    ax.set_title(f"Host time per exit{name}\n" + "\n".join(textwrap.fill(source.label, 60) for source in sources),
+    ax.set_title(f"Host time per exit{name}\n" + "\n".join(textwrap.fill(source.label, 72) for source in sources),
                  fontsize=10)
     ax.grid(alpha=0.3, which="both", axis="y")
     if any(source.trace.records for source in sources):
