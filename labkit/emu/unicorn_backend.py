@@ -7,7 +7,11 @@ What maps to what:
   bytes (no copies).  After ``os.fork()`` the child has its own copy, as with
   any process memory.
 - port I/O: ``UC_HOOK_INSN`` for IN and OUT calls ``dispatcher.pio`` while the
-  guest waits (no emulation restart).
+  guest waits (no emulation restart).  Unicorn skips the I/O permission check
+  when IN/OUT are hooked, so the hook does it (CPL <= IOPL, else the TSS I/O
+  bitmap) and a refused access becomes #GP(0) at the instruction, as on hardware.
+- ``syscall``: Unicorn 2.1.4 only calls hooks and steps over it, so a hook does
+  what the CPU does (RCX, R11, STAR, LSTAR/CSTAR, SFMASK).  ``sysret`` is QEMU's.
 - MMIO: ``uc_mmio_map`` over ``[memory_size, MAPPED_LIMIT)`` calls
   ``dispatcher.mmio``.  ``[MAPPED_LIMIT, 4 GiB)`` behaves as an empty bus, as on
   a PC: reads return all ones, writes are dropped, nothing is reported.  An
@@ -32,6 +36,14 @@ ignores further I/O, and after ``uc_emu_start`` returns puts the copy back and
 moves RIP past the I/O instruction.  The guest then resumes exactly after it,
 as on KVM.  For MMIO and string I/O (``ins``/``outs``) the stop takes effect at
 the end of the translated block instead.
+
+Modes: ``mode`` picks Unicorn's UC_MODE_16/32/64 (the start mode); registers are
+read and written in QEMU's CPU state directly, so all 16 GPRs and RIP are
+visible in every mode.  In mode 16 a run starts at CS.selector * 16 + IP, so a
+16-bit-started guest that enters protected mode with EIP > 0xFFFF is not
+resumable across ``run`` calls; 32- and 64-bit guests have no such limit below
+4 GiB.  8-byte MMIO accesses reach the dispatcher as two 4-byte accesses
+(Unicorn's MMIO regions are 4 bytes wide), unlike KVM's single 8-byte exit.
 
 What the emulator cannot show: real exit latency.  Its timings are Python's.
 """
@@ -163,6 +175,7 @@ class _Engine:
         error_code_index = self.cpu.deep.error_code // 4
         is_int_index = self.cpu.deep.exception_is_int // 4
         deliver = self.delivery.deliver
+        deliver_fast = self.delivery.deliver_fast
         engine = self
 
         def fail(error: BaseException) -> None:
@@ -208,7 +221,9 @@ class _Engine:
                 _lib.uc_emu_stop(handle)
                 return
             try:
-                deliver(vector, i32[error_code_index], bool(i32[is_int_index]))
+                error_code, software = i32[error_code_index], i32[is_int_index] != 0
+                if not deliver_fast(vector, error_code, software):
+                    deliver(vector, error_code, software)
             except TripleFault:
                 engine.shutdown = True
                 engine.stopping = True
@@ -451,7 +466,7 @@ class EmuBackend:
             tr=self._segment(cpu.segment(S.TR)), ldt=self._segment(cpu.segment(S.LDT)),
             gdt=DescriptorTable(base=gdt[1], limit=gdt[2]), idt=DescriptorTable(base=idt[1], limit=idt[2]),
             cr0=q[S.CR // 8], cr2=q[(S.CR + 16) // 8], cr3=q[(S.CR + 24) // 8], cr4=q[(S.CR + 32) // 8],
-            cr8=engine.uc.reg_read(X.UC_X86_REG_CR8), efer=engine.uc.msr_read(_EFER), **segments)
+            cr8=engine.uc.reg_read(X.UC_X86_REG_CR8) if self.mode == 64 else 0, efer=q[cpu.deep.efer // 8], **segments)
 
     @staticmethod
     def _segment(cache: tuple[int, int, int, int]) -> Segment:

@@ -1,0 +1,247 @@
+"""Speed of the emulation backend (Unicorn 2.1.4), each against a named baseline.
+
+(a) us per port-I/O exit through ``EmuBackend.run``: a guest doing ``out`` in a
+    loop; the dispatcher records a trace tuple and dispatches to a dict of port
+    handlers, as labkit's bus does.  Target <= 1.5 us.
+(b) million guest instructions per second of a compute loop with no exits,
+    against Unicorn alone (a bare ``Uc`` running the same code in the same run).
+    Target >= 150 M/s.
+(c) us per trap round trip: #GP delivered through the guest's IDT and ``iretq``
+    back, from ring 0 and from ring 3 (``cli``).  Target <= 2 us.
+
+Run: ``python benchmarks/bench_emu.py``; prints a table and writes
+``benchmarks/results/emu.json``.  These are emulator timings on this machine,
+not hardware exit latencies.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import unicorn
+from unicorn import x86_const as X
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from labkit.emu import EmuBackend  # noqa: E402
+from labkit.x86 import layout  # noqa: E402
+from labkit.x86.boot import boot_state  # noqa: E402
+from labkit.x86.idt import INTERRUPT_GATE, Gate, encode_gate64  # noqa: E402
+
+ENTRY = layout.LOAD_ADDRESS
+MEMORY = 2 << 20
+RESULTS = ROOT / "benchmarks" / "results" / "emu.json"
+
+
+def assemble(source: str) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp)
+        (path / "g.s").write_text(f".intel_syntax noprefix\n.code64\n{source}\n")
+        subprocess.run(["as", "--64", "-o", path / "g.o", path / "g.s"], check=True)
+        subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext", hex(ENTRY), "-e", hex(ENTRY), "-o", path / "g.elf",
+                        path / "g.o"], check=True)
+        subprocess.run(["objcopy", "-O", "binary", "-j", ".text", path / "g.elf", path / "g.bin"], check=True)
+        return (path / "g.bin").read_bytes()
+
+
+def boot(code: bytes, *, user: bool = False, extra=()) -> EmuBackend:
+    backend = EmuBackend(MEMORY, 64)
+    state = boot_state(64, ENTRY, MEMORY, user=user)
+    for address, data in (*state.memory, (ENTRY, code), *extra):
+        backend.memory[address:address + len(data)] = data
+    backend.set_sregs(state.sregs)
+    backend.set_regs(state.regs)
+    backend.set_msrs(state.msrs)
+    return backend
+
+
+class BusDispatcher:
+    """What labkit's bus does per access: a trace tuple, then a dict lookup of the port's handler."""
+
+    def __init__(self):
+        self.stop = False
+        self.trace = []
+        self.last = 0
+        self.handlers = {0x3F8: self.serial, 0x80: self.post, layout.DEBUG_EXIT_PORT: self.debug_exit}
+
+    def serial(self, size, is_write, value):
+        self.last = value
+        return 0
+
+    def post(self, size, is_write, value):
+        return 0
+
+    def debug_exit(self, size, is_write, value):
+        self.stop = True
+        return 0
+
+    def pio(self, port, size, is_write, value, rip):
+        self.trace.append((port, size, is_write, value, rip))
+        handler = self.handlers.get(port)
+        return handler(size, is_write, value) if handler else 0xFF
+
+    def mmio(self, address, size, is_write, value, rip):
+        return 0
+
+
+def best_of(runs: int, fn) -> float:
+    return min(fn() for _ in range(runs))
+
+
+def bench_port_io(n: int = 200_000) -> dict:
+    code = assemble(f"""
+        mov ecx, {n}
+        mov dx, 0x3f8
+    1:  out dx, al
+        dec ecx
+        jnz 1b
+        out 0xf4, al
+    """)
+
+    def once() -> float:
+        backend = boot(code)
+        dispatcher = BusDispatcher()
+        started = time.perf_counter()
+        exit_ = backend.run(dispatcher, 30.0)
+        elapsed = time.perf_counter() - started
+        assert exit_.port == layout.DEBUG_EXIT_PORT and len(dispatcher.trace) == n + 1, exit_
+        backend.close()
+        return elapsed
+
+    elapsed = best_of(3, once)
+    return {"exits": n, "seconds": elapsed, "us_per_exit": elapsed / n * 1e6, "target_us": 1.5}
+
+
+COMPUTE = """
+    mov ecx, {n}
+    xor eax, eax
+    mov rsi, 0x20000
+1:  add eax, ecx
+    imul edx, eax, 7
+    xor [rsi], edx
+    rol eax, 3
+    add rsi, 8
+    and rsi, 0x2fff8
+    dec ecx
+    jnz 1b
+    hlt
+"""
+COMPUTE_BODY = 8  # instructions per iteration
+
+
+def bench_compute(n: int = 20_000_000) -> dict:
+    code = assemble(COMPUTE.format(n=n))
+    instructions = n * COMPUTE_BODY
+
+    def backend_once() -> float:
+        backend = boot(code)
+        started = time.perf_counter()
+        exit_ = backend.run(BusDispatcher(), 60.0)
+        elapsed = time.perf_counter() - started
+        assert type(exit_).__name__ == "Hlt", exit_
+        backend.close()
+        return elapsed
+
+    def unicorn_once(timeout_us: int) -> float:
+        uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+        uc.mem_map(0, MEMORY)
+        uc.mem_write(ENTRY, code)
+        uc.reg_write(X.UC_X86_REG_RSP, layout.STACK_TOP)
+        started = time.perf_counter()
+        uc.emu_start(ENTRY, ENTRY + len(code), timeout=timeout_us)
+        return time.perf_counter() - started
+
+    ours = best_of(3, backend_once)
+    alone = best_of(3, lambda: unicorn_once(0))
+    alone_timed = best_of(3, lambda: unicorn_once(60_000_000))  # Unicorn's watchdog thread polls every ~50 us
+    return {"instructions": instructions, "backend_minsn_per_s": instructions / ours / 1e6,
+            "unicorn_alone_minsn_per_s": instructions / alone / 1e6,
+            "unicorn_alone_with_timeout_minsn_per_s": instructions / alone_timed / 1e6,
+            "ratio": alone / ours, "ratio_vs_unicorn_with_timeout": alone_timed / ours,
+            "target_minsn_per_s": 150}
+
+
+def bench_traps(n: int = 50_000) -> dict:
+    handler = ENTRY + 0x100
+    ring0 = assemble(f"""
+        mov ecx, {n}
+        mov rax, 0x8000000000000000
+    1:  mov rbx, [rax]          # non-canonical: #GP(0), 3 bytes
+        dec ecx
+        jnz 1b
+        out 0xf4, al
+    .org 0x100
+        add rsp, 8
+        add qword ptr [rsp], 3
+        iretq
+    """)
+    ring3 = assemble(f"""
+        mov ecx, {n}
+    1:  cli                     # ring 3: #GP(0), 1 byte
+        dec ecx
+        jnz 1b
+        ud2
+    .org 0x100
+        add rsp, 8
+        add qword ptr [rsp], 1
+        iretq
+    """)
+    no_trap = assemble(f"""
+        mov ecx, {n}
+    1:  nop
+        dec ecx
+        jnz 1b
+        out 0xf4, al
+    """)
+    gate = encode_gate64(Gate(offset=handler, selector=layout.KERNEL_CS64, type=INTERRUPT_GATE))
+    extra = [(layout.IDT_ADDRESS + 16 * 13, gate)]
+
+    def once(code: bytes, user: bool) -> float:
+        backend = boot(code, user=user, extra=extra)
+        started = time.perf_counter()
+        exit_ = backend.run(BusDispatcher(), 60.0)
+        elapsed = time.perf_counter() - started
+        assert type(exit_).__name__ in ("Io", "Hlt") and backend.get_regs().rcx == 0, exit_
+        backend.close()
+        return elapsed
+
+    base = best_of(3, lambda: once(no_trap, False))
+    t0 = best_of(3, lambda: once(ring0, False))
+    t3 = best_of(3, lambda: once(ring3, True))
+    return {"traps": n, "ring0_us_per_trap": (t0 - base) / n * 1e6, "ring3_us_per_trap": (t3 - base) / n * 1e6,
+            "target_us": 2.0}
+
+
+def main() -> None:
+    results = {
+        "machine": platform.platform(), "python": platform.python_version(), "unicorn": unicorn.__version__,
+        "port_io": bench_port_io(), "compute": bench_compute(), "traps": bench_traps(),
+    }
+    rows = [
+        ("(a) port-I/O exit through run()", f"{results['port_io']['us_per_exit']:.2f} us", "<= 1.5 us"),
+        ("(b) compute, EmuBackend", f"{results['compute']['backend_minsn_per_s']:.0f} M insn/s", ">= 150 M/s"),
+        ("    compute, Unicorn alone", f"{results['compute']['unicorn_alone_minsn_per_s']:.0f} M insn/s",
+         f"ratio {results['compute']['ratio']:.2f}"),
+        ("    compute, Unicorn alone + timeout", f"{results['compute']['unicorn_alone_with_timeout_minsn_per_s']:.0f} M insn/s",
+         f"ratio {results['compute']['ratio_vs_unicorn_with_timeout']:.2f}"),
+        ("(c) #GP round trip, ring 0", f"{results['traps']['ring0_us_per_trap']:.2f} us", "<= 2 us"),
+        ("    #GP round trip, ring 3 (cli)", f"{results['traps']['ring3_us_per_trap']:.2f} us", "<= 2 us"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'measurement':<{width}}  {'result':>16}  target")
+    for name, value, target in rows:
+        print(f"{name:<{width}}  {value:>16}  {target}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
