@@ -11,12 +11,31 @@ from __future__ import annotations
 
 import nbformat
 import pytest
-from notebook_execution import NOTEBOOKS, Execution, execute
+from notebook_execution import NOTEBOOKS, RUN_TIMES, Execution, execute
 
 MAX_SECONDS = 60.0
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 
 pytestmark = pytest.mark.notebooks
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_run_times(request):
+    """Print each notebook's run time per backend after this module's tests.
+
+    (Not a conftest.py hook: a second ``conftest`` module would shadow the
+    ``from conftest import HAS_KVM`` other test modules do.)
+    """
+    yield
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or not RUN_TIMES:
+        return
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        reporter.write_line("")
+        reporter.write_sep("-", "notebook run times")
+        for (name, backend), seconds in sorted(RUN_TIMES.items(), key=lambda item: (item[0][0], str(item[0][1]))):
+            reporter.write_line(f"{name:<40} {backend or 'auto':>5}  {seconds:6.1f} s")
 
 
 NO_KVM = "/dev/kvm does not exist (simulated by the notebook test)"
