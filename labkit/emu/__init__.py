@@ -5,6 +5,17 @@ Used where ``/dev/kvm`` is missing (Binder, laptops).  See
 :mod:`labkit.emu.cpu_state` for the one internal field it has to patch.
 """
 
+from labkit.emu.cpu_state import find_deep_fields
 from labkit.emu.unicorn_backend import EmuBackend
 
-__all__ = ["EmuBackend"]
+__all__ = ["EmuBackend", "prepare"]
+
+
+def prepare() -> None:
+    """Import Unicorn and find its CPU-state offsets once, in this process.
+
+    ``Machine`` calls it before forking an emulation worker, so each worker
+    inherits the work (about 0.2 s) instead of repeating it.  The probes run
+    fixed, known code in scratch engines, never a guest's.
+    """
+    find_deep_fields()

@@ -143,26 +143,24 @@ def locate_state(uc: Uc) -> int:
         raise EmulatorError("cannot read Unicorn's engine structure (not in a writable mapping)")
     span = min(end - handle, 1 << 16) & ~7
     words = memoryview(ctypes.string_at(handle, span)).cast("Q")
-    hits: set[int] = set()
-    seen: set[int] = set()
-    for word in words:  # pointers held by uc_struct; one of them is the CPU object
-        if word in seen:
-            continue
-        seen.add(word)
-        block_end = region_end(word)
-        if block_end is None:
-            continue
-        block = ctypes.string_at(word, min(block_end - word, 1 << 17))
-        at = block.find(pattern)
-        while at >= 0:
-            hits.add(word + at)
-            at = block.find(pattern, at + 1)
-    for address in sorted(hits):
-        probe = rng.getrandbits(31)
-        uc.reg_write(accumulator, probe)
-        if ctypes.c_uint64.from_address(address).value == probe:
-            uc.reg_write(accumulator, 0)
-            return address
+    # First the blocks uc_struct points to (one of them is the CPU object), then, should
+    # the CPU object lie elsewhere, every writable mapping of the process.
+    pointed = sorted({word for word in words if region_end(word) is not None})
+    blocks = [(word, min(region_end(word) - word, 1 << 17)) for word in pointed]
+    for candidates in (blocks, [(low, high - low) for low, high in zip(starts, ends) if high - low <= 1 << 28]):
+        hits: set[int] = set()
+        for start, size in candidates:
+            block = ctypes.string_at(start, size)
+            at = block.find(pattern)
+            while at >= 0:
+                hits.add(start + at)
+                at = block.find(pattern, at + 1)
+        for address in sorted(hits):
+            probe = rng.getrandbits(31)
+            uc.reg_write(accumulator, probe)
+            if ctypes.c_uint64.from_address(address).value == probe:
+                uc.reg_write(accumulator, 0)
+                return address
     raise EmulatorError("cannot find Unicorn's CPU state in memory (is unicorn 2.1.4 installed?)")
 
 
@@ -294,11 +292,16 @@ def _probe(code: bytes, reset_offset: int | None = None, state_size: int = 0,
         if reset_offset is not None:
             ctypes.c_int32.from_address(address + reset_offset).value = -1
 
-    uc.hook_add(UC_HOOK_INTR, on_interrupt)
+    hook = uc.hook_add(UC_HOOK_INTR, on_interrupt)
     try:
-        uc.emu_start(PROBE_CODE, PROBE_CODE + 0x100, timeout=1_000_000, count=100)
+        uc.emu_start(PROBE_CODE, PROBE_CODE + 0x100, count=100)
     except Exception:  # noqa: BLE001 - a probe that stops with an error still left its faults
         pass
+    # Close the scratch engine now, while everything it refers to is alive: left to the
+    # cycle collector (uc -> hook -> closure -> uc) it is closed at interpreter exit,
+    # in an order that crashed the process about half the time.
+    uc.hook_del(hook)
+    del on_interrupt, uc
     return faults
 
 

@@ -80,6 +80,10 @@ class Machine:
             return MachineCore(guest, choice.name, self.memory_size, devices=devices, trace_limit=trace_limit)
 
         if self.isolated:
+            if choice.name == "emu":
+                from labkit.emu import prepare
+
+                prepare()
             self._worker: Worker | None = Worker(make_core)
             self._core: MachineCore | None = None
             self._finalizer = weakref.finalize(self, self._worker.close)

@@ -13,6 +13,7 @@ group); an interrupt in the caller stops and reaps the worker instead.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import traceback
@@ -36,6 +37,7 @@ class WorkerDied(EmulatorError):
 
 def _serve(conn: Connection, make_core: Callable[[], Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    faulthandler.disable()  # a crash here is reported by the caller, not dumped on the notebook's stderr
     try:
         core = make_core()
     except BaseException as error:  # noqa: BLE001 - every failure goes back to the caller
