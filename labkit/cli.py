@@ -23,7 +23,8 @@ FLAVOURS = {
 }
 
 
-def _doctor_report() -> dict:
+def doctor_report() -> dict:
+    """What ``labkit doctor`` reports, as a dict (``labkit doctor --json``)."""
     from labkit.backend import choose_backend
     from labkit.kvm.system import probe
 
@@ -72,7 +73,7 @@ def _binutils() -> str | None:
 
 
 def cmd_doctor(args) -> int:
-    report = _doctor_report()
+    report = doctor_report()
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

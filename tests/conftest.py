@@ -6,13 +6,8 @@ but broken; only a machine with no ``/dev/kvm`` at all skips them, with a reason
 
 from __future__ import annotations
 
-import os
-
 import pytest
-
-KVM_DEVICE = "/dev/kvm"
-HAS_KVM = os.path.exists(KVM_DEVICE) and os.environ.get("LABKIT_TEST_NO_KVM") != "1"
-NO_KVM_REASON = f"{KVM_DEVICE} does not exist on this machine (the emulation path is tested instead)"
+from backends import HAS_KVM, NO_KVM_REASON
 
 BACKENDS = [
     pytest.param("emu", marks=pytest.mark.emu),

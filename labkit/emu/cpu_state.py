@@ -137,20 +137,36 @@ def locate_state(uc: Uc) -> int:
         i = bisect.bisect_right(starts, address) - 1
         return ends[i] if i >= 0 and address < ends[i] else None
 
+    # Memory is read through /proc/self/mem: a mapping that went away since /proc/self/maps
+    # was read gives an error there, where a raw pointer read would crash the process.
+    with open("/proc/self/mem", "rb", buffering=0) as mem:
+
+        def read(address: int, size: int) -> bytes:
+            try:
+                return os.pread(mem.fileno(), size, address)
+            except (OSError, OverflowError):
+                return b""
+
+        return _search(uc, read, region_end, pattern, accumulator, rng,
+                       [(low, high - low) for low, high in zip(starts, ends) if high - low <= 1 << 28])
+
+
+def _search(uc: Uc, read, region_end, pattern: bytes, accumulator: int, rng: random.Random,
+            regions: list[tuple[int, int]]) -> int:
     handle = _handle_address(uc)
     end = region_end(handle)
     if end is None:
         raise EmulatorError("cannot read Unicorn's engine structure (not in a writable mapping)")
-    span = min(end - handle, 1 << 16) & ~7
-    words = memoryview(ctypes.string_at(handle, span)).cast("Q")
+    data = read(handle, min(end - handle, 1 << 16) & ~7)
+    words = memoryview(data[: len(data) & ~7]).cast("Q")
     # First the blocks uc_struct points to (one of them is the CPU object), then, should
     # the CPU object lie elsewhere, every writable mapping of the process.
     pointed = sorted({word for word in words if region_end(word) is not None})
     blocks = [(word, min(region_end(word) - word, 1 << 17)) for word in pointed]
-    for candidates in (blocks, [(low, high - low) for low, high in zip(starts, ends) if high - low <= 1 << 28]):
+    for candidates in (blocks, regions):
         hits: set[int] = set()
         for start, size in candidates:
-            block = ctypes.string_at(start, size)
+            block = read(start, size)
             at = block.find(pattern)
             while at >= 0:
                 hits.add(start + at)
@@ -158,7 +174,7 @@ def locate_state(uc: Uc) -> int:
         for address in sorted(hits):
             probe = rng.getrandbits(31)
             uc.reg_write(accumulator, probe)
-            if ctypes.c_uint64.from_address(address).value == probe:
+            if read(address, 8) == struct.pack("<Q", probe):
                 uc.reg_write(accumulator, 0)
                 return address
     raise EmulatorError("cannot find Unicorn's CPU state in memory (is unicorn 2.1.4 installed?)")

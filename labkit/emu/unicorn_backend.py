@@ -16,8 +16,8 @@ What maps to what:
   ``dispatcher.mmio``.  ``[MAPPED_LIMIT, 4 GiB)`` behaves as an empty bus, as on
   a PC: reads return all ones, writes are dropped, nothing is reported.  An
   access above 4 GiB (only reachable through the guest's own page tables) ends
-  the run with :class:`~labkit.exits.InternalError`, as KVM's emulator does for
-  an access it cannot complete.
+  the run with :class:`~labkit.exits.EmulatorFailure` (KVM's emulator stops
+  with ``KVM_EXIT_INTERNAL_ERROR`` for an access it cannot complete).
 - ``hlt``: Unicorn stops with RIP after the ``hlt`` (as KVM): :class:`~labkit.exits.Hlt`.
 - exceptions: ``UC_HOOK_INTR`` plus :mod:`labkit.emu.delivery`, which delivers
   them through the guest's IVT/IDT; #UD (which Unicorn reports as
@@ -65,7 +65,7 @@ from labkit.emu import cpu_state as S
 from labkit.emu.cpu_state import CpuStateView
 from labkit.emu.delivery import DeliveryUnsupported, ExceptionDelivery, TripleFault
 from labkit.errors import ConfigError, EmulatorError
-from labkit.exits import EmulatorFailure, Exit, Hlt, InternalError, Io, Mmio, Shutdown, Timeout
+from labkit.exits import EmulatorFailure, Exit, Hlt, Io, Mmio, Shutdown, Timeout
 from labkit.x86 import layout
 from labkit.x86.state import GPR_NAMES, DescriptorTable, Regs, Segment, SRegs
 
@@ -74,7 +74,6 @@ _UC_MODES = {16: UC.UC_MODE_16, 32: UC.UC_MODE_32, 64: UC.UC_MODE_64}
 _OPEN_BUS_END = 1 << 32
 _NEVER = 1 << 63  # a non-canonical "until" address: emulation never stops there
 _EFER = 0xC0000080
-KVM_INTERNAL_ERROR_EMULATION = 1
 
 # QEMU's regs[] order, as labkit's names.
 _QEMU_GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
@@ -595,7 +594,11 @@ class EmuBackend:
                     continue
                 if status in (UC.UC_ERR_FETCH_UNMAPPED, UC.UC_ERR_READ_UNMAPPED, UC.UC_ERR_WRITE_UNMAPPED,
                               UC.UC_ERR_FETCH_PROT):
-                    return InternalError(KVM_INTERNAL_ERROR_EMULATION, (status, cpu.q[S.EIP // 8]))
+                    what = {UC.UC_ERR_FETCH_UNMAPPED: "fetched code from", UC.UC_ERR_FETCH_PROT: "fetched code from",
+                            UC.UC_ERR_READ_UNMAPPED: "read", UC.UC_ERR_WRITE_UNMAPPED: "wrote"}[status]
+                    return EmulatorFailure(f"the guest {what} guest-physical memory with no RAM behind it, which "
+                                           "the emulator cannot complete (KVM stops such a guest with "
+                                           "KVM_EXIT_INTERNAL_ERROR)")
                 return EmulatorFailure(f"Unicorn stopped at rip={cpu.q[S.EIP // 8]:#x}: "
                                        f"{_lib.uc_strerror(status).decode()}")
         finally:

@@ -14,6 +14,11 @@ from labkit.kvm import bindings as kb
 from labkit.kvm.ioctl import ioctl
 
 KVM_DEVICE = "/dev/kvm"
+
+
+def kvm_device() -> str:
+    """The KVM device to use: ``LABKIT_KVM_DEVICE`` if set (tests point it elsewhere to see a machine without KVM), else /dev/kvm."""
+    return os.environ.get("LABKIT_KVM_DEVICE", KVM_DEVICE)
 FLAVOURS = ("kvm_intel", "kvm_amd", "kvm_pvm")
 """Kernel modules that provide ``/dev/kvm`` on x86; which one is loaded is read from /sys/module/."""
 
@@ -29,7 +34,8 @@ def kvm_flavour(sys_module: str = "/sys/module") -> str:
 class Kvm:
     """An open ``/dev/kvm``.  Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, device: str = KVM_DEVICE):
+    def __init__(self, device: str | None = None):
+        device = device or kvm_device()
         try:
             self.fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
         except OSError as error:
@@ -113,13 +119,14 @@ def _permissions(device: str) -> str | None:
     return f"{stat.filemode(info.st_mode)} {owner}:{group}"
 
 
-def probe(device: str = KVM_DEVICE) -> KvmStatus:
+def probe(device: str | None = None) -> KvmStatus:
     """Check whether KVM can run a guest here; never raises.
 
     Opens ``device``, asks ``KVM_GET_API_VERSION`` and creates (and closes) one
     VM with ``KVM_CREATE_VM`` to prove it works; about 1 ms, plus the kernel's
     teardown of that VM.
     """
+    device = device or kvm_device()
     flavour = kvm_flavour()
     permissions = _permissions(device)
 

@@ -58,19 +58,15 @@ class Table:
                 f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}</div>")
 
 
-def _doctor_report() -> dict:
-    # labkit.cli builds the report ``labkit doctor`` prints; use the same facts.
-    from labkit import cli
-
-    return cli._doctor_report()
-
-
 def capability_table(report: dict | None = None) -> Table:
     """What ``labkit doctor`` says about this machine, as a small table.
 
     ``report`` is ``labkit doctor --json``'s dict (default: probe this machine now).
     """
-    report = _doctor_report() if report is None else report
+    if report is None:
+        from labkit.cli import doctor_report
+
+        report = doctor_report()
     kvm = report["kvm"]
     if kvm["usable"]:
         kvm_text = f"usable, flavour {kvm['flavour']}"

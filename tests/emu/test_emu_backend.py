@@ -11,7 +11,7 @@ import pytest
 from labkit.backend import Backend
 from labkit.emu import EmuBackend
 from labkit.errors import ConfigError
-from labkit.exits import Hlt, InternalError, Io, Mmio, Shutdown, Timeout
+from labkit.exits import EmulatorFailure, Hlt, Io, Mmio, Shutdown, Timeout
 from labkit.x86 import layout
 from labkit.x86.idt import INTERRUPT_GATE, Gate, encode_gate64
 
@@ -306,10 +306,11 @@ def test_an_exception_in_the_dispatcher_is_re_raised_and_the_backend_stays_usabl
     assert backend.get_regs().rbx == 5
 
 
-def test_fetch_outside_ram_is_an_internal_error():
+def test_fetch_outside_ram_stops_with_a_clear_failure():
     backend = boot(64, assemble("mov rax, 0x10000000\njmp rax"))
     exit_ = backend.run(Recorder(), 2.0)
-    assert isinstance(exit_, InternalError)
+    assert isinstance(exit_, EmulatorFailure)
+    assert "fetched code from guest-physical memory with no RAM" in exit_.message
 
 
 def test_sregs_round_trip_and_cpl3_start():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -68,3 +70,21 @@ def test_run_reports_bad_input_clearly(tmp_path):
     assert done.returncode == 2 and "no-such-guest" in done.stderr
     done = labkit("run", "hello64", "--backend", "emu", "--memory", "12345")
     assert done.returncode == 2 and "4 KiB" in done.stderr
+
+
+@pytest.mark.kvm
+@pytest.mark.skipif(not os.path.exists("/dev/kvm") or shutil.which("setpriv") is None or os.geteuid() != 0,
+                    reason="needs /dev/kvm, setpriv and root to run labkit as a user without access to /dev/kvm")
+def test_kvm_without_permission_falls_back_with_auto_and_fails_clearly_with_kvm():
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--reset-env"]
+    command = [*as_nobody, sys.executable, "-m", "labkit.cli", "run", "hello64", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd="/")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["backend"] == "emu"
+    assert "no permission to open /dev/kvm" in result["backend_reason"]
+    assert result["console"] == "Hello from 64-bit mode!\n"
+    done = subprocess.run([*command[:-1], "--backend", "kvm"], capture_output=True, text=True, timeout=120, cwd="/")
+    assert done.returncode == 2
+    assert "the KVM backend cannot run here: no permission to open /dev/kvm" in done.stderr
+    assert "usermod -aG kvm" in done.stderr

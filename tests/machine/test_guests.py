@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import HAS_KVM, NO_KVM_REASON
+from backends import HAS_KVM, NO_KVM_REASON
 from labkit import Guest, Machine, list_guests
 from labkit.vmm.status import KINDS
 

@@ -22,9 +22,6 @@ pytestmark = pytest.mark.notebooks
 @pytest.fixture(scope="module", autouse=True)
 def report_run_times(request):
     """Print each notebook's run time per backend after this module's tests.
-
-    (Not a conftest.py hook: a second ``conftest`` module would shadow the
-    ``from conftest import HAS_KVM`` other test modules do.)
     """
     yield
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
@@ -42,7 +39,7 @@ NO_KVM = "/dev/kvm does not exist (simulated by the notebook test)"
 # Makes the kernel see a machine without KVM, as on Binder, even where /dev/kvm exists.
 WITHOUT_KVM = f"""
 import labkit.kvm.system as system
-system.probe = lambda device=system.KVM_DEVICE: system.KvmStatus(False, {NO_KVM!r}, None, "unknown", device, None)
+system.probe = lambda device=None: system.KvmStatus(False, {NO_KVM!r}, None, "unknown", device or "/dev/kvm", None)
 """
 
 
