@@ -38,7 +38,7 @@ class MachineCore:
     """Backend + buses + devices + trace for one guest.  Not thread-safe."""
 
     def __init__(self, guest, backend_name: str, memory_size: int, *,
-                 devices: Sequence[DeviceSpec] = (), trace_limit: int | None = None):
+                 devices: Sequence[DeviceSpec] = (), trace_limit: int | None = None, monitor=None):
         from labkit.x86.boot import boot_state  # the boot builder pulls in the table builders
 
         self.guest = guest
@@ -50,10 +50,14 @@ class MachineCore:
         self.buses = Buses(PortBus(), Bus("mmio", layout.MAPPED_LIMIT))
         self._single_exit = False
         self._resumed_ns = 0
+        self._stop_regs: Regs | None = None
+        self.monitor = monitor
         try:
             self._attach_devices(devices)
             boot = boot_state(guest.mode, guest.entry, memory_size, user=guest.user)
             self._load(boot, guest)
+            if monitor is not None:
+                self._attach_monitor(monitor, boot)
         except BaseException:
             self.backend.close()
             raise
@@ -66,7 +70,7 @@ class MachineCore:
         pio.register(layout.DEBUG_EXIT_PORT, 1, DebugExit(self._exit_requested))
         self.hypercalls = HypercallPort(self.backend.get_regs, self.backend.memory, self.console.extend)
         pio.register(layout.HYPERCALL_PORT, 1, self.hypercalls)
-        self.faults = FaultReporter(self.guest.mode, self.backend, self._fault_reported)
+        self.faults = FaultReporter(self.guest.mode, self.backend, self._stopped_with)
         pio.register(layout.FAULT_PORT, 1, self.faults)
         for bus, base, length, device in extra:
             if bus not in ("pio", "mmio"):
@@ -75,6 +79,22 @@ class MachineCore:
                 raise ConfigError(f"MMIO device at {base:#x} lies inside guest RAM "
                                   f"(which ends at {len(self.backend.memory):#x})")
             getattr(self.buses, bus).register(base, length, device)
+
+    def _attach_monitor(self, monitor, boot) -> None:
+        from labkit.monitor import forwarding
+
+        if self.guest.mode != 64:
+            raise ConfigError("a monitor runs long-mode (64-bit) guests")
+        forwarding.install(self.backend.memory, boot.sregs.idt.base)
+        context = forwarding.MonitorContext(self.backend.memory, self._monitor_pio, self._stopped_with)
+        self.trap_port = forwarding.TrapPort(monitor, self.backend, context)
+        self.buses.pio.register(layout.TRAP_PORT, 1, self.trap_port)
+
+    def _monitor_pio(self, port: int, size: int, is_write: bool, value: int) -> int:
+        if is_write:
+            self.buses.pio.write(port, size, value)
+            return 0
+        return self.buses.pio.read(port, size)
 
     def _load(self, boot, guest) -> None:
         memory = self.backend.memory
@@ -125,8 +145,11 @@ class MachineCore:
         self.status = Status("exited", code=code)
         self.stop = True
 
-    def _fault_reported(self, status: Status) -> None:
+    def _stopped_with(self, status: Status, regs: Regs | None = None) -> None:
+        """A device ended the run; ``regs`` are the guest's registers as it should be reported
+        (at the fault, or at the trap a monitor handled), not the stub's labkit ran last."""
         self.status = status
+        self._stop_regs = regs
         self.stop = True
 
     # -- the run loop -----------------------------------------------------------
@@ -183,9 +206,10 @@ class MachineCore:
 
     def result(self, elapsed_s: float = 0.0) -> RunResult:
         status = self.status or Status("running")
-        regs = self.faults.regs_at_fault if status.kind == "fault" else self.backend.get_regs()
+        regs = self._stop_regs if self._stop_regs is not None else self.backend.get_regs()
+        summary = self.monitor.summary() if self.monitor is not None else None
         return RunResult(status=status, console=self.console.text(), regs=regs, trace=self.trace,
-                         backend=self.backend.kind, elapsed_s=elapsed_s)
+                         backend=self.backend.kind, elapsed_s=elapsed_s, monitor=summary)
 
     # -- inspection ---------------------------------------------------------------
 

@@ -58,23 +58,21 @@ def read_fault_frame(mode: int, vector: int, regs: Regs, sregs: SRegs,
 class FaultReporter:
     """The device at ``FAULT_PORT``: a write of a vector ends the run with status ``fault``."""
 
-    def __init__(self, mode: int, backend, on_fault: Callable[[Status], None]):
+    def __init__(self, mode: int, backend, on_fault: Callable[[Status, Regs], None]):
         self._mode = mode
         self._backend = backend
         self._on_fault = on_fault
-        self.regs_at_fault: Regs | None = None
 
     def write(self, offset: int, size: int, value: int) -> None:
         vector = value & 0xFF
         regs = self._backend.get_regs()
         try:
-            fault, self.regs_at_fault = read_fault_frame(
+            fault, at_fault = read_fault_frame(
                 self._mode, vector, regs, self._backend.get_sregs(), self._backend.memory)
         except ValueError as error:
-            self.regs_at_fault = regs
-            self._on_fault(Status("fault", message=str(error), fault=Fault(vector, regs.rip)))
+            self._on_fault(Status("fault", message=str(error), fault=Fault(vector, regs.rip)), regs)
             return
-        self._on_fault(Status("fault", fault=fault))
+        self._on_fault(Status("fault", fault=fault), at_fault)
 
     def read(self, offset: int, size: int) -> int:
         return 0

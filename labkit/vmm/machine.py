@@ -56,12 +56,14 @@ class Machine:
     ``backend`` is ``"auto"`` (KVM when usable, else emulation; see
     :attr:`backend_reason`), ``"kvm"`` or ``"emu"``.  ``devices`` adds
     ``(bus, base, length, device)`` entries to the standard UART, debug-exit,
-    hypercall and fault ports.
+    hypercall and fault ports.  ``monitor`` (a :class:`labkit.monitor.Monitor`)
+    receives every exception of a long-mode guest (see ``labkit.monitor.forwarding``);
+    what it reports comes back in ``RunResult.monitor``.
     """
 
     def __init__(self, guest, backend: str = "auto", memory: int = layout.DEFAULT_MEMORY, *,
                  isolate: bool | None = None, devices: Sequence[DeviceSpec] = (),
-                 trace_limit: int | None = None):
+                 trace_limit: int | None = None, monitor=None):
         from labkit.guest import Guest
 
         if isinstance(guest, str):
@@ -77,7 +79,8 @@ class Machine:
         self._last: RunResult | None = None
 
         def make_core() -> MachineCore:
-            return MachineCore(guest, choice.name, self.memory_size, devices=devices, trace_limit=trace_limit)
+            return MachineCore(guest, choice.name, self.memory_size, devices=devices, trace_limit=trace_limit,
+                               monitor=monitor)
 
         if self.isolated:
             if choice.name == "emu":

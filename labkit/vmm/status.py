@@ -78,6 +78,8 @@ class RunResult:
     trace: ExitTrace = field(repr=False)
     backend: str
     elapsed_s: float
+    monitor: object = None
+    """What the machine's monitor reports (``Monitor.summary()``), when it runs under one."""
 
     @property
     def exits(self) -> dict[str, int]:

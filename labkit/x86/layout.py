@@ -63,3 +63,7 @@ HYPERCALL_PORT = 0xF0
 """A write of EAX makes a hypercall (arguments in RBX, RCX, RDX, RSI); a read returns its result."""
 FAULT_PORT = 0xF1
 """The default exception stubs write the vector here; labkit reports the fault and stops."""
+TRAP_PORT = 0xF2
+"""Under a monitor, the forwarding stubs write here: labkit hands the trap to the monitor and resumes."""
+FORWARDING_STUBS = 0x0000
+"""Under a monitor (long mode only), the per-vector trap-forwarding stubs; the IVT is unused there."""
