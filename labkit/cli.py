@@ -193,15 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true")
     run.set_defaults(func=cmd_run)
 
-    lab = sub.add_parser("lab", help="start JupyterLab on the notebooks")
+    lab = sub.add_parser("lab", help="start JupyterLab on the notebooks (other options go to jupyter lab)")
     lab.add_argument("--notebooks", default=str(Path(__file__).resolve().parents[1] / "notebooks"))
-    lab.add_argument("extra", nargs=argparse.REMAINDER, help="passed to jupyter lab")
-    lab.set_defaults(func=cmd_lab)
+    lab.set_defaults(func=cmd_lab, extra=[])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "lab":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.extra = unknown  # `labkit lab --port 9999 ...` passes them on to jupyter lab
     try:
         return args.func(args)
     except LabkitError as error:
