@@ -166,6 +166,8 @@ def cmd_lab(args) -> int:
     if not notebooks.is_dir():
         raise LabkitError(f"no notebooks folder at {notebooks}")
     command = [sys.executable, "-m", "jupyterlab", f"--notebook-dir={notebooks}", *args.extra]
+    if os.geteuid() == 0 and "--allow-root" not in command:
+        command.append("--allow-root")  # containers and lab VMs often run as root
     return subprocess.call(command)
 
 
