@@ -88,3 +88,33 @@ def test_kvm_without_permission_falls_back_with_auto_and_fails_clearly_with_kvm(
     assert done.returncode == 2
     assert "the KVM backend cannot run here: no permission to open /dev/kvm" in done.stderr
     assert "usermod -aG kvm" in done.stderr
+
+
+@pytest.mark.unit
+def test_lab_serves_the_notebooks():
+    """The README's first command ends in `labkit lab`: JupyterLab must come up on notebooks/."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "labkit.cli", "lab", "--no-browser", f"--port={port}",
+                               "--ServerApp.ip=127.0.0.1", "--IdentityProvider.token="],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents", timeout=5) as answer:
+                    names = {item["name"] for item in json.load(answer)["content"]}
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"JupyterLab did not come up:\n{server.stderr.read()[-2000:]}")
+                time.sleep(0.5)
+        assert "00-welcome.ipynb" in names
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
