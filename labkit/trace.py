@@ -59,28 +59,48 @@ def _direction(reason: int, is_write: bool | None) -> str | None:
 
 
 class ExitTrace:
-    __slots__ = ("records", "limit", "counts", "host_ns", "dropped")
+    __slots__ = ("records", "limit", "overflow_counts", "overflow_host_ns")
 
     def __init__(self, limit: int = DEFAULT_LIMIT):
         self.limit = limit
         self.records: list[tuple] = []
-        """Raw tuples ``(reason, rip, address, size, is_write, data, host_ns)``."""
-        self.counts: dict[int, int] = {}
-        self.host_ns: dict[int, int] = {}
-        self.dropped = 0
+        """Raw tuples ``(reason, rip, address, size, is_write, data, host_ns)``, up to ``limit``."""
+        self.overflow_counts: dict[int, int] = {}
+        """Exits past ``limit``, counted (and timed) by reason but not kept."""
+        self.overflow_host_ns: dict[int, int] = {}
 
     def add(self, reason: int, rip: int | None, address: int | None, size: int | None,
             is_write: bool | None, data: int | None, host_ns: int) -> None:
         """Record one exit (the run loop's hot path inlines the same steps)."""
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-        self.host_ns[reason] = self.host_ns.get(reason, 0) + host_ns
         if len(self.records) < self.limit:
             self.records.append((reason, rip, address, size, is_write, data, host_ns))
         else:
-            self.dropped += 1
+            self.overflow_counts[reason] = self.overflow_counts.get(reason, 0) + 1
+            self.overflow_host_ns[reason] = self.overflow_host_ns.get(reason, 0) + host_ns
+
+    @property
+    def dropped(self) -> int:
+        """Exits counted but not kept."""
+        return sum(self.overflow_counts.values())
+
+    @property
+    def counts(self) -> dict[int, int]:
+        """Exits by reason number, kept and dropped."""
+        counts = dict(self.overflow_counts)
+        for record in self.records:
+            counts[record[0]] = counts.get(record[0], 0) + 1
+        return counts
+
+    @property
+    def host_ns(self) -> dict[int, int]:
+        """Host time by reason number, kept and dropped exits."""
+        totals = dict(self.overflow_host_ns)
+        for record in self.records:
+            totals[record[0]] = totals.get(record[0], 0) + record[6]
+        return totals
 
     def __len__(self) -> int:
-        return sum(self.counts.values())
+        return len(self.records) + self.dropped
 
     def __iter__(self) -> Iterator[ExitRecord]:
         for seq in range(len(self.records)):
@@ -106,23 +126,15 @@ class ExitTrace:
 
     def summary(self) -> list[ReasonSummary]:
         """The exit table: reason, count, share of all exits, mean host time per exit."""
-        total = len(self) or 1
+        counts, host_ns = self.counts, self.host_ns
+        total = sum(counts.values()) or 1
         return [
-            ReasonSummary(reason_name(reason), count, count / total, self.host_ns[reason] / count)
-            for reason, count in sorted(self.counts.items(), key=lambda item: -item[1])
+            ReasonSummary(reason_name(reason), count, count / total, host_ns[reason] / count)
+            for reason, count in sorted(counts.items(), key=lambda item: -item[1])
         ]
 
     def total_host_ns(self) -> int:
         return sum(self.host_ns.values())
-
-    def merge(self, other: "ExitTrace") -> None:
-        """Append another trace's exits (a later part of the same run)."""
-        for reason, count in other.counts.items():
-            self.counts[reason] = self.counts.get(reason, 0) + count
-            self.host_ns[reason] = self.host_ns.get(reason, 0) + other.host_ns[reason]
-        room = self.limit - len(self.records)
-        self.records.extend(other.records[:room])
-        self.dropped += other.dropped + max(0, len(other.records) - room)
 
     def as_dicts(self) -> list[dict]:
         """The kept records as plain dicts (for pandas, JSON or CSV)."""

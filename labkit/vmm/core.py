@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from time import perf_counter_ns
 from typing import Sequence
 
 from labkit import exits
@@ -48,6 +49,9 @@ class MachineCore:
         self.trace = ExitTrace() if trace_limit is None else ExitTrace(trace_limit)
         self.console = Console()
         self.buses = Buses(PortBus(), Bus("mmio", layout.MAPPED_LIMIT))
+        # Bound once: the hot path runs per exit.
+        self._pio_read, self._pio_write = self.buses.pio.read, self.buses.pio.write
+        self._trace_records, self._trace_limit = self.trace.records, self.trace.limit
         self._single_exit = False
         self._resumed_ns = 0
         self._stop_regs: Regs | None = None
@@ -113,9 +117,9 @@ class MachineCore:
 
     def pio(self, port: int, size: int, is_write: bool, value: int, rip: int) -> int:
         if is_write:
-            self.buses.pio.write(port, size, value)
+            self._pio_write(port, size, value)
         else:
-            value = self.buses.pio.read(port, size)
+            value = self._pio_read(port, size)
         self._record(IO, rip, port, size, is_write, value)
         return value
 
@@ -128,16 +132,14 @@ class MachineCore:
         return value
 
     def _record(self, reason: int, rip, address, size, is_write, data) -> None:
-        now = time.perf_counter_ns()
-        host_ns = now - self._resumed_ns
-        self._resumed_ns = now
-        trace = self.trace
-        trace.counts[reason] = trace.counts.get(reason, 0) + 1
-        trace.host_ns[reason] = trace.host_ns.get(reason, 0) + host_ns
-        if len(trace.records) < trace.limit:
-            trace.records.append((reason, rip, address, size, is_write, data, host_ns))
+        """``ExitTrace.add`` (its common case inlined: it runs once per exit) plus the single-step check."""
+        now = perf_counter_ns()
+        records = self._trace_records
+        if len(records) < self._trace_limit:
+            records.append((reason, rip, address, size, is_write, data, now - self._resumed_ns))
         else:
-            trace.dropped += 1
+            self.trace.add(reason, rip, address, size, is_write, data, now - self._resumed_ns)
+        self._resumed_ns = now
         if self._single_exit:
             self.stop = True
 
@@ -164,7 +166,7 @@ class MachineCore:
         started = time.perf_counter()
         deadline = time.monotonic() + timeout
         self._single_exit = single_exit
-        self._resumed_ns = time.perf_counter_ns()
+        self._resumed_ns = perf_counter_ns()
         while self.status is None:
             self.stop = False
             remaining = deadline - time.monotonic()

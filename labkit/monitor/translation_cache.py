@@ -1,0 +1,346 @@
+"""The translator of binary translation: guest basic blocks into a translation cache.
+
+:class:`TranslationCache` decodes one basic block of guest code at a time with
+Capstone (up to a control transfer, at most ``MAX_BLOCK_INSTRUCTIONS``), and
+writes its translation into a region of guest RAM the guest does not use.
+Ordinary instructions are copied (RIP-relative displacements rebased to the
+new address); each sensitive or privileged one becomes a *site*: an ``int3``
+that enters the monitor, which emulates the original instruction.  Every way
+out of a block is a site too, until the monitor *chains* it to the translated
+successor.  The cache is append-only: nothing is ever rewritten that the CPU
+has executed (Unicorn keeps its own translations of code it has run and would
+not see a host write), so chaining writes a data slot, never code.
+
+Translation of each kind of guest instruction (``G`` = guest address, ``T`` = in the cache)::
+
+    ordinary            copied; [rip + d] becomes [rip + d + (G_next - T_next)]
+    sensitive (cli..)   int3                                     site "sensitive"
+    jmp rel             exit stub(target)
+    jcc rel             jcc rel32 -> taken ; exit stub(next) ; taken: exit stub(target)
+    loop/jrcxz rel8     op +2 ; jmp short +15 ; exit stub(target) ; exit stub(next)
+    call rel            push imm32 G_next   (the guest's return address, not the cache's)
+                        exit stub(target)
+    ret, jmp/call r/m   int3                                     site "indirect": the monitor
+                                                                 finds the target and looks it up
+    undecodable bytes   int3                                     site "invalid": #UD for the guest
+
+    exit stub (15 bytes):   FF 25 00000000   jmp [rip + 0]       ; jump through the slot
+                            <8-byte slot>                        ; = address of the int3 below,
+                            CC               int3                ;   or the successor once chained
+
+Layout of the cache region, the top ``size`` bytes of guest RAM::
+
+    base                 +----------------------------+
+                         | block 1 | block 2 | ...    |  appended in translation order
+    base + used          +----------------------------+
+                         | free                       |
+    base + size = RAM end+----------------------------+
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from labkit.errors import ConfigError, LabkitError
+from labkit.x86.disasm import MAX_INSTRUCTION
+
+SENSITIVE = frozenset({
+    # IF and the flags: visible or changed without a trap in ring 3
+    "cli", "sti", "pushfq", "pushf", "popfq", "popf",
+    # descriptor tables and machine status: readable from ring 3 without a trap
+    "sgdt", "sidt", "sldt", "smsw", "str",
+    # privileged: #GP in ring 3
+    "lgdt", "lidt", "lldt", "ltr", "lmsw", "clts", "invlpg", "wbinvd", "invd",
+    "rdmsr", "wrmsr", "swapgs", "hlt",
+    # port I/O (triple-faults in ring 3 under PVM)
+    "in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd",
+    # transfers between privilege levels
+    "iretq", "iretd", "iret", "int", "int3", "int1", "into", "syscall", "sysretq", "sysret",
+    "sysenter", "sysexit", "ljmp", "lcall", "retf", "retfq",
+})
+"""Capstone mnemonics the translator replaces by monitor entries by default (``mov`` to/from a
+control or debug register is matched by its operand, see :func:`is_sensitive`)."""
+
+INDIRECT = frozenset({"ret", "jmp", "call"})
+"""With a register or memory operand (or none, for ``ret``): the target is known only at run time."""
+CONDITIONAL = frozenset({"ja", "jae", "jb", "jbe", "je", "jne", "jg", "jge", "jl", "jle",
+                         "jo", "jno", "jp", "jnp", "js", "jns"})
+LOOPS = frozenset({"loop", "loope", "loopne", "jrcxz", "jecxz"})
+
+MAX_BLOCK_INSTRUCTIONS = 32
+EXIT_STUB_SIZE = 15
+INT3 = b"\xcc"
+CACHE_SIZE = 256 << 10
+"""Default size of the cache region (at the top of guest RAM)."""
+
+
+class CacheFull(LabkitError):
+    """The translation cache has no room for another block."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """A monitor entry in translated code: the ``int3`` at ``address`` and what it stands for."""
+
+    address: int
+    kind: str
+    """``"exit"`` (leaves a block), ``"sensitive"``, ``"indirect"`` or ``"invalid"``."""
+    guest_rip: int
+    """The guest instruction it stands for (for an exit: the branch, or the block's last instruction)."""
+    guest_next: int
+    code: bytes
+    text: str
+    target: int | None = None
+    """For an exit: the guest address execution continues at."""
+    slot: int | None = None
+    """For an exit: the 8 bytes holding where ``jmp [rip]`` goes (the ``int3``, or the chained block)."""
+
+    @property
+    def mnemonic(self) -> str:
+        return self.text.split(" ", 1)[0]
+
+
+@dataclass
+class Block:
+    """One translated basic block: the guest's instructions and what replaced them."""
+
+    guest_start: int
+    guest_end: int
+    cache_start: int
+    cache_end: int
+    original: list[tuple[int, bytes, str]]
+    """``(guest address, bytes, text)`` of each guest instruction."""
+    translated: list[tuple[int, bytes, str, int]] = field(default_factory=list)
+    """``(cache address, bytes, text, guest address it stands for)`` of each emitted piece."""
+
+
+def is_sensitive(instruction, mnemonics: frozenset[str]) -> bool:
+    """Does this Capstone instruction get a monitor entry under the set ``mnemonics``?
+
+    ``mov`` to or from a control or debug register counts as ``"mov cr"`` / ``"mov dr"``.
+    """
+    name = instruction.mnemonic
+    if name == "mov":
+        operands = instruction.op_str
+        if "cr" in mnemonics and any(f"cr{n}" in operands.split(", ") for n in (0, 2, 3, 4, 8)):
+            return True
+        return "dr" in mnemonics and any(f"dr{n}" in operands.split(", ") for n in range(8))
+    for prefix in ("rep ", "repe ", "repne "):  # rep outsb: Capstone puts the prefix in the mnemonic
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name in mnemonics
+
+
+def exit_stub(address: int) -> bytes:
+    """``jmp [rip + 0]`` ; slot (= the ``int3`` that follows) ; ``int3``, for a stub at ``address``."""
+    return b"\xff\x25\x00\x00\x00\x00" + struct.pack("<Q", address + 14) + INT3
+
+
+class TranslationCache:
+    """Translated blocks in guest RAM at ``[base, base + size)``, looked up by guest address.
+
+    ``read(address, size)`` and ``write(address, data)`` reach guest RAM;
+    ``sensitive`` is the set of mnemonics replaced by monitor entries (plus
+    ``"cr"``/``"dr"`` for moves to and from control/debug registers).
+    """
+
+    def __init__(self, base: int, size: int, read: Callable[[int, int], bytes],
+                 write: Callable[[int, bytes], None], sensitive: Iterable[str] = SENSITIVE | {"cr", "dr"},
+                 ram_size: int | None = None):
+        import capstone
+
+        if base < 0 or size <= EXIT_STUB_SIZE * 4:
+            raise ConfigError(f"a translation cache needs a base >= 0 and room for a block, not {base:#x}+{size:#x}")
+        self.base = base
+        self.size = size
+        self.used = 0
+        self.read = read
+        self.write = write
+        self.ram_size = ram_size if ram_size is not None else base + size
+        self.sensitive = frozenset(sensitive)
+        self.blocks: dict[int, Block] = {}
+        """Guest start address -> translated block."""
+        self.sites: dict[int, Site] = {}
+        """Address of a site's ``int3`` -> the site."""
+        self._starts: list[int] = []  # cache address of each emitted piece, ascending
+        self._guest: list[int] = []  # the guest address each piece stands for
+        self._cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        self._cs.detail = True
+        self.guest_bytes = 0
+
+    # -- lookups --------------------------------------------------------------
+
+    def lookup(self, guest: int) -> int | None:
+        """Cache address of the block translated from guest address ``guest``, if any."""
+        block = self.blocks.get(guest)
+        return None if block is None else block.cache_start
+
+    def contains(self, address: int) -> bool:
+        return self.base <= address < self.base + self.used
+
+    def guest_address(self, cache: int) -> int | None:
+        """The guest instruction that the translated code at ``cache`` stands for (a fault's RIP mapped back)."""
+        if not self.contains(cache):
+            return None
+        index = bisect.bisect_right(self._starts, cache) - 1
+        return self._guest[index] if index >= 0 else None
+
+    def chain(self, site: Site, successor: int) -> None:
+        """Point ``site``'s exit slot at the translated successor: later runs jump there natively."""
+        if site.slot is None:
+            raise ConfigError(f"site at {site.address:#x} ({site.kind}) is not an exit and cannot be chained")
+        self.write(site.slot, struct.pack("<Q", successor))
+
+    # -- translation ------------------------------------------------------------
+
+    def translate(self, guest: int) -> Block:
+        """Translate the basic block at guest address ``guest`` into the cache (or return the existing one)."""
+        if guest in self.blocks:
+            return self.blocks[guest]
+        start = self.base + self.used
+        block = Block(guest, guest, start, start, [])
+        out = bytearray()
+        pending: list[Site] = []
+
+        def emit(data: bytes, text: str, stands_for: int) -> int:
+            at = start + len(out)
+            block.translated.append((at, bytes(data), text, stands_for))
+            out.extend(data)
+            return at
+
+        def emit_site(kind: str, insn, text: str, **extra) -> None:
+            at = emit(INT3, text, insn[0])
+            pending.append(Site(at, kind, insn[0], insn[0] + len(insn[1]), insn[1], insn[2], **extra))
+
+        def emit_exit(insn, target: int, why: str) -> None:
+            at = start + len(out)
+            stub = exit_stub(at)
+            emit(stub[:6], f"jmp [rip + 0]      ; via slot: {why} -> {target:#x}", insn[0])
+            emit(stub[6:14], f".quad {at + 14:#x}  ; slot: until chained, the int3 below", insn[0])
+            site_at = emit(INT3, f"int3               ; -> monitor: translate {target:#x}", insn[0])
+            pending.append(Site(site_at, "exit", insn[0], insn[0] + len(insn[1]), insn[1], insn[2],
+                                            target=target, slot=at + 6))
+
+        address = guest
+        ended = False
+        for _ in range(MAX_BLOCK_INSTRUCTIONS):
+            instruction = self._decode(address)
+            if instruction is None:
+                code = self._peek(address, 1)
+                original = (address, code, f"(undecodable {code.hex()})")
+                block.original.append(original)
+                emit_site("invalid", original, "int3               ; -> monitor: #UD")
+                address += 1
+                ended = True
+                break
+            insn = (instruction.address, bytes(instruction.bytes), f"{instruction.mnemonic} {instruction.op_str}".strip())
+            block.original.append(insn)
+            next_address = address + instruction.size
+            name = instruction.mnemonic
+            if is_sensitive(instruction, self.sensitive):
+                emit_site("sensitive", insn, f"int3               ; -> monitor: emulate {insn[2]}")
+                address = next_address
+                if _transfers_control(instruction):
+                    ended = True
+                    break
+                continue
+            if name == "jmp" and _relative(instruction):
+                emit_exit(insn, _target(instruction), "jmp")
+                ended = True
+            elif name in CONDITIONAL and _relative(instruction):
+                condition = instruction.opcode[0] & 0x0F if instruction.opcode[0] != 0x0F else instruction.opcode[1] & 0x0F
+                emit(bytes([0x0F, 0x80 | condition]) + struct.pack("<i", EXIT_STUB_SIZE),
+                     f"{name} +{EXIT_STUB_SIZE}            ; taken: the second stub", insn[0])
+                emit_exit(insn, next_address, "not taken")
+                emit_exit(insn, _target(instruction), "taken")
+                ended = True
+            elif name in LOOPS:
+                emit(bytes(instruction.bytes[:-1]) + b"\x02", f"{name} +2", insn[0])
+                emit(bytes([0xEB, EXIT_STUB_SIZE]), f"jmp +{EXIT_STUB_SIZE}", insn[0])
+                emit_exit(insn, _target(instruction), "taken")
+                emit_exit(insn, next_address, "not taken")
+                ended = True
+            elif name == "call" and _relative(instruction):
+                if next_address >= 1 << 31:
+                    raise ConfigError(f"call at {address:#x}: return address above 2 GiB cannot be pushed as imm32")
+                emit(b"\x68" + struct.pack("<i", next_address), f"push {next_address:#x}        ; the guest's return address", insn[0])
+                emit_exit(insn, _target(instruction), "call")
+                ended = True
+            elif name in INDIRECT or _transfers_control(instruction):
+                emit_site("indirect", insn, f"int3               ; -> monitor: {insn[2]} (indirect)")
+                ended = True
+            else:
+                at = start + len(out)
+                moved = self._relocated(instruction, at)
+                text = insn[2] if moved == insn[1] else self._text(moved, at)
+                emit(moved, text, insn[0])
+            address = next_address
+            if ended:
+                break
+        if not ended:  # block too long: fall through to the next one
+            last = block.original[-1]
+            emit_exit(last, address, "fall through")
+        block.guest_end = address
+        if self.used + len(out) > self.size:
+            raise CacheFull(f"the translation cache ({self.size >> 10} KiB at {self.base:#x}) is full "
+                            f"after {len(self.blocks)} blocks")
+        self.write(start, bytes(out))
+        self.used += len(out)
+        block.cache_end = start + len(out)
+        for at, _, _, stands_for in block.translated:
+            self._starts.append(at)
+            self._guest.append(stands_for)
+        for site in pending:
+            self.sites[site.address] = site
+        self.blocks[guest] = block
+        self.guest_bytes += block.guest_end - block.guest_start
+        return block
+
+    def _peek(self, address: int, size: int) -> bytes:
+        size = max(0, min(size, self.ram_size - address))
+        return self.read(address, size) if size else b""
+
+    def _decode(self, address: int):
+        code = self._peek(address, MAX_INSTRUCTION)
+        for instruction in self._cs.disasm(code, address, 1):
+            return instruction
+        return None
+
+    def _text(self, code: bytes, at: int) -> str:
+        for instruction in self._cs.disasm(code, at, 1):
+            return f"{instruction.mnemonic} {instruction.op_str}".strip()
+        return code.hex()
+
+    @staticmethod
+    def _relocated(instruction, at: int) -> bytes:
+        """The instruction's bytes for address ``at``: a RIP-relative displacement is rebased."""
+        code = bytearray(instruction.bytes)
+        if instruction.disp_size == 4 and any(
+                operand.type == 3 and instruction.reg_name(operand.mem.base) == "rip" for operand in instruction.operands):
+            offset = instruction.disp_offset
+            displacement = struct.unpack_from("<i", code, offset)[0]
+            moved = displacement + (instruction.address - at)
+            if not -(1 << 31) <= moved < 1 << 31:
+                raise ConfigError(f"{instruction.mnemonic} {instruction.op_str} at {instruction.address:#x}: "
+                                  "RIP-relative operand out of reach from the cache")
+            struct.pack_into("<i", code, offset, moved)
+        return bytes(code)
+
+
+def _relative(instruction) -> bool:
+    return len(instruction.operands) == 1 and instruction.operands[0].type == 2  # X86_OP_IMM
+
+
+def _target(instruction) -> int:
+    return instruction.operands[0].imm & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _transfers_control(instruction) -> bool:
+    import capstone
+
+    return any(group in instruction.groups for group in (
+        capstone.CS_GRP_JUMP, capstone.CS_GRP_CALL, capstone.CS_GRP_RET, capstone.CS_GRP_IRET,
+        capstone.CS_GRP_INT)) or instruction.mnemonic in LOOPS
