@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     }
     print(f"{'':24}{'median':>10}{'best':>10}   µs per exit, {args.repeat} runs of {args.exits} exits")
     print(f"{'C, raw KVM API':24}{c_us:10.2f}{min(c_runs) * 1e6 / args.exits:10.2f}")
-    print(f"{"labkit Machine.run":24}{labkit_us:10.2f}{min(labkit_runs) * 1e6 / args.exits:10.2f}")
+    print(f"{'labkit Machine.run':24}{labkit_us:10.2f}{min(labkit_runs) * 1e6 / args.exits:10.2f}")
     print(f"{'ratio labkit / C':24}{ratio:10.2f}{best_ratio:10.2f}   (target <= 1.30; {kvm_flavour()})")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
