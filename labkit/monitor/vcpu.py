@@ -59,6 +59,8 @@ RFLAGS_TF = 1 << 8
 RFLAGS_IOPL = 3 << 12
 RFLAGS_NT = 1 << 14
 RFLAGS_RF = 1 << 16
+RFLAGS_GUEST_SETTABLE = 0x240DD5
+"""CF PF AF ZF SF TF DF OF AC ID: what a popped RFLAGS may change in the real one (not IF, IOPL, NT, RF, VM)."""
 PF_USER = 1 << 2
 """#PF error code bit U/S: the access came from CPL 3 (SDM vol. 3, 4.7)."""
 
@@ -178,8 +180,8 @@ def decode(code: bytes, address: int) -> Decoded | None:
                 operands.append(Operand("imm", op.size, imm=op.imm))
             elif op.type == cx.X86_OP_MEM:
                 mem = op.mem
-                operands.append(Operand("mem", op.size, base=insn.reg_name(mem.base) or "" if mem.base else "",
-                                        index=insn.reg_name(mem.index) or "" if mem.index else "",
+                operands.append(Operand("mem", op.size, base=insn.reg_name(mem.base) if mem.base else "",
+                                        index=insn.reg_name(mem.index) if mem.index else "",
                                         scale=mem.scale, disp=mem.disp))
         return Decoded(insn.address, insn.size, insn.mnemonic, f"{insn.mnemonic} {insn.op_str}".strip(),
                        tuple(operands))
@@ -206,9 +208,7 @@ def _register_table() -> dict[str, tuple[str, int, int]]:
         table[letter + "l"] = ("r" + letter + "x", 1, 0)
         table[letter + "h"] = ("r" + letter + "x", 1, 8)
     for name in ("sil", "dil", "bpl", "spl"):
-        table[name] = ("r" + name[:2] if name[:2] != "sp" else "rsp", 1, 0)
-    table["sil"], table["dil"] = ("rsi", 1, 0), ("rdi", 1, 0)
-    table["bpl"], table["spl"] = ("rbp", 1, 0), ("rsp", 1, 0)
+        table[name] = ("r" + name[:2], 1, 0)
     return table
 
 
@@ -286,14 +286,12 @@ def virtual_rflags(vcpu: VirtualCpu, rflags: int) -> int:
 def _load_rflags(vcpu: VirtualCpu, trap, value: int) -> None:
     """Take IF into the virtual CPU; the real RFLAGS keeps IF = 1 and IOPL 0 so ring 3 stays contained."""
     vcpu.interrupts_enabled = bool(value & RFLAGS_IF)
-    keep = value & ~(RFLAGS_IOPL | RFLAGS_NT) & 0x3F7FD7  # the flags ring 3 may hold, IF/IOPL/VM aside
-    trap.regs.rflags = keep | RFLAGS_IF | RFLAGS_FIXED
+    trap.regs.rflags = value & RFLAGS_GUEST_SETTABLE | RFLAGS_IF | RFLAGS_FIXED
 
 
 # -- emulate ------------------------------------------------------------------------------------
 
-def _control_register(vcpu: VirtualCpu, name: str) -> str | None:
-    return name if name in ("cr0", "cr2", "cr3", "cr4", "cr8") else None
+CONTROL_REGISTERS = ("cr0", "cr2", "cr3", "cr4")
 
 
 def emulate(vcpu: VirtualCpu, trap, context, code: bytes) -> str | None:
@@ -370,13 +368,12 @@ def _mov(vcpu, trap, context, decoded, next_rip):
     if len(decoded.operands) != 2 or any(op.kind != "reg" for op in decoded.operands):
         return False
     target, source = decoded.operands
-    if _control_register(vcpu, target.reg):
-        setattr(vcpu, target.reg, read_register(trap.regs, source.reg)) if target.reg != "cr8" else None
-    elif _control_register(vcpu, source.reg):
-        value = getattr(vcpu, source.reg) if source.reg != "cr8" else 0
-        write_register(trap.regs, target.reg, value)
+    if target.reg in CONTROL_REGISTERS:
+        setattr(vcpu, target.reg, read_register(trap.regs, source.reg))
+    elif source.reg in CONTROL_REGISTERS:
+        write_register(trap.regs, target.reg, getattr(vcpu, source.reg))
     else:
-        return False
+        return False  # mov to/from cr8 or a debug register: not emulated
 
 
 def _clts(vcpu, trap, context, decoded, next_rip):

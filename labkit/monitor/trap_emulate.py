@@ -1,0 +1,364 @@
+"""Trap-and-emulate: an unmodified guest kernel runs deprivileged in ring 3 under a monitor.
+
+The kernel believes it is in ring 0.  Every privileged instruction it executes
+in ring 3 faults (#GP; #UD for ``int n`` under PVM), the fault reaches
+:meth:`TrapAndEmulate.on_trap` through labkit's trap forwarding
+(:mod:`labkit.monitor.forwarding`), and the monitor carries the instruction
+out on the kernel's :class:`~labkit.monitor.vcpu.VirtualCpu`
+(:func:`~labkit.monitor.vcpu.emulate`).  The kernel's own exceptions (its
+``ud2``, its page faults, its ``int n``) are reflected into its *virtual*
+IDT (:func:`~labkit.monitor.vcpu.reflect`).  A privileged instruction the
+monitor does not emulate stops the run with status ``error``
+"unemulated instruction at RIP 0x...: <instruction>", never a loop.
+
+Why x86 broke this (Popek and Goldberg, 1974): some sensitive instructions
+do not trap in ring 3.  ``pushf`` shows the real IF (1), not the virtual one;
+``popf`` silently keeps IF as it is; ``sgdt``/``sidt``/``smsw`` show the
+monitor's GDT, IDT and CR0.  The monitor never sees them, so the kernel
+observes the difference: :func:`run_deprivileged` next to a native run of
+the same binary shows it line by line (:func:`compare_consoles`).
+
+Backends: on the emulator everything above works.  On KVM with VT-x/AMD-V
+(``kvm_intel``/``kvm_amd``) ring-3 port I/O raises #GP and is emulated like
+the rest.  Under PVM (``kvm_pvm``) IOPL is forced to 0 and ring-3 port I/O
+is a triple fault, not a #GP: the monitor never sees it, so a deprivileged
+kernel that prints with ``out`` stops with status ``shutdown`` at its first
+port access; :func:`run_deprivileged` says so in the report's ``explanation``.
+
+``minikernel(...)`` is the shipped kernel (``guests/minikernel64.S``) with a
+chosen set of its routines (:data:`ROUTINES`), and optionally the student's
+own assembly as one more routine.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, field, replace
+from html import escape
+from typing import Iterable
+
+from labkit.errors import ConfigError, LabkitError
+from labkit.monitor.vcpu import (PF_USER, PRIVILEGED, VirtualCpu, VirtualTripleFault, decode, deliver_pending,
+                                 emulate, has_error_code, reflect)
+from labkit.vmm.status import Status, exception_name
+
+MAX_EVENTS = 4096
+TIMER_PORT = 0x40
+"""The virtual timer's port (the PC's PIT channel 0): a write arms it, the monitor then holds one pending interrupt."""
+TIMER_VECTOR = 0x20
+
+
+@dataclass(frozen=True)
+class TrapEvent:
+    """One trap the monitor handled: what it was, where, and what the monitor did (``emulated``,
+    ``reflected``, ``delivered`` for a virtual interrupt, ``stopped``)."""
+
+    vector: int
+    rip: int
+    action: str
+    text: str
+    monitor_ns: int
+
+
+@dataclass
+class TrapEmulateReport:
+    """What :meth:`TrapAndEmulate.summary` returns with the run (``RunResult.monitor``); it pickles."""
+
+    traps: dict[int, int]
+    """Traps that reached the monitor, by vector."""
+    emulated: dict[str, int]
+    """Emulated instructions by mnemonic."""
+    reflected: dict[int, int]
+    """Exceptions and interrupts reflected into the guest's virtual IDT, by vector."""
+    delivered: dict[int, int]
+    """Virtual interrupts delivered (a subset of ``reflected``), by vector."""
+    vcpu: VirtualCpu
+    """The virtual CPU at the end of the run."""
+    events: list[TrapEvent]
+    events_dropped: int
+    monitor_ns: int
+    """Host time spent inside the monitor's ``on_trap`` (decoding, emulating), in total."""
+    stopped: str = ""
+    """Why the monitor ended the run, if it did."""
+    explanation: str = ""
+    """What the backend made of the run where it cannot trap everything (filled by :func:`run_deprivileged`)."""
+
+    @property
+    def trap_count(self) -> int:
+        return sum(self.traps.values())
+
+    def monitor_us_per_trap(self) -> float:
+        return self.monitor_ns / 1e3 / self.trap_count if self.trap_count else 0.0
+
+
+class VirtualTimer:
+    """A one-shot timer only the monitor has: a write to its port makes vector ``vector`` pending."""
+
+    def __init__(self, vcpu: VirtualCpu, vector: int = TIMER_VECTOR):
+        self.vcpu = vcpu
+        self.vector = vector
+        self.armed = 0
+
+    def write(self, port: int, size: int, value: int) -> None:
+        self.armed += 1
+        if self.vector not in self.vcpu.pending:
+            self.vcpu.pending.append(self.vector)
+
+    def read(self, port: int, size: int) -> int:
+        return int(self.vector in self.vcpu.pending)
+
+
+class TrapAndEmulate:
+    """The monitor: emulates the deprivileged kernel's privileged instructions, reflects its own faults.
+
+    ``timer=True`` gives the kernel a virtual timer at :data:`TIMER_PORT`
+    (see :class:`VirtualTimer`), delivered as vector :data:`TIMER_VECTOR`
+    when the virtual IF allows: right after an emulated ``sti``, ``iretq``,
+    ``popfq`` or ``hlt``, never after a ``popf`` the monitor did not see.
+    """
+
+    def __init__(self, *, timer: bool = False, max_events: int = MAX_EVENTS):
+        self.vcpu = VirtualCpu()
+        if timer:
+            self.vcpu.ports[TIMER_PORT] = VirtualTimer(self.vcpu)
+        self.traps: dict[int, int] = {}
+        self.delivered: dict[int, int] = {}
+        self.events: list[TrapEvent] = []
+        self.events_dropped = 0
+        self.max_events = max_events
+        self.monitor_ns = 0
+        self.stopped = ""
+
+    # -- the Monitor protocol ----------------------------------------------------------------
+
+    def on_trap(self, trap, context) -> None:
+        started = time.perf_counter_ns()
+        rip = trap.regs.rip
+        self.traps[trap.vector] = self.traps.get(trap.vector, 0) + 1
+        try:
+            action, text = self._handle(trap, context)
+        except VirtualTripleFault as fault:
+            action, text = "stopped", f"virtual triple fault: {fault}"
+            self._stop(context, Status("shutdown", message=text))
+        except LabkitError as error:  # a memory operand or stack outside guest RAM
+            action, text = "stopped", f"at RIP {rip:#x}: {error}"
+            self._stop(context, Status("error", message=text))
+        spent = time.perf_counter_ns() - started
+        self.monitor_ns += spent
+        if len(self.events) < self.max_events:
+            self.events.append(TrapEvent(trap.vector, rip, action, text, spent))
+        else:
+            self.events_dropped += 1
+
+    def summary(self) -> TrapEmulateReport:
+        return TrapEmulateReport(dict(self.traps), dict(self.vcpu.emulated), dict(self.vcpu.reflected),
+                                 dict(self.delivered), self.vcpu.snapshot(), list(self.events),
+                                 self.events_dropped, self.monitor_ns, self.stopped)
+
+    # -- handling ------------------------------------------------------------------------------
+
+    def _handle(self, trap, context) -> tuple[str, str]:
+        vcpu, vector = self.vcpu, trap.vector
+        if vector not in (6, 13):
+            # The kernel's own exception (#PF, #DE, ...) or a software interrupt through a DPL-3
+            # gate (int3, int 4: RIP is already past it): the kernel's virtual IDT handles it.
+            error_code = trap.error_code if has_error_code(vector) else None
+            if vector == 14 and error_code is not None:
+                error_code &= ~PF_USER  # the kernel believes it ran in ring 0
+            reflect(vcpu, trap, context, vector, error_code)
+            return "reflected", exception_name(vector)
+        rip = trap.regs.rip
+        code = self._code(context, rip)
+        decoded = decode(code, rip)
+        text = emulate(vcpu, trap, context, code) if decoded is not None else None
+        if text is not None:
+            return self._after_emulation(trap, context, decoded.mnemonic, text)
+        if decoded is not None and _is_privileged(decoded):
+            message = f"unemulated instruction at RIP {rip:#x}: {decoded.text}"
+            self._stop(context, Status("error", message=message))
+            return "stopped", message
+        # An ordinary instruction that faults natively too (ud2, a bad address): the kernel's problem.
+        reflect(vcpu, trap, context, vector, trap.error_code if vector == 13 else None)
+        return "reflected", f"{exception_name(vector)}: {decoded.text if decoded else 'undecodable'}"
+
+    def _after_emulation(self, trap, context, mnemonic: str, text: str) -> tuple[str, str]:
+        vcpu = self.vcpu
+        if mnemonic == "hlt":
+            if self._deliver(trap, context) is None:
+                if vcpu.pending:
+                    reason = f"hlt with the virtual IF clear: pending virtual interrupt(s) {vcpu.pending} can never arrive"
+                else:
+                    reason = "hlt emulated: no virtual interrupt can wake the kernel"
+                self._stop(context, Status("halted", message=reason))
+        elif mnemonic in ("sti", "popfq", "iretq"):
+            self._deliver(trap, context)
+        return "emulated", text
+
+    def _deliver(self, trap, context) -> int | None:
+        vector = deliver_pending(self.vcpu, trap, context)
+        if vector is not None:
+            self.delivered[vector] = self.delivered.get(vector, 0) + 1
+            if len(self.events) < self.max_events:
+                self.events.append(TrapEvent(vector, trap.regs.rip, "delivered", f"virtual interrupt {vector:#x}", 0))
+        return vector
+
+    def _stop(self, context, status: Status) -> None:
+        self.stopped = status.message
+        context.stop(status)
+
+    @staticmethod
+    def _code(context, rip: int) -> bytes:
+        size = max(0, min(15, len(context.memory) - rip))
+        return context.read(rip, size) if size else b""
+
+
+def _is_privileged(decoded) -> bool:
+    if decoded.mnemonic == "mov":
+        return any(op.kind == "reg" and op.reg[:2] in ("cr", "dr") for op in decoded.operands)
+    return decoded.mnemonic in PRIVILEGED
+
+
+# -- running a kernel natively and deprivileged ---------------------------------------------------
+
+PVM_EXPLANATION = (
+    "PVM (kvm_pvm) runs this machine's KVM guests without VT-x: it forces IOPL to 0 and turns ring-3 "
+    "port I/O into a triple fault instead of a #GP, so the monitor never sees the kernel's '{instruction}' "
+    "at RIP {rip:#x} and cannot emulate it; the run ends with status shutdown after {traps} trap(s). "
+    "On VT-x or AMD-V (kvm_intel, kvm_amd) ring-3 port I/O raises #GP and this monitor emulates it; "
+    "on the emulator it does."
+)
+
+
+def run_deprivileged(guest, backend: str = "auto", timeout: float = 10.0, *, monitor: TrapAndEmulate | None = None,
+                     **machine_options):
+    """Run ``guest`` (a kernel written for ring 0) unmodified in ring 3 under ``monitor``; a ``RunResult``.
+
+    The same code, started with ``iretq`` into ring 3 (``user=True``).  Under
+    PVM, a shutdown at a port access is explained in ``result.monitor.explanation``.
+    """
+    from labkit import Guest, Machine
+
+    if isinstance(guest, str):
+        guest = Guest.named(guest)
+    if guest.mode != 64:
+        raise ConfigError(f"trap-and-emulate runs 64-bit kernels; {guest.name!r} starts in {guest.mode}-bit mode")
+    monitor = TrapAndEmulate() if monitor is None else monitor
+    with Machine(replace(guest, user=True), backend=backend, monitor=monitor, **machine_options) as machine:
+        result = machine.run(timeout)
+        explanation = ""
+        if result.status.kind == "shutdown" and result.backend == "kvm":
+            explanation = _explain_shutdown(machine, result)
+    if explanation and isinstance(result.monitor, TrapEmulateReport):
+        result = replace(result, monitor=replace(result.monitor, explanation=explanation))
+    return result
+
+
+def _explain_shutdown(machine, result) -> str:
+    from labkit.kvm.system import kvm_flavour
+    from labkit.x86.disasm import instruction_at
+
+    flavour = kvm_flavour()
+    rip = result.regs.rip
+    try:
+        instruction = instruction_at(memoryview(machine.read_memory(0, rip + 15)), rip, 64)
+    except LabkitError:
+        instruction = "?"
+    traps = result.monitor.trap_count if isinstance(result.monitor, TrapEmulateReport) else 0
+    if flavour == "kvm_pvm" and instruction.split(" ")[0] in ("in", "out", "insb", "outsb", "insd", "outsd"):
+        return PVM_EXPLANATION.format(instruction=instruction, rip=rip, traps=traps)
+    return f"the guest shut down (triple fault) at RIP {rip:#x} ({instruction}) under KVM ({flavour})"
+
+
+# -- the shipped kernel ---------------------------------------------------------------------------
+
+ROUTINES = ("cli_pushf", "popf", "sgdt", "sidt", "smsw", "fault", "page_fault", "control_registers",
+            "int", "timer", "student")
+"""The minikernel's routines, in the order it runs them; bit ``i`` of its routine mask selects ``ROUTINES[i]``."""
+DEFAULT_ROUTINES = ("cli_pushf", "popf", "sgdt", "sidt", "smsw", "fault", "page_fault", "control_registers")
+"""What the kernel runs unless told otherwise: the routines that run natively on every backend
+(``int`` is left out: PVM cannot emulate a ring-0 ``int n``; ``timer`` needs the monitor's timer)."""
+ROUTINE_MASK_OFFSET = 16
+"""Offset of the 64-bit routine mask in ``minikernel64.bin``, after the 8-byte magic at 8."""
+ROUTINE_MAGIC = b"ROUTINES"
+STUDENT_MARKER = "# student routine goes here"
+
+
+def routine_mask(routines: Iterable[str]) -> int:
+    mask = 0
+    for name in routines:
+        if name not in ROUTINES:
+            raise ConfigError(f"the minikernel has no routine {name!r}; it has: {', '.join(ROUTINES)}")
+        mask |= 1 << ROUTINES.index(name)
+    return mask
+
+
+def minikernel(routines: Iterable[str] = DEFAULT_ROUTINES, *, student: str | None = None):
+    """The shipped ``minikernel64`` running ``routines`` (a :class:`labkit.Guest`).
+
+    ``student`` is Intel-syntax assembly run as the ``student`` routine (added
+    to ``routines``): the kernel prints RAX after it.  It needs GNU binutils;
+    without ``student`` the prebuilt binary is patched, no assembler needed.
+    """
+    from labkit import Guest
+    from labkit.guest import guests_dir
+
+    routines = tuple(routines)
+    if student is not None:
+        routines += ("student",) if "student" not in routines else ()
+        source_path = guests_dir() / "minikernel64.S"
+        source = source_path.read_text()
+        if STUDENT_MARKER not in source:
+            raise ConfigError(f"{source_path} has no line {STUDENT_MARKER!r}")
+        base = Guest.from_asm(source.replace(STUDENT_MARKER, student), mode=64, name="minikernel64+student",
+                              description="minikernel64 with the student's routine")
+    else:
+        base = Guest.named("minikernel64")
+    code = bytearray(base.code)
+    if code[8:16] != ROUTINE_MAGIC:
+        raise ConfigError("minikernel64.bin does not carry its routine mask at offset 16; rebuild the guests")
+    struct.pack_into("<Q", code, ROUTINE_MASK_OFFSET, routine_mask(routines))
+    return replace(base, code=bytes(code))
+
+
+# -- comparing consoles --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConsoleComparison:
+    """Two consoles line by line; ``divergent`` holds ``(line number, left, right)`` where they differ."""
+
+    left_title: str
+    right_title: str
+    rows: tuple[tuple[str, str], ...]
+    divergent: tuple[tuple[int, str, str], ...] = field(default=())
+
+    @property
+    def identical(self) -> bool:
+        return not self.divergent
+
+    def __str__(self) -> str:
+        width = max([len(self.left_title)] + [len(left) for left, _ in self.rows])
+        lines = [f"  {self.left_title:<{width}} | {self.right_title}"]
+        for left, right in self.rows:
+            mark = "≠" if left != right else " "
+            lines.append(f"{mark} {left:<{width}} | {right}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        cells = []
+        for left, right in self.rows:
+            style = ' style="background:#ffe0b2;font-weight:bold"' if left != right else ""
+            cells.append(f"<tr{style}><td>{'≠' if style else ''}</td><td><code>{escape(left)}</code></td>"
+                         f"<td><code>{escape(right)}</code></td></tr>")
+        return (f"<table><thead><tr><th></th><th>{escape(self.left_title)}</th><th>{escape(self.right_title)}</th>"
+                f"</tr></thead><tbody>{''.join(cells)}</tbody></table>"
+                f"<p>{len(self.divergent)} of {len(self.rows)} lines differ (highlighted).</p>")
+
+
+def compare_consoles(left: str, right: str, left_title: str = "native (ring 0)",
+                     right_title: str = "trap-and-emulate (ring 3)") -> ConsoleComparison:
+    """Line ``i`` of ``left`` next to line ``i`` of ``right``; a missing line shows as empty."""
+    a, b = left.splitlines(), right.splitlines()
+    rows = tuple((a[i] if i < len(a) else "", b[i] if i < len(b) else "") for i in range(max(len(a), len(b))))
+    divergent = tuple((i + 1, l, r) for i, (l, r) in enumerate(rows) if l != r)
+    return ConsoleComparison(left_title, right_title, rows, divergent)
