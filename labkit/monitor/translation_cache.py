@@ -227,9 +227,9 @@ class TranslationCache:
         address = guest
         ended = False
         for _ in range(MAX_BLOCK_INSTRUCTIONS):
-            instruction = self._decode(address)
+            instruction = self.decode(address)
             if instruction is None:
-                code = self._peek(address, 1)
+                code = self.peek(address, 1)
                 original = (address, code, f"(undecodable {code.hex()})")
                 block.original.append(original)
                 emit_site("invalid", original, "int3               ; -> monitor: #UD")
@@ -299,12 +299,14 @@ class TranslationCache:
         self.guest_bytes += block.guest_end - block.guest_start
         return block
 
-    def _peek(self, address: int, size: int) -> bytes:
+    def peek(self, address: int, size: int) -> bytes:
+        """Up to ``size`` bytes of guest memory at ``address`` (fewer at the end of RAM)."""
         size = max(0, min(size, self.ram_size - address))
         return self.read(address, size) if size else b""
 
-    def _decode(self, address: int):
-        code = self._peek(address, MAX_INSTRUCTION)
+    def decode(self, address: int):
+        """The Capstone instruction (with detail) at guest ``address``, or None if it does not decode."""
+        code = self.peek(address, MAX_INSTRUCTION)
         for instruction in self._cs.disasm(code, address, 1):
             return instruction
         return None

@@ -1,0 +1,376 @@
+"""Binary translation: the monitor runs translated copies of the guest kernel's code, never the code itself.
+
+A :class:`BinaryTranslator` is a monitor (see :mod:`labkit.monitor.forwarding`)
+for a kernel that runs deprivileged in ring 3, as VMware's binary translator
+ran guest kernels outside ring 0.  Before a basic block of kernel code runs,
+the monitor translates it (:mod:`labkit.monitor.translation_cache`) into a
+translation cache at the top of guest RAM: ordinary instructions are copied,
+each sensitive or privileged one (``cli``, ``popf``, ``sgdt``, ``out``, ...)
+becomes an ``int3``, the one entry into the monitor that works from ring 3 on
+both backends.  At such an entry the original instruction is emulated on the
+same :class:`~labkit.monitor.vcpu.VirtualCpu` that trap-and-emulate uses
+(:func:`~labkit.monitor.vcpu.emulate`), so ``pushf`` pushes the *virtual* IF,
+``popf`` restores it and ``sgdt`` stores the *virtual* GDTR: the three places
+where trap-and-emulate lets the guest see the truth are covered.  Every exit of
+a block is an entry too, until the monitor chains it to its translated
+successor; then the jump runs natively.
+
+Memory while a kernel runs under binary translation (identity-mapped, RAM of ``memory`` bytes)::
+
+    0x0000_0000  forwarding stubs (int3 -> ring 0 stub -> TRAP_PORT -> on_trap)
+    0x0000_1000  GDT, IDT, TSS, page tables (labkit's, not the guest kernel's)
+    0x0000_8000  the kernel's code and data: read by the translator, never executed
+                 (its first byte is replaced by an int3 so the monitor gets control
+                 before any of it runs: :attr:`BinaryTranslator.guest`)
+    0x0006_c000  monitor stack (RSP0, KERNEL_STACK_TOP = 0x7_0000), then the kernel's stack
+    0x0008_0000  (STACK_TOP) end of the kernel's stack
+    memory - 256 KiB   translation cache: translated blocks, exit stubs and their slots
+    memory       end of RAM
+
+The cache sits above everything labkit or the kernel places in RAM (code, data
+and stacks all end at or below STACK_TOP, which the constructor checks), so
+the kernel never meets it unless it computes an address out there.  Nothing
+enforces that: the page tables map the cache writable for ring 3.  (VMware hid
+its monitor at the top of the address space by truncating the guest's segment
+limits; long mode has no segment limits to truncate.)
+
+Entries into the monitor, each one a trap through the forwarding stubs::
+
+    int3 at a "sensitive" site   emulate(vcpu, trap, ...) at the guest RIP of the original
+                                 instruction; continue after the site, or at the
+                                 translation of wherever the emulation went (iretq, ...)
+    int3 at an "exit" site       translate (or find) the successor, chain the exit to it
+    int3 at an "indirect" site   ret / jmp r/m / call r/m: compute the guest target,
+                                 find or translate its block (a cache hit or a miss)
+    any fault in the cache       map RIP back to the guest instruction; a privileged one that
+                                 was left untranslated is emulated as trap-and-emulate would,
+                                 anything else is reflected to the guest kernel
+
+What is counted (:class:`TranslationSummary`): blocks translated, cache hits
+(lookups that found a translation), exits chained, guest and cache bytes, and
+every monitor entry by reason.  Jumps through a chained exit run natively and
+are not counted: they never reach the monitor.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+from labkit.errors import ConfigError
+from labkit.monitor.translation_cache import (CACHE_SIZE, INDIRECT, SENSITIVE, Block, CacheFull, Site,
+                                              TranslationCache)
+from labkit.vmm.status import Status, exception_name
+from labkit.x86 import layout
+
+TRANSLATABLE = SENSITIVE | {"cr", "dr"}
+"""Everything that can be put in ``translate=``: mnemonics, plus ``"cr"``/``"dr"`` for ``mov`` to/from them."""
+
+BOOT_BREAKPOINT = b"\xcc"
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class TranslationSummary:
+    """What a binary-translation run counted (``RunResult.monitor``); pickles across the worker boundary."""
+
+    blocks_translated: int
+    cache_hits: int
+    chained: int
+    guest_bytes: int
+    """Bytes of guest code translated."""
+    cache_bytes: int
+    """Bytes written into the translation cache (translated code, exit stubs, slots)."""
+    entries: dict[str, int]
+    """Monitor entries by reason: ``"start"``, ``"block exit"``, ``"indirect: ret"``,
+    ``"emulate: cli"``, ``"trap: cli"`` (left untranslated, trapped), ``"fault: #PF"``."""
+    translated: tuple[str, ...]
+    """The mnemonics that were replaced by monitor entries."""
+    blocks: dict[int, Block] = field(repr=False)
+    """Guest start address -> translated block."""
+    cache_base: int = 0
+    vcpu: object = field(default=None, repr=False)
+    """The virtual CPU's state at the end (IF, GDTR, ...), as the vcpu module reports it."""
+
+    @property
+    def monitor_entries(self) -> int:
+        return sum(self.entries.values())
+
+    def entries_by_kind(self) -> dict[str, int]:
+        """Entries grouped for a figure: emulated instructions, block exits, indirect branches, traps and faults."""
+        groups: dict[str, int] = {}
+        for reason, count in self.entries.items():
+            kind = {"emulate": "emulated instructions", "block exit": "block exits",
+                    "indirect": "indirect branches", "trap": "traps (untranslated)",
+                    "fault": "faults", "start": "block exits"}.get(reason.split(":")[0], reason)
+            groups[kind] = groups.get(kind, 0) + count
+        return groups
+
+    def block_at(self, guest: int) -> Block:
+        """The translated block that starts at guest address ``guest``, or the one containing it."""
+        if guest in self.blocks:
+            return self.blocks[guest]
+        for block in self.blocks.values():
+            if block.guest_start <= guest < block.guest_end:
+                return block
+        known = ", ".join(f"{start:#x}" for start in sorted(self.blocks))
+        raise ConfigError(f"no translated block contains {guest:#x}; blocks start at {known}")
+
+    def side_by_side(self, guest: int):
+        """A :class:`labkit.viz.report.Table`: the block's guest instructions and their translation."""
+        from labkit.viz.report import Table
+
+        block = self.block_at(guest)
+        rows = []
+        for address, code, text in block.original:
+            pieces = [piece for piece in block.translated if piece[3] == address]
+            after = "\n".join(f"{at:#x}  {piece_code.hex(' '):<23}  {piece_text}"
+                              for at, piece_code, piece_text, _ in pieces)
+            rows.append([f"{address:#x}  {code.hex(' '):<23}  {text}", after])
+        return Table(f"Block at {block.guest_start:#x}: {len(block.original)} guest instructions "
+                     f"({block.guest_end - block.guest_start} bytes) -> {block.cache_end - block.cache_start} "
+                     f"bytes in the cache at {block.cache_start:#x}",
+                     ["guest code (never executed)", "translation (what runs, in ring 3)"], rows,
+                     code_rows=tuple(row[0] for row in rows))
+
+
+class BinaryTranslator:
+    """Monitor that runs a 64-bit kernel by binary translation; see the module docstring.
+
+    ``kernel`` is a :class:`labkit.Guest` (or a shipped guest's name) that starts
+    in ring 3 (``user=True``).  Run :attr:`guest`, not the kernel itself::
+
+        bt = BinaryTranslator("minikernel64")
+        result = Machine(bt.guest, monitor=bt).run()
+        result.monitor.blocks_translated
+
+    ``translate`` chooses which instructions become monitor entries (default:
+    all of :data:`TRANSLATABLE`); one left out is copied and runs natively in
+    ring 3, where it traps (``cli``), faults fatally (``in``/``out`` under PVM)
+    or silently does the wrong thing (``popf``).
+    """
+
+    name = "binary translation"
+
+    def __init__(self, kernel, *, translate: Iterable[str] | None = None, cache_size: int = CACHE_SIZE):
+        from labkit.guest import Guest
+
+        if isinstance(kernel, str):
+            kernel = Guest.named(kernel)
+        if not isinstance(kernel, Guest):
+            raise ConfigError(f"BinaryTranslator translates a labkit.Guest or a shipped guest's name, "
+                              f"not {type(kernel).__name__}")
+        if kernel.mode != 64 or not kernel.user:
+            raise ConfigError(f"binary translation runs a 64-bit kernel deprivileged in ring 3 "
+                              f"(mode=64, user=True); {kernel.name!r} has mode={kernel.mode}, user={kernel.user}")
+        chosen = TRANSLATABLE if translate is None else frozenset(translate)
+        unknown = sorted(set(chosen) - TRANSLATABLE)
+        if unknown:
+            raise ConfigError(f"cannot translate {unknown}: choose from {sorted(TRANSLATABLE)}")
+        if cache_size % layout.PAGE_SIZE or cache_size < layout.PAGE_SIZE:
+            raise ConfigError(f"cache_size must be a whole number of 4 KiB pages, not {cache_size}")
+        self.kernel = kernel
+        self.translated = chosen
+        self.cache_size = cache_size
+        offset = kernel.entry - kernel.load_address
+        self._entry_byte = kernel.code[offset:offset + 1]
+        self.guest = replace(kernel, name=f"{kernel.name} (translated)",
+                             code=kernel.code[:offset] + BOOT_BREAKPOINT + kernel.code[offset + 1:])
+        """The kernel with an ``int3`` at its entry: the monitor takes over before its first instruction."""
+        self.cache: TranslationCache | None = None
+        self.vcpu = None
+        self.entries: dict[str, int] = {}
+        self.cache_hits = 0
+        self.chained = 0
+        self._stopped = False
+
+    def __repr__(self) -> str:
+        return f"<BinaryTranslator of {self.kernel.name!r}>"
+
+    # -- the Monitor protocol -------------------------------------------------------
+
+    def on_trap(self, trap, context) -> None:
+        self._stopped = False
+        try:
+            if self.cache is None:
+                self._start(trap, context)
+                return
+            rip = trap.regs.rip
+            site = self.cache.sites.get(rip - 1) if trap.vector == 3 else None
+            if site is not None:
+                self._entered_at(site, trap, context)
+            elif self.cache.contains(rip):
+                self._fault(trap, context)
+            else:
+                self._count(f"fault: {_short(trap.vector)}")
+                self._stop(context, "error", f"{exception_name(trap.vector)} at rip {rip:#x}, outside the "
+                           "translation cache: the monitor never runs the kernel's own code")
+        except CacheFull as full:
+            self._stop(context, "error", str(full))
+
+    def summary(self) -> TranslationSummary:
+        cache = self.cache
+        return TranslationSummary(
+            blocks_translated=len(cache.blocks) if cache else 0, cache_hits=self.cache_hits, chained=self.chained,
+            guest_bytes=cache.guest_bytes if cache else 0, cache_bytes=cache.used if cache else 0,
+            entries=dict(self.entries), translated=tuple(sorted(self.translated)),
+            blocks=dict(cache.blocks) if cache else {}, cache_base=cache.base if cache else 0,
+            vcpu=self.vcpu.snapshot() if self.vcpu is not None else None)
+
+    # -- entries --------------------------------------------------------------------
+
+    def _start(self, trap, context) -> None:
+        from labkit.monitor.vcpu import VirtualCpu
+
+        entry = self.kernel.entry
+        if trap.vector != 3 or trap.regs.rip != entry + 1:
+            self._stop(context, "error", f"binary translation must start at the kernel's entry {entry:#x}, but the "
+                       f"first trap was {exception_name(trap.vector)} at rip {trap.regs.rip:#x}: run "
+                       "BinaryTranslator.guest, not the kernel itself")
+            return
+        ram = len(context.memory)
+        base = ram - self.cache_size
+        lowest = max(self.kernel.end, layout.STACK_TOP)
+        if base < lowest:
+            self._stop(context, "error", f"no room for a {self.cache_size >> 10} KiB translation cache: RAM ends at "
+                       f"{ram:#x} and the kernel and its stacks reach {lowest:#x}; give the Machine more memory")
+            return
+        self.cache = TranslationCache(base, self.cache_size, self._reader(context), context.write,
+                                      self.translated, ram_size=ram)
+        self.vcpu = VirtualCpu()
+        self._count("start")
+        trap.regs.rip = entry
+        self._resume(trap)
+
+    def _entered_at(self, site: Site, trap, context) -> None:
+        if site.kind == "exit":
+            self._count("block exit")
+            successor = self._find(site.target)
+            self.cache.chain(site, successor)
+            self.chained += 1
+            trap.regs.rip = successor
+        elif site.kind == "indirect":
+            self._count(f"indirect: {site.mnemonic}")
+            target = self._branch_target(site, trap, context)
+            if target is not None:
+                trap.regs.rip = target
+                self._resume(trap)
+        elif site.kind == "sensitive":
+            self._count(f"emulate: {site.mnemonic}")
+            self._emulate(site.guest_rip, site.code, site.text, trap, context)
+            if self._stopped:
+                return
+            if trap.regs.rip == site.guest_next:
+                trap.regs.rip = site.address + 1  # the translation goes on right after the site
+            else:
+                self._resume(trap)  # iretq, int n, a delivered interrupt: somewhere else
+        else:  # "invalid": what the CPU does with bytes that do not decode
+            self._count("fault: #UD")
+            trap.regs.rip = site.guest_rip
+            self._reflect(6, None, trap, context)
+
+    def _fault(self, trap, context) -> None:
+        """A fault raised by translated code: emulate an untranslated privileged instruction, or reflect."""
+        from labkit.monitor.vcpu import PRIVILEGED, has_error_code
+
+        guest = self.cache.guest_address(trap.regs.rip)
+        trap.regs.rip = guest
+        decoded = self.cache.decode(guest)
+        if trap.vector in (6, 13) and decoded is not None and decoded.mnemonic in PRIVILEGED:
+            self._count(f"trap: {decoded.mnemonic}")
+            self._emulate(guest, bytes(decoded.bytes), f"{decoded.mnemonic} {decoded.op_str}".strip(), trap, context)
+            if not self._stopped:
+                self._resume(trap)
+            return
+        self._count(f"fault: {_short(trap.vector)}")
+        self._reflect(trap.vector, trap.error_code if has_error_code(trap.vector) else None, trap, context)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _emulate(self, guest_rip: int, code: bytes, text: str, trap, context) -> None:
+        """Carry out the guest instruction at ``guest_rip`` on the virtual CPU, then any pending interrupt.
+
+        A ``hlt`` with no interrupt pending ends the run (status ``halted``): nothing could wake it.
+        """
+        from labkit.monitor import vcpu as virtual
+
+        trap.regs.rip = guest_rip
+        try:
+            if virtual.emulate(self.vcpu, trap, context, code) is None:
+                self._stop(context, "error", f"unemulated instruction at RIP {guest_rip:#x}: {text}")
+                return
+            virtual.deliver_pending(self.vcpu, trap, context)
+        except virtual.VirtualTripleFault as fault:
+            self._stop(context, "shutdown", f"virtual triple fault: {fault}")
+            return
+        if self.vcpu.halted:
+            self._stop(context, "halted", f"hlt at {guest_rip:#x} emulated by the monitor")
+
+    def _reflect(self, vector: int, error_code: int | None, trap, context) -> None:
+        """Deliver ``vector`` through the guest kernel's virtual IDT and continue at its handler's translation."""
+        from labkit.monitor import vcpu as virtual
+
+        try:
+            virtual.reflect(self.vcpu, trap, context, vector, error_code)
+        except virtual.VirtualTripleFault as fault:
+            self._stop(context, "shutdown", f"virtual triple fault: {fault}")
+            return
+        self._resume(trap)
+
+    def _resume(self, trap) -> None:
+        """Continue at the translation of guest address ``trap.regs.rip`` (translating it if needed)."""
+        trap.regs.rip = self._find(trap.regs.rip)
+
+    def _find(self, guest: int) -> int:
+        found = self.cache.lookup(guest)
+        if found is not None:
+            self.cache_hits += 1
+            return found
+        return self.cache.translate(guest).cache_start
+
+    def _branch_target(self, site: Site, trap, context) -> int | None:
+        """Carry out ``ret``/``jmp r/m``/``call r/m`` on the guest's registers and stack; the guest target."""
+        from labkit.monitor.vcpu import decode, effective_address, read_register
+
+        regs = trap.regs
+        decoded = decode(site.code, site.guest_rip)
+        operands = decoded.operands
+        if decoded.mnemonic == "ret":
+            target = struct.unpack("<Q", context.read(regs.rsp, 8))[0]
+            regs.rsp = (regs.rsp + 8 + (operands[0].imm if operands else 0)) & _MASK64
+            return target
+        if decoded.mnemonic not in INDIRECT or len(operands) != 1 or operands[0].kind == "imm":
+            self._stop(context, "error", f"unemulated instruction at RIP {site.guest_rip:#x}: {site.text}")
+            return None
+        operand = operands[0]
+        if operand.kind == "reg":
+            target = read_register(regs, operand.reg)
+        else:
+            target = struct.unpack("<Q", context.read(effective_address(operand, regs, site.guest_next), 8))[0]
+        if decoded.mnemonic == "call":
+            regs.rsp = (regs.rsp - 8) & _MASK64
+            context.write(regs.rsp, struct.pack("<Q", site.guest_next))
+        return target
+
+    def _reader(self, context):
+        entry, original = self.kernel.entry, self._entry_byte
+
+        def read(address: int, size: int) -> bytes:
+            data = context.read(address, size)
+            if address <= entry < address + size:  # the boot breakpoint hides the kernel's first byte
+                data = data[:entry - address] + original + data[entry - address + 1:]
+            return data
+        return read
+
+    def _stop(self, context, kind: str, message: str) -> None:
+        self._stopped = True
+        context.stop(Status(kind, message=message))
+
+    def _count(self, reason: str) -> None:
+        self.entries[reason] = self.entries.get(reason, 0) + 1
+
+
+def _short(vector: int) -> str:
+    """``#PF`` for 14."""
+    return exception_name(vector).split(" ")[0]
