@@ -77,6 +77,9 @@ class TranslationSummary:
 
     blocks_translated: int
     cache_hits: int
+    """Lookups that found a translation: in the monitor, and by ``ret`` in the return table."""
+    inline_return_hits: int
+    """Of ``cache_hits``: returns resolved inside translated code, with no monitor entry."""
     chained: int
     guest_bytes: int
     """Bytes of guest code translated."""
@@ -153,7 +156,8 @@ class BinaryTranslator:
 
     name = "binary translation"
 
-    def __init__(self, kernel, *, translate: Iterable[str] | None = None, cache_size: int = CACHE_SIZE):
+    def __init__(self, kernel, *, translate: Iterable[str] | None = None, cache_size: int = CACHE_SIZE,
+                 timer: bool = False):
         from labkit.guest import Guest
 
         if isinstance(kernel, str):
@@ -161,9 +165,8 @@ class BinaryTranslator:
         if not isinstance(kernel, Guest):
             raise ConfigError(f"BinaryTranslator translates a labkit.Guest or a shipped guest's name, "
                               f"not {type(kernel).__name__}")
-        if kernel.mode != 64 or not kernel.user:
-            raise ConfigError(f"binary translation runs a 64-bit kernel deprivileged in ring 3 "
-                              f"(mode=64, user=True); {kernel.name!r} has mode={kernel.mode}, user={kernel.user}")
+        if kernel.mode != 64:
+            raise ConfigError(f"binary translation runs 64-bit kernels; {kernel.name!r} starts in {kernel.mode}-bit mode")
         chosen = TRANSLATABLE if translate is None else frozenset(translate)
         unknown = sorted(set(chosen) - TRANSLATABLE)
         if unknown:
@@ -175,9 +178,11 @@ class BinaryTranslator:
         self.cache_size = cache_size
         offset = kernel.entry - kernel.load_address
         self._entry_byte = kernel.code[offset:offset + 1]
-        self.guest = replace(kernel, name=f"{kernel.name} (translated)",
+        self.guest = replace(kernel, name=f"{kernel.name} (translated)", user=True,
                              code=kernel.code[:offset] + BOOT_BREAKPOINT + kernel.code[offset + 1:])
-        """The kernel with an ``int3`` at its entry: the monitor takes over before its first instruction."""
+        """The kernel started in ring 3 with an ``int3`` at its entry: the monitor takes over before
+        its first instruction."""
+        self.timer = timer
         self.cache: TranslationCache | None = None
         self.vcpu = None
         self.entries: dict[str, int] = {}
@@ -211,9 +216,11 @@ class BinaryTranslator:
 
     def summary(self) -> TranslationSummary:
         cache = self.cache
+        inline = cache.inline_return_hits() if cache else 0
         return TranslationSummary(
-            blocks_translated=len(cache.blocks) if cache else 0, cache_hits=self.cache_hits, chained=self.chained,
-            guest_bytes=cache.guest_bytes if cache else 0, cache_bytes=cache.used if cache else 0,
+            blocks_translated=len(cache.blocks) if cache else 0, cache_hits=self.cache_hits + inline,
+            inline_return_hits=inline, chained=self.chained,
+            guest_bytes=cache.guest_bytes if cache else 0, cache_bytes=cache.code_bytes if cache else 0,
             entries=dict(self.entries), translated=tuple(sorted(self.translated)),
             blocks=dict(cache.blocks) if cache else {}, cache_base=cache.base if cache else 0,
             vcpu=self.vcpu.snapshot() if self.vcpu is not None else None)
@@ -237,8 +244,13 @@ class BinaryTranslator:
                        f"{ram:#x} and the kernel and its stacks reach {lowest:#x}; give the Machine more memory")
             return
         self.cache = TranslationCache(base, self.cache_size, self._reader(context), context.write,
-                                      self.translated, ram_size=ram)
+                                      self.translated, ram_size=ram,
+                                      returns=(self.kernel.load_address, len(self.kernel.code)))
         self.vcpu = VirtualCpu()
+        if self.timer:
+            from labkit.monitor.trap_emulate import TIMER_PORT, VirtualTimer
+
+            self.vcpu.ports[TIMER_PORT] = VirtualTimer(self.vcpu)
         self._count("start")
         trap.regs.rip = entry
         self._resume(trap)
@@ -272,7 +284,7 @@ class BinaryTranslator:
 
     def _fault(self, trap, context) -> None:
         """A fault raised by translated code: emulate an untranslated privileged instruction, or reflect."""
-        from labkit.monitor.vcpu import PRIVILEGED, has_error_code
+        from labkit.monitor.vcpu import PF_USER, PRIVILEGED, has_error_code
 
         guest = self.cache.guest_address(trap.regs.rip)
         trap.regs.rip = guest
@@ -284,14 +296,18 @@ class BinaryTranslator:
                 self._resume(trap)
             return
         self._count(f"fault: {_short(trap.vector)}")
-        self._reflect(trap.vector, trap.error_code if has_error_code(trap.vector) else None, trap, context)
+        error_code = trap.error_code if has_error_code(trap.vector) else None
+        if trap.vector == 14 and error_code is not None:
+            error_code &= ~PF_USER  # the kernel believes it ran in ring 0
+        self._reflect(trap.vector, error_code, trap, context)
 
     # -- helpers ----------------------------------------------------------------------
 
     def _emulate(self, guest_rip: int, code: bytes, text: str, trap, context) -> None:
-        """Carry out the guest instruction at ``guest_rip`` on the virtual CPU, then any pending interrupt.
+        """Carry out the guest instruction at ``guest_rip`` on the virtual CPU.
 
-        A ``hlt`` with no interrupt pending ends the run (status ``halted``): nothing could wake it.
+        As in trap-and-emulate, a pending virtual interrupt is delivered after an emulated
+        ``sti``, ``popfq``, ``iretq`` or ``hlt``, and a ``hlt`` that nothing can wake ends the run.
         """
         from labkit.monitor import vcpu as virtual
 
@@ -300,12 +316,19 @@ class BinaryTranslator:
             if virtual.emulate(self.vcpu, trap, context, code) is None:
                 self._stop(context, "error", f"unemulated instruction at RIP {guest_rip:#x}: {text}")
                 return
-            virtual.deliver_pending(self.vcpu, trap, context)
+            mnemonic = text.split(" ", 1)[0]
+            delivered = None
+            if mnemonic in ("sti", "popfq", "iretq", "hlt"):
+                delivered = virtual.deliver_pending(self.vcpu, trap, context)
         except virtual.VirtualTripleFault as fault:
             self._stop(context, "shutdown", f"virtual triple fault: {fault}")
             return
-        if self.vcpu.halted:
-            self._stop(context, "halted", f"hlt at {guest_rip:#x} emulated by the monitor")
+        if mnemonic == "hlt" and delivered is None:
+            if self.vcpu.pending:
+                self._stop(context, "halted", f"hlt with the virtual IF clear: pending virtual interrupt(s) "
+                           f"{self.vcpu.pending} can never arrive")
+            else:
+                self._stop(context, "halted", "hlt emulated: no virtual interrupt can wake the kernel")
 
     def _reflect(self, vector: int, error_code: int | None, trap, context) -> None:
         """Deliver ``vector`` through the guest kernel's virtual IDT and continue at its handler's translation."""

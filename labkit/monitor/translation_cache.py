@@ -73,6 +73,8 @@ LOOPS = frozenset({"loop", "loope", "loopne", "jrcxz", "jecxz"})
 MAX_BLOCK_INSTRUCTIONS = 32
 EXIT_STUB_SIZE = 15
 INT3 = b"\xcc"
+MAX_RETURN_TABLE = 64 << 10
+"""At most this many bytes of return table (8 per guest code byte covered)."""
 CACHE_SIZE = 256 << 10
 """Default size of the cache region (at the top of guest RAM)."""
 
@@ -149,7 +151,7 @@ class TranslationCache:
 
     def __init__(self, base: int, size: int, read: Callable[[int, int], bytes],
                  write: Callable[[int, bytes], None], sensitive: Iterable[str] = SENSITIVE | {"cr", "dr"},
-                 ram_size: int | None = None):
+                 ram_size: int | None = None, returns: tuple[int, int] | None = None):
         import capstone
 
         if base < 0 or size <= EXIT_STUB_SIZE * 4:
@@ -157,6 +159,18 @@ class TranslationCache:
         self.base = base
         self.size = size
         self.used = 0
+        self.returns = None
+        """``(guest start, guest size, table address)`` of the return table, if there is one."""
+        if returns is not None:
+            guest_start, guest_size = returns
+            guest_size = min(guest_size, MAX_RETURN_TABLE // 8)
+            table_bytes = 8 * guest_size + 8  # one slot per guest byte, then the hit counter
+            if table_bytes > size // 2:
+                raise ConfigError(f"a return table for {guest_size} guest bytes does not fit a {size >> 10} KiB cache")
+            self.returns = (guest_start, guest_size, base)
+            self.used = (table_bytes + 15) & ~15
+        self.code_start = base + self.used
+        """Where translated code begins (after the return table)."""
         self.read = read
         self.write = write
         self.ram_size = ram_size if ram_size is not None else base + size
@@ -173,13 +187,18 @@ class TranslationCache:
 
     # -- lookups --------------------------------------------------------------
 
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of translated code, exit stubs and slots written so far."""
+        return self.base + self.used - self.code_start
+
     def lookup(self, guest: int) -> int | None:
         """Cache address of the block translated from guest address ``guest``, if any."""
         block = self.blocks.get(guest)
         return None if block is None else block.cache_start
 
     def contains(self, address: int) -> bool:
-        return self.base <= address < self.base + self.used
+        return self.code_start <= address < self.base + self.used
 
     def guest_address(self, cache: int) -> int | None:
         """The guest instruction that the translated code at ``cache`` stands for (a fault's RIP mapped back)."""
@@ -269,6 +288,13 @@ class TranslationCache:
                 emit(b"\x68" + struct.pack("<i", next_address), f"push {next_address:#x}        ; the guest's return address", insn[0])
                 emit_exit(insn, _target(instruction), "call")
                 ended = True
+            elif name == "ret" and not instruction.operands and self.returns is not None:
+                for piece, text in self._inline_return(start + len(out)):
+                    if text.startswith("int3"):
+                        emit_site("indirect", insn, text)
+                    else:
+                        emit(piece, text, insn[0])
+                ended = True
             elif name in INDIRECT or _transfers_control(instruction):
                 emit_site("indirect", insn, f"int3               ; -> monitor: {insn[2]} (indirect)")
                 ended = True
@@ -295,9 +321,55 @@ class TranslationCache:
             self._guest.append(stands_for)
         for site in pending:
             self.sites[site.address] = site
+        if self.returns is not None and 0 <= guest - self.returns[0] < self.returns[1]:
+            self.write(self.returns[2] + 8 * (guest - self.returns[0]), struct.pack("<Q", start))
         self.blocks[guest] = block
         self.guest_bytes += block.guest_end - block.guest_start
         return block
+
+    def inline_return_hits(self) -> int:
+        """How many ``ret``s found their target in the return table without entering the monitor."""
+        if self.returns is None:
+            return 0
+        return struct.unpack("<Q", self.read(self._return_counter(), 8))[0]
+
+    def _return_counter(self) -> int:
+        guest_start, guest_size, table = self.returns
+        return table + 8 * guest_size
+
+    def _inline_return(self, at: int) -> list[tuple[bytes, str]]:
+        """``ret`` as a lookup in the return table, in ring 3: a hit jumps to the translated return
+        address with no monitor entry; a miss (not translated yet, or outside the table) enters it.
+        Uses two quadwords below the guest's RSP as scratch (the guest's flags and RAX)."""
+        guest_start, guest_size, table = self.returns
+        hit = [
+            (b"\x9c", "pushfq             ; ret, inline: save flags and rax below the guest's stack"),
+            (b"\x50", "push rax"),
+            (b"\x48\x8b\x44\x24\x10", "mov rax, [rsp + 16]  ; the guest's return address"),
+            (b"\x48\x2d" + struct.pack("<i", guest_start), f"sub rax, {guest_start:#x}"),
+            (b"\x48\x3d" + struct.pack("<i", guest_size), f"cmp rax, {guest_size:#x}"),
+            (None, "jae miss"),
+            (b"\x48\x8b\x04\xc5" + struct.pack("<i", table), f"mov rax, [{table:#x} + rax * 8]  ; return table"),
+            (b"\x48\x85\xc0", "test rax, rax"),
+            (None, "jz miss            ; not translated yet"),
+            (b"\x48\xff\x04\x25" + struct.pack("<i", self._return_counter()), "inc qword [hits]"),
+            (b"\x48\x89\x44\x24\x10", "mov [rsp + 16], rax  ; the translated return address"),
+            (b"\x58", "pop rax"),
+            (b"\x9d", "popfq"),
+            (b"\xc3", "ret                ; to the translation, natively"),
+        ]
+        miss = [(b"\x58", "miss: pop rax"), (b"\x9d", "popfq"), (INT3, "int3               ; -> monitor: ret (lookup)")]
+        # The two jumps to "miss" (rel8: the hit path is short).
+        pieces, offset = [], at
+        lengths = [2 if code is None else len(code) for code, _ in hit]
+        miss_at = at + sum(lengths)
+        for (code, text), length in zip(hit, lengths):
+            if code is None:
+                opcode = 0x73 if text.startswith("jae") else 0x74
+                code = bytes([opcode, miss_at - (offset + 2)])
+            pieces.append((code, text))
+            offset += length
+        return pieces + miss
 
     def peek(self, address: int, size: int) -> bytes:
         """Up to ``size`` bytes of guest memory at ``address`` (fewer at the end of RAM)."""
