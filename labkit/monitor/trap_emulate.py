@@ -18,12 +18,15 @@ monitor's GDT, IDT and CR0.  The monitor never sees them, so the kernel
 observes the difference: :func:`run_deprivileged` next to a native run of
 the same binary shows it line by line (:func:`compare_consoles`).
 
-Backends: on the emulator everything above works.  On KVM with VT-x/AMD-V
-(``kvm_intel``/``kvm_amd``) ring-3 port I/O raises #GP and is emulated like
-the rest.  Under PVM (``kvm_pvm``) IOPL is forced to 0 and ring-3 port I/O
-is a triple fault, not a #GP: the monitor never sees it, so a deprivileged
-kernel that prints with ``out`` stops with status ``shutdown`` at its first
-port access; :func:`run_deprivileged` says so in the report's ``explanation``.
+Backends: the monitor runs the same on the emulator and on KVM.  Measured
+on this project's PVM host (``kvm_pvm``): ring-3 ``cli``, ``hlt``, ``mov crN``,
+``lgdt``, ``in``/``out`` and ``iretq`` to ring 0 raise #GP as on VT-x/AMD-V,
+and ring-3 ``int n`` raises #UD (PVM's instruction emulator cannot do it),
+which the monitor decodes and reflects all the same: the kernel's console is
+identical on both backends.  A KVM host that turned ring-3 port I/O into a
+triple fault instead of a #GP would hide it from the monitor; the run then
+ends with status ``shutdown`` and :func:`run_deprivileged` says why in the
+report's ``explanation``.
 
 ``minikernel(...)`` is the shipped kernel (``guests/minikernel64.S``) with a
 chosen set of its routines (:data:`ROUTINES`), and optionally the student's
@@ -221,12 +224,11 @@ def _is_privileged(decoded) -> bool:
 
 # -- running a kernel natively and deprivileged ---------------------------------------------------
 
-PVM_EXPLANATION = (
-    "PVM (kvm_pvm) runs this machine's KVM guests without VT-x: it forces IOPL to 0 and turns ring-3 "
-    "port I/O into a triple fault instead of a #GP, so the monitor never sees the kernel's '{instruction}' "
-    "at RIP {rip:#x} and cannot emulate it; the run ends with status shutdown after {traps} trap(s). "
-    "On VT-x or AMD-V (kvm_intel, kvm_amd) ring-3 port I/O raises #GP and this monitor emulates it; "
-    "on the emulator it does."
+PORT_IO_SHUTDOWN = (
+    "KVM ({flavour}) turned the kernel's ring-3 '{instruction}' at RIP {rip:#x} into a triple fault "
+    "instead of a #GP, so the monitor never saw it and could not emulate it; the run ended with status "
+    "shutdown after {traps} trap(s). Where ring-3 port I/O raises #GP (VT-x, AMD-V, the emulator, and "
+    "PVM as measured on labkit's development host) this monitor emulates it."
 )
 
 
@@ -234,8 +236,8 @@ def run_deprivileged(guest, backend: str = "auto", timeout: float = 10.0, *, mon
                      **machine_options):
     """Run ``guest`` (a kernel written for ring 0) unmodified in ring 3 under ``monitor``; a ``RunResult``.
 
-    The same code, started with ``iretq`` into ring 3 (``user=True``).  Under
-    PVM, a shutdown at a port access is explained in ``result.monitor.explanation``.
+    The same code, started with ``iretq`` into ring 3 (``user=True``).  A KVM
+    shutdown at a port access is explained in ``result.monitor.explanation``.
     """
     from labkit import Guest, Machine
 
@@ -265,8 +267,8 @@ def _explain_shutdown(machine, result) -> str:
     except LabkitError:
         instruction = "?"
     traps = result.monitor.trap_count if isinstance(result.monitor, TrapEmulateReport) else 0
-    if flavour == "kvm_pvm" and instruction.split(" ")[0] in ("in", "out", "insb", "outsb", "insd", "outsd"):
-        return PVM_EXPLANATION.format(instruction=instruction, rip=rip, traps=traps)
+    if instruction.split(" ")[0] in ("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"):
+        return PORT_IO_SHUTDOWN.format(flavour=flavour, instruction=instruction, rip=rip, traps=traps)
     return f"the guest shut down (triple fault) at RIP {rip:#x} ({instruction}) under KVM ({flavour})"
 
 
