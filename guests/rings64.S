@@ -358,6 +358,7 @@ kernel_fault:
 # ---- the ring-3 task --------------------------------------------------------------
 task:
         lea r15, [rip + task_end]       # resume here after an unplanned fault
+# >>> experiments (labkit.rings.rings_guest can replace the lines up to "<<<")
         mov eax, 1                      # write(message) with int 0x80
         lea rdi, [rip + message]
         mov esi, message_end - message
@@ -379,6 +380,7 @@ task:
 1:      lea r15, [rip + 1f]
         mov rax, [0x40000000]           # beyond the mapped 1 GiB:  P=0 W=0 U=1
 1:
+# <<< experiments
 task_end:
         mov eax, 0                      # exit(0) with int 0x80
         xor edi, edi
