@@ -120,6 +120,11 @@ class TranslationSummary:
         known = ", ".join(f"{start:#x}" for start in sorted(self.blocks))
         raise ConfigError(f"no translated block contains {guest:#x}; blocks start at {known}")
 
+    def blocks_containing(self, mnemonic: str) -> list[Block]:
+        """The translated blocks with a guest instruction ``mnemonic`` (``"popfq"``), by guest address."""
+        return [block for _, block in sorted(self.blocks.items())
+                if any(text.split(" ", 1)[0] == mnemonic for _, _, text in block.original)]
+
     def side_by_side(self, guest: int):
         """A :class:`labkit.viz.report.Table`: the block's guest instructions and their translation."""
         from labkit.viz.report import Table
@@ -397,3 +402,44 @@ class BinaryTranslator:
 def _short(vector: int) -> str:
     """``#PF`` for 14."""
     return exception_name(vector).split(" ")[0]
+
+
+def run_translated(kernel, backend: str = "auto", timeout: float = 10.0, *, translate: Iterable[str] | None = None,
+                   timer: bool = False, **machine_options):
+    """Run ``kernel`` (written for ring 0) by binary translation in ring 3; a ``RunResult``.
+
+    ``result.monitor`` is the :class:`TranslationSummary`.  ``translate`` and
+    ``timer`` go to :class:`BinaryTranslator`, ``machine_options`` to the Machine.
+    """
+    from labkit import Machine
+
+    translator = BinaryTranslator(kernel, translate=translate, timer=timer)
+    with Machine(translator.guest, backend=backend, monitor=translator, **machine_options) as machine:
+        return machine.run(timeout)
+
+
+def consoles_side_by_side(consoles: dict[str, str], *, reference: str | None = None):
+    """Console output of several runs line by line (a :class:`labkit.viz.report.Table`).
+
+    A line marked ``≠`` differs from the ``reference`` run's (default: the first).
+    """
+    from labkit.viz.report import Table
+
+    if not consoles:
+        raise ConfigError("consoles_side_by_side needs at least one console")
+    names = list(consoles)
+    reference = names[0] if reference is None else reference
+    if reference not in consoles:
+        raise ConfigError(f"reference {reference!r} is not one of {names}")
+    lines = {name: text.splitlines() for name, text in consoles.items()}
+    depth = max(len(text) for text in lines.values())
+    rows = []
+    for index in range(depth):
+        cells = [lines[name][index] if index < len(lines[name]) else "" for name in names]
+        base = cells[names.index(reference)]
+        rows.append([str(index + 1)] + [("≠ " if cell != base else "  ") + cell for cell in cells])
+    differing = {name: sum(1 for row in rows if row[1 + names.index(name)].startswith("≠")) for name in names}
+    note = "; ".join(f"{name}: {count} line(s) differ from {reference}" for name, count in differing.items()
+                     if name != reference)
+    return Table("Console output, line by line (≠: differs from " + reference + ")", ["line"] + names, rows,
+                 note=note)
