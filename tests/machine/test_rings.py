@@ -1,0 +1,76 @@
+"""rings64 on every backend: its kernel's events, #PF error codes with CR2, and what PVM changes."""
+
+from __future__ import annotations
+
+import pytest
+
+from labkit.errors import AssemblyError
+from labkit.rings import ring_events, run_rings
+from labkit.viz import ring_timeline
+
+
+def is_pvm(backend: str) -> bool:
+    if backend != "kvm":
+        return False
+    from labkit.kvm.system import kvm_flavour
+
+    return kvm_flavour() == "kvm_pvm"
+
+
+def entries(events):
+    return [event for event in events if event.kind in ("entry", "syscall")]
+
+
+def test_rings64_runs_its_task_and_reports_every_transition(backend_name):
+    result = run_rings(backend_name)
+    assert str(result.status) == "exited with code 0" and result.console == "hello from ring 3\n"
+    events = ring_events(result)
+    assert events[0].kind == "start" and events[-1].kind == "exit"
+    assert events[-2].kind == "entry" and events[-2].from_cpl == 3  # the exit system call
+    # Every entry from ring 3 is followed by a return to ring 3 (except the final exit).
+    for entry, after in zip(events[1:-2], events[2:-1]):
+        if entry.kind in ("entry", "syscall"):
+            assert entry.from_cpl == 3 and after.kind == "return", (entry.label, after.label)
+    faults = [(e.vector, e.error_code, e.cr2) for e in entries(events) if e.vector == 14]
+    assert faults == [(14, 0x5, 0x30000), (14, 0x7, 0x30000), (14, 0x7, 0x31000), (14, 0x4, 0x40000000)]
+    assert any(event.kind == "syscall" for event in events)
+
+
+def test_system_calls_and_privileged_instructions_per_backend(backend_name):
+    events = entries(ring_events(run_rings(backend_name)))
+    vectors = [event.vector for event in events if event.kind == "entry"]
+    gp = [event.rip for event in events if event.vector == 13]
+    if is_pvm(backend_name):
+        # PVM: ring-3 `int 0x80` is #UD (the kernel emulates it); sysretq in PVM's syscall mode is #GP.
+        assert vectors.count(6) == 2 and 0x80 not in vectors
+        assert len(gp) == 4
+    else:
+        assert vectors.count(0x80) == 2 and 6 not in vectors
+        assert len(gp) == 3  # cli, mov rax, cr3, hlt
+
+
+def test_the_students_experiments_replace_the_task():
+    result = run_rings("emu", experiments="""
+        lea r15, [rip + 1f]
+        mov rax, cr0
+1:      lea r15, [rip + 1f]
+        mov byte ptr [READ_ONLY], 7
+1:
+""")
+    labels = [event.label for event in entries(ring_events(result))]
+    assert labels == ["#GP (error 0x0) from ring 3", "#PF (error 0x7, cr2 0x31000) from ring 3",
+                      "int 0x80 from ring 3"]
+    assert result.console == ""
+
+
+def test_experiments_that_do_not_assemble_say_why():
+    with pytest.raises(AssemblyError, match="line"):
+        run_rings("emu", experiments="mov rax, [nowhere")
+
+
+def test_the_timeline_figure_says_what_measured_it(backend_name):
+    figure = ring_timeline(run_rings(backend_name))
+    ax = figure.axes[0]
+    assert "measured on" in ax.get_title()
+    assert "µs" in ax.get_xlabel() or "ms" in ax.get_xlabel()
+    assert [tick.get_text() for tick in ax.get_yticklabels()] == ["ring 0\n(kernel)", "ring 3\n(task)"]
