@@ -27,11 +27,21 @@ dropped at each run and whenever CR0, CR3 or CR4 change; a guest that edits the
 page-table entries of its IDT, GDT, TSS or stack pages in the middle of a run
 and only uses ``invlpg`` keeps seeing the old mapping during delivery.
 
-Fast path: after a successful long-mode delivery the outcome is kept as a plan
-per (vector, software); the next time, :meth:`ExceptionDelivery.deliver_fast`
-checks that hflags, TR/GDTR/IDTR, CR0/CR3/CR4, the IDT gate's 16 bytes and the
-code descriptor's 8 bytes are unchanged and only pushes the frame and loads the
-cached segment state (about 2 us here instead of about 12 us).
+Fast path: after a successful long-mode delivery its outcome is kept as a plan,
+keyed by (hflags, software, vector), so ring-0 and ring-3 faults on one vector
+keep separate plans.  The next time, :meth:`ExceptionDelivery.deliver_fast`
+compares what the delivery read (LDTR, TR, GDTR, IDTR and CR0..CR4 as one
+136-byte slice, where only CR2 may differ; the IDT gate's two qwords; the code
+descriptor's qword) with the plan, reads RSP0/IST from the TSS afresh, and only pushes the frame and loads
+the cached segment state.  Nothing is watched: a guest that rewrites a gate, a
+descriptor, the TSS stack pointer or a table register between two faults is
+delivered as the new values say.  (A write hook on the table pages would avoid
+the compares, but any UC_HOOK_MEM_WRITE slows every guest store: about 25 % of
+compute speed here.)  RFLAGS is computed from QEMU's lazy condition codes
+(CC_DST/CC_SRC/CC_SRC2/CC_OP, :func:`arithmetic_flags`) instead of asking
+Unicorn, which costs about 0.5 us per call through ctypes; the formulas are
+checked against ``uc_reg_read`` once per process and any CC_OP that disagrees
+falls back to it.
 """
 
 from __future__ import annotations
@@ -55,18 +65,181 @@ DESC_G = 1 << 23
 
 
 _HFLAGS = S.HFLAGS // 4
-_CC_OP = S.CC_OP // 4
-_DF = S.DF // 4
 _EFLAGS = S.EFLAGS // 8
-_CC_SRC = S.CC_SRC // 8
 _EIP = S.EIP // 8
 _RSP = S.REGS // 8 + 4
 _CS_OFFSET = S.SEGS + S.R_CS * S.SEGMENT_SIZE
 _SS_OFFSET = S.SEGS + S.R_SS * S.SEGMENT_SIZE
 _CS_SELECTOR = _CS_OFFSET // 4
 _SS_SELECTOR = _SS_OFFSET // 4
+_SYSTEM = slice(S.LDT, S.CR + 40)  # LDTR, TR, GDTR, IDTR, CR0..CR4
+_CR2_AT = S.CR + 16 - S.LDT  # CR2 within that slice: a #PF changes it, the plan does not depend on it
 _FRAME5 = struct.Struct("<5Q")  # RIP, CS, RFLAGS, RSP, SS from the lowest address up
 _FRAME6 = struct.Struct("<6Q")  # error code first
+
+# QEMU 5.0's lazy flags (target/i386/cpu.h): eflags, cc_dst, cc_src, cc_src2, cc_op, df, hflags
+# follow eip in CPUX86State.  While the CPU runs, eflags holds no arithmetic flags and no DF.
+_CC_DST = S.EFLAGS + 8
+_CC_SRC2 = S.CC_SRC + 8
+_HEAD = struct.Struct("<5QIiI")  # eip, eflags, cc_dst, cc_src, cc_src2, cc_op, df, hflags
+# From RSP (regs[4]): rsp, eip, eflags, cc_dst, cc_src, cc_src2, cc_op, df, hflags, CS.selector, SS.selector
+_TRAP_STATE = struct.Struct("<Q88x5QIiI28xI20xI")
+_TRAP_STATE_AT = S.REGS + 32
+if _TRAP_STATE_AT + 8 + 88 != S.EIP or _TRAP_STATE.size != _SS_OFFSET + 4 - _TRAP_STATE_AT:
+    raise ImportError("labkit.emu.delivery's trap-state struct does not match CPUX86State")
+if (S.EIP + 8, _CC_DST + 8, _CC_SRC2, S.CC_SRC + 16, S.CC_OP + 4, S.DF + 4) != (
+        S.EFLAGS, S.CC_SRC, S.CC_SRC + 8, S.CC_OP, S.DF, S.HFLAGS):
+    raise ImportError("labkit.emu.delivery expects QEMU 5.0's CPUX86State layout (eip .. hflags)")
+
+CC_C, CC_P, CC_A, CC_Z, CC_S, CC_O = 0x1, 0x4, 0x10, 0x40, 0x80, 0x800
+ARITHMETIC = CC_C | CC_P | CC_A | CC_Z | CC_S | CC_O
+_PARITY = tuple(0 if bin(i).count("1") & 1 else CC_P for i in range(256))
+
+
+def _sized_flag_functions(bits: int) -> dict[str, object]:
+    """QEMU's cc_helper_template.h compute_all_* for one operand size, as (dst, src1, src2) -> flags.
+
+    Written for speed (one of them runs on every trap): constants are closure
+    variables, SF is the result's top bit shifted to bit 7.
+    """
+    mask = (1 << bits) - 1
+    sign = 1 << (bits - 1)
+    below_sign = sign - 1
+    to_sf = bits - 8
+    parity = _PARITY
+    cf, af, zf, sf, of = CC_C, CC_A, CC_Z, CC_S, CC_O
+
+    def mul(dst, src1, _src2):
+        dst &= mask
+        carry = 1 if src1 & mask else 0
+        return carry | parity[dst & 0xFF] | (0 if dst else zf) | (dst >> to_sf & sf) | carry << 11
+
+    def add(dst, src1, _src2):
+        dst &= mask
+        src1 &= mask
+        src2 = (dst - src1) & mask
+        return ((dst < src1) | parity[dst & 0xFF] | ((dst ^ src1 ^ src2) & af) | (0 if dst else zf)
+                | (dst >> to_sf & sf) | (of if (src1 ^ src2 ^ mask) & (src1 ^ dst) & sign else 0))
+
+    def adc(dst, src1, carry):
+        dst &= mask
+        src1 &= mask
+        carry &= mask
+        src2 = (dst - src1 - carry) & mask
+        return (((dst <= src1) if carry else (dst < src1)) | parity[dst & 0xFF] | ((dst ^ src1 ^ src2) & af)
+                | (0 if dst else zf) | (dst >> to_sf & sf) | (of if (src1 ^ src2 ^ mask) & (src1 ^ dst) & sign else 0))
+
+    def sub(dst, src2, _unused):
+        dst &= mask
+        src2 &= mask
+        src1 = (dst + src2) & mask
+        return ((src1 < src2) | parity[dst & 0xFF] | ((dst ^ src1 ^ src2) & af) | (0 if dst else zf)
+                | (dst >> to_sf & sf) | (of if (src1 ^ src2) & (src1 ^ dst) & sign else 0))
+
+    def sbb(dst, src2, borrow):
+        dst &= mask
+        src2 &= mask
+        borrow &= mask
+        src1 = (dst + src2 + borrow) & mask
+        return (((src1 <= src2) if borrow else (src1 < src2)) | parity[dst & 0xFF] | ((dst ^ src1 ^ src2) & af)
+                | (0 if dst else zf) | (dst >> to_sf & sf) | (of if (src1 ^ src2) & (src1 ^ dst) & sign else 0))
+
+    def logic(dst, _src1, _src2):
+        dst &= mask
+        return parity[dst & 0xFF] | (0 if dst else zf) | (dst >> to_sf & sf)
+
+    def inc(dst, carry, _src2):  # CC_SRC holds the carry flag from before
+        dst &= mask
+        return ((carry & mask) | parity[dst & 0xFF] | (0 if dst & 0xF else af) | (0 if dst else zf)
+                | (dst >> to_sf & sf) | (of if dst == sign else 0))
+
+    def dec(dst, carry, _src2):
+        dst &= mask
+        return ((carry & mask) | parity[dst & 0xFF] | (af if dst & 0xF == 0xF else 0) | (0 if dst else zf)
+                | (dst >> to_sf & sf) | (of if dst == below_sign else 0))
+
+    def shl(dst, src1, _src2):
+        dst &= mask
+        src1 &= mask
+        return ((src1 >> (bits - 1) & cf) | parity[dst & 0xFF] | (0 if dst else zf) | (dst >> to_sf & sf)
+                | (of if (src1 ^ dst) & sign else 0))
+
+    def sar(dst, src1, _src2):
+        dst &= mask
+        src1 &= mask
+        return ((src1 & cf) | parity[dst & 0xFF] | (0 if dst else zf) | (dst >> to_sf & sf)
+                | (of if (src1 ^ dst) & sign else 0))
+
+    def bmilg(dst, src1, _src2):
+        dst &= mask
+        return (0 if src1 & mask else cf) | (0 if dst else zf) | (dst >> to_sf & sf)
+
+    return {"MUL": mul, "ADD": add, "ADC": adc, "SUB": sub, "SBB": sbb, "LOGIC": logic, "INC": inc, "DEC": dec,
+            "SHL": shl, "SAR": sar, "BMILG": bmilg}
+
+
+def _flag_table() -> list:
+    """Index: QEMU 5.0's CCOp (CC_OP_EFLAGS = 1, CC_OP_MULB = 2, ... CC_OP_POPCNT = 50); None: ask Unicorn."""
+    table: list = [None] * 64
+    table[1] = lambda _dst, src1, _src2: src1 & ARITHMETIC  # CC_OP_EFLAGS
+    sized = [_sized_flag_functions(bits) for bits in (8, 16, 32, 64)]
+    for first, kind in enumerate(("MUL", "ADD", "ADC", "SUB", "SBB", "LOGIC", "INC", "DEC", "SHL", "SAR", "BMILG")):
+        for size in range(4):
+            table[2 + 4 * first + size] = sized[size][kind]
+    table[46] = lambda dst, src1, _src2: ((src1 & ~CC_C) | dst * CC_C) & ARITHMETIC  # CC_OP_ADCX: CC_DST = C
+    table[47] = lambda _dst, src1, src2: ((src1 & ~CC_O) | src2 * CC_O) & ARITHMETIC  # CC_OP_ADOX: CC_SRC2 = O
+    table[48] = lambda dst, src1, src2: (  # CC_OP_ADCOX: CC_DST = C, CC_SRC2 = O
+        (src1 & ~(CC_C | CC_O)) | dst * CC_C | src2 * CC_O) & ARITHMETIC
+    table[49] = lambda _dst, _src1, _src2: CC_Z | CC_P  # CC_OP_CLR
+    table[50] = lambda _dst, src1, _src2: 0 if src1 else CC_Z  # CC_OP_POPCNT
+    return table
+
+
+_FLAG_TABLE = _flag_table()
+_checked_flag_table: list | None = None
+
+
+def arithmetic_flags(cc_op: int, cc_dst: int, cc_src: int, cc_src2: int) -> int | None:
+    """OF SF ZF AF PF CF as QEMU computes them from its lazy state; None for a CC_OP not modelled here."""
+    function = _FLAG_TABLE[cc_op] if 0 <= cc_op < len(_FLAG_TABLE) else None
+    return None if function is None else function(cc_dst, cc_src, cc_src2)
+
+
+def checked_flag_table(cpu: S.CpuStateView, read_eflags) -> list:
+    """The flag table with every entry that disagrees with Unicorn's own computation set to None.
+
+    Checked once per process, on an engine that is not running: a few values per
+    CC_OP are written into cc_dst/cc_src/cc_src2/cc_op in place and the result
+    compared with ``uc_reg_read(EFLAGS)`` (QEMU's cpu_compute_eflags); the
+    fields are put back afterwards.
+    """
+    global _checked_flag_table
+    if _checked_flag_table is not None:
+        return _checked_flag_table
+    q, u32 = cpu.q, cpu.u32
+    saved = bytes(cpu.bytes[S.EFLAGS:S.HFLAGS])
+    samples = [(0, 0, 0), (1, 0, 1), (0x80, 0x7F, 1), (0x7F, 0x80, 0), (0x8000, 0xFFFF, 1),
+               (0x8000_0000, 0x7FFF_FFFF, 0), (1 << 63, (1 << 63) - 1, 1), (0xFFFF_FFFF_FFFF_FFFF, 1, 0),
+               (0x1234_5678_9ABC_DEF0, 0x0FED_CBA9_8765_4321, 1), (0x10, 0x0F, 0)]
+    table = list(_FLAG_TABLE)
+    try:
+        q[S.EFLAGS // 8] = 0x2
+        cpu.i32[S.DF // 4] = 1
+        for cc_op, function in enumerate(table):
+            if function is None:
+                continue
+            for dst, src1, src2 in samples:
+                if 26 <= cc_op <= 33:  # INC, DEC: CC_SRC holds the carry flag, 0 or 1
+                    src1 &= 1
+                q[_CC_DST // 8], q[S.CC_SRC // 8], q[_CC_SRC2 // 8] = dst, src1, src2
+                u32[S.CC_OP // 4] = cc_op
+                if (read_eflags() & ARITHMETIC) != function(dst, src1, src2):
+                    table[cc_op] = None
+                    break
+    finally:
+        cpu.bytes[S.EFLAGS:S.HFLAGS] = saved
+    _checked_flag_table = table
+    return table
 
 
 class TripleFault(Exception):
@@ -102,10 +275,22 @@ class ExceptionDelivery:
         self.ram = ram
         self.ram_size = len(ram)
         self.read_eflags = read_eflags
+        self._flags = checked_flag_table(cpu, read_eflags)
         self._tlb: dict[int, int] = {}
         self._tlb_key: tuple[int, int, int, int] = (-1, -1, -1, -1)
-        self._plans: dict[tuple[int, bool], tuple] = {}
-        self._recording: list | None = None
+        self._plans: dict[int, tuple] = {}
+        self._record_plan = False
+        # Guest RAM as qwords, at offset 0 and at offset 4 (RSP0..2 and IST sit at 4 mod 8 in a TSS).
+        self._ram_q = ram.cast("Q")
+        self._ram_q4 = ram[4:len(ram) - 4].cast("Q")
+        self._views: list[memoryview] = []
+        self.deliver_fast = self._fast_path()
+
+    def release(self) -> None:
+        """Let go of the views of guest RAM (before the RAM is unmapped)."""
+        self.deliver_fast = None
+        for view in (*self._views, self._ram_q, self._ram_q4):
+            view.release()
 
     def flush(self) -> None:
         """Forget cached translations and delivery plans (called at the start of every run)."""
@@ -113,51 +298,75 @@ class ExceptionDelivery:
         self._plans.clear()
         self._tlb_key = (-1, -1, -1, -1)
 
-    def deliver_fast(self, vector: int, error_code: int, software: bool) -> bool:
-        """Replay a long-mode delivery made before for this vector, if nothing it read has changed.
+    def rflags(self) -> int:
+        """RFLAGS as the guest would push it: QEMU's eflags | lazy arithmetic flags | DF."""
+        _eip, eflags, cc_dst, cc_src, cc_src2, cc_op, df, _hflags = _HEAD.unpack_from(self.cpu.bytes, S.EIP)
+        function = self._flags[cc_op] if cc_op < 64 else None
+        if function is None:
+            return self.read_eflags()
+        return eflags | function(cc_dst, cc_src, cc_src2) | (df & 0x400)
 
-        A plan is kept after each successful long-mode delivery.  It is used only
-        when hflags (CPL, mode), TR/GDTR/IDTR, CR0/CR3/CR4, the 16 bytes of the
-        IDT gate and the 8 bytes of the code-segment descriptor are all as they
-        were; then only RFLAGS, the stack and RIP differ, and they are computed
-        here.  Returns False when there is no valid plan (use :meth:`deliver`).
+    def _fast_path(self):
+        """Build ``deliver_fast(vector) -> bool``: replay a long-mode delivery made before, if still valid.
+
+        A plan is looked up by (hflags, software, vector); it is used when LDTR,
+        TR, GDTR, IDTR, CR0, CR3, CR4, the IDT gate's two qwords and the code
+        descriptor's qword are all as when it was made.  RSP0/IST is read from
+        the TSS each time; RFLAGS comes from the lazy flags.  Then the frame is
+        one ``struct.pack_into`` into guest RAM, and RSP, CS (and SS), hflags,
+        RIP and RFLAGS are stored in place.  Returns False when there is no
+        valid plan or the frame would not fit in one cached, RAM-backed page
+        (use :meth:`deliver`).  Everything is bound to locals: this runs once
+        per guest exception.
         """
-        plan = self._plans.get((vector, software))
-        if plan is None:
-            return False
-        (hflags, system, control, idt_phys, gate, gdt_phys, descriptor, stack_slot, user, target,
-         cs_cache, ss_cache, hflags_after, keep_mask, error) = plan
-        cpu, ram = self.cpu, self.ram
-        raw, q, u32 = cpu.bytes, cpu.q, cpu.u32
-        if (u32[_HFLAGS] != hflags or raw[S.TR:S.CR + 16] != system or raw[S.CR + 24:S.CR + 40] != control
-                or ram[idt_phys:idt_phys + 16] != gate or ram[gdt_phys:gdt_phys + 8] != descriptor):
-            return False
-        if u32[_CC_OP] == 1:  # CC_OP_EFLAGS: the arithmetic flags are in CC_SRC, DF in df
-            rflags = q[_EFLAGS] | (q[_CC_SRC] & 0x8D5) | (0x400 if cpu.i32[_DF] < 0 else 0)
-        else:
-            rflags = self.read_eflags()
-        old_rsp = q[_RSP]
-        rsp = (int.from_bytes(ram[stack_slot:stack_slot + 8], "little") if stack_slot >= 0 else old_rsp) & ~0xF
-        if error:
-            rsp -= 48
-            frame = _FRAME6.pack(error_code, q[_EIP], u32[_CS_SELECTOR], rflags, old_rsp, u32[_SS_SELECTOR])
-        else:
-            rsp -= 40
-            frame = _FRAME5.pack(q[_EIP], u32[_CS_SELECTOR], rflags, old_rsp, u32[_SS_SELECTOR])
-        page = self._tlb.get((rsp >> 12) << 2 | 2 | user)
-        end = (rsp & 0xFFF) + len(frame)
-        if page is None or end > 0x1000 or page + end > self.ram_size:
-            return False
-        physical = page | (rsp & 0xFFF)
-        ram[physical:physical + len(frame)] = frame
-        q[_RSP] = rsp
-        raw[_CS_OFFSET:_CS_OFFSET + S.SEGMENT_SIZE] = cs_cache
-        if ss_cache is not None:
-            raw[_SS_OFFSET:_SS_OFFSET + S.SEGMENT_SIZE] = ss_cache
-        u32[_HFLAGS] = hflags_after
-        q[_EIP] = target
-        q[_EFLAGS] &= keep_mask
-        return True
+        cpu = self.cpu
+        raw, q, u32, i32 = cpu.bytes, cpu.q, cpu.u32, cpu.i32
+        ram, ram_q = self.ram, self._ram_q
+        error_code_index, is_int_index = cpu.deep.error_code // 4, cpu.deep.exception_is_int // 4
+        plans_get, tlb_get = self._plans.get, self._tlb.get
+        trap_state, trap_state_at = _TRAP_STATE.unpack_from, _TRAP_STATE_AT
+        system_view = raw[_SYSTEM]
+        self._views = [system_view]
+        cr2_at = _CR2_AT
+        flags = self._flags
+        read_eflags = self.read_eflags
+        pack5, pack6 = _FRAME5.pack_into, _FRAME6.pack_into
+        rsp_index, eip_index, eflags_index, hflags_index, cs_offset = _RSP, _EIP, _EFLAGS, _HFLAGS, _CS_OFFSET
+        struct_error = struct.error
+
+        def deliver_fast(vector: int) -> bool:
+            old_rsp, eip, eflags, cc_dst, cc_src, cc_src2, cc_op, df, hflags, cs, ss = trap_state(raw, trap_state_at)
+            plan = plans_get(hflags << 9 | i32[is_int_index] << 8 | vector)
+            if plan is None:
+                return False
+            (system, gate, gate_low, gate_high, descriptor, descriptor_value, stack_view, stack_index, user, target,
+             caches, caches_end, hflags_after, keep_mask, error) = plan
+            if ram_q[gate] != gate_low or ram_q[gate + 1] != gate_high or ram_q[descriptor] != descriptor_value:
+                return False
+            now = system_view.tobytes()
+            if now != system and (now[:cr2_at] != system[:cr2_at] or now[cr2_at + 8:] != system[cr2_at + 8:]):
+                return False
+            function = flags[cc_op] if cc_op < 64 else None
+            rflags = eflags | function(cc_dst, cc_src, cc_src2) | (df & 0x400) if function else read_eflags()
+            rsp = ((old_rsp if stack_view is None else stack_view[stack_index]) & ~0xF) - (48 if error else 40)
+            page = tlb_get((rsp >> 12) << 2 | 2 | user)
+            if page is None or rsp & 0xFFF > (0x1000 - 48 if error else 0x1000 - 40):
+                return False
+            try:
+                if error:
+                    pack6(ram, page | (rsp & 0xFFF), i32[error_code_index], eip, cs, rflags, old_rsp, ss)
+                else:
+                    pack5(ram, page | (rsp & 0xFFF), eip, cs, rflags, old_rsp, ss)
+            except struct_error:  # the stack page is not RAM
+                return False
+            q[rsp_index] = rsp
+            raw[cs_offset:caches_end] = caches
+            u32[hflags_index] = hflags_after
+            q[eip_index] = target
+            q[eflags_index] = eflags & keep_mask
+            return True
+
+        return deliver_fast
 
     # --- public entry point --------------------------------------------------------------------
 
@@ -173,11 +382,8 @@ class ExceptionDelivery:
         while True:
             try:
                 code = error_code if (vector in HAS_ERROR_CODE and not software) else None
-                self._recording = [] if first else None
+                self._record_plan = first
                 self._deliver_once(vector, code, software, ext)
-                if self._recording:
-                    self._plans[(vector, software)] = tuple(self._recording)
-                self._recording = None
                 return
             except _Fault as fault:
                 if software:
@@ -227,7 +433,7 @@ class ExceptionDelivery:
             raise _Fault(13, vector * 8 + 2 + 1)
         entry = self._read(idt_base + vector * 4, 4, False)
         ip, cs = entry & 0xFFFF, entry >> 16
-        flags = self.read_eflags() & 0xFFFF
+        flags = self.rflags() & 0xFFFF
         rsp = q[S.REGS // 8 + 4]
         ss_base = q[(S.SEGS + S.R_SS * S.SEGMENT_SIZE + 8) // 8]
         old_cs = u32[(S.SEGS + S.R_CS * S.SEGMENT_SIZE) // 4]
@@ -267,7 +473,7 @@ class ExceptionDelivery:
         cpu = self.cpu
         q, u32 = cpu.q, cpu.u32
         hflags_before = u32[_HFLAGS]
-        system, control = bytes(cpu.bytes[S.TR:S.CR + 16]), bytes(cpu.bytes[S.CR + 24:S.CR + 40])
+        system = bytes(cpu.bytes[_SYSTEM])
         idt_base, idt_limit = q[(S.IDT + 8) // 8], u32[(S.IDT + 16) // 4]
         idt_error = vector * 8 + 2 + ext
         if vector * 16 + 15 > idt_limit:
@@ -294,7 +500,7 @@ class ExceptionDelivery:
         else:
             rsp = old_rsp
         rsp &= ~0xF
-        frame = [u32[(S.SEGS + S.R_SS * S.SEGMENT_SIZE) // 4], old_rsp, self.read_eflags(),
+        frame = [u32[(S.SEGS + S.R_SS * S.SEGMENT_SIZE) // 4], old_rsp, self.rflags(),
                  u32[(S.SEGS + S.R_CS * S.SEGMENT_SIZE) // 4], q[S.EIP // 8]]
         if error_code is not None:
             frame.append(error_code)
@@ -307,18 +513,34 @@ class ExceptionDelivery:
         q[S.EIP // 8] = target
         keep_mask = ~(TF | NT | RF | VM | (IF if gate_type == 0xE else 0))
         q[S.EFLAGS // 8] &= keep_mask
-        if self._recording is not None:
-            idt_phys = self._physical_if_aligned(idt_base + vector * 16, 16)
-            table = S.LDT if selector & 4 else S.GDT
-            gdt_phys = self._physical_if_aligned(q[(table + 8) // 8] + (selector & ~7), 8)
-            if idt_phys >= 0 and gdt_phys >= 0 and (stack_slot >= 0 or not (ist or new_cpl < cpl)):
-                raw = cpu.bytes
-                self._recording.extend((
-                    hflags_before, system, control, idt_phys, bytes(self.ram[idt_phys:idt_phys + 16]),
-                    gdt_phys, bytes(self.ram[gdt_phys:gdt_phys + 8]), stack_slot, int(new_cpl == 3), target,
-                    bytes(raw[_CS_OFFSET:_CS_OFFSET + S.SEGMENT_SIZE]),
-                    bytes(raw[_SS_OFFSET:_SS_OFFSET + S.SEGMENT_SIZE]) if new_cpl < cpl else None,
-                    u32[_HFLAGS], keep_mask, error_code is not None))
+        if self._record_plan:
+            self._keep_plan(hflags_before << 9 | int(software) << 8 | vector, system, idt_base + vector * 16,
+                            selector, stack_slot if (ist or new_cpl < cpl) else None, new_cpl, target,
+                            new_cpl < cpl, keep_mask, error_code is not None)
+
+    def _keep_plan(self, key: int, system: bytes, gate_linear: int, selector: int, stack_slot: int | None,
+                   new_cpl: int, target: int, switched_ss: bool, keep_mask: int, error: bool) -> None:
+        """Record what :meth:`deliver_fast` needs to replay the delivery just made (if it can be replayed)."""
+        q = self.cpu.q
+        gate = self._physical_if_aligned(gate_linear, 16)
+        table = S.LDT if selector & 4 else S.GDT
+        descriptor = self._physical_if_aligned(q[(table + 8) // 8] + (selector & ~7), 8)
+        if gate < 0 or gate % 8 or descriptor < 0 or descriptor % 8:
+            return
+        if stack_slot is None:
+            stack_view, stack_index = None, 0
+        elif stack_slot >= 0 and stack_slot % 8 == 0:
+            stack_view, stack_index = self._ram_q, stack_slot // 8
+        elif stack_slot >= 4 and stack_slot % 8 == 4:
+            stack_view, stack_index = self._ram_q4, (stack_slot - 4) // 8
+        else:
+            return
+        ram_q = self._ram_q
+        caches_end = _CS_OFFSET + S.SEGMENT_SIZE * (2 if switched_ss else 1)  # CS, or CS and SS (adjacent)
+        self._plans[key] = (
+            system, gate // 8, ram_q[gate // 8], ram_q[gate // 8 + 1], descriptor // 8,
+            ram_q[descriptor // 8], stack_view, stack_index, int(new_cpl == 3), target,
+            bytes(self.cpu.bytes[_CS_OFFSET:caches_end]), caches_end, self.cpu.u32[_HFLAGS], keep_mask, error)
 
     def _physical_if_aligned(self, linear: int, size: int) -> int:
         """Guest-physical address of ``size`` bytes at ``linear`` if they sit in one page of RAM, else -1."""
@@ -355,7 +577,7 @@ class ExceptionDelivery:
         old_esp = q[S.REGS // 8 + 4]
         ss_offset = S.SEGS + S.R_SS * S.SEGMENT_SIZE
         old_ss = u32[ss_offset // 4]
-        frame = [self.read_eflags() & 0xFFFFFFFF, u32[(S.SEGS + S.R_CS * S.SEGMENT_SIZE) // 4],
+        frame = [self.rflags() & 0xFFFFFFFF, u32[(S.SEGS + S.R_CS * S.SEGMENT_SIZE) // 4],
                  q[S.EIP // 8] & 0xFFFFFFFF]
         if new_cpl < cpl:
             tss_type = (u32[(S.TR + 20) // 4] >> 8) & 0xF

@@ -220,9 +220,8 @@ class _Engine:
                 _lib.uc_emu_stop(handle)
                 return
             try:
-                error_code, software = i32[error_code_index], i32[is_int_index] != 0
-                if not deliver_fast(vector, error_code, software):
-                    deliver(vector, error_code, software)
+                if not deliver_fast(vector):
+                    deliver(vector, i32[error_code_index], i32[is_int_index] != 0)
             except TripleFault:
                 engine.shutdown = True
                 engine.stopping = True
@@ -324,7 +323,7 @@ class _Engine:
             return
         star = msr(0xC0000081)
         selector = (star >> 32) & 0xFFFC
-        rflags = self.read_eflags()
+        rflags = self.delivery.rflags()
         long_mode = bool(cpu.u32[S.HFLAGS // 4] & S.HF_LMA_MASK)
         code_flags = 0x00809B00 | (S.DESC_L_MASK if long_mode else S.DESC_B_MASK)  # G P S code R A, L or D
         data_flags = 0x00C09300  # G B P S data W A
@@ -385,6 +384,7 @@ class _Engine:
     def close(self) -> None:
         if self.uc is None:
             return
+        self.delivery.release()
         self.cpu.release()
         release = self.uc._Uc__finalizer  # the binding's weakref.finalize: uc_close, exactly once
         self.uc = None
