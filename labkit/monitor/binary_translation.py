@@ -106,7 +106,7 @@ class TranslationSummary:
         for reason, count in self.entries.items():
             kind = {"emulate": "emulated instructions", "block exit": "block exits",
                     "indirect": "indirect branches", "trap": "traps (untranslated)",
-                    "fault": "faults", "start": "block exits"}.get(reason.split(":")[0], reason)
+                    "fault": "faults and interrupts reflected", "start": "block exits"}.get(reason.split(":")[0], reason)
             groups[kind] = groups.get(kind, 0) + count
         return groups
 

@@ -21,7 +21,6 @@ KIND_COLOURS = {
     "block exits": "#ff7f0e",
     "indirect branches": "#2ca02c",
     "traps (untranslated)": "#9467bd",
-    "faults": "#d62728",
     "faults and interrupts reflected": "#d62728",
 }
 
@@ -43,7 +42,7 @@ def monitor_comparison(trap_emulate, binary_translation, *, kernel: str = "minik
         raise ConfigError("monitor_comparison takes a trap-and-emulate run and a binary-translation run, in that order")
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(10.0, 4.2), layout="constrained")
+    figure = Figure(figsize=(10.0, 4.8), layout="constrained")
     left, right = figure.subplots(1, 2, width_ratios=(1.3, 1.0))
     columns = {"trap-and-emulate": trap_emulate_kinds(te), "binary translation": bt.entries_by_kind()}
     kinds = [kind for kind in KIND_COLOURS if any(kind in counts for counts in columns.values())]
@@ -57,8 +56,8 @@ def monitor_comparison(trap_emulate, binary_translation, *, kernel: str = "minik
     left.margins(y=0.15)
     left.set_ylabel("monitor entries (count)")
     left.set_xlabel("technique")
-    left.set_title("Entries into the monitor", fontsize=10)
-    left.legend(fontsize=8, loc="upper left")
+    left.set_title("Entries into the monitor\n(stacked by kind)", fontsize=10)
+    left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
 
     names = ["blocks translated", "cache hits", "exits chained"]
     values = [bt.blocks_translated, bt.cache_hits, bt.chained]
@@ -67,7 +66,7 @@ def monitor_comparison(trap_emulate, binary_translation, *, kernel: str = "minik
     right.margins(y=0.15)
     right.set_ylabel("count (blocks or lookups)")
     right.set_xlabel("binary translation's cache")
-    right.set_title(f"Translation cache: {bt.guest_bytes} guest bytes -> {bt.cache_bytes} bytes translated",
+    right.set_title(f"Translation cache\n{bt.guest_bytes} guest bytes -> {bt.cache_bytes} bytes of translation",
                     fontsize=10)
 
     backends = {trap_emulate.backend, binary_translation.backend}
