@@ -346,6 +346,9 @@ class ConsoleComparison:
             lines.append(f"{mark} {left:<{width}} | {right}")
         return "\n".join(lines)
 
+    def _repr_pretty_(self, printer, cycle: bool) -> None:  # IPython's text/plain
+        printer.text(str(self))
+
     def _repr_html_(self) -> str:
         cells = []
         for left, right in self.rows:
@@ -364,3 +367,47 @@ def compare_consoles(left: str, right: str, left_title: str = "native (ring 0)",
     rows = tuple((a[i] if i < len(a) else "", b[i] if i < len(b) else "") for i in range(max(len(a), len(b))))
     divergent = tuple((i + 1, l, r) for i, (l, r) in enumerate(rows) if l != r)
     return ConsoleComparison(left_title, right_title, rows, divergent)
+
+
+# -- what a trap costs ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrapCosts:
+    """Host time per trap of a deprivileged run next to the native run's port exits (medians, µs).
+
+    ``trap_us`` is one round trip: guest running since the last exit, the fault,
+    labkit's forwarding stub (ring-0 code: emulated by KVM under PVM), the exit to
+    the host, the monitor, and the way back.  ``monitor_us`` is the monitor's own
+    share (decoding with Capstone, emulating).  On the emulator all of it is
+    emulator time, not hardware time.
+    """
+
+    backend: str
+    traps: int
+    trap_us: float
+    monitor_us: float
+    native_exit_us: float
+    native_s: float
+    deprivileged_s: float
+
+    @property
+    def slowdown(self) -> float:
+        """Run time deprivileged over run time native."""
+        return self.deprivileged_s / self.native_s if self.native_s else float("nan")
+
+
+def trap_costs(native, deprivileged) -> TrapCosts:
+    """Measure from two ``RunResult``s of the same kernel: native and under :class:`TrapAndEmulate`."""
+    from statistics import median
+
+    from labkit.x86 import layout
+
+    report = deprivileged.monitor
+    if not isinstance(report, TrapEmulateReport):
+        raise ConfigError("trap_costs needs a run under TrapAndEmulate as its second argument")
+    traps = [r.host_ns for r in deprivileged.trace if r.reason == "IO" and r.address == layout.TRAP_PORT]
+    exits = [r.host_ns for r in native.trace if r.reason == "IO"]
+    monitor = [event.monitor_ns for event in report.events if event.action != "delivered"]
+    return TrapCosts(deprivileged.backend, report.trap_count, median(traps) / 1e3 if traps else float("nan"),
+                     median(monitor) / 1e3 if monitor else float("nan"),
+                     median(exits) / 1e3 if exits else float("nan"), native.elapsed_s, deprivileged.elapsed_s)
