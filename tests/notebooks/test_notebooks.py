@@ -68,6 +68,21 @@ def check_welcome(run: Execution, backend: str, kvm=None) -> None:
         assert "main backend of this session: emu" in text
 
 
+def check_binary_translation(run: Execution, backend: str, kvm=None) -> None:
+    from labkit.kvm.system import kvm_flavour
+
+    text = run.text()
+    assert "binary translation gives the native console: True" in text
+    assert "lines where trap-and-emulate differs from native: 5" in text
+    assert "int3               ; -> monitor: emulate popfq" in text, "the translated block is not shown"
+    assert "≠ " in text, "the student's experiment (popfq left untranslated) shows no divergence"
+    assert len(run.images()) >= 1, "the T&E vs BT figure is missing"
+    if backend == "kvm":
+        assert f"measured on KVM ({kvm_flavour()})" in text
+    else:
+        assert "measured on the emulator (Unicorn)" in text
+
+
 def check_trap_and_emulate(run: Execution, backend: str, kvm=None) -> None:
     from labkit.kvm.system import kvm_flavour
 
@@ -89,9 +104,37 @@ def check_trap_and_emulate(run: Execution, backend: str, kvm=None) -> None:
         assert "measured on the emulator (Unicorn)" in text
 
 
+def check_rings(run: Execution, backend: str, kvm=None) -> None:
+    from labkit.kvm.system import kvm_flavour
+
+    text = run.text()
+    assert "hello from ring 3" in text, "rings64's task did not print"
+    assert "exited with code 0" in text
+    assert "P=1 protection violation, W/R=1 write, U/S=1 from user mode" in text, "no decoded #PF error code"
+    assert "cr2 0x00030000" in text
+    assert "matches the paper on emulator (Unicorn): 18 of 18" in text, "the classifier table disagrees with the paper"
+    assert "smsw eax (64-bit) on emulator (Unicorn): SENSITIVE" in text, "the classifier cell did not run"
+    assert len(run.images()) >= 2, f"expected ring timelines, got {len(run.images())} images"
+    if backend == "kvm":
+        flavour = kvm_flavour()
+        assert "backends run: kvm, emu" in text
+        assert f"measured on KVM ({flavour})" in text
+        assert len(run.images()) >= 3
+        if flavour == "kvm_pvm":
+            assert "#UD from ring 3" in text, "PVM's #UD for int 0x80 is not shown"
+            assert "matches the paper on KVM (kvm_pvm): 12 of 18; 6 undetermined" in text
+            assert "with CR4.UMIP = 1 it traps in ring 3" in text
+    else:
+        assert "backends run: emu" in text and "backends run: kvm" not in text
+        assert "measured on the emulator (Unicorn)" in text
+        assert "not modelled" in text, "the UMIP result of the emulator is not shown"
+
+
 CONTENT_CHECKS = {
     "00-welcome.ipynb": check_welcome,
+    "01-protection-rings.ipynb": check_rings,
     "02-trap-and-emulate.ipynb": check_trap_and_emulate,
+    "03-binary-translation.ipynb": check_binary_translation,
 }
 
 
