@@ -24,7 +24,8 @@ Memory while a kernel runs under binary translation (identity-mapped, RAM of ``m
                  before any of it runs: :attr:`BinaryTranslator.guest`)
     0x0006_c000  monitor stack (RSP0, KERNEL_STACK_TOP = 0x7_0000), then the kernel's stack
     0x0008_0000  (STACK_TOP) end of the kernel's stack
-    memory - 256 KiB   translation cache: translated blocks, exit stubs and their slots
+    memory - 256 KiB   translation cache: the return table (8 bytes per kernel code byte, then
+                       a hit counter), then translated blocks, exit stubs and their slots
     memory       end of RAM
 
 The cache sits above everything labkit or the kernel places in RAM (code, data
@@ -40,7 +41,8 @@ Entries into the monitor, each one a trap through the forwarding stubs::
                                  instruction; continue after the site, or at the
                                  translation of wherever the emulation went (iretq, ...)
     int3 at an "exit" site       translate (or find) the successor, chain the exit to it
-    int3 at an "indirect" site   ret / jmp r/m / call r/m: compute the guest target,
+    int3 at an "indirect" site   jmp r/m / call r/m, and a ret whose target the inline lookup
+                                 in the return table missed: compute the guest target,
                                  find or translate its block (a cache hit or a miss)
     any fault in the cache       map RIP back to the guest instruction; a privileged one that
                                  was left untranslated is emulated as trap-and-emulate would,
@@ -49,7 +51,8 @@ Entries into the monitor, each one a trap through the forwarding stubs::
 What is counted (:class:`TranslationSummary`): blocks translated, cache hits
 (lookups that found a translation), exits chained, guest and cache bytes, and
 every monitor entry by reason.  Jumps through a chained exit run natively and
-are not counted: they never reach the monitor.
+are not counted: they never reach the monitor.  Returns found in the return table
+do not reach it either; the translated code counts them in the cache (``inline_return_hits``).
 """
 
 from __future__ import annotations

@@ -20,7 +20,10 @@ Translation of each kind of guest instruction (``G`` = guest address, ``T`` = in
     loop/jrcxz rel8     op +2 ; jmp short +15 ; exit stub(target) ; exit stub(next)
     call rel            push imm32 G_next   (the guest's return address, not the cache's)
                         exit stub(target)
-    ret, jmp/call r/m   int3                                     site "indirect": the monitor
+    ret                 with a return table: look the guest return address up in ring 3
+                        (pushfq; push rax; ...; ret to the translation); a miss ends in an
+                        int3, site "indirect".  ``ret imm16``: a site "indirect" always
+    jmp/call r/m        int3                                     site "indirect": the monitor
                                                                  finds the target and looks it up
     undecodable bytes   int3                                     site "invalid": #UD for the guest
 
@@ -31,6 +34,8 @@ Translation of each kind of guest instruction (``G`` = guest address, ``T`` = in
 Layout of the cache region, the top ``size`` bytes of guest RAM::
 
     base                 +----------------------------+
+                         | return table, hit counter  |  (optional) guest address -> translation
+    code_start           +----------------------------+
                          | block 1 | block 2 | ...    |  appended in translation order
     base + used          +----------------------------+
                          | free                       |
