@@ -113,3 +113,25 @@ def test_minikernel_routine_selection():
         minikernel(["lgdt"])
     text = str(compare_consoles("a\nb\n", "a\nc\nd\n"))
     assert [line[0] for line in text.splitlines()] == [" ", " ", "≠", "≠"]
+
+
+@pytest.mark.unit
+def test_a_kvm_shutdown_at_port_io_is_explained():
+    """Where a KVM host turns ring-3 port I/O into a triple fault (not this project's PVM host, which
+    raises #GP), the report says why the monitor never saw it."""
+    from types import SimpleNamespace
+
+    from labkit.monitor.trap_emulate import _explain_shutdown
+    from labkit.x86.state import Regs
+
+    class Stopped:
+        def read_memory(self, address, size):
+            memory = bytearray(size)
+            memory[0x8010] = 0xEC  # in al, dx
+            return bytes(memory)
+
+    report = TrapAndEmulate().summary()
+    report.traps[13] = 4
+    result = SimpleNamespace(regs=Regs(rip=0x8010), monitor=report)
+    text = _explain_shutdown(Stopped(), result)
+    assert "'in al, dx' at RIP 0x8010 into a triple fault instead of a #GP" in text and "after 4 trap(s)" in text
