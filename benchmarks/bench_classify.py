@@ -1,0 +1,73 @@
+"""What one classification and Robin & Irvine's whole table cost, per backend.
+
+Baseline, measured in the same run: one ``Machine("exit64").run()`` (create a
+VM, run a few instructions, tear it down), since a classification is two to
+five such runs plus assembling the guest once (GNU as/ld, cached per
+instruction).  Reported as seconds and as multiples of the baseline; the
+target is notebook 01's share of the 60 s budget for notebooks 01-03 (the
+whole table under 10 s per backend).  Results go to
+benchmarks/results/classify.json.
+
+    python benchmarks/bench_classify.py [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from labkit import Machine
+from labkit.backend import kvm_problem
+from labkit.classify import _assemble, classify, robin_irvine_table
+
+RESULTS = Path(__file__).parent / "results" / "classify.json"
+TARGET_TABLE_S = 10.0
+
+
+def median_time(action, repeat: int) -> float:
+    samples = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        action()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    backends = ["emu"] + (["kvm"] if kvm_problem() is None else [])
+    report = {"target_table_s": TARGET_TABLE_S, "backends": {}}
+
+    _assemble.cache_clear()
+    started = time.perf_counter()
+    classify("smsw eax", backend="emu")
+    report["first_classification_with_assembly_s"] = round(time.perf_counter() - started, 4)
+
+    for backend in backends:
+        def one_machine():
+            with Machine("exit64", backend=backend) as machine:
+                machine.run(timeout=5)
+
+        baseline = median_time(one_machine, args.repeat)
+        one = median_time(lambda: classify("smsw eax", backend=backend, umip=True), args.repeat)
+        table = median_time(lambda: robin_irvine_table(backend), max(1, args.repeat // 2))
+        report["backends"][backend] = {
+            "baseline_one_machine_s": round(baseline, 4),
+            "classify_smsw_with_umip_s": round(one, 4),
+            "classify_over_baseline": round(one / baseline, 1),
+            "robin_irvine_table_s": round(table, 3),
+            "table_within_target": table <= TARGET_TABLE_S,
+        }
+        print(f"{backend}: one Machine {baseline * 1e3:.1f} ms; classify('smsw eax', umip) {one * 1e3:.1f} ms "
+              f"({one / baseline:.1f}x); Robin & Irvine table {table:.2f} s (target {TARGET_TABLE_S:g} s)")
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
