@@ -109,9 +109,9 @@ def _sized_flag_functions(bits: int) -> dict[str, object]:
     parity = _PARITY
     cf, af, zf, sf, of = CC_C, CC_A, CC_Z, CC_S, CC_O
 
-    def mul(dst, src1, _src2):
+    def mul(dst, src1, _src2):  # src1 is a target_long here: not cut to the operand size
         dst &= mask
-        carry = 1 if src1 & mask else 0
+        carry = 1 if src1 else 0
         return carry | parity[dst & 0xFF] | (0 if dst else zf) | (dst >> to_sf & sf) | carry << 11
 
     def add(dst, src1, _src2):
@@ -339,8 +339,8 @@ class ExceptionDelivery:
             plan = plans_get(hflags << 9 | i32[is_int_index] << 8 | vector)
             if plan is None:
                 return False
-            (system, gate, gate_low, gate_high, descriptor, descriptor_value, stack_view, stack_index, user, target,
-             caches, caches_end, hflags_after, keep_mask, error) = plan
+            (system, gate, gate_low, gate_high, descriptor, descriptor_value, stack_view, stack_index, tlb_tag,
+             frame_size, target, caches, caches_end, hflags_after, keep_mask, error) = plan
             if ram_q[gate] != gate_low or ram_q[gate + 1] != gate_high or ram_q[descriptor] != descriptor_value:
                 return False
             now = system_view.tobytes()
@@ -348,9 +348,9 @@ class ExceptionDelivery:
                 return False
             function = flags[cc_op] if cc_op < 64 else None
             rflags = eflags | function(cc_dst, cc_src, cc_src2) | (df & 0x400) if function else read_eflags()
-            rsp = ((old_rsp if stack_view is None else stack_view[stack_index]) & ~0xF) - (48 if error else 40)
-            page = tlb_get((rsp >> 12) << 2 | 2 | user)
-            if page is None or rsp & 0xFFF > (0x1000 - 48 if error else 0x1000 - 40):
+            rsp = ((old_rsp if stack_view is None else stack_view[stack_index]) & ~0xF) - frame_size
+            page = tlb_get(rsp >> 12 << 2 | tlb_tag)
+            if page is None or (rsp & 0xFFF) + frame_size > 0x1000:
                 return False
             try:
                 if error:
@@ -539,7 +539,7 @@ class ExceptionDelivery:
         caches_end = _CS_OFFSET + S.SEGMENT_SIZE * (2 if switched_ss else 1)  # CS, or CS and SS (adjacent)
         self._plans[key] = (
             system, gate // 8, ram_q[gate // 8], ram_q[gate // 8 + 1], descriptor // 8,
-            ram_q[descriptor // 8], stack_view, stack_index, int(new_cpl == 3), target,
+            ram_q[descriptor // 8], stack_view, stack_index, 2 | (new_cpl == 3), 48 if error else 40, target,
             bytes(self.cpu.bytes[_CS_OFFSET:caches_end]), caches_end, self.cpu.u32[_HFLAGS], keep_mask, error)
 
     def _physical_if_aligned(self, linear: int, size: int) -> int:
