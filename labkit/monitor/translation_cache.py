@@ -60,7 +60,7 @@ SENSITIVE = frozenset({
     # privileged: #GP in ring 3
     "lgdt", "lidt", "lldt", "ltr", "lmsw", "clts", "invlpg", "wbinvd", "invd",
     "rdmsr", "wrmsr", "swapgs", "hlt",
-    # port I/O (triple-faults in ring 3 under PVM)
+    # port I/O (#GP in ring 3 with IOPL 0 and no I/O bitmap; also under PVM, measured)
     "in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd",
     # transfers between privilege levels
     "iretq", "iretd", "iret", "int", "int3", "int1", "into", "syscall", "sysretq", "sysret",
