@@ -324,19 +324,12 @@ class BinaryTranslator:
             if virtual.emulate(self.vcpu, trap, context, code) is None:
                 self._stop(context, "error", f"unemulated instruction at RIP {guest_rip:#x}: {text}")
                 return
-            mnemonic = text.split(" ", 1)[0]
-            delivered = None
-            if mnemonic in ("sti", "popfq", "iretq", "hlt"):
-                delivered = virtual.deliver_pending(self.vcpu, trap, context)
+            _, halt = virtual.after_emulation(self.vcpu, trap, context, text.split(" ", 1)[0])
         except virtual.VirtualTripleFault as fault:
             self._stop(context, "shutdown", f"virtual triple fault: {fault}")
             return
-        if mnemonic == "hlt" and delivered is None:
-            if self.vcpu.pending:
-                self._stop(context, "halted", f"hlt with the virtual IF clear: pending virtual interrupt(s) "
-                           f"{self.vcpu.pending} can never arrive")
-            else:
-                self._stop(context, "halted", "hlt emulated: no virtual interrupt can wake the kernel")
+        if halt is not None:
+            self._stop(context, "halted", halt)
 
     def _reflect(self, vector: int, error_code: int | None, trap, context) -> None:
         """Deliver ``vector`` through the guest kernel's virtual IDT and continue at its handler's translation."""

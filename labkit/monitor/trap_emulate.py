@@ -42,7 +42,7 @@ from html import escape
 from typing import Iterable
 
 from labkit.errors import ConfigError, LabkitError
-from labkit.monitor.vcpu import (PF_USER, PRIVILEGED, VirtualCpu, VirtualTripleFault, decode, deliver_pending,
+from labkit.monitor.vcpu import (PF_USER, PRIVILEGED, VirtualCpu, VirtualTripleFault, after_emulation, decode,
                                  emulate, has_error_code, reflect)
 from labkit.vmm.status import Status, exception_name
 
@@ -186,25 +186,14 @@ class TrapAndEmulate:
         return "reflected", f"{exception_name(vector)}: {decoded.text if decoded else 'undecodable'}"
 
     def _after_emulation(self, trap, context, mnemonic: str, text: str) -> tuple[str, str]:
-        vcpu = self.vcpu
-        if mnemonic == "hlt":
-            if self._deliver(trap, context) is None:
-                if vcpu.pending:
-                    reason = f"hlt with the virtual IF clear: pending virtual interrupt(s) {vcpu.pending} can never arrive"
-                else:
-                    reason = "hlt emulated: no virtual interrupt can wake the kernel"
-                self._stop(context, Status("halted", message=reason))
-        elif mnemonic in ("sti", "popfq", "iretq"):
-            self._deliver(trap, context)
-        return "emulated", text
-
-    def _deliver(self, trap, context) -> int | None:
-        vector = deliver_pending(self.vcpu, trap, context)
+        vector, halt = after_emulation(self.vcpu, trap, context, mnemonic)
         if vector is not None:
             self.delivered[vector] = self.delivered.get(vector, 0) + 1
             if len(self.events) < self.max_events:
                 self.events.append(TrapEvent(vector, trap.regs.rip, "delivered", f"virtual interrupt {vector:#x}", 0))
-        return vector
+        if halt is not None:
+            self._stop(context, Status("halted", message=halt))
+        return "emulated", text
 
     def _stop(self, context, status: Status) -> None:
         self.stopped = status.message

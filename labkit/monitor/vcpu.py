@@ -508,6 +508,25 @@ def deliver_pending(vcpu: VirtualCpu, trap, context) -> int | None:
     return vector
 
 
+LETS_INTERRUPTS_IN = frozenset({"sti", "popfq", "iretq", "hlt"})
+"""Emulated instructions after which a pending virtual interrupt may be delivered."""
+
+
+def after_emulation(vcpu: VirtualCpu, trap, context, mnemonic: str) -> tuple[int | None, str | None]:
+    """What follows an emulated instruction, for every monitor alike.
+
+    After ``sti``, ``popfq``, ``iretq`` or ``hlt`` the oldest pending virtual
+    interrupt is delivered if the virtual IF allows.  Returns the delivered
+    vector (or None) and, for a ``hlt`` nothing can ever wake, why the run ends.
+    """
+    delivered = deliver_pending(vcpu, trap, context) if mnemonic in LETS_INTERRUPTS_IN else None
+    if mnemonic != "hlt" or delivered is not None:
+        return delivered, None
+    if vcpu.pending:
+        return None, f"hlt with the virtual IF clear: pending virtual interrupt(s) {vcpu.pending} can never arrive"
+    return None, "hlt emulated: no virtual interrupt can wake the kernel"
+
+
 def has_error_code(vector: int) -> bool:
     """Whether the CPU pushes an error code for exception ``vector`` (SDM vol. 3, table 6-1)."""
     return vector in ERROR_CODE_VECTORS
