@@ -4,7 +4,8 @@ Popek and Goldberg (1974): a machine can be virtualized by trap-and-emulate
 when every *sensitive* instruction (one that reads or changes privileged state,
 or behaves differently by privilege level) is *privileged* (traps when run
 outside the most privileged mode).  Robin and Irvine (USENIX Security 2000)
-found seventeen x86 instructions that are sensitive but do not trap in ring 3.
+listed the x86 instructions that are sensitive but do not trap in ring 3
+(:data:`ROBIN_IRVINE`: one experiment per name in their list, MOV counted once).
 :func:`classify` decides by experiment, never from a table::
 
     >>> classify("popfq", setup="pushfq\\n xor qword ptr [rsp], 0x200").verdict
@@ -16,16 +17,17 @@ so every run starts from the same registers (all GPRs 0, RSP = ``RUN_RSP``,
 RFLAGS = IF|0x2, DS = ES = FS = GS = USER_DS) and differs only in the ring and
 in the privileged state::
 
-    run        entered with          privileged state
-    ring 0     CS = KERNEL_CS (DPL 0)  labkit's boot state (GDT, IDT, TR, CR0)
-    ring 3     CS = USER_CS (DPL 3)    the same
-    altered    CS = USER_CS (DPL 3)    another GDT (GDTR base/limit), an IDT copy
-                                       elsewhere, an LDT loaded, another TR,
-                                       CR0.TS set, and IF = 0 in ring 3
-    umip       CS = USER_CS (DPL 3)    labkit's, with CR4.UMIP (bit 11) set
+    run             entered with              privileged state
+    ring 0          CS = KERNEL_CS (DPL 0)    labkit's boot state (GDT, IDT, TR, CR0)
+    ring 3          CS = USER_CS (DPL 3)      the same
+    ring 3 altered  CS = USER_CS, IF = 0      another GDT (GDTR base/limit), an IDT copy
+                                              elsewhere, an LDT loaded, another TR, CR0.TS set
+    ring 0 altered  CS = KERNEL_CS, IF = 0    the same other state
+    ring 3 umip     CS = USER_CS (DPL 3)      labkit's, with CR4.UMIP (bit 11) set
+                                              (only with ``umip=True``)
 
-Then ``setup`` (optional), the instruction, and ``ud2``: labkit's default #UD
-stub reports the registers at the ``ud2``, so "#UD at the ud2" means "the
+The altered runs happen only when ring 3 did not trap.  Each run executes
+``setup`` (optional), the instruction, and ``ud2``: labkit's default #UD stub reports the registers at the ``ud2``, so "#UD at the ud2" means "the
 instruction completed without trapping".  ``mode=32`` runs setup and
 instruction as 32-bit code in compatibility mode (CS = KERNEL_CS32 or
 USER_CS32 under the same 64-bit kernel, as a 64-bit OS runs a 32-bit program),
@@ -54,8 +56,9 @@ Verdict (:class:`Classification`.verdict), from the outcomes:
 - ``faults in both rings``: the same exception in ring 0 and ring 3 (not a
   question of privilege: an invalid instruction or operand);
 - ``sensitive``: does not trap in ring 3, but ring 0 and ring 3 differ (GPRs,
-  RFLAGS without RF, bytes pushed, ``scratch``, or one of them traps), or ring
-  3's result changes with the privileged state (the altered run);
+  RFLAGS without RF, bytes pushed, ``scratch``, or one of them traps) under
+  either privileged state, or ring 3's result changes with the privileged state
+  (IF, which the altered run sets on purpose, is left out of that comparison);
 - ``innocuous``: no trap and no difference;
 - ``undetermined``: ring 3 did not run to an answer, or only ring 3 ran and
   showed nothing (the note says why).
@@ -68,7 +71,7 @@ every fault, Unicorn does not.  A run is one :class:`labkit.Machine`: about
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 from labkit.errors import ConfigError, LabkitError
@@ -572,7 +575,7 @@ def _umip_effect(umip: RingRun, ring3: RingRun) -> str:
     return f"with CR4.UMIP = 1: {umip.describe()}{state}"
 
 
-# --- Robin & Irvine's seventeen --------------------------------------------------------------------------
+# --- Robin & Irvine's list --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Experiment:
@@ -589,8 +592,8 @@ class Experiment:
 
 
 PAPER_VERDICT = SENSITIVE
-"""Robin & Irvine (2000), section 4.3: all seventeen are sensitive and unprivileged (they do not trap in
-user mode).  This is the only typed-in verdict here: the reference the measured verdicts are compared with."""
+"""Robin & Irvine (2000), section 4.3: every instruction on their list is sensitive and unprivileged (it
+does not trap in user mode).  The only typed-in verdict here: the reference the measured ones are compared with."""
 
 ROBIN_IRVINE = (
     Experiment("SGDT", "sgdt [scratch]", umip=True, why="stores GDTR; the altered run moves the GDT"),
@@ -619,7 +622,7 @@ ROBIN_IRVINE = (
 
 
 def robin_irvine_table(backend: str = "auto", *, umip: bool = True) -> list[Classification]:
-    """Classify each of Robin & Irvine's seventeen problematic instructions on ``backend``, by running them.
+    """Classify each of Robin & Irvine's problematic instructions on ``backend``, by running them.
 
     Each comes with the small setup it needs (see :data:`ROBIN_IRVINE`; MOV
     appears once, as a read of CS).  ``umip=False`` skips the CR4.UMIP runs.

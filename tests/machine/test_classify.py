@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from labkit.classify import (BOTH_FAULT, INNOCUOUS, PAPER_VERDICT, PRIVILEGED, ROBIN_IRVINE, SENSITIVE,
+from labkit.classify import (BOTH_FAULT, INNOCUOUS, PAPER_VERDICT, PRIVILEGED, ROBIN_IRVINE,
                              UNDETERMINED, classify, robin_irvine_table)
 from labkit.errors import AssemblyError
 
