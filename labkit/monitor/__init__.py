@@ -1,9 +1,32 @@
 """Software virtualization techniques run by a monitor on the host: trap-and-emulate, binary translation.
 
 A monitor sees the guest's exceptions through :mod:`labkit.monitor.forwarding`
-and works the same on both backends.
+and works the same on both backends.  The monitors themselves are imported on
+first use.
 """
+
+from __future__ import annotations
+
+import importlib
 
 from labkit.monitor.forwarding import Monitor, MonitorContext, Trap
 
-__all__ = ["Monitor", "MonitorContext", "Trap"]
+_LAZY = {
+    "TrapAndEmulate": "labkit.monitor.trap_emulate",
+    "run_deprivileged": "labkit.monitor.trap_emulate",
+    "minikernel": "labkit.monitor.trap_emulate",
+    "BinaryTranslator": "labkit.monitor.binary_translation",
+    "run_translated": "labkit.monitor.binary_translation",
+    "VirtualCpu": "labkit.monitor.vcpu",
+}
+
+__all__ = sorted(["Monitor", "MonitorContext", "Trap", *_LAZY])
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'labkit.monitor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

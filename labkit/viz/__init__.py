@@ -27,6 +27,8 @@ _EXPORTS = {
     "ring_timeline": "labkit.viz.rings",
     "ring_event_table": "labkit.viz.rings",
     "classification_table": "labkit.viz.rings",
+    "trap_profile": "labkit.viz.trap_emulate",
+    "monitor_comparison": "labkit.viz.translation",
     "capability_table": "labkit.viz.report",
     "exit_table": "labkit.viz.report",
     "runs_side_by_side": "labkit.viz.report",
