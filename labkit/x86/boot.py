@@ -63,7 +63,7 @@ Kernel services (``int 4``; also ``syscall`` in 64-bit mode, see below)
 ---------------------------------------------------------------------
 
 A tiny ring-0 "kernel" in the boot area, for ring-3 programs (whose port I/O
-would fault)::
+raises #GP: IOPL is 0 and the TSS has no I/O bitmap; so it is under PVM too)::
 
     eax = 0  exit:  writes dil to DEBUG_EXIT_PORT, then hlt
     eax = 1  write: sends rsi bytes at rdi to COM1 (polling LSR.THRE);
@@ -79,11 +79,12 @@ else raises in 64-bit mode (INTO is invalid there).  Why ``int 4`` and not
   emulator cannot do a protected-mode ``int n`` (and ``int3`` at CPL 0 is an
   emulation failure, KVM_EXIT_INTERNAL_ERROR);
 - under PVM ``syscall`` enters PVM's own supervisor mode, where the handler's
-  ``out`` raises #GP; Unicorn's SYSCALL does not enter ring 0 at all (it only
-  calls UC_HOOK_INSN hooks).
+  ``out`` raises #GP and ``sysretq`` raises #GP; Unicorn 2.1.4's SYSCALL does
+  not enter ring 0 by itself (labkit's emulation backend does it in a hook).
 
 ``syscall`` (LSTAR, STAR, SFMASK set up; returns with ``sysretq``, using the
-caller's stack for one return address) therefore works on VT-x/AMD-V only.
+caller's stack for one return address) therefore works on VT-x/AMD-V and on
+the emulation backend, not under PVM.
 Under PVM all of 32-bit mode is emulated, so there a 32-bit ``int 4`` from
 ring 3 raises #UD as well.
 
