@@ -70,8 +70,6 @@ _EIP = S.EIP // 8
 _RSP = S.REGS // 8 + 4
 _CS_OFFSET = S.SEGS + S.R_CS * S.SEGMENT_SIZE
 _SS_OFFSET = S.SEGS + S.R_SS * S.SEGMENT_SIZE
-_CS_SELECTOR = _CS_OFFSET // 4
-_SS_SELECTOR = _SS_OFFSET // 4
 _SYSTEM = slice(S.LDT, S.CR + 40)  # LDTR, TR, GDTR, IDTR, CR0..CR4
 _CR2_AT = S.CR + 16 - S.LDT  # CR2 within that slice: a #PF changes it, the plan does not depend on it
 _FRAME5 = struct.Struct("<5Q")  # RIP, CS, RFLAGS, RSP, SS from the lowest address up
@@ -87,8 +85,7 @@ _TRAP_STATE = struct.Struct("<Q88x5QIiI28xI20xI")
 _TRAP_STATE_AT = S.REGS + 32
 if _TRAP_STATE_AT + 8 + 88 != S.EIP or _TRAP_STATE.size != _SS_OFFSET + 4 - _TRAP_STATE_AT:
     raise ImportError("labkit.emu.delivery's trap-state struct does not match CPUX86State")
-if (S.EIP + 8, _CC_DST + 8, _CC_SRC2, S.CC_SRC + 16, S.CC_OP + 4, S.DF + 4) != (
-        S.EFLAGS, S.CC_SRC, S.CC_SRC + 8, S.CC_OP, S.DF, S.HFLAGS):
+if (S.EFLAGS, S.CC_SRC, S.CC_OP, S.DF, S.HFLAGS) != (S.EIP + 8, _CC_DST + 8, _CC_SRC2 + 8, S.CC_OP + 4, S.DF + 4):
     raise ImportError("labkit.emu.delivery expects QEMU 5.0's CPUX86State layout (eip .. hflags)")
 
 CC_C, CC_P, CC_A, CC_Z, CC_S, CC_O = 0x1, 0x4, 0x10, 0x40, 0x80, 0x800
