@@ -25,8 +25,10 @@ What maps to what:
   A triple fault is :class:`~labkit.exits.Shutdown`.  After every exception the
   CPU's ``old_exception`` is reset to -1 in place (unicorn#1883, see
   :mod:`labkit.emu.cpu_state`).
-- a time budget: Unicorn's own ``timeout`` argument (a watchdog thread that
-  ``uc_emu_start`` creates and joins, so no thread outlives a run).
+- a time budget: labkit's process-wide watchdog (``labkit.watchdog``) calls
+  ``uc_emu_stop`` at the deadline.  Unicorn's own ``timeout`` argument would
+  start and join a thread on every ``uc_emu_start`` (~160 µs), and the backend
+  restarts emulation after every stop it makes (I/O stops, #UD, I/O #GP).
 
 Stopping exactly.  A hook cannot end Unicorn's translated block: after
 ``uc_emu_stop`` the rest of the block still runs.  When the dispatcher sets
@@ -54,6 +56,7 @@ import ctypes
 import mmap
 import time
 import weakref
+from functools import partial
 from typing import Iterable, Mapping
 
 import capstone
@@ -66,6 +69,7 @@ from labkit.emu.cpu_state import CpuStateView
 from labkit.emu.delivery import DeliveryUnsupported, ExceptionDelivery, TripleFault
 from labkit.errors import ConfigError, EmulatorError
 from labkit.exits import EmulatorFailure, Exit, Hlt, Io, Mmio, Shutdown, Timeout
+from labkit.watchdog import WATCHDOG
 from labkit.x86 import layout
 from labkit.x86.state import GPR_NAMES, DescriptorTable, Regs, Segment, SRegs
 
@@ -150,6 +154,7 @@ class _Engine:
         self.dispatcher = None
         self.hook_error: BaseException | None = None
         self.shutdown = False
+        self.timed_out = False
         self.failure: str | None = None
         self.stop: Io | None = None
         self.stop_state: bytes | None = None
@@ -404,6 +409,16 @@ class _MmioStop(tuple):
         return super().__new__(cls, (address, size, is_write, value))
 
 
+_STOP_AGAIN_S = 0.01
+"""After the deadline the watchdog stops the engine again this often, until the run returns."""
+
+
+def _time_out(engine) -> None:
+    """The watchdog's action at a run's deadline (from its own thread, as Unicorn's timeout thread would)."""
+    engine.timed_out = True
+    _lib.uc_emu_stop(engine.handle)
+
+
 class EmuBackend:
     """One VM with one vCPU emulated by Unicorn; see the module docstring for what maps to what."""
 
@@ -553,17 +568,18 @@ class EmuBackend:
         engine.delivery.flush()
         cpu = engine.cpu
         deadline = time.monotonic() + timeout
+        engine.timed_out = False
+        token = WATCHDOG.arm(deadline, partial(_time_out, engine), repeat=_STOP_AGAIN_S)
         try:
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if engine.timed_out or time.monotonic() >= deadline:
                     return Timeout(budget_s=timeout)
                 engine.stopping = False
                 engine.stop = None
                 begin = cpu.q[S.EIP // 8]
                 if self.mode == 16:
                     begin = (cpu.u32[(S.SEGS + S.R_CS * S.SEGMENT_SIZE) // 4] << 4) + (begin & 0xFFFF)
-                status = _lib.uc_emu_start(engine.handle, begin, _NEVER, max(1, int(remaining * 1e6)), 0)
+                status = _lib.uc_emu_start(engine.handle, begin, _NEVER, 0, 0)
                 engine.finish_stop(self.read_linear)
                 cpu.i32[cpu.deep.old_exception // 4] = -1
                 if engine.hook_error is not None:
@@ -586,7 +602,7 @@ class EmuBackend:
                         return Mmio(*stop)
                     return stop
                 if status == UC.UC_ERR_OK:
-                    return Hlt() if time.monotonic() < deadline else Timeout(budget_s=timeout)
+                    return Timeout(budget_s=timeout) if engine.timed_out else Hlt()
                 if status == UC.UC_ERR_INSN_INVALID:
                     outcome = self._deliver_outside(6)
                     if outcome is not None:
@@ -602,6 +618,7 @@ class EmuBackend:
                 return EmulatorFailure(f"Unicorn stopped at rip={cpu.q[S.EIP // 8]:#x}: "
                                        f"{_lib.uc_strerror(status).decode()}")
         finally:
+            WATCHDOG.disarm(token)
             engine.dispatcher = None
             engine.stopping = False
 

@@ -8,7 +8,6 @@ Layers, each wrapping one kind of fd (as in rust-vmm's kvm-ioctls)::
     vm.py         VmFd: memory slots, dirty log, vCPU creation
     vcpu.py       VcpuFd: registers, MSRs, CPUID, KVM_RUN, kvm_run mmap
     stats.py      BinaryStats (KVM_GET_STATS_FD)
-    watchdog.py   stops a KVM_RUN that overruns its time budget
     backend.py    KvmBackend, the labkit.backend.Backend implementation
 """
 

@@ -24,6 +24,7 @@ import signal
 import struct
 import threading
 import time
+from functools import partial
 from typing import Iterable, Mapping
 
 from labkit import exits
@@ -32,7 +33,7 @@ from labkit.kvm import bindings as kb
 from labkit.kvm.ioctl import get_errno, kvm_run_ioctl
 from labkit.kvm.system import Kvm, kvm_flavour
 from labkit.kvm.vm import dirty_page_numbers
-from labkit.kvm.watchdog import WATCHDOG
+from labkit.watchdog import KICK_SIGNAL, WATCHDOG
 from labkit.x86 import layout
 from labkit.x86.state import DescriptorTable, Regs, Segment, SRegs
 
@@ -67,6 +68,16 @@ def _sigset_bytes(signals: Iterable[int]) -> bytes:
         if 1 <= int(signum) <= 64:
             bits |= 1 << (int(signum) - 1)
     return bits.to_bytes(8, "little")
+
+
+def _kick(run, thread_ident: int) -> None:
+    """The watchdog's action at a run's deadline: make the next ``KVM_RUN`` return at once, and
+    interrupt the current one with the kick signal (unblocked for ``KVM_RUN`` only)."""
+    run.immediate_exit = 1
+    try:
+        signal.pthread_kill(thread_ident, KICK_SIGNAL)
+    except ProcessLookupError:
+        pass  # the thread is gone; nothing left to stop
 
 
 class KvmBackend:
@@ -217,7 +228,7 @@ class KvmBackend:
             raise ConfigError("this KvmBackend is closed")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
-        signum = WATCHDOG.signum
+        signum = KICK_SIGNAL
         before = signal.pthread_sigmask(signal.SIG_BLOCK, (signum,))
         try:
             kvm_mask = _sigset_bytes(before - {signum})
@@ -227,7 +238,7 @@ class KvmBackend:
             deadline = time.monotonic() + timeout
             token = None
             if math.isfinite(timeout):
-                token = WATCHDOG.arm(deadline, threading.get_ident(), self._run)
+                token = WATCHDOG.arm(deadline, partial(_kick, self._run, threading.get_ident()))
             try:
                 return self._loop(dispatcher, deadline, timeout)
             finally:
