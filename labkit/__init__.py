@@ -21,7 +21,7 @@ _EXPORTS = {
     "Fault": "labkit.vmm.status",
     "Guest": "labkit.guest",
     "list_guests": "labkit.guest",
-    "assemble": "labkit.assemble",
+    "assemble": "labkit.assembler",
     "ExitTrace": "labkit.trace",
     "ExitRecord": "labkit.trace",
     "ExitReason": "labkit.exits",
@@ -53,7 +53,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from labkit.assemble import assemble
+    from labkit.assembler import assemble
     from labkit.backend import choose_backend
     from labkit.errors import (AssemblyError, BackendUnavailable, ConfigError, EmulatorError, GuestError,
                                GuestFileError, KvmError, LabkitError)

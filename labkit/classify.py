@@ -256,7 +256,7 @@ def _indent(text: str) -> str:
 @lru_cache(maxsize=256)
 def _assemble(instruction: str, setup: str, mode: int) -> tuple[bytes, int, int, int]:
     """The guest's code and the addresses of target (setup), instruction and after (the ud2)."""
-    from labkit.assemble import assemble
+    from labkit.assembler import assemble
     from labkit.errors import AssemblyError
 
     try:

@@ -106,8 +106,8 @@ class Guest:
         load_address: int = layout.LOAD_ADDRESS, entry: int | None = None,
         user: bool = False, description: str = "",
     ) -> Guest:
-        """Assemble Intel-syntax GNU as ``source`` (see :func:`labkit.assemble.assemble`)."""
-        from labkit.assemble import assemble
+        """Assemble Intel-syntax GNU as ``source`` (see :func:`labkit.assembler.assemble`)."""
+        from labkit.assembler import assemble
 
         if mode not in MODES:
             raise ConfigError(f"guest {name!r}: mode must be 16, 32 or 64, not {mode!r}")
@@ -149,7 +149,7 @@ class Guest:
         except OSError as error:
             raise GuestFileError(f"{path}: cannot read: {error.strerror or error}") from None
         if path.suffix != ".bin":
-            from labkit.assemble import assemble
+            from labkit.assembler import assemble
 
             if metadata["mode"] not in MODES:
                 raise ConfigError(f"{path}: mode must be 16, 32 or 64, not {metadata['mode']!r}")
@@ -172,7 +172,7 @@ class Guest:
         except OSError as error:
             raise GuestFileError(
                 f"shipped guest {name!r}: cannot read {path}: {error.strerror or error} "
-                "(rebuild with `python -m labkit.assemble --build-guests`)"
+                "(rebuild with `python -m labkit.assembler --build-guests`)"
             ) from None
         return cls(
             name, code, entry["mode"], entry["load_address"], entry["entry"], entry["user"],

@@ -1,4 +1,4 @@
-"""labkit.assemble: GNU as pipeline, error messages, and the shipped binaries rebuilding byte for byte."""
+"""labkit.assembler: GNU as pipeline, error messages, and the shipped binaries rebuilding byte for byte."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ from __future__ import annotations
 import capstone
 import pytest
 
-import importlib
-from labkit.assemble import assemble, binutils_version, build_guests, have_binutils
+import labkit.assembler as assemble_module
+from labkit.assembler import assemble, binutils_version, build_guests, have_binutils
 from labkit.errors import AssemblyError, ConfigError
 from labkit.guest import guests_dir, load_manifest
-
-assemble_module = importlib.import_module("labkit.assemble")  # labkit.assemble is also the function
 
 pytestmark = [
     pytest.mark.unit,
@@ -92,7 +90,7 @@ def test_shipped_binaries_rebuild_byte_identical(tmp_path):
     assert len(written) == len(load_manifest()) >= 10
     for path in written:
         committed = (guests_dir() / path.name).read_bytes()
-        assert path.read_bytes() == committed, f"{path.name} differs: run python -m labkit.assemble --build-guests"
+        assert path.read_bytes() == committed, f"{path.name} differs: run python -m labkit.assembler --build-guests"
 
 
 def test_every_shipped_source_starts_with_a_comment():

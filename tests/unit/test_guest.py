@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from labkit.assemble import have_binutils
+from labkit.assembler import have_binutils
 from labkit.errors import ConfigError, GuestFileError
 from labkit.guest import Guest, GuestInfo, guests_dir, list_guests, load_manifest
 from labkit.x86 import layout

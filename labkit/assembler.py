@@ -6,7 +6,7 @@ links every section into one flat image at ``load_address`` and returns its
 bytes.  The result is deterministic: no build ids, no time stamps.  Keystone is
 not used: it silently encodes ``mov rbx, [0x3000]`` as RIP-relative.
 
-``python -m labkit.assemble --build-guests`` rebuilds the shipped guests'
+``python -m labkit.assembler --build-guests`` rebuilds the shipped guests'
 binaries from their sources (see :func:`build_guests`).
 """
 
@@ -167,7 +167,7 @@ def build_guests(out_dir: str | os.PathLike[str] | None = None) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m labkit.assemble", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m labkit.assembler", description=__doc__.splitlines()[0])
     parser.add_argument("--build-guests", action="store_true", help="rebuild the shipped guests' binaries")
     parser.add_argument("--out", help="write the binaries here instead of the guests directory")
     parser.add_argument("--mode", type=int, default=64, choices=MODES, help="mode for assembling FILE")
