@@ -58,6 +58,14 @@ def _local_flavour() -> str:
     return kvm_flavour()
 
 
+def local_flavour(backend: str) -> str | None:
+    """This host's KVM module (``"kvm_pvm"``) for a run on ``"kvm"``; None for other backends or when unknown."""
+    if backend != "kvm":
+        return None
+    flavour = _local_flavour()
+    return None if flavour == "unknown" else flavour
+
+
 def resolve(data, backend=None, flavour: str | None = None) -> Source:
     """Turn what a figure function was given into a :class:`Source`.
 

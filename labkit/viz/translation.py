@@ -14,7 +14,7 @@ from __future__ import annotations
 import textwrap
 
 from labkit.errors import ConfigError
-from labkit.viz.labels import measured_on
+from labkit.viz.labels import local_flavour, measured_on
 
 KIND_COLOURS = {
     "emulated instructions": "#1f77b4",
@@ -70,15 +70,7 @@ def monitor_comparison(trap_emulate, binary_translation, *, kernel: str = "minik
                     fontsize=10)
 
     backends = {trap_emulate.backend, binary_translation.backend}
-    label = "; ".join(measured_on(backend, _flavour(backend)) for backend in sorted(backends))
+    label = "; ".join(measured_on(backend, local_flavour(backend)) for backend in sorted(backends))
     figure.suptitle(f"Trap-and-emulate vs binary translation: {kernel}\n" + textwrap.fill(label, 90), fontsize=11)
     return figure
 
-
-def _flavour(backend: str) -> str | None:
-    if backend != "kvm":
-        return None
-    from labkit.kvm.system import kvm_flavour
-
-    flavour = kvm_flavour()
-    return None if flavour == "unknown" else flavour

@@ -15,7 +15,7 @@ import textwrap
 from typing import Mapping
 
 from labkit.errors import ConfigError
-from labkit.viz.labels import measured_on
+from labkit.viz.labels import local_flavour, measured_on
 from labkit.vmm.status import exception_name
 
 
@@ -68,21 +68,14 @@ def trap_profile(runs: Mapping[str, tuple], *, kernel: str = "minikernel64"):
     right.legend(fontsize=8, loc="upper left")
     right.margins(y=0.25)
 
-    label = "; ".join(measured_on(backend, _flavour(backend)) for backend in backends)
+    label = "; ".join(measured_on(backend, local_flavour(backend)) for backend in backends)
     figure.suptitle(f"Trap-and-emulate: {kernel} deprivileged in ring 3\n" + textwrap.fill(label, 100), fontsize=11)
     return figure
 
 
 def _short(backend: str) -> str:
     if backend == "kvm":
-        flavour = _flavour(backend)
+        flavour = local_flavour(backend)
         return f"KVM ({flavour})" if flavour else "KVM"
     return "emulator (Unicorn)" if backend == "emu" else backend
 
-
-def _flavour(backend: str) -> str | None:
-    if backend != "kvm":
-        return None
-    from labkit.kvm.system import kvm_flavour
-
-    return kvm_flavour()
