@@ -1,4 +1,4 @@
-"""What a student sees: notebook 00, executed and rendered to HTML, in a real headless Chromium.
+"""What a student sees: the notebooks, executed and rendered to HTML, in a real headless Chromium.
 
 Uses Debian's /usr/bin/chromium driven by Playwright (never a downloaded
 browser); every request that is not for the local file is blocked, so the page
@@ -98,6 +98,48 @@ def test_student_sees_hello_figures_and_no_errors(rendered, browser, tmp_path):
     page.screenshot(path=str(shots / "00-welcome-hello.png"))
     assert (shots / "00-welcome-full.png").stat().st_size > 10_000
     print(f"screenshots in {shots}; blocked requests: {blocked}")
+    page.close()
+
+
+VISIBLE = {
+    "01-protection-rings.ipynb": ("hello from ring 3", "matches the paper on emulator (Unicorn)"),
+    "02-trap-and-emulate.ipynb": ("lines that differ (5 of 13):", "unemulated instruction at RIP 0x8003: wbinvd"),
+    "03-binary-translation.ipynb": ("binary translation gives the native console: True",
+                                    "int3               ; -> monitor: emulate popfq"),
+}
+"""Per notebook, text the student must be able to see (the lesson's result, not just that it ran)."""
+
+
+@pytest.mark.parametrize("name", sorted(VISIBLE))
+def test_each_lesson_shows_its_result_and_figures(name, browser, tmp_path):
+    from nbconvert import HTMLExporter
+
+    run = execute(NOTEBOOKS / name, backend=None)
+    assert not run.problems, "\n".join(run.problems)
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(run.notebook)
+    html = tmp_path / name.replace(".ipynb", ".html")
+    html.write_text(body, encoding="utf-8")
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(("file://", "data:"))
+               else route.abort())
+    page.goto(html.as_uri(), wait_until="load")
+    for text in VISIBLE[name]:
+        shown = page.get_by_text(text).first
+        shown.scroll_into_view_if_needed()
+        assert shown.is_visible(), f"{name}: {text!r} is not visible"
+    images = page.locator(".jp-OutputArea-output img")
+    assert images.count() >= 1, f"{name} shows no figure"
+    for index in range(images.count()):
+        image = images.nth(index)
+        image.scroll_into_view_if_needed()
+        width, _ = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+        assert width > 0, f"{name}: figure {index} did not decode"
+    assert page.locator("[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
+    assert "Traceback" not in page.inner_text("body")
+    shots = Path(os.environ.get("LABKIT_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / name.replace(".ipynb", "-full.png")), full_page=True)
     page.close()
 
 
