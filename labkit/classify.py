@@ -42,8 +42,8 @@ Outcome of one run (:class:`RingRun`.outcome):
 
 - ``completed``: reached the ``ud2`` (or, in ring 0, ended with ``hlt`` or a
   port write that ends the run);
-- ``trapped``: an exception at the instruction (or the shutdown of a triple
-  fault: ring-3 port I/O under PVM);
+- ``trapped``: an exception at the instruction (or a shutdown, should a host
+  turn the fault into a triple fault);
 - ``entered``: the instruction itself vectored through the IDT (``int n``,
   ``int3``): the default stub for that vector reported it with RIP after it;
 - ``not run``: the backend could not run it (KVM's emulator under PVM fails
@@ -522,8 +522,8 @@ def _decide(runs: dict[str, RingRun], backend: str, flavour: str | None):
             notes.append("under PVM a ring-3 `int n` (other than int3 and int 4) raises #UD; "
                          "VT-x, AMD-V and the emulator raise #GP for a gate with DPL 0")
         if ring3.outcome == "trapped" and ring3.vector is None:
-            notes.append("under PVM ring-3 port I/O ends in a triple fault (PVM forces IOPL 0 and "
-                         "cannot deliver the #GP); VT-x, AMD-V and the emulator raise #GP")
+            notes.append("under PVM this ring-3 instruction ended in a triple fault (a shutdown) rather than "
+                         "an exception delivered to the guest; VT-x, AMD-V and the emulator deliver it")
     if ring3.outcome == "not run":
         return UNDETERMINED, f"ring 3 gave no answer: {ring3.note or ring3.status}", [], notes
     if ring3.outcome == "trapped":
