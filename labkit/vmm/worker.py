@@ -128,8 +128,8 @@ class Worker:
         try:
             ready = self._conn.poll(timeout)
         except KeyboardInterrupt:
-            self._died("interrupted: the emulated machine was stopped")
-            raise
+            self._stop_worker("interrupted: the emulated machine was stopped")
+            raise  # the caller sees the interrupt itself, as with an in-process run
         if not ready:
             self._died(f"the emulator did not answer within {timeout:g} s (it hung) and was stopped")
         try:
@@ -152,11 +152,14 @@ class Worker:
             return f"the emulator crashed ({signal.Signals(number).name}); the guest's state is lost"
         return f"the emulator process exited with code {os.WEXITSTATUS(status)}"
 
-    def _died(self, message: str):
+    def _stop_worker(self, message: str) -> None:
         if self._dead is None:
             self._dead = message
             if self._finalizer.alive:
                 self._finalizer()
+
+    def _died(self, message: str):
+        self._stop_worker(message)
         raise WorkerDied(self._dead)
 
     def close(self) -> None:

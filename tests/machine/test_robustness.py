@@ -141,3 +141,20 @@ def test_missing_kvm_falls_back_with_auto_and_fails_with_kvm(monkeypatch):
         choose_backend("kvm")
     with pytest.raises(ConfigError, match="unknown backend"):
         choose_backend("xen")
+
+
+@pytest.mark.emu
+def test_an_interrupt_stops_the_emulated_machine_and_reaches_the_caller():
+    """Jupyter's "interrupt kernel" is SIGINT: the caller gets KeyboardInterrupt, the worker is stopped."""
+    import threading
+
+    machine = Machine("forever64", backend="emu")
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        machine.run(timeout=20)
+    assert time.monotonic() - started < 5
+    with pytest.raises(Exception, match="interrupted"):
+        machine.regs()
+    assert Machine("hello64", backend="emu").run().console == "Hello from 64-bit mode!\n"
