@@ -43,9 +43,10 @@ def test_random_guests_end_classified_within_budget(backend_name):
 
 def test_endless_loops_time_out_on_budget(backend_name):
     for name in ("forever64", "forever_user64"):
-        started = time.monotonic()
-        result = Machine(name, backend=backend_name).run(timeout=0.3)
-        took = time.monotonic() - started
+        with Machine(name, backend=backend_name) as machine:
+            started = time.monotonic()
+            result = machine.run(timeout=0.3)
+            took = time.monotonic() - started
         assert result.status.kind == "timeout", (name, str(result.status))
         assert 0.25 <= took <= 1.3, (name, took)
 
