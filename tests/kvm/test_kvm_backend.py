@@ -132,7 +132,7 @@ def test_endless_loop_times_out_within_budget(backend, user):
     result = backend.run(RecordingDispatcher(), timeout=0.2)
     elapsed = time.monotonic() - start
     assert result == exits.Timeout(budget_s=0.2)
-    assert 0.2 <= elapsed < 0.3
+    assert 0.2 <= elapsed < 0.5  # the budget, plus room for a loaded machine's scheduling
     # The VM is still usable: run the loop again, then point it at a hlt.
     assert backend.run(RecordingDispatcher(), timeout=0.05) == exits.Timeout(budget_s=0.05)
     if not user:
@@ -158,7 +158,7 @@ def test_timeout_from_another_thread_and_no_thread_leak(backend):
         thread.start()
         thread.join(5)
     assert [result for result, _ in results] == [exits.Timeout(budget_s=0.1)] * 3
-    assert all(elapsed < 0.2 for _, elapsed in results)
+    assert all(elapsed < 0.4 for _, elapsed in results)
     assert threading.active_count() == threads_before
     assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, ())
 
@@ -262,7 +262,7 @@ def test_a_failing_ioctl_names_itself():
 def test_probe_reports_a_usable_kvm_and_its_flavour():
     start = time.monotonic()
     status = probe()
-    assert time.monotonic() - start < 0.2
+    assert time.monotonic() - start < 1.0, "probe() must stay cheap: labkit doctor and backend='auto' call it"
     assert status.usable and status.problem is None
     assert status.api_version == 12
     assert status.permissions.startswith("c")
