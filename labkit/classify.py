@@ -76,6 +76,7 @@ from functools import lru_cache
 
 from labkit.errors import ConfigError, LabkitError
 from labkit.x86 import layout
+from labkit.x86.boot import RFLAGS_IF, RFLAGS_RF
 from labkit.x86.gdt import TSS_AVAILABLE, LDT, build_gdt, encode_system_descriptor64, tss_segment
 from labkit.x86.idt import ERROR_CODE_VECTORS
 from labkit.x86.state import GPR_NAMES, Segment
@@ -97,8 +98,6 @@ ALT_IDT = 0x21000
 UMIP_CPUID = 0x20200
 """The umip run's prologue stores CPUID.(EAX=7,ECX=0):ECX here (bit 2: UMIP)."""
 CR4_UMIP = 1 << 11
-RFLAGS_RF = 1 << 16
-RFLAGS_IF = 1 << 9
 ALT_LDT_SELECTOR = 0x50
 ALT_TSS_SELECTOR = 0x60
 ALT_GDT_LIMIT = 0x6F

@@ -49,19 +49,18 @@ from typing import Callable, Protocol
 from labkit.errors import LabkitError
 from labkit.x86 import layout
 from labkit.x86.boot import (CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR0_WP, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_PAE,
-                             EFER_LMA, EFER_LME, EFER_SCE, MSR_EFER, RFLAGS_FIXED, RFLAGS_IF)
+                             EFER_LMA, EFER_LME, EFER_SCE, MSR_EFER, RFLAGS_FIXED, RFLAGS_IF, RFLAGS_RF)
 from labkit.x86.gdt import gdt_limit
 from labkit.x86.idt import ERROR_CODE_VECTORS, idt_limit
+from labkit.x86.paging import PF_USER
 
 MASK64 = (1 << 64) - 1
 CR0_TS = 1 << 3
 RFLAGS_TF = 1 << 8
 RFLAGS_IOPL = 3 << 12
 RFLAGS_NT = 1 << 14
-RFLAGS_RF = 1 << 16
 RFLAGS_GUEST_SETTABLE = 0x240DD5
 """CF PF AF ZF SF TF DF OF AC ID: what a popped RFLAGS may change in the real one (not IF, IOPL, NT, RF, VM)."""
-PF_USER = 1 << 2
 """#PF error code bit U/S: the access came from CPL 3 (SDM vol. 3, 4.7)."""
 
 INTERRUPT_GATE = 0xE

@@ -139,6 +139,8 @@ CR4_OSXMMEXCPT = 1 << 10
 
 RFLAGS_FIXED = 0x2
 RFLAGS_IF = 0x200
+RFLAGS_RF = 1 << 16
+"""Resume flag: the CPU sets it in some fault frames (KVM does, Unicorn does not)."""
 SFMASK_VALUE = 0x47700
 """SYSCALL clears TF, IF, DF, IOPL, NT and AC (as Linux does)."""
 
