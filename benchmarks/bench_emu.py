@@ -7,17 +7,21 @@
     against Unicorn alone (a bare ``Uc`` running the same code in the same run).
     Target >= 150 M/s.
 (c) us per trap round trip: #GP delivered through the guest's IDT and ``iretq``
-    back, from ring 0 and from ring 3 (``cli``).  Target <= 2 us.  The machine
-    is shared, so the guests are run in interleaved rounds (no trap, ring 0,
-    ring 3, and the two floors below) and the median over rounds is reported
-    with the min and max.  What the mechanism costs before labkit does anything:
-    - ``fault_floor``: a bare Unicorn engine with a raw ctypes UC_HOOK_INTR that
-      only resets ``old_exception`` and moves RIP past the instruction in place
-      (Unicorn's fault path + one Python callback, no delivery, no handler);
+    back, from ring 0 and from ring 3 (``cli``).  Target <= 2 us.  Measured with
+    labkit's C trap replay (labkit/emu/trap_replay.c, what the backend uses
+    where a C compiler is) and with Python delivery only (its fallback), as
+    the ratio of the two.  The machine is shared, so the guests are run in
+    interleaved rounds and the median over rounds is reported with the min and
+    max.  What the mechanism costs before labkit does anything:
+    - ``fault_floor_c`` / ``fault_floor``: a bare Unicorn engine whose
+      UC_HOOK_INTR only resets ``old_exception`` and moves RIP past the
+      instruction in place, in C (fault_floor_hook.c) or as a ctypes Python
+      callback: Unicorn's fault path + the cheapest hook, no delivery, no handler;
     - ``handler_iretq``: the same handler and ``iretq`` reached without an
-      exception (the guest pushes the frame itself and jumps), i.e. what TCG
-      spends on the guest's side of a round trip.
-    round trip - fault_floor - handler_iretq is labkit's Python delivery.
+      exception (the guest pushes the frame itself and jumps): an upper bound
+      on TCG's side of a round trip, since the six pushes cost too.
+    Python round trip - fault_floor - handler_iretq is Python's delivery; C
+    round trip - fault_floor_c is the C replay plus the guest's handler.
 
 Run: ``python benchmarks/bench_emu.py [--traps]``; prints a table and writes
 ``benchmarks/results/emu.json`` (``--traps`` runs only (c) and updates only its
@@ -44,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from labkit import Guest, Machine  # noqa: E402
 from labkit.emu import EmuBackend  # noqa: E402
-from labkit.emu import cpu_state  # noqa: E402
+from labkit.emu import cpu_state, native, unicorn_backend  # noqa: E402
 from labkit.emu.unicorn_backend import HOOK_INTR, _lib  # noqa: E402
 from labkit.x86 import layout  # noqa: E402
 from labkit.x86.boot import boot_state  # noqa: E402
@@ -163,8 +167,25 @@ def bench_compute(n: int = 20_000_000) -> dict:
             "target_minsn_per_s": 150}
 
 
-def _fault_floor_once(code: bytes, skip: int) -> float:
-    """Seconds for ``code`` in a bare engine whose UC_HOOK_INTR only resets old_exception and moves RIP."""
+class FaultFloor(ctypes.Structure):
+    """``struct fault_floor`` of fault_floor_hook.c."""
+
+    _fields_ = [("cpu", ctypes.c_void_p), ("old_exception", ctypes.c_uint32), ("eip", ctypes.c_uint32),
+                ("skip", ctypes.c_uint64)]
+
+
+def _build_floor_hook() -> ctypes.CDLL:
+    target = Path(tempfile.mkdtemp()) / "fault_floor_hook.so"
+    subprocess.run(["cc", "-O2", "-fPIC", "-shared", "-o", str(target), str(ROOT / "benchmarks" / "fault_floor_hook.c")],
+                   check=True)
+    return ctypes.CDLL(str(target))
+
+
+def _fault_floor_once(code: bytes, skip: int, c_hook: ctypes.CDLL | None = None) -> float:
+    """Seconds for ``code`` in a bare engine whose UC_HOOK_INTR only resets old_exception and moves RIP.
+
+    The hook is a Python callback, or with ``c_hook`` the C one of fault_floor_hook.c.
+    """
     uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
     uc.mem_map(0, MEMORY)
     uc.mem_write(ENTRY, code)
@@ -178,9 +199,13 @@ def _fault_floor_once(code: bytes, skip: int) -> float:
         q[eip] += skip
 
     callback = HOOK_INTR(on_interrupt)
+    address, data = ctypes.cast(callback, ctypes.c_void_p), None
+    if c_hook is not None:
+        data = FaultFloor(cpu=cpu.address, old_exception=cpu.deep.old_exception, eip=cpu_state.EIP, skip=skip)
+        address = ctypes.cast(c_hook.fault_floor_hook, ctypes.c_void_p)
     hook = ctypes.c_size_t()
-    _lib.uc_hook_add(uc._uch, ctypes.byref(hook), ctypes.c_int(unicorn.UC_HOOK_INTR),
-                     ctypes.cast(callback, ctypes.c_void_p), None, ctypes.c_uint64(1), ctypes.c_uint64(0))
+    _lib.uc_hook_add(uc._uch, ctypes.byref(hook), ctypes.c_int(unicorn.UC_HOOK_INTR), address,
+                     None if data is None else ctypes.byref(data), ctypes.c_uint64(1), ctypes.c_uint64(0))
     started = time.perf_counter()
     uc.emu_start(ENTRY, ENTRY + len(code) - 1)
     elapsed = time.perf_counter() - started
@@ -250,8 +275,15 @@ def bench_traps(n: int = 50_000, rounds: int = 9) -> dict:
     gate = encode_gate64(Gate(offset=handler, selector=layout.KERNEL_CS64, type=INTERRUPT_GATE))
     extra = [(layout.IDT_ADDRESS + 16 * 13, gate)]
 
-    def once(code: bytes, user: bool) -> float:
-        backend = boot(code, user=user, extra=extra)
+    def once(code: bytes, user: bool, c_replay: bool = True) -> float:
+        original = unicorn_backend.load_native
+        if not c_replay:
+            unicorn_backend.load_native = lambda: None
+        try:
+            backend = boot(code, user=user, extra=extra)
+        finally:
+            unicorn_backend.load_native = original
+        assert (backend._engine.replay is not None) == c_replay, native.status()
         started = time.perf_counter()
         exit_ = backend.run(NoDevices(), 60.0)
         elapsed = time.perf_counter() - started
@@ -259,20 +291,27 @@ def bench_traps(n: int = 50_000, rounds: int = 9) -> dict:
         backend.close()
         return elapsed
 
-    per_round: dict[str, list[float]] = {"ring0": [], "ring3": [], "fault_floor": [], "handler_iretq": []}
+    c_hook = _build_floor_hook()
+    per_round: dict[str, list[float]] = {name: [] for name in (
+        "ring0", "ring3", "ring0_python", "ring3_python", "fault_floor", "fault_floor_c", "handler_iretq")}
     for _ in range(rounds):
         base = once(no_trap, False)
         per_round["ring0"].append((once(ring0, False) - base) / n * 1e6)
         per_round["ring3"].append((once(ring3, True) - base) / n * 1e6)
+        per_round["ring0_python"].append((once(ring0, False, c_replay=False) - base) / n * 1e6)
+        per_round["ring3_python"].append((once(ring3, True, c_replay=False) - base) / n * 1e6)
         per_round["handler_iretq"].append((once(no_fault, False) - base) / n * 1e6)
         bare = _fault_floor_once(bare_nop, 0)
         per_round["fault_floor"].append((_fault_floor_once(bare_fault, 2) - bare) / n * 1e6)
-    result: dict = {"traps": n, "rounds": rounds, "target_us": 2.0}
+        per_round["fault_floor_c"].append((_fault_floor_once(bare_fault, 2, c_hook) - bare) / n * 1e6)
+    result: dict = {"traps": n, "rounds": rounds, "target_us": 2.0, "trap_delivery": native.status()}
     for name, values in per_round.items():
         result[f"{name}_us_per_trap"] = statistics.median(values)
         result[f"{name}_us_min_max"] = [min(values), max(values)]
-    result["python_delivery_us"] = (result["ring0_us_per_trap"] - result["fault_floor_us_per_trap"]
+    result["python_delivery_us"] = (result["ring0_python_us_per_trap"] - result["fault_floor_us_per_trap"]
                                     - result["handler_iretq_us_per_trap"])
+    result["c_replay_and_guest_handler_us"] = result["ring0_us_per_trap"] - result["fault_floor_c_us_per_trap"]
+    result["ratio_python_to_c"] = result["ring0_python_us_per_trap"] / result["ring0_us_per_trap"]
     return result
 
 
@@ -282,11 +321,16 @@ def _trap_rows(traps: dict) -> list[tuple[str, str, str]]:
         return f"{traps[f'{name}_us_per_trap']:.2f} us ({low:.2f}-{high:.2f})"
 
     return [
-        ("(c) #GP round trip, ring 0", cell("ring0"), "<= 2 us"),
-        ("    #GP round trip, ring 3 (cli)", cell("ring3"), "<= 2 us"),
-        ("    of which fault + callback (bare Unicorn)", cell("fault_floor"), "floor"),
-        ("    of which handler + iretq (no fault)", cell("handler_iretq"), "floor"),
-        ("    leaves for labkit's delivery (ring 0)", f"{traps['python_delivery_us']:.2f} us", ""),
+        ("(c) #GP round trip, ring 0 (C trap replay)", cell("ring0"), "<= 2 us"),
+        ("    #GP round trip, ring 3 (cli, C trap replay)", cell("ring3"), "<= 2 us"),
+        ("    bare Unicorn fault + C no-op hook", cell("fault_floor_c"), "floor"),
+        ("    leaves for the C replay + guest handler", f"{traps['c_replay_and_guest_handler_us']:.2f} us", ""),
+        ("    #GP round trip, ring 0, Python only", cell("ring0_python"),
+         f"{traps['ratio_python_to_c']:.1f}x the C replay"),
+        ("    #GP round trip, ring 3, Python only", cell("ring3_python"), ""),
+        ("    bare Unicorn fault + Python no-op hook", cell("fault_floor"), "floor"),
+        ("    guest pushes a frame, handler + iretq", cell("handler_iretq"), "no fault"),
+        ("    leaves for Python's delivery (ring 0)", f"{traps['python_delivery_us']:.2f} us", ""),
     ]
 
 

@@ -36,6 +36,7 @@ def doctor_report() -> dict:
         "unicorn": _version("unicorn"),
         "capstone": _version("capstone"),
         "binutils": _binutils(),
+        "trap_replay": trap_replay_status(),
     }
     report["kvm"]["explanation"] = FLAVOURS.get(kvm.flavour, "")
     choice = choose_backend("auto")
@@ -50,8 +51,17 @@ def doctor_report() -> dict:
     if report["binutils"] is None:
         fixes.append("GNU binutils (as, ld) is missing, so Guest.from_asm cannot assemble: "
                      "sudo apt-get install binutils (conda: conda install binutils); shipped guests still run")
+    if report["trap_replay"].startswith("Python only") and "LABKIT_NATIVE" not in report["trap_replay"]:
+        fixes.append("the emulator delivers guest exceptions in Python, about 7x slower per trap: install a C "
+                     "compiler (sudo apt-get install gcc; conda: conda install c-compiler)")
     report["fixes"] = fixes
     return report
+
+
+def trap_replay_status() -> str:
+    from labkit.emu.native import status
+
+    return status()
 
 
 def _version(module: str) -> str | None:
@@ -90,6 +100,7 @@ def cmd_doctor(args) -> int:
     print(f"Unicorn        {report['unicorn'] or 'missing'}")
     print(f"Capstone       {report['capstone'] or 'missing'}")
     print(f"binutils       {report['binutils'] or 'missing'}")
+    print(f"trap delivery  {report['trap_replay']}")
     print()
     print(f"backend='auto' picks {report['auto']['backend']}: {report['auto']['reason']}")
     if report["fixes"]:

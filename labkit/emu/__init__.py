@@ -6,16 +6,19 @@ Used where ``/dev/kvm`` is missing (Binder, laptops).  See
 """
 
 from labkit.emu.cpu_state import find_deep_fields
+from labkit.emu.native import load as load_native
 from labkit.emu.unicorn_backend import EmuBackend
 
 __all__ = ["EmuBackend", "prepare"]
 
 
 def prepare() -> None:
-    """Import Unicorn and find its CPU-state offsets once, in this process.
+    """Import Unicorn, find its CPU-state offsets and load the C trap replay once, in this process.
 
     ``Machine`` calls it before forking an emulation worker, so each worker
-    inherits the work (about 0.2 s) instead of repeating it.  The probes run
-    fixed, known code in scratch engines, never a guest's.
+    inherits the work (about 0.2 s; building the C replay the first time on a
+    machine, about 0.3 s more) instead of repeating it.  The probes run fixed,
+    known code in scratch engines, never a guest's.
     """
     find_deep_fields()
+    load_native()

@@ -42,6 +42,12 @@ compute speed here.)  RFLAGS is computed from QEMU's lazy condition codes
 Unicorn, which costs about 0.5 us per call through ctypes; the formulas are
 checked against ``uc_reg_read`` once per process and any CC_OP that disagrees
 falls back to it.
+
+Where a C compiler is available the same plans are also handed to
+``trap_replay.c`` (:mod:`labkit.emu.native`), whose UC_HOOK_INTR callback
+replays them without entering Python and passes everything else to this module.
+It makes the same checks, and in addition needs the frame on the linear page
+the plan's frame went to (else Python delivers, and records a plan for the new page).
 """
 
 from __future__ import annotations
@@ -282,6 +288,8 @@ class ExceptionDelivery:
         self._ram_q4 = ram[4:len(ram) - 4].cast("Q")
         self._views: list[memoryview] = []
         self.deliver_fast = self._fast_path()
+        self.native = None
+        """The engine's :class:`labkit.emu.native.NativeTrapReplay`, if any: plans are kept there too."""
 
     def release(self) -> None:
         """Let go of the views of guest RAM (before the RAM is unmapped)."""
@@ -294,6 +302,8 @@ class ExceptionDelivery:
         self._tlb.clear()
         self._plans.clear()
         self._tlb_key = (-1, -1, -1, -1)
+        if self.native is not None:
+            self.native.flush()
 
     def rflags(self) -> int:
         """RFLAGS as the guest would push it: QEMU's eflags | lazy arithmetic flags | DF."""
@@ -513,11 +523,11 @@ class ExceptionDelivery:
         if self._record_plan:
             self._keep_plan(hflags_before << 9 | int(software) << 8 | vector, system, idt_base + vector * 16,
                             selector, stack_slot if (ist or new_cpl < cpl) else None, new_cpl, target,
-                            new_cpl < cpl, keep_mask, error_code is not None)
+                            new_cpl < cpl, keep_mask, error_code is not None, rsp)
 
     def _keep_plan(self, key: int, system: bytes, gate_linear: int, selector: int, stack_slot: int | None,
-                   new_cpl: int, target: int, switched_ss: bool, keep_mask: int, error: bool) -> None:
-        """Record what :meth:`deliver_fast` needs to replay the delivery just made (if it can be replayed)."""
+                   new_cpl: int, target: int, switched_ss: bool, keep_mask: int, error: bool, frame_at: int) -> None:
+        """Record what :meth:`deliver_fast` (and the C replay) need to replay the delivery just made, if they can."""
         q = self.cpu.q
         gate = self._physical_if_aligned(gate_linear, 16)
         table = S.LDT if selector & 4 else S.GDT
@@ -534,17 +544,29 @@ class ExceptionDelivery:
             return
         ram_q = self._ram_q
         caches_end = _CS_OFFSET + S.SEGMENT_SIZE * (2 if switched_ss else 1)  # CS, or CS and SS (adjacent)
+        caches = bytes(self.cpu.bytes[_CS_OFFSET:caches_end])
+        frame_size = 48 if error else 40
         self._plans[key] = (
             system, gate // 8, ram_q[gate // 8], ram_q[gate // 8 + 1], descriptor // 8,
-            ram_q[descriptor // 8], stack_view, stack_index, 2 | (new_cpl == 3), 48 if error else 40, target,
-            bytes(self.cpu.bytes[_CS_OFFSET:caches_end]), caches_end, self.cpu.u32[_HFLAGS], keep_mask, error)
+            ram_q[descriptor // 8], stack_view, stack_index, 2 | (new_cpl == 3), frame_size, target,
+            caches, caches_end, self.cpu.u32[_HFLAGS], keep_mask, error)
+        if self.native is None:
+            return
+        frame_page = self._physical_if_aligned(frame_at, frame_size, write=True, user=new_cpl == 3)
+        if frame_page < 0:
+            return
+        self.native.keep(key, gate_at=gate, gate=(ram_q[gate // 8], ram_q[gate // 8 + 1]),
+                         descriptor_at=descriptor, descriptor=ram_q[descriptor // 8], stack_at=stack_slot,
+                         stack_page=frame_at >> 12, stack_frame=frame_page >> 12, target=target,
+                         keep_mask=keep_mask, frame_size=frame_size, hflags_after=self.cpu.u32[_HFLAGS],
+                         caches=caches, system=system, error=error)
 
-    def _physical_if_aligned(self, linear: int, size: int) -> int:
+    def _physical_if_aligned(self, linear: int, size: int, write: bool = False, user: bool = False) -> int:
         """Guest-physical address of ``size`` bytes at ``linear`` if they sit in one page of RAM, else -1."""
         if (linear & 0xFFF) + size > 0x1000:
             return -1
         try:
-            physical = self._translate(linear, False, False)
+            physical = self._translate(linear, write, user)
         except (_Fault, DeliveryUnsupported):
             return -1
         return physical if physical + size <= self.ram_size else -1
@@ -691,8 +713,7 @@ class ExceptionDelivery:
             return linear & 0xFFFFFFFF if not self.cpu.u32[S.HFLAGS // 4] & S.HF_LMA_MASK else linear
         key = (cr0, q[(S.CR + 24) // 8], q[(S.CR + 32) // 8], self.cpu.u32[S.HFLAGS // 4] & S.HF_LMA_MASK)
         if key != self._tlb_key:
-            self._tlb.clear()
-            self._plans.clear()
+            self.flush()
             self._tlb_key = key
         tag = (linear >> 12) << 2 | write << 1 | user
         page = self._tlb.get(tag)

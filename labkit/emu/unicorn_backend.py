@@ -24,7 +24,9 @@ What maps to what:
   ``UC_ERR_INSN_INVALID`` after stopping) is delivered the same way as vector 6.
   A triple fault is :class:`~labkit.exits.Shutdown`.  After every exception the
   CPU's ``old_exception`` is reset to -1 in place (unicorn#1883, see
-  :mod:`labkit.emu.cpu_state`).
+  :mod:`labkit.emu.cpu_state`).  Where labkit's C trap replay is built
+  (:mod:`labkit.emu.native`), it is the hook: it replays recorded long-mode
+  deliveries and passes the rest to the Python hook.
 - a time budget: labkit's process-wide watchdog (``labkit.watchdog``) calls
   ``uc_emu_stop`` at the deadline.  Unicorn's own ``timeout`` argument would
   start and join a thread on every ``uc_emu_start`` (~160 µs), and the backend
@@ -67,6 +69,7 @@ from unicorn import x86_const as X
 from labkit.emu import cpu_state as S
 from labkit.emu.cpu_state import CpuStateView
 from labkit.emu.delivery import DeliveryUnsupported, ExceptionDelivery, TripleFault
+from labkit.emu.native import NativeTrapReplay, load as load_native
 from labkit.errors import ConfigError, EmulatorError
 from labkit.exits import EmulatorFailure, Exit, Hlt, Io, Mmio, Shutdown, Timeout
 from labkit.watchdog import WATCHDOG
@@ -162,6 +165,7 @@ class _Engine:
         self.stop_value: int | None = None
         self.pending_fault: tuple[int, int] | None = None
         self.stopping = False
+        self.replay: NativeTrapReplay | None = None
         self.callbacks = self._install_hooks()
 
     def read_eflags(self) -> int:
@@ -181,6 +185,7 @@ class _Engine:
         deliver = self.delivery.deliver
         deliver_fast = self.delivery.deliver_fast
         engine = self
+        native = None  # the C trap replay, set below once the Python hook it passes on to exists
 
         def fail(error: BaseException) -> None:
             if engine.hook_error is None:
@@ -225,20 +230,18 @@ class _Engine:
                 _lib.uc_emu_stop(handle)
                 return
             try:
-                if not deliver_fast(vector):
+                # Behind the C replay, a plan that did not apply is recorded afresh by deliver().
+                if native is not None or not deliver_fast(vector):
                     deliver(vector, i32[error_code_index], i32[is_int_index] != 0)
             except TripleFault:
                 engine.shutdown = True
-                engine.stopping = True
-                _lib.uc_emu_stop(handle)
+                engine.stop_run()
             except DeliveryUnsupported as error:
                 engine.failure = str(error)
-                engine.stopping = True
-                _lib.uc_emu_stop(handle)
+                engine.stop_run()
             except BaseException as error:  # noqa: BLE001
                 engine.hook_error = engine.hook_error or error
-                engine.stopping = True
-                _lib.uc_emu_stop(handle)
+                engine.stop_run()
 
         base = self.memory_size
 
@@ -249,14 +252,12 @@ class _Engine:
                 dispatcher = engine.dispatcher
                 value = dispatcher.mmio(base + offset, size, False, 0, q[eip_index])
                 if dispatcher.stop:
-                    engine.stopping = True
                     engine.stop = _MmioStop(base + offset, size, False, value)
-                    _lib.uc_emu_stop(handle)
+                    engine.stop_run()
                 return value & ((1 << (8 * size)) - 1)
             except BaseException as error:  # noqa: BLE001
                 engine.hook_error = engine.hook_error or error
-                engine.stopping = True
-                _lib.uc_emu_stop(handle)
+                engine.stop_run()
                 return 0
 
         def on_mmio_write(_uc, offset, size, value, _user):
@@ -266,21 +267,18 @@ class _Engine:
                 dispatcher = engine.dispatcher
                 dispatcher.mmio(base + offset, size, True, value, q[eip_index])
                 if dispatcher.stop:
-                    engine.stopping = True
                     engine.stop = _MmioStop(base + offset, size, True, value)
-                    _lib.uc_emu_stop(handle)
+                    engine.stop_run()
             except BaseException as error:  # noqa: BLE001
                 engine.hook_error = engine.hook_error or error
-                engine.stopping = True
-                _lib.uc_emu_stop(handle)
+                engine.stop_run()
 
         def on_syscall(_uc, _user):
             try:
                 engine.syscall()
             except BaseException as error:  # noqa: BLE001
                 engine.hook_error = engine.hook_error or error
-                engine.stopping = True
-                _lib.uc_emu_stop(handle)
+                engine.stop_run()
 
         def open_bus_read(_uc, _offset, size, _user):
             return (1 << (8 * size)) - 1
@@ -292,12 +290,20 @@ class _Engine:
                      MMIO_READ(on_mmio_read), MMIO_WRITE(on_mmio_write),
                      MMIO_READ(open_bus_read), MMIO_WRITE(open_bus_write), HOOK_SYSCALL(on_syscall)]
         out_cb, in_cb, intr_cb, mmio_read, mmio_write, bus_read, bus_write, syscall_cb = callbacks
-        for hook_type, callback, extra in ((UC.UC_HOOK_INSN, out_cb, X.UC_X86_INS_OUT),
-                                           (UC.UC_HOOK_INSN, in_cb, X.UC_X86_INS_IN),
-                                           (UC.UC_HOOK_INSN, syscall_cb, X.UC_X86_INS_SYSCALL),
-                                           (UC.UC_HOOK_INTR, intr_cb, None)):
+        intr_address, intr_data = ctypes.cast(intr_cb, _c_void_p).value, None
+        native = self.replay = self._native_replay(intr_cb)
+        self.delivery.native = native
+        if native is not None:
+            intr_address, intr_data = native.hook_address, native.user_data
+        for hook_type, address, data, extra in ((UC.UC_HOOK_INSN, ctypes.cast(out_cb, _c_void_p).value, None,
+                                                 X.UC_X86_INS_OUT),
+                                                (UC.UC_HOOK_INSN, ctypes.cast(in_cb, _c_void_p).value, None,
+                                                 X.UC_X86_INS_IN),
+                                                (UC.UC_HOOK_INSN, ctypes.cast(syscall_cb, _c_void_p).value, None,
+                                                 X.UC_X86_INS_SYSCALL),
+                                                (UC.UC_HOOK_INTR, intr_address, intr_data, None)):
             hook = ctypes.c_size_t()
-            args = [handle, ctypes.byref(hook), _i32(hook_type), ctypes.cast(callback, _c_void_p), None,
+            args = [handle, ctypes.byref(hook), _i32(hook_type), _c_void_p(address), _c_void_p(data),
                     _u64(1), _u64(0)]
             if extra is not None:
                 args.append(_i32(extra))
@@ -309,6 +315,32 @@ class _Engine:
                                 ctypes.cast(bus_read, _c_void_p), None, ctypes.cast(bus_write, _c_void_p), None),
                "uc_mmio_map (empty bus)")
         return callbacks
+
+    def _native_replay(self, slow) -> NativeTrapReplay | None:
+        """The C trap replay for this engine, passing on to ``slow``; None where it is not built."""
+        library = load_native()
+        if library is None:
+            return None
+        cpu, deep = self.cpu, self.cpu.deep
+        return NativeTrapReplay(
+            library, cpu_address=cpu.address, ram_address=self.ram_address, ram_size=self.memory_size,
+            reg_read_address=ctypes.cast(_lib.uc_reg_read, _c_void_p).value, rflags_reg=self._eflags_id, slow=slow,
+            offsets={"eip": S.EIP, "eflags": S.EFLAGS, "hflags": S.HFLAGS, "rsp": S.REGS + 8 * 4,
+                     "cs": S.SEGS + S.R_CS * S.SEGMENT_SIZE, "ss": S.SEGS + S.R_SS * S.SEGMENT_SIZE,
+                     "system": S.LDT, "cr2_in_system": S.CR + 16 - S.LDT, "old_exception": deep.old_exception,
+                     "error_code": deep.error_code, "exception_is_int": deep.exception_is_int})
+
+    def stop_run(self) -> None:
+        """From a hook: end uc_emu_start; hooks do nothing more until then (exceptions are not delivered)."""
+        self.stopping = True
+        if self.replay is not None:
+            self.replay.set_stopping(True)
+        _lib.uc_emu_stop(self.handle)
+
+    def clear_stop(self) -> None:
+        self.stopping = False
+        if self.replay is not None:
+            self.replay.set_stopping(False)
 
     def syscall(self) -> None:
         """SYSCALL as the CPU does it (SDM vol. 2B); Unicorn 2.1.4 only calls hooks and skips it.
@@ -351,14 +383,13 @@ class _Engine:
         With ``fault`` the instruction is not allowed (CPL > IOPL and the TSS bitmap
         says no): the state is put back to before it and the fault delivered after the stop.
         """
-        self.stopping = True
         self.pending_fault = fault
         self.stop = exit_
         self.stop_state = bytes(self.cpu.bytes)
         self.stop_rip = self.cpu.q[S.EIP // 8]
         self.stop_value = in_value
         _lib.uc_mem_protect(self.handle, 0, self.memory_size, UC.UC_PROT_READ | UC.UC_PROT_EXEC)
-        _lib.uc_emu_stop(self.handle)
+        self.stop_run()
 
     def finish_stop(self, read_code) -> None:
         """After uc_emu_start: undo what the rest of the translated block did; RIP after the I/O."""
@@ -574,7 +605,7 @@ class EmuBackend:
             while True:
                 if engine.timed_out or time.monotonic() >= deadline:
                     return Timeout(budget_s=timeout)
-                engine.stopping = False
+                engine.clear_stop()
                 engine.stop = None
                 begin = cpu.q[S.EIP // 8]
                 if self.mode == 16:
@@ -620,7 +651,7 @@ class EmuBackend:
         finally:
             WATCHDOG.disarm(token)
             engine.dispatcher = None
-            engine.stopping = False
+            engine.clear_stop()
 
     def _deliver_outside(self, vector: int, error_code: int = 0) -> Exit | None:
         """Deliver an exception after uc_emu_start returned (#UD, on which Unicorn stops; I/O #GP)."""

@@ -1,8 +1,9 @@
-"""The emulation backend's trap fast path: lazy-flag RFLAGS and re-checked delivery plans.
+"""The emulation backend's trap fast paths: lazy-flag RFLAGS and re-checked delivery plans.
 
 After the first delivery of a vector the backend replays a recorded plan; these
 guests change what the plan was made from (a gate, RSP0, IDTR, a descriptor)
-between two faults and check that the next fault follows the new values.
+between two faults and check that the next fault follows the new values.  Each
+test runs with the C replay (where a compiler is) and with the Python fast path.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import struct
 import pytest
 
 from labkit.emu import cpu_state as S
+from labkit.emu import native, unicorn_backend
 from labkit.emu.delivery import ARITHMETIC, _FLAG_TABLE
 from labkit.exits import Io, Shutdown
 from labkit.x86 import layout
@@ -26,6 +28,16 @@ HANDLER_B = ENTRY + 0x500
 FLAG_HANDLER = ENTRY + 0x1000
 RECORD = 0x20000  # handlers store what they saw here, one qword per fault
 NONCANONICAL = "0x8000000000000000"
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def replay_path(request, monkeypatch):
+    """Run the test with the C trap replay, then with the Python fast path alone."""
+    if request.param == "c" and native._compiler() is None:
+        pytest.skip("no C compiler: the C trap replay is not built here")
+    if request.param == "python":
+        monkeypatch.setattr(unicorn_backend, "load_native", lambda: None)
+    return request.param
 
 
 def gate64(handler: int, selector: int = layout.KERNEL_CS64) -> bytes:

@@ -1,0 +1,159 @@
+/*
+ * Trap replay: labkit's UC_HOOK_INTR callback, in C.
+ *
+ * labkit/emu/delivery.py delivers every exception through the guest's IDT in
+ * Python and, after a long-mode delivery, records what it read and did as a
+ * plan.  This file replays such a plan without entering Python: it checks that
+ * everything the plan was made from is unchanged (LDTR, TR, GDTR, IDTR and
+ * CR0..CR4 except CR2; the IDT gate; the code descriptor; the stack page), then
+ * pushes the frame into guest RAM and loads RSP, CS (and SS), hflags, RIP and
+ * RFLAGS in place.  Anything else -- no plan, a changed table, a frame on
+ * another page, a stop in progress -- goes to the Python hook, which is also
+ * the reference implementation: tests run the same guests both ways.
+ *
+ * No Unicorn or Python headers: the layout of Unicorn's CPUX86State comes as
+ * offsets found and verified by labkit/emu/cpu_state.py, and uc_reg_read is a
+ * function pointer.  struct trap_replay is mirrored by a ctypes Structure in
+ * labkit/emu/native.py; trap_replay_layout() lets a test compare the two.
+ *
+ * Built by labkit/emu/native.py with the system C compiler (cc -O2 -shared).
+ */
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PLAN_SLOTS 64        /* direct-mapped: a plan evicts the one in its slot */
+#define SYSTEM_BYTES 136     /* LDTR, TR, GDTR, IDTR (4 x 24 bytes) and CR0..CR4 */
+#define CACHE_BYTES 48       /* the CS segment cache, or CS and SS (adjacent in segs[]) */
+#define NO_STACK_SWITCH UINT64_MAX
+
+typedef void (*hook_intr)(void *uc, uint32_t vector, void *user_data);
+typedef int (*reg_read_fn)(void *uc, int regid, void *value);
+
+struct plan {
+    uint64_t key;            /* hflags << 9 | software << 8 | vector; 0: empty slot */
+    uint64_t gate_at;        /* guest-physical address of the 16-byte IDT gate */
+    uint64_t gate[2];
+    uint64_t descriptor_at;  /* guest-physical address of the code segment descriptor */
+    uint64_t descriptor;
+    uint64_t stack_at;       /* guest-physical address of RSP0..2/IST in the TSS, or NO_STACK_SWITCH */
+    uint64_t stack_page;     /* the linear page the frame went to (address >> 12) ... */
+    uint64_t stack_frame;    /* ... and the guest-physical page behind it, RAM-backed, writable */
+    uint64_t target;         /* the handler's RIP */
+    uint64_t keep_mask;      /* RFLAGS bits the delivery keeps (clears TF, NT, RF, VM and IF for interrupt gates) */
+    uint32_t frame_size;     /* 40, or 48 with an error code */
+    uint32_t hflags_after;
+    uint32_t caches_size;    /* 24 (CS) or 48 (CS and SS) */
+    uint32_t error;          /* push the error code */
+    uint8_t caches[CACHE_BYTES];
+    uint8_t system[SYSTEM_BYTES];
+};
+
+struct trap_replay {
+    uint8_t *cpu;            /* Unicorn's CPUX86State */
+    uint8_t *ram;            /* guest RAM at guest-physical 0 */
+    uint64_t ram_size;
+    reg_read_fn reg_read;    /* uc_reg_read */
+    hook_intr slow;          /* the Python hook: everything the replay does not do */
+    int32_t rflags_reg;      /* UC_X86_REG_RFLAGS */
+    int32_t stopping;        /* a stop is in progress: leave the exception to Python */
+    /* Offsets in CPUX86State (cpu_state.py). */
+    uint32_t eip, eflags, hflags, rsp, cs, ss, system, cr2_in_system;
+    uint32_t old_exception, error_code, exception_is_int, unused;
+    uint64_t replayed;       /* exceptions delivered here */
+    uint64_t passed_on;      /* exceptions handed to the slow hook */
+    struct plan plans[PLAN_SLOTS];
+};
+
+static inline uint64_t load64(const uint8_t *at)
+{
+    uint64_t value;
+    memcpy(&value, at, 8);
+    return value;
+}
+
+static inline uint32_t load32(const uint8_t *at)
+{
+    uint32_t value;
+    memcpy(&value, at, 4);
+    return value;
+}
+
+static inline void store64(uint8_t *at, uint64_t value) { memcpy(at, &value, 8); }
+static inline void store32(uint8_t *at, uint32_t value) { memcpy(at, &value, 4); }
+
+unsigned trap_replay_slot(uint64_t key)
+{
+    return (unsigned)((key * 0x9E3779B97F4A7C15ull) >> 58);  /* Fibonacci hashing into 64 slots */
+}
+
+/* Deliver `vector` from its plan; 0 (and nothing changed) when the plan does not apply. */
+static int replay(struct trap_replay *t, void *uc, uint32_t vector)
+{
+    uint8_t *cpu = t->cpu;
+    uint32_t hflags = load32(cpu + t->hflags);
+    uint64_t software = load32(cpu + t->exception_is_int) != 0;
+    uint64_t key = (uint64_t)hflags << 9 | software << 8 | vector;
+    const struct plan *p = &t->plans[trap_replay_slot(key)];
+    const uint8_t *system = cpu + t->system;
+    uint32_t cr2 = t->cr2_in_system;
+
+    if (p->key != key
+        || load64(t->ram + p->gate_at) != p->gate[0] || load64(t->ram + p->gate_at + 8) != p->gate[1]
+        || load64(t->ram + p->descriptor_at) != p->descriptor
+        || memcmp(system, p->system, cr2) != 0
+        || memcmp(system + cr2 + 8, p->system + cr2 + 8, SYSTEM_BYTES - cr2 - 8) != 0)
+        return 0;
+
+    uint64_t old_rsp = load64(cpu + t->rsp);
+    uint64_t base = p->stack_at == NO_STACK_SWITCH ? old_rsp : load64(t->ram + p->stack_at);
+    uint64_t rsp = (base & ~(uint64_t)0xF) - p->frame_size;
+    if (rsp >> 12 != p->stack_page || (rsp & 0xFFF) + p->frame_size > 0x1000)
+        return 0;
+    uint64_t rflags = 0;  /* EFLAGS (outside 64-bit mode) fills only the low half */
+    if (t->reg_read(uc, t->rflags_reg, &rflags) != 0)
+        return 0;
+
+    uint8_t *frame = t->ram + (p->stack_frame << 12 | (rsp & 0xFFF));
+    if (p->error) {
+        store64(frame, load32(cpu + t->error_code));
+        frame += 8;
+    }
+    store64(frame, load64(cpu + t->eip));
+    store64(frame + 8, load32(cpu + t->cs));
+    store64(frame + 16, rflags);
+    store64(frame + 24, old_rsp);
+    store64(frame + 32, load32(cpu + t->ss));
+
+    store64(cpu + t->rsp, rsp);
+    memcpy(cpu + t->cs, p->caches, p->caches_size);
+    store32(cpu + t->hflags, p->hflags_after);
+    store64(cpu + t->eip, p->target);
+    store64(cpu + t->eflags, load64(cpu + t->eflags) & p->keep_mask);
+    return 1;
+}
+
+/* The UC_HOOK_INTR callback; user_data is the struct trap_replay. */
+void trap_replay_hook(void *uc, uint32_t vector, void *user_data)
+{
+    struct trap_replay *t = user_data;
+    store32(t->cpu + t->old_exception, (uint32_t)-1);  /* unicorn#1883 */
+    if (!t->stopping && replay(t, uc, vector)) {
+        t->replayed++;
+        return;
+    }
+    t->passed_on++;
+    t->slow(uc, vector, user_data);
+}
+
+/* Sizes and offsets, for the test that compares them with the ctypes mirror. */
+void trap_replay_layout(uint64_t out[6])
+{
+    out[0] = sizeof(struct trap_replay);
+    out[1] = sizeof(struct plan);
+    out[2] = offsetof(struct trap_replay, replayed);
+    out[3] = offsetof(struct trap_replay, plans);
+    out[4] = offsetof(struct plan, caches);
+    out[5] = offsetof(struct plan, system);
+}
