@@ -7,8 +7,7 @@ first use.
 
 from __future__ import annotations
 
-import importlib
-
+from labkit._lazy import lazy_exports
 from labkit.monitor.forwarding import Monitor, MonitorContext, Trap
 
 _LAZY = {
@@ -21,12 +20,4 @@ _LAZY = {
 }
 
 __all__ = sorted(["Monitor", "MonitorContext", "Trap", *_LAZY])
-
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'labkit.monitor' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

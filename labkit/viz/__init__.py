@@ -16,7 +16,7 @@ matplotlib is imported on first use, so ``import labkit`` stays fast.
 
 from __future__ import annotations
 
-import importlib
+from labkit._lazy import lazy_exports
 
 _EXPORTS = {
     "exit_timeline": "labkit.viz.exits",
@@ -37,16 +37,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'labkit.viz' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
