@@ -33,7 +33,8 @@ FLAGS = ("-O2", "-fPIC", "-shared", "-std=c99", "-Wall", "-Wextra")
 PLAN_SLOTS = 64
 SYSTEM_BYTES = 136
 CACHE_BYTES = 48
-NO_STACK_SWITCH = (1 << 64) - 1
+U64 = (1 << 64) - 1
+NO_STACK_SWITCH = U64
 
 _u8, _u32, _i32, _u64, _void_p = ctypes.c_uint8, ctypes.c_uint32, ctypes.c_int32, ctypes.c_uint64, ctypes.c_void_p
 
@@ -232,7 +233,7 @@ class NativeTrapReplay:
         plan.descriptor_at, plan.descriptor = descriptor_at, descriptor
         plan.stack_at = NO_STACK_SWITCH if stack_at is None else stack_at
         plan.stack_page, plan.stack_frame = stack_page, stack_frame
-        plan.target, plan.keep_mask = target, keep_mask & NO_STACK_SWITCH
+        plan.target, plan.keep_mask = target, keep_mask & U64
         plan.frame_size, plan.hflags_after, plan.caches_size, plan.error = frame_size, hflags_after, len(caches), error
         ctypes.memmove(plan.caches, caches, len(caches))
         ctypes.memmove(plan.system, system, SYSTEM_BYTES)

@@ -26,11 +26,23 @@ def labkit(*args: str, check: bool = False) -> subprocess.CompletedProcess:
 @pytest.mark.unit
 def test_doctor_reports_kvm_tools_and_the_choice():
     report = json.loads(labkit("doctor", "--json", check=True).stdout)
-    assert {"kvm", "unicorn", "capstone", "binutils", "auto", "fixes"} <= set(report)
+    assert {"kvm", "unicorn", "capstone", "binutils", "trap_replay", "auto", "fixes"} <= set(report)
     assert report["auto"]["backend"] in ("kvm", "emu") and report["auto"]["reason"]
     assert report["unicorn"] == "2.1.4"
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert report["trap_replay"].startswith("C trap replay"), report["trap_replay"]
     text = labkit("doctor", check=True).stdout
-    assert "backend='auto' picks" in text and "/dev/kvm" in text
+    assert "backend='auto' picks" in text and "/dev/kvm" in text and "trap delivery" in text
+
+
+@pytest.mark.unit
+def test_doctor_says_when_exceptions_are_delivered_in_python_and_how_to_fix_it(tmp_path):
+    env = {**os.environ, "CC": "no-such-compiler", "LABKIT_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "labkit.cli", "doctor", "--json"], capture_output=True, text=True,
+                          timeout=120, check=True, env=env)
+    report = json.loads(done.stdout)
+    assert report["trap_replay"].startswith("Python only: cannot build or load trap_replay.c"), report["trap_replay"]
+    assert any("install a C compiler" in fix for fix in report["fixes"])
 
 
 @pytest.mark.unit
