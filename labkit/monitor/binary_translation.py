@@ -30,10 +30,14 @@ Memory while a kernel runs under binary translation (identity-mapped, RAM of ``m
 
 The cache sits above everything labkit or the kernel places in RAM (code, data
 and stacks all end at or below STACK_TOP, which the constructor checks), so
-the kernel never meets it unless it computes an address out there.  Nothing
-enforces that: the page tables map the cache writable for ring 3.  (VMware hid
-its monitor at the top of the address space by truncating the guest's segment
-limits; long mode has no segment limits to truncate.)
+the kernel never meets it unless it computes an address out there.  If it
+writes there, it meets the page tables: before the kernel's first instruction
+the monitor maps the region read-only (splitting a 2 MiB page into 4 KiB pages
+with a page table at the bottom of the region where needed), all but the page
+of the return-hit counter, which translated code increments; such a write
+stops the run with a message instead of overwriting translated code.  (VMware
+hid its monitor at the top of the address space by truncating the guest's
+segment limits; long mode has no segment limits to truncate, paging does the job.)
 
 Entries into the monitor, each one a trap through the forwarding stubs::
 
@@ -66,6 +70,7 @@ from labkit.monitor.translation_cache import (CACHE_SIZE, INDIRECT, SENSITIVE, B
                                               TranslationCache)
 from labkit.vmm.status import Status, exception_name
 from labkit.x86 import layout
+from labkit.x86.paging import LARGE_PAGE, PAGE_SIZE_BIT, PF_WRITE, write_protect
 
 TRANSLATABLE = SENSITIVE | {"cr", "dr"}
 """Everything that can be put in ``translate=``: mnemonics, plus ``"cr"``/``"dr"`` for ``mov`` to/from them."""
@@ -192,6 +197,8 @@ class BinaryTranslator:
         its first instruction."""
         self.timer = timer
         self.cache: TranslationCache | None = None
+        self.cache_region = (0, 0)
+        """``[start, end)`` of guest RAM the monitor keeps for itself (page tables it split, the cache)."""
         self.vcpu = None
         self.entries: dict[str, int] = {}
         self.cache_hits = 0
@@ -251,9 +258,18 @@ class BinaryTranslator:
             self._stop(context, "error", f"no room for a {self.cache_size >> 10} KiB translation cache: RAM ends at "
                        f"{ram:#x} and the kernel and its stacks reach {lowest:#x}; give the Machine more memory")
             return
-        self.cache = TranslationCache(base, self.cache_size, self._reader(context), context.write,
+        tables = [base + layout.PAGE_SIZE * i for i in range(_large_pages(context, base, ram))]
+        start = base + layout.PAGE_SIZE * len(tables)
+        self.cache = TranslationCache(start, ram - start, self._reader(context), context.write,
                                       self.translated, ram_size=ram,
                                       returns=(self.kernel.load_address, len(self.kernel.code)))
+        # Read-only for the kernel from here on.  No TLB holds these pages: the kernel has not
+        # run yet (the monitor takes over at its first instruction) and nothing else touches them.
+        edits = write_protect(lambda at: struct.unpack("<Q", context.read(at, 8))[0], base, ram,
+                              keep_writable=self.cache.writable_pages, spare_tables=tables)
+        for address, data in edits:
+            context.write(address, data)
+        self.cache_region = (base, ram)
         self.vcpu = VirtualCpu()
         if self.timer:
             from labkit.monitor.trap_emulate import TIMER_PORT, VirtualTimer
@@ -302,6 +318,14 @@ class BinaryTranslator:
             self._emulate(guest, bytes(decoded.bytes), f"{decoded.mnemonic} {decoded.op_str}".strip(), trap, context)
             if not self._stopped:
                 self._resume(trap)
+            return
+        base, end = self.cache_region
+        if trap.vector == 14 and trap.error_code & PF_WRITE and base <= trap.cr2 < end:
+            self._count("fault: #PF")
+            self._stop(context, "error", f"the kernel wrote to {trap.cr2:#x} at rip {guest:#x}, inside the "
+                       f"translation cache ({base:#x}-{end:#x}): the top {(end - base) >> 10} KiB of RAM belong to "
+                       "the monitor, which keeps them read-only; keep the kernel's data below, or give the "
+                       "Machine more memory")
             return
         self._count(f"fault: {_short(trap.vector)}")
         error_code = trap.error_code if has_error_code(trap.vector) else None
@@ -393,6 +417,15 @@ class BinaryTranslator:
 
     def _count(self, reason: str) -> None:
         self.entries[reason] = self.entries.get(reason, 0) + 1
+
+
+def _large_pages(context, start: int, end: int) -> int:
+    """How many 2 MiB pages of labkit's identity map ``[start, end)`` touches (each needs a page table to split)."""
+    count = 0
+    for region in range(start & ~(LARGE_PAGE - 1), end, LARGE_PAGE):
+        entry = struct.unpack("<Q", context.read(layout.PD_ADDRESS + (region >> 21) * 8, 8))[0]
+        count += bool(entry & PAGE_SIZE_BIT)
+    return count
 
 
 def _short(vector: int) -> str:

@@ -34,7 +34,8 @@ Translation of each kind of guest instruction (``G`` = guest address, ``T`` = in
 Layout of the cache region, the top ``size`` bytes of guest RAM::
 
     base                 +----------------------------+
-                         | return table, hit counter  |  (optional) guest address -> translation
+                         | return table               |  (optional) guest address -> translation
+                         | hit counter (its own page) |  the one page translated code writes
     code_start           +----------------------------+
                          | block 1 | block 2 | ...    |  appended in translation order
     base + used          +----------------------------+
@@ -82,6 +83,13 @@ MAX_RETURN_TABLE = 64 << 10
 """At most this many bytes of return table (8 per guest code byte covered)."""
 CACHE_SIZE = 256 << 10
 """Default size of the cache region (at the top of guest RAM)."""
+
+
+PAGE = 0x1000
+
+
+def _page_align(size: int) -> int:
+    return (size + PAGE - 1) & ~(PAGE - 1)
 
 
 class CacheFull(LabkitError):
@@ -166,14 +174,19 @@ class TranslationCache:
         self.used = 0
         self.returns = None
         """``(guest start, guest size, table address)`` of the return table, if there is one."""
+        self.writable_pages: tuple[int, ...] = ()
+        """Pages of the cache that translated code writes (the return hit counter's); the rest
+        may be mapped read-only for the guest."""
         if returns is not None:
             guest_start, guest_size = returns
             guest_size = min(guest_size, MAX_RETURN_TABLE // 8)
-            table_bytes = 8 * guest_size + 8  # one slot per guest byte, then the hit counter
+            # One slot per guest byte, then the hit counter on a page of its own.
+            table_bytes = _page_align(8 * guest_size) + PAGE
             if table_bytes > size // 2:
                 raise ConfigError(f"a return table for {guest_size} guest bytes does not fit a {size >> 10} KiB cache")
             self.returns = (guest_start, guest_size, base)
-            self.used = (table_bytes + 15) & ~15
+            self.used = table_bytes
+            self.writable_pages = (self._return_counter() & ~(PAGE - 1),)
         self.code_start = base + self.used
         """Where translated code begins (after the return table)."""
         self.read = read
@@ -340,7 +353,7 @@ class TranslationCache:
 
     def _return_counter(self) -> int:
         guest_start, guest_size, table = self.returns
-        return table + 8 * guest_size
+        return table + _page_align(8 * guest_size)
 
     def _inline_return(self, at: int) -> list[tuple[bytes, str]]:
         """``ret`` as a lookup in the return table, in ring 3: a hit jumps to the translated return

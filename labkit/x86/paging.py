@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Iterable, Union
 
 from labkit.errors import ConfigError
 from labkit.x86 import layout
@@ -89,6 +89,46 @@ def pt_entry_address(address: int) -> int:
     if not 0 <= address < LARGE_PAGE:
         raise ConfigError(f"only the first 2 MiB are mapped with 4 KiB pages, not {address:#x}")
     return layout.PT_ADDRESS + (address >> 12) * 8
+
+
+def write_protect(read_entry: Callable[[int], int], start: int, end: int, *, keep_writable: Iterable[int] = (),
+                  spare_tables: Iterable[int] = ()) -> list[tuple[int, bytes]]:
+    """Edits to labkit's identity map that make the 4 KiB pages of ``[start, end)`` read-only.
+
+    ``read_entry`` reads the 8-byte entry at a guest-physical address.  A 2 MiB
+    page the range touches is first split into a page table written at the next
+    of ``spare_tables`` (page-aligned guest-physical addresses), mapping the
+    same 2 MiB with the same flags.  Pages in ``keep_writable`` keep R/W.
+    Returns ``[(address, bytes), ...]`` to write, in order; the caller makes
+    sure no TLB holds the old entries (or flushes it).
+    """
+    if start % layout.PAGE_SIZE or end % layout.PAGE_SIZE or not 0 <= start < end <= layout.MAPPED_LIMIT:
+        raise ConfigError(f"write_protect needs page-aligned {start:#x} < {end:#x} within labkit's map")
+    keep = {page & ~(layout.PAGE_SIZE - 1) for page in keep_writable}
+    spares = iter(spare_tables)
+    edits: list[tuple[int, bytes]] = []
+    for region in range(start & ~(LARGE_PAGE - 1), end, LARGE_PAGE):
+        pd_entry_at = layout.PD_ADDRESS + (region >> 21) * 8
+        pd_entry = read_entry(pd_entry_at)
+        first, last = max(start, region), min(end, region + LARGE_PAGE)
+        if pd_entry & PAGE_SIZE_BIT:
+            table = next(spares, None)
+            if table is None or table % layout.PAGE_SIZE:
+                raise ConfigError(f"splitting the 2 MiB page at {region:#x} needs a spare page-aligned table")
+            flags = pd_entry & 0xFFF & ~PAGE_SIZE_BIT
+            entries = {index: region + index * layout.PAGE_SIZE | flags for index in range(ENTRIES)}
+            for page in range(first, last, layout.PAGE_SIZE):
+                if page not in keep:
+                    entries[(page - region) >> 12] &= ~WRITABLE
+            edits.append((table, _table(entries)))
+            edits.append((pd_entry_at, _ENTRY.pack(table | PRESENT | WRITABLE | USER | ACCESSED)))
+            continue
+        table = pd_entry & ADDRESS_MASK
+        for page in range(first, last, layout.PAGE_SIZE):
+            if page not in keep:
+                entry_at = table + ((page - region) >> 12) * 8
+                edits.append((entry_at, _ENTRY.pack(read_entry(entry_at) & ~WRITABLE)))
+    return edits
 
 
 @dataclass(frozen=True)

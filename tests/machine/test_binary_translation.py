@@ -153,3 +153,37 @@ def test_a_cache_that_does_not_fit_is_reported(backend_name):
     translator = BinaryTranslator(kernel, cache_size=1 << 20)
     result = Machine(translator.guest, backend=backend_name, memory=1 << 20, monitor=translator).run(timeout=10)
     assert result.status.kind == "error" and "no room" in result.status.message
+
+
+@pytest.mark.parametrize("memory", [2 << 20, 5 << 20], ids=["4k-pages", "split-2m-page"])
+def test_a_kernel_writing_into_the_translation_cache_is_stopped_with_a_message(backend_name, memory):
+    """The top of RAM is the monitor's: a read there is harmless, a write stops the run (nothing is overwritten)."""
+    target = memory - 0x20000  # inside the 256 KiB cache
+    kernel = Guest.from_asm(f"""
+        mov rbx, {target:#x}
+        mov rax, [rbx]          # reading is allowed
+        mov dx, 0x3f8
+        mov al, 'r'
+        out dx, al
+        mov qword ptr [rbx], 1  # writing is not
+        mov al, 'w'
+        out dx, al
+        hlt
+    """, mode=64)
+    translator = BinaryTranslator(kernel)
+    with Machine(translator.guest, backend=backend_name, memory=memory, monitor=translator) as machine:
+        result = machine.run(timeout=10)
+        cache = machine.read_memory(target, 8)
+    assert result.console == "r"
+    assert result.status.kind == "error"
+    assert result.status.message.startswith(f"the kernel wrote to {target:#x} at rip 0x8011, inside the translation "
+                                            f"cache ({memory - (256 << 10):#x}-{memory:#x})"), result.status.message
+    assert cache != (1).to_bytes(8, "little")
+
+
+def test_translation_with_a_split_2m_page_gives_the_native_console(backend_name):
+    kernel = minikernel()
+    native = Machine(kernel, backend=backend_name, memory=5 << 20).run(timeout=20)
+    bt = run_translated(kernel, backend=backend_name, memory=5 << 20)
+    assert bt.status.kind == "halted" and bt.console == native.console
+    assert bt.monitor.inline_return_hits > 0  # the counter's page stayed writable

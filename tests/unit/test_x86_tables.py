@@ -148,8 +148,8 @@ def test_tss32_round_trip_and_offsets():
     assert tss.decode_tss32(tss.build_tss32(custom)) == custom
 
 
-def _ram_with_tables() -> bytearray:
-    ram = bytearray(0x10000)
+def _ram_with_tables(size: int = 0x10000) -> bytearray:
+    ram = bytearray(size)
     for address, table in paging.build_page_tables():
         ram[address:address + len(table)] = table
     return ram
@@ -187,6 +187,43 @@ def test_flipping_us_and_rw_in_the_pt():
     assert fault.error_code == paging.PF_PRESENT | paging.PF_WRITE
     assert isinstance(paging.translate(ram, 0x9010, write=True, write_protect=False), paging.Translation)
     assert isinstance(paging.translate(ram, 0xA000, write=True, user=True), paging.Translation)
+
+
+def _apply(ram: bytearray, edits) -> None:
+    for address, data in edits:
+        ram[address:address + len(data)] = data
+
+
+def _reads(ram: bytearray):
+    return lambda address: struct.unpack_from("<Q", ram, address)[0]
+
+
+@pytest.mark.parametrize("start, end", [(0x1C_0000, 0x20_0000), (0x3C_0000, 0x40_0000), (0x1F_E000, 0x20_2000)],
+                         ids=["4k-pages", "split-2m-page", "both"])
+def test_write_protect_makes_exactly_the_range_read_only_and_keeps_the_map(start, end):
+    ram = _ram_with_tables(8 << 20)
+    spare = end - 0x1000 if end > paging.LARGE_PAGE else None  # a table inside the protected range
+    keep = start + 0x1000
+    edits = paging.write_protect(_reads(ram), start, end, keep_writable=[keep + 0x10],
+                                 spare_tables=[] if spare is None else [spare])
+    _apply(ram, edits)
+    for page in range(start - 0x4000, end + 0x4000, 0x1000):
+        for address in (page, page + 0xFF8):
+            read = paging.translate(ram, address, user=True)
+            assert isinstance(read, paging.Translation) and read.physical == address  # still identity-mapped
+            write = paging.translate(ram, address, write=True, user=True)
+            if start <= page < end and page != keep:
+                assert write == paging.PageFault(address, paging.PF_PRESENT | paging.PF_WRITE | paging.PF_USER, "PT")
+            else:
+                assert isinstance(write, paging.Translation), hex(address)
+
+
+def test_write_protect_needs_a_spare_table_to_split_a_2m_page():
+    ram = _ram_with_tables(8 << 20)
+    with pytest.raises(ConfigError, match="spare"):
+        paging.write_protect(_reads(ram), 0x30_0000, 0x30_1000)
+    with pytest.raises(ConfigError, match="page-aligned"):
+        paging.write_protect(_reads(ram), 0x30_0010, 0x30_1000)
 
 
 def test_not_present_pt_entry():
