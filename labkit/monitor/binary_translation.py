@@ -218,16 +218,21 @@ class BinaryTranslator:
                 return
             rip = trap.regs.rip
             site = self.cache.sites.get(rip - 1) if trap.vector == 3 else None
+            # What the monitor writes on the kernel's behalf (an emulated sgdt, a pushed frame)
+            # meets the same read-only cache as the kernel's own stores.
+            kernel = _KernelWrites(context, self.cache_region)
             if site is not None:
-                self._entered_at(site, trap, context)
+                self._entered_at(site, trap, kernel)
             elif self.cache.contains(rip):
-                self._fault(trap, context)
+                self._fault(trap, kernel)
             else:
                 self._count(f"fault: {_short(trap.vector)}")
                 self._stop(context, "error", f"{exception_name(trap.vector)} at rip {rip:#x}, outside the "
                            "translation cache: the monitor never runs the kernel's own code")
         except CacheFull as full:
             self._stop(context, "error", str(full))
+        except _CacheWrite as write:
+            self._stop_cache_write(context, write.address, trap.regs.rip)
 
     def summary(self) -> TranslationSummary:
         cache = self.cache
@@ -322,10 +327,7 @@ class BinaryTranslator:
         base, end = self.cache_region
         if trap.vector == 14 and trap.error_code & PF_WRITE and base <= trap.cr2 < end:
             self._count("fault: #PF")
-            self._stop(context, "error", f"the kernel wrote to {trap.cr2:#x} at rip {guest:#x}, inside the "
-                       f"translation cache ({base:#x}-{end:#x}): the top {(end - base) >> 10} KiB of RAM belong to "
-                       "the monitor, which keeps them read-only; keep the kernel's data below, or give the "
-                       "Machine more memory")
+            self._stop_cache_write(context, trap.cr2, guest)
             return
         self._count(f"fault: {_short(trap.vector)}")
         error_code = trap.error_code if has_error_code(trap.vector) else None
@@ -411,12 +413,41 @@ class BinaryTranslator:
             return data
         return read
 
+    def _stop_cache_write(self, context, address: int, rip: int) -> None:
+        base, end = self.cache_region
+        self._stop(context, "error", f"the kernel wrote to {address:#x} at rip {rip:#x}, inside the translation "
+                   f"cache ({base:#x}-{end:#x}): the top {(end - base) >> 10} KiB of RAM belong to the monitor, "
+                   "which keeps them read-only; keep the kernel's data below, or give the Machine more memory")
+
     def _stop(self, context, kind: str, message: str) -> None:
         self._stopped = True
         context.stop(Status(kind, message=message))
 
     def _count(self, reason: str) -> None:
         self.entries[reason] = self.entries.get(reason, 0) + 1
+
+
+class _CacheWrite(Exception):
+    def __init__(self, address: int):
+        super().__init__(address)
+        self.address = address
+
+
+class _KernelWrites:
+    """A MonitorContext whose ``write`` refuses the monitor's region (raises :class:`_CacheWrite`)."""
+
+    def __init__(self, context, region: tuple[int, int]):
+        self._context = context
+        self._region = region
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+    def write(self, address: int, data: bytes) -> None:
+        start, end = self._region
+        if address < end and address + len(data) > start:
+            raise _CacheWrite(max(address, start))
+        self._context.write(address, data)
 
 
 def _large_pages(context, start: int, end: int) -> int:

@@ -187,3 +187,12 @@ def test_translation_with_a_split_2m_page_gives_the_native_console(backend_name)
     bt = run_translated(kernel, backend=backend_name, memory=5 << 20)
     assert bt.status.kind == "halted" and bt.console == native.console
     assert bt.monitor.inline_return_hits > 0  # the counter's page stayed writable
+
+
+def test_an_emulated_store_into_the_translation_cache_is_stopped_too(backend_name):
+    """sgdt is carried out by the monitor, not the CPU: its store meets the same read-only cache."""
+    kernel = Guest.from_asm("mov rbx, 0x1f0000\nsgdt [rbx]\nhlt\n", mode=64)
+    result = run_translated(kernel, backend=backend_name)
+    assert result.status.kind == "error"
+    assert result.status.message.startswith("the kernel wrote to 0x1f0000 at rip 0x8007, inside the translation "
+                                            "cache (0x1c0000-0x200000)"), result.status.message
