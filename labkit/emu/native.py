@@ -140,7 +140,7 @@ def _build() -> _Build:
     library.trap_replay_slot.argtypes = (_u64,)
     library.trap_replay_slot.restype = ctypes.c_uint
     if layout_of(library) != expected_layout():
-        build.reason = f"{target} does not match labkit's mirror of struct trap_replay (stale build?)"
+        build.reason = f"{target} does not match labkit's ctypes mirror of struct trap_replay"
         return build
     build.library, build.path = library, target
     return build

@@ -290,20 +290,16 @@ class _Engine:
                      MMIO_READ(on_mmio_read), MMIO_WRITE(on_mmio_write),
                      MMIO_READ(open_bus_read), MMIO_WRITE(open_bus_write), HOOK_SYSCALL(on_syscall)]
         out_cb, in_cb, intr_cb, mmio_read, mmio_write, bus_read, bus_write, syscall_cb = callbacks
-        intr_address, intr_data = ctypes.cast(intr_cb, _c_void_p).value, None
         native = self.replay = self._native_replay(intr_cb)
         self.delivery.native = native
-        if native is not None:
-            intr_address, intr_data = native.hook_address, native.user_data
-        for hook_type, address, data, extra in ((UC.UC_HOOK_INSN, ctypes.cast(out_cb, _c_void_p).value, None,
-                                                 X.UC_X86_INS_OUT),
-                                                (UC.UC_HOOK_INSN, ctypes.cast(in_cb, _c_void_p).value, None,
-                                                 X.UC_X86_INS_IN),
-                                                (UC.UC_HOOK_INSN, ctypes.cast(syscall_cb, _c_void_p).value, None,
-                                                 X.UC_X86_INS_SYSCALL),
-                                                (UC.UC_HOOK_INTR, intr_address, intr_data, None)):
+        # (hook type, callback, its user data, instruction): the C replay, where built, takes UC_HOOK_INTR.
+        intr = (intr_cb, None) if native is None else (_c_void_p(native.hook_address), native.user_data)
+        for hook_type, callback, data, extra in ((UC.UC_HOOK_INSN, out_cb, None, X.UC_X86_INS_OUT),
+                                                 (UC.UC_HOOK_INSN, in_cb, None, X.UC_X86_INS_IN),
+                                                 (UC.UC_HOOK_INSN, syscall_cb, None, X.UC_X86_INS_SYSCALL),
+                                                 (UC.UC_HOOK_INTR, *intr, None)):
             hook = ctypes.c_size_t()
-            args = [handle, ctypes.byref(hook), _i32(hook_type), _c_void_p(address), _c_void_p(data),
+            args = [handle, ctypes.byref(hook), _i32(hook_type), ctypes.cast(callback, _c_void_p), _c_void_p(data),
                     _u64(1), _u64(0)]
             if extra is not None:
                 args.append(_i32(extra))

@@ -70,7 +70,7 @@ from labkit.monitor.translation_cache import (CACHE_SIZE, INDIRECT, SENSITIVE, B
                                               TranslationCache)
 from labkit.vmm.status import Status, exception_name
 from labkit.x86 import layout
-from labkit.x86.paging import LARGE_PAGE, PAGE_SIZE_BIT, PF_WRITE, write_protect
+from labkit.x86.paging import PF_WRITE, write_protect
 
 TRANSLATABLE = SENSITIVE | {"cr", "dr"}
 """Everything that can be put in ``translate=``: mnemonics, plus ``"cr"``/``"dr"`` for ``mov`` to/from them."""
@@ -263,7 +263,8 @@ class BinaryTranslator:
             self._stop(context, "error", f"no room for a {self.cache_size >> 10} KiB translation cache: RAM ends at "
                        f"{ram:#x} and the kernel and its stacks reach {lowest:#x}; give the Machine more memory")
             return
-        tables = [base + layout.PAGE_SIZE * i for i in range(_large_pages(context, base, ram))]
+        # A page at the bottom for each 2 MiB the region touches, should write_protect split it.
+        tables = [base + layout.PAGE_SIZE * i for i in range(((ram - 1) >> 21) - (base >> 21) + 1)]
         start = base + layout.PAGE_SIZE * len(tables)
         self.cache = TranslationCache(start, ram - start, self._reader(context), context.write,
                                       self.translated, ram_size=ram,
@@ -448,15 +449,6 @@ class _KernelWrites:
         if address < end and address + len(data) > start:
             raise _CacheWrite(max(address, start))
         self._context.write(address, data)
-
-
-def _large_pages(context, start: int, end: int) -> int:
-    """How many 2 MiB pages of labkit's identity map ``[start, end)`` touches (each needs a page table to split)."""
-    count = 0
-    for region in range(start & ~(LARGE_PAGE - 1), end, LARGE_PAGE):
-        entry = struct.unpack("<Q", context.read(layout.PD_ADDRESS + (region >> 21) * 8, 8))[0]
-        count += bool(entry & PAGE_SIZE_BIT)
-    return count
 
 
 def _short(vector: int) -> str:

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from labkit.errors import ConfigError, LabkitError
+from labkit.x86.layout import PAGE_SIZE
 from labkit.x86.disasm import MAX_INSTRUCTION
 
 SENSITIVE = frozenset({
@@ -85,11 +86,8 @@ CACHE_SIZE = 256 << 10
 """Default size of the cache region (at the top of guest RAM)."""
 
 
-PAGE = 0x1000
-
-
 def _page_align(size: int) -> int:
-    return (size + PAGE - 1) & ~(PAGE - 1)
+    return (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
 
 class CacheFull(LabkitError):
@@ -181,12 +179,12 @@ class TranslationCache:
             guest_start, guest_size = returns
             guest_size = min(guest_size, MAX_RETURN_TABLE // 8)
             # One slot per guest byte, then the hit counter on a page of its own.
-            table_bytes = _page_align(8 * guest_size) + PAGE
+            table_bytes = _page_align(8 * guest_size) + PAGE_SIZE
             if table_bytes > size // 2:
                 raise ConfigError(f"a return table for {guest_size} guest bytes does not fit a {size >> 10} KiB cache")
             self.returns = (guest_start, guest_size, base)
             self.used = table_bytes
-            self.writable_pages = (self._return_counter() & ~(PAGE - 1),)
+            self.writable_pages = (self._return_counter() & ~(PAGE_SIZE - 1),)
         self.code_start = base + self.used
         """Where translated code begins (after the return table)."""
         self.read = read
