@@ -1,6 +1,6 @@
 """Software virtualization techniques run by a monitor on the host: trap-and-emulate, binary translation.
 
-A monitor sees the guest's exceptions through :mod:`labkit.monitor.forwarding`
+A monitor sees the guest's exceptions through :mod:`labkit.vmm.forwarding`
 and works the same on both backends.  The monitors themselves are imported on
 first use.
 """
@@ -8,7 +8,7 @@ first use.
 from __future__ import annotations
 
 from labkit._lazy import lazy_exports
-from labkit.monitor.forwarding import Monitor, MonitorContext, Trap
+from labkit.vmm.forwarding import Monitor, MonitorContext, Trap
 
 _LAZY = {
     "TrapAndEmulate": "labkit.monitor.trap_emulate",

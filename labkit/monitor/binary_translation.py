@@ -1,6 +1,6 @@
 """Binary translation: the monitor runs translated copies of the guest kernel's code, never the code itself.
 
-A :class:`BinaryTranslator` is a monitor (see :mod:`labkit.monitor.forwarding`)
+A :class:`BinaryTranslator` is a monitor (see :mod:`labkit.vmm.forwarding`)
 for a kernel that runs deprivileged in ring 3, as VMware's binary translator
 ran guest kernels outside ring 0.  Before a basic block of kernel code runs,
 the monitor translates it (:mod:`labkit.monitor.translation_cache`) into a
@@ -135,7 +135,7 @@ class TranslationSummary:
 
     def side_by_side(self, guest: int):
         """A :class:`labkit.viz.report.Table`: the block's guest instructions and their translation."""
-        from labkit.viz.report import Table
+        from labkit.table import Table
 
         block = self.block_at(guest)
         rows = []
@@ -463,7 +463,7 @@ def run_translated(kernel, backend: str = "auto", timeout: float = 10.0, *, tran
     ``result.monitor`` is the :class:`TranslationSummary`.  ``translate`` and
     ``timer`` go to :class:`BinaryTranslator`, ``machine_options`` to the Machine.
     """
-    from labkit import Machine
+    from labkit.vmm.machine import Machine
 
     translator = BinaryTranslator(kernel, translate=translate, timer=timer)
     with Machine(translator.guest, backend=backend, monitor=translator, **machine_options) as machine:
@@ -475,7 +475,7 @@ def consoles_side_by_side(consoles: dict[str, str], *, reference: str | None = N
 
     A line marked ``≠`` differs from the ``reference`` run's (default: the first).
     """
-    from labkit.viz.report import Table
+    from labkit.table import Table
 
     if not consoles:
         raise ConfigError("consoles_side_by_side needs at least one console")

@@ -3,7 +3,7 @@
 The kernel believes it is in ring 0.  Every privileged instruction it executes
 in ring 3 faults (#GP; #UD for ``int n`` under PVM), the fault reaches
 :meth:`TrapAndEmulate.on_trap` through labkit's trap forwarding
-(:mod:`labkit.monitor.forwarding`), and the monitor carries the instruction
+(:mod:`labkit.vmm.forwarding`), and the monitor carries the instruction
 out on the kernel's :class:`~labkit.monitor.vcpu.VirtualCpu`
 (:func:`~labkit.monitor.vcpu.emulate`).  The kernel's own exceptions (its
 ``ud2``, its page faults, its ``int n``) are reflected into its *virtual*
@@ -228,7 +228,8 @@ def run_deprivileged(guest, backend: str = "auto", timeout: float = 10.0, *, mon
     The same code, started with ``iretq`` into ring 3 (``user=True``).  A KVM
     shutdown at a port access is explained in ``result.monitor.explanation``.
     """
-    from labkit import Guest, Machine
+    from labkit.guest import Guest
+    from labkit.vmm.machine import Machine
 
     if isinstance(guest, str):
         guest = Guest.named(guest)
@@ -291,8 +292,7 @@ def minikernel(routines: Iterable[str] = DEFAULT_ROUTINES, *, student: str | Non
     to ``routines``): the kernel prints RAX after it.  It needs GNU binutils;
     without ``student`` the prebuilt binary is patched, no assembler needed.
     """
-    from labkit import Guest
-    from labkit.guest import guests_dir
+    from labkit.guest import Guest, guests_dir
 
     routines = tuple(routines)
     if student is not None:

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 from labkit.errors import ConfigError
 from labkit.viz.exits import TIME_UNITS, _new_axes, pick_time_unit
 from labkit.viz.labels import resolve
-from labkit.viz.report import Table
+from labkit.table import Table
 
 ENTRY_COLOURS = {"#GP": "#d62728", "#PF": "#ff7f0e", "#UD": "#9467bd", "int 0x80": "#1f77b4",
                  "syscall": "#2ca02c", "exit": "#7f7f7f"}

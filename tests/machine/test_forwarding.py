@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from labkit import Guest, Machine
-from labkit.monitor import forwarding
+from labkit.vmm import forwarding
 from labkit.vmm.status import Status
 from labkit.x86 import layout
 from labkit.x86.disasm import disassemble

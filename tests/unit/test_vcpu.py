@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from labkit.monitor.forwarding import MonitorContext, Trap
+from labkit.vmm.forwarding import MonitorContext, Trap
 from labkit.monitor.vcpu import (VirtualCpu, VirtualTripleFault, decode, deliver_pending, emulate, reflect,
                                  write_register)
 from labkit.x86.idt import Gate, encode_gate64
