@@ -51,7 +51,7 @@ from labkit.emu import EmuBackend  # noqa: E402
 from labkit.emu import cpu_state, native, unicorn_backend  # noqa: E402
 from labkit.emu.unicorn_backend import HOOK_INTR, _lib  # noqa: E402
 from labkit.x86 import layout  # noqa: E402
-from labkit.x86.boot import boot_state  # noqa: E402
+from labkit.x86.boot import boot_state, load_boot_state  # noqa: E402
 from labkit.x86.idt import INTERRUPT_GATE, Gate, encode_gate64  # noqa: E402
 
 ENTRY = layout.LOAD_ADDRESS
@@ -72,12 +72,9 @@ def assemble(source: str) -> bytes:
 
 def boot(code: bytes, *, user: bool = False, extra=()) -> EmuBackend:
     backend = EmuBackend(MEMORY, 64)
-    state = boot_state(64, ENTRY, MEMORY, user=user)
-    for address, data in (*state.memory, (ENTRY, code), *extra):
+    load_boot_state(backend, boot_state(64, ENTRY, MEMORY, user=user), code)
+    for address, data in extra:
         backend.memory[address:address + len(data)] = data
-    backend.set_sregs(state.sregs)
-    backend.set_regs(state.regs)
-    backend.set_msrs(state.msrs)
     return backend
 
 

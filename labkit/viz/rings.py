@@ -14,6 +14,7 @@ import textwrap
 from dataclasses import replace
 from typing import Mapping, Sequence
 
+from labkit.classify.rules import Classification, Verdict
 from labkit.errors import ConfigError
 from labkit.viz.exits import TIME_UNITS, _new_axes, pick_time_unit
 from labkit.viz.labels import resolve
@@ -109,8 +110,8 @@ def ring_event_table(result, guest=None) -> Table:
                  ["#", "host time (µs)", "event", "RIP", "instruction at RIP", "details"], rows)
 
 
-def classification_table(results: Mapping[str, Sequence], *, names: Sequence[str] | None = None,
-                         paper: str | None = None) -> Table:
+def classification_table(results: Mapping[str, Sequence[Classification]], *, names: Sequence[str] | None = None,
+                         paper: Verdict | str | None = None) -> Table:
     """Verdicts side by side: one row per instruction, one verdict column per backend, the paper's beside them.
 
     ``results`` maps a column heading (``"emulator"``, ``"KVM (kvm_pvm)"``) to
@@ -137,14 +138,15 @@ def classification_table(results: Mapping[str, Sequence], *, names: Sequence[str
         setup = "\nafter setup: " + first.setup.replace("\n", "; ") if first.setup else ""
         row = [name, f"{first.instruction} ({first.mode}-bit){setup}"]
         if paper:
-            row.append(paper)
+            row.append(str(paper))
         for column in columns:
             verdict = results[column][index].verdict
-            if paper and verdict == "undetermined":
-                verdict += " (no ring-0 run here)"
+            text = str(verdict)
+            if paper and verdict == Verdict.UNDETERMINED:
+                text += " (no ring-0 run here)"
             elif paper and verdict != paper:
-                verdict += "  ≠ paper"
-            row.append(verdict)
+                text += "  ≠ paper"
+            row.append(text)
         for column in columns:
             row.append(_evidence(results[column][index]))
         rows.append(row)
@@ -152,7 +154,7 @@ def classification_table(results: Mapping[str, Sequence], *, names: Sequence[str
                  note="Only the 'paper' column is typed in (Robin & Irvine 2000); every verdict was measured.")
 
 
-def _evidence(result) -> str:
+def _evidence(result: Classification) -> str:
     text = result.differences[0] if result.differences else result.reason
     if result.umip:
         text += f"\nUMIP: {result.umip}"

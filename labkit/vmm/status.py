@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 from labkit.trace import ExitTrace
 from labkit.x86.state import Regs
@@ -19,6 +20,27 @@ EXCEPTION_NAMES = {
 """Mnemonic and name of each exception vector (Intel SDM vol. 3, table 6-1)."""
 
 KINDS = ("running", "halted", "exited", "shutdown", "timeout", "fault", "error")
+
+
+class StatusKind(str, Enum):
+    """How a run ended; a str-enum, so it still equals the old strings (``StatusKind.HALTED == "halted"``)."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    HALTED = "halted"
+    EXITED = "exited"
+    SHUTDOWN = "shutdown"
+    TIMEOUT = "timeout"
+    FAULT = "fault"
+    ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def resumable(self) -> bool:
+        """A run that ended so can go on with another ``run()``."""
+        return self in (StatusKind.PAUSED, StatusKind.TIMEOUT, StatusKind.RUNNING)
 
 
 def exception_name(vector: int) -> str:
@@ -69,6 +91,21 @@ class Status:
 
 
 @dataclass(frozen=True)
+class Origin:
+    """Where a run happened: what figures and tables say measured it (never re-probed from the host)."""
+
+    backend: str
+    """``"kvm"`` or ``"emu"``."""
+    flavour: str | None
+    """``"kvm_pvm"``, ``"kvm_intel"``, ``"kvm_amd"`` for KVM; None for the emulator or when unknown."""
+    unicorn: str | None
+    """Unicorn's version, for the emulator; None otherwise."""
+    labkit: str
+    host: str
+    """The host's name."""
+
+
+@dataclass(frozen=True)
 class RunResult:
     """What ``Machine.run`` returns."""
 
@@ -80,6 +117,8 @@ class RunResult:
     elapsed_s: float
     monitor: object = None
     """What the machine's monitor reports (``Monitor.summary()``), when it runs under one."""
+    origin: Origin | None = None
+    """Where the run happened (backend, KVM flavour, versions, host)."""
 
     @property
     def exits(self) -> dict[str, int]:

@@ -105,9 +105,14 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field, replace
+from typing import Mapping, Protocol
 
 from labkit.errors import ConfigError
 from labkit.x86 import layout
+from labkit.x86.arch import (CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR0_WP, CR4_OSFXSR, CR4_OSXMMEXCPT,  # noqa: F401
+                             CR4_PAE, DATA_RW_ACCESSED, CODE_RX_ACCESSED, EFER_LMA, EFER_LME, EFER_SCE, LDT, MSR_CSTAR,
+                             MSR_EFER, MSR_LSTAR, MSR_SFMASK, MSR_STAR, MSR_SYSENTER_CS, RFLAGS_AC, RFLAGS_DF,
+                             RFLAGS_FIXED, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_NT, RFLAGS_RF, RFLAGS_TF)
 from labkit.x86.gdt import build_gdt, gdt_limit, gdt_segments
 from labkit.x86.idt import INTERRUPT_GATE, VECTORS, Gate, build_idt, build_ivt, idt_limit
 from labkit.x86.paging import build_page_tables
@@ -116,32 +121,7 @@ from labkit.x86.tss import build_tss32, build_tss64
 
 MODES = (16, 32, 64)
 
-# MSRs (SDM vol. 4, table 2-2).
-MSR_SYSENTER_CS = 0x174
-MSR_EFER = 0xC0000080
-MSR_STAR = 0xC0000081
-MSR_LSTAR = 0xC0000082
-MSR_CSTAR = 0xC0000083
-MSR_SFMASK = 0xC0000084
-
-EFER_SCE = 1 << 0
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
-
-CR0_PE = 1 << 0
-CR0_ET = 1 << 4
-CR0_NE = 1 << 5
-CR0_WP = 1 << 16
-CR0_PG = 1 << 31
-CR4_PAE = 1 << 5
-CR4_OSFXSR = 1 << 9
-CR4_OSXMMEXCPT = 1 << 10
-
-RFLAGS_FIXED = 0x2
-RFLAGS_IF = 0x200
-RFLAGS_RF = 1 << 16
-"""Resume flag: the CPU sets it in some fault frames (KVM does, Unicorn does not)."""
-SFMASK_VALUE = 0x47700
+SFMASK_VALUE = RFLAGS_TF | RFLAGS_IF | RFLAGS_DF | RFLAGS_IOPL | RFLAGS_NT | RFLAGS_AC  # 0x47700
 """SYSCALL clears TF, IF, DF, IOPL, NT and AC (as Linux does)."""
 
 KERNEL_SERVICE_VECTOR = 4
@@ -335,7 +315,7 @@ def boot_state(
     sregs = SRegs(
         gdt=DescriptorTable(base=layout.GDT_ADDRESS, limit=gdt_limit()),
         tr=segments[layout.TSS_SELECTOR],
-        ldt=Segment(base=0, limit=0, selector=0, type=0x2, present=0, s=0, unusable=1),
+        ldt=Segment(base=0, limit=0, selector=0, type=LDT, present=0, s=0, unusable=1),
     )
     regs = Regs(rip=entry, rsp=stack_top, rflags=RFLAGS_FIXED)
     msrs = {MSR_EFER: 0}
@@ -413,10 +393,47 @@ def boot_state(
     return BootState(mode, entry, user, tuple(memory), regs, sregs, msrs)
 
 
+class BootTarget(Protocol):
+    """What :func:`load_boot_state` needs of a backend (``labkit.backend.Backend`` has all of it)."""
+
+    @property
+    def memory(self) -> memoryview: ...
+
+    def set_regs(self, regs: Regs) -> None: ...
+
+    def set_sregs(self, sregs: SRegs) -> None: ...
+
+    def set_msrs(self, msrs: Mapping[int, int]) -> None: ...
+
+
+def load_boot_state(backend: BootTarget, boot: BootState, code: bytes, load_address: int | None = None, *,
+                    name: str = "the guest") -> None:
+    """Load ``boot`` into ``backend`` (zeroed RAM) and the guest's ``code`` at ``load_address`` (default: the entry).
+
+    Writes the boot state's memory, then the code, then ``set_sregs``,
+    ``set_msrs`` and ``set_regs`` (KVM_SET_SREGS, KVM_SET_MSRS, KVM_SET_REGS on
+    KVM).  The one loader the machine, the tests and the benchmarks use.
+    Raises :class:`ConfigError` when something would not fit in guest RAM.
+    """
+    memory = backend.memory
+    start = boot.entry if load_address is None else load_address
+    pieces = [("the boot state", address, data) for address, data in boot.memory] + [(name, start, code)]
+    for what, address, data in pieces:
+        end = address + len(data)
+        if address < 0 or end > len(memory):
+            raise ConfigError(f"{what} ends at {end:#x}, beyond guest RAM ({len(memory):#x} bytes)")
+    for _, address, data in pieces:
+        memory[address:address + len(data)] = data
+    backend.set_sregs(boot.sregs)
+    if boot.msrs:
+        backend.set_msrs(boot.msrs)
+    backend.set_regs(boot.regs)
+
+
 def _real_mode_segment(selector: int, code: bool = False) -> Segment:
     """A real-mode segment register: base = selector * 16, 64 KiB limit (SDM vol. 3, 20.1.1)."""
     return Segment(
-        base=selector << 4, limit=0xFFFF, selector=selector, type=0xB if code else 0x3,
+        base=selector << 4, limit=0xFFFF, selector=selector, type=CODE_RX_ACCESSED if code else DATA_RW_ACCESSED,
         present=1, dpl=0, db=0, s=1, l=0, g=0,
     )
 

@@ -19,17 +19,11 @@ from dataclasses import replace
 
 from labkit.errors import ConfigError
 from labkit.x86 import layout
+from labkit.x86.arch import CODE_RX_ACCESSED, DATA_RW_ACCESSED, LDT, TSS_AVAILABLE, TSS_BUSY  # noqa: F401 (re-exported)
 from labkit.x86.state import Segment
 
 DESCRIPTOR_SIZE = 8
 SYSTEM_DESCRIPTOR64_SIZE = 16
-
-# Descriptor types (the 4-bit type field).
-DATA_RW_ACCESSED = 0x3
-CODE_RX_ACCESSED = 0xB
-TSS_AVAILABLE = 0x9
-TSS_BUSY = 0xB
-LDT = 0x2
 
 TSS_LIMIT = 0x67
 """104 bytes - 1: the TSS has no I/O permission bitmap (SDM vol. 3, 8.2.1 / 8.7)."""

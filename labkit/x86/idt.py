@@ -12,18 +12,12 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from labkit.errors import ConfigError
+from labkit.x86.arch import ERROR_CODE_VECTORS, INTERRUPT_GATE, TRAP_GATE, VECTORS  # noqa: F401 (re-exported)
 
-VECTORS = 256
 GATE32_SIZE = 8
 GATE64_SIZE = 16
 IVT_ENTRY_SIZE = 4
 
-INTERRUPT_GATE = 0xE
-"""32-bit interrupt gate outside long mode, 64-bit interrupt gate in it."""
-TRAP_GATE = 0xF
-
-ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
-"""Exceptions for which the CPU pushes an error code (SDM vol. 3, table 6-1)."""
 
 
 @dataclass(frozen=True)

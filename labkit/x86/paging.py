@@ -21,32 +21,24 @@ from typing import Callable, Iterable, Union
 
 from labkit.errors import ConfigError
 from labkit.x86 import layout
+from labkit.x86.arch import PF_FETCH, PF_PRESENT, PF_RESERVED, PF_USER, PF_WRITE  # noqa: F401 (re-exported)
+from labkit.x86.arch import PTE_ACCESSED as ACCESSED  # the page-table bits, by their short names here
+from labkit.x86.arch import PTE_ADDRESS_MASK as ADDRESS_MASK
+from labkit.x86.arch import PTE_CACHE_DISABLE as CACHE_DISABLE
+from labkit.x86.arch import PTE_DIRTY as DIRTY
+from labkit.x86.arch import PTE_GLOBAL as GLOBAL
+from labkit.x86.arch import PTE_NO_EXECUTE as NO_EXECUTE
+from labkit.x86.arch import PTE_PAGE_SIZE as PAGE_SIZE_BIT
+from labkit.x86.arch import PTE_PRESENT as PRESENT
+from labkit.x86.arch import PTE_USER as USER
+from labkit.x86.arch import PTE_WRITABLE as WRITABLE
+from labkit.x86.arch import PTE_WRITE_THROUGH as WRITE_THROUGH
 
-PRESENT = 1 << 0
-WRITABLE = 1 << 1
-USER = 1 << 2
-WRITE_THROUGH = 1 << 3
-CACHE_DISABLE = 1 << 4
-ACCESSED = 1 << 5
-DIRTY = 1 << 6
-PAGE_SIZE_BIT = 1 << 7
-"""PS: in a PD entry, maps a 2 MiB page instead of pointing to a PT."""
-GLOBAL = 1 << 8
-NO_EXECUTE = 1 << 63
 
-ADDRESS_MASK = 0x000F_FFFF_FFFF_F000
 ENTRIES = 512
 LARGE_PAGE = 2 << 20
 
 DEFAULT_FLAGS = PRESENT | WRITABLE | USER | ACCESSED | DIRTY
-
-# #PF error code bits (SDM vol. 3, 4.7).
-PF_PRESENT = 1 << 0
-"""Set: a protection violation on a present page; clear: a not-present page."""
-PF_WRITE = 1 << 1
-PF_USER = 1 << 2
-PF_RESERVED = 1 << 3
-PF_FETCH = 1 << 4
 
 _ENTRY = struct.Struct("<Q")
 

@@ -16,7 +16,7 @@ import pytest
 
 from labkit.emu import EmuBackend
 from labkit.x86 import layout
-from labkit.x86.boot import boot_state
+from labkit.x86.boot import boot_state, load_boot_state
 
 ENTRY = layout.LOAD_ADDRESS
 MEMORY = 2 << 20
@@ -41,12 +41,9 @@ def assemble(source: str, bits: int = 64, origin: int = ENTRY) -> bytes:
 def boot(mode: int, code: bytes, *, user: bool = False, memory: int = MEMORY, extra=()) -> EmuBackend:
     """A backend in labkit's boot state for ``mode`` with ``code`` at ENTRY."""
     backend = EmuBackend(memory, mode)
-    state = boot_state(mode, ENTRY, memory, user=user)
-    for address, data in (*state.memory, (ENTRY, code), *extra):
+    load_boot_state(backend, boot_state(mode, ENTRY, memory, user=user), code)
+    for address, data in extra:
         backend.memory[address:address + len(data)] = data
-    backend.set_sregs(state.sregs)
-    backend.set_regs(state.regs)
-    backend.set_msrs(state.msrs)
     return backend
 
 

@@ -6,7 +6,7 @@ it, so a reader can check the encoding against the SDM (vol. 2) or ``objdump``.
 
 from __future__ import annotations
 
-from labkit.x86.boot import boot_state
+from labkit.x86 import boot
 from labkit.x86.state import Regs, Segment
 
 ENTRY = 0x8000
@@ -83,13 +83,7 @@ def load_real_mode(backend, code: bytes, entry: int = ENTRY) -> None:
 
 def load_boot_state(backend, mode: int, code: bytes, *, user: bool = False, entry: int = ENTRY) -> None:
     """The shared start state (``labkit.x86.boot.boot_state``) plus ``code`` at ``entry``."""
-    state = boot_state(mode, entry, len(backend.memory), user=user)
-    for address, data in state.memory:
-        backend.memory[address:address + len(data)] = data
-    backend.memory[entry:entry + len(code)] = code
-    backend.set_sregs(state.sregs)
-    backend.set_regs(state.regs)
-    backend.set_msrs(state.msrs)
+    boot.load_boot_state(backend, boot.boot_state(mode, entry, len(backend.memory), user=user), code)
 
 
 class RecordingDispatcher:

@@ -210,3 +210,47 @@ def test_long_mode_msrs_and_identity_map():
 def test_bad_boot_arguments(kwargs):
     with pytest.raises(ConfigError):
         boot.boot_state(**kwargs)
+
+
+class LoadTarget:
+    """Records what load_boot_state does to a backend: RAM writes land in ``memory``, register loads in ``calls``."""
+
+    def __init__(self, size: int):
+        self.memory = memoryview(bytearray(size))
+        self.calls: list[tuple[str, object]] = []
+
+    def set_regs(self, regs):
+        self.calls.append(("set_regs", regs))
+
+    def set_sregs(self, sregs):
+        self.calls.append(("set_sregs", sregs))
+
+    def set_msrs(self, msrs):
+        self.calls.append(("set_msrs", dict(msrs)))
+
+
+@pytest.mark.parametrize("mode", [16, 32, 64])
+def test_load_boot_state_writes_the_tables_the_code_and_the_registers(mode):
+    size = 2 << 20
+    state = boot.boot_state(mode, layout.LOAD_ADDRESS, size)
+    target = LoadTarget(size)
+    code = b"\x90\x90\xf4"
+    boot.load_boot_state(target, state, code)
+    for address, data in state.memory:
+        assert bytes(target.memory[address:address + len(data)]) == data
+    assert bytes(target.memory[layout.LOAD_ADDRESS:layout.LOAD_ADDRESS + 3]) == code
+    assert [name for name, _ in target.calls] == ["set_sregs", "set_msrs", "set_regs"]
+    assert target.calls[0][1] is state.sregs and target.calls[2][1] is state.regs
+    assert target.calls[1][1] == state.msrs
+
+
+def test_load_boot_state_puts_code_at_its_load_address_and_refuses_what_does_not_fit():
+    size = 1 << 20
+    state = boot.boot_state(64, layout.LOAD_ADDRESS + 0x10, size)
+    target = LoadTarget(size)
+    boot.load_boot_state(target, state, b"\xeb\x0e" + bytes(14) + b"\xf4", layout.LOAD_ADDRESS)
+    assert target.memory[layout.LOAD_ADDRESS] == 0xEB and target.memory[layout.LOAD_ADDRESS + 0x10] == 0xF4
+    untouched = LoadTarget(size)
+    with pytest.raises(ConfigError, match=r"guest 'big' ends at 0x108000, beyond guest RAM \(0x100000 bytes\)"):
+        boot.load_boot_state(untouched, state, bytes(size), layout.LOAD_ADDRESS, name="guest 'big'")
+    assert untouched.calls == [] and not any(untouched.memory)

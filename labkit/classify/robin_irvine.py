@@ -1,0 +1,67 @@
+"""Robin and Irvine's list (USENIX Security 2000): the x86 instructions that are sensitive but unprivileged.
+
+One :class:`Experiment` per name on their list (MOV counted once, as a read of
+CS), with the setup it needs; :func:`robin_irvine_table` classifies each one by
+running it.  The paper's verdict is the only thing typed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from labkit.classify.rules import Classification, Verdict
+from labkit.classify.runner import classify
+
+@dataclass(frozen=True)
+class Experiment:
+    """One of Robin & Irvine's instructions as labkit runs it."""
+
+    name: str
+    """The paper's name, e.g. ``"SGDT"``."""
+    instruction: str
+    setup: str = ""
+    mode: int = 64
+    umip: bool = False
+    why: str = ""
+    """What the setup arranges, in a few words."""
+
+
+PAPER_VERDICT = Verdict.SENSITIVE
+"""Robin & Irvine (2000), section 4.3: every instruction on their list is sensitive and unprivileged (it
+does not trap in user mode).  The only typed-in verdict here: the reference the measured ones are compared with."""
+
+ROBIN_IRVINE = (
+    Experiment("SGDT", "sgdt [scratch]", umip=True, why="stores GDTR; the altered run moves the GDT"),
+    Experiment("SIDT", "sidt [scratch]", umip=True, why="stores IDTR; the altered run moves the IDT"),
+    Experiment("SLDT", "sldt eax", umip=True, why="stores LDTR; the altered run loads an LDT"),
+    Experiment("SMSW", "smsw eax", umip=True, why="stores CR0[15:0]; the altered run sets CR0.TS"),
+    Experiment("PUSHF", "pushfq", why="pushes RFLAGS; the altered run enters ring 3 with IF = 0"),
+    Experiment("POPF", "popfq", setup="pushfq\nxor qword ptr [rsp], 0x200",
+               why="pops RFLAGS with IF toggled: ring 3 may not change IF"),
+    Experiment("LAR", "lar eax, ecx", setup="mov ecx, KERNEL_DS", why="a DPL-0 selector"),
+    Experiment("LSL", "lsl eax, ecx", setup="mov ecx, KERNEL_DS", why="a DPL-0 selector"),
+    Experiment("VERR", "verr cx", setup="mov ecx, KERNEL_DS", why="a DPL-0 selector"),
+    Experiment("VERW", "verw cx", setup="mov ecx, KERNEL_DS", why="a DPL-0 selector"),
+    Experiment("PUSH", "push cs", mode=32, why="pushes CS, whose low two bits are the CPL"),
+    Experiment("POP", "pop ss", setup="push USER_DS", mode=32,
+               why="pops a DPL-3 stack selector: allowed only where CPL = 3"),
+    Experiment("CALL", "call USER_CS32:after", mode=32, why="a far call to the DPL-3 code segment"),
+    Experiment("JMP", "jmp USER_CS32:after", mode=32, why="a far jump to the DPL-3 code segment"),
+    Experiment("INT n", "int3", why="a gate with DPL 3 (vector 3)"),
+    Experiment("RET", "retf", mode=32,
+               setup="push USER_DS\npush RUN_RSP - 0x100\npush USER_CS32\npush offset after",
+               why="a far return with an outer-ring (RPL 3) frame"),
+    Experiment("STR", "str eax", umip=True, why="stores TR; the altered run loads another TSS"),
+    Experiment("MOV", "mov eax, cs", why="reads CS, whose low two bits are the CPL"),
+)
+
+
+def robin_irvine_table(backend: str = "auto", *, umip: bool = True) -> list[Classification]:
+    """Classify each of Robin & Irvine's problematic instructions on ``backend``, by running them.
+
+    Each comes with the small setup it needs (see :data:`ROBIN_IRVINE`; MOV
+    appears once, as a read of CS).  ``umip=False`` skips the CR4.UMIP runs.
+    """
+    return [classify(exp.instruction, backend=backend, mode=exp.mode, setup=exp.setup,
+                     umip=umip and exp.umip)
+            for exp in ROBIN_IRVINE]

@@ -1,0 +1,144 @@
+"""Running the classifier's guest: one :class:`labkit.Machine` per ring and privileged state.
+
+:func:`classify` assembles the guest (:mod:`labkit.classify.guest`), runs it,
+turns each run's result into a :class:`RingRun` and lets
+:func:`labkit.classify.rules.decide` conclude.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from labkit.classify.guest import (ENTRY_STRIDE, PUSHED_MAX, RUN_RSP, RUNS, SCRATCH, SCRATCH_SIZE, UMIP_CPUID,
+                                   assemble_guest)
+from labkit.classify.rules import Classification, Outcome, RingRun, decide, umip_effect
+from labkit.errors import ConfigError, LabkitError
+from labkit.exits import ExitReason
+from labkit.vmm.status import StatusKind
+from labkit.x86 import layout
+from labkit.x86.arch import CR4_UMIP, ERROR_CODE_VECTORS, RFLAGS_RF, Vector
+from labkit.x86.state import GPR_NAMES
+
+if TYPE_CHECKING:
+    from labkit.vmm.machine import Machine
+
+TIMEOUT_S = 2.0
+"""Seconds each run may take before it is stopped and reported as a hang."""
+
+
+def classify(instruction: str, *, backend: str = "auto", mode: int = 64, setup: str = "",
+             umip: bool = False, timeout: float = TIMEOUT_S) -> Classification:
+    """Run ``instruction`` (GNU as, Intel syntax) in ring 0 and ring 3 on ``backend`` and classify it.
+
+    ``setup`` is assembly run first in the same ring (say, loading a selector
+    into ECX).  ``mode`` 64 or 32 (compatibility mode).  ``umip=True`` adds a
+    ring-3 run with CR4.UMIP set.  Raises :class:`labkit.AssemblyError` with
+    the assembler's message when the text does not assemble; an instruction
+    that hangs is stopped after ``timeout`` seconds and reported as such.
+    """
+    from labkit.backend import choose_backend
+
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ConfigError(f"give the instruction as assembly text, such as 'sgdt [scratch]', not {instruction!r}")
+    if not isinstance(setup, str):
+        raise ConfigError(f"setup must be assembly text, not {type(setup).__name__}")
+    if mode not in (32, 64):
+        raise ConfigError(f"mode must be 64 (long mode) or 32 (compatibility mode), not {mode!r}")
+    instruction, setup = instruction.strip(), setup.strip()
+    choice = choose_backend(backend)
+    code, target, start, after = assemble_guest(instruction, setup, mode)
+    flavour = _flavour(choice.name)
+
+    names = ["ring 3", "ring 0"]
+    runs = {name: _run(code, name, choice.name, target, start, after, timeout) for name in names}
+    if runs["ring 3"].outcome in (Outcome.COMPLETED, Outcome.ENTERED):
+        for name in ("ring 3 altered", "ring 0 altered"):
+            runs[name] = _run(code, name, choice.name, target, start, after, timeout)
+    umip_text = ""
+    if umip:
+        runs["ring 3 umip"] = _run(code, "ring 3 umip", choice.name, target, start, after, timeout)
+        umip_text = umip_effect(runs["ring 3 umip"], runs["ring 3"])
+    verdict, reason, differences, notes = decide(runs, choice.name, flavour)
+    ordered = tuple(runs[name] for name in RUNS if name in runs)
+    return Classification(instruction, setup, mode, choice.name, flavour, verdict, reason, ordered,
+                          tuple(differences), tuple(notes), umip_text)
+
+
+def _flavour(backend: str) -> str | None:
+    if backend != "kvm":
+        return None
+    from labkit.kvm.system import kvm_flavour
+
+    flavour = kvm_flavour()
+    return None if flavour == "unknown" else flavour
+
+
+def _run(code: bytes, run: str, backend: str, target: int, start: int, after: int, timeout: float) -> RingRun:
+    from labkit.guest import Guest
+    from labkit.vmm.machine import Machine  # lazy: `import labkit.classify` stays light
+
+    entry = layout.LOAD_ADDRESS + RUNS.index(run) * ENTRY_STRIDE
+    guest = Guest.from_bytes(code, mode=64, name=f"classify ({run})", entry=entry)
+    with Machine(guest, backend=backend) as machine:
+        result = machine.run(timeout=timeout)
+        status = result.status
+        umip_note = _umip_state(machine) if run == "ring 3 umip" else ""
+        regs = tuple((name, getattr(result.regs, name)) for name in GPR_NAMES) + \
+            (("rflags", result.regs.rflags & ~RFLAGS_RF),)
+        kind = status.kind
+        if kind == StatusKind.FAULT and status.fault is not None:
+            fault = status.fault
+            where = fault.rip
+            if fault.vector == Vector.UD and where == after:
+                rsp = result.regs.rsp
+                pushed = machine.read_memory(rsp, RUN_RSP - rsp) if RUN_RSP - PUSHED_MAX <= rsp < RUN_RSP else b""
+                return RingRun(run, Outcome.COMPLETED, str(status), regs=regs, pushed=pushed,
+                               scratch=machine.read_memory(SCRATCH, SCRATCH_SIZE), note=umip_note)
+            if start <= where < after:
+                return RingRun(run, Outcome.TRAPPED, str(status), fault.vector, fault.error_code, where, regs,
+                               note=umip_note)
+            if where == after or (fault.vector not in ERROR_CODE_VECTORS and start < where <= after):
+                stack, cs = _handler_frame(machine, fault.vector)
+                return RingRun(run, Outcome.ENTERED, str(status), fault.vector, fault.error_code, where, regs,
+                               scratch=machine.read_memory(SCRATCH, SCRATCH_SIZE),
+                               handler_stack=stack, pushed_cs=cs)
+            part = "the setup" if target <= where < start else \
+                "the classifier's ring-0 prologue" if where < target else "code after the instruction"
+            return RingRun(run, Outcome.NOT_RUN, str(status), fault.vector, fault.error_code, where, regs,
+                           note=f"{status} in {part}", in_prologue=where < target)
+        if kind in (StatusKind.HALTED, StatusKind.EXITED):
+            return RingRun(run, Outcome.COMPLETED, str(status), regs=regs,
+                           scratch=machine.read_memory(SCRATCH, SCRATCH_SIZE),
+                           note="hlt ended the run" if kind == StatusKind.HALTED else f"the run ended: {status}")
+        if kind == StatusKind.SHUTDOWN:
+            return RingRun(run, Outcome.TRAPPED, str(status), rip=result.regs.rip, regs=regs,
+                           note="triple fault: the exception could not be delivered")
+        if kind == StatusKind.TIMEOUT:
+            return RingRun(run, Outcome.NOT_RUN, str(status), regs=regs,
+                           note=f"did not reach the ud2 after it within {timeout:g} s (a loop or a hang?)")
+        emulation_failed = ExitReason.INTERNAL_ERROR.name in result.trace.by_reason()
+        return RingRun(run, Outcome.NOT_RUN, str(status), regs=regs, note=str(status),
+                       emulation_failed=emulation_failed)
+
+
+def _umip_state(machine: Machine) -> str:
+    """What the umip run's prologue found: CPUID's UMIP bit, and whether CR4.UMIP stuck."""
+    cpuid_ecx = struct.unpack("<I", machine.read_memory(UMIP_CPUID, 4))[0]
+    try:
+        cr4 = machine.sregs().cr4
+    except LabkitError:
+        return ""
+    return (f"CPUID.7:ECX.UMIP = {cpuid_ecx >> 2 & 1}, "
+            f"CR4.UMIP = {1 if cr4 & CR4_UMIP else 0} after the guest set it")
+
+
+def _handler_frame(machine: Machine, vector: int) -> tuple[int | None, int | None]:
+    """Where the default stub's frame lies and the CS the CPU pushed into it."""
+    rsp = machine.regs().rsp  # the stub pushed RAX below the CPU's frame
+    index = 2 if vector in ERROR_CODE_VECTORS else 1
+    try:
+        raw = machine.read_memory(rsp, 8 * (index + 2))
+    except LabkitError:
+        return None, None
+    return rsp + 8, struct.unpack_from("<Q", raw, 8 * (index + 1))[0]
