@@ -68,7 +68,8 @@ from typing import Iterable
 from labkit.errors import ConfigError
 from labkit.monitor.translation_cache import (CACHE_SIZE, INDIRECT, SENSITIVE, Block, CacheFull, Site,
                                               TranslationCache)
-from labkit.vmm.status import Status, exception_name
+from labkit.vmm.forwarding import MonitorContext, Trap
+from labkit.vmm.status import Status, StatusKind, exception_name
 from labkit.x86 import layout
 from labkit.x86.paging import PF_WRITE, write_protect
 
@@ -227,10 +228,10 @@ class BinaryTranslator:
                 self._fault(trap, kernel)
             else:
                 self._count(f"fault: {_short(trap.vector)}")
-                self._stop(context, "error", f"{exception_name(trap.vector)} at rip {rip:#x}, outside the "
+                self._stop(context, StatusKind.ERROR, f"{exception_name(trap.vector)} at rip {rip:#x}, outside the "
                            "translation cache: the monitor never runs the kernel's own code")
         except CacheFull as full:
-            self._stop(context, "error", str(full))
+            self._stop(context, StatusKind.ERROR, str(full))
         except _CacheWrite as write:
             self._stop_cache_write(context, write.address, trap.regs.rip)
 
@@ -252,7 +253,7 @@ class BinaryTranslator:
 
         entry = self.kernel.entry
         if trap.vector != 3 or trap.regs.rip != entry + 1:
-            self._stop(context, "error", f"binary translation must start at the kernel's entry {entry:#x}, but the "
+            self._stop(context, StatusKind.ERROR, f"binary translation must start at the kernel's entry {entry:#x}, but the "
                        f"first trap was {exception_name(trap.vector)} at rip {trap.regs.rip:#x}: run "
                        "BinaryTranslator.guest, not the kernel itself")
             return
@@ -260,7 +261,7 @@ class BinaryTranslator:
         base = ram - self.cache_size
         lowest = max(self.kernel.end, layout.STACK_TOP)
         if base < lowest:
-            self._stop(context, "error", f"no room for a {self.cache_size >> 10} KiB translation cache: RAM ends at "
+            self._stop(context, StatusKind.ERROR, f"no room for a {self.cache_size >> 10} KiB translation cache: RAM ends at "
                        f"{ram:#x} and the kernel and its stacks reach {lowest:#x}; give the Machine more memory")
             return
         # A page at the bottom for each 2 MiB the region touches, should write_protect split it.
@@ -349,14 +350,14 @@ class BinaryTranslator:
         trap.regs.rip = guest_rip
         try:
             if virtual.emulate(self.vcpu, trap, context, code) is None:
-                self._stop(context, "error", f"unemulated instruction at RIP {guest_rip:#x}: {text}")
+                self._stop(context, StatusKind.ERROR, f"unemulated instruction at RIP {guest_rip:#x}: {text}")
                 return
             _, halt = virtual.after_emulation(self.vcpu, trap, context, text.split(" ", 1)[0])
         except virtual.VirtualTripleFault as fault:
-            self._stop(context, "shutdown", f"virtual triple fault: {fault}")
+            self._stop(context, StatusKind.SHUTDOWN, f"virtual triple fault: {fault}")
             return
         if halt is not None:
-            self._stop(context, "halted", halt)
+            self._stop(context, StatusKind.HALTED, halt)
 
     def _reflect(self, vector: int, error_code: int | None, trap, context) -> None:
         """Deliver ``vector`` through the guest kernel's virtual IDT and continue at its handler's translation."""
@@ -365,7 +366,7 @@ class BinaryTranslator:
         try:
             virtual.reflect(self.vcpu, trap, context, vector, error_code)
         except virtual.VirtualTripleFault as fault:
-            self._stop(context, "shutdown", f"virtual triple fault: {fault}")
+            self._stop(context, StatusKind.SHUTDOWN, f"virtual triple fault: {fault}")
             return
         self._resume(trap)
 
@@ -392,7 +393,7 @@ class BinaryTranslator:
             regs.rsp = (regs.rsp + 8 + (operands[0].imm if operands else 0)) & _MASK64
             return target
         if decoded.mnemonic not in INDIRECT or len(operands) != 1 or operands[0].kind == "imm":
-            self._stop(context, "error", f"unemulated instruction at RIP {site.guest_rip:#x}: {site.text}")
+            self._stop(context, StatusKind.ERROR, f"unemulated instruction at RIP {site.guest_rip:#x}: {site.text}")
             return None
         operand = operands[0]
         if operand.kind == "reg":
@@ -416,11 +417,11 @@ class BinaryTranslator:
 
     def _stop_cache_write(self, context, address: int, rip: int) -> None:
         base, end = self.cache_region
-        self._stop(context, "error", f"the kernel wrote to {address:#x} at rip {rip:#x}, inside the translation "
+        self._stop(context, StatusKind.ERROR, f"the kernel wrote to {address:#x} at rip {rip:#x}, inside the translation "
                    f"cache ({base:#x}-{end:#x}): the top {(end - base) >> 10} KiB of RAM belong to the monitor, "
                    "which keeps them read-only; keep the kernel's data below, or give the Machine more memory")
 
-    def _stop(self, context, kind: str, message: str) -> None:
+    def _stop(self, context: MonitorContext, kind: StatusKind, message: str) -> None:
         self._stopped = True
         context.stop(Status(kind, message=message))
 

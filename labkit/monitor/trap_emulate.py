@@ -44,7 +44,7 @@ from typing import Iterable
 from labkit.errors import ConfigError, LabkitError
 from labkit.monitor.vcpu import (PF_USER, PRIVILEGED, VirtualCpu, VirtualTripleFault, after_emulation, decode,
                                  emulate, has_error_code, reflect)
-from labkit.vmm.status import Status, exception_name
+from labkit.vmm.status import Status, StatusKind, exception_name
 
 MAX_EVENTS = 4096
 TIMER_PORT = 0x40
@@ -143,10 +143,10 @@ class TrapAndEmulate:
             action, text = self._handle(trap, context)
         except VirtualTripleFault as fault:
             action, text = "stopped", f"virtual triple fault: {fault}"
-            self._stop(context, Status("shutdown", message=text))
+            self._stop(context, Status(StatusKind.SHUTDOWN, message=text))
         except LabkitError as error:  # a memory operand or stack outside guest RAM
             action, text = "stopped", f"at RIP {rip:#x}: {error}"
-            self._stop(context, Status("error", message=text))
+            self._stop(context, Status(StatusKind.ERROR, message=text))
         spent = time.perf_counter_ns() - started
         self.monitor_ns += spent
         if len(self.events) < self.max_events:
@@ -179,7 +179,7 @@ class TrapAndEmulate:
             return self._after_emulation(trap, context, decoded.mnemonic, text)
         if decoded is not None and _is_privileged(decoded):
             message = f"unemulated instruction at RIP {rip:#x}: {decoded.text}"
-            self._stop(context, Status("error", message=message))
+            self._stop(context, Status(StatusKind.ERROR, message=message))
             return "stopped", message
         # An ordinary instruction that faults natively too (ud2, a bad address): the kernel's problem.
         reflect(vcpu, trap, context, vector, trap.error_code if vector == 13 else None)
@@ -192,7 +192,7 @@ class TrapAndEmulate:
             if len(self.events) < self.max_events:
                 self.events.append(TrapEvent(vector, trap.regs.rip, "delivered", f"virtual interrupt {vector:#x}", 0))
         if halt is not None:
-            self._stop(context, Status("halted", message=halt))
+            self._stop(context, Status(StatusKind.HALTED, message=halt))
         return "emulated", text
 
     def _stop(self, context, status: Status) -> None:
@@ -239,7 +239,7 @@ def run_deprivileged(guest, backend: str = "auto", timeout: float = 10.0, *, mon
     with Machine(replace(guest, user=True), backend=backend, monitor=monitor, **machine_options) as machine:
         result = machine.run(timeout)
         explanation = ""
-        if result.status.kind == "shutdown" and result.backend == "kvm":
+        if result.status.kind == StatusKind.SHUTDOWN and result.backend == "kvm":
             explanation = _explain_shutdown(machine, result)
     if explanation and isinstance(result.monitor, TrapEmulateReport):
         result = replace(result, monitor=replace(result.monitor, explanation=explanation))

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from labkit.errors import ConfigError
-from labkit.vmm.status import Status
+from labkit.vmm.status import Status, StatusKind
 from labkit.x86 import layout
 from labkit.x86.idt import ERROR_CODE_VECTORS, decode_gate64, encode_gate64
 from labkit.x86.state import Regs
@@ -173,7 +173,7 @@ class TrapPort:
         memory = self.backend.memory
         base = regs.rsp
         if not 0 <= base <= len(memory) - FRAME.size:
-            self.context.stop(Status("error", message=f"trap frame at {base:#x} lies outside guest RAM"))
+            self.context.stop(Status(StatusKind.ERROR, message=f"trap frame at {base:#x} lies outside guest RAM"))
             return
         words = FRAME.unpack_from(memory, base)
         saved = dict(zip(reversed(PUSHED), words))

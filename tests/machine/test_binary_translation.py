@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from labkit import Guest, Machine
+from labkit.vmm.status import StatusKind
 from labkit.monitor.binary_translation import TRANSLATABLE, BinaryTranslator, run_translated
 from labkit.monitor.trap_emulate import TrapAndEmulate, minikernel, run_deprivileged
 
@@ -24,7 +25,7 @@ def test_translation_gives_the_native_console_and_trap_and_emulate_differs_exact
     native = Machine(kernel, backend=backend_name).run(timeout=20)
     te = run_deprivileged(kernel, backend=backend_name)
     bt = run_translated(kernel, backend=backend_name)
-    assert native.status.kind == bt.status.kind == "halted", (str(native.status), str(bt.status))
+    assert native.status.kind == bt.status.kind == StatusKind.HALTED, (str(native.status), str(bt.status))
     assert bt.console == native.console
     assert "minikernel: done, halting" in bt.console
     diverging = differing(native.console, te.console)
@@ -127,7 +128,7 @@ def test_control_flow_shapes_give_the_native_registers(backend_name):
     kernel = Guest.from_asm(SHAPES, mode=64, name="shapes")
     native = Machine(kernel, backend=backend_name).run(timeout=10)
     bt = run_translated(kernel, backend=backend_name)
-    assert native.status.kind == bt.status.kind == "halted"
+    assert native.status.kind == bt.status.kind == StatusKind.HALTED
     assert bt.console == native.console == chr(ord("A") + 23)
     assert bt.regs.gprs() == native.regs.gprs()
     assert bt.regs.rip == native.regs.rip
@@ -136,7 +137,7 @@ def test_control_flow_shapes_give_the_native_registers(backend_name):
 def test_an_unemulated_instruction_stops_the_guest(backend_name):
     kernel = Guest.from_asm("xor eax, eax\nlldt ax\njmp $\n", mode=64)
     bt = run_translated(kernel, backend=backend_name)
-    assert bt.status.kind == "error"
+    assert bt.status.kind == StatusKind.ERROR
     assert bt.status.message == "unemulated instruction at RIP 0x8002: lldt ax"
     assert bt.monitor.monitor_entries == 2  # the start, then lldt: no loop
 
@@ -145,14 +146,14 @@ def test_running_the_kernel_itself_is_refused(backend_name):
     kernel = Guest.from_asm("cli\nhlt\n", mode=64, user=True)
     translator = BinaryTranslator(kernel)
     result = Machine(kernel, backend=backend_name, monitor=translator).run(timeout=10)
-    assert result.status.kind == "error" and "run BinaryTranslator.guest" in result.status.message
+    assert result.status.kind == StatusKind.ERROR and "run BinaryTranslator.guest" in result.status.message
 
 
 def test_a_cache_that_does_not_fit_is_reported(backend_name):
     kernel = Guest.from_asm("hlt\n", mode=64)
     translator = BinaryTranslator(kernel, cache_size=1 << 20)
     result = Machine(translator.guest, backend=backend_name, memory=1 << 20, monitor=translator).run(timeout=10)
-    assert result.status.kind == "error" and "no room" in result.status.message
+    assert result.status.kind == StatusKind.ERROR and "no room" in result.status.message
 
 
 @pytest.mark.parametrize("memory", [2 << 20, 5 << 20], ids=["4k-pages", "split-2m-page"])
@@ -175,7 +176,7 @@ def test_a_kernel_writing_into_the_translation_cache_is_stopped_with_a_message(b
         result = machine.run(timeout=10)
         cache = machine.read_memory(target, 8)
     assert result.console == "r"
-    assert result.status.kind == "error"
+    assert result.status.kind == StatusKind.ERROR
     assert result.status.message.startswith(f"the kernel wrote to {target:#x} at rip 0x8011, inside the translation "
                                             f"cache ({memory - (256 << 10):#x}-{memory:#x})"), result.status.message
     assert cache != (1).to_bytes(8, "little")
@@ -185,7 +186,7 @@ def test_translation_with_a_split_2m_page_gives_the_native_console(backend_name)
     kernel = minikernel()
     native = Machine(kernel, backend=backend_name, memory=5 << 20).run(timeout=20)
     bt = run_translated(kernel, backend=backend_name, memory=5 << 20)
-    assert bt.status.kind == "halted" and bt.console == native.console
+    assert bt.status.kind == StatusKind.HALTED and bt.console == native.console
     assert bt.monitor.inline_return_hits > 0  # the counter's page stayed writable
 
 
@@ -193,6 +194,6 @@ def test_an_emulated_store_into_the_translation_cache_is_stopped_too(backend_nam
     """sgdt is carried out by the monitor, not the CPU: its store meets the same read-only cache."""
     kernel = Guest.from_asm("mov rbx, 0x1f0000\nsgdt [rbx]\nhlt\n", mode=64)
     result = run_translated(kernel, backend=backend_name)
-    assert result.status.kind == "error"
+    assert result.status.kind == StatusKind.ERROR
     assert result.status.message.startswith("the kernel wrote to 0x1f0000 at rip 0x8007, inside the translation "
                                             "cache (0x1c0000-0x200000)"), result.status.message

@@ -6,7 +6,7 @@ import pytest
 
 from labkit import Guest, Machine
 from labkit.vmm import forwarding
-from labkit.vmm.status import Status
+from labkit.vmm.status import Status, StatusKind
 from labkit.x86 import layout
 from labkit.x86.disasm import disassemble
 
@@ -22,7 +22,7 @@ class Skipper:
         (_, encoded, text), = disassemble(code, trap.regs.rip, 64, count=1)
         self.seen.append((trap.vector, trap.error_code, text, trap.cpl))
         if text == "hlt":
-            context.stop(Status("halted", message="hlt emulated by the monitor"))
+            context.stop(Status(StatusKind.HALTED, message="hlt emulated by the monitor"))
         trap.regs.rip += len(encoded)
         trap.regs.rbx += 1  # visible to the guest after the trap
 
@@ -43,7 +43,7 @@ def test_a_monitor_sees_ring3_privileged_instructions(backend_name):
     guest = Guest.from_asm("mov rbx, 100\ncli\nmov rcx, cr0\nhlt\n", mode=64, user=True)
     monitor = Skipper()
     result = Machine(guest, backend=backend_name, monitor=monitor).run(timeout=10)
-    assert result.status.kind == "halted", str(result.status)
+    assert result.status.kind == StatusKind.HALTED, str(result.status)
     assert result.monitor == [(13, 0, "cli", 3), (13, 0, "mov rcx, cr0", 3), (13, 0, "hlt", 3)]
     assert result.trace.count("IO") == 3  # one TRAP_PORT exit per trap
     assert all(record.address == layout.TRAP_PORT for record in result.trace if record.reason == "IO")
@@ -52,7 +52,7 @@ def test_a_monitor_sees_ring3_privileged_instructions(backend_name):
 def test_registers_written_by_the_monitor_reach_the_guest(backend_name):
     guest = Guest.from_asm("mov rbx, 7\nmov rax, 0x1111\ncli\nmov rdx, rbx\nmov rsi, rax\nhlt\n", mode=64, user=True)
     result = Machine(guest, backend=backend_name, monitor=Skipper()).run(timeout=10)
-    assert result.status.kind == "halted"
+    assert result.status.kind == StatusKind.HALTED
     assert result.regs.rdx == 8 and result.regs.rsi == 0x1111
 
 
@@ -67,6 +67,6 @@ def test_monitors_need_long_mode():
 def test_a_run_the_monitor_stops_reports_the_guests_registers(backend_name):
     guest = Guest.from_asm("mov rbx, 1\nmov r12, 0x4242\nhlt\n", mode=64, user=True)
     result = Machine(guest, backend=backend_name, monitor=Skipper()).run(timeout=10)
-    assert result.status.kind == "halted"
+    assert result.status.kind == StatusKind.HALTED
     assert result.regs.r12 == 0x4242 and result.regs.rbx == 2  # the monitor's increment
     assert result.regs.rip == guest.load_address + len(guest.code)  # after the emulated hlt

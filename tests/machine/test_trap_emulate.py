@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from labkit import Guest, Machine
+from labkit.vmm.status import StatusKind
 from labkit.monitor.trap_emulate import (DEFAULT_ROUTINES, TrapAndEmulate, TrapEmulateReport, compare_consoles,
                                          minikernel, run_deprivileged)
 
@@ -33,8 +34,8 @@ def native_console():
 def test_native_and_deprivileged_differ_exactly_on_the_sensitive_lines(backend_name, native_console):
     native = Machine("minikernel64", backend=backend_name).run(timeout=10)
     monitored = run_deprivileged("minikernel64", backend_name)
-    assert native.status.kind == "halted" and native.console == native_console
-    assert monitored.status.kind == "halted", str(monitored.status)
+    assert native.status.kind == StatusKind.HALTED and native.console == native_console
+    assert monitored.status.kind == StatusKind.HALTED, str(monitored.status)
     comparison = compare_consoles(native.console, monitored.console)
     assert {line: (left, right) for line, left, right in comparison.divergent} == DIVERGENT
     assert len(comparison.rows) == len(native_console.splitlines()) == 13
@@ -59,7 +60,7 @@ def test_the_monitor_emulates_what_traps_and_reflects_the_kernels_own_faults(bac
 def test_an_unemulated_instruction_stops_the_guest(backend_name):
     guest = Guest.from_asm("mov rax, cr0\nwbinvd\nhlt\n", name="wbinvd")
     result = run_deprivileged(guest, backend_name, timeout=5)
-    assert result.status.kind == "error"
+    assert result.status.kind == StatusKind.ERROR
     assert result.status.message == "unemulated instruction at RIP 0x8003: wbinvd"
     assert result.monitor.traps == {13: 2} and result.regs.rip == 0x8003
 
@@ -67,7 +68,7 @@ def test_an_unemulated_instruction_stops_the_guest(backend_name):
 def test_a_kernel_without_a_handler_is_a_virtual_triple_fault(backend_name):
     guest = Guest.from_asm("lidt [rip + empty]\nud2\nempty: .word 0\n.quad 0\n", name="no-idt")
     result = run_deprivileged(guest, backend_name, timeout=5)
-    assert result.status.kind == "shutdown" and "virtual triple fault" in result.status.message
+    assert result.status.kind == StatusKind.SHUTDOWN and "virtual triple fault" in result.status.message
 
 
 def test_the_virtual_timer_arrives_after_sti_but_not_after_popf(backend_name):
@@ -89,7 +90,7 @@ def test_int_n_natively_and_deprivileged(backend_name):
     assert handled in monitored.console.splitlines() and monitored.monitor.reflected == {0x30: 1}
     native = Machine(minikernel(["int"]), backend=backend_name).run(timeout=10)
     if backend_name == "kvm" and kvm_flavour() == "kvm_pvm":
-        assert native.status.kind == "error" and "int 0x30" in native.status.message
+        assert native.status.kind == StatusKind.ERROR and "int 0x30" in native.status.message
         assert monitored.monitor.traps.get(6) == 1  # PVM: ring-3 int n is #UD
     else:
         assert handled in native.console.splitlines()

@@ -13,7 +13,7 @@ from labkit.exits import ExitReason  # noqa: E402
 from labkit.trace import ExitTrace  # noqa: E402
 from labkit.viz import (Skipped, backends_to_compare, capability_table, exit_counts, exit_table,  # noqa: E402
                         exit_timeline, exits_side_by_side, measured_on, runs_side_by_side)
-from labkit.vmm.status import RunResult, Status  # noqa: E402
+from labkit.vmm.status import RunResult, Status, StatusKind  # noqa: E402
 from labkit.x86.state import Regs  # noqa: E402
 
 pytestmark = pytest.mark.unit
@@ -31,7 +31,7 @@ def hello_trace() -> ExitTrace:
 
 
 def hello_result(backend: str) -> RunResult:
-    return RunResult(status=Status("halted"), console="Hi\n", regs=Regs(), trace=hello_trace(),
+    return RunResult(status=Status(StatusKind.HALTED), console="Hi\n", regs=Regs(), trace=hello_trace(),
                      backend=backend, elapsed_s=35e-6)
 
 
