@@ -1,4 +1,8 @@
-"""What measured a figure's data, said in the figure: KVM (which flavour) or the emulator."""
+"""What measured a figure's data, said in the figure: KVM (which flavour) or the emulator.
+
+A :class:`labkit.RunResult` carries where it ran (``result.origin``); figures
+take their label from it, never from the host they are drawn on.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from typing import Mapping
 
 from labkit.errors import ConfigError
 from labkit.trace import ExitTrace
+from labkit.vmm.status import Origin, RunResult
 
 KVM_FLAVOURS = ("kvm_intel", "kvm_amd", "kvm_pvm")
 
@@ -58,29 +63,31 @@ def _local_flavour() -> str:
     return kvm_flavour()
 
 
-def local_flavour(backend: str) -> str | None:
-    """This host's KVM module (``"kvm_pvm"``) for a run on ``"kvm"``; None for other backends or when unknown."""
-    if backend != "kvm":
-        return None
-    flavour = _local_flavour()
-    return None if flavour == "unknown" else flavour
-
-
-def resolve(data, backend=None, flavour: str | None = None) -> Source:
+def resolve(data: ExitTrace | RunResult, backend: str | Mapping[str, str] | None = None,
+            flavour: str | None = None) -> Source:
     """Turn what a figure function was given into a :class:`Source`.
 
-    ``data`` is an :class:`ExitTrace` or a :class:`labkit.RunResult` (which
-    knows its backend).  ``backend`` is ``"kvm"``, ``"emu"``, a KVM module name
-    (``"kvm_pvm"``), or ``Machine.describe()``'s dict.  A KVM run with no
-    flavour given is labelled with this host's KVM module, which is what
-    measured it when the run happened here.
+    ``data`` is an :class:`ExitTrace` or a :class:`labkit.RunResult`.  A result
+    says where it ran (``result.origin``: backend and KVM flavour), and that is
+    what labels the figure, wherever it is drawn.  ``backend`` is ``"kvm"``,
+    ``"emu"``, a KVM module name (``"kvm_pvm"``), or ``Machine.describe()``'s
+    dict; it is needed for a bare trace, and overrides a result's origin.
+
+    Fallback, only for what carries no origin (a bare trace given
+    ``backend="kvm"`` and no flavour, or a result made before results carried
+    one): the run is taken to have happened on this host, and this host's KVM
+    module names the flavour.
     """
     guest = None
+    origin: Origin | None = None
     if isinstance(data, ExitTrace):
         trace = data
     elif isinstance(getattr(data, "trace", None), ExitTrace):
         trace = data.trace
-        if backend is None:
+        origin = getattr(data, "origin", None)
+        if backend is None and origin is not None:
+            backend, flavour = origin.backend, flavour or origin.flavour
+        elif backend is None:
             backend = getattr(data, "backend", None)
     else:
         raise ConfigError(f"a figure needs an ExitTrace or a RunResult, not {type(data).__name__}")
@@ -95,8 +102,18 @@ def resolve(data, backend=None, flavour: str | None = None) -> Source:
         raise ConfigError(f"backend must be a name such as 'kvm' or 'emu', not {backend!r}")
     if backend in KVM_FLAVOURS:
         backend, flavour = "kvm", backend
-    if backend == "kvm" and flavour is None:
+    if backend == "kvm" and flavour is None and origin is None:
         flavour = _local_flavour()
         if flavour == "unknown":
             flavour = None
     return Source(trace, backend, flavour, guest)
+
+
+def label(result: RunResult) -> str:
+    """The sentence a figure carries about ``result``: ``measured on KVM (kvm_pvm)``, from where it ran."""
+    return resolve(result).label
+
+
+def short_label(result: RunResult) -> str:
+    """``KVM (kvm_pvm)`` or ``emulator (Unicorn)`` for ``result``, from where it ran: for a column heading."""
+    return resolve(result).short

@@ -14,7 +14,7 @@ from __future__ import annotations
 import textwrap
 
 from labkit.errors import ConfigError
-from labkit.viz.labels import local_flavour, measured_on
+from labkit.viz.labels import label
 
 KIND_COLOURS = {
     "emulated instructions": "#1f77b4",
@@ -69,8 +69,7 @@ def monitor_comparison(trap_emulate, binary_translation, *, kernel: str = "minik
     right.set_title(f"Translation cache\n{bt.guest_bytes} guest bytes -> {bt.cache_bytes} bytes of translation",
                     fontsize=10)
 
-    backends = {trap_emulate.backend, binary_translation.backend}
-    label = "; ".join(measured_on(backend, local_flavour(backend)) for backend in sorted(backends))
-    figure.suptitle(f"Trap-and-emulate vs binary translation: {kernel}\n" + textwrap.fill(label, 90), fontsize=11)
+    measured = "; ".join(dict.fromkeys((label(trap_emulate), label(binary_translation))))
+    figure.suptitle(f"Trap-and-emulate vs binary translation: {kernel}\n" + textwrap.fill(measured, 90), fontsize=11)
     return figure
 

@@ -15,7 +15,7 @@ import textwrap
 from typing import Mapping
 
 from labkit.errors import ConfigError
-from labkit.viz.labels import local_flavour, measured_on
+from labkit.viz.labels import label, short_label
 from labkit.vmm.status import exception_name
 
 
@@ -55,12 +55,12 @@ def trap_profile(runs: Mapping[str, tuple], *, kernel: str = "minikernel64"):
     labels = ("native port exit", "trap round trip", "monitor's share")
     width = 0.8 / len(labels)
     backends = list(costs)
-    for index, label in enumerate(labels):
+    for index, series in enumerate(labels):
         values = [(c.native_exit_us, c.trap_us, c.monitor_us)[index] for c in costs.values()]
         positions = [b + (index - 1) * width for b in range(len(backends))]
-        bars = right.bar(positions, values, width, label=label, color=("#7f7f7f", "#ff7f0e", "#1f77b4")[index])
+        bars = right.bar(positions, values, width, label=series, color=("#7f7f7f", "#ff7f0e", "#1f77b4")[index])
         right.bar_label(bars, labels=[f"{v:.0f}" if v >= 10 else f"{v:.1f}" for v in values], padding=2, fontsize=8)
-    right.set_xticks(range(len(backends)), [_short(backend) for backend in backends])
+    right.set_xticks(range(len(backends)), [short_label(runs[backend][1]) for backend in backends])
     right.set_yscale("log")
     right.set_ylabel("host time per event (µs, median, log scale)")
     right.set_xlabel("backend")
@@ -68,14 +68,6 @@ def trap_profile(runs: Mapping[str, tuple], *, kernel: str = "minikernel64"):
     right.legend(fontsize=8, loc="upper left")
     right.margins(y=0.25)
 
-    label = "; ".join(measured_on(backend, local_flavour(backend)) for backend in backends)
-    figure.suptitle(f"Trap-and-emulate: {kernel} deprivileged in ring 3\n" + textwrap.fill(label, 100), fontsize=11)
+    measured = "; ".join(dict.fromkeys(label(deprivileged) for _, deprivileged in runs.values()))
+    figure.suptitle(f"Trap-and-emulate: {kernel} deprivileged in ring 3\n" + textwrap.fill(measured, 100), fontsize=11)
     return figure
-
-
-def _short(backend: str) -> str:
-    if backend == "kvm":
-        flavour = local_flavour(backend)
-        return f"KVM ({flavour})" if flavour else "KVM"
-    return "emulator (Unicorn)" if backend == "emu" else backend
-

@@ -197,3 +197,36 @@ def test_table_plain_text_in_ipython():
     from IPython.lib.pretty import pretty
 
     assert pretty(exit_table(hello_trace(), "emu")).startswith("VM exits (4 in all)\nreason")
+
+
+def result_from(origin) -> RunResult:
+    return RunResult(status=Status(StatusKind.HALTED), console="Hi\n", regs=Regs(), trace=hello_trace(),
+                     backend=origin.backend, elapsed_s=35e-6, origin=origin)
+
+
+def test_a_result_is_labelled_from_where_it_ran_not_from_this_host(monkeypatch):
+    """A result made on a VT-x host says kvm_intel here too, and the host is never asked."""
+    from labkit.viz import labels
+    from labkit.vmm.status import Origin
+
+    def probe():
+        raise AssertionError("a result with an origin must not re-probe the host")
+
+    monkeypatch.setattr(labels, "_local_flavour", probe)
+    intel = result_from(Origin("kvm", "kvm_intel", None, "0.1.0", "lab-pc-07"))
+    assert labels.label(intel) == "measured on KVM (kvm_intel)"
+    assert labels.short_label(intel) == "KVM (kvm_intel)"
+    assert title_text(exit_timeline(intel).axes[0]).endswith("measured on KVM (kvm_intel)")
+    unknown = result_from(Origin("kvm", None, None, "0.1.0", "elsewhere"))
+    assert labels.label(unknown) == "measured on KVM"
+    emu = result_from(Origin("emu", None, "2.1.4", "0.1.0", "binder"))
+    assert labels.label(emu) == EMU_LABEL
+    assert runs_side_by_side([intel, emu]).header == ["", "KVM (kvm_intel)", "emulator (Unicorn)"]
+
+
+def test_a_result_without_an_origin_falls_back_to_this_hosts_kvm(monkeypatch):
+    from labkit.viz import labels
+
+    monkeypatch.setattr(labels, "_local_flavour", lambda: "kvm_amd")
+    assert labels.label(hello_result("kvm")) == "measured on KVM (kvm_amd)"
+    assert labels.label(hello_result("emu")) == EMU_LABEL
