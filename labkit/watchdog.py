@@ -30,7 +30,7 @@ KICK_SIGNAL = signal.SIGUSR1
 class Watchdog:
     """Calls each armed action once its deadline (``time.monotonic()``) has passed, unless disarmed first."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._reset()
 
     def _reset(self) -> None:

@@ -63,15 +63,21 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from labkit.errors import ConfigError
+from labkit.errors import ConfigError, LabkitError
 from labkit.monitor.translation_cache import (CACHE_SIZE, INDIRECT, SENSITIVE, Block, CacheFull, Site,
                                               TranslationCache)
-from labkit.vmm.forwarding import MonitorContext, Trap
-from labkit.vmm.status import Status, StatusKind, exception_name
+from labkit.monitor.vcpu import VirtualCpu
+from labkit.table import Table
+from labkit.vmm.forwarding import GuestContext, MonitorContext, Trap
+from labkit.vmm.status import RunResult, Status, StatusKind, exception_name
 from labkit.x86 import layout
+from labkit.x86.arch import Vector
 from labkit.x86.paging import PF_WRITE, write_protect
+
+if TYPE_CHECKING:
+    from labkit.guest import Guest
 
 TRANSLATABLE = SENSITIVE | {"cr", "dr"}
 """Everything that can be put in ``translate=``: mnemonics, plus ``"cr"``/``"dr"`` for ``mov`` to/from them."""
@@ -134,10 +140,8 @@ class TranslationSummary:
         return [block for _, block in sorted(self.blocks.items())
                 if any(text.split(" ", 1)[0] == mnemonic for _, _, text in block.original)]
 
-    def side_by_side(self, guest: int):
-        """A :class:`labkit.viz.report.Table`: the block's guest instructions and their translation."""
-        from labkit.table import Table
-
+    def side_by_side(self, guest: int) -> Table:
+        """A :class:`labkit.table.Table`: the block's guest instructions and their translation."""
         block = self.block_at(guest)
         rows = []
         for address, code, text in block.original:
@@ -170,8 +174,8 @@ class BinaryTranslator:
 
     name = "binary translation"
 
-    def __init__(self, kernel, *, translate: Iterable[str] | None = None, cache_size: int = CACHE_SIZE,
-                 timer: bool = False):
+    def __init__(self, kernel: Guest | str, *, translate: Iterable[str] | None = None, cache_size: int = CACHE_SIZE,
+                 timer: bool = False) -> None:
         from labkit.guest import Guest
 
         if isinstance(kernel, str):
@@ -190,7 +194,9 @@ class BinaryTranslator:
         self.kernel = kernel
         self.translated = chosen
         self.cache_size = cache_size
-        offset = kernel.entry - kernel.load_address
+        self.entry: int = kernel.load_address if kernel.entry is None else kernel.entry
+        """Where the kernel starts (its first instruction, run by the monitor's translation)."""
+        offset = self.entry - kernel.load_address
         self._entry_byte = kernel.code[offset:offset + 1]
         self.guest = replace(kernel, name=f"{kernel.name} (translated)", user=True,
                              code=kernel.code[:offset] + BOOT_BREAKPOINT + kernel.code[offset + 1:])
@@ -200,7 +206,7 @@ class BinaryTranslator:
         self.cache: TranslationCache | None = None
         self.cache_region = (0, 0)
         """``[start, end)`` of guest RAM the monitor keeps for itself (page tables it split, the cache)."""
-        self.vcpu = None
+        self.vcpu: VirtualCpu | None = None
         self.entries: dict[str, int] = {}
         self.cache_hits = 0
         self.chained = 0
@@ -211,7 +217,7 @@ class BinaryTranslator:
 
     # -- the Monitor protocol -------------------------------------------------------
 
-    def on_trap(self, trap, context) -> None:
+    def on_trap(self, trap: Trap, context: MonitorContext) -> None:
         self._stopped = False
         try:
             if self.cache is None:
@@ -248,11 +254,9 @@ class BinaryTranslator:
 
     # -- entries --------------------------------------------------------------------
 
-    def _start(self, trap, context) -> None:
-        from labkit.monitor.vcpu import VirtualCpu
-
-        entry = self.kernel.entry
-        if trap.vector != 3 or trap.regs.rip != entry + 1:
+    def _start(self, trap: Trap, context: MonitorContext) -> None:
+        entry = self.entry
+        if trap.vector != Vector.BP or trap.regs.rip != entry + 1:
             self._stop(context, StatusKind.ERROR, f"binary translation must start at the kernel's entry {entry:#x}, but the "
                        f"first trap was {exception_name(trap.vector)} at rip {trap.regs.rip:#x}: run "
                        "BinaryTranslator.guest, not the kernel itself")
@@ -286,11 +290,13 @@ class BinaryTranslator:
         trap.regs.rip = entry
         self._resume(trap)
 
-    def _entered_at(self, site: Site, trap, context) -> None:
+    def _entered_at(self, site: Site, trap: Trap, context: GuestContext) -> None:
         if site.kind == "exit":
             self._count("block exit")
+            if site.target is None:
+                raise LabkitError(f"the exit site at {site.address:#x} has no target")
             successor = self._find(site.target)
-            self.cache.chain(site, successor)
+            self._started()[0].chain(site, successor)
             self.chained += 1
             trap.regs.rip = successor
         elif site.kind == "indirect":
@@ -313,13 +319,16 @@ class BinaryTranslator:
             trap.regs.rip = site.guest_rip
             self._reflect(6, None, trap, context)
 
-    def _fault(self, trap, context) -> None:
+    def _fault(self, trap: Trap, context: GuestContext) -> None:
         """A fault raised by translated code: emulate an untranslated privileged instruction, or reflect."""
         from labkit.monitor.vcpu import PF_USER, PRIVILEGED, has_error_code
 
-        guest = self.cache.guest_address(trap.regs.rip)
+        cache = self._started()[0]
+        guest = cache.guest_address(trap.regs.rip)
+        if guest is None:
+            raise LabkitError(f"rip {trap.regs.rip:#x} stands for no guest instruction in the translation cache")
         trap.regs.rip = guest
-        decoded = self.cache.decode(guest)
+        decoded = cache.decode(guest)
         if trap.vector in (6, 13) and decoded is not None and decoded.mnemonic in PRIVILEGED:
             self._count(f"trap: {decoded.mnemonic}")
             self._emulate(guest, bytes(decoded.bytes), f"{decoded.mnemonic} {decoded.op_str}".strip(), trap, context)
@@ -339,7 +348,7 @@ class BinaryTranslator:
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _emulate(self, guest_rip: int, code: bytes, text: str, trap, context) -> None:
+    def _emulate(self, guest_rip: int, code: bytes, text: str, trap: Trap, context: GuestContext) -> None:
         """Carry out the guest instruction at ``guest_rip`` on the virtual CPU.
 
         As in trap-and-emulate, a pending virtual interrupt is delivered after an emulated
@@ -349,44 +358,55 @@ class BinaryTranslator:
 
         trap.regs.rip = guest_rip
         try:
-            if virtual.emulate(self.vcpu, trap, context, code) is None:
+            vcpu = self._started()[1]
+            if virtual.emulate(vcpu, trap, context, code) is None:
                 self._stop(context, StatusKind.ERROR, f"unemulated instruction at RIP {guest_rip:#x}: {text}")
                 return
-            _, halt = virtual.after_emulation(self.vcpu, trap, context, text.split(" ", 1)[0])
+            _, halt = virtual.after_emulation(vcpu, trap, context, text.split(" ", 1)[0])
         except virtual.VirtualTripleFault as fault:
             self._stop(context, StatusKind.SHUTDOWN, f"virtual triple fault: {fault}")
             return
         if halt is not None:
             self._stop(context, StatusKind.HALTED, halt)
 
-    def _reflect(self, vector: int, error_code: int | None, trap, context) -> None:
+    def _reflect(self, vector: int, error_code: int | None, trap: Trap, context: GuestContext) -> None:
         """Deliver ``vector`` through the guest kernel's virtual IDT and continue at its handler's translation."""
         from labkit.monitor import vcpu as virtual
 
         try:
-            virtual.reflect(self.vcpu, trap, context, vector, error_code)
+            virtual.reflect(self._started()[1], trap, context, vector, error_code)
         except virtual.VirtualTripleFault as fault:
             self._stop(context, StatusKind.SHUTDOWN, f"virtual triple fault: {fault}")
             return
         self._resume(trap)
 
-    def _resume(self, trap) -> None:
+    def _resume(self, trap: Trap) -> None:
         """Continue at the translation of guest address ``trap.regs.rip`` (translating it if needed)."""
         trap.regs.rip = self._find(trap.regs.rip)
 
     def _find(self, guest: int) -> int:
-        found = self.cache.lookup(guest)
+        cache = self._started()[0]
+        found = cache.lookup(guest)
         if found is not None:
             self.cache_hits += 1
             return found
-        return self.cache.translate(guest).cache_start
+        return cache.translate(guest).cache_start
 
-    def _branch_target(self, site: Site, trap, context) -> int | None:
+    def _started(self) -> tuple[TranslationCache, VirtualCpu]:
+        """The cache and the virtual CPU, which exist once the first trap has started the translation."""
+        if self.cache is None or self.vcpu is None:
+            raise LabkitError("binary translation has not started: the kernel's first trap starts it")
+        return self.cache, self.vcpu
+
+    def _branch_target(self, site: Site, trap: Trap, context: GuestContext) -> int | None:
         """Carry out ``ret``/``jmp r/m``/``call r/m`` on the guest's registers and stack; the guest target."""
         from labkit.monitor.vcpu import decode, effective_address, read_register
 
         regs = trap.regs
         decoded = decode(site.code, site.guest_rip)
+        if decoded is None:
+            self._stop(context, StatusKind.ERROR, f"cannot decode the instruction at RIP {site.guest_rip:#x}")
+            return None
         operands = decoded.operands
         if decoded.mnemonic == "ret":
             target = struct.unpack("<Q", context.read(regs.rsp, 8))[0]
@@ -405,8 +425,8 @@ class BinaryTranslator:
             context.write(regs.rsp, struct.pack("<Q", site.guest_next))
         return target
 
-    def _reader(self, context):
-        entry, original = self.kernel.entry, self._entry_byte
+    def _reader(self, context: MonitorContext) -> Callable[[int, int], bytes]:
+        entry, original = self.entry, self._entry_byte
 
         def read(address: int, size: int) -> bytes:
             data = context.read(address, size)
@@ -415,13 +435,13 @@ class BinaryTranslator:
             return data
         return read
 
-    def _stop_cache_write(self, context, address: int, rip: int) -> None:
+    def _stop_cache_write(self, context: GuestContext, address: int, rip: int) -> None:
         base, end = self.cache_region
         self._stop(context, StatusKind.ERROR, f"the kernel wrote to {address:#x} at rip {rip:#x}, inside the translation "
                    f"cache ({base:#x}-{end:#x}): the top {(end - base) >> 10} KiB of RAM belong to the monitor, "
                    "which keeps them read-only; keep the kernel's data below, or give the Machine more memory")
 
-    def _stop(self, context: MonitorContext, kind: StatusKind, message: str) -> None:
+    def _stop(self, context: GuestContext, kind: StatusKind, message: str) -> None:
         self._stopped = True
         context.stop(Status(kind, message=message))
 
@@ -438,12 +458,23 @@ class _CacheWrite(Exception):
 class _KernelWrites:
     """A MonitorContext whose ``write`` refuses the monitor's region (raises :class:`_CacheWrite`)."""
 
-    def __init__(self, context, region: tuple[int, int]):
+    def __init__(self, context: MonitorContext, region: tuple[int, int]):
         self._context = context
         self._region = region
+        self.memory = context.memory
 
-    def __getattr__(self, name: str):
-        return getattr(self._context, name)
+    @property
+    def trap(self) -> Trap | None:
+        return self._context.trap
+
+    def pio(self, port: int, size: int, is_write: bool, value: int = 0) -> int:
+        return self._context.pio(port, size, is_write, value)
+
+    def stop(self, status: Status) -> None:
+        self._context.stop(status)
+
+    def read(self, address: int, size: int) -> bytes:
+        return self._context.read(address, size)
 
     def write(self, address: int, data: bytes) -> None:
         start, end = self._region
@@ -457,8 +488,8 @@ def _short(vector: int) -> str:
     return exception_name(vector).split(" ")[0]
 
 
-def run_translated(kernel, backend: str = "auto", timeout: float = 10.0, *, translate: Iterable[str] | None = None,
-                   timer: bool = False, **machine_options):
+def run_translated(kernel: Guest | str, backend: str = "auto", timeout: float = 10.0, *,
+                   translate: Iterable[str] | None = None, timer: bool = False, **machine_options: Any) -> RunResult:
     """Run ``kernel`` (written for ring 0) by binary translation in ring 3; a ``RunResult``.
 
     ``result.monitor`` is the :class:`TranslationSummary`.  ``translate`` and
@@ -471,13 +502,11 @@ def run_translated(kernel, backend: str = "auto", timeout: float = 10.0, *, tran
         return machine.run(timeout)
 
 
-def consoles_side_by_side(consoles: dict[str, str], *, reference: str | None = None):
-    """Console output of several runs line by line (a :class:`labkit.viz.report.Table`).
+def consoles_side_by_side(consoles: dict[str, str], *, reference: str | None = None) -> Table:
+    """Console output of several runs line by line (a :class:`labkit.table.Table`).
 
     A line marked ``≠`` differs from the ``reference`` run's (default: the first).
     """
-    from labkit.table import Table
-
     if not consoles:
         raise ConfigError("consoles_side_by_side needs at least one console")
     names = list(consoles)

@@ -48,11 +48,16 @@ from __future__ import annotations
 import bisect
 import struct
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from labkit.errors import ConfigError, LabkitError
 from labkit.x86.layout import PAGE_SIZE
 from labkit.x86.disasm import MAX_INSTRUCTION
+
+CsInsn = Any
+"""A Capstone instruction (``capstone.CsInsn``, with detail); Capstone has no type hints."""
+Instruction = tuple[int, bytes, str]
+"""``(guest address, bytes, text)``."""
 
 SENSITIVE = frozenset({
     # IF and the flags: visible or changed without a trap in ring 3
@@ -130,7 +135,7 @@ class Block:
     """``(cache address, bytes, text, guest address it stands for)`` of each emitted piece."""
 
 
-def is_sensitive(instruction, mnemonics: frozenset[str]) -> bool:
+def is_sensitive(instruction: CsInsn, mnemonics: frozenset[str]) -> bool:
     """Does this Capstone instruction get a monitor entry under the set ``mnemonics``?
 
     ``mov`` to or from a control or debug register counts as ``"mov cr"`` / ``"mov dr"``.
@@ -170,7 +175,7 @@ class TranslationCache:
         self.base = base
         self.size = size
         self.used = 0
-        self.returns = None
+        self.returns: tuple[int, int, int] | None = None
         """``(guest start, guest size, table address)`` of the return table, if there is one."""
         self.writable_pages: tuple[int, ...] = ()
         """Pages of the cache that translated code writes (the return hit counter's); the rest
@@ -246,11 +251,11 @@ class TranslationCache:
             out.extend(data)
             return at
 
-        def emit_site(kind: str, insn, text: str, **extra) -> None:
+        def emit_site(kind: str, insn: Instruction, text: str, **extra: Any) -> None:
             at = emit(INT3, text, insn[0])
             pending.append(Site(at, kind, insn[0], insn[0] + len(insn[1]), insn[1], insn[2], **extra))
 
-        def emit_exit(insn, target: int, why: str) -> None:
+        def emit_exit(insn: Instruction, target: int, why: str) -> None:
             at = start + len(out)
             stub = exit_stub(at)
             emit(stub[:6], f"jmp [rip + 0]      ; via slot: {why} -> {target:#x}", insn[0])
@@ -349,15 +354,20 @@ class TranslationCache:
             return 0
         return struct.unpack("<Q", self.read(self._return_counter(), 8))[0]
 
+    def _return_table(self) -> tuple[int, int, int]:
+        if self.returns is None:
+            raise LabkitError("this translation cache has no return table")
+        return self.returns
+
     def _return_counter(self) -> int:
-        guest_start, guest_size, table = self.returns
+        guest_start, guest_size, table = self._return_table()
         return table + _page_align(8 * guest_size)
 
     def _inline_return(self, at: int) -> list[tuple[bytes, str]]:
         """``ret`` as a lookup in the return table, in ring 3: a hit jumps to the translated return
         address with no monitor entry; a miss (not translated yet, or outside the table) enters it.
         Uses two quadwords below the guest's RSP as scratch (the guest's flags and RAX)."""
-        guest_start, guest_size, table = self.returns
+        guest_start, guest_size, table = self._return_table()
         hit = [
             (b"\x9c", "pushfq             ; ret, inline: save flags and rax below the guest's stack"),
             (b"\x50", "push rax"),
@@ -392,7 +402,7 @@ class TranslationCache:
         size = max(0, min(size, self.ram_size - address))
         return self.read(address, size) if size else b""
 
-    def decode(self, address: int):
+    def decode(self, address: int) -> CsInsn | None:
         """The Capstone instruction (with detail) at guest ``address``, or None if it does not decode."""
         code = self.peek(address, MAX_INSTRUCTION)
         for instruction in self._cs.disasm(code, address, 1):
@@ -405,7 +415,7 @@ class TranslationCache:
         return code.hex()
 
     @staticmethod
-    def _relocated(instruction, at: int) -> bytes:
+    def _relocated(instruction: CsInsn, at: int) -> bytes:
         """The instruction's bytes for address ``at``: a RIP-relative displacement is rebased."""
         code = bytearray(instruction.bytes)
         if instruction.disp_size == 4 and any(
@@ -420,15 +430,15 @@ class TranslationCache:
         return bytes(code)
 
 
-def _relative(instruction) -> bool:
+def _relative(instruction: CsInsn) -> bool:
     return len(instruction.operands) == 1 and instruction.operands[0].type == 2  # X86_OP_IMM
 
 
-def _target(instruction) -> int:
+def _target(instruction: CsInsn) -> int:
     return instruction.operands[0].imm & 0xFFFF_FFFF_FFFF_FFFF
 
 
-def _transfers_control(instruction) -> bool:
+def _transfers_control(instruction: CsInsn) -> bool:
     import capstone
 
     return any(group in instruction.groups for group in (

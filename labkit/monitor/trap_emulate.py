@@ -39,12 +39,18 @@ import struct
 import time
 from dataclasses import dataclass, field, replace
 from html import escape
-from typing import Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from labkit.errors import ConfigError, LabkitError
-from labkit.monitor.vcpu import (PF_USER, PRIVILEGED, VirtualCpu, VirtualTripleFault, after_emulation, decode,
-                                 emulate, has_error_code, reflect)
-from labkit.vmm.status import Status, StatusKind, exception_name
+from labkit.monitor.vcpu import (PF_USER, PRIVILEGED, Decoded, VirtualCpu, VirtualTripleFault, after_emulation,
+                                 decode, emulate, has_error_code, reflect)
+from labkit.vmm.forwarding import GuestContext, Trap
+from labkit.vmm.status import RunResult, Status, StatusKind, exception_name
+from labkit.x86.arch import Vector
+
+if TYPE_CHECKING:
+    from labkit.guest import Guest
+    from labkit.vmm.machine import Machine
 
 MAX_EVENTS = 4096
 TIMER_PORT = 0x40
@@ -135,7 +141,7 @@ class TrapAndEmulate:
 
     # -- the Monitor protocol ----------------------------------------------------------------
 
-    def on_trap(self, trap, context) -> None:
+    def on_trap(self, trap: Trap, context: GuestContext) -> None:
         started = time.perf_counter_ns()
         rip = trap.regs.rip
         self.traps[trap.vector] = self.traps.get(trap.vector, 0) + 1
@@ -161,13 +167,13 @@ class TrapAndEmulate:
 
     # -- handling ------------------------------------------------------------------------------
 
-    def _handle(self, trap, context) -> tuple[str, str]:
+    def _handle(self, trap: Trap, context: GuestContext) -> tuple[str, str]:
         vcpu, vector = self.vcpu, trap.vector
-        if vector not in (6, 13):
+        if vector not in (Vector.UD, Vector.GP):
             # The kernel's own exception (#PF, #DE, ...) or a software interrupt through a DPL-3
             # gate (int3, int 4: RIP is already past it): the kernel's virtual IDT handles it.
             error_code = trap.error_code if has_error_code(vector) else None
-            if vector == 14 and error_code is not None:
+            if vector == Vector.PF and error_code is not None:
                 error_code &= ~PF_USER  # the kernel believes it ran in ring 0
             reflect(vcpu, trap, context, vector, error_code)
             return "reflected", exception_name(vector)
@@ -175,17 +181,17 @@ class TrapAndEmulate:
         code = self._code(context, rip)
         decoded = decode(code, rip)
         text = emulate(vcpu, trap, context, code) if decoded is not None else None
-        if text is not None:
+        if decoded is not None and text is not None:
             return self._after_emulation(trap, context, decoded.mnemonic, text)
         if decoded is not None and _is_privileged(decoded):
             message = f"unemulated instruction at RIP {rip:#x}: {decoded.text}"
             self._stop(context, Status(StatusKind.ERROR, message=message))
             return "stopped", message
         # An ordinary instruction that faults natively too (ud2, a bad address): the kernel's problem.
-        reflect(vcpu, trap, context, vector, trap.error_code if vector == 13 else None)
+        reflect(vcpu, trap, context, vector, trap.error_code if vector == Vector.GP else None)
         return "reflected", f"{exception_name(vector)}: {decoded.text if decoded else 'undecodable'}"
 
-    def _after_emulation(self, trap, context, mnemonic: str, text: str) -> tuple[str, str]:
+    def _after_emulation(self, trap: Trap, context: GuestContext, mnemonic: str, text: str) -> tuple[str, str]:
         vector, halt = after_emulation(self.vcpu, trap, context, mnemonic)
         if vector is not None:
             self.delivered[vector] = self.delivered.get(vector, 0) + 1
@@ -195,17 +201,17 @@ class TrapAndEmulate:
             self._stop(context, Status(StatusKind.HALTED, message=halt))
         return "emulated", text
 
-    def _stop(self, context, status: Status) -> None:
+    def _stop(self, context: GuestContext, status: Status) -> None:
         self.stopped = status.message
         context.stop(status)
 
     @staticmethod
-    def _code(context, rip: int) -> bytes:
+    def _code(context: GuestContext, rip: int) -> bytes:
         size = max(0, min(15, len(context.memory) - rip))
         return context.read(rip, size) if size else b""
 
 
-def _is_privileged(decoded) -> bool:
+def _is_privileged(decoded: Decoded) -> bool:
     if decoded.mnemonic == "mov":
         return any(op.kind == "reg" and op.reg[:2] in ("cr", "dr") for op in decoded.operands)
     return decoded.mnemonic in PRIVILEGED
@@ -221,8 +227,8 @@ PORT_IO_SHUTDOWN = (
 )
 
 
-def run_deprivileged(guest, backend: str = "auto", timeout: float = 10.0, *, monitor: TrapAndEmulate | None = None,
-                     **machine_options):
+def run_deprivileged(guest: Guest | str, backend: str = "auto", timeout: float = 10.0, *,
+                     monitor: TrapAndEmulate | None = None, **machine_options: Any) -> RunResult:
     """Run ``guest`` (a kernel written for ring 0) unmodified in ring 3 under ``monitor``; a ``RunResult``.
 
     The same code, started with ``iretq`` into ring 3 (``user=True``).  A KVM
@@ -246,11 +252,11 @@ def run_deprivileged(guest, backend: str = "auto", timeout: float = 10.0, *, mon
     return result
 
 
-def _explain_shutdown(machine, result) -> str:
+def _explain_shutdown(machine: Machine, result: RunResult) -> str:
     from labkit.kvm.system import kvm_flavour
     from labkit.x86.disasm import instruction_at
 
-    flavour = kvm_flavour()
+    flavour = result.origin.flavour if result.origin is not None else kvm_flavour()  # where it ran
     rip = result.regs.rip
     try:
         instruction = instruction_at(memoryview(machine.read_memory(0, rip + 15)), rip, 64)
@@ -285,7 +291,7 @@ def routine_mask(routines: Iterable[str]) -> int:
     return mask
 
 
-def minikernel(routines: Iterable[str] = DEFAULT_ROUTINES, *, student: str | None = None):
+def minikernel(routines: Iterable[str] = DEFAULT_ROUTINES, *, student: str | None = None) -> Guest:
     """The shipped ``minikernel64`` running ``routines`` (a :class:`labkit.Guest`).
 
     ``student`` is Intel-syntax assembly run as the ``student`` routine (added
@@ -335,7 +341,7 @@ class ConsoleComparison:
             lines.append(f"{mark} {left:<{width}} | {right}")
         return "\n".join(lines)
 
-    def _repr_pretty_(self, printer, cycle: bool) -> None:  # IPython's text/plain
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython's text/plain
         printer.text(str(self))
 
     def _repr_html_(self) -> str:
@@ -385,7 +391,7 @@ class TrapCosts:
         return self.deprivileged_s / self.native_s if self.native_s else float("nan")
 
 
-def trap_costs(native, deprivileged) -> TrapCosts:
+def trap_costs(native: RunResult, deprivileged: RunResult) -> TrapCosts:
     """Measure from two ``RunResult``s of the same kernel: native and under :class:`TrapAndEmulate`."""
     from statistics import median
 

@@ -24,11 +24,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING, Mapping
 
 from labkit.errors import ConfigError
 from labkit.exits import ExitReason
 from labkit.vmm.status import exception_name
+from labkit.trace import ExitTrace
 from labkit.x86 import paging
+
+if TYPE_CHECKING:
+    from labkit.guest import Guest
+    from labkit.vmm.machine import Machine
+    from labkit.vmm.status import RunResult
 
 EVENT_BASE = 0x1000_0000
 EVENT_SIZE = 16
@@ -52,6 +59,17 @@ class EventSink:
 
     def write(self, offset: int, size: int, value: int) -> None:
         pass
+
+    def reset(self) -> None:
+        """Nothing to reset: the sink keeps no state."""
+
+    def save(self) -> dict[str, int]:
+        """The sink's state: none (the events live in the exit trace)."""
+        return {}
+
+    def restore(self, state: Mapping[str, int]) -> None:
+        if state:
+            raise ConfigError(f"the ring event sink keeps no state, but was given {dict(state)!r}")
 
 
 @dataclass(frozen=True)
@@ -108,9 +126,9 @@ class RingEvent:
         return f"{short} {self.error_code:#x}" if self.vector == 14 else short
 
 
-def ring_events(trace) -> list[RingEvent]:
+def ring_events(run: ExitTrace | RunResult) -> list[RingEvent]:
     """The events in a run's :class:`labkit.ExitTrace` (or :class:`labkit.RunResult`), in order."""
-    trace = getattr(trace, "trace", trace)
+    trace = run if isinstance(run, ExitTrace) else run.trace
     mmio = int(ExitReason.MMIO)
     fields: dict[int, int] = {}
     events: list[RingEvent] = []
@@ -158,7 +176,7 @@ def _source() -> str:
     return (guests_dir() / entry["source"]).read_text()
 
 
-def rings_guest(experiments: str | None = None):
+def rings_guest(experiments: str | None = None) -> Guest:
     """The ``rings64`` guest; with ``experiments``, rebuilt with that ring-3 code in place of the shipped one.
 
     ``experiments`` is GNU as source run by the task in ring 3 before it exits.
@@ -181,7 +199,7 @@ def rings_guest(experiments: str | None = None):
     return Guest.from_asm(source, mode=64, name="rings64 (your task)")
 
 
-def rings_machine(guest=None, backend: str = "auto"):
+def rings_machine(guest: Guest | None = None, backend: str = "auto") -> Machine:
     """A :class:`labkit.Machine` for ``guest`` (default: ``rings64``) with the event sink at ``EVENT_BASE``."""
     from labkit.vmm.machine import Machine
 
@@ -189,7 +207,7 @@ def rings_machine(guest=None, backend: str = "auto"):
                    devices=[("mmio", EVENT_BASE, EVENT_SIZE, EventSink())])
 
 
-def run_rings(backend: str = "auto", experiments: str | None = None, timeout: float = 5.0):
+def run_rings(backend: str = "auto", experiments: str | None = None, timeout: float = 5.0) -> RunResult:
     """Run ``rings64`` (or its variant with ``experiments``) on ``backend``; returns the RunResult."""
     with rings_machine(rings_guest(experiments), backend) as machine:
         return machine.run(timeout=timeout)

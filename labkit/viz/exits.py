@@ -9,10 +9,15 @@ figure says so.
 from __future__ import annotations
 
 import textwrap
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from labkit.errors import ConfigError
-from labkit.viz.labels import Source, resolve
+from labkit.viz.labels import BackendHint, Measured, Source, resolve
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.axis import Axis
+    from matplotlib.figure import Figure, SubFigure
 
 TIME_UNITS = {"ns": 1.0, "µs": 1e3, "ms": 1e6, "s": 1e9}
 
@@ -40,7 +45,7 @@ def pick_time_unit(total_ns: float) -> str:
     return "s"
 
 
-def _new_axes(ax, size: tuple[float, float]):
+def _new_axes(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure | SubFigure, Axes]:
     if ax is not None:
         return ax.figure, ax
     from matplotlib.figure import Figure  # lazy: matplotlib is heavy
@@ -49,11 +54,12 @@ def _new_axes(ax, size: tuple[float, float]):
     return figure, figure.add_subplot()
 
 
-def _plain_log_axis(axis) -> None:
+def _plain_log_axis(axis: Axis) -> None:
     """A logarithmic axis labelled 1, 2, 5, 10, 20, 50, ... rather than 10^1."""
+    from matplotlib.axis import YAxis
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    axis.axes.set_yscale("log") if axis.axis_name == "y" else axis.axes.set_xscale("log")
+    axis.axes.set_yscale("log") if isinstance(axis, YAxis) else axis.axes.set_xscale("log")
     axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.set_minor_formatter(NullFormatter())
@@ -64,8 +70,8 @@ def _title(what: str, source: Source) -> str:
     return f"{what}{name}\n" + textwrap.fill(source.label, 46)
 
 
-def exit_timeline(data, backend=None, ax=None, *, flavour: str | None = None, guest: str | None = None,
-                  unit: str | None = None):
+def exit_timeline(data: Measured, backend: BackendHint = None, ax: Axes | None = None, *, flavour: str | None = None,
+                  guest: str | None = None, unit: str | None = None) -> Figure | SubFigure:
     """Each exit as a tick at the host time it ended, one row and colour per exit reason.
 
     ``data`` is an ExitTrace or a RunResult; ``backend`` says what measured it
@@ -79,8 +85,8 @@ def exit_timeline(data, backend=None, ax=None, *, flavour: str | None = None, gu
     trace = source.trace
     total = 0
     ends: list[int] = []
-    for record in trace.records:
-        total += record[6]
+    for raw in trace.records:
+        total += raw[6]
         ends.append(total)
     if unit is None:
         unit = pick_time_unit(total)
@@ -114,8 +120,8 @@ def exit_timeline(data, backend=None, ax=None, *, flavour: str | None = None, gu
     return figure
 
 
-def exit_counts(data, backend=None, ax=None, *, flavour: str | None = None, guest: str | None = None,
-                log: bool = False):
+def exit_counts(data: Measured, backend: BackendHint = None, ax: Axes | None = None, *, flavour: str | None = None,
+                guest: str | None = None, log: bool = False) -> Figure | SubFigure:
     """A bar per exit reason: how many exits of each reason the run had.
 
     ``log=True`` uses a logarithmic count axis (for a run where one reason
@@ -142,7 +148,8 @@ def exit_counts(data, backend=None, ax=None, *, flavour: str | None = None, gues
     return figure
 
 
-def exits_side_by_side(runs: Sequence, backends: Sequence | None = None, *, guest: str | None = None):
+def exits_side_by_side(runs: Sequence[Measured], backends: Sequence[BackendHint] | None = None, *,
+                       guest: str | None = None) -> Figure:
     """One column per run: its exit timeline above its exit counts.
 
     ``runs`` are RunResults (or ExitTraces, with ``backends`` saying what
@@ -176,7 +183,8 @@ def exits_side_by_side(runs: Sequence, backends: Sequence | None = None, *, gues
     return figure
 
 
-def exit_costs(runs: Sequence, backends: Sequence | None = None, ax=None, *, guest: str | None = None):
+def exit_costs(runs: Sequence[Measured], backends: Sequence[BackendHint] | None = None, ax: Axes | None = None, *,
+               guest: str | None = None) -> Figure | SubFigure:
     """Host time of each exit against its number, one series per run: steady state and outliers at a glance.
 
     ``runs`` are RunResults (or ExitTraces with ``backends``), typically the

@@ -15,6 +15,11 @@ from labkit.vmm.status import Origin, RunResult
 
 KVM_FLAVOURS = ("kvm_intel", "kvm_amd", "kvm_pvm")
 
+Measured = ExitTrace | RunResult
+"""What a figure draws: a run's result (which says where it ran) or a bare trace."""
+BackendHint = str | Mapping[str, str] | None
+"""What measured a bare trace: ``"kvm"``, ``"emu"``, a KVM module name, or ``Machine.describe()``'s dict."""
+
 
 @dataclass(frozen=True)
 class Source:
@@ -63,8 +68,7 @@ def _local_flavour() -> str:
     return kvm_flavour()
 
 
-def resolve(data: ExitTrace | RunResult, backend: str | Mapping[str, str] | None = None,
-            flavour: str | None = None) -> Source:
+def resolve(data: Measured, backend: BackendHint = None, flavour: str | None = None) -> Source:
     """Turn what a figure function was given into a :class:`Source`.
 
     ``data`` is an :class:`ExitTrace` or a :class:`labkit.RunResult`.  A result

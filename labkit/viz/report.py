@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from labkit.doctor import doctor_report
 from labkit.table import Table
 from labkit.trace import _format_ns
-from labkit.viz.labels import resolve
+from labkit.viz.labels import BackendHint, Measured, resolve
+from labkit.vmm.status import RunResult
 
 __all__ = ["Table", "Skipped", "capability_table", "exit_table", "backends_to_compare", "runs_side_by_side"]
 
@@ -43,7 +44,7 @@ def capability_table(report: dict | None = None) -> Table:
                  ["what", "found"], rows, note)
 
 
-def exit_table(data, backend=None) -> Table:
+def exit_table(data: Measured, backend: BackendHint = None) -> Table:
     """The exit table of a run: reason, count, share of all exits, mean host time per exit."""
     source = resolve(data, backend)
     trace = source.trace
@@ -63,7 +64,7 @@ class Skipped:
     reason: str
 
 
-def backends_to_compare(environ=None) -> list[tuple[str, str | None]]:
+def backends_to_compare(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
     """Which backends a notebook can run side by side here: ``[(name, None or why it is skipped)]``.
 
     The emulator always runs.  KVM runs when it is usable, unless
@@ -79,7 +80,7 @@ def backends_to_compare(environ=None) -> list[tuple[str, str | None]]:
     return [("kvm", kvm_skip), ("emu", None)]
 
 
-def runs_side_by_side(runs: Sequence, *, console_lines: int = 12) -> Table:
+def runs_side_by_side(runs: Sequence[RunResult | Skipped], *, console_lines: int = 12) -> Table:
     """Runs of one guest next to each other: backend, status, console, run time, exits.
 
     Each item is a RunResult or a :class:`Skipped` (shown with its reason).

@@ -12,13 +12,19 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import replace
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from labkit.classify.rules import Classification, Verdict
 from labkit.errors import ConfigError
-from labkit.viz.exits import TIME_UNITS, _new_axes, pick_time_unit
-from labkit.viz.labels import resolve
 from labkit.table import Table
+from labkit.viz.exits import TIME_UNITS, _new_axes, pick_time_unit
+from labkit.viz.labels import BackendHint, Measured, resolve
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure, SubFigure
+
+    from labkit.guest import Guest
 
 ENTRY_COLOURS = {"#GP": "#d62728", "#PF": "#ff7f0e", "#UD": "#9467bd", "int 0x80": "#1f77b4",
                  "syscall": "#2ca02c", "exit": "#7f7f7f"}
@@ -28,7 +34,8 @@ def _colour(short: str) -> str:
     return ENTRY_COLOURS.get(short.split(" ")[0] if short.startswith("#") else short, "#8c564b")
 
 
-def ring_timeline(result, backend=None, ax=None, *, guest: str = "rings64", unit: str | None = None):
+def ring_timeline(result: Measured, backend: BackendHint = None, ax: Axes | None = None, *, guest: str = "rings64",
+                  unit: str | None = None) -> Figure | SubFigure:
     """The ring (CPL) of the guest's CPU over host time, each kernel entry labelled.
 
     ``result`` is the RunResult of a ``rings64`` run (``labkit.rings.run_rings``).
@@ -85,7 +92,7 @@ def ring_timeline(result, backend=None, ax=None, *, guest: str = "rings64", unit
     return figure
 
 
-def ring_event_table(result, guest=None) -> Table:
+def ring_event_table(result: Measured, guest: Guest | None = None) -> Table:
     """The kernel's events of a ``rings64`` run: time, event, ring, RIP and the instruction there, #PF decoded."""
     from labkit.rings import decode_page_fault_error, ring_events, rings_guest
     from labkit.x86.disasm import disassemble

@@ -12,9 +12,16 @@ ran the guest, as every labkit figure does.
 from __future__ import annotations
 
 import textwrap
+from typing import TYPE_CHECKING
 
 from labkit.errors import ConfigError
+from labkit.monitor.binary_translation import TranslationSummary
+from labkit.monitor.trap_emulate import TrapEmulateReport
 from labkit.viz.labels import label
+from labkit.vmm.status import RunResult
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 KIND_COLOURS = {
     "emulated instructions": "#1f77b4",
@@ -25,20 +32,21 @@ KIND_COLOURS = {
 }
 
 
-def trap_emulate_kinds(report) -> dict[str, int]:
+def trap_emulate_kinds(report: TrapEmulateReport) -> dict[str, int]:
     """A trap-and-emulate report's traps split into emulated instructions and reflected faults."""
     emulated = sum(report.emulated.values())
     return {"emulated instructions": emulated, "faults and interrupts reflected": report.trap_count - emulated}
 
 
-def monitor_comparison(trap_emulate, binary_translation, *, kernel: str = "minikernel64"):
+def monitor_comparison(trap_emulate: RunResult, binary_translation: RunResult, *,
+                       kernel: str = "minikernel64") -> Figure:
     """Monitor entries (T&E vs BT, stacked by kind) and BT's translation-cache counters, side by side.
 
     Both arguments are ``RunResult``s of the same kernel (``result.monitor`` is a
     ``TrapEmulateReport`` and a ``TranslationSummary``).  Returns the Figure.
     """
     te, bt = trap_emulate.monitor, binary_translation.monitor
-    if not hasattr(te, "trap_count") or not hasattr(bt, "entries_by_kind"):
+    if not isinstance(te, TrapEmulateReport) or not isinstance(bt, TranslationSummary):
         raise ConfigError("monitor_comparison takes a trap-and-emulate run and a binary-translation run, in that order")
     from matplotlib.figure import Figure
 

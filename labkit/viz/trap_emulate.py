@@ -12,14 +12,18 @@ port exit, per backend, on a log axis.  The title says what measured each.
 from __future__ import annotations
 
 import textwrap
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from labkit.errors import ConfigError
 from labkit.viz.labels import label, short_label
-from labkit.vmm.status import exception_name
+from labkit.monitor.trap_emulate import TrapEmulateReport, trap_costs
+from labkit.vmm.status import RunResult, exception_name
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
-def entries_by_kind(report) -> dict[str, int]:
+def entries_by_kind(report: TrapEmulateReport) -> dict[str, int]:
     """``{"out": 514, "in": 514, ..., "reflected #UD": 2}`` from a TrapEmulateReport, largest first."""
     entries = {f"emulated {name}": count for name, count in report.emulated.items()}
     for vector, count in report.reflected.items():
@@ -27,17 +31,17 @@ def entries_by_kind(report) -> dict[str, int]:
     return dict(sorted(entries.items(), key=lambda item: -item[1]))
 
 
-def trap_profile(runs: Mapping[str, tuple], *, kernel: str = "minikernel64"):
+def trap_profile(runs: Mapping[str, tuple[RunResult, RunResult]], *, kernel: str = "minikernel64") -> Figure:
     """Monitor entries by kind, and the cost of one trap per backend; ``runs`` maps a backend name to
     ``(native RunResult, deprivileged RunResult)`` of the same kernel.  Returns the Figure."""
     from matplotlib.figure import Figure
-
-    from labkit.monitor.trap_emulate import trap_costs
 
     if not runs:
         raise ConfigError("trap_profile needs at least one backend's (native, deprivileged) runs")
     costs = {backend: trap_costs(native, deprivileged) for backend, (native, deprivileged) in runs.items()}
     first = next(iter(runs.values()))[1].monitor
+    if not isinstance(first, TrapEmulateReport):
+        raise ConfigError("trap_profile needs runs under TrapAndEmulate as the second of each pair")
 
     figure = Figure(figsize=(10.5, 4.4), layout="constrained")
     left, right = figure.subplots(1, 2, width_ratios=(1.0, 1.1))

@@ -34,9 +34,11 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from labkit.backend import Backend
 from labkit.errors import ConfigError
 from labkit.vmm.status import Status, StatusKind
 from labkit.x86 import layout
+from labkit.x86.arch import Vector
 from labkit.x86.idt import ERROR_CODE_VECTORS, decode_gate64, encode_gate64
 from labkit.x86.state import Regs
 
@@ -122,7 +124,7 @@ class MonitorContext:
     """What a monitor may touch: guest RAM, the machine's devices, the console, and the run's end."""
 
     def __init__(self, memory: memoryview, pio: Callable[[int, int, bool, int], int],
-                 stop: Callable[[Status, Regs], None]):
+                 stop: Callable[[Status, Regs | None], None]):
         self.memory = memory
         self._pio = pio
         self._stop = stop
@@ -149,6 +151,23 @@ class MonitorContext:
         self.memory[address:address + len(data)] = data
 
 
+class GuestContext(Protocol):
+    """What the virtual CPU's emulation uses of a :class:`MonitorContext` (a monitor may wrap one)."""
+
+    memory: memoryview
+
+    @property
+    def trap(self) -> Trap | None: ...
+
+    def pio(self, port: int, size: int, is_write: bool, value: int = 0) -> int: ...
+
+    def stop(self, status: Status) -> None: ...
+
+    def read(self, address: int, size: int) -> bytes: ...
+
+    def write(self, address: int, data: bytes) -> None: ...
+
+
 class Monitor(Protocol):
     """Handles the guest's exceptions; see :class:`Trap`."""
 
@@ -164,7 +183,7 @@ class TrapPort:
     """The device at ``TRAP_PORT``: decodes the forwarding stubs' frame, calls the monitor, writes back."""
 
     monitor: Monitor
-    backend: object
+    backend: Backend
     context: MonitorContext
     traps: dict[int, int] = field(default_factory=dict)
 
@@ -179,7 +198,7 @@ class TrapPort:
         saved = dict(zip(reversed(PUSHED), words))
         vector, error_code, rip, cs, rflags, rsp, ss = words[len(PUSHED):]
         trap = Trap(vector, error_code, Regs(**saved, rip=rip, rflags=rflags, rsp=rsp), cs, ss,
-                    self.backend.get_sregs().cr2 if vector == 14 else 0)
+                    self.backend.get_sregs().cr2 if vector == Vector.PF else 0)
         self.traps[vector] = self.traps.get(vector, 0) + 1
         self.context.trap = trap
         self.monitor.on_trap(trap, self.context)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 MAX_INSTRUCTION = 15
 """The longest x86 instruction, in bytes (Intel SDM vol. 2, 2.3.11)."""
 
 
 @lru_cache(maxsize=3)
-def _disassembler(mode: int):
+def _disassembler(mode: int) -> Any:  # a capstone.Cs (Capstone has no type hints)
     import capstone
 
     cs_mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[mode]

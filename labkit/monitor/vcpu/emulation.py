@@ -7,13 +7,14 @@
 from __future__ import annotations
 
 import struct
+from enum import Enum
 from typing import Callable
 
 from labkit.errors import LabkitError
 from labkit.monitor.vcpu.decoding import (MASK64, Decoded, Operand, decode, effective_address, read_register,
                                           write_register)
 from labkit.monitor.vcpu.state import VirtualCpu, VirtualTripleFault
-from labkit.vmm.forwarding import MonitorContext, Trap
+from labkit.vmm.forwarding import GuestContext, Trap
 from labkit.x86.state import Regs
 from labkit.x86.arch import (CR0_TS, ERROR_CODE_VECTORS, INTERRUPT_GATE, RFLAGS_AC, RFLAGS_AF, RFLAGS_CF, RFLAGS_DF,
                              RFLAGS_FIXED, RFLAGS_ID, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_NT, RFLAGS_OF, RFLAGS_PF,
@@ -38,7 +39,7 @@ PRIVILEGED = EMULATED | frozenset({
 a monitor that meets one it does not emulate must stop rather than blame the guest."""
 
 
-def _read_operand(operand: Operand, regs: Regs, context: MonitorContext, next_rip: int) -> int:
+def _read_operand(operand: Operand, regs: Regs, context: GuestContext, next_rip: int) -> int:
     if operand.kind == "reg":
         return read_register(regs, operand.reg)
     if operand.kind == "imm":
@@ -47,7 +48,7 @@ def _read_operand(operand: Operand, regs: Regs, context: MonitorContext, next_ri
     return int.from_bytes(context.read(address, operand.size), "little")
 
 
-def _write_operand(operand: Operand, value: int, regs: Regs, context: MonitorContext, next_rip: int) -> None:
+def _write_operand(operand: Operand, value: int, regs: Regs, context: GuestContext, next_rip: int) -> None:
     if operand.kind == "reg":
         write_register(regs, operand.reg, value)
     else:
@@ -57,7 +58,7 @@ def _write_operand(operand: Operand, value: int, regs: Regs, context: MonitorCon
 
 # -- the stack ------------------------------------------------------------------------------------
 
-def _push(trap: Trap, context: MonitorContext, values: tuple[int, ...]) -> None:
+def _push(trap: Trap, context: GuestContext, values: tuple[int, ...]) -> None:
     """Push quadwords (first value pushed first) on the guest stack."""
     rsp = trap.regs.rsp
     for value in values:
@@ -66,7 +67,7 @@ def _push(trap: Trap, context: MonitorContext, values: tuple[int, ...]) -> None:
     trap.regs.rsp = rsp
 
 
-def _pop(trap: Trap, context: MonitorContext, count: int) -> tuple[int, ...]:
+def _pop(trap: Trap, context: GuestContext, count: int) -> tuple[int, ...]:
     values = struct.unpack(f"<{count}Q", context.read(trap.regs.rsp, 8 * count))
     trap.regs.rsp = (trap.regs.rsp + 8 * count) & MASK64
     return values
@@ -89,7 +90,7 @@ def _load_rflags(vcpu: VirtualCpu, trap: Trap, value: int) -> None:
 CONTROL_REGISTERS = ("cr0", "cr2", "cr3", "cr4")
 
 
-def emulate(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, code: bytes) -> str | None:
+def emulate(vcpu: VirtualCpu, trap: Trap, context: GuestContext, code: bytes) -> str | None:
     """Carry out the privileged instruction at ``trap.regs.rip`` on the virtual CPU (see the module docstring).
 
     ``code`` holds its bytes (up to 15).  Advances ``trap.regs.rip`` past it and
@@ -102,7 +103,7 @@ def emulate(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, code: bytes) 
     next_rip = (regs.rip + decoded.length) & MASK64
     handler = _HANDLERS[decoded.mnemonic]
     done = handler(vcpu, trap, context, decoded, next_rip)
-    if done is False:
+    if done is _DECLINED:
         return None
     if done is not _RIP_SET:
         regs.rip = next_rip
@@ -110,41 +111,54 @@ def emulate(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, code: bytes) 
     return decoded.text
 
 
-_RIP_SET = object()
-"""A handler's answer when it moved RIP itself (iretq, int n)."""
+class Handled(Enum):
+    """A handler's answer when it did not simply complete (it returns None then: RIP moves past the instruction)."""
+
+    RIP_SET = "rip set"
+    """It moved RIP itself (iretq, int n)."""
+    DECLINED = "declined"
+    """Not emulated after all (an operand form not modelled): nothing changed."""
 
 
-def _cli(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, decoded: Decoded, next_rip: int) -> object:
+_RIP_SET, _DECLINED = Handled.RIP_SET, Handled.DECLINED
+
+
+def _cli(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded: Decoded, next_rip: int) -> Handled | None:
     vcpu.interrupts_enabled = False
+    return None
 
 
-def _sti(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, decoded: Decoded, next_rip: int) -> object:
+def _sti(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded: Decoded, next_rip: int) -> Handled | None:
     vcpu.interrupts_enabled = True
+    return None
 
 
-def _hlt(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, decoded: Decoded, next_rip: int) -> object:
+def _hlt(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded: Decoded, next_rip: int) -> Handled | None:
     vcpu.halted = True
+    return None
 
 
-def _pushfq(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, decoded: Decoded, next_rip: int) -> object:
+def _pushfq(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded: Decoded, next_rip: int) -> Handled | None:
     _push(trap, context, (virtual_rflags(vcpu, trap.regs.rflags),))
+    return None
 
 
-def _popfq(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, decoded: Decoded, next_rip: int) -> object:
+def _popfq(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded: Decoded, next_rip: int) -> Handled | None:
     value, = _pop(trap, context, 1)
     _load_rflags(vcpu, trap, value)
+    return None
 
 
-def _port_io(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, decoded: Decoded, next_rip: int) -> object:
+def _port_io(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded: Decoded, next_rip: int) -> Handled | None:
     operands = decoded.operands
     if len(operands) != 2:
-        return False
+        return _DECLINED
     if decoded.mnemonic == "in":
         data, port_operand = operands
     else:
         port_operand, data = operands
     if data.kind != "reg":
-        return False
+        return _DECLINED
     port = _read_operand(port_operand, trap.regs, context, next_rip) & 0xFFFF
     size = data.size
     device = vcpu.ports.get(port)
@@ -157,28 +171,31 @@ def _port_io(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, decoded: Dec
             device.write(port, size, value)
         else:
             context.pio(port, size, True, value)
+    return None
 
 
-def _mov(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, decoded: Decoded, next_rip: int) -> object:
+def _mov(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded: Decoded, next_rip: int) -> Handled | None:
     if len(decoded.operands) != 2 or any(op.kind != "reg" for op in decoded.operands):
-        return False
+        return _DECLINED
     target, source = decoded.operands
     if target.reg in CONTROL_REGISTERS:
         setattr(vcpu, target.reg, read_register(trap.regs, source.reg))
     elif source.reg in CONTROL_REGISTERS:
         write_register(trap.regs, target.reg, getattr(vcpu, source.reg))
     else:
-        return False  # mov to/from cr8 or a debug register: not emulated
+        return _DECLINED  # mov to/from cr8 or a debug register: not emulated
+    return None
 
 
-def _clts(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, decoded: Decoded, next_rip: int) -> object:
+def _clts(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded: Decoded, next_rip: int) -> Handled | None:
     vcpu.cr0 &= ~CR0_TS
+    return None
 
 
-def _descriptor_table(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, decoded: Decoded, next_rip: int) -> object:
+def _descriptor_table(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded: Decoded, next_rip: int) -> Handled | None:
     operand, = decoded.operands
     if operand.kind != "mem":
-        return False
+        return _DECLINED
     address = effective_address(operand, trap.regs, next_rip)
     name = "gdtr" if decoded.mnemonic[1:] == "gdt" else "idtr"
     if decoded.mnemonic[0] == "l":
@@ -187,58 +204,64 @@ def _descriptor_table(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, dec
     else:
         base, limit = getattr(vcpu, name)
         context.write(address, struct.pack("<HQ", limit, base))
+    return None
 
 
-def _store_selector(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, decoded: Decoded, next_rip: int) -> object:
+def _store_selector(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded: Decoded, next_rip: int) -> Handled | None:
     operand, = decoded.operands
     value = {"sldt": vcpu.ldtr, "str": vcpu.tr, "smsw": vcpu.cr0}[decoded.mnemonic]
     if operand.kind == "mem":
         value &= 0xFFFF
     _write_operand(operand, value, trap.regs, context, next_rip)
+    return None
 
 
-def _lmsw(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, decoded: Decoded, next_rip: int) -> object:
+def _lmsw(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded: Decoded, next_rip: int) -> Handled | None:
     operand, = decoded.operands
     value = _read_operand(operand, trap.regs, context, next_rip)
     vcpu.cr0 = vcpu.cr0 & ~0xE | value & 0xF | vcpu.cr0 & 1  # LMSW cannot clear PE
+    return None
 
 
-def _invlpg(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, decoded: Decoded, next_rip: int) -> object:
+def _invlpg(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded: Decoded, next_rip: int) -> Handled | None:
     pass  # no shadow page tables: nothing cached to drop
+    return None
 
 
-def _rdmsr(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, decoded: Decoded, next_rip: int) -> object:
+def _rdmsr(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded: Decoded, next_rip: int) -> Handled | None:
     index = trap.regs.rcx & 0xFFFF_FFFF
     if index not in vcpu.msrs:
-        return False
+        return _DECLINED
     value = vcpu.msrs[index]
     trap.regs.rax, trap.regs.rdx = value & 0xFFFF_FFFF, value >> 32 & 0xFFFF_FFFF
+    return None
 
 
-def _wrmsr(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, decoded: Decoded, next_rip: int) -> object:
+def _wrmsr(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded: Decoded, next_rip: int) -> Handled | None:
     index = trap.regs.rcx & 0xFFFF_FFFF
     vcpu.msrs[index] = (trap.regs.rdx & 0xFFFF_FFFF) << 32 | trap.regs.rax & 0xFFFF_FFFF
+    return None
 
 
-def _iretq(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, decoded: Decoded, next_rip: int) -> object:
+def _iretq(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded: Decoded, next_rip: int) -> Handled | None:
     rip, cs, rflags, rsp, ss = struct.unpack("<5Q", context.read(trap.regs.rsp, 40))
     if cs & 3:
-        return False  # a return to virtual user mode is not modelled
+        return _DECLINED  # a return to virtual user mode is not modelled
     vcpu.cs, vcpu.ss = cs & 0xFFFF, ss & 0xFFFF
     trap.regs.rip, trap.regs.rsp = rip, rsp
     _load_rflags(vcpu, trap, rflags)
     return _RIP_SET
 
 
-def _int(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, decoded: Decoded, next_rip: int) -> object:
+def _int(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded: Decoded, next_rip: int) -> Handled | None:
     vector = Vector.BP if decoded.mnemonic == "int3" else decoded.operands[0].imm & 0xFF
     trap.regs.rip = next_rip
     reflect(vcpu, trap, context, vector)
     return _RIP_SET
 
 
-Handler = Callable[[VirtualCpu, Trap, MonitorContext, Decoded, int], object]
-"""Carries out one mnemonic; returns False when it does not after all (nothing changed), _RIP_SET when it moved RIP."""
+Handler = Callable[[VirtualCpu, Trap, GuestContext, Decoded, int], "Handled | None"]
+"""Carries out one mnemonic on the virtual CPU and the trap's registers."""
 
 _HANDLERS: dict[str, Handler] = {
     "cli": _cli, "sti": _sti, "hlt": _hlt, "pushfq": _pushfq, "popfq": _popfq, "in": _port_io, "out": _port_io,
@@ -251,7 +274,7 @@ _HANDLERS: dict[str, Handler] = {
 
 # -- reflect ------------------------------------------------------------------------------------
 
-def reflect(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, vector: int, error_code: int | None = None, *,
+def reflect(vcpu: VirtualCpu, trap: Trap, context: GuestContext, vector: int, error_code: int | None = None, *,
             cr2: int | None = None) -> None:
     """Deliver ``vector`` through the guest's virtual IDT, as a CPU at virtual CPL 0 would (64-bit gates).
 
@@ -281,7 +304,7 @@ def reflect(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, vector: int, 
     regs = trap.regs
     old_rsp = regs.rsp
     regs.rsp = old_rsp & ~0xF
-    frame = (vcpu.ss, old_rsp, virtual_rflags(vcpu, regs.rflags), vcpu.cs, regs.rip)
+    frame: tuple[int, ...] = (vcpu.ss, old_rsp, virtual_rflags(vcpu, regs.rflags), vcpu.cs, regs.rip)
     if error_code is not None:
         frame += (error_code,)
     try:
@@ -297,7 +320,7 @@ def reflect(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, vector: int, 
     vcpu.reflected[vector] = vcpu.reflected.get(vector, 0) + 1
 
 
-def deliver_pending(vcpu: VirtualCpu, trap: Trap, context: MonitorContext) -> int | None:
+def deliver_pending(vcpu: VirtualCpu, trap: Trap, context: GuestContext) -> int | None:
     """Reflect the oldest pending virtual interrupt if the virtual IF allows; its vector, else None."""
     if not vcpu.interrupts_enabled or not vcpu.pending:
         return None
@@ -310,7 +333,7 @@ LETS_INTERRUPTS_IN = frozenset({"sti", "popfq", "iretq", "hlt"})
 """Emulated instructions after which a pending virtual interrupt may be delivered."""
 
 
-def after_emulation(vcpu: VirtualCpu, trap: Trap, context: MonitorContext, mnemonic: str) -> tuple[int | None, str | None]:
+def after_emulation(vcpu: VirtualCpu, trap: Trap, context: GuestContext, mnemonic: str) -> tuple[int | None, str | None]:
     """What follows an emulated instruction, for every monitor alike.
 
     After ``sti``, ``popfq``, ``iretq`` or ``hlt`` the oldest pending virtual

@@ -1,0 +1,47 @@
+"""mypy over labkit/ with pyproject.toml's ``[tool.mypy]``: every function typed, no type errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def mypy(tree: Path, cache: Path, *paths: str) -> subprocess.CompletedProcess:
+    """``python -m mypy`` in ``tree`` with its pyproject.toml (over ``paths``, default: the configured files)."""
+    try:
+        import mypy  # noqa: F401
+    except ImportError:
+        pytest.fail("mypy is missing: pip install -e '.[test]' (it is in the test extra)")
+    return subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(cache), "--no-error-summary", *paths],
+                          cwd=tree, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MYPY_FORCE_COLOR": "0"})
+
+
+def test_labkit_type_checks(tmp_path):
+    result = mypy(ROOT, tmp_path / "cache")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "", result.stdout
+
+
+def test_a_type_error_and_an_untyped_function_fail_the_check(tmp_path):
+    """The check can fail: a wrong type and a function without hints are both reported, by file and line."""
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    shutil.copytree(ROOT / "labkit", tmp_path / "labkit", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    layout = tmp_path / "labkit" / "x86" / "layout.py"
+    lines = len(layout.read_text().splitlines())
+    layout.write_text(layout.read_text() + 'WRONG: int = "not a number"\n')
+    table = tmp_path / "labkit" / "table.py"
+    table.write_text(table.read_text() + "\n\ndef untyped(value):\n    return value\n")
+    result = mypy(tmp_path, tmp_path / "cache", "labkit/x86/layout.py", "labkit/table.py")
+    assert result.returncode != 0, result.stdout
+    assert f"labkit/x86/layout.py:{lines + 1}: error: Incompatible types in assignment" in result.stdout, result.stdout
+    assert "labkit/table.py" in result.stdout and "[no-untyped-def]" in result.stdout, result.stdout
