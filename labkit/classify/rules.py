@@ -12,7 +12,7 @@ from enum import Enum
 
 from labkit.vmm.status import exception_name
 from labkit.x86 import layout
-from labkit.x86.arch import RFLAGS_IF, Vector
+from labkit.x86.arch import RFLAGS_IF, SELECTOR_RPL, Vector
 
 
 class Verdict(str, Enum):
@@ -163,7 +163,7 @@ def _compare(a: RingRun, b: RingRun, ignore_flags: int = 0) -> list[str]:
     if a.scratch != b.scratch:
         texts.append(f"scratch memory: {_bytes(a.scratch, b.scratch)} ({a.run}) vs {_bytes(b.scratch, a.scratch)} ({b.run})")
     if a.outcome is Outcome.ENTERED:
-        if a.pushed_cs is not None and b.pushed_cs is not None and (a.pushed_cs & 3) != (b.pushed_cs & 3):
+        if a.pushed_cs is not None and b.pushed_cs is not None and (a.pushed_cs & SELECTOR_RPL) != (b.pushed_cs & SELECTOR_RPL):
             texts.append(f"CS pushed for the handler: {a.pushed_cs:#x} ({a.run}) vs {b.pushed_cs:#x} ({b.run})")
         if a.handler_stack != b.handler_stack and a.handler_stack and b.handler_stack:
             texts.append(f"handler's stack: {a.handler_stack:#x} ({a.run}) vs {b.handler_stack:#x} ({b.run}, "

@@ -224,7 +224,7 @@ class BinaryTranslator:
                 self._start(trap, context)
                 return
             rip = trap.regs.rip
-            site = self.cache.sites.get(rip - 1) if trap.vector == 3 else None
+            site = self.cache.sites.get(rip - 1) if trap.vector == Vector.BP else None
             # What the monitor writes on the kernel's behalf (an emulated sgdt, a pushed frame)
             # meets the same read-only cache as the kernel's own stores.
             kernel = _KernelWrites(context, self.cache_region)
@@ -329,20 +329,20 @@ class BinaryTranslator:
             raise LabkitError(f"rip {trap.regs.rip:#x} stands for no guest instruction in the translation cache")
         trap.regs.rip = guest
         decoded = cache.decode(guest)
-        if trap.vector in (6, 13) and decoded is not None and decoded.mnemonic in PRIVILEGED:
+        if trap.vector in (Vector.UD, Vector.GP) and decoded is not None and decoded.mnemonic in PRIVILEGED:
             self._count(f"trap: {decoded.mnemonic}")
             self._emulate(guest, bytes(decoded.bytes), f"{decoded.mnemonic} {decoded.op_str}".strip(), trap, context)
             if not self._stopped:
                 self._resume(trap)
             return
         base, end = self.cache_region
-        if trap.vector == 14 and trap.error_code & PF_WRITE and base <= trap.cr2 < end:
+        if trap.vector == Vector.PF and trap.error_code & PF_WRITE and base <= trap.cr2 < end:
             self._count("fault: #PF")
             self._stop_cache_write(context, trap.cr2, guest)
             return
         self._count(f"fault: {_short(trap.vector)}")
         error_code = trap.error_code if has_error_code(trap.vector) else None
-        if trap.vector == 14 and error_code is not None:
+        if trap.vector == Vector.PF and error_code is not None:
             error_code &= ~PF_USER  # the kernel believes it ran in ring 0
         self._reflect(trap.vector, error_code, trap, context)
 

@@ -31,6 +31,7 @@ from labkit.exits import ExitReason
 from labkit.vmm.status import exception_name
 from labkit.trace import ExitTrace
 from labkit.x86 import paging
+from labkit.x86.arch import Vector
 
 if TYPE_CHECKING:
     from labkit.guest import Guest
@@ -107,9 +108,9 @@ class RingEvent:
         if self.vector == 0x80:
             return f"int 0x80 from ring {self.from_cpl}"
         short = exception_name(self.vector).split(" ")[0]
-        if self.vector == 14:
+        if self.vector == Vector.PF:
             return f"{short} (error {self.error_code:#x}, cr2 {self.cr2:#x}) from ring {self.from_cpl}"
-        if self.vector == 13:
+        if self.vector == Vector.GP:
             return f"{short} (error {self.error_code:#x}) from ring {self.from_cpl}"
         return f"{short} from ring {self.from_cpl}"
 
@@ -123,7 +124,7 @@ class RingEvent:
         if self.vector == 0x80:
             return "int 0x80"
         short = exception_name(self.vector).split(" ")[0]
-        return f"{short} {self.error_code:#x}" if self.vector == 14 else short
+        return f"{short} {self.error_code:#x}" if self.vector == Vector.PF else short
 
 
 def ring_events(run: ExitTrace | RunResult) -> list[RingEvent]:

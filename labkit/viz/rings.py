@@ -19,6 +19,7 @@ from labkit.errors import ConfigError
 from labkit.table import Table
 from labkit.viz.exits import TIME_UNITS, _new_axes, pick_time_unit
 from labkit.viz.labels import BackendHint, Measured, resolve
+from labkit.x86.arch import Vector
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -107,9 +108,9 @@ def ring_event_table(result: Measured, guest: Guest | None = None) -> Table:
             decoded = disassemble(guest.code[offset:offset + 15], event.rip, 64, count=1)
             instruction = decoded[0][2] if decoded else ""
         detail = ""
-        if event.kind == "entry" and event.vector == 14:
+        if event.kind == "entry" and event.vector == Vector.PF:
             detail = f"cr2 {event.cr2:#x}: {decode_page_fault_error(event.error_code)}"
-        elif event.kind == "entry" and event.vector == 13:
+        elif event.kind == "entry" and event.vector == Vector.GP:
             detail = f"error code {event.error_code:#x}"
         rows.append([str(event.seq), f"{event.host_ns / 1e3:.1f}", event.label, f"{event.rip:#x}",
                      instruction, detail])

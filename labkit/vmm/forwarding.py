@@ -38,7 +38,7 @@ from labkit.backend import Backend
 from labkit.errors import ConfigError
 from labkit.vmm.status import Status, StatusKind
 from labkit.x86 import layout
-from labkit.x86.arch import Vector
+from labkit.x86.arch import SELECTOR_RPL, Vector
 from labkit.x86.idt import ERROR_CODE_VECTORS, decode_gate64, encode_gate64
 from labkit.x86.state import Regs
 
@@ -117,7 +117,7 @@ class Trap:
 
     @property
     def cpl(self) -> int:
-        return self.cs & 3
+        return self.cs & SELECTOR_RPL
 
 
 class MonitorContext:

@@ -15,10 +15,11 @@ from labkit.monitor.vcpu.decoding import (MASK64, Decoded, Operand, decode, effe
                                           write_register)
 from labkit.monitor.vcpu.state import VirtualCpu, VirtualTripleFault
 from labkit.vmm.forwarding import GuestContext, Trap
+from labkit.x86.arch import (CR0_EM, CR0_MP, CR0_PE, CR0_TS, ERROR_CODE_VECTORS, INTERRUPT_GATE, RFLAGS_AC, RFLAGS_AF,
+                             RFLAGS_CF, RFLAGS_DF, RFLAGS_FIXED, RFLAGS_ID, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_NT,
+                             RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_ZF, SELECTOR_RPL, TRAP_GATE,
+                             Vector)
 from labkit.x86.state import Regs
-from labkit.x86.arch import (CR0_TS, ERROR_CODE_VECTORS, INTERRUPT_GATE, RFLAGS_AC, RFLAGS_AF, RFLAGS_CF, RFLAGS_DF,
-                             RFLAGS_FIXED, RFLAGS_ID, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_NT, RFLAGS_OF, RFLAGS_PF,
-                             RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_ZF, TRAP_GATE, Vector)
 
 RFLAGS_GUEST_SETTABLE = (RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_TF | RFLAGS_DF | RFLAGS_OF
                          | RFLAGS_AC | RFLAGS_ID)  # 0x240DD5
@@ -219,7 +220,8 @@ def _store_selector(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded
 def _lmsw(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded: Decoded, next_rip: int) -> Handled | None:
     operand, = decoded.operands
     value = _read_operand(operand, trap.regs, context, next_rip)
-    vcpu.cr0 = vcpu.cr0 & ~0xE | value & 0xF | vcpu.cr0 & 1  # LMSW cannot clear PE
+    machine_status = CR0_PE | CR0_MP | CR0_EM | CR0_TS  # the four bits LMSW loads (SDM vol. 2A, LMSW)
+    vcpu.cr0 = vcpu.cr0 & ~machine_status | value & machine_status | vcpu.cr0 & CR0_PE  # it cannot clear PE
     return None
 
 
@@ -245,7 +247,7 @@ def _wrmsr(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded: Decoded
 
 def _iretq(vcpu: VirtualCpu, trap: Trap, context: GuestContext, decoded: Decoded, next_rip: int) -> Handled | None:
     rip, cs, rflags, rsp, ss = struct.unpack("<5Q", context.read(trap.regs.rsp, 40))
-    if cs & 3:
+    if cs & SELECTOR_RPL:
         return _DECLINED  # a return to virtual user mode is not modelled
     vcpu.cs, vcpu.ss = cs & 0xFFFF, ss & 0xFFFF
     trap.regs.rip, trap.regs.rsp = rip, rsp
