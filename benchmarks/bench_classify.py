@@ -21,7 +21,8 @@ from pathlib import Path
 
 from labkit import Machine
 from labkit.backend import kvm_problem
-from labkit.classify import _assemble, classify, robin_irvine_table
+from labkit.classify import classify, robin_irvine_table
+from labkit.classify.guest import assemble_guest
 
 RESULTS = Path(__file__).parent / "results" / "classify.json"
 TARGET_TABLE_S = 10.0
@@ -43,7 +44,7 @@ def main() -> None:
     backends = ["emu"] + (["kvm"] if kvm_problem() is None else [])
     report = {"target_table_s": TARGET_TABLE_S, "backends": {}}
 
-    _assemble.cache_clear()
+    assemble_guest.cache_clear()
     started = time.perf_counter()
     classify("smsw eax", backend="emu")
     report["first_classification_with_assembly_s"] = round(time.perf_counter() - started, 4)
