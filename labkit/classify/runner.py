@@ -15,7 +15,7 @@ from labkit.classify.guest import (ENTRY_STRIDE, PUSHED_MAX, RUN_RSP, RUNS, SCRA
 from labkit.classify.rules import Classification, Outcome, RingRun, decide, umip_effect
 from labkit.errors import ConfigError, LabkitError
 from labkit.exits import ExitReason
-from labkit.vmm.status import StatusKind
+from labkit.vmm.status import Origin, RunResult, StatusKind
 from labkit.x86 import layout
 from labkit.x86.arch import CR4_UMIP, ERROR_CODE_VECTORS, RFLAGS_RF, Vector
 from labkit.x86.state import GPR_NAMES
@@ -48,33 +48,44 @@ def classify(instruction: str, *, backend: str = "auto", mode: int = 64, setup: 
     instruction, setup = instruction.strip(), setup.strip()
     choice = choose_backend(backend)
     code, target, start, after = assemble_guest(instruction, setup, mode)
-    flavour = _flavour(choice.name)
+    origins: list[Origin | None] = []
 
-    names = ["ring 3", "ring 0"]
-    runs = {name: _run(code, name, choice.name, target, start, after, timeout) for name in names}
+    def run(name: str) -> RingRun:
+        ring_run, origin = _run(code, name, choice.name, target, start, after, timeout)
+        origins.append(origin)
+        return ring_run
+
+    runs = {name: run(name) for name in ("ring 3", "ring 0")}
     if runs["ring 3"].outcome in (Outcome.COMPLETED, Outcome.ENTERED):
         for name in ("ring 3 altered", "ring 0 altered"):
-            runs[name] = _run(code, name, choice.name, target, start, after, timeout)
+            runs[name] = run(name)
     umip_text = ""
     if umip:
-        runs["ring 3 umip"] = _run(code, "ring 3 umip", choice.name, target, start, after, timeout)
+        runs["ring 3 umip"] = run("ring 3 umip")
         umip_text = umip_effect(runs["ring 3 umip"], runs["ring 3"])
+    flavour = _flavour(choice.name, origins[0])
     verdict, reason, differences, notes = decide(runs, choice.name, flavour)
     ordered = tuple(runs[name] for name in RUNS if name in runs)
     return Classification(instruction, setup, mode, choice.name, flavour, verdict, reason, ordered,
                           tuple(differences), tuple(notes), umip_text)
 
 
-def _flavour(backend: str) -> str | None:
+def _flavour(backend: str, origin: Origin | None) -> str | None:
+    """The KVM flavour the runs had: from where they ran (``RunResult.origin``); this host's, for results
+    that do not say."""
     if backend != "kvm":
         return None
+    if origin is not None:
+        return origin.flavour
     from labkit.kvm.system import kvm_flavour
 
     flavour = kvm_flavour()
     return None if flavour == "unknown" else flavour
 
 
-def _run(code: bytes, run: str, backend: str, target: int, start: int, after: int, timeout: float) -> RingRun:
+def _run(code: bytes, run: str, backend: str, target: int, start: int, after: int,
+         timeout: float) -> tuple[RingRun, Origin | None]:
+    """One run of the classifier's guest from ``run``'s entry point: what it showed, and where it ran."""
     from labkit.guest import Guest
     from labkit.vmm.machine import Machine  # lazy: `import labkit.classify` stays light
 
@@ -82,44 +93,50 @@ def _run(code: bytes, run: str, backend: str, target: int, start: int, after: in
     guest = Guest.from_bytes(code, mode=64, name=f"classify ({run})", entry=entry)
     with Machine(guest, backend=backend) as machine:
         result = machine.run(timeout=timeout)
-        status = result.status
-        umip_note = _umip_state(machine) if run == "ring 3 umip" else ""
-        regs = tuple((name, getattr(result.regs, name)) for name in GPR_NAMES) + \
-            (("rflags", result.regs.rflags & ~RFLAGS_RF),)
-        kind = status.kind
-        if kind == StatusKind.FAULT and status.fault is not None:
-            fault = status.fault
-            where = fault.rip
-            if fault.vector == Vector.UD and where == after:
-                rsp = result.regs.rsp
-                pushed = machine.read_memory(rsp, RUN_RSP - rsp) if RUN_RSP - PUSHED_MAX <= rsp < RUN_RSP else b""
-                return RingRun(run, Outcome.COMPLETED, str(status), regs=regs, pushed=pushed,
-                               scratch=machine.read_memory(SCRATCH, SCRATCH_SIZE), note=umip_note)
-            if start <= where < after:
-                return RingRun(run, Outcome.TRAPPED, str(status), fault.vector, fault.error_code, where, regs,
-                               note=umip_note)
-            if where == after or (fault.vector not in ERROR_CODE_VECTORS and start < where <= after):
-                stack, cs = _handler_frame(machine, fault.vector)
-                return RingRun(run, Outcome.ENTERED, str(status), fault.vector, fault.error_code, where, regs,
-                               scratch=machine.read_memory(SCRATCH, SCRATCH_SIZE),
-                               handler_stack=stack, pushed_cs=cs)
-            part = "the setup" if target <= where < start else \
-                "the classifier's ring-0 prologue" if where < target else "code after the instruction"
-            return RingRun(run, Outcome.NOT_RUN, str(status), fault.vector, fault.error_code, where, regs,
-                           note=f"{status} in {part}", in_prologue=where < target)
-        if kind in (StatusKind.HALTED, StatusKind.EXITED):
-            return RingRun(run, Outcome.COMPLETED, str(status), regs=regs,
+        return _ring_run(machine, result, run, target, start, after, timeout), result.origin
+
+
+def _ring_run(machine: Machine, result: RunResult, run: str, target: int, start: int, after: int,
+              timeout: float) -> RingRun:
+    """What one run showed: its outcome and the evidence (registers, stack, scratch memory, the fault)."""
+    status = result.status
+    umip_note = _umip_state(machine) if run == "ring 3 umip" else ""
+    regs = tuple((name, getattr(result.regs, name)) for name in GPR_NAMES) + \
+        (("rflags", result.regs.rflags & ~RFLAGS_RF),)
+    kind = status.kind
+    if kind == StatusKind.FAULT and status.fault is not None:
+        fault = status.fault
+        where = fault.rip
+        if fault.vector == Vector.UD and where == after:
+            rsp = result.regs.rsp
+            pushed = machine.read_memory(rsp, RUN_RSP - rsp) if RUN_RSP - PUSHED_MAX <= rsp < RUN_RSP else b""
+            return RingRun(run, Outcome.COMPLETED, str(status), regs=regs, pushed=pushed,
+                           scratch=machine.read_memory(SCRATCH, SCRATCH_SIZE), note=umip_note)
+        if start <= where < after:
+            return RingRun(run, Outcome.TRAPPED, str(status), fault.vector, fault.error_code, where, regs,
+                           note=umip_note)
+        if where == after or (fault.vector not in ERROR_CODE_VECTORS and start < where <= after):
+            stack, cs = _handler_frame(machine, fault.vector)
+            return RingRun(run, Outcome.ENTERED, str(status), fault.vector, fault.error_code, where, regs,
                            scratch=machine.read_memory(SCRATCH, SCRATCH_SIZE),
-                           note="hlt ended the run" if kind == StatusKind.HALTED else f"the run ended: {status}")
-        if kind == StatusKind.SHUTDOWN:
-            return RingRun(run, Outcome.TRAPPED, str(status), rip=result.regs.rip, regs=regs,
-                           note="triple fault: the exception could not be delivered")
-        if kind == StatusKind.TIMEOUT:
-            return RingRun(run, Outcome.NOT_RUN, str(status), regs=regs,
-                           note=f"did not reach the ud2 after it within {timeout:g} s (a loop or a hang?)")
-        emulation_failed = ExitReason.INTERNAL_ERROR.name in result.trace.by_reason()
-        return RingRun(run, Outcome.NOT_RUN, str(status), regs=regs, note=str(status),
-                       emulation_failed=emulation_failed)
+                           handler_stack=stack, pushed_cs=cs)
+        part = "the setup" if target <= where < start else \
+            "the classifier's ring-0 prologue" if where < target else "code after the instruction"
+        return RingRun(run, Outcome.NOT_RUN, str(status), fault.vector, fault.error_code, where, regs,
+                       note=f"{status} in {part}", in_prologue=where < target)
+    if kind in (StatusKind.HALTED, StatusKind.EXITED):
+        return RingRun(run, Outcome.COMPLETED, str(status), regs=regs,
+                       scratch=machine.read_memory(SCRATCH, SCRATCH_SIZE),
+                       note="hlt ended the run" if kind == StatusKind.HALTED else f"the run ended: {status}")
+    if kind == StatusKind.SHUTDOWN:
+        return RingRun(run, Outcome.TRAPPED, str(status), rip=result.regs.rip, regs=regs,
+                       note="triple fault: the exception could not be delivered")
+    if kind == StatusKind.TIMEOUT:
+        return RingRun(run, Outcome.NOT_RUN, str(status), regs=regs,
+                       note=f"did not reach the ud2 after it within {timeout:g} s (a loop or a hang?)")
+    emulation_failed = ExitReason.INTERNAL_ERROR.name in result.trace.by_reason()
+    return RingRun(run, Outcome.NOT_RUN, str(status), regs=regs, note=str(status),
+                   emulation_failed=emulation_failed)
 
 
 def _umip_state(machine: Machine) -> str:
