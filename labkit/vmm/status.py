@@ -6,18 +6,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from labkit.trace import ExitTrace
+from labkit.x86.arch import EXCEPTION_NAMES
 from labkit.x86.state import Regs
-
-EXCEPTION_NAMES = {
-    0: ("#DE", "divide error"), 1: ("#DB", "debug"), 2: ("NMI", "non-maskable interrupt"),
-    3: ("#BP", "breakpoint"), 4: ("#OF", "overflow"), 5: ("#BR", "bound range exceeded"),
-    6: ("#UD", "invalid opcode"), 7: ("#NM", "device not available"), 8: ("#DF", "double fault"),
-    10: ("#TS", "invalid TSS"), 11: ("#NP", "segment not present"), 12: ("#SS", "stack-segment fault"),
-    13: ("#GP", "general protection"), 14: ("#PF", "page fault"), 16: ("#MF", "x87 floating-point error"),
-    17: ("#AC", "alignment check"), 18: ("#MC", "machine check"), 19: ("#XM", "SIMD floating-point"),
-    20: ("#VE", "virtualization exception"), 21: ("#CP", "control protection"),
-}
-"""Mnemonic and name of each exception vector (Intel SDM vol. 3, table 6-1)."""
 
 KINDS = ("running", "halted", "exited", "shutdown", "timeout", "fault", "error")
 
