@@ -123,6 +123,7 @@ def test_a_kvm_shutdown_at_port_io_is_explained():
     from types import SimpleNamespace
 
     from labkit.monitor.trap_emulate import _explain_shutdown
+    from labkit.vmm.status import Origin
     from labkit.x86.state import Regs
 
     class Stopped:
@@ -133,6 +134,8 @@ def test_a_kvm_shutdown_at_port_io_is_explained():
 
     report = TrapAndEmulate().summary()
     report.traps[13] = 4
-    result = SimpleNamespace(regs=Regs(rip=0x8010), monitor=report)
+    origin = Origin("kvm", "kvm_intel", None, "0.1.0", "a VT-x host")
+    result = SimpleNamespace(regs=Regs(rip=0x8010), monitor=report, origin=origin)
     text = _explain_shutdown(Stopped(), result)
     assert "'in al, dx' at RIP 0x8010 into a triple fault instead of a #GP" in text and "after 4 trap(s)" in text
+    assert "kvm_intel" in text  # where the run happened, not this host's KVM
