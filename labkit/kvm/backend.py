@@ -160,7 +160,6 @@ class KvmBackend:
                 self._vm.set_tss_addr(VMX_TSS_ADDRESS)
             self._dirty_logging = False
             self._add_slot(0, memory_size, read_only=False)
-            self._ram = self._slots[0].mapping
             self.memory = self._slots[0].view
             self._vcpu = self._vm.create_vcpu(0)
             self._vcpu.set_cpuid2(self._kvm.supported_cpuid())
@@ -319,6 +318,9 @@ class KvmBackend:
     def dirty_log_start(self) -> None:
         """Log the guest's writes to every writable slot from now on (``KVM_MEM_LOG_DIRTY_PAGES``).
 
+        The flag is on only between start and stop: free on PVM when not fetched
+        (measured), but on VT-x/AMD-V it keeps KVM from mapping the slot with huge pages.
+
         Re-registers each writable slot with the flag (``KVM_SET_USER_MEMORY_REGION``
         with the same range: a flags-only change); the kernel starts each log empty.
         Regions added while logging log too.  Starting again clears the log.
@@ -339,7 +341,15 @@ class KvmBackend:
         would separate the two), so the next fetch reports only newer writes.  The
         guest's writes are logged, including those KVM's instruction emulator makes
         for it (all CPL0 code under PVM); the host's writes through the memoryviews
-        are not.
+        are not.  With EPT/NPT (VT-x, AMD-V) and for emulated code the log is exact.
+        Native CPL3 code under PVM runs on KVM's shadow page tables: the first touch
+        after the start of a page whose guest PTE is writable and dirty (labkit's boot
+        page tables set D) maps it writable at once, so it is logged even if only read;
+        after a fetch only real writes are logged (tests/kvm/test_kvm_memory.py).
+
+        Cost, measured on PVM (``benchmarks/bench_kvm_dirty_log.py``): logging that
+        is on but not fetched costs a write-heavy CPL3 guest nothing measurable; each
+        fetch makes the next write to every logged page fault once (~20 µs a page).
         """
         self._check_open()
         if not self._dirty_logging:

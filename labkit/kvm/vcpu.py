@@ -111,8 +111,9 @@ class VcpuFd:
         Only without an in-kernel interrupt controller (labkit creates none).  KVM
         delivers it through the guest's IDT as an external interrupt whatever RFLAGS.IF
         says, so call it only when ``run.ready_for_interrupt_injection`` and
-        ``run.if_flag`` are set; a second call before the next ``KVM_RUN`` fails with
-        ``EEXIST`` on recent kernels.
+        ``run.if_flag`` are set.  Until the guest takes it the vector is held by KVM
+        (``KVM_GET_SREGS``' ``interrupt_bitmap`` shows it); a second call before that
+        replaces it (measured on this host's kernel), so call it once per ``KVM_RUN``.
         """
         if not 0 <= vector < kb.KVM_NR_INTERRUPTS:
             raise ConfigError(f"interrupt vector must be in [0, 255], not {vector!r}")
