@@ -149,7 +149,7 @@ class KvmBackend:
         self._kvm = Kvm()
         self._slots: list[_Slot] = []
         # kick(): a flag and immediate_exit under a lock, and the thread running KVM_RUN (to signal).
-        self._kick_lock = threading.Lock()
+        self._kick_lock = threading.RLock()  # re-entrant: kick() may come from a signal handler in this thread
         self._kick_pending = False
         self._kick_signalled = False
         self._vcpu_thread: int | None = None
