@@ -184,6 +184,19 @@ CLI_STI_SPIN64 = bytes.fromhex(
     "eb fe"              # 1: jmp 1b
 )
 
+# IF = 0 at `out 0x10` (the interrupt is raised there), then a loop that opens IF for one
+# instruction only: the interrupt can arrive at one boundary, between the `nop` and the `cli`.
+STI_NOP_CLI_LOOP64 = bytes.fromhex(
+    "fa"                 # cli
+    "e6 10"              # out 0x10, al
+    "fb"                 # 1: sti
+    "90"                 # nop
+    "fa"                 # cli
+    "49 ff c5"           # inc r13
+    "eb f8"              # jmp 1b
+)
+STI_NOP_CLI_LOOP64_WINDOW = ENTRY + 5
+
 HLT_OUT_HLT64 = bytes.fromhex(
     "f4"                 # hlt
     "e6 10"              # out 0x10, al

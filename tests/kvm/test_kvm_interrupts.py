@@ -15,7 +15,8 @@ import pytest
 
 from kvm_guests import (
     CLI_STI_HLT64, CLI_STI_HLT64_AFTER_HLT, CLI_STI_SPIN64, ENDLESS, ENTRY, HLT_OUT_HLT64,
-    IN_LOOP64, IN_LOOP64_AFTER_IN, IN_LOOP64_ITERATIONS, INTERRUPT_VECTOR, STI_OUT_LOOP64, STI_SPIN64,
+    IN_LOOP64, IN_LOOP64_AFTER_IN, IN_LOOP64_ITERATIONS, INTERRUPT_VECTOR, STI_NOP_CLI_LOOP64,
+    STI_NOP_CLI_LOOP64_WINDOW, STI_OUT_LOOP64, STI_SPIN64,
     InterruptDispatcher, RecordingDispatcher, install_handler, load_boot_state,
 )
 from labkit import exits
@@ -220,6 +221,17 @@ def test_the_interrupt_window_exit_delivers_into_a_loop_without_exits(backend):
     assert dispatcher.acknowledged == [INTERRUPT_VECTOR]
     assert regs.r15 == 1 and regs.r14 in (ENTRY + 4, ENTRY + 5)  # the `jmp` after sti, or the loop
     assert backend._run.request_interrupt_window == 0  # not left asking once nothing is pending
+
+
+def test_a_one_instruction_window_is_found(backend):
+    """`sti; nop; cli` in a loop: the only boundary with IF = 1 and no sti shadow is before the `cli`."""
+    load_boot_state(backend, 64, STI_NOP_CLI_LOOP64)
+    install_handler(backend)
+    dispatcher = InterruptDispatcher(raise_on={0x10})
+    assert backend.run(dispatcher, timeout=0.5) == exits.Timeout(budget_s=0.5)
+    regs = backend.get_regs()
+    assert dispatcher.acknowledged == [INTERRUPT_VECTOR]
+    assert (regs.r15, regs.r14) == (1, STI_NOP_CLI_LOOP64_WINDOW)
 
 
 @pytest.mark.parametrize("user", [False, True], ids=["cpl0-emulated", "cpl3-native"])
