@@ -173,6 +173,7 @@ class KvmBackend:
         self._run = run
         self._sync = run.s.regs.regs  # a view into kvm_run: .rip is read per exit
         self._signal_mask: bytes | None = None
+        self._unanswered: tuple | None = None  # a read an exception cut short: (kind, port/address, size, ...)
         self.readonly_memory = bool(self._vm.check_extension(kb.KVM_CAP_READONLY_MEM))
         self._max_slots = self._vm.check_extension(kb.KVM_CAP_NR_MEMSLOTS) or 32
 
@@ -435,12 +436,17 @@ class KvmBackend:
         honour the one-instruction ``sti`` shadow (``sti; hlt`` halts first).
 
         Callable from any thread; Ctrl-C during the run raises ``KeyboardInterrupt``
-        and leaves the VM usable.
+        and leaves the VM usable.  An exception out of the dispatcher (or Ctrl-C
+        landing in it) while it answers a read leaves that read unanswered: the next
+        ``run()`` asks its dispatcher for it first, so the guest still reads the value
+        the device gives (until then ``get_regs()`` shows RIP at the read).
         """
         if self._closed:
             raise ConfigError("this KvmBackend is closed")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if self._unanswered is not None:
+            self._answer_unanswered_read(dispatcher)
         if self._kick_pending:  # kicked while no run was in progress
             self._take_kick()
             return exits.Interrupted()
@@ -473,6 +479,26 @@ class KvmBackend:
         finally:
             if signum not in before:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, (signum,))
+
+    def _answer_unanswered_read(self, dispatcher) -> None:
+        """Ask the dispatcher again for a read whose answer an exception cut short in the last run.
+
+        KVM completes the ``in`` (or MMIO read) with whatever ``kvm_run`` holds at the
+        next ``KVM_RUN``, so it must hold the value: the elements not yet answered are
+        read now (a string ``ins`` goes on from the element it stopped at).
+        """
+        kind, where, size, rip, offset, element, count = self._unanswered
+        page = self._vcpu._run_map
+        if kind == kb.KVM_EXIT_IO:
+            pack = _VALUE_FORMATS[size].pack_into
+            while element < count:
+                pack(page, offset + element * size, dispatcher.pio(where, size, False, 0, rip) & _MASKS[size])
+                element += 1
+                self._unanswered = (kind, where, size, rip, offset, element, count)
+        else:
+            value = dispatcher.mmio(where, size, False, 0, rip) & ((1 << (8 * size)) - 1)
+            page[offset:offset + size] = value.to_bytes(size, "little")
+        self._unanswered = None
 
     def _offer_interrupt(self, dispatcher) -> None:
         """Inject the dispatcher's pending interrupt if the guest can take it now, else ask for the window."""
@@ -545,9 +571,15 @@ class KvmBackend:
                         pio(port, size, True, value, rip)
                 else:  # KVM_EXIT_IO_IN: the value goes back into kvm_run for the next KVM_RUN
                     mask, pack = masks[size], pack_value[size]
-                    for element in range(count):
-                        value = pio(port, size, False, 0, rip) & mask
-                        pack(page, offset + element * size, value)
+                    element = 0
+                    try:
+                        while element < count:
+                            value = pio(port, size, False, 0, rip) & mask
+                            pack(page, offset + element * size, value)
+                            element += 1
+                    except BaseException:  # the dispatcher raised, or Ctrl-C landed in it
+                        self._unanswered = (EXIT_IO, port, size, rip, offset, element, count)
+                        raise
                 if dispatcher.stop:
                     if direction:  # an `out` has completed before its exit
                         return exits.Io(port, size, True, value)
@@ -562,7 +594,11 @@ class KvmBackend:
                     value = int.from_bytes(data[:size], "little")
                     mmio(address, size, True, value, rip)
                 else:
-                    value = mmio(address, size, False, 0, rip) & ((1 << (8 * size)) - 1)
+                    try:
+                        value = mmio(address, size, False, 0, rip) & ((1 << (8 * size)) - 1)
+                    except BaseException:
+                        self._unanswered = (EXIT_MMIO, address, size, rip, mmio_data_offset, 0, 1)
+                        raise
                     page[mmio_data_offset:mmio_data_offset + size] = value.to_bytes(size, "little")
                 if dispatcher.stop:
                     if is_write:

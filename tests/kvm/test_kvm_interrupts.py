@@ -315,3 +315,31 @@ def test_set_regs_clearing_if_holds_back_an_interrupt(backend):
     dispatcher.interrupt_pending = True
     assert backend.run(dispatcher, timeout=2.0) == exits.Hlt()
     assert dispatcher.acknowledged == [] and backend.get_regs().r15 == 0
+
+
+def test_a_read_cut_short_by_an_exception_is_asked_again_by_the_next_run():
+    """Ctrl-C (or a device's exception) inside the dispatcher at an `in`: the next run must not let
+    KVM complete the `in` with a stale kvm_run value."""
+    with KvmBackend(MEMORY, 64) as reference:
+        load_boot_state(reference, 64, IN_LOOP64)
+        assert reference.run(SequenceDispatcher(), timeout=30.0) == exits.Hlt()
+        expected = reference.get_regs()
+
+    class Failing(SequenceDispatcher):
+        def pio(self, port, size, is_write, value, rip):
+            if self.reads in self.fail_at:
+                self.fail_at.discard(self.reads)
+                raise KeyboardInterrupt
+            return super().pio(port, size, is_write, value, rip)
+
+    with KvmBackend(MEMORY, 64) as backend:
+        load_boot_state(backend, 64, IN_LOOP64)
+        dispatcher = Failing()
+        dispatcher.fail_at = {0, 17, 1234}
+        for _ in range(3):
+            with pytest.raises(KeyboardInterrupt):
+                backend.run(dispatcher, timeout=30.0)
+            assert backend.get_regs().rip == ENTRY + 5  # still at the `in`
+        assert backend.run(dispatcher, timeout=30.0) == exits.Hlt()
+        assert dispatcher.reads == IN_LOOP64_ITERATIONS
+        assert backend.get_regs() == expected
