@@ -171,3 +171,10 @@ def test_dirty_log_at_cpl3_under_shadow_paging(backend):
     assert {0x40, 0x402} <= first <= {0x40, 0x402, 0x41, ENTRY >> 12}
     assert backend.run(dispatcher, timeout=2.0) == exits.Mmio(MMIO_ADDRESS, 1, True, 0)
     assert backend.dirty_log_fetch() == [0x40]
+
+
+def test_a_kernel_without_read_only_memory_gets_a_clear_error(backend):
+    backend.readonly_memory = False  # what KVM_CHECK_EXTENSION(KVM_CAP_READONLY_MEM) == 0 gives
+    with pytest.raises(ConfigError, match="KVM_CAP_READONLY_MEM"):
+        backend.add_memory_region(ROM_ADDRESS, 0x1000, read_only=True)
+    assert len(backend.regions()) == 1
