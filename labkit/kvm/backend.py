@@ -435,6 +435,12 @@ class KvmBackend:
         comes first (a port write) is where the interrupt goes in instead; PVM does
         honour the one-instruction ``sti`` shadow (``sti; hlt`` halts first).
 
+        ``hlt`` always ends the run as :class:`labkit.exits.Hlt` (no in-kernel
+        irqchip, so KVM does not wait in the kernel), with RIP past the ``hlt``, even
+        when an interrupt is pending: the caller decides whether to wait.  The next
+        ``run()`` goes on after the ``hlt``, injecting first if IF = 1 (measured on
+        PVM; the same KVM path on VT-x and AMD-V).
+
         Callable from any thread; Ctrl-C during the run raises ``KeyboardInterrupt``
         and leaves the VM usable.  An exception out of the dispatcher (or Ctrl-C
         landing in it) while it answers a read leaves that read unanswered: the next
