@@ -77,6 +77,27 @@ def test_string_io_calls_the_dispatcher_per_element(backend):
     assert bytes(backend.memory[0x9100:0x9103]) == b"ABC"
 
 
+def test_a_stop_at_a_string_ins_completes_it_first(backend):
+    load_real_mode(backend, STRING_IO16)
+    letters = iter(b"ABC")
+
+    class StopAtReads(RecordingDispatcher):
+        def pio(self, port, size, is_write, value, rip):
+            answer = super().pio(port, size, is_write, value, rip)
+            self.stop = not is_write
+            return answer
+
+    dispatcher = StopAtReads({0x3F8: lambda: next(letters)})
+    assert backend.run(dispatcher, timeout=2.0) == exits.Io(0x3F8, 1, False, ord("C"))
+    regs = backend.get_regs()
+    # KVM finished the elements it had asked for: RDI and RCX moved on, the bytes are in memory
+    # (RIP may still point at `rep insb`, which then has nothing left to do).
+    assert (regs.rdi & 0xFFFF, regs.rcx & 0xFFFF) == (0x9103, 0)
+    assert bytes(backend.memory[0x9100:0x9103]) == b"ABC"
+    assert backend.run(dispatcher, timeout=2.0) == exits.Hlt()
+    assert len(dispatcher.log) == 8  # five writes, three reads, none read again
+
+
 def test_stop_returns_the_io_exit_and_the_guest_resumes(backend):
     load_real_mode(backend, OUT_HLT16)
     dispatcher = RecordingDispatcher(stop_on={0x10})
