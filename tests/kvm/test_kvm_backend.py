@@ -134,6 +134,16 @@ def test_mmio_beyond_ram_reads_the_dispatchers_value(backend):
     assert backend.get_regs().rbx == 0x1122_3344_5566_7788
 
 
+def test_a_stop_at_an_mmio_read_completes_it_first(backend):
+    load_boot_state(backend, 64, MMIO64)
+    dispatcher = RecordingDispatcher({MMIO_ADDRESS: 0x1122_3344_5566_7788}, stop_on={MMIO_ADDRESS})
+    assert backend.run(dispatcher, timeout=2.0) == exits.Mmio(MMIO_ADDRESS, 8, False, 0x1122_3344_5566_7788)
+    regs = backend.get_regs()
+    assert (regs.rax, regs.rip) == (0x1122_3344_5566_7788, ENTRY + 8)  # past `mov rax, [0x10000000]`
+    assert backend.run(dispatcher, timeout=2.0) == exits.Hlt()
+    assert backend.get_regs().rbx == 0x1122_3344_5566_7788 and len(dispatcher.log) == 2
+
+
 def test_hlt_exit(backend):
     load_boot_state(backend, 64, HLT)
     assert backend.run(RecordingDispatcher(), timeout=2.0) == exits.Hlt()
