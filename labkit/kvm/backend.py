@@ -1,16 +1,25 @@
 """``KvmBackend``: one VM with one vCPU on ``/dev/kvm``, implementing :class:`labkit.backend.Backend`.
 
-Guest RAM is an anonymous mmap registered as memory slot 0 at guest-physical 0
-with ``KVM_MEM_LOG_DIRTY_PAGES``.  :meth:`KvmBackend.run` loops on ``KVM_RUN``
-and hands port and MMIO exits to the dispatcher while the guest waits; that
-loop is the hot path (one exit every ~9 µs under PVM), so it builds no objects
-per absorbed exit, reads RIP from the sync-regs area of ``kvm_run``
-(``KVM_CAP_SYNC_REGS``) instead of calling ``KVM_GET_REGS``, and reads the
-exit's fields with one precompiled ``struct`` unpack.
+Guest RAM is an anonymous mmap registered as memory slot 0 at guest-physical 0;
+:meth:`KvmBackend.add_memory_region` adds more slots above it.  :meth:`KvmBackend.run`
+loops on ``KVM_RUN`` and hands port and MMIO exits to the dispatcher while the
+guest waits; that loop is the hot path (one exit every ~9 µs under PVM), so it
+builds no objects per absorbed exit, reads RIP from the sync-regs area of
+``kvm_run`` (``KVM_CAP_SYNC_REGS``) instead of calling ``KVM_GET_REGS``, reads
+the exit's fields with one precompiled ``struct`` unpack, and looks at
+``dispatcher.interrupt_pending`` once per ``KVM_RUN``.
 
 RIP given to the dispatcher is what KVM reports at the exit: after an ``out``
 (the instruction has completed) but at an ``in`` (KVM finishes the ``in`` on
-the next ``KVM_RUN``, with the value the dispatcher returned).
+the next ``KVM_RUN``, with the value the dispatcher returned).  Whenever
+:meth:`KvmBackend.run` returns, the vCPU is at an instruction boundary: a read
+it stopped at is completed first (``KVM_RUN`` with ``immediate_exit`` set
+finishes pending I/O and returns ``EINTR``, Documentation/virt/kvm/api.rst),
+so ``get_regs()`` shows the value read and a later ``run()`` goes on from there.
+
+Interrupts come from a userspace interrupt controller (the dispatcher): labkit
+creates no in-kernel irqchip, so ``KVM_INTERRUPT`` and the interrupt-window exit
+work (``KVM_EXIT_IRQ_WINDOW_OPEN``), and a ``hlt`` always exits to userspace.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import signal
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import Iterable, Mapping
 
@@ -80,6 +90,41 @@ def _kick(run, thread_ident: int) -> None:
         pass  # the thread is gone; nothing left to stop
 
 
+class _NoInterrupts:
+    """Stands in for a dispatcher without ``interrupt_pending`` (one written before interrupts existed)."""
+
+    interrupt_pending = False
+
+
+_NO_INTERRUPTS = _NoInterrupts()
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One KVM memory slot and the host mapping behind it (RAM is slot 0)."""
+
+    slot: int
+    guest_address: int
+    size: int
+    read_only: bool
+    mapping: mmap.mmap
+    host_address: int
+    view: memoryview
+
+    @property
+    def end(self) -> int:
+        return self.guest_address + self.size
+
+
+def _anonymous_mapping(size: int) -> tuple[mmap.mmap, int]:
+    """Zeroed host memory for a slot, and its address (a ctypes view pins an mmap, so none is kept)."""
+    mapping = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE)
+    anchor = ctypes.c_char.from_buffer(mapping)
+    address = ctypes.addressof(anchor)
+    del anchor
+    return mapping, address
+
+
 class KvmBackend:
     """A guest on ``/dev/kvm``: ``memory_size`` bytes of RAM at 0, one vCPU, starting in ``mode`` (16/32/64).
 
@@ -102,18 +147,20 @@ class KvmBackend:
         self.flavour = kvm_flavour()
         self._closed = False
         self._kvm = Kvm()
+        self._slots: list[_Slot] = []
+        # kick(): a flag and immediate_exit under a lock, and the thread running KVM_RUN (to signal).
+        self._kick_lock = threading.RLock()  # re-entrant: kick() may come from a signal handler in this thread
+        self._kick_pending = False
+        self._kick_signalled = False
+        self._vcpu_thread: int | None = None
         try:
             self._vm = self._kvm.create_vm()
             if self.flavour == "kvm_intel" and self._kvm.check_extension(kb.KVM_CAP_SET_TSS_ADDR):
                 self._vm.set_identity_map_addr(VMX_IDENTITY_MAP_ADDRESS)
                 self._vm.set_tss_addr(VMX_TSS_ADDRESS)
-            self._ram = mmap.mmap(-1, memory_size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                                  mmap.PROT_READ | mmap.PROT_WRITE)
-            anchor = ctypes.c_char.from_buffer(self._ram)
-            ram_address = ctypes.addressof(anchor)
-            del anchor  # a ctypes view pins the mmap; the address is all we need
-            self._vm.set_user_memory_region(0, 0, memory_size, ram_address, kb.KVM_MEM_LOG_DIRTY_PAGES)
-            self.memory = memoryview(self._ram)
+            self._dirty_logging = False
+            self._add_slot(0, memory_size, read_only=False)
+            self.memory = self._slots[0].view
             self._vcpu = self._vm.create_vcpu(0)
             self._vcpu.set_cpuid2(self._kvm.supported_cpuid())
         except BaseException:
@@ -126,6 +173,9 @@ class KvmBackend:
         self._run = run
         self._sync = run.s.regs.regs  # a view into kvm_run: .rip is read per exit
         self._signal_mask: bytes | None = None
+        self._unanswered: tuple | None = None  # a read an exception cut short: (kind, port/address, size, ...)
+        self.readonly_memory = bool(self._vm.check_extension(kb.KVM_CAP_READONLY_MEM))
+        self._max_slots = self._vm.check_extension(kb.KVM_CAP_NR_MEMSLOTS) or 32
 
     # --- Backend protocol: description and state ----------------------------------
 
@@ -148,8 +198,13 @@ class KvmBackend:
         return Regs(*(getattr(raw, name) for name in REGS_FIELDS))
 
     def set_regs(self, regs: Regs) -> None:
-        """``KVM_SET_REGS``.  Never goes through ``kvm_dirty_regs``, so the sync-regs copy cannot undo it."""
+        """``KVM_SET_REGS``.  Never goes through ``kvm_dirty_regs``, so the sync-regs copy cannot undo it.
+
+        RFLAGS.IF may have changed, so ``kvm_run.if_flag`` (KVM writes it at each
+        exit) is cleared: a pending interrupt then waits for a fresh window.
+        """
         self._vcpu.set_regs(kb.kvm_regs(*(getattr(regs, name) & _U64 for name in REGS_FIELDS)))
+        self._run.if_flag = 0
 
     def get_sregs(self) -> SRegs:
         """``KVM_GET_SREGS`` as an :class:`SRegs` (the interrupt bitmap is dropped)."""
@@ -201,33 +256,206 @@ class KvmBackend:
         """The vCPU's binary stats (``KVM_GET_STATS_FD``): ``exits``, ``insn_emulation``, ``halt_exits``, ..."""
         return self._vcpu.stats().read()
 
-    def dirty_pages(self) -> list[int]:
-        """Page frame numbers of RAM written since the last call (``KVM_GET_DIRTY_LOG`` on slot 0).
+    # --- Backend protocol: memory regions and the dirty log ---------------------------
 
-        Also clears the kernel's dirty bitmap: the next call reports only newer writes.
-        Only the guest's writes are logged (including those KVM's instruction emulator
-        makes for it); writes by the host through :attr:`memory` are not.
+    def add_memory_region(self, guest_address: int, size: int, *, read_only: bool = False) -> memoryview:
+        """Back ``[guest_address, +size)`` with new host memory (one more ``KVM_SET_USER_MEMORY_REGION`` slot).
+
+        Page-aligned, above RAM, not overlapping another region, and below
+        ``layout.MAPPED_LIMIT`` (what the boot page tables map).  Returns the
+        region's memory, zeroed and writable by the host.  ``read_only`` registers
+        it with ``KVM_MEM_READONLY`` (needs ``KVM_CAP_READONLY_MEM``): the guest
+        reads it as memory, and each guest write to it becomes a ``KVM_EXIT_MMIO``
+        write handed to ``dispatcher.mmio`` (the memory is not changed).  Under
+        PVM, CPL0 writes go through KVM's instruction emulator and CPL3 writes fault
+        on the read-only shadow page; both end as that MMIO write.
         """
-        return dirty_page_numbers(self._vm.get_dirty_log(0))
+        if self._closed:
+            raise ConfigError("this KvmBackend is closed")
+        for name, value in (("guest_address", guest_address), ("size", size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"memory region {name} must be a non-negative int, not {value!r}")
+        if size == 0 or guest_address % layout.PAGE_SIZE or size % layout.PAGE_SIZE:
+            raise ConfigError(f"memory region [{guest_address:#x}, +{size:#x}) must be non-empty, "
+                              "start and size multiples of 4 KiB")
+        end = guest_address + size
+        if end > layout.MAPPED_LIMIT:
+            raise ConfigError(f"memory region [{guest_address:#x}, {end:#x}) ends beyond "
+                              f"{layout.MAPPED_LIMIT:#x}, the end of what the guest's page tables map")
+        for slot in self._slots:
+            if guest_address < slot.end and slot.guest_address < end:
+                what = "RAM" if slot.slot == 0 else "memory region"
+                raise ConfigError(f"memory region [{guest_address:#x}, {end:#x}) overlaps {what} "
+                                  f"[{slot.guest_address:#x}, {slot.end:#x})")
+        if read_only and not self.readonly_memory:
+            raise ConfigError("read-only memory regions need KVM_CAP_READONLY_MEM, which this kernel does not offer")
+        if len(self._slots) >= self._max_slots:
+            raise ConfigError(f"KVM offers {self._max_slots} memory slots (KVM_CAP_NR_MEMSLOTS); all are in use")
+        return self._add_slot(guest_address, size, read_only=bool(read_only)).view
+
+    def _add_slot(self, guest_address: int, size: int, *, read_only: bool) -> _Slot:
+        mapping, host_address = _anonymous_mapping(size)
+        number = max((slot.slot for slot in self._slots), default=-1) + 1
+        slot = _Slot(number, guest_address, size, read_only, mapping, host_address, memoryview(mapping))
+        try:
+            self._vm.set_user_memory_region(number, guest_address, size, host_address, self._slot_flags(slot))
+        except BaseException:
+            slot.view.release()
+            mapping.close()
+            raise
+        self._slots.append(slot)
+        self._slots.sort(key=lambda each: each.guest_address)
+        return slot
+
+    def _slot_flags(self, slot: _Slot) -> int:
+        if slot.read_only:
+            return kb.KVM_MEM_READONLY
+        return kb.KVM_MEM_LOG_DIRTY_PAGES if self._dirty_logging else 0
+
+    def regions(self) -> list[tuple[int, memoryview, bool]]:
+        """``(guest_address, memory, read_only)`` for RAM and then every added region, by address."""
+        return [(slot.guest_address, slot.view, slot.read_only) for slot in self._slots]
+
+    def dirty_log_start(self) -> None:
+        """Log the guest's writes to every writable slot from now on (``KVM_MEM_LOG_DIRTY_PAGES``).
+
+        The flag is on only between start and stop: free on PVM when not fetched
+        (measured), but on VT-x/AMD-V it keeps KVM from mapping the slot with huge pages.
+
+        Re-registers each writable slot with the flag (``KVM_SET_USER_MEMORY_REGION``
+        with the same range: a flags-only change); the kernel starts each log empty.
+        Regions added while logging log too.  Starting again clears the log.
+        """
+        self._check_open()
+        if self._dirty_logging:
+            self.dirty_log_fetch()
+            return
+        self._dirty_logging = True
+        self._set_slot_flags()
+
+    def dirty_log_fetch(self) -> list[int]:
+        """Guest-physical page frame numbers (address >> 12) the guest wrote since the start or the last fetch.
+
+        Sorted, over RAM and every writable region: one ``KVM_GET_DIRTY_LOG`` per
+        slot, which also clears the kernel's bitmap and write-protects those pages
+        again (labkit does not enable ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2``, which
+        would separate the two), so the next fetch reports only newer writes.  The
+        guest's writes are logged, including those KVM's instruction emulator makes
+        for it (all CPL0 code under PVM); the host's writes through the memoryviews
+        are not.  With EPT/NPT (VT-x, AMD-V) and for emulated code the log is exact.
+        Native CPL3 code under PVM runs on KVM's shadow page tables: the first touch
+        after the start of a page whose guest PTE is writable and dirty (labkit's boot
+        page tables set D) maps it writable at once, so it is logged even if only read;
+        after a fetch only real writes are logged (tests/kvm/test_kvm_memory.py).
+
+        Cost, measured on PVM (``benchmarks/bench_kvm_dirty_log.py``): logging that
+        is on but not fetched costs a write-heavy CPL3 guest nothing measurable; each
+        fetch makes the next write to every logged page fault once (~20 µs a page).
+        """
+        self._check_open()
+        if not self._dirty_logging:
+            raise ConfigError("the dirty log is not started: call dirty_log_start() first")
+        pages: list[int] = []
+        for slot in self._slots:
+            if not slot.read_only:
+                base = slot.guest_address // layout.PAGE_SIZE
+                pages.extend(base + page for page in dirty_page_numbers(self._vm.get_dirty_log(slot.slot)))
+        return pages  # slots are kept sorted by address and do not overlap
+
+    def dirty_log_stop(self) -> None:
+        """Stop logging: clear ``KVM_MEM_LOG_DIRTY_PAGES`` on every writable slot (unlogged writes take no fault)."""
+        self._check_open()
+        if self._dirty_logging:
+            self._dirty_logging = False
+            self._set_slot_flags()
+
+    def _set_slot_flags(self) -> None:
+        for slot in self._slots:
+            if not slot.read_only:
+                self._vm.set_user_memory_region(slot.slot, slot.guest_address, slot.size, slot.host_address,
+                                                self._slot_flags(slot))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConfigError("this KvmBackend is closed")
 
     # --- running -------------------------------------------------------------------------
 
+    def kick(self) -> None:
+        """Make the run in progress return :class:`labkit.exits.Interrupted` at the next instruction boundary.
+
+        Thread-safe (any thread, also a device called from the run itself).  Sets
+        ``kvm_run.immediate_exit`` and sends the vCPU thread :data:`KICK_SIGNAL`,
+        which only ``KVM_RUN`` leaves unblocked: ``KVM_RUN`` returns ``EINTR``
+        (after completing an ``in`` still pending, so the state is consistent).
+        With no run in progress, the next :meth:`run` returns ``Interrupted()`` at
+        once without running guest code.  A kick after a closed backend does nothing.
+        """
+        with self._kick_lock:
+            run = self._run
+            if run is None:
+                return
+            self._kick_pending = True
+            run.immediate_exit = 1
+            thread = self._vcpu_thread
+            if thread is not None:
+                self._kick_signalled = True
+                try:
+                    signal.pthread_kill(thread, KICK_SIGNAL)
+                except ProcessLookupError:
+                    pass
+
+    def _take_kick(self) -> None:
+        with self._kick_lock:
+            self._kick_pending = False
+            self._run.immediate_exit = 0
+
     def run(self, dispatcher, timeout: float) -> exits.Exit:
-        """Run the guest until an exit the dispatcher does not absorb, or ``timeout`` seconds pass.
+        """Run the guest until an exit the dispatcher does not absorb, a :meth:`kick`, or ``timeout`` seconds.
 
         ``KVM_EXIT_IO`` (each element of a string ``ins``/``outs`` separately) and
         ``KVM_EXIT_MMIO`` go to ``dispatcher.pio``/``dispatcher.mmio``; a read's
         return value is masked to the access size and written into ``kvm_run``
         for the next ``KVM_RUN``.  When ``dispatcher.stop`` is set after a call,
-        that exit is returned as :class:`labkit.exits.Io` / :class:`labkit.exits.Mmio`.
-        Any other exit is returned as its :mod:`labkit.exits` type.  Callable from
-        any thread; Ctrl-C during the run raises ``KeyboardInterrupt`` and leaves
-        the VM usable.
+        that exit is returned as :class:`labkit.exits.Io` / :class:`labkit.exits.Mmio`
+        (a read completed first).  Any other exit is returned as its
+        :mod:`labkit.exits` type; a kick as ``Interrupted()``.
+
+        Before each ``KVM_RUN`` it reads ``dispatcher.interrupt_pending`` (a
+        dispatcher without it has no interrupts).  When set and the guest can take
+        an external interrupt (``kvm_run.ready_for_interrupt_injection`` and
+        ``if_flag``: IF = 1, no ``sti``/``mov ss`` shadow, none queued) it injects
+        ``dispatcher.pending_vector()`` with ``KVM_INTERRUPT`` and calls
+        ``dispatcher.acknowledge_interrupt(vector)``; otherwise it sets
+        ``request_interrupt_window`` and injects at the ``KVM_EXIT_IRQ_WINDOW_OPEN``
+        exit, or at any earlier exit that finds the window open.  On VT-x the
+        window exit comes as soon as the guest can take the interrupt.  Under PVM it
+        comes as well, but measured here some instructions late (0 to a dozen
+        emulated CPL0 instructions after the ``sti``), and an exit to userspace that
+        comes first (a port write) is where the interrupt goes in instead; PVM does
+        honour the one-instruction ``sti`` shadow (``sti; hlt`` halts first).
+
+        ``hlt`` always ends the run as :class:`labkit.exits.Hlt` (no in-kernel
+        irqchip, so KVM does not wait in the kernel), with RIP past the ``hlt``, even
+        when an interrupt is pending: the caller decides whether to wait.  The next
+        ``run()`` goes on after the ``hlt``, injecting first if IF = 1 (measured on
+        PVM; the same KVM path on VT-x and AMD-V).
+
+        Callable from any thread; Ctrl-C during the run raises ``KeyboardInterrupt``
+        and leaves the VM usable.  An exception out of the dispatcher (or Ctrl-C
+        landing in it) while it answers a read leaves that read unanswered: the next
+        ``run()`` asks its dispatcher for it first, so the guest still reads the value
+        the device gives (until then ``get_regs()`` shows RIP at the read).
         """
         if self._closed:
             raise ConfigError("this KvmBackend is closed")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if self._unanswered is not None:
+            self._answer_unanswered_read(dispatcher)
+        if self._kick_pending:  # kicked while no run was in progress
+            self._take_kick()
+            return exits.Interrupted()
         signum = KICK_SIGNAL
         before = signal.pthread_sigmask(signal.SIG_BLOCK, (signum,))
         try:
@@ -235,6 +463,8 @@ class KvmBackend:
             if kvm_mask != self._signal_mask:
                 self._vcpu.set_signal_mask(kvm_mask)
                 self._signal_mask = kvm_mask
+            with self._kick_lock:
+                self._vcpu_thread = threading.get_ident()
             deadline = time.monotonic() + timeout
             token = None
             if math.isfinite(timeout):
@@ -242,18 +472,59 @@ class KvmBackend:
             try:
                 return self._loop(dispatcher, deadline, timeout)
             finally:
-                if token is not None and WATCHDOG.disarm(token):
+                fired = token is not None and WATCHDOG.disarm(token)  # after this the watchdog cannot fire
+                run = self._run
+                with self._kick_lock:
+                    self._vcpu_thread = None
+                    signalled, self._kick_signalled = self._kick_signalled or fired, False
+                    run.immediate_exit = 1 if self._kick_pending else 0
+                run.request_interrupt_window = 0
+                if signalled:
                     while signal.sigtimedwait((signum,), 0) is not None:
                         pass  # consume the kick so it cannot fire once unblocked
-                self._run.immediate_exit = 0
         finally:
             if signum not in before:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, (signum,))
+
+    def _answer_unanswered_read(self, dispatcher) -> None:
+        """Ask the dispatcher again for a read whose answer an exception cut short in the last run.
+
+        KVM completes the ``in`` (or MMIO read) with whatever ``kvm_run`` holds at the
+        next ``KVM_RUN``, so it must hold the value: the elements not yet answered are
+        read now (a string ``ins`` goes on from the element it stopped at).
+        """
+        kind, where, size, rip, offset, element, count = self._unanswered
+        page = self._vcpu._run_map
+        if kind == kb.KVM_EXIT_IO:
+            pack = _VALUE_FORMATS[size].pack_into
+            while element < count:
+                pack(page, offset + element * size, dispatcher.pio(where, size, False, 0, rip) & _MASKS[size])
+                element += 1
+                self._unanswered = (kind, where, size, rip, offset, element, count)
+        else:
+            value = dispatcher.mmio(where, size, False, 0, rip) & ((1 << (8 * size)) - 1)
+            page[offset:offset + size] = value.to_bytes(size, "little")
+        self._unanswered = None
+
+    def _offer_interrupt(self, dispatcher) -> None:
+        """Inject the dispatcher's pending interrupt if the guest can take it now, else ask for the window."""
+        run = self._run
+        if run.ready_for_interrupt_injection and run.if_flag:
+            vector = dispatcher.pending_vector()
+            if vector is not None:
+                self._vcpu.interrupt(vector)
+                dispatcher.acknowledge_interrupt(vector)
+                # Stale until KVM_RUN returns; KVM refuses a second vector before this one is delivered.
+                run.ready_for_interrupt_injection = 0
+            run.request_interrupt_window = 1 if dispatcher.interrupt_pending else 0
+        else:
+            run.request_interrupt_window = 1
 
     def _loop(self, dispatcher, deadline: float, timeout: float) -> exits.Exit:
         # Everything the hot path touches is bound to a local first, and one
         # struct unpack reads exit_reason, the io fields and the synced RIP.
         fd = self._vcpu.fd
+        run = self._run
         ioctl = kvm_run_ioctl
         kvm_run_request = kb.KVM_RUN
         page = self._vcpu._run_map  # kvm_run plus the PIO data page (at io.data_offset)
@@ -266,16 +537,27 @@ class KvmBackend:
         masks = _MASKS
         pio = dispatcher.pio
         mmio = dispatcher.mmio
+        interrupts = dispatcher if hasattr(dispatcher, "interrupt_pending") else _NO_INTERRUPTS
         sync = self.sync_regs
         get_regs = self._vcpu.get_regs
         monotonic = time.monotonic
-        EXIT_IO, EXIT_MMIO = kb.KVM_EXIT_IO, kb.KVM_EXIT_MMIO
+        EXIT_IO, EXIT_MMIO, EXIT_IRQ_WINDOW_OPEN = kb.KVM_EXIT_IO, kb.KVM_EXIT_MMIO, kb.KVM_EXIT_IRQ_WINDOW_OPEN
         EINTR, EAGAIN = _errno.EINTR, _errno.EAGAIN
+        stopped = None  # a read the dispatcher stopped at, returned once KVM_RUN has completed it
 
         while True:
+            if interrupts.interrupt_pending and stopped is None and not self._kick_pending:
+                self._offer_interrupt(dispatcher)
             if ioctl(fd, kvm_run_request, 0) < 0:
                 error = get_errno()
                 if error == EINTR or error == EAGAIN:
+                    if stopped is not None:
+                        with self._kick_lock:
+                            run.immediate_exit = 1 if self._kick_pending else 0
+                        return stopped
+                    if self._kick_pending:
+                        self._take_kick()
+                        return exits.Interrupted()
                     if monotonic() >= deadline:
                         return exits.Timeout(budget_s=timeout)
                     continue  # another signal (Python runs its handler: SIGINT raises here)
@@ -295,11 +577,20 @@ class KvmBackend:
                         pio(port, size, True, value, rip)
                 else:  # KVM_EXIT_IO_IN: the value goes back into kvm_run for the next KVM_RUN
                     mask, pack = masks[size], pack_value[size]
-                    for element in range(count):
-                        value = pio(port, size, False, 0, rip) & mask
-                        pack(page, offset + element * size, value)
+                    element = 0
+                    try:
+                        while element < count:
+                            value = pio(port, size, False, 0, rip) & mask
+                            pack(page, offset + element * size, value)
+                            element += 1
+                    except BaseException:  # the dispatcher raised, or Ctrl-C landed in it
+                        self._unanswered = (EXIT_IO, port, size, rip, offset, element, count)
+                        raise
                 if dispatcher.stop:
-                    return exits.Io(port, size, bool(direction), value)
+                    if direction:  # an `out` has completed before its exit
+                        return exits.Io(port, size, True, value)
+                    stopped = exits.Io(port, size, False, value)
+                    run.immediate_exit = 1  # complete the `in`, then return (the EINTR branch above)
             elif reason == EXIT_MMIO:
                 address, data, size, is_write = mmio_fields(page, exit_offset)
                 if not sync:
@@ -309,10 +600,19 @@ class KvmBackend:
                     value = int.from_bytes(data[:size], "little")
                     mmio(address, size, True, value, rip)
                 else:
-                    value = mmio(address, size, False, 0, rip) & ((1 << (8 * size)) - 1)
+                    try:
+                        value = mmio(address, size, False, 0, rip) & ((1 << (8 * size)) - 1)
+                    except BaseException:
+                        self._unanswered = (EXIT_MMIO, address, size, rip, mmio_data_offset, 0, 1)
+                        raise
                     page[mmio_data_offset:mmio_data_offset + size] = value.to_bytes(size, "little")
                 if dispatcher.stop:
-                    return exits.Mmio(address, size, bool(is_write), value)
+                    if is_write:
+                        return exits.Mmio(address, size, True, value)
+                    stopped = exits.Mmio(address, size, False, value)
+                    run.immediate_exit = 1
+            elif reason == EXIT_IRQ_WINDOW_OPEN:
+                run.request_interrupt_window = 0  # asked again above while an interrupt is still pending
             else:
                 return self._decode(reason)
 
@@ -344,27 +644,26 @@ class KvmBackend:
     # --- lifetime --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the vCPU, the VM and ``/dev/kvm``, then unmap RAM (unless views of it are still held)."""
+        """Close the vCPU, the VM and ``/dev/kvm``, then unmap RAM and the regions (unless views are still held)."""
         if self._closed:
             return
         self._closed = True
-        self._run = self._sync = None
+        with self._kick_lock:  # a kick() racing with close() sees either the run page or None
+            self._run = self._sync = None
         for name in ("_vcpu", "_vm", "_kvm"):
             part = getattr(self, name, None)
             if part is not None:
                 part.close()
-        memory = getattr(self, "memory", None)
-        if memory is not None:
+        for slot in self._slots:
             try:
-                memory.release()
+                slot.view.release()
             except BufferError:
                 pass
-        ram = getattr(self, "_ram", None)
-        if ram is not None:
             try:
-                ram.close()
+                slot.mapping.close()
             except BufferError:
-                pass  # slices of .memory are still alive; the mapping goes with the last of them
+                pass  # slices of the view are still alive; the mapping goes with the last of them
+        self._slots = []
 
     def __enter__(self) -> "KvmBackend":
         return self

@@ -116,6 +116,7 @@ KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_MP_STATE = 14
 KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
 KVM_CAP_INTERNAL_ERROR_DATA = 40
+KVM_CAP_READONLY_MEM = 81
 KVM_CAP_XSAVE = 55
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_SYNC_REGS = 74
@@ -300,6 +301,12 @@ class _kvm_dirty_log_u(Union):
 class kvm_dirty_log(Structure):
     _anonymous_ = ("u",)
     _fields_ = [("slot", c_uint32), ("padding1", c_uint32), ("u", _kvm_dirty_log_u)]
+
+
+class kvm_interrupt(Structure):
+    """``KVM_INTERRUPT``'s argument: the vector to inject (userspace interrupt controller only)."""
+
+    _fields_ = [("irq", c_uint32)]
 
 
 class kvm_enable_cap(Structure):
@@ -524,6 +531,7 @@ KVM_GET_REGS = _IOR(KVMIO, 0x81, kvm_regs)
 KVM_SET_REGS = _IOW(KVMIO, 0x82, kvm_regs)
 KVM_GET_SREGS = _IOR(KVMIO, 0x83, kvm_sregs)
 KVM_SET_SREGS = _IOW(KVMIO, 0x84, kvm_sregs)
+KVM_INTERRUPT = _IOW(KVMIO, 0x86, kvm_interrupt)
 KVM_GET_MSRS = _IOWR(KVMIO, 0x88, kvm_msrs)
 KVM_SET_MSRS = _IOW(KVMIO, 0x89, kvm_msrs)
 KVM_SET_SIGNAL_MASK = _IOW(KVMIO, 0x8B, kvm_signal_mask)
@@ -544,6 +552,7 @@ IOCTL_ARGUMENTS = {
     "KVM_SET_REGS": kvm_regs,
     "KVM_GET_SREGS": kvm_sregs,
     "KVM_SET_SREGS": kvm_sregs,
+    "KVM_INTERRUPT": kvm_interrupt,
     "KVM_GET_MSRS": kvm_msrs,
     "KVM_SET_MSRS": kvm_msrs,
     "KVM_SET_SIGNAL_MASK": kvm_signal_mask,

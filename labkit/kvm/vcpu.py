@@ -9,7 +9,7 @@ import os
 import weakref
 from typing import Iterable, Mapping
 
-from labkit.errors import KvmError
+from labkit.errors import ConfigError, KvmError
 from labkit.kvm import bindings as kb
 from labkit.kvm.ioctl import get_errno, ioctl, raw_ioctl
 from labkit.kvm.stats import BinaryStats
@@ -102,6 +102,22 @@ class VcpuFd:
         else:
             mask = kb.kvm_signal_mask_with(sigset)
             ioctl(self.fd, kb.KVM_SET_SIGNAL_MASK, ctypes.byref(mask), "KVM_SET_SIGNAL_MASK")
+
+    # --- interrupts -----------------------------------------------------------------
+
+    def interrupt(self, vector: int) -> None:
+        """``KVM_INTERRUPT``: queue external interrupt ``vector`` for delivery at the next guest entry.
+
+        Only without an in-kernel interrupt controller (labkit creates none).  KVM
+        delivers it through the guest's IDT as an external interrupt whatever RFLAGS.IF
+        says, so call it only when ``run.ready_for_interrupt_injection`` and
+        ``run.if_flag`` are set.  Until the guest takes it the vector is held by KVM
+        (``KVM_GET_SREGS``' ``interrupt_bitmap`` shows it); a second call before that
+        replaces it (measured on this host's kernel), so call it once per ``KVM_RUN``.
+        """
+        if not 0 <= vector < kb.KVM_NR_INTERRUPTS:
+            raise ConfigError(f"interrupt vector must be in [0, 255], not {vector!r}")
+        ioctl(self.fd, kb.KVM_INTERRUPT, ctypes.byref(kb.kvm_interrupt(vector)), "KVM_INTERRUPT")
 
     # --- running -------------------------------------------------------------------
 

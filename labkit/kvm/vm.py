@@ -21,6 +21,7 @@ class VmFd:
         self._finalizer = weakref.finalize(self, os.close, fd)
         self.vcpu_mmap_size = kvm.vcpu_mmap_size
         self._slot_sizes: dict[int, int] = {}
+        self._slot_flags: dict[int, int] = {}
 
     def check_extension(self, capability: int) -> int:
         """``KVM_CHECK_EXTENSION`` on the VM fd (the answer can differ from the system fd's)."""
@@ -31,7 +32,11 @@ class VmFd:
         """``KVM_SET_USER_MEMORY_REGION``: back ``[guest_phys_addr, +memory_size)`` with host memory.
 
         ``memory_size`` 0 deletes the slot.  ``flags`` may hold ``KVM_MEM_LOG_DIRTY_PAGES``
-        and ``KVM_MEM_READONLY``.  The host memory must stay mapped while the slot exists.
+        and ``KVM_MEM_READONLY`` (which needs ``KVM_CAP_READONLY_MEM``).  The host memory
+        must stay mapped while the slot exists.  Calling it again for an existing slot
+        with the same address and size changes only its flags (how dirty logging is
+        switched on and off); turning ``KVM_MEM_LOG_DIRTY_PAGES`` on starts from an
+        empty dirty bitmap.
         """
         if guest_phys_addr % PAGE_SIZE or memory_size % PAGE_SIZE or userspace_addr % PAGE_SIZE:
             raise ConfigError("memory slot address, size and host address must be multiples of 4 KiB: "
@@ -40,8 +45,10 @@ class VmFd:
         ioctl(self.fd, kb.KVM_SET_USER_MEMORY_REGION, ctypes.byref(region), "KVM_SET_USER_MEMORY_REGION")
         if memory_size:
             self._slot_sizes[slot] = memory_size
+            self._slot_flags[slot] = flags
         else:
             self._slot_sizes.pop(slot, None)
+            self._slot_flags.pop(slot, None)
 
     def get_dirty_log(self, slot: int) -> bytes:
         """``KVM_GET_DIRTY_LOG``: one bit per 4 KiB page of ``slot`` written since the last call.
@@ -54,6 +61,8 @@ class VmFd:
         size = self._slot_sizes.get(slot)
         if size is None:
             raise ConfigError(f"memory slot {slot} was not registered through this VmFd")
+        if not self._slot_flags[slot] & kb.KVM_MEM_LOG_DIRTY_PAGES:
+            raise ConfigError(f"memory slot {slot} does not log dirty pages (KVM_MEM_LOG_DIRTY_PAGES is off)")
         pages = size // PAGE_SIZE
         bitmap = ctypes.create_string_buffer(((pages + 63) // 64) * 8)  # the kernel writes whole longs
         log = kb.kvm_dirty_log(slot=slot)

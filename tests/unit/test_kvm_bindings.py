@@ -24,7 +24,7 @@ HEADER = "/usr/include/linux/kvm.h"
 STRUCTS = [
     kb.kvm_regs, kb.kvm_segment, kb.kvm_dtable, kb.kvm_sregs, kb.kvm_fpu, kb.kvm_msr_entry,
     kb.kvm_msrs, kb.kvm_cpuid_entry2, kb.kvm_cpuid2, kb.kvm_debug_exit_arch, kb.kvm_vcpu_events,
-    kb.kvm_sync_regs, kb.kvm_userspace_memory_region, kb.kvm_dirty_log, kb.kvm_enable_cap,
+    kb.kvm_sync_regs, kb.kvm_userspace_memory_region, kb.kvm_dirty_log, kb.kvm_interrupt, kb.kvm_enable_cap,
     kb.kvm_signal_mask, kb.kvm_stats_header, kb.kvm_stats_desc, kb.kvm_run,
 ]
 
@@ -32,7 +32,7 @@ IOCTLS = [
     "KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_CHECK_EXTENSION", "KVM_GET_VCPU_MMAP_SIZE",
     "KVM_GET_SUPPORTED_CPUID", "KVM_CREATE_VCPU", "KVM_GET_DIRTY_LOG", "KVM_SET_USER_MEMORY_REGION",
     "KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR", "KVM_ENABLE_CAP", "KVM_GET_STATS_FD", "KVM_RUN",
-    "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_GET_MSRS", "KVM_SET_MSRS",
+    "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_INTERRUPT", "KVM_GET_MSRS", "KVM_SET_MSRS",
     "KVM_SET_SIGNAL_MASK", "KVM_GET_FPU", "KVM_SET_FPU", "KVM_SET_CPUID2", "KVM_GET_CPUID2",
     "KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS",
 ]
@@ -41,7 +41,8 @@ CONSTANTS = [
     "KVM_API_VERSION", "KVM_EXIT_IO", "KVM_EXIT_MMIO", "KVM_EXIT_HLT", "KVM_EXIT_SHUTDOWN",
     "KVM_EXIT_FAIL_ENTRY", "KVM_EXIT_INTR", "KVM_EXIT_INTERNAL_ERROR", "KVM_EXIT_SYSTEM_EVENT",
     "KVM_EXIT_NOTIFY", "KVM_CAP_SYNC_REGS", "KVM_CAP_IMMEDIATE_EXIT", "KVM_CAP_BINARY_STATS_FD",
-    "KVM_CAP_SET_TSS_ADDR", "KVM_MEM_LOG_DIRTY_PAGES", "KVM_SYNC_X86_REGS", "KVM_STATS_TYPE_LOG_HIST",
+    "KVM_CAP_SET_TSS_ADDR", "KVM_CAP_READONLY_MEM", "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
+    "KVM_CAP_NR_MEMSLOTS", "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "KVM_EXIT_IRQ_WINDOW_OPEN", "KVM_SYNC_X86_REGS", "KVM_STATS_TYPE_LOG_HIST",
 ]
 
 
@@ -125,6 +126,7 @@ def test_every_ioctl_encodes_its_argument_size():
     assert kb._IOC_SIZE(kb.KVM_RUN) == 0
     assert kb._IOC_SIZE(kb.KVM_SET_USER_MEMORY_REGION) == 32
     assert kb.KVM_RUN == 0xAE80
+    assert kb._IOC_SIZE(kb.KVM_INTERRUPT) == ctypes.sizeof(kb.kvm_interrupt) == 4
 
 
 def test_kvm_run_fits_its_documented_areas():
