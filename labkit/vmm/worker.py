@@ -51,6 +51,7 @@ import os
 import re
 import signal
 import threading
+import time
 import traceback
 import warnings
 import weakref
@@ -81,16 +82,45 @@ class WorkerDied(EmulatorError):
 
 
 class _Child:
-    """One worker process as its forking thread sees it: pid, exit status, and the lock that orders kill and reap."""
+    """One worker process as its forking thread sees it: pid, exit status, and the lock that orders kill and reap.
+
+    The caller's main thread waits on plain locks used as one-shot latches
+    (held from the start, released once by the forking thread), never on
+    ``threading.Event``: a ``KeyboardInterrupt`` landing inside
+    ``Condition.wait`` can turn into ``RuntimeError: release unlocked lock``,
+    while an interrupted ``Lock.acquire`` just raises.  The flags, not the
+    latches, say what happened; a latch only makes the wait wake up early.
+    """
 
     def __init__(self) -> None:
         self.pid = 0
         self.error: BaseException | None = None
-        self.started = threading.Event()
-        self.exited = threading.Event()
         self.status: int | None = None
+        self.exited = False
+        self._started = threading.Lock()
+        self._started.acquire()
+        self._reaped_latch = threading.Lock()
+        self._reaped_latch.acquire()
         self._lock = threading.Lock()
         self._reaped = False
+
+    def announce(self, pid: int = 0, error: BaseException | None = None) -> None:
+        """The forking thread: the worker's pid (or why there is none) is known."""
+        self.pid, self.error = pid, error
+        self._started.release()
+
+    def wait_started(self) -> bool:
+        """Wait (at most a moment, to be called in a loop) for :meth:`announce`; True once it happened."""
+        if not (self.pid or self.error):
+            self._started.acquire(timeout=0.1)
+        return bool(self.pid or self.error)
+
+    def wait_exited(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the worker to have been reaped; True if it has."""
+        deadline = time.monotonic() + timeout
+        while not self.exited and time.monotonic() < deadline:
+            self._reaped_latch.acquire(timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+        return self.exited
 
     def kill(self) -> None:
         """SIGKILL the worker unless it has been reaped already (its pid may then belong to another process)."""
@@ -112,7 +142,8 @@ class _Child:
             with self._lock:
                 self._reaped = True
         finally:
-            self.exited.set()
+            self.exited = True
+            self._reaped_latch.release()
 
 
 def _fork_and_wait(child: _Child, handed: list) -> None:
@@ -130,10 +161,9 @@ def _fork_and_wait(child: _Child, handed: list) -> None:
             warnings.simplefilter("ignore", DeprecationWarning)  # "fork() in a multi-threaded process"
             pid = os.fork()
     except OSError as error:
-        child.error = error
         _close_all(keep)
-        child.started.set()
-        child.exited.set()
+        child.exited = True
+        child.announce(error=error)
         return
     if pid == 0:  # the worker: never return into the caller's code
         code = 0
@@ -146,8 +176,7 @@ def _fork_and_wait(child: _Child, handed: list) -> None:
             os._exit(code)
     _close_all(keep)  # the worker's ends, in the caller
     del make_core, keep, drop
-    child.pid = pid
-    child.started.set()
+    child.announce(pid)
     child.wait()
 
 
@@ -268,7 +297,7 @@ def _reap(child: _Child, conn: Connection, control: Connection, control_lock: th
                 conn.close()
                 report.close()
             finally:
-                child.exited.wait(REAP_WAIT_S)
+                child.wait_exited(REAP_WAIT_S)
 
 
 class Worker:
@@ -301,9 +330,10 @@ class Worker:
             _close_all(created)
             raise EmulatorError(f"cannot start the emulator's worker process: {error}") from error
         interrupted = False
-        while not child.started.is_set():  # a Ctrl-C now is deferred until the worker can be stopped
+        while True:  # a Ctrl-C now is deferred until the worker can be stopped
             try:
-                child.started.wait()
+                if child.wait_started():
+                    break
             except KeyboardInterrupt:
                 interrupted = True
         if child.error is not None:
@@ -323,7 +353,11 @@ class Worker:
         if interrupted:
             self._stop_worker("interrupted: the emulated machine was stopped")
             raise KeyboardInterrupt
-        self._receive(CALL_TIMEOUT_S)
+        try:
+            self._receive(CALL_TIMEOUT_S)  # the core was made, or why not
+        except BaseException:
+            self._stop_worker("the machine could not be set up")
+            raise
 
     @property
     def alive(self) -> bool:
@@ -389,7 +423,7 @@ class Worker:
 
     def _exit_description(self) -> str:
         """Why the worker's socket closed: its exit status, and where it crashed if faulthandler said."""
-        if not self._child.exited.wait(REAP_WAIT_S):
+        if not self._child.wait_exited(REAP_WAIT_S):
             return "the emulator process closed its socket but did not exit"
         status = self._child.status
         if status is None:
