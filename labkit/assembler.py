@@ -54,9 +54,9 @@ def _tools() -> tuple[str, str, str]:
     """
     prefixes = (os.environ["LABKIT_BINUTILS_PREFIX"],) if "LABKIT_BINUTILS_PREFIX" in os.environ else _TOOL_PREFIXES
     for prefix in prefixes:
-        found = [shutil.which(prefix + name) for name in ("as", "ld", "objcopy")]
-        if all(found) and _is_gnu_as(found[0]):
-            return found[0], found[1], found[2]
+        as_path, ld_path, objcopy_path = (shutil.which(prefix + name) for name in ("as", "ld", "objcopy"))
+        if as_path and ld_path and objcopy_path and _is_gnu_as(as_path):
+            return as_path, ld_path, objcopy_path
     raise AssemblyError(f"GNU binutils not found on PATH. {INSTALL_HINT}")
 
 

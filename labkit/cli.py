@@ -130,7 +130,7 @@ def cmd_guests(args) -> int:
 
 
 def _plain(item) -> dict:
-    if dataclasses.is_dataclass(item):
+    if dataclasses.is_dataclass(item) and not isinstance(item, type):
         return dataclasses.asdict(item)
     return dict(item)
 

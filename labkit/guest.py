@@ -84,8 +84,9 @@ class Guest:
             )
         if end > layout.MAX_MEMORY:
             raise GuestFileError(f"guest {self.name!r} ends at {end:#x}, beyond the largest RAM ({layout.MAX_MEMORY:#x})")
-        if not start <= self.entry < end:
-            raise ConfigError(f"guest {self.name!r}: entry {self.entry:#x} is outside its code [{start:#x}, {end:#x})")
+        entry = self.load_address if self.entry is None else self.entry
+        if not start <= entry < end:
+            raise ConfigError(f"guest {self.name!r}: entry {entry:#x} is outside its code [{start:#x}, {end:#x})")
         if self.mode == 16 and end > REAL_MODE_LIMIT:
             raise GuestFileError(
                 f"16-bit guest {self.name!r} ends at {end:#x}: real-mode code runs with CS = 0 "

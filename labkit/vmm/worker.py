@@ -338,9 +338,9 @@ class Worker:
                 interrupted = True
         if child.error is not None:
             _close_all((here, control, report_read))
-            error = child.error
+            failure = child.error
             raise EmulatorError(f"cannot start the emulator's worker process: "
-                                f"{errors.strerror(getattr(error, 'errno', 0) or 0)}") from error
+                                f"{errors.strerror(getattr(failure, 'errno', 0) or 0)}") from failure
         self.pid = child.pid
         self._child = child
         self._conn = here
