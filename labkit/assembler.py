@@ -13,6 +13,7 @@ binaries from their sources (see :func:`build_guests`).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from labkit.errors import AssemblyError, ConfigError
+from labkit.errors import AssemblyError, ConfigError, GuestError, strerror
 from labkit.x86.layout import LOAD_ADDRESS
 
 MODES = (16, 32, 64)
@@ -33,6 +34,7 @@ INSTALL_HINT = (
 )
 _TOOL_PREFIXES = ("", "x86_64-linux-gnu-", "x86_64-conda-linux-gnu-", "x86_64-elf-")
 _TIMEOUT_S = 30
+_NO_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN)
 
 _LINKER_SCRIPT = """\
 SECTIONS
@@ -52,16 +54,20 @@ def _tools() -> tuple[str, str, str]:
     """
     prefixes = (os.environ["LABKIT_BINUTILS_PREFIX"],) if "LABKIT_BINUTILS_PREFIX" in os.environ else _TOOL_PREFIXES
     for prefix in prefixes:
-        found = [shutil.which(prefix + name) for name in ("as", "ld", "objcopy")]
-        if all(found) and _is_gnu_as(found[0]):
-            return found[0], found[1], found[2]
+        as_path, ld_path, objcopy_path = (shutil.which(prefix + name) for name in ("as", "ld", "objcopy"))
+        if as_path and ld_path and objcopy_path and _is_gnu_as(as_path):
+            return as_path, ld_path, objcopy_path
     raise AssemblyError(f"GNU binutils not found on PATH. {INSTALL_HINT}")
 
 
 def _is_gnu_as(path: str) -> bool:
     try:
         result = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=_TIMEOUT_S)
-    except (OSError, subprocess.SubprocessError):
+    except OSError as error:
+        if error.errno in _NO_RESOURCES:  # `as` is there, this process cannot start it: say so, not "missing"
+            raise AssemblyError(f"cannot start {path}: {strerror(error.errno)}") from error
+        return False
+    except subprocess.SubprocessError:
         return False
     return result.returncode == 0 and "GNU assembler" in result.stdout
 
@@ -95,6 +101,8 @@ def assemble(source: str, mode: int, load_address: int = LOAD_ADDRESS) -> bytes:
     :class:`AssemblyError` with the tool's messages, line numbers counted in
     ``source``, or saying how to install binutils when it is missing.
     """
+    if not isinstance(source, str):
+        raise ConfigError(f"guest source must be text (str), not {type(source).__name__}")
     if mode not in MODES:
         raise ConfigError(f"mode must be 16, 32 or 64, not {mode!r}")
     if not 0 <= load_address < 1 << 32:
@@ -105,22 +113,35 @@ def assemble(source: str, mode: int, load_address: int = LOAD_ADDRESS) -> bytes:
     if not text.endswith("\n"):
         text += "\n"  # as warns about a last line without a newline
     as_flag, emulation = ("--64", "elf_x86_64") if mode == 64 else ("--32", "elf_i386")
+    try:
+        return _assemble_in(text, load_address, as_flag, emulation, as_path, ld_path, objcopy_path, len(prelude))
+    except OSError as error:  # the temporary directory, its files, starting a tool: out of fds, space, memory
+        raise AssemblyError(f"cannot assemble: {strerror(error.errno or 0)}"
+                            + (f": {error.filename}" if error.filename else "")) from error
+
+
+def _assemble_in(text: str, load_address: int, as_flag: str, emulation: str, as_path: str, ld_path: str,
+                 objcopy_path: str, prelude_lines: int) -> bytes:
     with tempfile.TemporaryDirectory(prefix="labkit-as-") as tmp:
         directory = Path(tmp)
-        (directory / "guest.S").write_text(text)
+        try:
+            (directory / "guest.S").write_text(text, encoding="utf-8")
+        except UnicodeEncodeError as error:
+            raise AssemblyError(f"the source is not valid Unicode text: {error.reason} at character {error.start}") \
+                from None
         (directory / "guest.ld").write_text(_LINKER_SCRIPT.format(load=load_address))
-        _run([as_path, as_flag, "-o", "guest.o", "guest.S"], directory, "as", len(prelude))
+        _run([as_path, as_flag, "-o", "guest.o", "guest.S"], directory, "as", prelude_lines)
         _run(
             [ld_path, "-m", emulation, "--build-id=none", "-nostdlib", "-e", f"{load_address:#x}", "-T", "guest.ld", "-o", "guest.elf", "guest.o"],
-            directory, "ld", len(prelude),
+            directory, "ld", prelude_lines,
         )
-        _run([objcopy_path, "-O", "binary", "guest.elf", "guest.bin"], directory, "objcopy", len(prelude))
+        _run([objcopy_path, "-O", "binary", "guest.elf", "guest.bin"], directory, "objcopy", prelude_lines)
         return (directory / "guest.bin").read_bytes()
 
 
 def _run(argv: list[str], directory: Path, tool: str, prelude_lines: int) -> None:
     try:
-        result = subprocess.run(argv, cwd=directory, capture_output=True, text=True, timeout=_TIMEOUT_S)
+        result = subprocess.run(argv, cwd=directory, capture_output=True, text=True, errors="replace", timeout=_TIMEOUT_S)
     except FileNotFoundError as error:
         raise AssemblyError(f"{tool} could not be started ({error}). {INSTALL_HINT}") from None
     except subprocess.TimeoutExpired:
@@ -158,7 +179,7 @@ def build_guests(out_dir: str | os.PathLike[str] | None = None) -> list[Path]:
     target.mkdir(parents=True, exist_ok=True)
     written = []
     for entry in load_manifest():
-        source = (source_dir / entry["source"]).read_text()
+        source = (source_dir / entry["source"]).read_text(encoding="utf-8")
         code = assemble(source, entry["mode"], entry["load_address"])
         path = target / entry["binary"]
         path.write_bytes(code)
@@ -179,12 +200,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {path} ({path.stat().st_size} bytes)")
             return 0
         if args.file:
-            code = assemble(Path(args.file).read_text(), args.mode)
+            from labkit.guest import MAX_SOURCE_BYTES, decode_source, read_file
+
+            source = decode_source(read_file(Path(args.file), MAX_SOURCE_BYTES, "guest source is at most {limit} bytes"),
+                                   args.file)
+            code = assemble(source, args.mode)
             out = Path(args.out) if args.out else Path(args.file).with_suffix(".bin")
             out.write_bytes(code)
             print(f"wrote {out} ({len(code)} bytes)")
             return 0
-    except (AssemblyError, ConfigError, OSError) as error:
+    except (GuestError, ConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     parser.print_help()

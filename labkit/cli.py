@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import importlib.util
 import json
 import os
-import subprocess
+import re
+import resource
+import secrets
 import sys
 from pathlib import Path
 
 from labkit.doctor import FLAVOURS, doctor_report, trap_replay_status  # noqa: F401 (their old home)
-from labkit.errors import LabkitError
+from labkit.errors import ConfigError, LabkitError
 
 
 def cmd_doctor(args) -> int:
@@ -57,7 +61,7 @@ def cmd_guests(args) -> int:
 
 
 def _plain(item) -> dict:
-    if dataclasses.is_dataclass(item):
+    if dataclasses.is_dataclass(item) and not isinstance(item, type):
         return dataclasses.asdict(item)
     return dict(item)
 
@@ -78,12 +82,14 @@ def cmd_run(args) -> int:
         result = machine.run(timeout=args.timeout)
         backend = machine.backend
         reason = machine.backend_reason
+    dropped = getattr(result, "console_dropped", 0) or 0  # RunResult.console_dropped: bytes past the console bound
     if args.json:
         print(json.dumps({
             "guest": guest.name,
             "backend": backend,
             "backend_reason": reason,
             "console": result.console,
+            "console_dropped": dropped,
             "status": result.status.kind,
             "status_text": str(result.status),
             "exit_code": result.status.code,
@@ -95,6 +101,8 @@ def cmd_run(args) -> int:
         sys.stdout.write(result.console)
         if result.console and not result.console.endswith("\n"):
             sys.stdout.write("\n")
+        if dropped:
+            print(f"[console truncated: {dropped} bytes dropped]")
         print(f"--- {guest.name} on {backend} ({reason}): {result.status} in {result.elapsed_s * 1e3:.1f} ms")
         print(result.trace.format_table())
     if result.status.kind == "halted":
@@ -104,18 +112,79 @@ def cmd_run(args) -> int:
     return 3
 
 
+TOKEN_OPTIONS = ("--IdentityProvider.token", "--ServerApp.token", "--NotebookApp.token")
+
+
 def cmd_lab(args) -> int:
+    """Become JupyterLab (``exec``), so every signal reaches it and nothing is left behind; never without a token.
+
+    Without a token option labkit makes one (``secrets``) and hands it over in
+    ``JUPYTER_TOKEN`` (not the command line, which other users can read with
+    ``ps``), then prints the URL that carries it.
+    """
     notebooks = Path(args.notebooks)
     if not notebooks.is_dir():
         raise LabkitError(f"no notebooks folder at {notebooks}")
-    command = [sys.executable, "-m", "jupyterlab", f"--notebook-dir={notebooks}", *args.extra]
+    if importlib.util.find_spec("jupyterlab") is None:
+        raise LabkitError("JupyterLab is not installed: pip install jupyterlab (or run scripts/setup lab)")
+    extra = list(args.extra)
+    given = _option_value(extra, TOKEN_OPTIONS)
+    if given is not None and not given.strip():
+        raise ConfigError("an empty token would let anyone who reaches the port run code as you: "
+                          "give a token, or leave the option out and labkit makes one")
+    env = dict(os.environ)
+    token = given or env.get("JUPYTER_TOKEN") or secrets.token_urlsafe(24)
+    env["JUPYTER_TOKEN"] = token
+    command = [sys.executable, "-m", "jupyterlab", f"--notebook-dir={notebooks}", *extra]
     if os.geteuid() == 0 and "--allow-root" not in command:
         command.append("--allow-root")  # containers and lab VMs often run as root
-    return subprocess.call(command)
+    host = _option_value(extra, ("--ip", "--ServerApp.ip")) or "localhost"
+    port = _option_value(extra, ("--port", "--ServerApp.port")) or env.get("JUPYTER_PORT") or "8888"
+    print(f"labkit: JupyterLab on {notebooks}: http://{host}:{port}/lab?token={token}\n"
+          "labkit: (if that port is taken JupyterLab picks another and prints its own URL)", flush=True)
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, command, env)
+    except OSError as error:
+        raise LabkitError(f"cannot start JupyterLab ({sys.executable} -m jupyterlab): {error.strerror}") from None
+    return 1  # not reached: exec does not return
+
+
+def _option_value(options: list[str], names: tuple[str, ...]) -> str | None:
+    """The value of the last of ``names`` in ``options`` (``--name=value`` or ``--name value``), or None."""
+    value = None
+    for index, option in enumerate(options):
+        for name in names:
+            if option.startswith(name + "="):
+                value = option[len(name) + 1:]
+            elif option == name and index + 1 < len(options):
+                value = options[index + 1]
+    return value
+
+
+_SIZE = re.compile(r"(0x[0-9a-f]+|[0-9]+)\s*(?:([kmg])(?:i?b)?|b)?", re.IGNORECASE)
+_UNITS = {None: 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def memory_size(text: str) -> int:
+    """``--memory``: bytes (``2097152``, ``0x200000``) or binary units (``2M``, ``64MiB``, ``512K``, ``1G``)."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes (2097152, 0x200000) "
+                                         "or a number with a unit (2M, 64MiB, 1G)")
+    unit = match.group(2).lower() if match.group(2) else None
+    return int(match.group(1), 0) * _UNITS[unit]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line: ``labkit run: error: ... (see labkit run --help)``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="labkit", description="Run tiny x86 guests under KVM or emulation.")
+    parser = _Parser(prog="labkit", description="Run tiny x86 guests under KVM or emulation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     doctor = sub.add_parser("doctor", help="what this machine offers: KVM, its flavour, Unicorn, binutils")
@@ -134,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mode", type=int, choices=(16, 32, 64), default=None,
                      help="the mode a FILE starts in (default: from its metadata, else 64)")
     run.add_argument("--timeout", type=float, default=5.0, help="seconds before the guest is stopped")
-    run.add_argument("--memory", type=lambda text: int(text, 0), default=2 << 20, help="guest RAM in bytes")
+    run.add_argument("--memory", type=memory_size, default=2 << 20,
+                     help="guest RAM: bytes, or with a binary unit (2M, 64MiB, 1G); default 2M")
     run.add_argument("--json", action="store_true")
     run.set_defaults(func=cmd_run)
 
@@ -152,15 +222,41 @@ def main(argv: list[str] | None = None) -> int:
     args.extra = unknown  # `labkit lab --port 9999 ...` passes them on to jupyter lab
     try:
         return args.func(args)
-    except LabkitError as error:
-        print(f"labkit: error: {error}", file=sys.stderr)
+    except BrokenPipeError:  # `labkit guests | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (LabkitError, OSError) as error:  # an OSError here is one no layer below translated
+        print(f"labkit: error: {_describe(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("labkit: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `labkit guests | head`: the reader left; not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+
+
+def _describe(error: BaseException) -> str:
+    """The error's message, or, when it came from running out of file descriptors, that instead.
+
+    Out of descriptors, opening a guest file, /dev/kvm or a pipe fails with
+    EMFILE/ENFILE and each layer would blame its own thing; the chain of
+    causes says what really happened.
+    """
+    cause: BaseException | None = error
+    while cause is not None:
+        number = getattr(cause, "errno", None)
+        if number == errno.EMFILE:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            return (f"too many open files: this process may have {soft} open at once (ulimit -n) and has used "
+                    f"them all; close some or raise the limit (`ulimit -n 4096`) [{_one_line(error)}]")
+        if number == errno.ENFILE:
+            return f"too many open files in the whole system (ENFILE): the kernel's file table is full [{_one_line(error)}]"
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(error, OSError) and not isinstance(error, LabkitError):
+        return f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+    return str(error)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +33,11 @@ RESERVED_STACKS = (layout.KERNEL_STACK_TOP - KERNEL_STACK_SIZE, layout.STACK_TOP
 """[start, end) of the kernel and user stacks: guest code may not overlap them."""
 REAL_MODE_LIMIT = 0x10000
 """16-bit code runs with CS = 0, so it must end below 64 KiB."""
+
+MAX_SOURCE_BYTES = 16 << 20
+"""The largest guest source file read (GNU as source of a tiny guest is a few KiB)."""
+MAX_METADATA_BYTES = 1 << 20
+"""The largest guest metadata (``.json``) file read."""
 
 _METADATA_KEYS = {"name", "mode", "load_address", "entry", "user", "description", "expected"}
 
@@ -78,8 +84,9 @@ class Guest:
             )
         if end > layout.MAX_MEMORY:
             raise GuestFileError(f"guest {self.name!r} ends at {end:#x}, beyond the largest RAM ({layout.MAX_MEMORY:#x})")
-        if not start <= self.entry < end:
-            raise ConfigError(f"guest {self.name!r}: entry {self.entry:#x} is outside its code [{start:#x}, {end:#x})")
+        entry = self.load_address if self.entry is None else self.entry
+        if not start <= entry < end:
+            raise ConfigError(f"guest {self.name!r}: entry {entry:#x} is outside its code [{start:#x}, {end:#x})")
         if self.mode == 16 and end > REAL_MODE_LIMIT:
             raise GuestFileError(
                 f"16-bit guest {self.name!r} ends at {end:#x}: real-mode code runs with CS = 0 "
@@ -141,14 +148,13 @@ class Guest:
             metadata["mode"] = mode
         metadata.setdefault("name", path.stem)
         metadata.setdefault("mode", 64)
-        try:
-            if path.suffix == ".bin":
-                code = path.read_bytes()
-            else:
-                source = path.read_text()
-        except OSError as error:
-            raise GuestFileError(f"{path}: cannot read: {error.strerror or error}") from None
-        if path.suffix != ".bin":
+        if path.suffix == ".bin":
+            load_address = metadata.get("load_address", layout.LOAD_ADDRESS)
+            code = read_file(path, largest_code(metadata["mode"], load_address),
+                             f"at most {{limit}} bytes of code fit at {load_address:#x}")
+        else:
+            source = decode_source(read_file(path, MAX_SOURCE_BYTES, "guest source is at most {limit} bytes"),
+                                   str(path))
             from labkit.assembler import assemble
 
             if metadata["mode"] not in MODES:
@@ -251,11 +257,69 @@ def _manifest(path: str) -> tuple[dict[str, Any], ...]:
     return tuple(entries)
 
 
-def _read_json(path: Path) -> Any:
+def largest_code(mode: int, load_address: int) -> int:
+    """How many bytes of code a guest of ``mode`` loaded at ``load_address`` can have (see :class:`Guest`)."""
+    if mode == 16:
+        return max(REAL_MODE_LIMIT - load_address, 0)
+    if load_address < RESERVED_STACKS[0]:
+        return RESERVED_STACKS[0] - load_address
+    return max(layout.MAX_MEMORY - max(load_address, RESERVED_STACKS[1]), 0)
+
+
+def read_file(path: Path, limit: int, why: str) -> bytes:
+    """The contents of the regular file ``path``, at most ``limit`` bytes, or a :class:`GuestFileError`.
+
+    Opened with ``O_NONBLOCK`` and checked with ``fstat`` before anything is
+    read, so a FIFO or a device named like a guest fails at once instead of
+    blocking, and a huge file is refused by its size, never read whole (at
+    most ``limit + 1`` bytes are read even if it grows meanwhile).  ``why``
+    completes the too-large message; ``{limit}`` in it is filled in.
+    """
     try:
-        text = path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
         raise GuestFileError(f"{path}: cannot read: {error.strerror or error}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+        os.close(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise GuestFileError(f"{path}: not a regular file but {_file_kind(info.st_mode)}; "
+                                 "a guest is read from a file")
+        raise GuestFileError(f"{path}: {info.st_size} bytes is too large: {why.format(limit=limit)}")
+    with open(fd, "rb", buffering=0, closefd=True) as file:
+        chunks, total = [], 0
+        try:
+            while total <= limit:
+                chunk = file.read(limit + 1 - total)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+        except OSError as error:
+            raise GuestFileError(f"{path}: cannot read: {error.strerror or error}") from None
+    if total > limit:
+        raise GuestFileError(f"{path}: grew past {limit} bytes while being read: {why.format(limit=limit)}")
+    return b"".join(chunks)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def decode_source(data: bytes, where: str) -> str:
+    """Guest source or metadata bytes as text; a :class:`GuestFileError` naming the first bad byte if not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise GuestFileError(f"{where}: not UTF-8 text: byte {data[error.start]:#04x} on line {line} "
+                             f"(save the file as UTF-8)") from None
+
+
+def _read_json(path: Path) -> Any:
+    text = decode_source(read_file(path, MAX_METADATA_BYTES, "guest metadata is at most {limit} bytes"), str(path))
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
@@ -264,7 +328,7 @@ def _read_json(path: Path) -> Any:
 
 def _read_metadata(path: Path) -> dict[str, Any]:
     """A guest file's sibling ``.json`` metadata, checked; ``{}`` when there is none."""
-    if not path.exists():
+    if not os.path.lexists(path):
         return {}
     metadata = _read_json(path)
     if not isinstance(metadata, dict):

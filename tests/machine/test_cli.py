@@ -102,31 +102,200 @@ def test_kvm_without_permission_falls_back_with_auto_and_fails_clearly_with_kvm(
     assert "usermod -aG kvm" in done.stderr
 
 
+def _session_processes(session: int) -> list[int]:
+    """Processes whose session id is ``session`` (``labkit lab`` runs in a session of its own)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = open(f"/proc/{name}/stat").read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[4]) == session:
+                found.append(int(name))
+    return found
+
+
 @pytest.mark.unit
-def test_lab_serves_the_notebooks():
-    """The README's first command ends in `labkit lab`: JupyterLab must come up on notebooks/."""
+def test_lab_becomes_jupyterlab_with_a_token_and_leaves_nothing_behind(tmp_path):
+    """`labkit lab` execs JupyterLab with a token it made: a request without it is refused; SIGTERM ends it all."""
     import socket
     import time
+    import urllib.error
     import urllib.request
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    env = {key: value for key, value in os.environ.items() if key != "JUPYTER_TOKEN"}
+    log = open(tmp_path / "jupyter.log", "w+")
     server = subprocess.Popen([sys.executable, "-m", "labkit.cli", "lab", "--no-browser", f"--port={port}",
-                               "--ServerApp.ip=127.0.0.1", "--IdentityProvider.token="],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               "--ServerApp.ip=127.0.0.1", f"--ServerApp.runtime_dir={tmp_path}"],
+                              stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
     try:
+        line = server.stdout.readline()
+        assert f"http://127.0.0.1:{port}/lab?token=" in line, line
+        token = line.split("token=", 1)[1].split()[0]
+        assert len(token) >= 32
+        base = f"http://127.0.0.1:{port}/api/contents"
         deadline = time.monotonic() + 60
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents", timeout=5) as answer:
-                    names = {item["name"] for item in json.load(answer)["content"]}
+                urllib.request.urlopen(base, timeout=5)
+                raise AssertionError("JupyterLab answered a request without the token")
+            except urllib.error.HTTPError as refused:
+                assert refused.code == 403, refused.code
                 break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"JupyterLab did not come up:\n{server.stderr.read()[-2000:]}")
+                    log.seek(0)
+                    raise AssertionError(f"JupyterLab did not come up:\n{log.read()[-2000:]}")
                 time.sleep(0.5)
+        request = urllib.request.Request(base, headers={"Authorization": f"token {token}"})
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            names = {item["name"] for item in json.load(answer)["content"]}
         assert "00-welcome.ipynb" in names
-    finally:
+        cmdline = open(f"/proc/{server.pid}/cmdline").read().split("\0")
+        assert cmdline[1:3] == ["-m", "jupyterlab"], cmdline  # labkit became JupyterLab: signals reach it
+        assert f"token={token}" not in " ".join(cmdline)  # handed over in the environment, not on `ps`
         server.terminate()
-        server.wait(timeout=30)
+        assert server.wait(timeout=30) is not None
+        time.sleep(0.2)
+        assert _session_processes(server.pid) == [], "JupyterLab left processes behind"
+    finally:
+        for pid in _session_processes(server.pid):
+            os.kill(pid, 9)
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=30)
+        server.stdout.close()
+        log.close()
+
+
+@pytest.mark.unit
+def test_lab_refuses_an_empty_token():
+    done = labkit("lab", "--no-browser", "--IdentityProvider.token=")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "empty token" in done.stderr, done.stderr
+    assert "http" not in done.stdout
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *words: str) -> None:
+    assert done.returncode not in (0, None), done
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("labkit"), done.stderr
+    for word in words:
+        assert word in done.stderr, (word, done.stderr)
+
+
+@pytest.mark.unit
+def test_bad_guest_files_get_one_line_errors(tmp_path):
+    latin1 = tmp_path / "latin1.S"
+    latin1.write_bytes(b"; caf\xe9\nhlt\n")
+    assert_one_line_error(labkit("run", str(latin1), "--backend", "emu"), "latin1.S", "not UTF-8", "line 1")
+    fifo = tmp_path / "x.bin"
+    os.mkfifo(fifo)
+    assert_one_line_error(labkit("run", str(fifo), "--backend", "emu"), "x.bin", "FIFO")
+    os.mkfifo(tmp_path / "y.S")
+    assert_one_line_error(labkit("run", str(tmp_path / "y.S"), "--backend", "emu"), "y.S", "FIFO")
+    (tmp_path / "dir.bin").mkdir()
+    assert_one_line_error(labkit("run", str(tmp_path / "dir.bin"), "--backend", "emu"), "directory")
+    huge = tmp_path / "huge.bin"
+    with open(huge, "wb") as sparse:
+        sparse.truncate(100 << 20)
+    assert_one_line_error(labkit("run", str(huge), "--backend", "emu"), "huge.bin", "too large", str(100 << 20))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("memory, words", [
+    ("abc", ["--memory", "'abc' is not a size"]),
+    ("12345", ["4 KiB"]),
+    ("3G", ["between 1 MiB"]),
+])
+def test_bad_memory_sizes_get_one_line_errors(memory, words):
+    assert_one_line_error(labkit("run", "hello64", "--backend", "emu", "--memory", memory), *words)
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("memory", ["4M", "4MiB", "0x400000", "4194304", "4096K"])
+def test_memory_sizes_take_units(memory):
+    done = labkit("run", "hello64", "--backend", "emu", "--memory", memory, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["console"] == "Hello from 64-bit mode!\n"
+
+
+# Leaves only ``free`` descriptors to the command, then runs it in this process.
+FEW_FDS = textwrap.dedent("""
+    import contextlib, io, json, os, resource, sys, traceback
+    import labkit.cli, labkit.vmm.machine, labkit.guest, labkit.assembler
+    from labkit.emu import prepare
+    prepare()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    outcomes = []
+    for free in range(12):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(int(fd) for fd in os.listdir("/proc/self/fd")) + 64, hard))
+        fillers = []
+        while True:
+            try:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        for fd in fillers[:free]:
+            os.close(fd)
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                code = labkit.cli.main(sys.argv[1:])
+        except BaseException:
+            code, text = -1, traceback.format_exc()
+        else:
+            text = err.getvalue()
+        finally:
+            for fd in fillers[free:]:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        outcomes.append([free, code, text])
+    print(json.dumps(outcomes))
+""")
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("guest", ["hello64", "x.bin", "x.S"])
+def test_out_of_descriptors_says_so(guest, tmp_path):
+    """With 0, 1, 2, ... descriptors left, `labkit run` works or says "too many open files", never blames the guest."""
+    (tmp_path / "x.bin").write_bytes(b"\xf4")
+    (tmp_path / "x.S").write_text("hlt\n")
+    target = guest if guest == "hello64" else str(tmp_path / guest)
+    done = subprocess.run([sys.executable, "-c", FEW_FDS, "run", target, "--backend", "emu"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    outcomes = json.loads(done.stdout)
+    for free, code, text in outcomes:
+        if code != 0:
+            assert code == 2 and text.count("\n") == 1 and text.startswith("labkit: error: too many open files"), \
+                (free, code, text)
+    assert outcomes[0][1] == 2 and outcomes[-1][1] == 0, outcomes  # none left fails, enough left works
+
+
+@pytest.mark.emu
+def test_a_cut_console_is_marked(tmp_path):
+    from labkit.vmm.status import RunResult
+
+    if not hasattr(RunResult, "console_truncated"):
+        pytest.skip("needs RunResult.console_dropped (the core's part of issue 7)")
+    flood = tmp_path / "flood.S"
+    flood.write_text(textwrap.dedent("""
+        mov edi, 20
+    1:  mov eax, 1            # WRITE hypercall: 64 KiB of guest RAM to the console per exit
+        mov ebx, 0x100000
+        mov ecx, 0x10000
+        out 0xf0, eax
+        dec edi
+        jnz 1b
+        hlt
+    """))
+    done = labkit("run", str(flood), "--backend", "emu", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["console_dropped"] == 20 * 0x10000 - (1 << 20)
+    done = labkit("run", str(flood), "--backend", "emu")
+    assert f"[console truncated: {20 * 0x10000 - (1 << 20)} bytes dropped]" in done.stdout

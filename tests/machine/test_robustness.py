@@ -159,3 +159,64 @@ def test_an_interrupt_stops_the_emulated_machine_and_reaches_the_caller():
     with pytest.raises(Exception, match="interrupted"):
         machine.regs()
     assert Machine("hello64", backend="emu").run().console == "Hello from 64-bit mode!\n"
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read(2) and friends so far (/proc/self/io ``rchar``)."""
+    for line in open("/proc/self/io"):
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.unit
+def test_guest_files_that_are_not_regular_files_fail_at_once(tmp_path):
+    for name in ("x.bin", "x.S", "y.json"):
+        os.mkfifo(tmp_path / name)  # opening a FIFO for reading blocks until a writer comes: never here
+    with pytest.raises(GuestFileError, match=r"x\.bin: not a regular file but a FIFO"):
+        Guest.from_file(tmp_path / "x.bin")
+    with pytest.raises(GuestFileError, match=r"x\.S: not a regular file but a FIFO"):
+        Guest.from_file(tmp_path / "x.S")
+    (tmp_path / "y.bin").write_bytes(b"\xf4")
+    with pytest.raises(GuestFileError, match=r"y\.json: not a regular file but a FIFO"):
+        Guest.from_file(tmp_path / "y.bin")  # its metadata is the FIFO
+    (tmp_path / "d.bin").mkdir()
+    with pytest.raises(GuestFileError, match="a directory"):
+        Guest.from_file(tmp_path / "d.bin")
+
+
+@pytest.mark.unit
+def test_a_huge_guest_file_is_refused_by_its_size_without_reading_it(tmp_path):
+    from labkit.guest import largest_code
+
+    huge = tmp_path / "huge.bin"
+    with open(huge, "wb") as sparse:
+        sparse.truncate(100 << 20)
+    before = _bytes_read()
+    with pytest.raises(GuestFileError, match=f"{100 << 20} bytes is too large: at most {largest_code(64, 0x8000)}"):
+        Guest.from_file(huge)
+    assert _bytes_read() - before < 1 << 20, "the 100 MB file was read before being refused"
+    largest = tmp_path / "largest.bin"
+    largest.write_bytes(b"\xf4" * largest_code(64, 0x8000))
+    assert len(Guest.from_file(largest).code) == largest_code(64, 0x8000)  # the limit is Guest's own
+    largest.write_bytes(b"\xf4" * (largest_code(64, 0x8000) + 1))
+    with pytest.raises(GuestFileError, match="too large"):
+        Guest.from_file(largest)
+
+
+@pytest.mark.unit
+def test_guest_source_that_is_not_utf8_is_named(tmp_path):
+    source = tmp_path / "latin1.S"
+    source.write_bytes(b"nop\n; caf\xe9\nhlt\n")
+    with pytest.raises(GuestFileError, match=r"latin1\.S: not UTF-8 text: byte 0xe9 on line 2"):
+        Guest.from_file(source)
+    metadata = tmp_path / "latin1.json"
+    metadata.write_bytes(b'{"description": "caf\xe9"}')
+    with pytest.raises(GuestFileError, match=r"latin1\.json: not UTF-8"):
+        Guest.from_file(source)
+
+
+@pytest.mark.unit
+def test_assembly_source_must_be_text():
+    with pytest.raises(ConfigError, match="must be text"):
+        Guest.from_asm(b"hlt\n")
