@@ -230,12 +230,15 @@ def locate(uc: Uc, layout: Layout = LAYOUT) -> int:
     regs = [int.from_bytes(state[layout.regs + 8 * layout.gpr_order.index(name):][:8], "little") & (
         (1 << 64) - 1 if wide else 0xFFFF_FFFF) if name in layout.gpr_order else None for name in ids]
     if regs != pattern:
-        found = state.find(struct.pack(f"<{len(pattern)}Q", *pattern))
-        if found >= 0 and found != layout.regs:
-            raise _fail(f"{_field(layout, 'regs')}: the GPRs written through uc_reg_write are at {found:#x}")
-        if found < 0 and state.find(struct.pack("<Q", pattern[0])) >= 0:
-            raise _fail(f"{_field(layout, 'regs')}: gpr_order {layout.gpr_order} does not put the GPRs written "
-                        "through uc_reg_write where they are")
+        n = len(pattern)
+        qwords = [int.from_bytes(state[o:o + 8], "little") for o in range(0, len(state) - 7, 8)]
+        at_regs = qwords[layout.regs // 8:layout.regs // 8 + n] if layout.regs % 8 == 0 else []
+        if sorted(value & (1 << 64) - 1 if wide else value & 0xFFFF_FFFF for value in at_regs) == sorted(pattern):
+            raise _fail(f"{_field(layout, 'regs')}: gpr_order {'/'.join(layout.gpr_order)} does not put the GPRs "
+                        "written through uc_reg_write where they are")
+        for start in range(len(qwords) - n + 1):
+            if sorted(value if wide else value & 0xFFFF_FFFF for value in qwords[start:start + n]) == sorted(pattern):
+                raise _fail(f"{_field(layout, 'regs')}: the GPRs written through uc_reg_write are at {8 * start:#x}")
         raise _fail(f"{chain}: the GPRs written through uc_reg_write are not where the pointers lead")
     probe = rng.getrandbits(31) | 1
     uc.reg_write(ids["rax"], probe)
@@ -351,7 +354,7 @@ def _probe_hflags(layout: Layout) -> None:
             mask = getattr(layout, name)
             seen = tuple(bool(h & mask) for h in (h64, h32, h16))
             _expect(seen == (in64, in32, in16),
-                    f"hflags bit {name.upper()} ({mask:#x}) is (set in UC_MODE_64, 32, 16) = {seen}, expected "
+                    f"{_field(layout, 'hflags')} bit {name.upper()} ({mask:#x}) is (set in UC_MODE_64, 32, 16) = {seen}, expected "
                     f"{(in64, in32, in16)}")
 
         bit("hf_lma_mask", True, False, False)
@@ -365,16 +368,18 @@ def _probe_hflags(layout: Layout) -> None:
             s.close()
 
 
-# GDT of the ring-3 probe: 0x08 code64 DPL0, 0x10 data DPL0, 0x18 code32 DPL3, 0x20 data DPL3, 0x28 code64 DPL3.
-_GDT = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00CFFB000000FFFF, 0x00CFF3000000FFFF, 0x00AFFB000000FFFF)
+# GDT of the ring-3 probe: 0x08 code64 DPL0, 0x10 data DPL0, 0x18 code32 DPL3, 0x20 data DPL3 (B = 1),
+# 0x28 code64 DPL3, 0x30 data DPL3 with B = 0 (a 16-bit stack: SS32 clear while CS32 is set).
+_GDT = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00CFFB000000FFFF, 0x00CFF3000000FFFF, 0x00AFFB000000FFFF,
+        0x0000F3000000FFFF)
 _GDT_AT = 0x3000
 
 
-def _ring3(layout: Layout, code_selector: int) -> tuple[int, int, int]:
-    """Enter ring 3 with ``iretq`` (CS = ``code_selector``, SS = 0x23), fault on ``cli``: (vector, hflags, CS.flags)."""
+def _ring3(layout: Layout, code_selector: int, stack_selector: int) -> tuple[int, int, int]:
+    """Enter ring 3 with ``iretq`` to ``code_selector``:0x2000, fault on ``cli``: (vector, hflags, CS.flags)."""
     s = _Scratch(UC_MODE_64, layout)
     try:
-        s.uc.mem_write(_GDT_AT, struct.pack("<6Q", *_GDT))
+        s.uc.mem_write(_GDT_AT, struct.pack(f"<{len(_GDT)}Q", *_GDT))
         s.uc.reg_write(X.UC_X86_REG_GDTR, (0, _GDT_AT, len(_GDT) * 8 - 1, 0))
         s.uc.reg_write(X.UC_X86_REG_RSP, 0x8000)
         s.uc.mem_write(0x2000, b"\xfa\xf4")  # cli -> #GP(0) at CPL 3
@@ -384,8 +389,8 @@ def _ring3(layout: Layout, code_selector: int) -> tuple[int, int, int]:
             seen.append((vector, s.u32(layout.hflags), s.u32(layout.segment("cs") + layout.seg_flags)))
             s.uc.emu_stop()
 
-        # push 0x23 ; push 0x7000 ; push 2 ; push selector ; push 0x2000 ; iretq
-        s.run(bytes.fromhex(f"6a23" "6800700000" "6a02" f"6a{code_selector:02x}" "6800200000" "48cf"),
+        # push stack_selector ; push 0x7000 ; push 2 ; push code_selector ; push 0x2000 ; iretq
+        s.run(bytes.fromhex(f"6a{stack_selector:02x}" "6800700000" "6a02" f"6a{code_selector:02x}" "6800200000" "48cf"),
               on_interrupt=on_interrupt)
         _expect(bool(seen) and seen[0][0] == 13, f"the ring-3 probe did not fault with #GP (saw {seen})")
         return seen[0]
@@ -395,7 +400,7 @@ def _ring3(layout: Layout, code_selector: int) -> tuple[int, int, int]:
 
 def _probe_ring3(layout: Layout) -> None:
     """CPL, CS32/CS64/LMA after iretq to 64-bit and to compatibility-mode code; DESC_L/DESC_B in CS.flags."""
-    _, hflags, flags = _ring3(layout, 0x2B)
+    _, hflags, flags = _ring3(layout, 0x2B, 0x23)
     cpl = layout.hf_cpl_mask
     _expect(hflags & cpl == 3 and cpl & (cpl + 1) == 0 and cpl == 3,
             f"hflags bit HF_CPL_MASK ({cpl:#x}) does not hold CPL 3 after iretq to ring 3")
@@ -406,13 +411,13 @@ def _probe_ring3(layout: Layout) -> None:
     _expect(flags & layout.desc_l_mask != 0 and flags & layout.desc_b_mask == 0,
             f"DESC_L_MASK ({layout.desc_l_mask:#x}) / DESC_B_MASK ({layout.desc_b_mask:#x}) do not read L=1 D=0 "
             "from a 64-bit code segment")
-    _, hflags, flags = _ring3(layout, 0x1B)
+    _, hflags, flags = _ring3(layout, 0x1B, 0x33)
     _expect(hflags & layout.hf_cs64_mask == 0 and hflags & layout.hf_lma_mask != 0,
             f"hflags bits HF_CS64_MASK ({layout.hf_cs64_mask:#x}) / HF_LMA_MASK ({layout.hf_lma_mask:#x}) do not "
             "read CS64=0 LMA=1 in compatibility mode (CS.L = 0)")
-    _expect(hflags & layout.hf_cs32_mask != 0 and hflags & layout.hf_ss32_mask != 0,
-            f"hflags bits HF_CS32_MASK ({layout.hf_cs32_mask:#x}) / HF_SS32_MASK ({layout.hf_ss32_mask:#x}) are not "
-            "set in compatibility mode with CS.D = SS.B = 1")
+    _expect(hflags & layout.hf_cs32_mask != 0 and hflags & layout.hf_ss32_mask == 0,
+            f"hflags bits HF_CS32_MASK ({layout.hf_cs32_mask:#x}) / HF_SS32_MASK ({layout.hf_ss32_mask:#x}) do not "
+            "read CS32=1 SS32=0 in compatibility mode with CS.D = 1, SS.B = 0")
     _expect(flags & layout.desc_b_mask != 0 and flags & layout.desc_l_mask == 0,
             f"DESC_B_MASK ({layout.desc_b_mask:#x}) / DESC_L_MASK ({layout.desc_l_mask:#x}) do not read D=1 L=0 "
             "from a 32-bit code segment")
@@ -422,7 +427,7 @@ def _probe_interrupt_shadow(layout: Layout) -> None:
     """HF_INHIBIT_IRQ_MASK: set on the instruction after ``mov ss``, clear on the one after that."""
     s = _Scratch(UC_MODE_64, layout)
     try:
-        s.uc.mem_write(_GDT_AT, struct.pack("<6Q", *_GDT))
+        s.uc.mem_write(_GDT_AT, struct.pack(f"<{len(_GDT)}Q", *_GDT))
         s.uc.reg_write(X.UC_X86_REG_GDTR, (0, _GDT_AT, len(_GDT) * 8 - 1, 0))
         seen: dict[int, int] = {}
         s.run(bytes.fromhex("66b81000" "8ed0" "90" "90"),  # mov ax, 0x10 ; mov ss, ax ; nop ; nop
@@ -442,22 +447,24 @@ def _probe_segments(layout: Layout) -> None:
         selectors = {"es": 0x1111, "ss": 0x2222, "ds": 0x3333, "fs": 0x4444, "gs": 0x5555}
         for name, selector in selectors.items():
             s.uc.reg_write(_SEGMENT_IDS[name], selector)
-        where = (f"field segs (offset {layout.segs:#x}, {layout.segment_size}-byte entries in segment_order "
+        where = (f"field segs (offset {layout.segs:#x}, segment_size {layout.segment_size}, segment_order "
                  f"{'/'.join(layout.segment_order)})")
         for name in ("es", "cs", "ss", "ds", "fs", "gs"):
+            at = layout.segment(name) + layout.seg_selector
+            if s.u32(at) != selectors.get(name, 0):
+                raise _fail(f"{where}: {name.upper()}'s selector is not at {at:#x} "
+                            f"(SegmentCache.selector at +{layout.seg_selector})")
+        for name in ("es", "cs", "ss", "ds", "fs", "gs"):
             selector = selectors.get(name, 0)
-            expected = {"selector": selector, "base": selector << 4, "limit": 0xFFFF,
+            expected = {"base": selector << 4, "limit": 0xFFFF,
                         "flags": 0x9B00 if name == "cs" else 0x9300}  # P S code R A / P S data W A
             at = layout.segment(name)
-            seen = {"selector": s.u32(at + layout.seg_selector), "base": s.q(at + layout.seg_base),
-                    "limit": s.u32(at + layout.seg_limit), "flags": s.u32(at + layout.seg_flags)}
-            if seen["selector"] != selector:
-                raise _fail(f"{where}: {name.upper()}'s selector is not at {at + layout.seg_selector:#x} "
-                            f"(SegmentCache.selector at +{layout.seg_selector})")
+            seen = {"base": s.q(at + layout.seg_base), "limit": s.u32(at + layout.seg_limit),
+                    "flags": s.u32(at + layout.seg_flags)}
             for part in ("base", "limit", "flags"):
                 offset = getattr(layout, f"seg_{part}")
-                _expect(seen[part] == expected[part],
-                        f"SegmentCache.{part} (+{offset}) of {name.upper()} is {seen[part]:#x}, not {expected[part]:#x}")
+                _expect(seen[part] == expected[part], f"{where}: SegmentCache.{part} (+{offset}) of {name.upper()} "
+                        f"is {seen[part]:#x}, not {expected[part]:#x}")
     finally:
         s.close()
 
