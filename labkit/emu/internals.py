@@ -226,19 +226,21 @@ def locate(uc: Uc, layout: Layout = LAYOUT) -> int:
     state = _read_process(env, layout.end_reset_fields) if env else b""
     if len(state) != layout.end_reset_fields:
         raise _fail(f"{chain} does not lead to {layout.end_reset_fields} readable bytes")
+    mask = (1 << 64) - 1 if wide else 0xFFFF_FFFF
+
+    def qword(offset: int) -> int:
+        return int.from_bytes(state[offset:offset + 8], "little") & mask
+
     pattern = [values[name] for name in ids]
-    regs = [int.from_bytes(state[layout.regs + 8 * layout.gpr_order.index(name):][:8], "little") & (
-        (1 << 64) - 1 if wide else 0xFFFF_FFFF) if name in layout.gpr_order else None for name in ids]
-    if regs != pattern:
-        n = len(pattern)
-        qwords = [int.from_bytes(state[o:o + 8], "little") for o in range(0, len(state) - 7, 8)]
-        at_regs = qwords[layout.regs // 8:layout.regs // 8 + n] if layout.regs % 8 == 0 else []
-        if sorted(value & (1 << 64) - 1 if wide else value & 0xFFFF_FFFF for value in at_regs) == sorted(pattern):
+    if [qword(layout.regs + 8 * layout.gpr_order.index(name)) for name in ids] != pattern:
+        # Diagnose: the right values in another order, the values elsewhere, or not there at all.
+        wanted = sorted(pattern)
+        if sorted(qword(layout.regs + 8 * i) for i in range(len(pattern))) == wanted:
             raise _fail(f"{_field(layout, 'regs')}: gpr_order {'/'.join(layout.gpr_order)} does not put the GPRs "
                         "written through uc_reg_write where they are")
-        for start in range(len(qwords) - n + 1):
-            if sorted(value if wide else value & 0xFFFF_FFFF for value in qwords[start:start + n]) == sorted(pattern):
-                raise _fail(f"{_field(layout, 'regs')}: the GPRs written through uc_reg_write are at {8 * start:#x}")
+        for start in range(0, len(state) - 8 * len(pattern) + 1, 8):
+            if sorted(qword(start + 8 * i) for i in range(len(pattern))) == wanted:
+                raise _fail(f"{_field(layout, 'regs')}: the GPRs written through uc_reg_write are at {start:#x}")
         raise _fail(f"{chain}: the GPRs written through uc_reg_write are not where the pointers lead")
     probe = rng.getrandbits(31) | 1
     uc.reg_write(ids["rax"], probe)

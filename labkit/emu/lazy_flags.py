@@ -121,7 +121,7 @@ def flag_table(layout: Layout = LAYOUT) -> list[FlagFunction | None]:
     sized = [_sized_flag_functions(bits) for bits in (8, 16, 32, 64)]
     for kind in ("MUL", "ADD", "ADC", "SUB", "SBB", "LOGIC", "INC", "DEC", "SHL", "SAR", "BMILG"):
         for size, suffix in enumerate("BWLQ"):
-            table[names.index(kind + suffix)] = sized[size][kind]  # type: ignore[assignment]
+            table[names.index(kind + suffix)] = sized[size][kind]
     table[names.index("ADCX")] = lambda dst, src1, _src2: ((src1 & ~CC_C) | dst * CC_C) & ARITHMETIC  # CC_DST = C
     table[names.index("ADOX")] = lambda _dst, src1, src2: ((src1 & ~CC_O) | src2 * CC_O) & ARITHMETIC  # CC_SRC2 = O
     table[names.index("ADCOX")] = lambda dst, src1, src2: (  # CC_DST = C, CC_SRC2 = O
