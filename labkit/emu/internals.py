@@ -356,8 +356,8 @@ def _probe_hflags(layout: Layout) -> None:
             mask = getattr(layout, name)
             seen = tuple(bool(h & mask) for h in (h64, h32, h16))
             _expect(seen == (in64, in32, in16),
-                    f"{_field(layout, 'hflags')} bit {name.upper()} ({mask:#x}) is (set in UC_MODE_64, 32, 16) = {seen}, expected "
-                    f"{(in64, in32, in16)}")
+                    f"{_field(layout, 'hflags')} bit {name.upper()} ({mask:#x}) is (set in UC_MODE_64, 32, 16) = "
+                    f"{seen}, expected {(in64, in32, in16)}")
 
         bit("hf_lma_mask", True, False, False)
         bit("hf_cs64_mask", True, False, False)
@@ -550,7 +550,8 @@ def _probe_exceptions(layout: Layout) -> None:
     _expect((gp[0][3], sw[0][3]) == (0, 1),
             f"{_field(layout, 'exception_is_int')} is not 0 for #GP and 1 for int 0x80 (saw {gp[0][3]}, {sw[0][3]})")
     _expect((gp[0][1], de[0][1]) == (13, 0),
-            f"{_field(layout, 'old_exception')} is not the vector in flight (saw {gp[0][1]} for #GP, {de[0][1]} for #DE)")
+            f"{_field(layout, 'old_exception')} is not the vector in flight "
+            f"(saw {gp[0][1]} for #GP, {de[0][1]} for #DE)")
     patched = [vector for vector, *_ in _faults(layout, _THREE_GP, reset=True, limit=3)]
     _expect(patched == [13, 13, 13], f"{_field(layout, 'old_exception')}: resetting it to -1 after each hooked #GP "
             f"does not keep the next ones #GP (unicorn#1883; saw {patched})")
