@@ -24,7 +24,6 @@ from labkit.errors import EmulatorError
 
 CC_C, CC_P, CC_A, CC_Z, CC_S, CC_O = 0x1, 0x4, 0x10, 0x40, 0x80, 0x800
 ARITHMETIC = CC_C | CC_P | CC_A | CC_Z | CC_S | CC_O
-DF_BIT = 0x400
 _PARITY = tuple(0 if bin(i).count("1") & 1 else CC_P for i in range(256))
 
 FlagFunction = Callable[[int, int, int], int]
