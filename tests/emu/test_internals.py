@@ -96,6 +96,10 @@ def test_the_pointers_lead_to_the_state_uc_context_save_copies(mode):
         block.close()
 
 
+def _corruptions_by_field() -> list[tuple[str, object]]:
+    return [(case.values[0], case.values[1]) for case in _corruptions()]
+
+
 @pytest.mark.parametrize("field", ["uc_cpu", "cpu_env_ptr", "regs", "gpr_order"])
 def test_every_engine_is_located_and_checked_not_only_the_first(field):
     bad = dataclasses.replace(LAYOUT, **{field: dict(_corruptions_by_field())[field]})
@@ -106,10 +110,6 @@ def test_every_engine_is_located_and_checked_not_only_the_first(field):
         assert internals.locate(uc) > 0
     finally:
         uc._Uc__finalizer()
-
-
-def _corruptions_by_field() -> list[tuple[str, object]]:
-    return [(case.values[0], case.values[1]) for case in _corruptions()]
 
 
 def test_the_backend_does_not_start_when_a_probe_fails(monkeypatch):
