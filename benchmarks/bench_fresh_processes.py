@@ -14,9 +14,10 @@ processes at a time, and the median per process).  Results go to
 
     python benchmarks/bench_fresh_processes.py [--count 1000] [--jobs 2]
 
-Last run (2-core PVM cloud VM shared with other work, load average about 6):
-1,000 of 1,000 succeeded, KVM then emulation, 961 s wall clock with 2 at a
-time, median 1.53 s per process (results/fresh_processes.json).
+Last runs (2-core PVM cloud VM shared with other work, load average 4-7):
+1,000 of 1,000 succeeded, KVM then emulation, twice: 640 s wall clock with 2
+at a time, median 1.04 s per process (results/fresh_processes.json), and
+961 s / 1.53 s on a busier machine.
 """
 
 from __future__ import annotations
