@@ -20,9 +20,9 @@ followed by a contributory fault or page fault, become #DF (error code 0); a
 fault while delivering #DF is a triple fault (:class:`TripleFault`).  Task
 gates and virtual-8086 mode are not modelled (:class:`DeliveryUnsupported`).
 
-Linear addresses (IDT, GDT, TSS, stack) are translated by a page walk over
-guest RAM (no paging, 32-bit, PAE and 4-level paging), which sets the accessed
-and dirty bits like the CPU.  Translations are cached like a TLB: the cache is
+Linear addresses (IDT, GDT, TSS, stack) are translated by the page walk of
+:mod:`labkit.emu.page_walk` (no paging, 32-bit, PAE and 4-level paging), which
+sets the accessed and dirty bits like the CPU.  Translations are cached here like a TLB: the cache is
 dropped at each run and whenever CR0, CR3 or CR4 change; a guest that edits the
 page-table entries of its IDT, GDT, TSS or stack pages in the middle of a run
 and only uses ``invlpg`` keeps seeing the old mapping during delivery.
@@ -38,10 +38,10 @@ descriptor, the TSS stack pointer or a table register between two faults is
 delivered as the new values say.  (A write hook on the table pages would avoid
 the compares, but any UC_HOOK_MEM_WRITE slows every guest store: about 25 % of
 compute speed here.)  RFLAGS is computed from QEMU's lazy condition codes
-(CC_DST/CC_SRC/CC_SRC2/CC_OP, :func:`arithmetic_flags`) instead of asking
-Unicorn, which costs about 0.5 us per call through ctypes; the formulas are
-checked against ``uc_reg_read`` once per process and any CC_OP that disagrees
-falls back to it.
+(:mod:`labkit.emu.lazy_flags`) instead of asking Unicorn, which costs about
+0.5 us per call through ctypes; the formulas are checked against
+``uc_reg_read`` once per process (a CC_OP that disagrees is an EmulatorError
+at start-up) and a CC_OP outside the table falls back to it.
 
 Where a C compiler is available the same plans are also handed to
 ``trap_replay.c`` (:mod:`labkit.emu.native`), whose UC_HOOK_INTR callback
@@ -55,6 +55,10 @@ from __future__ import annotations
 import struct
 
 from labkit.emu import cpu_state as S
+from labkit.emu.lazy_flags import (  # noqa: F401 - re-exported where they were imported from before
+    _FLAG_TABLE, ARITHMETIC, CC_A, CC_C, CC_O, CC_P, CC_S, CC_Z, arithmetic_flags, checked_flag_table,
+)
+from labkit.emu.page_walk import PageFault, TableOutsideRam, walk
 
 HAS_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
@@ -73,7 +77,7 @@ DESC_G = 1 << 23
 _HFLAGS = S.HFLAGS // 4
 _EFLAGS = S.EFLAGS // 8
 _EIP = S.EIP // 8
-_RSP = S.REGS // 8 + 4
+_RSP = S.RSP_INDEX
 _CS_OFFSET = S.SEGS + S.R_CS * S.SEGMENT_SIZE
 _SS_OFFSET = S.SEGS + S.R_SS * S.SEGMENT_SIZE
 _SYSTEM = slice(S.LDT, S.CR + 40)  # LDTR, TR, GDTR, IDTR, CR0..CR4
@@ -81,168 +85,17 @@ _CR2_AT = S.CR + 16 - S.LDT  # CR2 within that slice: a #PF changes it, the plan
 _FRAME5 = struct.Struct("<5Q")  # RIP, CS, RFLAGS, RSP, SS from the lowest address up
 _FRAME6 = struct.Struct("<6Q")  # error code first
 
-# QEMU 5.0's lazy flags (target/i386/cpu.h): eflags, cc_dst, cc_src, cc_src2, cc_op, df, hflags
-# follow eip in CPUX86State.  While the CPU runs, eflags holds no arithmetic flags and no DF.
-_CC_DST = S.EFLAGS + 8
-_CC_SRC2 = S.CC_SRC + 8
+# QEMU's lazy flags (lazy_flags.py): eflags, cc_dst, cc_src, cc_src2, cc_op, df, hflags follow eip
+# in CPUX86State.  While the CPU runs, eflags holds no arithmetic flags and no DF.
 _HEAD = struct.Struct("<5QIiI")  # eip, eflags, cc_dst, cc_src, cc_src2, cc_op, df, hflags
 # From RSP (regs[4]): rsp, eip, eflags, cc_dst, cc_src, cc_src2, cc_op, df, hflags, CS.selector, SS.selector
 _TRAP_STATE = struct.Struct("<Q88x5QIiI28xI20xI")
-_TRAP_STATE_AT = S.REGS + 32
+_TRAP_STATE_AT = S.RSP_INDEX * 8
 if _TRAP_STATE_AT + 8 + 88 != S.EIP or _TRAP_STATE.size != _SS_OFFSET + 4 - _TRAP_STATE_AT:
-    raise ImportError("labkit.emu.delivery's trap-state struct does not match CPUX86State")
-if (S.EFLAGS, S.CC_SRC, S.CC_OP, S.DF, S.HFLAGS) != (S.EIP + 8, _CC_DST + 8, _CC_SRC2 + 8, S.CC_OP + 4, S.DF + 4):
-    raise ImportError("labkit.emu.delivery expects QEMU 5.0's CPUX86State layout (eip .. hflags)")
-
-CC_C, CC_P, CC_A, CC_Z, CC_S, CC_O = 0x1, 0x4, 0x10, 0x40, 0x80, 0x800
-ARITHMETIC = CC_C | CC_P | CC_A | CC_Z | CC_S | CC_O
-_PARITY = tuple(0 if bin(i).count("1") & 1 else CC_P for i in range(256))
-
-
-def _sized_flag_functions(bits: int) -> dict[str, object]:
-    """QEMU's cc_helper_template.h compute_all_* for one operand size, as (dst, src1, src2) -> flags.
-
-    Written for speed (one of them runs on every trap): constants are closure
-    variables, SF is the result's top bit shifted to bit 7.
-    """
-    mask = (1 << bits) - 1
-    sign = 1 << (bits - 1)
-    below_sign = sign - 1
-    to_sf = bits - 8
-    parity = _PARITY
-    cf, af, zf, sf, of = CC_C, CC_A, CC_Z, CC_S, CC_O
-
-    def mul(dst, src1, _src2):  # src1 is a target_long here: not cut to the operand size
-        dst &= mask
-        carry = 1 if src1 else 0
-        return carry | parity[dst & 0xFF] | (0 if dst else zf) | (dst >> to_sf & sf) | carry << 11
-
-    def add(dst, src1, _src2):
-        dst &= mask
-        src1 &= mask
-        src2 = (dst - src1) & mask
-        return ((dst < src1) | parity[dst & 0xFF] | ((dst ^ src1 ^ src2) & af) | (0 if dst else zf)
-                | (dst >> to_sf & sf) | (of if (src1 ^ src2 ^ mask) & (src1 ^ dst) & sign else 0))
-
-    def adc(dst, src1, carry):
-        dst &= mask
-        src1 &= mask
-        carry &= mask
-        src2 = (dst - src1 - carry) & mask
-        return (((dst <= src1) if carry else (dst < src1)) | parity[dst & 0xFF] | ((dst ^ src1 ^ src2) & af)
-                | (0 if dst else zf) | (dst >> to_sf & sf) | (of if (src1 ^ src2 ^ mask) & (src1 ^ dst) & sign else 0))
-
-    def sub(dst, src2, _unused):
-        dst &= mask
-        src2 &= mask
-        src1 = (dst + src2) & mask
-        return ((src1 < src2) | parity[dst & 0xFF] | ((dst ^ src1 ^ src2) & af) | (0 if dst else zf)
-                | (dst >> to_sf & sf) | (of if (src1 ^ src2) & (src1 ^ dst) & sign else 0))
-
-    def sbb(dst, src2, borrow):
-        dst &= mask
-        src2 &= mask
-        borrow &= mask
-        src1 = (dst + src2 + borrow) & mask
-        return (((src1 <= src2) if borrow else (src1 < src2)) | parity[dst & 0xFF] | ((dst ^ src1 ^ src2) & af)
-                | (0 if dst else zf) | (dst >> to_sf & sf) | (of if (src1 ^ src2) & (src1 ^ dst) & sign else 0))
-
-    def logic(dst, _src1, _src2):
-        dst &= mask
-        return parity[dst & 0xFF] | (0 if dst else zf) | (dst >> to_sf & sf)
-
-    def inc(dst, carry, _src2):  # CC_SRC holds the carry flag from before
-        dst &= mask
-        return ((carry & mask) | parity[dst & 0xFF] | (0 if dst & 0xF else af) | (0 if dst else zf)
-                | (dst >> to_sf & sf) | (of if dst == sign else 0))
-
-    def dec(dst, carry, _src2):
-        dst &= mask
-        return ((carry & mask) | parity[dst & 0xFF] | (af if dst & 0xF == 0xF else 0) | (0 if dst else zf)
-                | (dst >> to_sf & sf) | (of if dst == below_sign else 0))
-
-    def shl(dst, src1, _src2):
-        dst &= mask
-        src1 &= mask
-        return ((src1 >> (bits - 1) & cf) | parity[dst & 0xFF] | (0 if dst else zf) | (dst >> to_sf & sf)
-                | (of if (src1 ^ dst) & sign else 0))
-
-    def sar(dst, src1, _src2):
-        dst &= mask
-        src1 &= mask
-        return ((src1 & cf) | parity[dst & 0xFF] | (0 if dst else zf) | (dst >> to_sf & sf)
-                | (of if (src1 ^ dst) & sign else 0))
-
-    def bmilg(dst, src1, _src2):
-        dst &= mask
-        return (0 if src1 & mask else cf) | (0 if dst else zf) | (dst >> to_sf & sf)
-
-    return {"MUL": mul, "ADD": add, "ADC": adc, "SUB": sub, "SBB": sbb, "LOGIC": logic, "INC": inc, "DEC": dec,
-            "SHL": shl, "SAR": sar, "BMILG": bmilg}
-
-
-def _flag_table() -> list:
-    """Index: QEMU 5.0's CCOp (CC_OP_EFLAGS = 1, CC_OP_MULB = 2, ... CC_OP_POPCNT = 50); None: ask Unicorn."""
-    table: list = [None] * 64
-    table[1] = lambda _dst, src1, _src2: src1 & ARITHMETIC  # CC_OP_EFLAGS
-    sized = [_sized_flag_functions(bits) for bits in (8, 16, 32, 64)]
-    for first, kind in enumerate(("MUL", "ADD", "ADC", "SUB", "SBB", "LOGIC", "INC", "DEC", "SHL", "SAR", "BMILG")):
-        for size in range(4):
-            table[2 + 4 * first + size] = sized[size][kind]
-    table[46] = lambda dst, src1, _src2: ((src1 & ~CC_C) | dst * CC_C) & ARITHMETIC  # CC_OP_ADCX: CC_DST = C
-    table[47] = lambda _dst, src1, src2: ((src1 & ~CC_O) | src2 * CC_O) & ARITHMETIC  # CC_OP_ADOX: CC_SRC2 = O
-    table[48] = lambda dst, src1, src2: (  # CC_OP_ADCOX: CC_DST = C, CC_SRC2 = O
-        (src1 & ~(CC_C | CC_O)) | dst * CC_C | src2 * CC_O) & ARITHMETIC
-    table[49] = lambda _dst, _src1, _src2: CC_Z | CC_P  # CC_OP_CLR
-    table[50] = lambda _dst, src1, _src2: 0 if src1 else CC_Z  # CC_OP_POPCNT
-    return table
-
-
-_FLAG_TABLE = _flag_table()
-_checked_flag_table: list | None = None
-
-
-def arithmetic_flags(cc_op: int, cc_dst: int, cc_src: int, cc_src2: int) -> int | None:
-    """OF SF ZF AF PF CF as QEMU computes them from its lazy state; None for a CC_OP not modelled here."""
-    function = _FLAG_TABLE[cc_op] if 0 <= cc_op < len(_FLAG_TABLE) else None
-    return None if function is None else function(cc_dst, cc_src, cc_src2)
-
-
-def checked_flag_table(cpu: S.CpuStateView, read_eflags) -> list:
-    """The flag table with every entry that disagrees with Unicorn's own computation set to None.
-
-    Checked once per process, on an engine that is not running: a few values per
-    CC_OP are written into cc_dst/cc_src/cc_src2/cc_op in place and the result
-    compared with ``uc_reg_read(EFLAGS)`` (QEMU's cpu_compute_eflags); the
-    fields are put back afterwards.
-    """
-    global _checked_flag_table
-    if _checked_flag_table is not None:
-        return _checked_flag_table
-    q, u32 = cpu.q, cpu.u32
-    saved = bytes(cpu.bytes[S.EFLAGS:S.HFLAGS])
-    samples = [(0, 0, 0), (1, 0, 1), (0x80, 0x7F, 1), (0x7F, 0x80, 0), (0x8000, 0xFFFF, 1),
-               (0x8000_0000, 0x7FFF_FFFF, 0), (1 << 63, (1 << 63) - 1, 1), (0xFFFF_FFFF_FFFF_FFFF, 1, 0),
-               (0x1234_5678_9ABC_DEF0, 0x0FED_CBA9_8765_4321, 1), (0x10, 0x0F, 0)]
-    table = list(_FLAG_TABLE)
-    try:
-        q[S.EFLAGS // 8] = 0x2
-        cpu.i32[S.DF // 4] = 1
-        for cc_op, function in enumerate(table):
-            if function is None:
-                continue
-            for dst, src1, src2 in samples:
-                if 26 <= cc_op <= 33:  # INC, DEC: CC_SRC holds the carry flag, 0 or 1
-                    src1 &= 1
-                q[_CC_DST // 8], q[S.CC_SRC // 8], q[_CC_SRC2 // 8] = dst, src1, src2
-                u32[S.CC_OP // 4] = cc_op
-                if (read_eflags() & ARITHMETIC) != function(dst, src1, src2):
-                    table[cc_op] = None
-                    break
-    finally:
-        cpu.bytes[S.EFLAGS:S.HFLAGS] = saved
-    _checked_flag_table = table
-    return table
+    raise ImportError("labkit.emu.delivery's trap-state struct does not match internals.LAYOUT")
+if (S.EFLAGS, S.CC_DST, S.CC_SRC, S.CC_SRC2, S.CC_OP, S.DF, S.HFLAGS) != (
+        S.EIP + 8, S.EIP + 16, S.EIP + 24, S.EIP + 32, S.EIP + 40, S.EIP + 44, S.EIP + 48):
+    raise ImportError("labkit.emu.delivery expects QEMU's CPUX86State order eip .. hflags (internals.LAYOUT)")
 
 
 class TripleFault(Exception):
@@ -278,7 +131,7 @@ class ExceptionDelivery:
         self.ram = ram
         self.ram_size = len(ram)
         self.read_eflags = read_eflags
-        self._flags = checked_flag_table(cpu, read_eflags)
+        self._flags = checked_flag_table(cpu, read_eflags)  # verified by internals.verify(), once per process
         self._tlb: dict[int, int] = {}
         self._tlb_key: tuple[int, int, int, int] = (-1, -1, -1, -1)
         self._plans: dict[int, tuple] = {}
@@ -411,7 +264,7 @@ class ExceptionDelivery:
         """Point EIP back at the ``int n``/``int3``/``into`` that failed its checks (a fault, not a trap)."""
         q = self.cpu.q
         eip = q[S.EIP // 8]
-        cs_base = q[(S.SEGS + S.R_CS * S.SEGMENT_SIZE + 8) // 8]
+        cs_base = q[(S.SEGS + S.R_CS * S.SEGMENT_SIZE + S.SEG_BASE) // 8]
         try:
             two = self._read(cs_base + eip - 2, 2, False)
         except (_Fault, DeliveryUnsupported):
@@ -435,23 +288,23 @@ class ExceptionDelivery:
     def _deliver_real(self, vector: int) -> None:
         cpu = self.cpu
         q, u32 = cpu.q, cpu.u32
-        idt_base, idt_limit = q[(S.IDT + 8) // 8], u32[(S.IDT + 16) // 4]
+        idt_base, idt_limit = q[(S.IDT + S.SEG_BASE) // 8], u32[(S.IDT + S.SEG_LIMIT) // 4]
         if vector * 4 + 3 > idt_limit:
             raise _Fault(13, vector * 8 + 2 + 1)
         entry = self._read(idt_base + vector * 4, 4, False)
         ip, cs = entry & 0xFFFF, entry >> 16
         flags = self.rflags() & 0xFFFF
-        rsp = q[S.REGS // 8 + 4]
-        ss_base = q[(S.SEGS + S.R_SS * S.SEGMENT_SIZE + 8) // 8]
+        rsp = q[S.RSP_INDEX]
+        ss_base = q[(S.SEGS + S.R_SS * S.SEGMENT_SIZE + S.SEG_BASE) // 8]
         old_cs = u32[(S.SEGS + S.R_CS * S.SEGMENT_SIZE) // 4]
         sp = rsp & 0xFFFF
         for value in (flags, old_cs, q[S.EIP // 8] & 0xFFFF):
             sp = (sp - 2) & 0xFFFF
             self._write(ss_base + sp, 2, value, False)
-        q[S.REGS // 8 + 4] = (rsp & ~0xFFFF) | sp
+        q[S.RSP_INDEX] = (rsp & ~0xFFFF) | sp
         cs_offset = S.SEGS + S.R_CS * S.SEGMENT_SIZE
         u32[cs_offset // 4] = cs
-        q[(cs_offset + 8) // 8] = cs << 4
+        q[(cs_offset + S.SEG_BASE) // 8] = cs << 4
         q[S.EIP // 8] = ip
         q[S.EFLAGS // 8] &= ~(IF | TF | AC | RF)
 
@@ -481,7 +334,7 @@ class ExceptionDelivery:
         q, u32 = cpu.q, cpu.u32
         hflags_before = u32[_HFLAGS]
         system = bytes(cpu.bytes[_SYSTEM])
-        idt_base, idt_limit = q[(S.IDT + 8) // 8], u32[(S.IDT + 16) // 4]
+        idt_base, idt_limit = q[(S.IDT + S.SEG_BASE) // 8], u32[(S.IDT + S.SEG_LIMIT) // 4]
         idt_error = vector * 8 + 2 + ext
         if vector * 16 + 15 > idt_limit:
             raise _Fault(13, idt_error)
@@ -498,12 +351,12 @@ class ExceptionDelivery:
         if not e2 & DESC_L or e2 & DESC_B:
             raise _Fault(13, (selector & 0xFFFC) + ext)
         cpl = u32[S.HFLAGS // 4] & 3
-        old_rsp = q[S.REGS // 8 + 4]
+        old_rsp = q[S.RSP_INDEX]
         stack_slot = -1
         if ist or new_cpl < cpl:
             offset = 0x24 + (ist - 1) * 8 if ist else 4 + 8 * new_cpl
             rsp = self._tss_read(offset, 8, ext)
-            stack_slot = self._physical_if_aligned(q[(S.TR + 8) // 8] + offset, 8)
+            stack_slot = self._physical_if_aligned(q[(S.TR + S.SEG_BASE) // 8] + offset, 8)
         else:
             rsp = old_rsp
         rsp &= ~0xF
@@ -513,7 +366,7 @@ class ExceptionDelivery:
             frame.append(error_code)
         rsp = (rsp - 8 * len(frame)) & 0xFFFF_FFFF_FFFF_FFFF
         self._write_frame(rsp, frame[::-1], 8, new_cpl == 3)  # lowest address first
-        q[S.REGS // 8 + 4] = rsp
+        q[S.RSP_INDEX] = rsp
         if new_cpl < cpl:
             cpu.load_segment(S.R_SS, new_cpl, 0, 0, new_cpl << 13)
         cpu.load_segment(S.R_CS, (selector & 0xFFFC) | new_cpl, segment_base(e1, e2), segment_limit(e1, e2), e2)
@@ -531,7 +384,7 @@ class ExceptionDelivery:
         q = self.cpu.q
         gate = self._physical_if_aligned(gate_linear, 16)
         table = S.LDT if selector & 4 else S.GDT
-        descriptor = self._physical_if_aligned(q[(table + 8) // 8] + (selector & ~7), 8)
+        descriptor = self._physical_if_aligned(q[(table + S.SEG_BASE) // 8] + (selector & ~7), 8)
         if gate < 0 or gate % 8 or descriptor < 0 or descriptor % 8:
             return
         if stack_slot is None:
@@ -574,7 +427,7 @@ class ExceptionDelivery:
     def _deliver_protected(self, vector: int, error_code: int | None, software: bool, ext: int) -> None:
         cpu = self.cpu
         q, u32 = cpu.q, cpu.u32
-        idt_base, idt_limit = q[(S.IDT + 8) // 8], u32[(S.IDT + 16) // 4]
+        idt_base, idt_limit = q[(S.IDT + S.SEG_BASE) // 8], u32[(S.IDT + S.SEG_LIMIT) // 4]
         idt_error = vector * 8 + 2 + ext
         if vector * 8 + 7 > idt_limit:
             raise _Fault(13, idt_error)
@@ -593,13 +446,13 @@ class ExceptionDelivery:
             target &= 0xFFFF
         c1, c2, new_cpl = self._code_segment(selector, ext)
         cpl = u32[S.HFLAGS // 4] & 3
-        old_esp = q[S.REGS // 8 + 4]
+        old_esp = q[S.RSP_INDEX]
         ss_offset = S.SEGS + S.R_SS * S.SEGMENT_SIZE
         old_ss = u32[ss_offset // 4]
         frame = [self.rflags() & 0xFFFFFFFF, u32[(S.SEGS + S.R_CS * S.SEGMENT_SIZE) // 4],
                  q[S.EIP // 8] & 0xFFFFFFFF]
         if new_cpl < cpl:
-            tss_type = (u32[(S.TR + 20) // 4] >> 8) & 0xF
+            tss_type = (u32[(S.TR + S.SEG_FLAGS) // 4] >> 8) & 0xF
             if tss_type in (9, 11):
                 esp = self._tss_read(4 + 8 * new_cpl, 4, ext)
                 ss = self._tss_read(8 + 8 * new_cpl, 2, ext)
@@ -617,8 +470,8 @@ class ExceptionDelivery:
             ss_base, ss_mask = segment_base(s1, s2), (0xFFFFFFFF if s2 & DESC_B else 0xFFFF)
             frame = [old_ss, old_esp & 0xFFFFFFFF] + frame
         else:
-            ss_base = q[(ss_offset + 8) // 8]
-            ss_mask = 0xFFFFFFFF if u32[(ss_offset + 20) // 4] & DESC_B else 0xFFFF
+            ss_base = q[(ss_offset + S.SEG_BASE) // 8]
+            ss_mask = 0xFFFFFFFF if u32[(ss_offset + S.SEG_FLAGS) // 4] & DESC_B else 0xFFFF
             esp = old_esp
         if error_code is not None:
             frame.append(error_code)
@@ -626,7 +479,7 @@ class ExceptionDelivery:
         for value in frame:
             sp = (sp - size) & ss_mask
             self._write(ss_base + sp, size, value & ((1 << (8 * size)) - 1), new_cpl == 3)
-        q[S.REGS // 8 + 4] = (esp & ~ss_mask) | sp if new_cpl == cpl else sp
+        q[S.RSP_INDEX] = (esp & ~ss_mask) | sp if new_cpl == cpl else sp
         if new_cpl < cpl:
             cpu.load_segment(S.R_SS, ss, ss_base, segment_limit(s1, s2), s2)
         cpu.load_segment(S.R_CS, (selector & 0xFFFC) | new_cpl, segment_base(c1, c2), segment_limit(c1, c2), c2)
@@ -643,9 +496,9 @@ class ExceptionDelivery:
         eflags = q[S.EFLAGS // 8]
         if not eflags & VM and u32[S.HFLAGS // 4] & 3 <= (eflags >> 12) & 3:
             return True
-        if (u32[(S.TR + 20) // 4] >> 8) & 0xF not in (9, 11):
+        if (u32[(S.TR + S.SEG_FLAGS) // 4] >> 8) & 0xF not in (9, 11):
             return False
-        base, limit = q[(S.TR + 8) // 8], u32[(S.TR + 16) // 4]
+        base, limit = q[(S.TR + S.SEG_BASE) // 8], u32[(S.TR + S.SEG_LIMIT) // 4]
         try:
             if limit < 0x67:
                 return False
@@ -661,7 +514,7 @@ class ExceptionDelivery:
     def _descriptor(self, selector: int, ext: int, fault_vector: int = 13) -> tuple[int, int]:
         q, u32 = self.cpu.q, self.cpu.u32
         table = S.LDT if selector & 4 else S.GDT
-        base, limit = q[(table + 8) // 8], u32[(table + 16) // 4]
+        base, limit = q[(table + S.SEG_BASE) // 8], u32[(table + S.SEG_LIMIT) // 4]
         index = selector & ~7
         if index + 7 > limit:
             raise _Fault(fault_vector, (selector & 0xFFFC) + ext)
@@ -670,7 +523,7 @@ class ExceptionDelivery:
 
     def _tss_read(self, offset: int, size: int, ext: int) -> int:
         q, u32 = self.cpu.q, self.cpu.u32
-        base, limit = q[(S.TR + 8) // 8], u32[(S.TR + 16) // 4]
+        base, limit = q[(S.TR + S.SEG_BASE) // 8], u32[(S.TR + S.SEG_LIMIT) // 4]
         if offset + size - 1 > limit:
             raise _Fault(10, (u32[S.TR // 4] & 0xFFFC) + ext)
         return self._read(base + offset, size, False)
@@ -718,71 +571,11 @@ class ExceptionDelivery:
         tag = (linear >> 12) << 2 | write << 1 | user
         page = self._tlb.get(tag)
         if page is None:
-            page = self._walk(linear, write, user, cr0, key[1], key[2], bool(key[3]))
+            try:
+                page = walk(self.ram, linear, write, user, cr0, key[1], key[2], bool(key[3]))
+            except PageFault as fault:
+                raise _Fault(14, fault.error_code, cr2=fault.address) from None
+            except TableOutsideRam as error:
+                raise DeliveryUnsupported(str(error)) from None
             self._tlb[tag] = page
         return page | (linear & 0xFFF)
-
-    def _walk(self, linear: int, write: bool, user: bool, cr0: int, cr3: int, cr4: int, long_mode: bool) -> int:
-        ram, size = self.ram, self.ram_size
-        wp = bool(cr0 & 0x10000)
-
-        def fail(present: bool) -> _Fault:
-            code = (1 if present else 0) | (2 if write else 0) | (4 if user else 0)
-            return _Fault(14, code, cr2=linear)
-
-        def entry_at(address: int, width: int) -> int:
-            if address + width > size:
-                raise DeliveryUnsupported(f"a page table at guest-physical {address:#x} lies outside RAM")
-            return int.from_bytes(ram[address:address + width], "little")
-
-        def mark(address: int, width: int, value: int, bits: int) -> None:
-            if value & bits != bits:
-                ram[address:address + width] = (value | bits).to_bytes(width, "little")
-
-        if long_mode or cr4 & 0x20:  # PAE or 4-level: 8-byte entries
-            mask = 0x000F_FFFF_FFFF_F000
-            if long_mode:
-                table = cr3 & mask
-                levels = [(39, 0), (30, 1), (21, 1), (12, 0)]
-            else:
-                pdpte_address = (cr3 & 0xFFFFFFE0) + ((linear >> 30) & 3) * 8
-                pdpte = entry_at(pdpte_address, 8)
-                if not pdpte & 1:
-                    raise fail(False)
-                table = pdpte & mask
-                levels = [(21, 1), (12, 0)]
-            allowed_user, allowed_write = True, True
-            for shift, may_be_large in levels:
-                address = table + ((linear >> shift) & 0x1FF) * 8
-                entry = entry_at(address, 8)
-                if not entry & 1:
-                    raise fail(False)
-                allowed_user &= bool(entry & 4)
-                allowed_write &= bool(entry & 2)
-                leaf = shift == 12 or (may_be_large and entry & 0x80)
-                mark(address, 8, entry, 0x20 | (0x40 if (write and leaf) else 0))
-                if leaf:
-                    if (user and not allowed_user) or (write and not allowed_write and (user or wp)):
-                        raise fail(True)
-                    page_mask = (1 << shift) - 1
-                    return (entry & mask & ~page_mask) | (linear & page_mask & ~0xFFF)
-                table = entry & mask
-        # 32-bit paging: 4-byte entries, 4 MiB pages with CR4.PSE
-        pde_address = (cr3 & 0xFFFFF000) + ((linear >> 22) & 0x3FF) * 4
-        pde = entry_at(pde_address, 4)
-        if not pde & 1:
-            raise fail(False)
-        if pde & 0x80 and cr4 & 0x10:
-            if (user and not pde & 4) or (write and not pde & 2 and (user or wp)):
-                raise fail(True)
-            mark(pde_address, 4, pde, 0x20 | (0x40 if write else 0))
-            return (pde & 0xFFC00000) | (linear & 0x3FF000)
-        mark(pde_address, 4, pde, 0x20)
-        pte_address = (pde & 0xFFFFF000) + ((linear >> 12) & 0x3FF) * 4
-        pte = entry_at(pte_address, 4)
-        if not pte & 1:
-            raise fail(False)
-        if (user and not (pde & pte & 4)) or (write and not (pde & pte & 2) and (user or wp)):
-            raise fail(True)
-        mark(pte_address, 4, pte, 0x20 | (0x40 if write else 0))
-        return pte & 0xFFFFF000

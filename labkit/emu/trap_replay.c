@@ -12,7 +12,7 @@
  * the reference implementation: tests run the same guests both ways.
  *
  * No Unicorn or Python headers: the layout of Unicorn's CPUX86State comes as
- * offsets found and verified by labkit/emu/cpu_state.py, and uc_reg_read is a
+ * offsets from labkit/emu/internals.py (each probed at start-up), and uc_reg_read is a
  * function pointer.  struct trap_replay is mirrored by a ctypes Structure in
  * labkit/emu/native.py; trap_replay_layout() lets a test compare the two.
  *
@@ -58,7 +58,7 @@ struct trap_replay {
     hook_intr slow;          /* the Python hook: everything the replay does not do */
     int32_t rflags_reg;      /* UC_X86_REG_RFLAGS */
     int32_t stopping;        /* a stop is in progress: leave the exception to Python */
-    /* Offsets in CPUX86State (cpu_state.py). */
+    /* Offsets in CPUX86State (internals.py). */
     uint32_t eip, eflags, hflags, rsp, cs, ss, system, cr2_in_system;
     uint32_t old_exception, error_code, exception_is_int, unused;
     uint64_t replayed;       /* exceptions delivered here */
