@@ -89,6 +89,8 @@ class Status:
     """The exit code, for ``exited``."""
     message: str = ""
     fault: Fault | None = None
+    device: str | None = None
+    """For ``error``: the device whose exception ended the run (``Machine.run`` raises ``DeviceError``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, StatusKind):
