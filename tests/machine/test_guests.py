@@ -26,7 +26,7 @@ def test_shipped_guest_behaves_as_its_manifest_says(name, backend_name):
     timeout = 0.5 if expected["status"] == "timeout" else 10
     with Machine(name, backend=backend_name) as machine:
         result = machine.run(timeout=timeout)
-    assert result.status.kind == expected["status"], (str(result.status), result.console)
+    assert result.status.kind is StatusKind(expected["status"]), (str(result.status), result.console)
     if "console" in expected:
         assert result.console == expected["console"]
     if "exit_code" in expected:
@@ -123,7 +123,7 @@ def test_the_differential_comparison_sees_a_single_byte_and_a_single_flag():
     from labkit.x86.state import Regs, SRegs
 
     def run(rflags: int, byte: int):
-        result = RunResult(Status("halted"), "", Regs(rflags=rflags), ExitTrace(), "x", 0.0)
+        result = RunResult(Status(StatusKind.HALTED), "", Regs(rflags=rflags), ExitTrace(), "x", 0.0)
         return result, SRegs(), bytes([0, byte])
 
     assert differences(run(2, 0), run(2, 0)) == {}
@@ -157,10 +157,10 @@ def test_steps_end_within_the_timeout_with_the_same_exits_as_run(name, backend_n
         elapsed = time.monotonic() - started
         last = machine.last_result
     assert elapsed < timeout + 2.0, f"steps() took {elapsed:.1f} s on a {timeout} s budget"
-    assert last.status.kind == ran.status.kind and last.console == ran.console
+    assert last.status.kind is ran.status.kind and last.console == ran.console
     assert [record.seq for record in stepped] == list(range(len(stepped)))
     assert [exit_key(record) for record in stepped] == [exit_key(record) for record in last.trace]
-    if ran.status.kind == "timeout":  # how far a guest gets in its budget varies: the exits agree as far as both got
+    if ran.status.kind is StatusKind.TIMEOUT:  # how far a guest gets in its budget varies: the exits agree as far as both got
         common = min(len(ran.trace.records), len(stepped)) - 1
         assert [exit_key(r) for r in stepped[:common]] == [exit_key(r) for r in list(ran.trace)[:common]]
     else:
@@ -206,7 +206,7 @@ def test_a_notebook_cell_guest_runs_in_each_mode(mode, backend_name):
 def test_fault_reports_vector_rip_and_registers(backend_name):
     guest = Guest.from_asm("mov rcx, 0x55\nmov rax, 0x1122334455667788\nud2\n", mode=64)
     result = Machine(guest, backend=backend_name).run(timeout=10)
-    assert result.status.kind == "fault"
+    assert result.status.kind is StatusKind.FAULT
     fault = result.status.fault
     assert fault.vector == 6 and fault.error_code is None
     assert fault.rip == guest.load_address + 7 + 10
@@ -218,7 +218,7 @@ def test_fault_reports_vector_rip_and_registers(backend_name):
 def test_page_fault_reports_cr2_and_error_code(backend_name):
     guest = Guest.from_asm("mov rax, 0x80000000\nmov rbx, [rax]\nhlt\n", mode=64)
     result = Machine(guest, backend=backend_name).run(timeout=10)
-    assert result.status.kind == "fault", str(result.status)
+    assert result.status.kind is StatusKind.FAULT, str(result.status)
     assert result.status.fault.vector == 14
     assert result.status.fault.cr2 == 0x80000000
     assert result.status.fault.error_code == 0  # not present, read, supervisor
