@@ -250,3 +250,14 @@ def test_a_raised_line_is_injected_when_the_guest_can_take_it_and_kicks_a_runnin
     result = core.run(5.0)
     assert result.status.kind is StatusKind.HALTED and result.console == "AA"
     assert backend.injected == [0x24]
+
+
+def test_the_scripted_backend_implements_the_whole_protocol():
+    from labkit.backend import Backend
+
+    backend = FakeBackend()
+    assert isinstance(backend, Backend)
+    view = backend.add_memory_region(0x20_0000, 0x2000, read_only=True)
+    assert [(base, len(region), read_only) for base, region, read_only in backend.regions()] == \
+           [(0, len(backend.memory), False), (0x20_0000, 0x2000, True)]
+    assert view is backend.regions()[1][1]
