@@ -1,12 +1,13 @@
 """The backend protocol, and how ``backend="auto"`` chooses one.
 
-A backend only creates the VM, maps its memory, gets and sets registers, and
-runs to the next exit.  Devices, tracing, monitors and snapshots sit above it
-(``labkit.vmm``) and work the same on every backend.
+A backend only creates the VM, maps its memory, gets and sets registers,
+injects interrupts it is told about, and runs to the next exit.  Devices,
+tracing, monitors and snapshots sit above it (``labkit.vmm``) and work the
+same on every backend.
 
 Two implementations ship: :class:`labkit.kvm.KvmBackend` (``/dev/kvm``) and
-:class:`labkit.emu.EmuBackend` (Unicorn).  ``labkit.vmm.fake.FakeBackend``
-replays scripted exits for tests that need neither.
+:class:`labkit.emu.EmuBackend` (Unicorn).  The tests' ``tests/fakes.py`` has a
+scripted one that replays exits, for testing the core without either.
 """
 
 from __future__ import annotations
@@ -23,23 +24,46 @@ BACKEND_NAMES = ("auto", "kvm", "emu")
 
 
 class Dispatcher(Protocol):
-    """What a backend calls, while the guest waits, for each port or MMIO access.
+    """What a backend calls, while the guest waits: each port or MMIO access, and the interrupt lines.
 
-    It is the device bus plus the trace.  For a read it returns the value the
-    guest sees; for a write its return value is ignored.  After each call the
-    backend checks ``stop``: when it is true, ``run`` returns that exit at once.
+    It is the device bus, the interrupt controller and the trace
+    (:class:`labkit.vmm.core.MachineCore`).  For a read it returns the value
+    the guest sees; for a write its return value is ignored.  After each call
+    the backend checks ``stop``: when it is true, ``run`` returns that exit
+    (:class:`labkit.exits.Io` / :class:`labkit.exits.Mmio`) at once.
+
+    Interrupts: before entering the guest, and after every absorbed exit, the
+    backend reads ``interrupt_pending``.  When it is true it asks
+    ``pending_vector()``; if the guest can take an external interrupt (RFLAGS.IF
+    = 1 and no interrupt shadow: on KVM ``ready_for_interrupt_injection`` and
+    ``if_flag`` in ``kvm_run``), it injects that vector (``KVM_INTERRUPT``; on
+    the emulator, delivery through the guest's IDT with external-interrupt
+    semantics: no error code, RIP of the next instruction) and then calls
+    ``acknowledge_interrupt(vector)``.  If the guest cannot take it, the backend
+    asks to be told when it can (``request_interrupt_window`` and
+    ``KVM_EXIT_IRQ_WINDOW_OPEN`` on KVM) and injects it then.
     """
 
     stop: bool
+    interrupt_pending: bool
+    """Whether a line is raised and unmasked (cheap to read: a plain attribute)."""
 
     def pio(self, port: int, size: int, is_write: bool, value: int, rip: int) -> int: ...
 
     def mmio(self, address: int, size: int, is_write: bool, value: int, rip: int) -> int: ...
 
+    def pending_vector(self) -> int | None:
+        """The vector to inject now, or ``None`` (the line went down meanwhile)."""
+        ...
+
+    def acknowledge_interrupt(self, vector: int) -> None:
+        """``vector`` was injected: the controller moves it from requested to in service."""
+        ...
+
 
 @runtime_checkable
 class Backend(Protocol):
-    """One VM with one vCPU and ``memory_size`` bytes of RAM at guest-physical 0."""
+    """One VM with one vCPU: RAM at guest-physical 0 (``memory``), optional further regions."""
 
     kind: str
     """``"kvm"`` or ``"emu"`` (``"fake"`` in tests)."""
@@ -68,11 +92,52 @@ class Backend(Protocol):
 
         Port I/O and MMIO exits go to ``dispatcher`` and the guest goes on,
         unless ``dispatcher.stop`` is set; every other exit (HLT, shutdown, ...)
-        ends the call and is returned.  After ``timeout`` seconds of guest time
-        the call returns :class:`labkit.exits.Timeout`.  The guest can be run
-        again from where it stopped.
+        ends the call and is returned.  After :class:`labkit.exits.Hlt`, RIP is
+        after the ``hlt`` (the core decides whether the guest waits for an
+        interrupt).  After ``timeout`` seconds of guest time the call returns
+        :class:`labkit.exits.Timeout`.  After :meth:`kick` it returns
+        :class:`labkit.exits.Interrupted`.  The guest can be run again from
+        where it stopped, whatever the call returned.  An exception a
+        dispatcher call raises ends the call and propagates to the caller.
         """
         ...
+
+    def kick(self) -> None:
+        """Make a ``run`` in progress return :class:`labkit.exits.Interrupted` at the next instruction boundary.
+
+        Thread-safe.  The vCPU state is consistent afterwards (on KVM a pending
+        ``in`` is completed first: ``KVM_RUN`` with ``immediate_exit``).  A kick
+        while no run is in progress makes the next ``run`` return
+        ``Interrupted`` at once, without running guest code.
+        """
+        ...
+
+    def add_memory_region(self, guest_address: int, size: int, *, read_only: bool = False) -> memoryview:
+        """Map ``size`` more bytes at ``guest_address`` and return them, writable by the host.
+
+        Page-aligned, not overlapping RAM or another region, below
+        ``layout.MAPPED_LIMIT``.  A guest write to a read-only region becomes an
+        MMIO write to the dispatcher (``KVM_MEM_READONLY``); reads are plain
+        memory reads.
+        """
+        ...
+
+    def regions(self) -> list[tuple[int, memoryview, bool]]:
+        """``(guest_address, view, read_only)`` of every region, RAM first."""
+        ...
+
+    def dirty_log_start(self) -> None:
+        """Start logging the pages the guest writes, over every writable region
+        (``KVM_MEM_LOG_DIRTY_PAGES`` on KVM; write tracking on the emulator)."""
+        ...
+
+    def dirty_log_fetch(self) -> list[int]:
+        """Sorted guest-physical page frame numbers the guest wrote since the start or the
+        previous fetch (``KVM_GET_DIRTY_LOG`` on KVM); fetching clears.  The host's own
+        writes through the memoryviews are not logged."""
+        ...
+
+    def dirty_log_stop(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -129,8 +194,4 @@ def create_backend(name: str, memory_size: int, mode: int) -> Backend:
         from labkit.emu import EmuBackend
 
         return EmuBackend(memory_size=memory_size, mode=mode)
-    if name == "fake":
-        from labkit.vmm.fake import FakeBackend
-
-        return FakeBackend(memory_size=memory_size, mode=mode)
     raise ConfigError(f"cannot create backend {name!r}")

@@ -11,7 +11,9 @@ where they happen, so callers catch labkit errors only::
      │    └── GuestFileError    a malformed guest file or metadata
      ├── BackendUnavailable     the asked-for backend cannot run here (no /dev/kvm, no permission, ...)
      ├── KvmError               an ioctl on /dev/kvm failed; carries the ioctl's name and errno
-     └── EmulatorError          Unicorn failed, crashed or hung (contained in a worker process)
+     ├── EmulatorError          Unicorn failed, crashed or hung (contained in a worker process)
+     ├── DeviceError            a device model raised while handling the guest's access (names device, port, RIP)
+     └── GuestMemoryError       a host-side access to guest memory outside every memory region
 """
 
 from __future__ import annotations
@@ -64,6 +66,17 @@ class KvmError(LabkitError, OSError):
 
 class EmulatorError(LabkitError):
     """The Unicorn emulator failed, crashed or hung while running a guest."""
+
+
+class DeviceError(LabkitError):
+    """A device model failed while handling a guest access; the run ended with status ``error``.
+
+    The message names the device, the port or address, and the guest's RIP, the same on every backend.
+    """
+
+
+class GuestMemoryError(LabkitError, ValueError):
+    """A guest-physical range the host was asked to read or write lies outside guest memory."""
 
 
 def strerror(errno: int) -> str:

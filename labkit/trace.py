@@ -107,11 +107,15 @@ class ExitTrace:
             yield self[seq]
 
     def __getitem__(self, seq: int) -> ExitRecord:
-        reason, rip, address, size, is_write, data, host_ns = self.records[seq]
         if seq < 0:
             seq += len(self.records)
-        return ExitRecord(seq, reason_name(reason), rip, address, size,
-                          _direction(reason, is_write), data, host_ns)
+        return self.record_of(seq, *self.records[seq])
+
+    @staticmethod
+    def record_of(seq: int, reason: int, rip: int | None, address: int | None, size: int | None,
+                  is_write: bool | None, data: int | None, host_ns: int) -> ExitRecord:
+        """The :class:`ExitRecord` of one raw record, numbered ``seq``."""
+        return ExitRecord(seq, reason_name(reason), rip, address, size, _direction(reason, is_write), data, host_ns)
 
     def count(self, reason: int | str) -> int:
         """How many exits of one reason (``ExitReason.IO`` or ``"IO"``)."""

@@ -202,10 +202,11 @@ def rings_guest(experiments: str | None = None) -> Guest:
 
 def rings_machine(guest: Guest | None = None, backend: str = "auto") -> Machine:
     """A :class:`labkit.Machine` for ``guest`` (default: ``rings64``) with the event sink at ``EVENT_BASE``."""
+    from labkit.vmm.devices import DeviceSpec
     from labkit.vmm.machine import Machine
 
-    return Machine(guest if guest is not None else rings_guest(), backend=backend,
-                   devices=[("mmio", EVENT_BASE, EVENT_SIZE, EventSink())])
+    sink = DeviceSpec("ring-events", "mmio", EVENT_BASE, EVENT_SIZE, lambda context: EventSink())
+    return Machine(guest if guest is not None else rings_guest(), backend=backend, devices=[sink])
 
 
 def run_rings(backend: str = "auto", experiments: str | None = None, timeout: float = 5.0) -> RunResult:

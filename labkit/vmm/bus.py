@@ -122,3 +122,13 @@ class PortBus(Bus):
             self.unclaimed[address] = self.unclaimed.get(address, 0) + 1
             return
         hit[1].write(address - hit[0], size, value & _ALL_ONES[size])
+
+
+class Buses:
+    """A machine's two buses: the I/O port space and the MMIO space above RAM."""
+
+    __slots__ = ("pio", "mmio")
+
+    def __init__(self, pio: PortBus, mmio: Bus):
+        self.pio = pio
+        self.mmio = mmio

@@ -1,60 +1,148 @@
 """One guest on one backend with its devices: the run loop.
 
 :class:`MachineCore` is what a backend's ``run`` calls back for every port and
-MMIO exit (it implements :class:`labkit.backend.Dispatcher`), and the loop
-that runs the backend until the guest stops.  :class:`labkit.Machine` drives a
-core in the calling process, or inside a worker process (``labkit.vmm.worker``)
-so that an emulator crash cannot take the caller down.
+MMIO exit and for interrupts (it implements :class:`labkit.backend.Dispatcher`),
+and the loop that runs the backend until the guest stops.  What each returned
+exit means is decided in one place, :func:`labkit.vmm.exit_handling.decide`;
+this loop only runs the backend, records, and acts on the decision.
+:class:`labkit.Machine` drives a core in the calling process, or inside a worker
+process (``labkit.vmm.worker``) so that an emulator crash cannot take the
+caller down; devices are built here from :class:`DeviceSpec` factories, so they
+live wherever the core lives.
+
+A run that ends ``paused``, ``timeout`` or ``running`` (after a step) continues
+with another :meth:`MachineCore.run` or :meth:`MachineCore.step` exactly where it
+stopped; a run that ended any other way is over.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass
 from time import perf_counter_ns
-from typing import Sequence
+from typing import Any, Sequence
 
 from labkit import exits
-from labkit.backend import create_backend
+from labkit.backend import Backend, create_backend
 from labkit.errors import ConfigError, LabkitError
 from labkit.exits import ExitReason
-from labkit.trace import ExitTrace
-from labkit.vmm.bus import Bus, Device, PortBus
+from labkit.memory import GuestMemory
+from labkit.trace import ExitRecord, ExitTrace
+from labkit.vmm.bus import Bus, Buses, PortBus
 from labkit.vmm.devices import Console, DebugExit, HypercallPort, Uart16550
-from labkit.vmm.exit_handling import Buses, handle_exit
+from labkit.vmm.devices.spec import DeviceContext, DeviceSpec
+from labkit.vmm.exit_handling import Action, Situation, decide
 from labkit.vmm.fault import FaultReporter
-from labkit.vmm.status import RunResult, Status
+from labkit.vmm.status import Origin, RunResult, Status, StatusKind
 from labkit.x86 import layout
+from labkit.x86.boot import RFLAGS_IF
 from labkit.x86.disasm import instruction_at
 from labkit.x86.state import Regs, SRegs
 
 IO = int(ExitReason.IO)
 MMIO = int(ExitReason.MMIO)
+_INTERRUPT = getattr(ExitReason, "INTERRUPT", None)  # added by the irq branch: a delivered interrupt
 
-DeviceSpec = tuple[str, int, int, Device]
-"""``(bus, base, length, device)`` with bus ``"pio"`` or ``"mmio"``."""
+LegacyDeviceSpec = tuple[str, int, int, Any]
+"""``(bus, base, length, device)``: a device object built by the caller (in-process machines only)."""
+
+WAIT_SLICE_S = 0.005
+"""A halted guest waiting for an interrupt checks for a pause this often."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What one :meth:`MachineCore.step` returns: only the exits recorded since the previous step."""
+
+    records: tuple[ExitRecord, ...]
+    status: Status
+
+
+class _LineLatch:
+    """Stand-in for ``labkit.vmm.interrupts.InterruptController`` until the irq branch is merged.
+
+    Lines latch when raised and clear when lowered or acknowledged; line n is vector 0x20 + n.
+    Nothing is armed (no timer), so a HLT halts.
+    """
+
+    def __init__(self, kick):
+        self._kick = kick
+        self._lines = 0
+        self._raised = threading.Condition()
+        self.interrupt_pending = False
+        self.armed = False
+
+    def raise_irq(self, line: int) -> None:
+        with self._raised:
+            self._lines |= 1 << line
+            self.interrupt_pending = True
+            self._raised.notify_all()
+        self._kick()
+
+    def lower_irq(self, line: int) -> None:
+        with self._raised:
+            self._lines &= ~(1 << line)
+            self.interrupt_pending = bool(self._lines)
+
+    def pending_vector(self) -> int | None:
+        lines = self._lines
+        return 0x20 + (lines & -lines).bit_length() - 1 if lines else None
+
+    def acknowledge_interrupt(self, vector: int) -> None:
+        self.lower_irq(vector - 0x20)
+
+    def wait(self, timeout: float) -> bool:
+        with self._raised:
+            return self._raised.wait_for(lambda: self._lines, timeout)
+
+
+def _interrupt_controller(kick):
+    try:
+        from labkit.vmm.interrupts import InterruptController
+    except ImportError:  # the irq branch is not merged yet
+        return _LineLatch(kick)
+    return InterruptController(kick=kick)
 
 
 class MachineCore:
-    """Backend + buses + devices + trace for one guest.  Not thread-safe."""
+    """Backend + buses + devices + trace for one guest.
 
-    def __init__(self, guest, backend_name: str, memory_size: int, *,
-                 devices: Sequence[DeviceSpec] = (), trace_limit: int | None = None, monitor=None):
+    Not thread-safe, except :meth:`request_pause` and :meth:`kick`, and a
+    device's ``raise_irq``/``lower_irq``, which may be called from any thread.
+    ``backend`` is a backend name (``"kvm"``, ``"emu"``) or a backend object
+    (tests pass a scripted one).
+    """
+
+    def __init__(self, guest, backend: str | Backend, memory_size: int, *,
+                 devices: Sequence[DeviceSpec | LegacyDeviceSpec] = (), trace_limit: int | None = None,
+                 monitor=None, interrupts=None):
         from labkit.x86.boot import boot_state  # the boot builder pulls in the table builders
 
         self.guest = guest
-        self.backend = create_backend(backend_name, memory_size, guest.mode)
+        self.backend = create_backend(backend, memory_size, guest.mode) if isinstance(backend, str) else backend
+        self.origin = Origin.of(self.backend)
+        self.memory = GuestMemory.of(self.backend)
         self.stop = False
         self.status: Status | None = None
+        """The latest run's status; ``None`` before the first run."""
         self.trace = ExitTrace() if trace_limit is None else ExitTrace(trace_limit)
         self.console = Console()
         self.buses = Buses(PortBus(), Bus("mmio", layout.MAPPED_LIMIT))
+        self.interrupts = interrupts if interrupts is not None else _interrupt_controller(self.kick)
+        self.devices: dict[str, Any] = {}
+        """Every device by name: the built-in ones and those given as specs."""
+        self._names: dict[int, str] = {}  # id(device) -> name, for error messages
         # Bound once: the hot path runs per exit.
         self._pio_read, self._pio_write = self.buses.pio.read, self.buses.pio.write
         self._trace_records, self._trace_limit = self.trace.records, self.trace.limit
-        self._single_exit = False
+        self._stepping = False
+        self._step_out: list[tuple] = []
         self._resumed_ns = 0
+        self._device_status: Status | None = None
         self._stop_regs: Regs | None = None
+        self._pause_requested = False
+        self._halted_waiting = False
         self.monitor = monitor
         try:
             self._attach_devices(devices)
@@ -68,21 +156,38 @@ class MachineCore:
 
     # -- set-up ---------------------------------------------------------------
 
-    def _attach_devices(self, extra: Sequence[DeviceSpec]) -> None:
-        pio = self.buses.pio
-        pio.register(layout.COM1_PORT, 8, Uart16550(self.console))
-        pio.register(layout.DEBUG_EXIT_PORT, 1, DebugExit(self._exit_requested))
-        self.hypercalls = HypercallPort(self.backend.get_regs, self.backend.memory, self.console.extend)
-        pio.register(layout.HYPERCALL_PORT, 1, self.hypercalls)
-        self.faults = FaultReporter(self.guest.mode, self.backend, self._stopped_with)
-        pio.register(layout.FAULT_PORT, 1, self.faults)
-        for bus, base, length, device in extra:
-            if bus not in ("pio", "mmio"):
-                raise ConfigError(f"a device goes on bus 'pio' or 'mmio', not {bus!r}")
-            if bus == "mmio" and base < len(self.backend.memory):
-                raise ConfigError(f"MMIO device at {base:#x} lies inside guest RAM "
-                                  f"(which ends at {len(self.backend.memory):#x})")
-            getattr(self.buses, bus).register(base, length, device)
+    def _add(self, name: str, bus: str, base: int, length: int, device) -> None:
+        if name in self.devices:
+            raise ConfigError(f"two devices are named {name!r}")
+        if bus not in ("pio", "mmio"):
+            raise ConfigError(f"device {name!r}: a device goes on bus 'pio' or 'mmio', not {bus!r}")
+        if bus == "mmio" and self.memory.contains(base, 1):
+            raise ConfigError(f"MMIO device {name!r} at {base:#x} lies inside guest memory")
+        getattr(self.buses, bus).register(base, length, device)
+        self.devices[name] = device
+        self._names[id(device)] = name
+
+    def _attach_devices(self, extra: Sequence[DeviceSpec | LegacyDeviceSpec]) -> None:
+        self.devices["console"] = self.console
+        self._add("uart", "pio", layout.COM1_PORT, 8, Uart16550(self.console))
+        self._add("debug-exit", "pio", layout.DEBUG_EXIT_PORT, 1, DebugExit(self._exit_requested))
+        self.hypercalls = HypercallPort(self.backend.get_regs, self.memory, self.console.extend)
+        self._add("hypercall", "pio", layout.HYPERCALL_PORT, 1, self.hypercalls)
+        self.faults = FaultReporter(self.guest.mode, self.backend.get_regs, self.backend.get_sregs, self.memory,
+                                    self._stopped_with)
+        self._add("fault", "pio", layout.FAULT_PORT, 1, self.faults)
+        context = DeviceContext(memory=self.memory, regs=self.backend.get_regs,
+                                raise_irq=self.interrupts.raise_irq, lower_irq=self.interrupts.lower_irq,
+                                kick=self.kick)
+        for spec in extra:
+            if isinstance(spec, DeviceSpec):
+                device = spec.factory(context)
+                self._add(spec.name, spec.bus, spec.base, spec.length, device)
+            elif isinstance(spec, tuple) and len(spec) == 4:
+                bus, base, length, device = spec
+                self._add(f"{type(device).__name__}@{bus}:{base:#x}", bus, base, length, device)
+            else:
+                raise ConfigError(f"a device is a labkit.vmm.devices.DeviceSpec, not {type(spec).__name__}")
 
     def _attach_monitor(self, monitor, boot) -> None:
         from labkit.monitor import forwarding
@@ -92,7 +197,7 @@ class MachineCore:
         forwarding.install(self.backend.memory, boot.sregs.idt.base)
         context = forwarding.MonitorContext(self.backend.memory, self._monitor_pio, self._stopped_with)
         self.trap_port = forwarding.TrapPort(monitor, self.backend, context)
-        self.buses.pio.register(layout.TRAP_PORT, 1, self.trap_port)
+        self._add("monitor", "pio", layout.TRAP_PORT, 1, self.trap_port)
 
     def _monitor_pio(self, port: int, size: int, is_write: bool, value: int) -> int:
         if is_write:
@@ -101,13 +206,13 @@ class MachineCore:
         return self.buses.pio.read(port, size)
 
     def _load(self, boot, guest) -> None:
-        memory = self.backend.memory
         for address, data in boot.memory:
-            memory[address:address + len(data)] = data
+            self.memory.write(address, data)
         end = guest.load_address + len(guest.code)
-        if end > len(memory):
-            raise ConfigError(f"guest {guest.name!r} ends at {end:#x}, beyond guest RAM ({len(memory):#x} bytes)")
-        memory[guest.load_address:end] = guest.code
+        if not self.memory.contains(guest.load_address, len(guest.code)):
+            raise ConfigError(f"guest {guest.name!r} ends at {end:#x}, beyond guest RAM "
+                              f"({len(self.backend.memory):#x} bytes)")
+        self.memory.write(guest.load_address, guest.code)
         self.backend.set_sregs(boot.sregs)
         if boot.msrs:
             self.backend.set_msrs(boot.msrs)
@@ -116,89 +221,188 @@ class MachineCore:
     # -- the Dispatcher the backend calls (hot path) ---------------------------
 
     def pio(self, port: int, size: int, is_write: bool, value: int, rip: int) -> int:
-        if is_write:
-            self._pio_write(port, size, value)
-        else:
-            value = self._pio_read(port, size)
+        try:
+            if is_write:
+                self._pio_write(port, size, value)
+            else:
+                value = self._pio_read(port, size)
+        except Exception as error:  # noqa: BLE001 - a device's bug ends the run, the same on every backend
+            self._device_failed(self.buses.pio, "port", port, is_write, rip, error)
         self._record(IO, rip, port, size, is_write, value)
         return value
 
     def mmio(self, address: int, size: int, is_write: bool, value: int, rip: int) -> int:
-        if is_write:
-            self.buses.mmio.write(address, size, value)
-        else:
-            value = self.buses.mmio.read(address, size)
+        try:
+            if is_write:
+                self.buses.mmio.write(address, size, value)
+            else:
+                value = self.buses.mmio.read(address, size)
+        except Exception as error:  # noqa: BLE001
+            self._device_failed(self.buses.mmio, "MMIO address", address, is_write, rip, error)
         self._record(MMIO, rip, address, size, is_write, value)
+        # Never stop inside an MMIO access for a step or a pause: the emulator cannot finish the
+        # instruction after such a stop and would run it (and the access) again.  A step ends at
+        # the next exit instead; a pause comes through kick().  Only a device's status stops here.
+        self.stop = self._device_status is not None
         return value
 
+    @property
+    def interrupt_pending(self) -> bool:
+        return self.interrupts.interrupt_pending
+
+    def pending_vector(self) -> int | None:
+        return self.interrupts.pending_vector()
+
+    def acknowledge_interrupt(self, vector: int) -> None:
+        """The backend delivered ``vector`` to the guest: the controller is told, and the trace records it."""
+        self.interrupts.acknowledge_interrupt(vector)
+        if _INTERRUPT is not None:
+            self._record(int(_INTERRUPT), None, None, None, None, vector)
+
     def _record(self, reason: int, rip, address, size, is_write, data) -> None:
-        """``ExitTrace.add`` (its common case inlined: it runs once per exit) plus the single-step check."""
+        """``ExitTrace.add`` (its common case inlined: it runs once per exit) plus the step's own copy."""
         now = perf_counter_ns()
+        record = (reason, rip, address, size, is_write, data, now - self._resumed_ns)
         records = self._trace_records
         if len(records) < self._trace_limit:
-            records.append((reason, rip, address, size, is_write, data, now - self._resumed_ns))
+            records.append(record)
         else:
-            self.trace.add(reason, rip, address, size, is_write, data, now - self._resumed_ns)
+            self.trace.add(*record)
         self._resumed_ns = now
-        if self._single_exit:
+        if self._stepping:
+            self._step_out.append(record)
+            self.stop = True
+        elif self._pause_requested:  # a pause that came between the loop's check and this exit
             self.stop = True
 
     def _exit_requested(self, code: int) -> None:
-        self.status = Status("exited", code=code)
+        self._device_status = Status(StatusKind.EXITED, code=code)
         self.stop = True
 
     def _stopped_with(self, status: Status, regs: Regs | None = None) -> None:
         """A device ended the run; ``regs`` are the guest's registers as it should be reported
         (at the fault, or at the trap a monitor handled), not the stub's labkit ran last."""
-        self.status = status
+        self._device_status = status
         self._stop_regs = regs
         self.stop = True
+
+    def _device_failed(self, bus: Bus, what: str, address: int, is_write: bool, rip: int,
+                       error: Exception) -> None:
+        hit = bus.find(address)
+        name = self._names.get(id(hit[1]), type(hit[1]).__name__) if hit else "?"
+        access = "write to" if is_write else "read of"
+        message = (f"device {name!r} failed on a {access} {what} {address:#x} at guest rip {rip:#x}: "
+                   f"{type(error).__name__}: {error}")
+        if self._device_status is None:
+            self._device_status = Status(StatusKind.ERROR, message=message, device=name)
+        self.stop = True
+
+    # -- control from other threads ---------------------------------------------------
+
+    def kick(self) -> None:
+        """Make a run in progress leave the guest at the next instruction boundary (any thread)."""
+        kick = getattr(self.backend, "kick", None)  # guard: remove once every backend has kick()
+        if kick is not None:
+            kick()
+
+    def request_pause(self) -> None:
+        """Make the run in progress (or else the next one) return with status ``paused`` (any thread)."""
+        self._pause_requested = True
+        self.stop = True
+        self.kick()
 
     # -- the run loop -----------------------------------------------------------
 
     def run(self, timeout: float, single_exit: bool = False) -> RunResult:
-        """Run until the guest stops or ``timeout`` seconds pass; with ``single_exit``, until the next exit.
+        """Run until the guest stops, a pause, or ``timeout`` seconds pass; with ``single_exit``, one step.
 
-        A run stopped after one exit by ``single_exit`` has the status ``running``.
+        A run that returned ``paused``, ``timeout`` or ``running`` continues from where it
+        stopped; any other status is final and running again raises :class:`LabkitError`.
         """
-        if self.status is not None:
-            raise LabkitError(f"the guest has already stopped ({self.status}); create a new Machine to run it again")
         started = time.perf_counter()
-        deadline = time.monotonic() + timeout
-        self._single_exit = single_exit
-        self._resumed_ns = perf_counter_ns()
-        while self.status is None:
-            self.stop = False
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                exit: exits.Exit = exits.Timeout(budget_s=timeout)
-            else:
-                exit = self.backend.run(self, remaining)
-            if isinstance(exit, (exits.Io, exits.Mmio)):
-                if single_exit:
-                    break
-                continue  # a device stopped the run: its status is set
-            if isinstance(exit, exits.Timeout):
-                exit = exits.Timeout(budget_s=timeout)
-            self._record(int(exit.reason), self._rip(), None, None, None, None)
-            handled = handle_exit(exit, self.buses)
-            if handled.status is not None:
-                self.status = self._explain(exit, handled.status)
-            elif single_exit:
-                break
+        self._run(timeout, single_exit, timeout)
         return self.result(time.perf_counter() - started)
 
-    def _explain(self, exit: exits.Exit, status: Status) -> Status:
-        """Add where it happened to an error status: the instruction KVM could not emulate, say."""
-        if status.kind != "error" or not isinstance(exit, (exits.InternalError, exits.EmulatorFailure)):
-            return status
+    def step(self, timeout: float, budget: float | None = None) -> StepResult:
+        """Run to the next exit(s); return only the exits recorded by this step, and the status.
+
+        A step ends after the first recorded exit, except that it does not stop
+        inside an MMIO access (see :meth:`mmio`): then it ends at the exit after.
+        ``budget`` is what a timeout's message names (the whole stepped run's budget).
+        """
+        seq = len(self.trace)
+        self._step_out = []
+        self._run(timeout, True, timeout if budget is None else budget)
+        out, self._step_out = self._step_out, []
+        records = tuple(ExitTrace.record_of(seq + index, *raw) for index, raw in enumerate(out))
+        return StepResult(records, self.status or Status(StatusKind.RUNNING))
+
+    def _run(self, timeout: float, stepping: bool, budget: float) -> None:
+        if self.status is not None and not self.status.kind.resumable:
+            raise LabkitError(f"the guest has already stopped ({self.status}); it cannot run again")
+        deadline = time.monotonic() + timeout
+        self._stepping = stepping
+        self._stop_regs = None
+        self._resumed_ns = perf_counter_ns()
+        status: Status | None = None
+        try:
+            while status is None:
+                if self._pause_requested:
+                    status = Status(StatusKind.PAUSED)
+                    break
+                remaining = deadline - time.monotonic()
+                if self._halted_waiting:
+                    status = self._wait_for_interrupt(remaining, budget)
+                    continue
+                self.stop = self._pause_requested
+                if remaining <= 0:
+                    exit: exits.Exit = exits.Timeout(budget_s=budget)
+                else:
+                    exit = self.backend.run(self, remaining)
+                    if isinstance(exit, exits.Timeout):
+                        exit = exits.Timeout(budget_s=budget)
+                decision = decide(exit, Situation(
+                    device_status=self._device_status, pause_requested=self._pause_requested,
+                    stepping=stepping and bool(self._step_out),
+                    halt_can_wait=self._halt_can_wait, where=self._where))
+                if decision.record:
+                    self._record(int(exit.reason), self._rip(), None, None, None, None)
+                if decision.action is Action.WAIT:
+                    self._halted_waiting = True
+                    if stepping:
+                        status = Status(StatusKind.RUNNING)
+                elif decision.action is Action.STOP:
+                    status = decision.status
+                elif stepping and self._step_out:
+                    status = Status(StatusKind.RUNNING)
+        finally:
+            self._stepping = False
+        if status.kind is StatusKind.PAUSED or not status.kind.resumable:
+            self._pause_requested = False  # consumed (a pause that lands in a step's end waits for the next)
+        self.status = status
+
+    def _wait_for_interrupt(self, remaining: float, budget: float) -> Status | None:
+        """A HLT with interrupts enabled: wait (in slices, so a pause is seen) until a line rises."""
+        if remaining <= 0:
+            self._record(int(ExitReason.TIMEOUT), self._rip(), None, None, None, None)
+            return Status(StatusKind.TIMEOUT, message=f"the guest did not stop within its {budget:g} s budget")
+        if self.interrupts.wait(min(remaining, WAIT_SLICE_S)):
+            self._halted_waiting = False
+        elif not self.interrupts.armed:  # the source went away while the guest waited: it halts for good
+            self._halted_waiting = False
+            return Status(StatusKind.HALTED)
+        return None
+
+    def _halt_can_wait(self) -> bool:
+        return bool(self.interrupts.armed) and bool(self.backend.get_regs().rflags & RFLAGS_IF)
+
+    def _where(self) -> str:
+        """`` at rip 0x...: <instruction>`` for an error message, or ``""`` if the registers cannot be read."""
         try:
             regs, sregs = self.backend.get_regs(), self.backend.get_sregs()
         except LabkitError:
-            return status
-        address = sregs.cs.base + regs.rip
-        where = f" at rip {regs.rip:#x}: {instruction_at(self.backend.memory, address, self.guest.mode)}"
-        return replace(status, message=status.message + where)
+            return ""
+        return f" at rip {regs.rip:#x}: {instruction_at(self.backend.memory, sregs.cs.base + regs.rip, self.guest.mode)}"
 
     def _rip(self) -> int | None:
         try:
@@ -207,11 +411,12 @@ class MachineCore:
             return None
 
     def result(self, elapsed_s: float = 0.0) -> RunResult:
-        status = self.status or Status("running")
+        status = self.status or Status(StatusKind.RUNNING)
         regs = self._stop_regs if self._stop_regs is not None else self.backend.get_regs()
         summary = self.monitor.summary() if self.monitor is not None else None
         return RunResult(status=status, console=self.console.text(), regs=regs, trace=self.trace,
-                         backend=self.backend.kind, elapsed_s=elapsed_s, monitor=summary)
+                         backend=self.backend.kind, elapsed_s=elapsed_s, monitor=summary, origin=self.origin,
+                         console_dropped=self.console.dropped)
 
     # -- inspection ---------------------------------------------------------------
 
@@ -222,14 +427,20 @@ class MachineCore:
         return self.backend.get_sregs()
 
     def read_memory(self, address: int, size: int) -> bytes:
-        memory = self.backend.memory
-        if address < 0 or size < 0 or address + size > len(memory):
-            raise ConfigError(f"[{address:#x}, {address + size:#x}) is outside guest RAM (0 to {len(memory):#x})")
-        return bytes(memory[address:address + size])
+        return self.memory.read(address, size)
+
+    def device_state(self, name: str):
+        """The named device's ``save()``: plain data."""
+        device = self.devices.get(name)
+        if device is None:
+            raise ConfigError(f"no device is named {name!r}; devices: {', '.join(sorted(self.devices))}")
+        save = getattr(device, "save", None)
+        if save is None:
+            raise ConfigError(f"device {name!r} ({type(device).__name__}) has no save()")
+        return save()
 
     def describe(self) -> dict[str, str]:
         return self.backend.describe()
 
     def close(self) -> None:
         self.backend.close()
-

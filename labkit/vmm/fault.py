@@ -14,7 +14,9 @@ import struct
 from dataclasses import replace
 from typing import Callable
 
-from labkit.vmm.status import Fault, Status
+from labkit.errors import ConfigError, GuestMemoryError
+from labkit.memory import GuestMemory
+from labkit.vmm.status import Fault, Status, StatusKind
 from labkit.x86.idt import ERROR_CODE_VECTORS
 from labkit.x86.state import Regs, SRegs
 
@@ -22,21 +24,22 @@ WORD = {16: ("<H", 2), 32: ("<I", 4), 64: ("<Q", 8)}
 
 
 def read_fault_frame(mode: int, vector: int, regs: Regs, sregs: SRegs,
-                     memory: memoryview) -> tuple[Fault, Regs]:
+                     memory: GuestMemory) -> tuple[Fault, Regs]:
     """The fault a default stub reported, and the registers at the fault.
 
-    Raises ``ValueError`` when the frame does not lie inside guest RAM (the
-    guest broke its own stack before faulting).
+    Raises :class:`GuestMemoryError` when the frame does not lie inside guest
+    memory (the guest broke its own stack before faulting).
     """
     fmt, width = WORD[mode]
     address = sregs.ss.base + (regs.rsp & (0xFFFF if mode == 16 else 0xFFFF_FFFF_FFFF_FFFF))
     count = 7 if mode == 64 else 6
 
-    if address < 0 or address + count * width > len(memory):
-        raise ValueError(f"the exception frame at {address:#x} is outside guest RAM")
+    if not memory.contains(address, count * width):
+        raise GuestMemoryError(f"the exception frame at {address:#x} is outside guest RAM")
+    frame = memory.read(address, count * width)
 
     def word(index: int) -> int:
-        return struct.unpack_from(fmt, memory, address + index * width)[0]
+        return struct.unpack_from(fmt, frame, index * width)[0]
 
     saved_ax = word(0)
     index = 1
@@ -56,23 +59,39 @@ def read_fault_frame(mode: int, vector: int, regs: Regs, sregs: SRegs,
 
 
 class FaultReporter:
-    """The device at ``FAULT_PORT``: a write of a vector ends the run with status ``fault``."""
+    """The device at ``FAULT_PORT``: a write of a vector ends the run with status ``fault``.
 
-    def __init__(self, mode: int, backend, on_fault: Callable[[Status, Regs], None]):
+    ``regs``/``sregs`` read the vCPU's registers, ``memory`` is guest memory.
+    It has no state of its own (``save()`` is empty).
+    """
+
+    def __init__(self, mode: int, regs: Callable[[], Regs], sregs: Callable[[], SRegs], memory: GuestMemory,
+                 on_fault: Callable[[Status, Regs], None]):
         self._mode = mode
-        self._backend = backend
+        self._regs = regs
+        self._sregs = sregs
+        self._memory = memory
         self._on_fault = on_fault
 
     def write(self, offset: int, size: int, value: int) -> None:
         vector = value & 0xFF
-        regs = self._backend.get_regs()
+        regs = self._regs()
         try:
-            fault, at_fault = read_fault_frame(
-                self._mode, vector, regs, self._backend.get_sregs(), self._backend.memory)
-        except ValueError as error:
-            self._on_fault(Status("fault", message=str(error), fault=Fault(vector, regs.rip)), regs)
+            fault, at_fault = read_fault_frame(self._mode, vector, regs, self._sregs(), self._memory)
+        except GuestMemoryError as error:
+            self._on_fault(Status(StatusKind.FAULT, message=str(error), fault=Fault(vector, regs.rip)), regs)
             return
-        self._on_fault(Status("fault", fault=fault), at_fault)
+        self._on_fault(Status(StatusKind.FAULT, fault=fault), at_fault)
 
     def read(self, offset: int, size: int) -> int:
         return 0
+
+    def reset(self) -> None:
+        """Nothing to reset: the port has no state of its own."""
+
+    def save(self) -> dict:
+        return {}
+
+    def restore(self, state: dict) -> None:
+        if state:
+            raise ConfigError(f"the fault port has no state to restore, got {state!r}")

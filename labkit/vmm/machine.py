@@ -9,19 +9,26 @@ On the emulation backend the machine runs in a forked worker process (see
 ``labkit.vmm.worker``): an emulator crash or hang becomes a run with status
 ``error``, never a dead notebook kernel.  KVM keeps the guest behind the
 kernel's own boundary, so it runs in the calling process unless ``isolate=True``.
+Devices are given as :class:`labkit.vmm.devices.DeviceSpec` factories and built
+where the guest runs; their state is read with :meth:`Machine.device_state`.
+
+A run that returns ``paused`` (:meth:`Machine.pause`, from another thread) or
+``timeout`` continues with another :meth:`Machine.run`, exactly where it stopped.
 """
 
 from __future__ import annotations
 
 import math
+import time
 import weakref
 from typing import Iterator, Sequence
 
 from labkit.backend import choose_backend
-from labkit.errors import ConfigError
+from labkit.errors import ConfigError, DeviceError
 from labkit.trace import ExitRecord, ExitTrace
-from labkit.vmm.core import DeviceSpec, MachineCore
-from labkit.vmm.status import RunResult, Status
+from labkit.vmm.core import LegacyDeviceSpec, MachineCore
+from labkit.vmm.devices.spec import DeviceSpec
+from labkit.vmm.status import RunResult, Status, StatusKind
 from labkit.vmm.worker import GRACE_S, Worker, WorkerDied
 from labkit.x86 import layout
 from labkit.x86.state import Regs, SRegs
@@ -55,14 +62,17 @@ class Machine:
     ``guest`` is a :class:`labkit.Guest` or the name of a shipped guest.
     ``backend`` is ``"auto"`` (KVM when usable, else emulation; see
     :attr:`backend_reason`), ``"kvm"`` or ``"emu"``.  ``devices`` adds
-    ``(bus, base, length, device)`` entries to the standard UART, debug-exit,
-    hypercall and fault ports.  ``monitor`` (a :class:`labkit.monitor.Monitor`)
+    :class:`~labkit.vmm.devices.DeviceSpec` entries to the standard UART,
+    debug-exit, hypercall and fault ports; each is built by its factory where the
+    guest runs (in the worker process on emulation).  The old
+    ``(bus, base, length, device)`` tuples still work in-process (``isolate=False``)
+    only.  ``monitor`` (a :class:`labkit.monitor.Monitor`)
     receives every exception of a long-mode guest (see ``labkit.monitor.forwarding``);
     what it reports comes back in ``RunResult.monitor``.
     """
 
     def __init__(self, guest, backend: str = "auto", memory: int = layout.DEFAULT_MEMORY, *,
-                 isolate: bool | None = None, devices: Sequence[DeviceSpec] = (),
+                 isolate: bool | None = None, devices: Sequence[DeviceSpec | LegacyDeviceSpec] = (),
                  trace_limit: int | None = None, monitor=None):
         from labkit.guest import Guest
 
@@ -77,6 +87,14 @@ class Machine:
         self.backend_reason = choice.reason
         self.isolated = (choice.name == "emu") if isolate is None else bool(isolate)
         self._last: RunResult | None = None
+        devices = tuple(devices)
+        if self.isolated:
+            for spec in devices:
+                if not isinstance(spec, DeviceSpec):
+                    raise ConfigError(
+                        "this machine runs in a worker process, so a device object made here would be a copy "
+                        "the guest never touches: pass labkit.vmm.devices.DeviceSpec(name, bus, base, length, "
+                        f"factory) instead of {type(spec).__name__} {spec!r:.60}")
 
         def make_core() -> MachineCore:
             return MachineCore(guest, choice.name, self.memory_size, devices=devices, trace_limit=trace_limit,
@@ -106,40 +124,80 @@ class Machine:
         return self._worker.call(name, *args, timeout=timeout)
 
     def run(self, timeout: float = 5.0) -> RunResult:
-        """Run the guest until it halts, exits, faults, shuts down, or ``timeout`` seconds pass."""
+        """Run the guest until it halts, exits, faults, shuts down, is paused, or ``timeout`` seconds pass.
+
+        After ``paused`` or ``timeout`` another ``run()`` continues where it stopped.
+        Raises :class:`labkit.errors.DeviceError` when a device's exception ended the
+        run (:attr:`last_result` keeps the result).
+        """
         timeout = check_timeout(timeout)
         try:
             result = self._call("run", timeout, False, timeout=timeout + GRACE_S)
         except WorkerDied as died:
             result = self._lost(str(died))
         self._last = result
+        self._raise_for_device(result.status)
         return result
 
     def steps(self, timeout: float = 5.0) -> Iterator[ExitRecord]:
         """Run the guest one exit at a time, yielding each exit's trace record; ends when the guest stops.
 
         The whole stepped run shares one ``timeout``; :attr:`last_result` has the status after it.
+        Each step transfers only its new records (constant cost per exit, however long the run).
         """
         timeout = check_timeout(timeout)
-        while True:
-            try:
-                result = self._call("run", timeout, True, timeout=timeout + GRACE_S)
-            except WorkerDied as died:
-                self._last = self._lost(str(died))
-                return
-            self._last = result
-            if result.trace.records:
-                yield result.trace[len(result.trace.records) - 1]
-            if result.status.kind != "running":
-                return
+        deadline = time.monotonic() + timeout
+        status = Status(StatusKind.RUNNING)
+        try:
+            while status.kind is StatusKind.RUNNING:
+                remaining = max(deadline - time.monotonic(), 0.0)
+                try:
+                    step = self._call("step", remaining, timeout, timeout=remaining + GRACE_S)
+                except WorkerDied as died:
+                    self._last = self._lost(str(died))
+                    return
+                status = step.status
+                yield from step.records
+        finally:  # also when the caller stops iterating early: last_result is the state then
+            if self._worker is None or self._worker.alive:
+                try:
+                    self._last = self._call("result")
+                except WorkerDied as died:
+                    self._last = self._lost(str(died))
+        self._raise_for_device(status)
+
+    def pause(self) -> None:
+        """Make the run in progress return with status ``paused`` (call from another thread).
+
+        With no run in progress, the next run returns ``paused`` at once.  Another
+        ``run()`` continues the guest exactly where it stopped.
+        """
+        if self._worker is None:
+            self._core.request_pause()
+            return
+        poke = getattr(self._worker, "poke", None)  # guard: Worker.poke comes with the worker-lifetime branch
+        if poke is None:
+            raise ConfigError("pausing an emulated machine needs Worker.poke (not in this labkit yet); "
+                              "use isolate=False")
+        poke("request_pause")
+
+    def device_state(self, name: str):
+        """The named device's saved state (its ``save()``: plain data), read where the device lives."""
+        return self._call("device_state", name)
+
+    @staticmethod
+    def _raise_for_device(status: Status) -> None:
+        if status.kind is StatusKind.ERROR and status.device is not None:
+            raise DeviceError(status.message)
 
     def _lost(self, message: str) -> RunResult:
         last = self._last
-        return RunResult(status=Status("error", message=message),
+        return RunResult(status=Status(StatusKind.ERROR, message=message),
                          console=last.console if last else "",
                          regs=last.regs if last else Regs(),
                          trace=last.trace if last else ExitTrace(),
-                         backend=self.backend, elapsed_s=0.0)
+                         backend=self.backend, elapsed_s=0.0, origin=last.origin if last else None,
+                         console_dropped=last.console_dropped if last else 0)
 
     @property
     def last_result(self) -> RunResult | None:

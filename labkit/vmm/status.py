@@ -1,7 +1,8 @@
-"""How a run ended, and what a run returns."""
+"""How a run ended (:class:`StatusKind`, :class:`Status`), where it ran (:class:`Origin`), and what a run returns."""
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -9,28 +10,36 @@ from labkit.trace import ExitTrace
 from labkit.x86.arch import EXCEPTION_NAMES
 from labkit.x86.state import Regs
 
-KINDS = ("running", "halted", "exited", "shutdown", "timeout", "fault", "error")
-
 
 class StatusKind(str, Enum):
-    """How a run ended; a str-enum, so it still equals the old strings (``StatusKind.HALTED == "halted"``)."""
+    """How a run ended.  A str-enum: ``StatusKind.HALTED == "halted"``."""
 
     RUNNING = "running"
+    """Not ended: a step returned after one exit."""
     PAUSED = "paused"
+    """``Machine.pause()`` stopped it; another ``run()`` continues where it stopped."""
     HALTED = "halted"
     EXITED = "exited"
+    """The guest wrote a code to the debug-exit port."""
     SHUTDOWN = "shutdown"
     TIMEOUT = "timeout"
+    """Its time budget ran out; another ``run()`` continues where it stopped."""
     FAULT = "fault"
     ERROR = "error"
+
+    @property
+    def resumable(self) -> bool:
+        """Whether another ``run()`` continues the guest (paused, timed out, or between steps)."""
+        return self in _RESUMABLE
 
     def __str__(self) -> str:
         return self.value
 
-    @property
-    def resumable(self) -> bool:
-        """A run that ended so can go on with another ``run()``."""
-        return self in (StatusKind.PAUSED, StatusKind.TIMEOUT, StatusKind.RUNNING)
+
+_RESUMABLE = frozenset({StatusKind.PAUSED, StatusKind.TIMEOUT, StatusKind.RUNNING})
+
+KINDS = tuple(kind.value for kind in StatusKind)
+"""Every status kind's value, for code that still compares strings."""
 
 
 def exception_name(vector: int) -> str:
@@ -62,37 +71,62 @@ class Fault:
 
 @dataclass(frozen=True, slots=True)
 class Status:
-    """How a run ended (``kind`` in :data:`KINDS`; ``running`` after a single step)."""
+    """How a run ended (``running`` after a single step)."""
 
-    kind: str
+    kind: StatusKind
     code: int | None = None
     """The exit code, for ``exited``."""
     message: str = ""
     fault: Fault | None = None
+    device: str | None = None
+    """For ``error``: the device whose exception ended the run (``Machine.run`` raises ``DeviceError``)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, StatusKind):
+            object.__setattr__(self, "kind", StatusKind(self.kind))  # ValueError for an unknown kind
 
     def __str__(self) -> str:
-        if self.kind == "exited":
+        if self.kind is StatusKind.EXITED:
             return f"exited with code {self.code}"
-        if self.kind == "fault":
+        if self.kind is StatusKind.FAULT:
             return f"fault: {self.fault}"
-        if self.kind == "shutdown":
+        if self.kind is StatusKind.SHUTDOWN:
             return "shutdown (triple fault)"
-        return f"{self.kind}: {self.message}" if self.message else self.kind
+        return f"{self.kind.value}: {self.message}" if self.message else self.kind.value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Origin:
-    """Where a run happened: what figures and tables say measured it (never re-probed from the host)."""
+    """Where a result was measured, so a figure can label itself from the result alone."""
 
     backend: str
-    """``"kvm"`` or ``"emu"``."""
+    """``"kvm"``, ``"emu"`` (``"fake"`` in tests)."""
     flavour: str | None
-    """``"kvm_pvm"``, ``"kvm_intel"``, ``"kvm_amd"`` for KVM; None for the emulator or when unknown."""
+    """The KVM module (``"kvm_pvm"``, ``"kvm_intel"``, ``"kvm_amd"``) on KVM, else ``None``."""
     unicorn: str | None
-    """Unicorn's version, for the emulator; None otherwise."""
+    """Unicorn's version on the emulator, else ``None``."""
     labkit: str
     host: str
-    """The host's name."""
+    """The host's name (``platform.node()``)."""
+
+    @classmethod
+    def of(cls, backend) -> "Origin":
+        """The origin of runs on ``backend`` (a :class:`labkit.backend.Backend`), in this process."""
+        import labkit
+
+        kind = backend.kind
+        flavour = getattr(backend, "flavour", None) if kind == "kvm" else None
+        unicorn_version = None
+        if kind == "emu":
+            import unicorn  # already imported by the backend
+
+            unicorn_version = unicorn.__version__
+        return cls(kind, flavour, unicorn_version, labkit.__version__, platform.node())
+
+    def __str__(self) -> str:
+        engine = self.flavour if self.backend == "kvm" else (
+            f"unicorn {self.unicorn}" if self.unicorn else self.backend)
+        return f"{engine} on {self.host} (labkit {self.labkit})"
 
 
 @dataclass(frozen=True)
@@ -108,7 +142,15 @@ class RunResult:
     monitor: object = None
     """What the machine's monitor reports (``Monitor.summary()``), when it runs under one."""
     origin: Origin | None = None
-    """Where the run happened (backend, KVM flavour, versions, host)."""
+    """Where it ran (backend, KVM flavour, versions, host).  Every result a Machine returns has one;
+    ``None`` only in results built by hand."""
+    console_dropped: int = 0
+    """Console bytes dropped because the console's bound (``Console.capacity``) was reached."""
+
+    @property
+    def console_truncated(self) -> bool:
+        """Whether the guest printed more than the console keeps (``console`` is cut; see ``console_dropped``)."""
+        return self.console_dropped > 0
 
     @property
     def exits(self) -> dict[str, int]:

@@ -1,12 +1,15 @@
-"""Every shipped guest on every backend, and the same guest on both (differential)."""
+"""Every shipped guest on every backend, and the same guest on both (differential: registers, RAM, exits)."""
 
 from __future__ import annotations
+
+import dataclasses
+import time
 
 import pytest
 
 from backends import HAS_KVM, NO_KVM_REASON
 from labkit import Guest, Machine, list_guests
-from labkit.vmm.status import KINDS
+from labkit.vmm.status import KINDS, StatusKind
 
 GUESTS = {guest.name: guest for guest in list_guests()}
 DETERMINISTIC = [name for name, guest in GUESTS.items() if guest.expected.get("status") != "timeout"]
@@ -22,7 +25,7 @@ def test_shipped_guest_behaves_as_its_manifest_says(name, backend_name):
     timeout = 0.5 if expected["status"] == "timeout" else 10
     with Machine(name, backend=backend_name) as machine:
         result = machine.run(timeout=timeout)
-    assert result.status.kind == expected["status"], (str(result.status), result.console)
+    assert result.status.kind is StatusKind(expected["status"]), (str(result.status), result.console)
     if "console" in expected:
         assert result.console == expected["console"]
     if "exit_code" in expected:
@@ -32,20 +35,98 @@ def test_shipped_guest_behaves_as_its_manifest_says(name, backend_name):
     assert len(result.trace) >= 1
 
 
+def final_state(name: str, backend: str):
+    with Machine(name, backend=backend) as machine:
+        result = machine.run(timeout=10)
+        return result, machine.sregs(), machine.read_memory(0, machine.memory_size)
+
+
+def differences(kvm, emu) -> dict:
+    """Everything that differs between two runs' (result, sregs, RAM): ``{name: (kvm value, emu value)}``."""
+    (rk, sk, mk), (re, se, me) = kvm, emu
+    out = {}
+    if rk.console != re.console:
+        out["console"] = (rk.console, re.console)
+    if str(rk.status) != str(re.status):
+        out["status"] = (str(rk.status), str(re.status))
+    for name, value in rk.regs.as_dict().items():
+        if value != getattr(re.regs, name):
+            out[f"regs.{name}"] = (value, getattr(re.regs, name))
+    for field in dataclasses.fields(sk):
+        a, b = getattr(sk, field.name), getattr(se, field.name)
+        if dataclasses.is_dataclass(a):
+            for part in dataclasses.fields(a):
+                if getattr(a, part.name) != getattr(b, part.name):
+                    out[f"sregs.{field.name}.{part.name}"] = (getattr(a, part.name), getattr(b, part.name))
+        elif a != b:
+            out[f"sregs.{field.name}"] = (a, b)
+    if mk != me:
+        for index in (i for i in range(len(mk)) if mk[i] != me[i]):
+            out[f"ram[{index:#x}]"] = (mk[index], me[index])
+    exits_kvm, exits_emu = rk.trace.by_reason(), re.trace.by_reason()
+    for reason in sorted(set(exits_kvm) | set(exits_emu)):
+        if exits_kvm.get(reason) != exits_emu.get(reason):
+            out[f"exits.{reason}"] = (exits_kvm.get(reason), exits_emu.get(reason))
+    return out
+
+
+def flat_data_vs_null(register: str) -> dict:
+    """A flat ring-0 data segment on KVM where the emulator has the null selector."""
+    return {f"sregs.{register}.{name}": values for name, values in (
+        ("limit", (0xFFFF_FFFF, 0)), ("selector", (0x10, 0)), ("type", (3, 0)), ("present", (1, 0)),
+        ("db", (1, 0)), ("s", (1, 0)), ("g", (1, 0)), ("unusable", (0, 1)))}
+
+
+RF = 1 << 16
+"""RFLAGS.RF: set in the RFLAGS image a fault pushes (SDM vol. 3, 6.13 and 18.3.1.1)."""
+
+KNOWN_DIFFERENCES = {
+    # Measured on kvm_pvm against unicorn 2.1.4.  Each entry is all that differs, exactly.
+    # The emulator's exception delivery does not set RF in the pushed RFLAGS of a fault (KVM does,
+    # as the SDM says): the default fault stub reports the pushed image, so the final RFLAGS and
+    # the frame's byte 2 of RFLAGS differ by RF.
+    "triplefault64": {"regs.rflags": (0x2 | RF, 0x2)},
+    "fault64": {"regs.rflags": (0x2 | RF, 0x2), "ram[0x7ffea]": (RF >> 16, 0)},
+    # A null SS: the emulator reports it unusable (derived from present = 0), KVM does not.
+    "compute64": {"sregs.ss.unusable": (0, 1)},
+    # rings64 takes other exceptions under PVM (ring-3 `int 0x80` is #UD, sysretq #GP: see
+    # test_rings.py), so its kernel records 8 more events (MMIO 96 vs 88), counts 24 entries
+    # instead of 22 (0x843c) and leaves other bytes on its stack; PVM reloads the flat data
+    # segments where the CPU (and the emulator) leave null selectors after returning to ring 3;
+    # KVM reports TR busy (11) where QEMU's LTR leaves the available type (9) in the cache; the
+    # last fault's frame has RF; and the final arithmetic flags differ in PF.
+    "rings64": {
+        "regs.rflags": (0x6, 0x2),
+        **flat_data_vs_null("ds"), **flat_data_vs_null("es"), **flat_data_vs_null("fs"), **flat_data_vs_null("gs"),
+        "sregs.ss.unusable": (0, 1), "sregs.tr.type": (11, 9),
+        "ram[0x843c]": (24, 22), "ram[0x6ffb0]": (0x83, 0xC4), "ram[0x6ffea]": (RF >> 16, 0),
+        "exits.MMIO": (96, 88),
+    },
+}
+
+
 @pytest.mark.kvm
 @pytest.mark.skipif(not HAS_KVM, reason=NO_KVM_REASON)
 @pytest.mark.parametrize("name", sorted(DETERMINISTIC))
 def test_same_guest_same_behaviour_on_kvm_and_emulation(name):
-    results = {}
-    for backend in ("kvm", "emu"):
-        with Machine(name, backend=backend) as machine:
-            results[backend] = machine.run(timeout=10)
-    kvm, emu = results["kvm"], results["emu"]
-    assert kvm.console == emu.console
-    assert str(kvm.status) == str(emu.status)
-    assert kvm.regs.gprs() == emu.regs.gprs(), "final general-purpose registers differ"
-    assert kvm.regs.rip == emu.regs.rip
-    assert kvm.trace.by_reason().get("IO") == emu.trace.by_reason().get("IO")
+    """Console, status, every register (segment and control registers too), every byte of RAM and
+    the exit counts are the same on both backends, except exactly the differences listed above."""
+    kvm, emu = final_state(name, "kvm"), final_state(name, "emu")
+    assert differences(kvm, emu) == KNOWN_DIFFERENCES.get(name, {})
+
+
+@pytest.mark.unit
+def test_the_differential_comparison_sees_a_single_byte_and_a_single_flag():
+    from labkit.trace import ExitTrace
+    from labkit.vmm.status import RunResult, Status
+    from labkit.x86.state import Regs, SRegs
+
+    def run(rflags: int, byte: int):
+        result = RunResult(Status(StatusKind.HALTED), "", Regs(rflags=rflags), ExitTrace(), "x", 0.0)
+        return result, SRegs(), bytes([0, byte])
+
+    assert differences(run(2, 0), run(2, 0)) == {}
+    assert differences(run(2 | RF, 1), run(2, 0)) == {"regs.rflags": (2 | RF, 2), "ram[0x1]": (1, 0)}
 
 
 def test_hello_exits_once_per_port_access(backend_name):
@@ -60,12 +141,37 @@ def test_hello_exits_once_per_port_access(backend_name):
     assert result.trace[len(result.trace.records) - 1].reason == "HLT"
 
 
+def exit_key(record):
+    return record.reason, record.rip, record.address, record.direction, record.data
+
+
+@pytest.mark.parametrize("name", sorted(GUESTS))
+def test_steps_end_within_the_timeout_with_the_same_exits_as_run(name, backend_name):
+    timeout = 0.5 if GUESTS[name].expected["status"] == "timeout" else 10
+    with Machine(name, backend=backend_name) as machine:
+        ran = machine.run(timeout=timeout)
+    with Machine(name, backend=backend_name) as machine:
+        started = time.monotonic()
+        stepped = list(machine.steps(timeout=timeout))
+        elapsed = time.monotonic() - started
+        last = machine.last_result
+    assert elapsed < timeout + 2.0, f"steps() took {elapsed:.1f} s on a {timeout} s budget"
+    assert last.status.kind is ran.status.kind and last.console == ran.console
+    assert [record.seq for record in stepped] == list(range(len(stepped)))
+    assert [exit_key(record) for record in stepped] == [exit_key(record) for record in last.trace]
+    if ran.status.kind is StatusKind.TIMEOUT:  # how far a guest gets in its budget varies: the exits agree as far as both got
+        common = min(len(ran.trace.records), len(stepped)) - 1
+        assert [exit_key(r) for r in stepped[:common]] == [exit_key(r) for r in list(ran.trace)[:common]]
+    else:
+        assert [exit_key(record) for record in stepped] == [exit_key(record) for record in ran.trace]
+
+
 def test_steps_yield_every_exit_then_stop(backend_name):
     machine = Machine("hello16", backend=backend_name)
     records = list(machine.steps(timeout=10))
     assert [record.seq for record in records] == list(range(len(records)))
     assert records[-1].reason == "HLT"
-    assert machine.last_result.status.kind == "halted"
+    assert machine.last_result.status.kind is StatusKind.HALTED
     assert machine.last_result.console == "Hello from 16-bit mode!\n"
     machine.close()
 
@@ -99,7 +205,7 @@ def test_a_notebook_cell_guest_runs_in_each_mode(mode, backend_name):
 def test_fault_reports_vector_rip_and_registers(backend_name):
     guest = Guest.from_asm("mov rcx, 0x55\nmov rax, 0x1122334455667788\nud2\n", mode=64)
     result = Machine(guest, backend=backend_name).run(timeout=10)
-    assert result.status.kind == "fault"
+    assert result.status.kind is StatusKind.FAULT
     fault = result.status.fault
     assert fault.vector == 6 and fault.error_code is None
     assert fault.rip == guest.load_address + 7 + 10
@@ -111,7 +217,7 @@ def test_fault_reports_vector_rip_and_registers(backend_name):
 def test_page_fault_reports_cr2_and_error_code(backend_name):
     guest = Guest.from_asm("mov rax, 0x80000000\nmov rbx, [rax]\nhlt\n", mode=64)
     result = Machine(guest, backend=backend_name).run(timeout=10)
-    assert result.status.kind == "fault", str(result.status)
+    assert result.status.kind is StatusKind.FAULT, str(result.status)
     assert result.status.fault.vector == 14
     assert result.status.fault.cr2 == 0x80000000
     assert result.status.fault.error_code == 0  # not present, read, supervisor
@@ -120,4 +226,4 @@ def test_page_fault_reports_cr2_and_error_code(backend_name):
 def test_statuses_are_classified(backend_name):
     for name in ("triplefault64", "forever64", "exit64"):
         result = Machine(name, backend=backend_name).run(timeout=0.3)
-        assert result.status.kind in KINDS and result.status.kind != "running"
+        assert result.status.kind in KINDS and result.status.kind is not StatusKind.RUNNING

@@ -12,6 +12,7 @@ import pytest
 from labkit import Guest, Machine
 from labkit.backend import choose_backend
 from labkit.errors import BackendUnavailable, ConfigError, GuestFileError
+from labkit.vmm.devices import DeviceSpec
 from labkit.vmm.machine import check_timeout
 from labkit.vmm.status import KINDS
 
@@ -75,7 +76,7 @@ CRASH_PORT_GUEST = "mov al, 1\nout 0x80, al\nhlt\n"
 @pytest.mark.emu
 def test_an_emulator_crash_is_contained():
     guest = Guest.from_asm(CRASH_PORT_GUEST, mode=64)
-    machine = Machine(guest, backend="emu", devices=[("pio", 0x80, 1, Crash())])
+    machine = Machine(guest, backend="emu", devices=[DeviceSpec("crash", "pio", 0x80, 1, lambda context: Crash())])
     result = machine.run(timeout=2)
     assert result.status.kind == "error"
     assert "crashed (SIGSEGV)" in result.status.message
@@ -86,7 +87,7 @@ def test_an_emulator_crash_is_contained():
 @pytest.mark.emu
 def test_a_hung_emulator_is_stopped():
     guest = Guest.from_asm(CRASH_PORT_GUEST, mode=64)
-    machine = Machine(guest, backend="emu", devices=[("pio", 0x80, 1, Hang())])
+    machine = Machine(guest, backend="emu", devices=[DeviceSpec("hang", "pio", 0x80, 1, lambda context: Hang())])
     started = time.monotonic()
     result = machine.run(timeout=0.5)
     assert time.monotonic() - started < 0.5 + 1.5

@@ -26,6 +26,19 @@ class Console:
         self.output += data[:room]
         self.dropped += max(0, len(data) - room)
 
+    def reset(self) -> None:
+        """Empty, as at power-on."""
+        self.output = bytearray()
+        self.dropped = 0
+
+    def save(self) -> dict:
+        """What was received (``output``) and how many bytes were dropped past the capacity."""
+        return {"output": bytes(self.output), "dropped": self.dropped}
+
+    def restore(self, state: dict) -> None:
+        self.output = bytearray(state["output"][:self.capacity])
+        self.dropped = int(state["dropped"]) + max(0, len(state["output"]) - self.capacity)
+
     def text(self) -> str:
         """Everything received so far, decoded as UTF-8 (bad bytes replaced)."""
         return self.output.decode("utf-8", errors="replace")

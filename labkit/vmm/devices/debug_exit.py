@@ -6,6 +6,8 @@ bytes), not ``(value << 1) | 1``.  Reads return 0.
 
 from __future__ import annotations
 
+from labkit.errors import ConfigError
+
 from typing import Callable
 
 
@@ -18,3 +20,13 @@ class DebugExit:
 
     def read(self, offset: int, size: int) -> int:
         return 0
+
+    def reset(self) -> None:
+        """Nothing to reset: the port has no state of its own."""
+
+    def save(self) -> dict:
+        return {}
+
+    def restore(self, state: dict) -> None:
+        if state:
+            raise ConfigError(f"the debug-exit port has no state to restore, got {state!r}")

@@ -22,6 +22,7 @@ from collections import Counter
 from typing import Callable
 
 from labkit.errors import ConfigError
+from labkit.memory import GuestMemory
 
 HC_NOP = 0
 HC_WRITE = 1
@@ -40,12 +41,15 @@ class HypercallPort:
     """Dispatches hypercalls to registered handlers.
 
     ``regs`` returns the vCPU's general-purpose registers (a ``Regs``), ``memory``
-    is guest RAM, ``console`` receives what ``WRITE`` passes.
+    is guest memory (a :class:`GuestMemory`, or a memoryview of RAM at 0),
+    ``console`` receives what ``WRITE`` passes.  Its state (:meth:`save`) is the
+    last result and the call counts; the registered handlers are configuration.
     """
 
-    def __init__(self, regs: Callable[[], object], memory: memoryview, console: Callable[[bytes], None]):
+    def __init__(self, regs: Callable[[], object], memory: GuestMemory | memoryview,
+                 console: Callable[[bytes], None]):
         self._regs = regs
-        self._memory = memory
+        self._memory = memory if isinstance(memory, GuestMemory) else GuestMemory([(0, memory, False)])
         self._console = console
         self._handlers: dict[int, tuple[str, Handler]] = {}
         self.result = 0
@@ -76,7 +80,19 @@ class HypercallPort:
         return self.result & ((1 << (8 * size)) - 1)
 
     def _write(self, address: int, length: int, _rdx: int, _rsi: int) -> int:
-        if length > MAX_WRITE or address + length > len(self._memory):
+        if length > MAX_WRITE or not self._memory.contains(address, length):
             return to_u32(-errno.EFAULT)
-        self._console(bytes(self._memory[address:address + length]))
+        self._console(self._memory.read(address, length))
         return length
+
+    def reset(self) -> None:
+        """No result pending and no calls counted."""
+        self.result = 0
+        self.calls = Counter()
+
+    def save(self) -> dict:
+        return {"result": self.result, "calls": dict(self.calls)}
+
+    def restore(self, state: dict) -> None:
+        self.result = int(state["result"]) & 0xFFFFFFFF
+        self.calls = Counter({str(name): int(count) for name, count in state["calls"].items()})

@@ -10,6 +10,8 @@ timing.  What the guest transmits goes to a :class:`Console`.
 
 from __future__ import annotations
 
+from labkit.errors import ConfigError
+
 from labkit.vmm.devices.console import Console
 
 LSR_THRE = 0x20
@@ -23,14 +25,30 @@ LCR_DLAB = 0x80
 class Uart16550:
     """The guest's serial console."""
 
+    REGISTERS = ("ier", "lcr", "mcr", "scr", "dll", "dlm")
+    """The registers :meth:`save` keeps (the console keeps what was transmitted)."""
+
     def __init__(self, console: Console):
         self.console = console
+        self.reset()
+
+    def reset(self) -> None:
+        """Power-on values: 8N1 line control, divisor 1 (115200 baud), no interrupts enabled."""
         self.ier = 0
         self.lcr = 0x03
         self.mcr = 0
         self.scr = 0
         self.dll = 0x01
         self.dlm = 0x00
+
+    def save(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.REGISTERS}
+
+    def restore(self, state: dict[str, int]) -> None:
+        if set(state) != set(self.REGISTERS):
+            raise ConfigError(f"a 16550 state has the registers {', '.join(self.REGISTERS)}; got {sorted(state)}")
+        for name in self.REGISTERS:
+            setattr(self, name, int(state[name]) & 0xFF)
 
     def write(self, offset: int, size: int, value: int) -> None:
         value &= 0xFF

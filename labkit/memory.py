@@ -1,0 +1,102 @@
+"""``GuestMemory``: the one bounds-checked way the host reads and writes guest-physical memory.
+
+A guest's memory is one or more regions, each a ``memoryview`` at a
+guest-physical address (``Backend.regions()``: RAM at 0 first, then any
+region added with ``Backend.add_memory_region``).  Every host-side access to
+it (a hypercall's buffer, a fault frame, a device's DMA, ``Machine.read_memory``)
+goes through :class:`GuestMemory`, which checks that the whole range lies
+inside one region and raises :class:`labkit.errors.GuestMemoryError` naming the
+range otherwise.  The addresses come from the guest: treat them as hostile (the
+VENOM lesson); a range is never wrapped, clipped or split across regions.
+
+Writes by the host go straight to the region's memory, read-only regions
+included (the host loads what the guest may only read); they are not in the
+dirty log.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence, Union
+
+from labkit.errors import GuestMemoryError
+
+Region = tuple[int, memoryview, bool]
+"""``(guest_address, view, read_only)``, as ``Backend.regions()`` returns them."""
+
+RegionSource = Union[Sequence[Region], Callable[[], Sequence[Region]]]
+
+
+def regions_of(backend) -> Callable[[], Sequence[Region]]:
+    """The regions of ``backend``: ``backend.regions()``, or its RAM alone on a backend without regions."""
+    regions = getattr(backend, "regions", None)  # guard: remove once every backend has regions()
+    if regions is not None:
+        return regions
+    return lambda: [(0, backend.memory, False)]
+
+
+class GuestMemory:
+    """Bounds-checked access to guest-physical memory made of regions.
+
+    ``regions`` is a list of :data:`Region`, or a callable returning it (asked
+    at every access, so a region added later is seen).
+    """
+
+    __slots__ = ("_source",)
+
+    def __init__(self, regions: RegionSource):
+        self._source = regions
+
+    @classmethod
+    def of(cls, backend) -> "GuestMemory":
+        """The memory of a :class:`labkit.backend.Backend`."""
+        return cls(regions_of(backend))
+
+    def regions(self) -> Sequence[Region]:
+        source = self._source
+        return source() if callable(source) else source
+
+    def _find(self, address: int, size: int) -> tuple[memoryview, int] | None:
+        if isinstance(address, bool) or not isinstance(address, int) or isinstance(size, bool) \
+                or not isinstance(size, int) or address < 0 or size < 0:
+            return None
+        for base, view, _read_only in self.regions():
+            if base <= address and address + size <= base + len(view):
+                return view, address - base
+        return None
+
+    def _locate(self, address: int, size: int) -> tuple[memoryview, int]:
+        found = self._find(address, size)
+        if found is None:
+            raise GuestMemoryError(self._describe(address, size))
+        return found
+
+    def _describe(self, address, size) -> str:
+        if not isinstance(address, int) or not isinstance(size, int) or size < 0:
+            return f"guest memory range (address {address!r}, size {size!r}) is not a pair of whole numbers"
+        spans = ", ".join(f"[{base:#x}, {base + len(view):#x})" for base, view, _ in self.regions())
+        return (f"guest-physical range [{address:#x}, {address + size:#x}) is not inside one memory region "
+                f"(regions: {spans or 'none'})")
+
+    def contains(self, address: int, size: int) -> bool:
+        """Whether ``[address, address + size)`` lies inside one region."""
+        return self._find(address, size) is not None
+
+    def read(self, address: int, size: int) -> bytes:
+        """A copy of ``size`` bytes at guest-physical ``address``."""
+        view, offset = self._locate(address, size)
+        return bytes(view[offset:offset + size])
+
+    def write(self, address: int, data: bytes) -> None:
+        """Store ``data`` at guest-physical ``address`` (not logged as dirty: the host wrote it)."""
+        data = bytes(data)
+        view, offset = self._locate(address, len(data))
+        view[offset:offset + len(data)] = data
+
+    def view(self, address: int, size: int) -> memoryview:
+        """A live view of ``size`` bytes at ``address`` (no copy; valid while the machine is open)."""
+        view, offset = self._locate(address, size)
+        return view[offset:offset + size]
+
+    def __repr__(self) -> str:
+        spans = ", ".join(f"{base:#x}+{len(view):#x}{' ro' if ro else ''}" for base, view, ro in self.regions())
+        return f"<GuestMemory {spans}>"

@@ -1,0 +1,85 @@
+"""How a device is given to a machine (:class:`DeviceSpec`) and what it may use (:class:`DeviceContext`).
+
+A device is built by the machine's core from a spec, inside the process
+where the core runs (a worker process on the emulation backend), so the guest's
+accesses and the caller's ``Machine.device_state(name)`` see the same object on
+every backend.  A device object built by the caller and copied into a worker
+would be a different object there: the caller's copy would never change.
+
+Every device has the device-state interface (:class:`StatefulDevice`):
+``reset()`` to its power-on state, ``save()`` to plain data (ints, bytes,
+strings, lists and dicts of them), ``restore(state)`` from what ``save``
+returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
+
+from labkit.errors import ConfigError
+from labkit.memory import GuestMemory
+from labkit.x86.state import Regs
+
+BUSES = ("pio", "mmio")
+
+
+@dataclass(frozen=True)
+class DeviceContext:
+    """What a device may use: guest memory, the vCPU's registers, interrupt lines, and a kick.
+
+    ``raise_irq``/``lower_irq`` drive a line of the machine's interrupt
+    controller and may be called from any thread; ``kick`` makes a running guest
+    leave the CPU at the next instruction boundary (so a line raised from
+    another thread is seen at once).
+    """
+
+    memory: GuestMemory
+    regs: Callable[[], Regs]
+    raise_irq: Callable[[int], None]
+    lower_irq: Callable[[int], None]
+    kick: Callable[[], None]
+
+
+@runtime_checkable
+class StatefulDevice(Protocol):
+    """A device model with the state interface every labkit device has."""
+
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def save(self) -> Any: ...
+
+    def restore(self, state: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A device to build into a machine: ``factory(context)`` returns it, placed at ``[base, base + length)``.
+
+    ``name`` identifies it for ``Machine.device_state(name)`` and in error
+    messages; ``bus`` is ``"pio"`` (I/O ports) or ``"mmio"`` (guest-physical
+    addresses with no RAM behind them).
+    """
+
+    name: str
+    bus: str
+    base: int
+    length: int
+    factory: Callable[[DeviceContext], Any]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"a device's name must be a non-empty string, not {self.name!r}")
+        if self.bus not in BUSES:
+            raise ConfigError(f"device {self.name!r}: bus must be 'pio' or 'mmio', not {self.bus!r}")
+        for field_name in ("base", "length"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"device {self.name!r}: {field_name} must be a whole number, not {value!r}")
+        if not callable(self.factory):
+            raise ConfigError(f"device {self.name!r}: factory must be callable as factory(context), "
+                              f"not {type(self.factory).__name__}")
