@@ -190,7 +190,7 @@ class MachineCore:
                 raise ConfigError(f"a device is a labkit.vmm.devices.DeviceSpec, not {type(spec).__name__}")
 
     def _attach_monitor(self, monitor, boot) -> None:
-        from labkit.monitor import forwarding
+        from labkit.vmm import forwarding
 
         if self.guest.mode != 64:
             raise ConfigError("a monitor runs long-mode (64-bit) guests")
