@@ -230,7 +230,7 @@ class Pit8254:
         """CE now: what the chip's counting element would hold (0..0xFFFF)."""
         if not self.counting:
             return self.count
-        clocks = int((self._clock() - self._t0) / self.period_s * self.reload)
+        clocks = int((self._clock() - self._t0) / self.period_s * self.reload + 1e-6)  # + float noise
         if self.mode == 2:
             return (self.reload - clocks % self.reload) & 0xFFFF
         if self.mode == 3:
@@ -304,7 +304,7 @@ class Pit8254:
 
     def save(self) -> PitState:
         with self._lock:
-            elapsed = int((self._clock() - self._t0) * 1e9) if self.counting else 0
+            elapsed = round((self._clock() - self._t0) * 1e9) if self.counting else 0
             return PitState(self.mode, self.access, self.count, self.programmed, self.counting, self.write_msb_next,
                             self.read_msb_next, self.latched, self.latch_msb_next, elapsed, self.edges,
                             self.periods, self.coalesced)

@@ -1,0 +1,354 @@
+"""The 8259A model and the InterruptController: ICW sequences, masking, priority, EOI, coalescing, threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from labkit.errors import ConfigError
+from labkit.vmm.devices.pic import Pic8259, PicState
+from labkit.vmm.interrupts import InterruptController, InterruptControllerState
+
+pytestmark = pytest.mark.unit
+
+COMMAND, DATA = 0, 1
+
+
+def initialised(base: int = 0x20, icw1: int = 0x11, icw4: int = 0x01, kick=None) -> InterruptController:
+    """A controller after the PC's sequence: ICW1, ICW2 = base, ICW3 (cascade only), ICW4; all unmasked."""
+    controller = InterruptController(kick=kick)
+    controller.write(COMMAND, 1, icw1)
+    controller.write(DATA, 1, base)
+    if not icw1 & 0x02:
+        controller.write(DATA, 1, 0x04)
+    controller.write(DATA, 1, icw4)
+    return controller
+
+
+def take(controller: InterruptController) -> int:
+    """What a backend does: the pending vector, injected, acknowledged."""
+    vector = controller.pending_vector()
+    assert vector is not None
+    controller.acknowledge_interrupt(vector)
+    return vector
+
+
+# -- initialization -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("icw1,icws", [(0x11, [0x28, 0x04, 0x01]), (0x13, [0x28, 0x01])],
+                         ids=["cascade-with-icw3", "single-without-icw3"])
+def test_icw_sequence_sets_the_vector_base_and_only_then_delivers(icw1, icws):
+    controller = InterruptController()
+    controller.raise_irq(0)
+    assert controller.pending_vector() is None, "an uninitialised PIC has no vector base"
+    controller.write(COMMAND, 1, icw1)
+    for value in icws:
+        assert not controller.chip.initialised
+        controller.write(DATA, 1, value)
+    assert controller.chip.initialised and controller.chip.vector_base == 0x28
+    controller.lower_irq(0)
+    controller.raise_irq(5)
+    assert controller.pending_vector() == 0x2D
+
+
+def test_icw1_forgets_requests_and_masks_and_selects_irr():
+    controller = initialised()
+    controller.write(DATA, 1, 0xF0)
+    controller.pulse_irq(1)
+    take(controller)
+    controller.pulse_irq(2)
+    controller.write(COMMAND, 1, 0x0B)  # OCW3: read ISR
+    assert controller.read(COMMAND, 1) == 0x02
+    controller.write(COMMAND, 1, 0x11)
+    assert (controller.chip.irr, controller.chip.isr, controller.chip.imr) == (0, 0, 0)
+    assert not controller.chip.read_isr and controller.pending_vector() is None
+
+
+def test_icw2_low_bits_are_the_level_not_the_base():
+    controller = initialised(base=0x27)
+    controller.pulse_irq(3)
+    assert controller.pending_vector() == 0x23
+
+
+def test_writes_in_the_wrong_order():
+    controller = InterruptController()
+    controller.write(DATA, 1, 0x20)  # "ICW2" before ICW1 is an OCW1: it sets IMR
+    assert controller.chip.imr == 0x20 and not controller.chip.initialised
+    controller.write(COMMAND, 1, 0x11)
+    controller.write(COMMAND, 1, 0x0B)  # an OCW3 in the middle of the sequence is done, and the sequence goes on
+    controller.write(DATA, 1, 0x40)
+    controller.write(COMMAND, 1, 0x11)  # ICW1 again restarts it
+    assert controller.chip.init_step == 2
+    for value in (0x50, 0x04, 0x01):
+        controller.write(DATA, 1, value)
+    assert controller.chip.vector_base == 0x50 and controller.chip.initialised
+
+
+# -- masking, priority, EOI --------------------------------------------------------------------------
+
+def test_a_masked_request_latches_in_irr_and_is_delivered_once_unmasked():
+    controller = initialised()
+    controller.write(DATA, 1, 0x01)  # OCW1: mask IR0
+    assert controller.pulse_irq(0)
+    assert controller.chip.irr == 0x01 and not controller.interrupt_pending and controller.pending_vector() is None
+    assert controller.read(DATA, 1) == 0x01
+    controller.write(DATA, 1, 0x00)
+    assert controller.interrupt_pending and controller.pending_vector() == 0x20
+
+
+def test_priority_ir0_highest_and_fully_nested():
+    controller = initialised()
+    controller.pulse_irq(3)
+    controller.pulse_irq(1)
+    assert take(controller) == 0x21
+    assert controller.pending_vector() is None, "IR3 waits while the higher IR1 is in service"
+    controller.pulse_irq(0)
+    assert take(controller) == 0x20, "IR0 preempts IR1"
+    assert controller.chip.isr == 0b011
+    controller.write(COMMAND, 1, 0x20)  # non-specific EOI: ends IR0, the highest in service
+    assert controller.chip.isr == 0b010 and controller.pending_vector() is None
+    controller.write(COMMAND, 1, 0x20)
+    assert take(controller) == 0x23
+    controller.write(COMMAND, 1, 0x63)  # specific EOI for level 3
+    assert controller.chip.isr == 0 and controller.delivered[:4] == [1, 1, 0, 1]
+
+
+def test_a_request_of_the_level_in_service_waits_for_its_eoi():
+    controller = initialised()
+    controller.pulse_irq(2)
+    take(controller)
+    controller.pulse_irq(2)
+    assert controller.pending_vector() is None and controller.chip.irr == 0x04
+    controller.write(COMMAND, 1, 0x62)
+    assert controller.pending_vector() == 0x22
+
+
+def test_automatic_eoi_leaves_isr_clear():
+    controller = initialised(icw4=0x03)
+    controller.pulse_irq(4)
+    take(controller)
+    assert controller.chip.isr == 0
+    controller.pulse_irq(4)
+    assert controller.pending_vector() == 0x24
+
+
+def test_ocw3_reads_irr_or_isr_and_data_reads_imr():
+    controller = initialised()
+    controller.write(DATA, 1, 0xF0)
+    controller.pulse_irq(1)
+    controller.pulse_irq(2)
+    take(controller)
+    assert controller.read(COMMAND, 1) == 0x04  # IRR after ICW1
+    controller.write(COMMAND, 1, 0x0B)
+    assert controller.read(COMMAND, 1) == 0x02  # ISR
+    controller.write(COMMAND, 1, 0x0A)
+    assert controller.read(COMMAND, 1) == 0x04
+    assert controller.read(DATA, 1) == 0xF0
+
+
+# -- lines, coalescing, the hot-path flag and kick -------------------------------------------------------
+
+def test_edges_coalesce_in_irr_and_are_counted():
+    controller = initialised()
+    assert controller.pulse_irq(0)
+    assert not controller.pulse_irq(0) and not controller.pulse_irq(0)
+    assert controller.coalesced[0] == 2
+    take(controller)
+    controller.write(COMMAND, 1, 0x20)
+    assert controller.pending_vector() is None and controller.delivered[0] == 1
+
+
+def test_only_a_rising_edge_requests():
+    controller = initialised()
+    assert controller.raise_irq(6)
+    take(controller)
+    controller.write(COMMAND, 1, 0x20)
+    assert not controller.raise_irq(6), "the line is still high: no edge"
+    assert controller.pending_vector() is None
+    controller.lower_irq(6)
+    assert controller.raise_irq(6)
+    assert controller.pending_vector() == 0x26
+
+
+def test_kick_only_when_an_interrupt_becomes_pending():
+    kicks = []
+    controller = initialised(kick=lambda: kicks.append(1))
+    controller.write(DATA, 1, 0x02)
+    controller.pulse_irq(1)
+    assert kicks == [] and not controller.interrupt_pending, "masked: nothing to interrupt the guest for"
+    controller.pulse_irq(0)
+    assert kicks == [1] and controller.interrupt_pending
+    controller.pulse_irq(3)
+    assert kicks == [1], "already pending: the backend knows"
+    take(controller)
+    assert not controller.interrupt_pending, "IR3 waits below IR0 in service"
+    controller.write(COMMAND, 1, 0x20)
+    assert controller.interrupt_pending and kicks == [1], "the vCPU thread's own EOI: the backend re-reads the flag"
+
+
+def test_acknowledging_a_vector_not_requested_is_an_error():
+    controller = initialised()
+    with pytest.raises(ConfigError, match="not requested"):
+        controller.acknowledge_interrupt(0x20)
+    controller.pulse_irq(0)
+    with pytest.raises(ConfigError, match="vector 0x8"):
+        controller.acknowledge_interrupt(0x08)
+
+
+@pytest.mark.parametrize("line", [-1, 8, 1.0, True, None])
+def test_bad_lines_are_refused(line):
+    controller = initialised()
+    with pytest.raises(ConfigError, match="interrupt line"):
+        controller.raise_irq(line)
+
+
+# -- threads: wait, wake, armed -------------------------------------------------------------------------
+
+def test_wait_returns_when_another_thread_raises_a_line():
+    controller = initialised()
+    timer = threading.Timer(0.02, controller.pulse_irq, args=(0,))
+    timer.start()
+    started = time.monotonic()
+    assert controller.wait(5.0)
+    assert time.monotonic() - started < 2.0
+    timer.join()
+
+
+def test_wait_times_out_and_wake_ends_it_early():
+    controller = initialised()
+    started = time.monotonic()
+    assert not controller.wait(0.05)
+    assert time.monotonic() - started >= 0.05
+    controller.wake()  # before the wait: the next wait returns at once
+    started = time.monotonic()
+    assert not controller.wait(5.0)
+    assert time.monotonic() - started < 1.0
+    threading.Timer(0.02, controller.wake).start()
+    started = time.monotonic()
+    assert not controller.wait(5.0)
+    assert time.monotonic() - started < 2.0
+
+
+def test_armed_needs_an_initialised_pic_and_an_unmasked_armed_source():
+    controller = InterruptController()
+    controller.set_armed(0, True)
+    assert not controller.armed, "no vector base yet"
+    controller = initialised()
+    assert not controller.armed, "no source"
+    controller.set_armed(0, True)
+    assert controller.armed
+    controller.write(DATA, 1, 0x01)
+    assert not controller.armed, "its line is masked: nothing can wake a HLT"
+    controller.write(DATA, 1, 0x00)
+    controller.set_armed(0, False)
+    controller.pulse_irq(5)
+    assert controller.armed, "a pending interrupt wakes a HLT at once"
+
+
+# -- hostile guests, unmodelled features --------------------------------------------------------------------
+
+def test_offsets_past_the_two_ports_read_nothing_and_drop_writes():
+    controller = initialised()
+    controller.write(DATA, 1, 0x5A)
+    assert controller.read(2, 1) == 0xFF and controller.read(0x1000, 4) == 0xFFFFFFFF
+    controller.write(2, 1, 0x11)
+    controller.write(-1, 1, 0x11)
+    assert controller.chip.initialised and controller.chip.imr == 0x5A
+
+
+def test_a_word_access_is_two_byte_accesses():
+    controller = initialised()
+    controller.pulse_irq(1)
+    controller.write(DATA, 1, 0x33)
+    assert controller.read(COMMAND, 2) == 0x33 << 8 | 0x02  # IRR, then IMR
+    controller.write(COMMAND, 2, 0xC30A)  # OCW3 (read IRR) to 0x20, then IMR = 0xC3 to 0x21
+    assert controller.chip.imr == 0xC3
+
+
+@pytest.mark.parametrize("port,value,feature", [
+    (COMMAND, 0x19, "level-triggered"),
+    (COMMAND, 0x10, "MCS-80/85"),
+    (COMMAND, 0xA0, "rotate on non-specific EOI"),
+    (COMMAND, 0xC7, "set priority"),
+    (COMMAND, 0xE1, "rotate on specific EOI"),
+    (COMMAND, 0x80, "rotate in AEOI mode"),
+    (COMMAND, 0x68, "special mask mode"),
+    (COMMAND, 0x0C, "poll"),
+])
+def test_unmodelled_commands_are_named(port, value, feature):
+    controller = initialised()
+    with pytest.raises(NotImplementedError, match=feature):
+        controller.write(port, 1, value)
+
+
+@pytest.mark.parametrize("icw4,feature", [(0x00, "MCS-80/85"), (0x11, "special fully nested")])
+def test_unmodelled_icw4_modes_are_named(icw4, feature):
+    controller = InterruptController()
+    controller.write(COMMAND, 1, 0x13)
+    controller.write(DATA, 1, 0x20)
+    with pytest.raises(NotImplementedError, match=feature):
+        controller.write(DATA, 1, icw4)
+    assert not controller.chip.initialised
+
+
+def test_harmless_ocw_commands_change_nothing():
+    controller = initialised()
+    controller.pulse_irq(0)
+    take(controller)
+    for value in (0x40, 0x00, 0x48):  # no-op, rotate in AEOI (clear), reset special mask mode
+        controller.write(COMMAND, 1, value)
+    assert controller.chip.isr == 0x01
+
+
+# -- state ------------------------------------------------------------------------------------------------
+
+def test_save_restore_round_trip():
+    controller = initialised(base=0x30)
+    controller.write(DATA, 1, 0xF8)
+    controller.pulse_irq(1)
+    controller.pulse_irq(1)
+    take(controller)
+    controller.pulse_irq(0)
+    controller.raise_irq(2)
+    controller.write(COMMAND, 1, 0x0B)
+    state = controller.save()
+    copy = InterruptController()
+    copy.restore(state)
+    assert copy.save() == state
+    assert copy.interrupt_pending and copy.pending_vector() == 0x30
+    assert copy.read(COMMAND, 1) == 0x02  # ISR, as OCW3 selected
+    assert not copy.raise_irq(2), "line 2 was high when saved"
+
+
+def test_reset_is_power_on():
+    controller = initialised()
+    controller.pulse_irq(0)
+    controller.reset()
+    assert controller.save() == InterruptControllerState(PicState())
+    assert not controller.interrupt_pending
+
+
+@pytest.mark.parametrize("state", [
+    None,
+    PicState(),
+    InterruptControllerState(PicState(irr=0x100)),
+    InterruptControllerState(PicState(init_step=7)),
+    InterruptControllerState(PicState(), lines=-1),
+    InterruptControllerState(PicState(), coalesced=(0,) * 7),
+    InterruptControllerState(PicState(), delivered=(-1,) + (0,) * 7),
+])
+def test_restore_refuses_bad_state(state):
+    controller = initialised()
+    before = controller.save()
+    with pytest.raises(ConfigError):
+        controller.restore(state)
+    assert controller.save() == before
+
+
+def test_the_chip_alone_round_trips():
+    chip = Pic8259()
+    state = PicState(irr=1, isr=2, imr=3, icw1=0x11, icw2=0x20, icw3=4, icw4=1, init_step=0, read_isr=True)
+    chip.restore(state)
+    assert chip.save() == state
