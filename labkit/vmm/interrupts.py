@@ -186,7 +186,8 @@ class InterruptController:
         returns ``interrupt_pending``.  A :meth:`wake` before the wait makes it return at once."""
         with self._changed:
             if not self.interrupt_pending and not self._woken:
-                self._changed.wait_for(lambda: self.interrupt_pending or self._woken, min(max(timeout, 0.0), threading.TIMEOUT_MAX))
+                timeout = min(max(timeout, 0.0), threading.TIMEOUT_MAX)
+                self._changed.wait_for(lambda: self.interrupt_pending or self._woken, timeout)
             self._woken = False
             return self.interrupt_pending
 

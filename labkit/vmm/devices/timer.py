@@ -71,6 +71,10 @@ MODES = {0: 0, 2: 2, 3: 3, 6: 2, 7: 3}
 """Control-word M field -> the mode it selects (the datasheet's 6 and 7 are 2 and 3)."""
 
 
+def _other_channel(port: int) -> NotImplementedError:
+    return NotImplementedError(f"8254: channel {port} (port {PIT_PORT + port:#x}) is not modelled; only channel 0 is")
+
+
 class InterruptLines(Protocol):
     """What the timer needs from an interrupt controller (``labkit.vmm.interrupts.InterruptController``)."""
 
@@ -107,6 +111,20 @@ class PitState:
 class Pit8254:
     """8254 channel 0 driving ``line`` of ``interrupts`` (see the module docstring)."""
 
+    # Channel 0's registers, as in PitState (set by _load).
+    mode: int
+    access: int
+    count: int
+    programmed: bool
+    counting: bool
+    write_msb_next: bool
+    read_msb_next: bool
+    latched: int
+    latch_msb_next: bool
+    edges: int
+    periods: int
+    coalesced: int
+
     def __init__(self, interrupts: InterruptLines, line: int = IRQ_LINE, *,
                  clock: Callable[[], float] = time.monotonic):
         self._interrupts = interrupts
@@ -141,7 +159,7 @@ class Pit8254:
         if port == CHANNEL0_DATA:
             return self._read_counter()
         if port in (1, 2):
-            raise NotImplementedError(f"8254: channel {port} (port {PIT_PORT + port:#x}) is not modelled; only channel 0 is")
+            raise _other_channel(port)
         return 0xFF  # the control word register is write-only; nothing is beyond it
 
     def _write_byte(self, port: int, value: int) -> None:
@@ -150,7 +168,7 @@ class Pit8254:
         elif port == CONTROL:
             self._control_word(value)
         elif port in (1, 2):
-            raise NotImplementedError(f"8254: channel {port} (port {PIT_PORT + port:#x}) is not modelled; only channel 0 is")
+            raise _other_channel(port)
 
     def _control_word(self, value: int) -> None:
         select, access, mode, bcd = value >> 6, (value >> 4) & 3, (value >> 1) & 7, value & 1
