@@ -149,7 +149,7 @@ def test_preempt64_reaches_its_ring3_loop_with_the_tick_pending(backend_name):
     """Without injection (the backends' part) the ring-3 loop spins on; the kernel's set-up is checked."""
     core = HarnessCore(Guest.named("preempt64"), backend_name)
     try:
-        status = run_delivering_at_hlt(core, timeout=0.3)
+        status = run_delivering_at_hlt(core, timeout=1.0)
         regs, sregs = core.backend.get_regs(), core.backend.get_sregs()
         task = core.guest.load_address + core.guest.code.index(b"\xeb\xfe")  # jmp $
         assert status.kind == "timeout"

@@ -143,15 +143,16 @@ def test_the_latch_command_holds_the_count_until_both_bytes_are_read(make_pit):
 
 def test_each_period_is_an_edge_that_coalesces_while_irr_holds_the_last(make_pit, pic):
     pit = make_pit()
+    started = time.monotonic()
     program(pit, MODE2, 1193)  # 1 ms
     time.sleep(0.03)
     pit.write(CONTROL, 1, MODE2)  # stop, so the numbers hold still
+    elapsed = time.monotonic() - started
     state = pit.save()
-    assert state.periods >= 5, "about 30 periods passed"
-    assert state.periods <= 31
+    assert 5 <= state.periods <= elapsed / pit.period_s, "about 30 periods passed"
     assert pic.chip.irr == 0x01 and pic.delivered[0] == 0
     assert state.coalesced == state.periods - 1, "nobody took the first: every later edge was lost in IRR"
-    assert pic.coalesced[0] + (state.periods - 1 - pic.coalesced[0]) == state.coalesced
+    assert pic.coalesced[0] <= state.coalesced, "the PIC saw the pulses; edges a late wake-up bunched never reached it"
 
 
 def test_ticks_are_taken_one_by_one_when_acknowledged(make_pit, pic):
