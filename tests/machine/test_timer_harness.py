@@ -124,7 +124,7 @@ def test_timer64_takes_exactly_its_ticks_and_the_periods_account_for_them(backen
     records = [record for record in core.trace if record.reason == "INTERRUPT"]
     assert len(records) == 10 and {record.data for record in records} == {TIMER_VECTOR}
     assert core.interrupts.delivered[0] == 10
-    pic = core.interrupts.save().pic
+    pic = core.interrupts.save().master
     assert (pic.icw2, pic.imr, pic.isr) == (TIMER_VECTOR, 0xFF, 0), "vector base 0x20, all masked at the end, EOIs sent"
     pit = core.pit.save()
     assert not pit.counting, "the guest's last control word stopped the counter"

@@ -45,9 +45,9 @@ def test_icw_sequence_sets_the_vector_base_and_only_then_delivers(icw1, icws):
     assert controller.pending_vector() is None, "an uninitialised PIC has no vector base"
     controller.write(COMMAND, 1, icw1)
     for value in icws:
-        assert not controller.chip.initialised
+        assert not controller.master.initialised
         controller.write(DATA, 1, value)
-    assert controller.chip.initialised and controller.chip.vector_base == 0x28
+    assert controller.master.initialised and controller.master.vector_base == 0x28
     controller.lower_irq(0)
     controller.raise_irq(5)
     assert controller.pending_vector() == 0x2D
@@ -58,12 +58,12 @@ def test_icw1_forgets_requests_and_masks_and_selects_irr():
     controller.write(DATA, 1, 0xF0)
     controller.pulse_irq(1)
     take(controller)
-    controller.pulse_irq(2)
+    controller.pulse_irq(3)
     controller.write(COMMAND, 1, 0x0B)  # OCW3: read ISR
     assert controller.read(COMMAND, 1) == 0x02
     controller.write(COMMAND, 1, 0x11)
-    assert (controller.chip.irr, controller.chip.isr, controller.chip.imr) == (0, 0, 0)
-    assert not controller.chip.read_isr and controller.pending_vector() is None
+    assert (controller.master.irr, controller.master.isr, controller.master.imr) == (0, 0, 0)
+    assert not controller.master.read_isr and controller.pending_vector() is None
 
 
 def test_icw2_low_bits_are_the_level_not_the_base():
@@ -75,15 +75,15 @@ def test_icw2_low_bits_are_the_level_not_the_base():
 def test_writes_in_the_wrong_order():
     controller = InterruptController()
     controller.write(DATA, 1, 0x20)  # "ICW2" before ICW1 is an OCW1: it sets IMR
-    assert controller.chip.imr == 0x20 and not controller.chip.initialised
+    assert controller.master.imr == 0x20 and not controller.master.initialised
     controller.write(COMMAND, 1, 0x11)
     controller.write(COMMAND, 1, 0x0B)  # an OCW3 in the middle of the sequence is done, and the sequence goes on
     controller.write(DATA, 1, 0x40)
     controller.write(COMMAND, 1, 0x11)  # ICW1 again restarts it
-    assert controller.chip.init_step == 2
+    assert controller.master.init_step == 2
     for value in (0x50, 0x04, 0x01):
         controller.write(DATA, 1, value)
-    assert controller.chip.vector_base == 0x50 and controller.chip.initialised
+    assert controller.master.vector_base == 0x50 and controller.master.initialised
 
 
 # -- masking, priority, EOI --------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def test_a_masked_request_latches_in_irr_and_is_delivered_once_unmasked():
     controller = initialised()
     controller.write(DATA, 1, 0x01)  # OCW1: mask IR0
     assert controller.pulse_irq(0)
-    assert controller.chip.irr == 0x01 and not controller.interrupt_pending and controller.pending_vector() is None
+    assert controller.master.irr == 0x01 and not controller.interrupt_pending and controller.pending_vector() is None
     assert controller.read(DATA, 1) == 0x01
     controller.write(DATA, 1, 0x00)
     assert controller.interrupt_pending and controller.pending_vector() == 0x20
@@ -106,30 +106,30 @@ def test_priority_ir0_highest_and_fully_nested():
     assert controller.pending_vector() is None, "IR3 waits while the higher IR1 is in service"
     controller.pulse_irq(0)
     assert take(controller) == 0x20, "IR0 preempts IR1"
-    assert controller.chip.isr == 0b011
+    assert controller.master.isr == 0b011
     controller.write(COMMAND, 1, 0x20)  # non-specific EOI: ends IR0, the highest in service
-    assert controller.chip.isr == 0b010 and controller.pending_vector() is None
+    assert controller.master.isr == 0b010 and controller.pending_vector() is None
     controller.write(COMMAND, 1, 0x20)
     assert take(controller) == 0x23
     controller.write(COMMAND, 1, 0x63)  # specific EOI for level 3
-    assert controller.chip.isr == 0 and controller.delivered[:4] == [1, 1, 0, 1]
+    assert controller.master.isr == 0 and controller.delivered[:4] == [1, 1, 0, 1]
 
 
 def test_a_request_of_the_level_in_service_waits_for_its_eoi():
     controller = initialised()
-    controller.pulse_irq(2)
+    controller.pulse_irq(5)
     take(controller)
-    controller.pulse_irq(2)
-    assert controller.pending_vector() is None and controller.chip.irr == 0x04
-    controller.write(COMMAND, 1, 0x62)
-    assert controller.pending_vector() == 0x22
+    controller.pulse_irq(5)
+    assert controller.pending_vector() is None and controller.master.irr == 0x20
+    controller.write(COMMAND, 1, 0x65)
+    assert controller.pending_vector() == 0x25
 
 
 def test_automatic_eoi_leaves_isr_clear():
     controller = initialised(icw4=0x03)
     controller.pulse_irq(4)
     take(controller)
-    assert controller.chip.isr == 0
+    assert controller.master.isr == 0
     controller.pulse_irq(4)
     assert controller.pending_vector() == 0x24
 
@@ -138,13 +138,13 @@ def test_ocw3_reads_irr_or_isr_and_data_reads_imr():
     controller = initialised()
     controller.write(DATA, 1, 0xF0)
     controller.pulse_irq(1)
-    controller.pulse_irq(2)
+    controller.pulse_irq(3)
     take(controller)
-    assert controller.read(COMMAND, 1) == 0x04  # IRR after ICW1
+    assert controller.read(COMMAND, 1) == 0x08  # IRR after ICW1
     controller.write(COMMAND, 1, 0x0B)
     assert controller.read(COMMAND, 1) == 0x02  # ISR
     controller.write(COMMAND, 1, 0x0A)
-    assert controller.read(COMMAND, 1) == 0x04
+    assert controller.read(COMMAND, 1) == 0x08
     assert controller.read(DATA, 1) == 0xF0
 
 
@@ -197,7 +197,7 @@ def test_acknowledging_a_vector_not_requested_is_an_error():
         controller.acknowledge_interrupt(0x08)
 
 
-@pytest.mark.parametrize("line", [-1, 8, 1.0, True, None])
+@pytest.mark.parametrize("line", [-1, 16, 2, 1.0, True, None])
 def test_bad_lines_are_refused(line):
     controller = initialised()
     with pytest.raises(ConfigError, match="interrupt line"):
@@ -255,7 +255,7 @@ def test_offsets_past_the_two_ports_read_nothing_and_drop_writes():
     assert controller.read(2, 1) == 0xFF and controller.read(0x1000, 4) == 0xFFFFFFFF
     controller.write(2, 1, 0x11)
     controller.write(-1, 1, 0x11)
-    assert controller.chip.initialised and controller.chip.imr == 0x5A
+    assert controller.master.initialised and controller.master.imr == 0x5A
 
 
 def test_a_word_access_is_two_byte_accesses():
@@ -264,7 +264,7 @@ def test_a_word_access_is_two_byte_accesses():
     controller.write(DATA, 1, 0x33)
     assert controller.read(COMMAND, 2) == 0x33 << 8 | 0x02  # IRR, then IMR
     controller.write(COMMAND, 2, 0xC30A)  # OCW3 (read IRR) to 0x20, then IMR = 0xC3 to 0x21
-    assert controller.chip.imr == 0xC3
+    assert controller.master.imr == 0xC3
 
 
 @pytest.mark.parametrize("port,value,feature", [
@@ -290,7 +290,7 @@ def test_unmodelled_icw4_modes_are_named(icw4, feature):
     controller.write(DATA, 1, 0x20)
     with pytest.raises(NotImplementedError, match=feature):
         controller.write(DATA, 1, icw4)
-    assert not controller.chip.initialised
+    assert not controller.master.initialised
 
 
 def test_harmless_ocw_commands_change_nothing():
@@ -299,7 +299,7 @@ def test_harmless_ocw_commands_change_nothing():
     take(controller)
     for value in (0x40, 0x00, 0x48):  # no-op, rotate in AEOI (clear), reset special mask mode
         controller.write(COMMAND, 1, value)
-    assert controller.chip.isr == 0x01
+    assert controller.master.isr == 0x01
 
 
 # -- state ------------------------------------------------------------------------------------------------
@@ -311,7 +311,7 @@ def test_save_restore_round_trip():
     controller.pulse_irq(1)
     take(controller)
     controller.pulse_irq(0)
-    controller.raise_irq(2)
+    controller.raise_irq(4)
     controller.write(COMMAND, 1, 0x0B)
     state = controller.save()
     copy = InterruptController()
@@ -319,7 +319,7 @@ def test_save_restore_round_trip():
     assert copy.save() == state
     assert copy.interrupt_pending and copy.pending_vector() == 0x30
     assert copy.read(COMMAND, 1) == 0x02  # ISR, as OCW3 selected
-    assert not copy.raise_irq(2), "line 2 was high when saved"
+    assert not copy.raise_irq(4), "line 4 was high when saved"
 
 
 def test_reset_is_power_on():
@@ -337,7 +337,10 @@ def test_reset_is_power_on():
     InterruptControllerState(PicState(init_step=7)),
     InterruptControllerState(PicState(), lines=-1),
     InterruptControllerState(PicState(), coalesced=(0,) * 7),
-    InterruptControllerState(PicState(), delivered=(-1,) + (0,) * 7),
+    InterruptControllerState(PicState(), coalesced=[0] * 16),
+    InterruptControllerState(PicState(), slave=PicState(isr=-1)),
+    InterruptControllerState(PicState(), slave_int=1),
+    InterruptControllerState(PicState(), delivered=(-1,) + (0,) * 15),
 ])
 def test_restore_refuses_bad_state(state):
     controller = initialised()
@@ -352,3 +355,126 @@ def test_the_chip_alone_round_trips():
     state = PicState(irr=1, isr=2, imr=3, icw1=0x11, icw2=0x20, icw3=4, icw4=1, init_step=0, read_isr=True)
     chip.restore(state)
     assert chip.save() == state
+
+
+# -- the slave 8259A on IR2 ----------------------------------------------------------------------------------
+
+def pc_pair(kick=None) -> InterruptController:
+    """Master at vector 0x20 with a slave on IR2, slave at 0x28 with ID 2: what a PC BIOS sets up."""
+    controller = initialised(kick=kick)
+    slave = controller.slave_ports
+    slave.write(COMMAND, 1, 0x11)
+    for value in (0x28, 0x02, 0x01):
+        slave.write(DATA, 1, value)
+    return controller
+
+
+def test_a_slave_request_arrives_through_ir2_with_the_slaves_vector():
+    kicks = []
+    controller = pc_pair(kick=lambda: kicks.append(1))
+    assert controller.pulse_irq(9)
+    assert kicks == [1] and controller.pending_vector() == 0x29
+    assert take(controller) == 0x29
+    assert (controller.master.isr, controller.slave.isr) == (0x04, 0x02)
+    assert controller.delivered[9] == 1 and controller.delivered[2] == 0
+    controller.slave_ports.write(COMMAND, 1, 0x20)  # EOI to the slave, then to the master, as a PC's handler does
+    controller.write(COMMAND, 1, 0x20)
+    assert (controller.master.isr, controller.slave.isr) == (0, 0)
+
+
+def test_slave_lines_share_the_priority_of_ir2():
+    controller = pc_pair()
+    controller.pulse_irq(3)
+    controller.pulse_irq(12)
+    assert take(controller) == 0x2C, "IRQ 12 (at IR2) is above IRQ 3"
+    assert controller.pending_vector() is None, "IRQ 3 waits below IR2 in service"
+    controller.pulse_irq(1)
+    assert take(controller) == 0x21, "IRQ 1 preempts the slave's IRQ 12"
+    controller.pulse_irq(8)
+    assert controller.pending_vector() is None, "IRQ 8 is at IR2, which is in service"
+    controller.write(COMMAND, 1, 0x20)  # ends IR1
+    controller.slave_ports.write(COMMAND, 1, 0x20)  # ends IRQ 12 at the slave: IRQ 8 raises INT again
+    assert controller.pending_vector() is None, "IR2 is still in service at the master"
+    controller.write(COMMAND, 1, 0x20)  # ends IR2: the latched edge from the slave is delivered
+    assert take(controller) == 0x28
+
+
+def test_a_second_slave_request_is_delivered_after_the_first():
+    controller = pc_pair()
+    controller.pulse_irq(10)
+    controller.pulse_irq(11)
+    assert take(controller) == 0x2A
+    controller.slave_ports.write(COMMAND, 1, 0x20)
+    controller.write(COMMAND, 1, 0x20)
+    assert take(controller) == 0x2B
+
+
+def test_a_slave_request_masked_before_its_inta_is_a_spurious_irq15():
+    controller = pc_pair()
+    controller.pulse_irq(13)
+    assert controller.master.irr & 0x04
+    controller.slave_ports.write(DATA, 1, 0x20)  # mask IRQ 13 at the slave: the master's IR2 is latched already
+    assert controller.pending_vector() == 0x2F
+    controller.acknowledge_interrupt(0x2F)
+    assert (controller.master.isr, controller.slave.isr) == (0x04, 0), "no ISR bit at the slave for a spurious one"
+    assert controller.delivered[15] == 0
+    controller.write(COMMAND, 1, 0x20)
+    controller.slave_ports.write(DATA, 1, 0x00)  # IRQ 13, still in the slave's IRR, raises INT again
+    assert controller.pending_vector() == 0x2D
+    with pytest.raises(ConfigError, match="not requested at the slave"):
+        controller.acknowledge_interrupt(0x2C)
+    assert (controller.master.isr, controller.slave.isr) == (0, 0), "a refused acknowledge changes nothing"
+
+
+def test_without_the_cascade_the_slave_reaches_nothing():
+    controller = initialised(icw1=0x13)  # single mode: no ICW3, no slave
+    slave = controller.slave_ports
+    slave.write(COMMAND, 1, 0x13)
+    slave.write(DATA, 1, 0x28)
+    slave.write(DATA, 1, 0x01)
+    controller.set_armed(9, True)
+    controller.pulse_irq(9)
+    assert controller.slave.irr == 0x02 and controller.pending_vector() is None and not controller.armed
+    controller.pulse_irq(2 + 1)
+    assert controller.pending_vector() == 0x23, "IR2 is an ordinary input in single mode, IR3 still works"
+
+
+def test_slave_lines_are_armed_only_through_an_unmasked_ir2():
+    controller = pc_pair()
+    controller.set_armed(9, True)
+    assert controller.armed
+    controller.write(DATA, 1, 0x04)  # mask IR2 at the master
+    assert not controller.armed
+    controller.write(DATA, 1, 0x00)
+    controller.slave_ports.write(DATA, 1, 0x02)  # mask IRQ 9 at the slave
+    assert not controller.armed
+
+
+def test_slave_ports_read_and_keep_their_own_state():
+    controller = pc_pair()
+    controller.slave_ports.write(DATA, 1, 0x5A)
+    assert controller.slave_ports.read(DATA, 1) == 0x5A and controller.read(DATA, 1) == 0x00
+    assert controller.slave_ports.read(2, 1) == 0xFF
+    state = controller.slave_ports.save()
+    controller.slave_ports.reset()
+    assert not controller.slave.initialised
+    controller.slave_ports.restore(state)
+    assert controller.slave_ports.save() == state
+    with pytest.raises(ConfigError):
+        controller.slave_ports.restore(PicState(imr=0x1FF))
+    assert controller.slave_ports.save() == state
+
+
+def test_save_restore_round_trip_with_a_slave_request_in_service():
+    controller = pc_pair()
+    controller.pulse_irq(9)
+    take(controller)
+    controller.pulse_irq(10)
+    controller.raise_irq(15)
+    state = controller.save()
+    copy = InterruptController()
+    copy.restore(state)
+    assert copy.save() == state
+    copy.slave_ports.write(COMMAND, 1, 0x20)
+    copy.write(COMMAND, 1, 0x20)
+    assert take(copy) == 0x2A

@@ -10,7 +10,7 @@ offset 0 is the command port (0x20 on the PC's master), offset 1 the data port
 Modelled (what PC guests use):
 
 - the initialization sequence ICW1, ICW2 (vector base: T7-T3), ICW3 (when
-  ICW1.SNGL = 0; stored, no slave is wired) and ICW4 (when ICW1.IC4 = 1);
+  ICW1.SNGL = 0) and ICW4 (when ICW1.IC4 = 1);
   ICW1 clears IMR and ISR, forgets latched requests and selects IRR for reads;
 - OCW1: IMR (a masked request still latches in IRR, as on the chip);
 - OCW2: non-specific EOI, specific EOI, no-op, and "rotate in AEOI mode
@@ -25,8 +25,10 @@ Not modelled; the guest asking for one gets ``NotImplementedError`` naming it
 level-triggered mode (ICW1.LTIM), MCS-80/85 mode (ICW4.uPM = 0, which also
 follows from leaving out ICW4), special fully nested mode (ICW4.SFNM), priority
 rotation (OCW2 with R = 1, "set priority"), special mask mode (OCW3.SMM) and
-the poll command (OCW3.P).  Cascading: there is no slave; ICW3 is stored
-only.  The edge-sense latch follows the datasheet's "the IR input must make a
+the poll command (OCW3.P).  Cascading is the wiring of two chips
+(``labkit.vmm.interrupts``): a chip stores ICW3 and ICW4's BUF and M/S bits
+without acting on them (the wiring, not the buffered-mode pins, decides which
+chip is the slave).  The edge-sense latch follows the datasheet's "the IR input must make a
 low-to-high transition" but, as QEMU's model does, a request stays latched in
 IRR when the line falls again before it is acknowledged (a timer's pulse).
 """
