@@ -121,3 +121,103 @@ def test_an_unmodelled_pic_mode_is_a_device_error_naming_it(backend_name):
         with pytest.raises(errors.DeviceError, match="level-triggered") as caught:
             machine.run(timeout=10)
     assert "pic" in str(caught.value) and "0x20" in str(caught.value)
+
+
+# -- a device's interrupt through the slave PIC ---------------------------------------------------------
+
+DOORBELL_PORT = 0x300
+DOORBELL_GUEST = """
+        sidt [rip + idtr]
+        mov rdi, [rip + idtr + 2]
+        add rdi, 0x29 * 16              # IRQ 9 = slave IR1 = vector 0x29
+        lea rax, [rip + handler]
+        mov word ptr [rdi], ax
+        mov word ptr [rdi + 2], 0x08
+        mov word ptr [rdi + 4], 0x8E00
+        shr rax, 16
+        mov word ptr [rdi + 6], ax
+        mov dword ptr [rdi + 8], 0
+        mov dword ptr [rdi + 12], 0
+        mov al, 0x11                    # master: cascade, vector 0x20, slave on IR2, only IR2 unmasked
+        out 0x20, al
+        mov al, 0x20
+        out 0x21, al
+        mov al, 0x04
+        out 0x21, al
+        mov al, 0x01
+        out 0x21, al
+        mov al, 0xFB
+        out 0x21, al
+        mov al, 0x11                    # slave: vector 0x28, ID 2, only IR1 (IRQ 9) unmasked
+        out 0xA0, al
+        mov al, 0x28
+        out 0xA1, al
+        mov al, 0x02
+        out 0xA1, al
+        mov al, 0x01
+        out 0xA1, al
+        mov al, 0xFD
+        out 0xA1, al
+        sti
+        mov ecx, 1
+ring:   mov dx, {port}
+        out dx, al                      # the doorbell raises IRQ 9
+wait:   cmp [rip + count], ecx
+        jne wait
+        inc ecx
+        cmp ecx, 3
+        jbe ring
+        cli
+        mov eax, [rip + count]
+        out 0xF4, al
+handler:
+        push rax
+        inc dword ptr [rip + count]
+        mov al, 0x20
+        out 0xA0, al                    # EOI to the slave, then the master
+        out 0x20, al
+        pop rax
+        iretq
+count:  .long 0
+idtr:   .word 0
+        .quad 0
+"""
+
+
+class Doorbell:
+    """A port that raises IRQ 9 (a pulse) on every write; counts the writes."""
+
+    def __init__(self, context):
+        self._context = context
+        self.rings = 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.rings += 1
+        self._context.raise_irq(9)
+        self._context.lower_irq(9)
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def reset(self) -> None:
+        self.rings = 0
+
+    def save(self) -> dict:
+        return {"rings": self.rings}
+
+    def restore(self, state: dict) -> None:
+        self.rings = state["rings"]
+
+
+def test_a_devices_interrupt_arrives_through_the_slave_pic(backend_name):
+    from labkit.vmm.devices import DeviceSpec
+
+    guest = Guest.from_asm(DOORBELL_GUEST.format(port=DOORBELL_PORT), name="doorbell")
+    spec = DeviceSpec("doorbell", "pio", DOORBELL_PORT, 1, Doorbell)
+    with Machine(guest, backend=backend_name, devices=[spec]) as machine:
+        result = machine.run(timeout=10)
+        assert machine.device_state("doorbell") == {"rings": 3}
+        pic = machine.device_state("pic")
+    assert (result.status.kind, result.status.code) == ("exited", 3), str(result.status)
+    assert [record.data for record in interrupt_records(result)] == [0x29] * 3
+    assert pic.delivered[9] == 3 and (pic.master.isr, pic.slave.isr) == (0, 0)
