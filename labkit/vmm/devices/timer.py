@@ -272,29 +272,33 @@ class Pit8254:
             self._changed.notify_all()
 
     def _run(self) -> None:
-        """The timer thread: sleeps until OUT's next rising edge, then pulses the line (outside the lock)."""
+        """The timer thread: sleeps until OUT's next rising edge, then pulses the line.
+
+        The pulse (and the backend's kick it may cause) happens under this timer's lock, so
+        when a guest's write to the timer returns, no edge of the old programming is still
+        on its way, and ``save`` never sees an edge counted but not yet at the PIC.  Lock
+        order: this timer's, then the controller's, then (after the controller's is
+        released) the backend's kick; nothing takes them the other way round."""
         signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # no signal meant for a vCPU lands here
-        while True:
-            with self._changed:
-                while True:
-                    if self._closed:
-                        return
-                    if self.counting and not (self.mode == 0 and self.edges):
-                        now = self._clock()
-                        due = int((now - self._t0) / self.period_s) - self.edges
-                        if due > 0:
-                            break
-                        self._changed.wait(self._t0 + (self.edges + 1) * self.period_s - now)
-                    else:
-                        self._changed.wait()
+        with self._changed:
+            while True:
+                if self._closed:
+                    return
+                if not self.counting or (self.mode == 0 and self.edges):
+                    self._changed.wait()
+                    continue
+                now = self._clock()
+                due = int((now - self._t0) / self.period_s) - self.edges
+                if due <= 0:
+                    self._changed.wait(self._t0 + (self.edges + 1) * self.period_s - now)
+                    continue
                 if self.mode == 0:
                     due = 1  # OUT stays high until the next count or control word; CE counts on
                     self._interrupts.set_armed(self._line, False)
                 self.edges += due
                 self.periods += due
-                self.coalesced += due - 1
-            if not self._interrupts.pulse_irq(self._line):
-                with self._lock:
+                self.coalesced += due - 1  # edges this late wake-up bunched: the PIC sees one
+                if not self._interrupts.pulse_irq(self._line):
                     self.coalesced += 1
 
     # -- lifetime and device state -----------------------------------------------------------
