@@ -38,7 +38,9 @@ after power-on).  Reads of the write-only control word register return 0xFF.
 The ticks come from one thread per timer ("labkit-pit"), started when the
 guest first starts the counter, in the process that runs the guest (the
 timer must be built there: on emulation, by a device factory in the worker).
-:meth:`Pit8254.close` stops it.
+:meth:`Pit8254.close` stops it.  Not ``labkit.watchdog.WATCHDOG``: it calls
+its actions under its own lock, and a tick calls the backend's ``kick``, which
+takes the backend's lock, while a run arms the watchdog: a lock-order cycle.
 """
 
 from __future__ import annotations
@@ -66,7 +68,6 @@ IRQ_LINE = 0
 
 CHANNEL0_DATA, CONTROL = 0, 3
 RW_LATCH, RW_LSB, RW_MSB, RW_LSB_MSB = 0, 1, 2, 3
-PERIODIC_MODES = (2, 3)
 MODES = {0: 0, 2: 2, 3: 3, 6: 2, 7: 3}
 """Control-word M field -> the mode it selects (the datasheet's 6 and 7 are 2 and 3)."""
 
@@ -105,7 +106,10 @@ class PitState:
     edges: int = 0
     """Rising edges of OUT since the count was loaded."""
     periods: int = 0
+    """Rising edges of OUT since reset (host time / period while counting)."""
     coalesced: int = 0
+    """Edges that did not become a request of their own: IRR still held the last, or a late wake-up
+    of the timer thread bunched them."""
 
 
 class Pit8254:
