@@ -478,3 +478,14 @@ def test_save_restore_round_trip_with_a_slave_request_in_service():
     copy.slave_ports.write(COMMAND, 1, 0x20)
     copy.write(COMMAND, 1, 0x20)
     assert take(copy) == 0x2A
+
+
+def test_kick_runs_without_the_controllers_lock():
+    """A backend's kick may look at the controller (or take its own lock that a vCPU holds while calling in)."""
+    seen = []
+    controller = initialised(kick=lambda: seen.append(controller.pending_vector()))
+    raiser = threading.Thread(target=controller.pulse_irq, args=(4,))
+    raiser.start()
+    raiser.join(timeout=5)
+    assert not raiser.is_alive(), "kick was called with the controller's lock held: deadlock"
+    assert seen == [0x24]

@@ -299,3 +299,21 @@ def test_close_ends_the_timer_thread(make_pit, pic):
     assert thread is not None and thread.is_alive()
     pit.close()
     assert not thread.is_alive() and not pic.armed
+
+
+def test_a_timer_copied_into_a_forked_process_refuses_to_run(make_pit):
+    """Its thread and lock belong to the process that built it: the emulator's worker must build its own."""
+    import os
+
+    pit = make_pit(clock=ManualClock())
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            pit.write(CONTROL, 1, MODE2)
+        except ConfigError as error:
+            code = 0 if "another process" in str(error) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
