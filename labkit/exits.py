@@ -46,6 +46,10 @@ class ExitReason(IntEnum):
     """The run's time budget ran out (on KVM: ``KVM_EXIT_INTR`` after labkit's watchdog fired)."""
     EMULATOR_ERROR = 1001
     """Unicorn stopped with an error it could not express as an exit, crashed or hung."""
+    INTERRUPT = 1002
+    """An external interrupt the guest took (the PIC's vector went in: KVM_INTERRUPT on KVM, labkit's
+    delivery through the IDT on emulation); recorded when it is acknowledged, ``data`` = the vector.
+    Not an exit: the guest goes on, but each one is a trace record so ticks can be counted."""
 
 
 @dataclass(frozen=True, slots=True)
