@@ -17,7 +17,6 @@ stopped; a run that ended any other way is over.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from time import perf_counter_ns
@@ -37,12 +36,14 @@ from labkit.vmm.fault import FaultReporter
 from labkit.vmm.status import Origin, RunResult, Status, StatusKind
 from labkit.x86 import layout
 from labkit.x86.boot import RFLAGS_IF
+from labkit.vmm.devices.timer import PIT_PORT, Pit8254
+from labkit.vmm.interrupts import MASTER_PORT, SLAVE_PORT, InterruptController
 from labkit.x86.disasm import instruction_at
 from labkit.x86.state import Regs, SRegs
 
 IO = int(ExitReason.IO)
 MMIO = int(ExitReason.MMIO)
-_INTERRUPT = getattr(ExitReason, "INTERRUPT", None)  # added by the irq branch: a delivered interrupt
+INTERRUPT = int(ExitReason.INTERRUPT)
 
 LegacyDeviceSpec = tuple[str, int, int, Any]
 """``(bus, base, length, device)``: a device object built by the caller (in-process machines only)."""
@@ -57,52 +58,6 @@ class StepResult:
 
     records: tuple[ExitRecord, ...]
     status: Status
-
-
-class _LineLatch:
-    """Stand-in for ``labkit.vmm.interrupts.InterruptController`` until the irq branch is merged.
-
-    Lines latch when raised and clear when lowered or acknowledged; line n is vector 0x20 + n.
-    Nothing is armed (no timer), so a HLT halts.
-    """
-
-    def __init__(self, kick):
-        self._kick = kick
-        self._lines = 0
-        self._raised = threading.Condition()
-        self.interrupt_pending = False
-        self.armed = False
-
-    def raise_irq(self, line: int) -> None:
-        with self._raised:
-            self._lines |= 1 << line
-            self.interrupt_pending = True
-            self._raised.notify_all()
-        self._kick()
-
-    def lower_irq(self, line: int) -> None:
-        with self._raised:
-            self._lines &= ~(1 << line)
-            self.interrupt_pending = bool(self._lines)
-
-    def pending_vector(self) -> int | None:
-        lines = self._lines
-        return 0x20 + (lines & -lines).bit_length() - 1 if lines else None
-
-    def acknowledge_interrupt(self, vector: int) -> None:
-        self.lower_irq(vector - 0x20)
-
-    def wait(self, timeout: float) -> bool:
-        with self._raised:
-            return self._raised.wait_for(lambda: self._lines, timeout)
-
-
-def _interrupt_controller(kick):
-    try:
-        from labkit.vmm.interrupts import InterruptController
-    except ImportError:  # the irq branch is not merged yet
-        return _LineLatch(kick)
-    return InterruptController(kick=kick)
 
 
 class MachineCore:
@@ -129,7 +84,7 @@ class MachineCore:
         self.trace = ExitTrace() if trace_limit is None else ExitTrace(trace_limit)
         self.console = Console()
         self.buses = Buses(PortBus(), Bus("mmio", layout.MAPPED_LIMIT))
-        self.interrupts = interrupts if interrupts is not None else _interrupt_controller(self.kick)
+        self.interrupts = interrupts if interrupts is not None else InterruptController(kick=self.kick)
         self.devices: dict[str, Any] = {}
         """Every device by name: the built-in ones and those given as specs."""
         self._names: dict[int, str] = {}  # id(device) -> name, for error messages
@@ -176,6 +131,12 @@ class MachineCore:
         self.faults = FaultReporter(self.guest.mode, self.backend.get_regs, self.backend.get_sregs, self.memory,
                                     self._stopped_with)
         self._add("fault", "pio", layout.FAULT_PORT, 1, self.faults)
+        self.pit = None
+        if isinstance(self.interrupts, InterruptController):  # a PC's PICs and PIT (not a test's stand-in)
+            self._add("pic", "pio", MASTER_PORT, 2, self.interrupts)
+            self._add("pic-slave", "pio", SLAVE_PORT, 2, self.interrupts.slave_ports)
+            self.pit = Pit8254(self.interrupts)
+            self._add("pit", "pio", PIT_PORT, 4, self.pit)
         context = DeviceContext(memory=self.memory, regs=self.backend.get_regs,
                                 raise_irq=self.interrupts.raise_irq, lower_irq=self.interrupts.lower_irq,
                                 kick=self.kick)
@@ -256,8 +217,7 @@ class MachineCore:
     def acknowledge_interrupt(self, vector: int) -> None:
         """The backend delivered ``vector`` to the guest: the controller is told, and the trace records it."""
         self.interrupts.acknowledge_interrupt(vector)
-        if _INTERRUPT is not None:
-            self._record(int(_INTERRUPT), None, None, None, None, vector)
+        self._record(INTERRUPT, None, None, None, None, vector)
 
     def _record(self, reason: int, rip, address, size, is_write, data) -> None:
         """``ExitTrace.add`` (its common case inlined: it runs once per exit) plus the step's own copy."""
@@ -443,4 +403,6 @@ class MachineCore:
         return self.backend.describe()
 
     def close(self) -> None:
+        if self.pit is not None:
+            self.pit.close()
         self.backend.close()

@@ -117,6 +117,8 @@ class Machine:
         return f"<Machine {self.guest.name!r} on {self.backend}>"
 
     def _call(self, name: str, *args, timeout: float | None = None):
+        if not self._finalizer.alive:
+            raise ConfigError("this Machine is closed")
         if self._worker is None:
             return getattr(self._core, name)(*args)
         if timeout is None:
@@ -172,14 +174,12 @@ class Machine:
         With no run in progress, the next run returns ``paused`` at once.  Another
         ``run()`` continues the guest exactly where it stopped.
         """
+        if not self._finalizer.alive:
+            raise ConfigError("this Machine is closed")
         if self._worker is None:
             self._core.request_pause()
             return
-        poke = getattr(self._worker, "poke", None)  # guard: Worker.poke comes with the worker-lifetime branch
-        if poke is None:
-            raise ConfigError("pausing an emulated machine needs Worker.poke (not in this labkit yet); "
-                              "use isolate=False")
-        poke("request_pause")
+        self._worker.poke("request_pause")
 
     def device_state(self, name: str):
         """The named device's saved state (its ``save()``: plain data), read where the device lives."""

@@ -14,7 +14,6 @@ import pytest
 from labkit import Machine, list_guests
 from labkit.errors import LabkitError
 from labkit.vmm.status import StatusKind
-from labkit.vmm.worker import Worker
 
 GUESTS = {guest.name: guest for guest in list_guests()}
 DETERMINISTIC = sorted(name for name, guest in GUESTS.items() if guest.expected.get("status") != "timeout")
@@ -26,13 +25,8 @@ def final(machine: Machine):
     return machine.last_result, machine.sregs()
 
 
-ISOLATE = None if hasattr(Worker, "poke") else False
-"""Emulated machines run in their worker (as users run them) once ``Worker.poke`` exists to pause them
-there; until the worker-lifetime branch brings it, in-process."""
-
-
 def machine_for(name: str, backend: str) -> Machine:
-    return Machine(name, backend=backend, isolate=ISOLATE)
+    return Machine(name, backend=backend)  # emulated machines in their worker, as users run them
 
 
 def run_to_the_end(machine: Machine) -> list[StatusKind]:
