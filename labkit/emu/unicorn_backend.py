@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import threading
 import time
 import weakref
 from functools import partial
@@ -69,9 +70,10 @@ from unicorn import x86_const as X
 from labkit.emu import cpu_state as S
 from labkit.emu.cpu_state import CpuStateView
 from labkit.emu.delivery import DeliveryUnsupported, ExceptionDelivery, TripleFault
+from labkit.emu.halted import HaltedFlag
 from labkit.emu.native import NativeTrapReplay, load as load_native
 from labkit.errors import ConfigError, EmulatorError
-from labkit.exits import EmulatorFailure, Exit, Hlt, Io, Mmio, Shutdown, Timeout
+from labkit.exits import EmulatorFailure, Exit, Hlt, Interrupted, Io, Mmio, Shutdown, Timeout
 from labkit.watchdog import WATCHDOG
 from labkit.x86 import layout
 from labkit.x86.state import GPR_NAMES, DescriptorTable, Regs, Segment, SRegs
@@ -104,6 +106,8 @@ _lib.uc_hook_add.restype = _i32
 _lib.uc_mmio_map.argtypes = (_c_void_p, _u64, _u64, _c_void_p, _c_void_p, _c_void_p, _c_void_p)
 _lib.uc_mmio_map.restype = _i32
 _lib.uc_ctl.restype = _i32
+_lib.uc_hook_del.argtypes = (_c_void_p, ctypes.c_size_t)
+_lib.uc_hook_del.restype = _i32
 
 HOOK_INTR = ctypes.CFUNCTYPE(None, _c_void_p, _u32, _c_void_p)
 HOOK_SYSCALL = ctypes.CFUNCTYPE(None, _c_void_p, _c_void_p)
@@ -111,7 +115,10 @@ HOOK_IN = ctypes.CFUNCTYPE(_u32, _c_void_p, _u32, _i32, _c_void_p)
 HOOK_OUT = ctypes.CFUNCTYPE(None, _c_void_p, _u32, _i32, _u32, _c_void_p)
 MMIO_READ = ctypes.CFUNCTYPE(_u64, _c_void_p, _u64, ctypes.c_uint, _c_void_p)
 MMIO_WRITE = ctypes.CFUNCTYPE(None, _c_void_p, _u64, ctypes.c_uint, _u64, _c_void_p)
+HOOK_BLOCK = ctypes.CFUNCTYPE(None, _c_void_p, _u64, _u32, _c_void_p)
 _UC_CTL_TLB_FLUSH = (UC.UC_CTL_IO_WRITE << 30) | UC.UC_CTL_TLB_FLUSH  # UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)
+_UC_CTL_TB_FLUSH = (UC.UC_CTL_IO_WRITE << 30) | UC.UC_CTL_TB_FLUSH  # UC_CTL_WRITE(UC_CTL_TB_FLUSH, 0)
+_IF = 0x200
 
 
 def _check(status: int, what: str) -> None:
@@ -165,7 +172,20 @@ class _Engine:
         self.stop_value: int | None = None
         self.pending_fault: tuple[int, int] | None = None
         self.stopping = False
+        self.stop_access: Io | None = None
         self.replay: NativeTrapReplay | None = None
+        self.halted = HaltedFlag(self.uc, self.cpu.address)
+        # kick(): set from any thread under kick_lock; see EmuBackend.kick.
+        self.kick_lock = threading.Lock()
+        self.alive = True
+        self.kicked = False
+        self.running = False
+        self.kick_token: int | None = None
+        # External interrupts: whether this run's dispatcher has the interrupt members, and the
+        # UC_HOOK_BLOCK that watches for IF = 1 while an interrupt waits (installed only then).
+        self.irq = False
+        self.window_hook: ctypes.c_size_t | None = None
+        self.window_open = False
         self.callbacks = self._install_hooks()
 
     def read_eflags(self) -> int:
@@ -205,6 +225,8 @@ class _Engine:
                 dispatcher.pio(port, size, True, value, q[eip_index])
                 if dispatcher.stop:
                     engine.begin_stop(Io(port, size, True, value), None)
+                elif engine.irq and dispatcher.interrupt_pending and engine.interrupt_needs_stop():
+                    engine.begin_stop(Io(port, size, True, value), None, resume=True)
             except BaseException as error:  # noqa: BLE001 - re-raised after uc_emu_start returns
                 fail(error)
 
@@ -219,6 +241,8 @@ class _Engine:
                 value = dispatcher.pio(port, size, False, 0, q[eip_index]) & ((1 << (8 * size)) - 1)
                 if dispatcher.stop:
                     engine.begin_stop(Io(port, size, False, value), value)
+                elif engine.irq and dispatcher.interrupt_pending and engine.interrupt_needs_stop():
+                    engine.begin_stop(Io(port, size, False, value), value, resume=True)
                 return value
             except BaseException as error:  # noqa: BLE001
                 fail(error)
@@ -254,6 +278,8 @@ class _Engine:
                 if dispatcher.stop:
                     engine.stop = _MmioStop(base + offset, size, False, value)
                     engine.stop_run()
+                elif engine.irq and dispatcher.interrupt_pending and engine.interrupt_needs_stop():
+                    _lib.uc_emu_stop(handle)  # at the end of the block; later accesses go on normally
                 return value & ((1 << (8 * size)) - 1)
             except BaseException as error:  # noqa: BLE001
                 engine.hook_error = engine.hook_error or error
@@ -269,6 +295,8 @@ class _Engine:
                 if dispatcher.stop:
                     engine.stop = _MmioStop(base + offset, size, True, value)
                     engine.stop_run()
+                elif engine.irq and dispatcher.interrupt_pending and engine.interrupt_needs_stop():
+                    _lib.uc_emu_stop(handle)
             except BaseException as error:  # noqa: BLE001
                 engine.hook_error = engine.hook_error or error
                 engine.stop_run()
@@ -279,6 +307,18 @@ class _Engine:
             except BaseException as error:  # noqa: BLE001
                 engine.hook_error = engine.hook_error or error
                 engine.stop_run()
+
+        eflags_index, hflags_index = S.EFLAGS // 8, S.HFLAGS // 4
+        u32 = self.cpu.u32
+        inhibit = S.HF_INHIBIT_IRQ_MASK
+
+        def on_block(_uc, _address, _size, _user):
+            # Installed only while an interrupt waits: stop before the first block the guest can take it at.
+            if q[eflags_index] & _IF and not u32[hflags_index] & inhibit:
+                engine.window_open = True
+                _lib.uc_emu_stop(handle)
+
+        self.block_callback = HOOK_BLOCK(on_block)
 
         def open_bus_read(_uc, _offset, size, _user):
             return (1 << (8 * size)) - 1
@@ -373,14 +413,18 @@ class _Engine:
         cpu.load_segment(S.R_CS, selector, 0, 0xFFFFFFFF, code_flags)
         q[S.EIP // 8] = (target - 2) & 0xFFFF_FFFF_FFFF_FFFF
 
-    def begin_stop(self, exit_: Io | None, in_value: int | None, fault: tuple[int, int] | None = None) -> None:
+    def begin_stop(self, exit_: Io | None, in_value: int | None, fault: tuple[int, int] | None = None,
+                   resume: bool = False) -> None:
         """Called in an IN/OUT hook: freeze the state for an exact stop after this instruction.
 
         With ``fault`` the instruction is not allowed (CPL > IOPL and the TSS bitmap
         says no): the state is put back to before it and the fault delivered after the stop.
+        With ``resume`` the access was absorbed and the run goes on after the stop
+        (an interrupt became pending during it).
         """
         self.pending_fault = fault
-        self.stop = exit_
+        self.stop = None if resume else exit_
+        self.stop_access = exit_
         self.stop_state = bytes(self.cpu.bytes)
         self.stop_rip = self.cpu.q[S.EIP // 8]
         self.stop_value = in_value
@@ -403,8 +447,10 @@ class _Engine:
         self.cpu.bytes[:] = state
         _lib.uc_ctl(self.handle, _i32(_UC_CTL_TLB_FLUSH))
         self.cpu.q[S.EIP // 8] = self.stop_rip + length
-        if self.stop_value is not None and isinstance(self.stop, Io):
-            size = self.stop.size
+        # The I/O instruction completed: an interrupt shadow it sat in (after sti, mov ss) is over.
+        self.cpu.u32[S.HFLAGS // 4] &= ~S.HF_INHIBIT_IRQ_MASK
+        if self.stop_value is not None and self.stop_access is not None:
+            size = self.stop_access.size
             rax = self.cpu.q[0]
             if size == 4:
                 rax = self.stop_value  # writing EAX zero-extends into RAX
@@ -413,9 +459,83 @@ class _Engine:
                 rax = (rax & ~mask) | self.stop_value
             self.cpu.q[0] = rax
 
+    # --- kicks and external interrupts --------------------------------------------------------------
+
+    def take_kick(self) -> bool:
+        """In the run loop: whether a kick is pending; consumes it and stops its repeated uc_emu_stop."""
+        if not self.kicked:
+            return False
+        with self.kick_lock:
+            self.kicked = False
+            token, self.kick_token = self.kick_token, None
+        if token is not None:
+            WATCHDOG.disarm(token)
+        return True
+
+    def can_take_interrupt(self) -> bool:
+        """RFLAGS.IF = 1 and no interrupt shadow (QEMU's HF_INHIBIT_IRQ_MASK after sti, mov ss, pop ss)."""
+        return bool(self.cpu.q[S.EFLAGS // 8] & _IF) and not self.cpu.u32[S.HFLAGS // 4] & S.HF_INHIBIT_IRQ_MASK
+
+    def interrupt_needs_stop(self) -> bool:
+        """In a hook, with an interrupt pending: stop now (it can be taken, or the IF watch is not on yet)."""
+        return self.window_hook is None or self.can_take_interrupt()
+
+    def set_window_watch(self, on: bool) -> None:
+        """Install or remove the UC_HOOK_BLOCK that stops the run once IF = 1 and no shadow.
+
+        Unicorn decides at translation time whether a block calls a hook, so the
+        translated blocks are dropped both ways (UC_CTL_TB_FLUSH): with the hook,
+        every block calls it; without, the guest runs at full speed again.  Every
+        instruction that can set IF (sti, popf, iret, sysret) ends its block in
+        QEMU, and the one instruction in an interrupt shadow is a block of its
+        own, so a block boundary is where the guest first can take the interrupt.
+        """
+        if on == (self.window_hook is not None):
+            return
+        if on:
+            hook = ctypes.c_size_t()
+            _check(_lib.uc_hook_add(self.handle, ctypes.byref(hook), _i32(UC.UC_HOOK_BLOCK),
+                                    ctypes.cast(self.block_callback, _c_void_p), None, _u64(1), _u64(0)),
+                   "uc_hook_add (UC_HOOK_BLOCK)")
+            self.window_hook = hook
+        else:
+            hook, self.window_hook = self.window_hook, None
+            _check(_lib.uc_hook_del(self.handle, hook.value), "uc_hook_del (UC_HOOK_BLOCK)")
+        _lib.uc_ctl(self.handle, _i32(_UC_CTL_TB_FLUSH))
+
+    def inject_interrupt(self, dispatcher) -> Exit | None:
+        """Between runs, with ``dispatcher.interrupt_pending``: deliver the vector, or watch for IF.
+
+        The vector goes through the guest's IVT/IDT as an external interrupt (no
+        error code, no DPL check, the frame's RIP is the next instruction, IF
+        cleared by an interrupt gate), then ``acknowledge_interrupt`` is called.
+        """
+        if not self.can_take_interrupt():
+            self.set_window_watch(True)
+            return None
+        self.set_window_watch(False)
+        vector = dispatcher.pending_vector()
+        if vector is None:
+            return None
+        try:
+            self.delivery.deliver(vector, 0, False, external=True)
+        except TripleFault:
+            self.shutdown = True
+            return Shutdown()
+        except DeliveryUnsupported as error:
+            return EmulatorFailure(str(error))
+        finally:
+            dispatcher.acknowledge_interrupt(vector)
+        return None
+
     def close(self) -> None:
         if self.uc is None:
             return
+        with self.kick_lock:
+            token, self.kick_token = self.kick_token, None
+            self.alive = False
+        if token is not None:
+            WATCHDOG.disarm(token)
         self.delivery.release()
         self.cpu.release()
         release = self.uc._Uc__finalizer  # the binding's weakref.finalize: uc_close, exactly once
@@ -444,6 +564,16 @@ def _time_out(engine) -> None:
     """The watchdog's action at a run's deadline (from its own thread, as Unicorn's timeout thread would)."""
     engine.timed_out = True
     _lib.uc_emu_stop(engine.handle)
+
+
+_KICK_AGAIN_S = 0.002
+"""After a kick during a run, the watchdog stops the engine again this often until the run loop sees it."""
+
+
+def _kick_again(engine) -> None:
+    """The watchdog's repeat of a kick: a uc_emu_stop that landed just before uc_emu_start is lost there."""
+    if engine.kicked:
+        _lib.uc_emu_stop(engine.handle)
 
 
 class EmuBackend:
@@ -585,13 +715,51 @@ class EmuBackend:
             out.append(engine.ram[physical])
         return bytes(out)
 
+    def kick(self) -> None:
+        """End the run in progress at the next instruction boundary with :class:`~labkit.exits.Interrupted`.
+
+        Thread-safe.  ``uc_emu_stop`` ends emulation at the end of the
+        translated block being executed: every instruction up to there completes
+        (its port and MMIO accesses reach the dispatcher as usual), the vCPU state
+        is consistent and the next ``run`` continues there.  A stop that lands
+        just before ``uc_emu_start`` (which clears Unicorn's stop request) is
+        repeated by the watchdog every 2 ms until the run loop sees the kick.
+        A kick while no run is in progress makes the next ``run`` return
+        ``Interrupted`` at once without running guest code.
+        """
+        engine = self._engine
+        with engine.kick_lock:
+            if not engine.alive:
+                return
+            engine.kicked = True
+            if engine.running:
+                if engine.kick_token is None:
+                    engine.kick_token = WATCHDOG.arm(time.monotonic() + _KICK_AGAIN_S, partial(_kick_again, engine),
+                                                     repeat=_KICK_AGAIN_S)
+                _lib.uc_emu_stop(engine.handle)
+
     def run(self, dispatcher, timeout: float) -> Exit:
         engine = self._live()
         if timeout <= 0:
             raise ConfigError(f"timeout must be positive, not {timeout!r}")
+        with engine.kick_lock:
+            engine.running = True
+        try:
+            return self._run(engine, dispatcher, timeout)
+        finally:
+            with engine.kick_lock:
+                engine.running = False
+                token, engine.kick_token = engine.kick_token, None
+            if token is not None:
+                WATCHDOG.disarm(token)  # a kick not yet seen stays pending for the next run
+
+    def _run(self, engine: _Engine, dispatcher, timeout: float) -> Exit:
+        if engine.take_kick():
+            return Interrupted()
         if engine.shutdown:
             return Shutdown()
         engine.dispatcher = dispatcher
+        engine.irq = hasattr(dispatcher, "interrupt_pending")
         engine.delivery.flush()
         cpu = engine.cpu
         deadline = time.monotonic() + timeout
@@ -599,8 +767,16 @@ class EmuBackend:
         token = WATCHDOG.arm(deadline, partial(_time_out, engine), repeat=_STOP_AGAIN_S)
         try:
             while True:
+                if engine.take_kick():
+                    return Interrupted()
                 if engine.timed_out or time.monotonic() >= deadline:
                     return Timeout(budget_s=timeout)
+                if engine.irq and dispatcher.interrupt_pending:
+                    outcome = engine.inject_interrupt(dispatcher)
+                    if outcome is not None:
+                        return outcome
+                elif engine.window_hook is not None:
+                    engine.set_window_watch(False)
                 engine.clear_stop()
                 engine.stop = None
                 begin = cpu.q[S.EIP // 8]
@@ -629,7 +805,11 @@ class EmuBackend:
                         return Mmio(*stop)
                     return stop
                 if status == UC.UC_ERR_OK:
-                    return Timeout(budget_s=timeout) if engine.timed_out else Hlt()
+                    if engine.halted.value:
+                        return Hlt()  # RIP is after the hlt, as on KVM; a kick or deadline now waits for the next run
+                    if engine.window_open:
+                        engine.window_open = False
+                    continue  # stopped by a kick, the deadline, an interrupt or an absorbed I/O: checked at the top
                 if status == UC.UC_ERR_INSN_INVALID:
                     outcome = self._deliver_outside(6)
                     if outcome is not None:
@@ -647,6 +827,7 @@ class EmuBackend:
         finally:
             WATCHDOG.disarm(token)
             engine.dispatcher = None
+            engine.window_open = False
             engine.clear_stop()
 
     def _deliver_outside(self, vector: int, error_code: int = 0) -> Exit | None:
