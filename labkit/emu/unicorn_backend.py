@@ -108,6 +108,8 @@ _lib.uc_mmio_map.restype = _i32
 _lib.uc_ctl.restype = _i32
 _lib.uc_hook_del.argtypes = (_c_void_p, ctypes.c_size_t)
 _lib.uc_hook_del.restype = _i32
+_lib.uc_mem_map_ptr.argtypes = (_c_void_p, _u64, ctypes.c_size_t, _u32, _c_void_p)
+_lib.uc_mem_map_ptr.restype = _i32
 
 HOOK_INTR = ctypes.CFUNCTYPE(None, _c_void_p, _u32, _c_void_p)
 HOOK_SYSCALL = ctypes.CFUNCTYPE(None, _c_void_p, _c_void_p)
@@ -116,6 +118,8 @@ HOOK_OUT = ctypes.CFUNCTYPE(None, _c_void_p, _u32, _i32, _u32, _c_void_p)
 MMIO_READ = ctypes.CFUNCTYPE(_u64, _c_void_p, _u64, ctypes.c_uint, _c_void_p)
 MMIO_WRITE = ctypes.CFUNCTYPE(None, _c_void_p, _u64, ctypes.c_uint, _u64, _c_void_p)
 HOOK_BLOCK = ctypes.CFUNCTYPE(None, _c_void_p, _u64, _u32, _c_void_p)
+HOOK_WRITE_PROT = ctypes.CFUNCTYPE(ctypes.c_bool, _c_void_p, _i32, _u64, _i32, ctypes.c_int64, _c_void_p)
+_READ_EXEC = UC.UC_PROT_READ | UC.UC_PROT_EXEC
 _UC_CTL_TLB_FLUSH = (UC.UC_CTL_IO_WRITE << 30) | UC.UC_CTL_TLB_FLUSH  # UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)
 _UC_CTL_TB_FLUSH = (UC.UC_CTL_IO_WRITE << 30) | UC.UC_CTL_TB_FLUSH  # UC_CTL_WRITE(UC_CTL_TB_FLUSH, 0)
 _IF = 0x200
@@ -173,6 +177,15 @@ class _Engine:
         self.pending_fault: tuple[int, int] | None = None
         self.stopping = False
         self.stop_access: Io | None = None
+        # Memory beyond RAM: regions (guest address order), the MMIO pieces between them, the dirty log.
+        self.regions: list[_Region] = []
+        self.mmio_pieces: list[tuple[int, int]] = []
+        self.dirty: set[int] | None = None
+        self.dirty_new: list[int] = []
+        self.rom_write = False
+        self.rom_step = False
+        self.rom_undo: list[tuple[_Region, int, bytes]] = []
+        self.rom_writes: list[_MmioStop] = []
         self.replay: NativeTrapReplay | None = None
         self.halted = HaltedFlag(self.uc, self.cpu.address)
         # kick(): set from any thread under kick_lock; see EmuBackend.kick.
@@ -267,9 +280,7 @@ class _Engine:
                 engine.hook_error = engine.hook_error or error
                 engine.stop_run()
 
-        base = self.memory_size
-
-        def on_mmio_read(_uc, offset, size, _user):
+        def on_mmio_read(_uc, offset, size, base):  # base: the MMIO piece's start, its user data
             if engine.stopping:
                 return 0
             try:
@@ -286,7 +297,7 @@ class _Engine:
                 engine.stop_run()
                 return 0
 
-        def on_mmio_write(_uc, offset, size, value, _user):
+        def on_mmio_write(_uc, offset, size, value, base):
             if engine.stopping:
                 return
             try:
@@ -308,6 +319,42 @@ class _Engine:
                 engine.hook_error = engine.hook_error or error
                 engine.stop_run()
 
+        def on_write_prot(_uc, _type, address, size, value, _user):
+            # A store to a page that is not writable for Unicorn.  Returning False makes Unicorn stop
+            # exactly before the storing instruction (UC_ERR_WRITE_PROT); True lets the store land.
+            # - RAM frozen by begin_stop: False.
+            # - a read-only region: False, and the run loop steps that one instruction (rom_step) with
+            #   its stores allowed, reported as MMIO writes and undone afterwards;
+            # - a page the dirty log watches: log it, True, and stop at the end of the block so the run
+            #   loop makes the page writable (uc_mem_protect inside a store crashes Unicorn).
+            if engine.stopping:
+                return False
+            try:
+                if engine.read_only_at(address):
+                    if not engine.rom_step:
+                        engine.rom_write = True
+                        return False
+                    value &= (1 << (8 * size)) - 1
+                    region = next(r for r in engine.regions if r.address <= address < r.end)
+                    offset = address - region.address
+                    engine.rom_undo.append((region, offset, bytes(region.view[offset:offset + size])))
+                    engine.dispatcher.mmio(address, size, True, value, q[eip_index])
+                    engine.rom_writes.append(_MmioStop(address, size, True, value))
+                    return True
+                dirty = engine.dirty
+                if dirty is not None and engine.writable_at(address):
+                    page = address >> 12
+                    if page not in dirty:
+                        dirty.add(page)
+                        engine.dirty_new.append(page)
+                        _lib.uc_emu_stop(handle)
+                    return True
+                return False
+            except BaseException as error:  # noqa: BLE001
+                engine.hook_error = engine.hook_error or error
+                engine.stop_run()
+                return False
+
         eflags_index, hflags_index = S.EFLAGS // 8, S.HFLAGS // 4
         u32 = self.cpu.u32
         inhibit = S.HF_INHIBIT_IRQ_MASK
@@ -328,8 +375,10 @@ class _Engine:
 
         callbacks = [HOOK_OUT(on_out), HOOK_IN(on_in), HOOK_INTR(on_interrupt),
                      MMIO_READ(on_mmio_read), MMIO_WRITE(on_mmio_write),
-                     MMIO_READ(open_bus_read), MMIO_WRITE(open_bus_write), HOOK_SYSCALL(on_syscall)]
-        out_cb, in_cb, intr_cb, mmio_read, mmio_write, bus_read, bus_write, syscall_cb = callbacks
+                     MMIO_READ(open_bus_read), MMIO_WRITE(open_bus_write), HOOK_SYSCALL(on_syscall),
+                     HOOK_WRITE_PROT(on_write_prot)]
+        out_cb, in_cb, intr_cb, mmio_read, mmio_write, bus_read, bus_write, syscall_cb, write_prot_cb = callbacks
+        self.mmio_callbacks = (ctypes.cast(mmio_read, _c_void_p), ctypes.cast(mmio_write, _c_void_p))
         native = self.replay = self._native_replay(intr_cb)
         self.delivery.native = native
         # (hook type, callback, its user data, instruction): the C replay, where built, takes UC_HOOK_INTR.
@@ -337,16 +386,16 @@ class _Engine:
         for hook_type, callback, data, extra in ((UC.UC_HOOK_INSN, out_cb, None, X.UC_X86_INS_OUT),
                                                  (UC.UC_HOOK_INSN, in_cb, None, X.UC_X86_INS_IN),
                                                  (UC.UC_HOOK_INSN, syscall_cb, None, X.UC_X86_INS_SYSCALL),
-                                                 (UC.UC_HOOK_INTR, *intr, None)):
+                                                 (UC.UC_HOOK_INTR, *intr, None),
+                                                 (UC.UC_HOOK_MEM_WRITE_PROT, write_prot_cb, None, None)):
             hook = ctypes.c_size_t()
             args = [handle, ctypes.byref(hook), _i32(hook_type), ctypes.cast(callback, _c_void_p), _c_void_p(data),
                     _u64(1), _u64(0)]
             if extra is not None:
                 args.append(_i32(extra))
             _check(_lib.uc_hook_add(*args), "uc_hook_add")
-        if base < layout.MAPPED_LIMIT:
-            _check(_lib.uc_mmio_map(handle, base, layout.MAPPED_LIMIT - base, ctypes.cast(mmio_read, _c_void_p),
-                                    None, ctypes.cast(mmio_write, _c_void_p), None), "uc_mmio_map (MMIO)")
+        if self.memory_size < layout.MAPPED_LIMIT:
+            self.map_mmio(self.memory_size, layout.MAPPED_LIMIT)
         _check(_lib.uc_mmio_map(handle, layout.MAPPED_LIMIT, _OPEN_BUS_END - layout.MAPPED_LIMIT,
                                 ctypes.cast(bus_read, _c_void_p), None, ctypes.cast(bus_write, _c_void_p), None),
                "uc_mmio_map (empty bus)")
@@ -428,7 +477,8 @@ class _Engine:
         self.stop_state = bytes(self.cpu.bytes)
         self.stop_rip = self.cpu.q[S.EIP // 8]
         self.stop_value = in_value
-        _lib.uc_mem_protect(self.handle, 0, self.memory_size, UC.UC_PROT_READ | UC.UC_PROT_EXEC)
+        for start, size in self.writable_ranges():
+            _lib.uc_mem_protect(self.handle, start, size, _READ_EXEC)
         self.stop_run()
 
     def finish_stop(self, read_code) -> None:
@@ -436,7 +486,7 @@ class _Engine:
         if self.stop_state is None:
             return
         state, self.stop_state = self.stop_state, None
-        _check(_lib.uc_mem_protect(self.handle, 0, self.memory_size, UC.UC_PROT_ALL), "uc_mem_protect")
+        self.protect_writable()
         if self.pending_fault is not None:
             self.cpu.bytes[:] = state
             _lib.uc_ctl(self.handle, _i32(_UC_CTL_TLB_FLUSH))
@@ -458,6 +508,54 @@ class _Engine:
                 mask = (1 << (8 * size)) - 1
                 rax = (rax & ~mask) | self.stop_value
             self.cpu.q[0] = rax
+
+    # --- memory regions and the dirty log ----------------------------------------------------------
+
+    def map_mmio(self, start: int, end: int) -> None:
+        """Map [start, end) as MMIO reaching the dispatcher (the piece's start is the callbacks' user data)."""
+        read, write = self.mmio_callbacks
+        _check(_lib.uc_mmio_map(self.handle, start, end - start, read, _c_void_p(start), write, _c_void_p(start)),
+               "uc_mmio_map (MMIO)")
+        self.mmio_pieces.append((start, end))
+
+    def read_only_at(self, address: int) -> bool:
+        for region in self.regions:
+            if region.address <= address < region.end:
+                return region.read_only
+        return False
+
+    def writable_at(self, address: int) -> bool:
+        if address < self.memory_size:
+            return True
+        return any(region.address <= address < region.end and not region.read_only for region in self.regions)
+
+    def writable_ranges(self) -> list[tuple[int, int]]:
+        """(start, size) of RAM and every writable region."""
+        return [(0, self.memory_size)] + [(r.address, r.size) for r in self.regions if not r.read_only]
+
+    def protect_pages(self, pages: Iterable[int], prot: int) -> None:
+        """uc_mem_protect over runs of consecutive page frame numbers (never from inside a store: see on_write_prot)."""
+        run_start = previous = None
+        for page in sorted(pages):
+            if run_start is not None and page == previous + 1:
+                previous = page
+                continue
+            if run_start is not None:
+                _check(_lib.uc_mem_protect(self.handle, run_start << 12, (previous - run_start + 1) << 12, prot),
+                       "uc_mem_protect")
+            run_start = previous = page
+        if run_start is not None:
+            _check(_lib.uc_mem_protect(self.handle, run_start << 12, (previous - run_start + 1) << 12, prot),
+                   "uc_mem_protect")
+
+    def protect_writable(self) -> None:
+        """Writable memory as it should be between runs: all writable, or, while the dirty log is on,
+        read-only except the pages already logged."""
+        prot = UC.UC_PROT_ALL if self.dirty is None else _READ_EXEC
+        for start, size in self.writable_ranges():
+            _check(_lib.uc_mem_protect(self.handle, start, size, prot), "uc_mem_protect")
+        if self.dirty:
+            self.protect_pages(self.dirty, UC.UC_PROT_ALL)
 
     # --- kicks and external interrupts --------------------------------------------------------------
 
@@ -541,12 +639,34 @@ class _Engine:
         release = self.uc._Uc__finalizer  # the binding's weakref.finalize: uc_close, exactly once
         self.uc = None
         release()  # the engine goes before the RAM it points into
+        for region in self.regions:
+            region.release()
         self.ram.release()
         del self._anchor
         try:
             self.ram_map.close()
         except BufferError:
             pass  # someone still holds backend.memory; the mapping goes when they let go
+
+
+class _Region:
+    """A memory region beyond RAM: an anonymous mmap given to Unicorn with uc_mem_map_ptr."""
+
+    def __init__(self, address: int, size: int, read_only: bool):
+        self.address, self.size, self.end, self.read_only = address, size, address + size, read_only
+        self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._anchor = ctypes.c_char.from_buffer(self.map)
+        self.host_address = ctypes.addressof(self._anchor)
+        self.view = memoryview(self.map)
+
+    def release(self) -> None:
+        self.view.release()
+        del self._anchor
+        try:
+            self.map.close()
+        except BufferError:
+            pass  # a caller still holds the view; the mapping goes when they let go
 
 
 class _MmioStop(tuple):
@@ -779,12 +899,15 @@ class EmuBackend:
                     engine.set_window_watch(False)
                 engine.clear_stop()
                 engine.stop = None
-                begin = cpu.q[S.EIP // 8]
-                if self.mode == 16:
-                    begin = (cpu.u32[(S.SEGS + S.R_CS * S.SEGMENT_SIZE) // 4] << 4) + (begin & 0xFFFF)
+                begin = self._start_address()
                 status = _lib.uc_emu_start(engine.handle, begin, _NEVER, 0, 0)
+                exact_stop = engine.stop_state is not None
                 engine.finish_stop(self.read_linear)
                 cpu.i32[cpu.deep.old_exception // 4] = -1
+                if engine.dirty_new:  # first writes to watched pages: writable until the next fetch
+                    engine.protect_pages(engine.dirty_new, UC.UC_PROT_ALL)
+                    engine.dirty_new.clear()
+                rom_write, engine.rom_write = engine.rom_write, False
                 if engine.hook_error is not None:
                     error, engine.hook_error = engine.hook_error, None
                     raise error
@@ -804,6 +927,13 @@ class EmuBackend:
                     if isinstance(stop, _MmioStop):
                         return Mmio(*stop)
                     return stop
+                if exact_stop:
+                    continue  # an absorbed I/O with an interrupt pending
+                if status == UC.UC_ERR_WRITE_PROT and rom_write:
+                    outcome = self._step_over_read_only_store(dispatcher)
+                    if outcome is not None:
+                        return outcome
+                    continue
                 if status == UC.UC_ERR_OK:
                     if engine.halted.value:
                         return Hlt()  # RIP is after the hlt, as on KVM; a kick or deadline now waits for the next run
@@ -829,6 +959,133 @@ class EmuBackend:
             engine.dispatcher = None
             engine.window_open = False
             engine.clear_stop()
+
+    # --- memory beyond RAM and the dirty log ---------------------------------------------------------
+
+    def add_memory_region(self, guest_address: int, size: int, *, read_only: bool = False) -> memoryview:
+        """Map ``size`` bytes of new memory at ``guest_address``; returns the host's view of it.
+
+        The region is carved out of the MMIO range above RAM (``uc_mem_unmap`` of
+        that MMIO piece, ``uc_mmio_map`` of what remains on either side,
+        ``uc_mem_map_ptr`` of an anonymous mmap).  A read-only region (KVM's
+        KVM_MEM_READONLY) reads and executes as memory; a guest store to it is
+        dropped and reaches the dispatcher as an MMIO write (address, size,
+        value), through UC_HOOK_MEM_WRITE_PROT.  The run goes on after it;
+        when the dispatcher sets ``stop``, the run ends with that
+        :class:`~labkit.exits.Mmio` at the end of the translated block, as for
+        other MMIO.  Exception delivery (stack frames, descriptor tables) only
+        reaches RAM: a handler stack in a region is an
+        :class:`~labkit.exits.EmulatorFailure`.
+        """
+        engine = self._live()
+        for name, value in (("guest_address", guest_address), ("size", size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value % layout.PAGE_SIZE:
+                raise ConfigError(f"{name} must be a whole number of 4 KiB pages, not {value!r}")
+        if size == 0:
+            raise ConfigError("a memory region cannot be empty")
+        end = guest_address + size
+        if guest_address < engine.memory_size:
+            raise ConfigError(f"memory region [{guest_address:#x}, {end:#x}) overlaps RAM [0, {engine.memory_size:#x})")
+        if end > layout.MAPPED_LIMIT:
+            raise ConfigError(f"memory region [{guest_address:#x}, {end:#x}) ends above {layout.MAPPED_LIMIT:#x}, "
+                              "the end of guest-physical memory labkit maps")
+        for region in engine.regions:
+            if guest_address < region.end and region.address < end:
+                raise ConfigError(f"memory region [{guest_address:#x}, {end:#x}) overlaps the region "
+                                  f"[{region.address:#x}, {region.end:#x})")
+        piece = next(p for p in engine.mmio_pieces if p[0] <= guest_address and end <= p[1])
+        region = _Region(guest_address, size, read_only)
+        engine.uc.mem_unmap(piece[0], piece[1] - piece[0])
+        engine.mmio_pieces.remove(piece)
+        for start, stop in ((piece[0], guest_address), (end, piece[1])):
+            if start < stop:
+                engine.map_mmio(start, stop)
+        prot = _READ_EXEC if read_only or engine.dirty is not None else UC.UC_PROT_ALL
+        _check(_lib.uc_mem_map_ptr(engine.handle, guest_address, size, prot, _c_void_p(region.host_address)),
+               "uc_mem_map_ptr (memory region)")
+        engine.regions.append(region)
+        engine.regions.sort(key=lambda r: r.address)
+        return region.view
+
+    def regions(self) -> list[tuple[int, memoryview, bool]]:
+        """(guest_address, view, read_only) of RAM and every region, RAM first."""
+        engine = self._live()
+        return [(0, self.memory, False)] + [(r.address, r.view, r.read_only) for r in engine.regions]
+
+    def dirty_log_start(self) -> None:
+        """Log the pages the guest writes from now on: writable memory becomes read-only for Unicorn.
+
+        The first guest store to a page calls UC_HOOK_MEM_WRITE_PROT, which logs
+        the page and lets the store land; the run then stops once (at the end of
+        the translated block) to make that page writable, so later stores to it
+        cost nothing until the next fetch.  Stores by the host through the
+        views are not logged.  Call between runs.
+        """
+        engine = self._live()
+        if engine.dirty is None:
+            engine.dirty = set()
+            engine.protect_writable()
+
+    def dirty_log_fetch(self) -> list[int]:
+        """Sorted guest-physical page frame numbers written since the start or the last fetch; clears them."""
+        engine = self._live()
+        if engine.dirty is None:
+            raise ConfigError("the dirty log is not started (call dirty_log_start first)")
+        pages = sorted(engine.dirty)
+        engine.dirty = set()
+        engine.protect_pages(pages, _READ_EXEC)
+        return pages
+
+    def dirty_log_stop(self) -> None:
+        """Stop logging: all writable memory is writable for Unicorn again."""
+        engine = self._live()
+        if engine.dirty is not None:
+            engine.dirty = None
+            engine.protect_writable()
+
+    def _start_address(self) -> int:
+        """The ``begin`` argument of uc_emu_start for the current RIP (mode 16: CS.selector * 16 + IP)."""
+        cpu = self._engine.cpu
+        begin = cpu.q[S.EIP // 8]
+        if self.mode == 16:
+            begin = (cpu.u32[(S.SEGS + S.R_CS * S.SEGMENT_SIZE) // 4] << 4) + (begin & 0xFFFF)
+        return begin
+
+    def _step_over_read_only_store(self, dispatcher) -> Exit | None:
+        """Run the one instruction that stores to a read-only region, its stores reported and undone.
+
+        Unicorn stopped exactly before it.  It runs alone (``count`` = 1; the
+        translated blocks are dropped first, since Unicorn only counts in blocks
+        translated with its count hook), each store to read-only memory reaches
+        the dispatcher as an MMIO write and lands, and the bytes are put back
+        afterwards, last store first.
+        """
+        engine = self._engine
+        _lib.uc_ctl(engine.handle, _i32(_UC_CTL_TB_FLUSH))
+        engine.rom_step = True
+        try:
+            status = _lib.uc_emu_start(engine.handle, self._start_address(), _NEVER, 0, 1)
+        finally:
+            engine.rom_step = False
+            for region, offset, old in reversed(engine.rom_undo):
+                region.view[offset:offset + len(old)] = old
+            engine.rom_undo.clear()
+        writes, engine.rom_writes = engine.rom_writes, []
+        engine.cpu.i32[engine.cpu.deep.old_exception // 4] = -1
+        if engine.hook_error is not None:
+            error, engine.hook_error = engine.hook_error, None
+            raise error
+        if engine.shutdown:
+            return Shutdown()
+        if engine.failure is not None:
+            message, engine.failure = engine.failure, None
+            return EmulatorFailure(message)
+        if status not in (UC.UC_ERR_OK, UC.UC_ERR_WRITE_PROT):
+            return EmulatorFailure(f"Unicorn stopped at rip={engine.cpu.q[S.EIP // 8]:#x} while stepping a store "
+                                   f"to read-only memory: {_lib.uc_strerror(status).decode()}")
+        if writes and dispatcher.stop:
+            return Mmio(*writes[-1])
+        return None
 
     def _deliver_outside(self, vector: int, error_code: int = 0) -> Exit | None:
         """Deliver an exception after uc_emu_start returned (#UD, on which Unicorn stops; I/O #GP)."""
