@@ -29,8 +29,9 @@ from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_MODE_64, UC_PROT_ALL, Uc
 from labkit.emu.cpu_state import locate_state
 from labkit.errors import EmulatorError
 
-_SEARCH = 1 << 16
-"""How far before CPUX86State the back-pointer is searched for (it sits about 2.2 KiB before)."""
+_SEARCH = 1 << 14
+"""How far before CPUX86State the back-pointer is searched for (it sits about 2.2 KiB before, after
+CPUState's 32 KiB tb_jmp_cache; further back lie other objects, which may point at the engine too)."""
 
 _offsets: tuple[int, int] | None = None  # (halted, uc back-pointer), relative to CPUX86State
 
@@ -63,12 +64,11 @@ def find_halted_offset() -> tuple[int, int]:
         raise EmulatorError("cannot read the memory before Unicorn's CPU state (CPUState.halted)")
     pointers = [i * 8 - _SEARCH for i, value in enumerate(struct.unpack(f"<{_SEARCH // 8}Q", block))
                 if value == handle]
-    if len(pointers) != 1:
-        raise EmulatorError(f"cannot find CPUState.uc before Unicorn's CPU state: candidates {pointers}")
-    (back,) = pointers
+    if not pointers:
+        raise EmulatorError("cannot find CPUState.uc (a pointer back to the engine) before Unicorn's CPU state")
 
-    def fields() -> list[int]:
-        return list(struct.unpack("<8i", _before(env + back, 32)))
+    def fields() -> list[list[int]]:
+        return [list(struct.unpack("<8i", _before(env + back, 32))) for back in pointers]
 
     uc.emu_start(0x1000, 1 << 63)
     after_hlt = fields()
@@ -85,11 +85,12 @@ def find_halted_offset() -> tuple[int, int]:
     after_stop = fields()
     uc.emu_start(0x1000, 1 << 63)
     again = fields()
-    hits = [back - 32 + 4 * i for i in range(8) if after_hlt[i] == again[i] == 1 and after_stop[i] == 0]
+    hits = [(back - 32 + 4 * i, back) for n, back in enumerate(pointers) for i in range(8)
+            if after_hlt[n][i] == again[n][i] == 1 and after_stop[n][i] == 0]
     del stop_later, uc
     if len(hits) != 1:
         raise EmulatorError(f"cannot find CPUState.halted before Unicorn's CPU state: candidates {hits}")
-    _offsets = (hits[0], back)
+    _offsets = hits[0]
     return _offsets
 
 

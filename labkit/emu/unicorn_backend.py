@@ -71,6 +71,7 @@ from labkit.emu import cpu_state as S
 from labkit.emu.cpu_state import CpuStateView
 from labkit.emu.delivery import DeliveryUnsupported, ExceptionDelivery, TripleFault
 from labkit.emu.halted import HaltedFlag
+from labkit.emu.intercepts import EXCP_VMEXIT, Intercepts
 from labkit.emu.native import NativeTrapReplay, load as load_native
 from labkit.errors import ConfigError, EmulatorError
 from labkit.exits import EmulatorFailure, Exit, Hlt, Interrupted, Io, Mmio, Shutdown, Timeout
@@ -199,7 +200,9 @@ class _Engine:
         self.irq = False
         self.window_hook: ctypes.c_size_t | None = None
         self.window_open = False
+        self.intercepted: tuple[int, int] | None = None
         self.callbacks = self._install_hooks()
+        self.intercepts = Intercepts(self.uc, self.cpu)
 
     def read_eflags(self) -> int:
         _lib.uc_reg_read(self.handle, self._eflags_id, self._eflags_ref)
@@ -265,6 +268,10 @@ class _Engine:
             i32[old_exception_index] = -1  # unicorn#1883
             if engine.stopping:
                 _lib.uc_emu_stop(handle)
+                return
+            if vector >= EXCP_VMEXIT:  # an intercepted CR0/CR4 write or MSR access (labkit.emu.intercepts)
+                engine.intercepted = (vector - EXCP_VMEXIT, i32[error_code_index])
+                engine.stop_run()
                 return
             try:
                 # Behind the C replay, a plan that did not apply is recorded afresh by deliver().
@@ -436,8 +443,12 @@ class _Engine:
         """
         cpu = self.cpu
         q = cpu.q
-        msr = self.uc.msr_read
         efer = q[cpu.deep.efer // 8]
+
+        def msr(index: int) -> int:
+            with self.intercepts.suspended():
+                return self.uc.msr_read(index)
+
         rip = q[S.EIP // 8]
         if not efer & 1:
             self.delivery.deliver(6, 0, False)
@@ -789,7 +800,8 @@ class EmuBackend:
         uc.reg_write(X.UC_X86_REG_CR4, sregs.cr4)
         uc.reg_write(X.UC_X86_REG_CR3, sregs.cr3)
         uc.reg_write(X.UC_X86_REG_CR0, sregs.cr0)
-        uc.msr_write(_EFER, sregs.efer & ~0x400)
+        with engine.intercepts.suspended():
+            uc.msr_write(_EFER, sregs.efer & ~0x400)
         uc.reg_write(X.UC_X86_REG_CR2, sregs.cr2)
         cpu.q[cpu.deep.efer // 8] = sregs.efer
         hflags = cpu.u32[S.HFLAGS // 4] & ~S.HF_LMA_MASK
@@ -811,13 +823,15 @@ class EmuBackend:
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """RDMSR through Unicorn (QEMU's helper_rdmsr); MSRs QEMU does not model read as 0."""
         engine = self._live()
-        return {index: engine.uc.msr_read(index) for index in indices}
+        with engine.intercepts.suspended():
+            return {index: engine.uc.msr_read(index) for index in indices}
 
     def set_msrs(self, msrs: Mapping[int, int]) -> None:
         """WRMSR through Unicorn (QEMU's helper_wrmsr); writes QEMU does not model are dropped."""
         engine = self._live()
-        for index, value in msrs.items():
-            engine.uc.msr_write(index, value)
+        with engine.intercepts.suspended():
+            for index, value in msrs.items():
+                engine.uc.msr_write(index, value)
 
     # --- running -------------------------------------------------------------------------------
 
@@ -922,6 +936,11 @@ class EmuBackend:
                     if outcome is not None:
                         return outcome
                     continue
+                if engine.intercepted is not None:
+                    outcome = self._intercepted()
+                    if outcome is not None:
+                        return outcome
+                    continue
                 if engine.stop is not None:
                     stop = engine.stop
                     if isinstance(stop, _MmioStop):
@@ -930,7 +949,7 @@ class EmuBackend:
                 if exact_stop:
                     continue  # an absorbed I/O with an interrupt pending
                 if status == UC.UC_ERR_WRITE_PROT and rom_write:
-                    outcome = self._step_over_read_only_store(dispatcher)
+                    outcome = self._step_one(dispatcher)
                     if outcome is not None:
                         return outcome
                     continue
@@ -1051,22 +1070,40 @@ class EmuBackend:
             begin = (cpu.u32[(S.SEGS + S.R_CS * S.SEGMENT_SIZE) // 4] << 4) + (begin & 0xFFFF)
         return begin
 
-    def _step_over_read_only_store(self, dispatcher) -> Exit | None:
-        """Run the one instruction that stores to a read-only region, its stores reported and undone.
+    def _intercepted(self) -> Exit | None:
+        """After an intercepted CR0/CR4 write or MSR access (Unicorn stopped before it): #GP(0) or run it."""
+        engine = self._engine
+        (exit_code, is_write), engine.intercepted = engine.intercepted, None
+        cpu = engine.cpu
+        hflags = cpu.u32[S.HFLAGS // 4]
+        cs_base = cpu.q[(S.SEGS + S.R_CS * S.SEGMENT_SIZE + 8) // 8]
+        instruction = self.read_linear(cs_base + cpu.q[S.EIP // 8], 15)
+        if engine.intercepts.refuses(exit_code, is_write, instruction, bool(hflags & S.HF_LMA_MASK),
+                                     bool(hflags & S.HF_CS64_MASK)):
+            return self._deliver_outside(13, 0)
+        return self._step_one(engine.dispatcher, intercepts_off=True)
 
-        Unicorn stopped exactly before it.  It runs alone (``count`` = 1; the
-        translated blocks are dropped first, since Unicorn only counts in blocks
-        translated with its count hook), each store to read-only memory reaches
+    def _step_one(self, dispatcher, *, intercepts_off: bool = False) -> Exit | None:
+        """Run the one instruction Unicorn stopped before, alone, then go on with the run loop.
+
+        For a store to a read-only region: each store to read-only memory reaches
         the dispatcher as an MMIO write and lands, and the bytes are put back
-        afterwards, last store first.
+        afterwards, last store first.  For an intercepted instruction the CPU
+        judged allowed: with the intercepts off (``intercepts_off``).  ``count`` =
+        1 counts only in blocks translated with Unicorn's count hook, so the
+        translated blocks are dropped first (and again by the next uncounted start).
         """
         engine = self._engine
         _lib.uc_ctl(engine.handle, _i32(_UC_CTL_TB_FLUSH))
-        engine.rom_step = True
+        engine.rom_step = not intercepts_off
+        if intercepts_off:
+            engine.intercepts.off()
         try:
             status = _lib.uc_emu_start(engine.handle, self._start_address(), _NEVER, 0, 1)
         finally:
             engine.rom_step = False
+            if intercepts_off:
+                engine.intercepts.on()
             for region, offset, old in reversed(engine.rom_undo):
                 region.view[offset:offset + len(old)] = old
             engine.rom_undo.clear()
@@ -1081,8 +1118,8 @@ class EmuBackend:
             message, engine.failure = engine.failure, None
             return EmulatorFailure(message)
         if status not in (UC.UC_ERR_OK, UC.UC_ERR_WRITE_PROT):
-            return EmulatorFailure(f"Unicorn stopped at rip={engine.cpu.q[S.EIP // 8]:#x} while stepping a store "
-                                   f"to read-only memory: {_lib.uc_strerror(status).decode()}")
+            return EmulatorFailure(f"Unicorn stopped at rip={engine.cpu.q[S.EIP // 8]:#x} while stepping one "
+                                   f"instruction: {_lib.uc_strerror(status).decode()}")
         if writes and dispatcher.stop:
             return Mmio(*writes[-1])
         return None
