@@ -246,7 +246,7 @@ def test_kick_from_another_thread_stops_a_tight_loop_and_resumes_exactly():
             break
         latencies[-1] = time.monotonic() - latencies[-1]
         stops += 1
-        assert 0 < backend.get_regs().rbx < 30000000
+        assert 0 < backend.get_regs().rbx <= 30000000  # (a kick can land just before the final out)
     assert exit_ == Io(layout.DEBUG_EXIT_PORT, 1, True, 0) and stops >= 2
     assert backend.get_regs() == reference.get_regs()
     # Not lost: each kick ended its run long before the guest's own end (a wall-clock bound only
