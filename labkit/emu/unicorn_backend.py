@@ -18,7 +18,24 @@ What maps to what:
   access above 4 GiB (only reachable through the guest's own page tables) ends
   the run with :class:`~labkit.exits.EmulatorFailure` (KVM's emulator stops
   with ``KVM_EXIT_INTERNAL_ERROR`` for an access it cannot complete).
-- ``hlt``: Unicorn stops with RIP after the ``hlt`` (as KVM): :class:`~labkit.exits.Hlt`.
+- ``hlt``: Unicorn stops with RIP after the ``hlt`` (as KVM): :class:`~labkit.exits.Hlt`; the
+  next run continues there.  ``uc_emu_start`` returns ``UC_ERR_OK`` after a ``hlt`` and after
+  ``uc_emu_stop`` alike; QEMU's ``CPUState.halted`` tells them apart (:mod:`labkit.emu.halted`).
+- ``kick()``: ``uc_emu_stop`` from any thread; the run ends at the end of the translated block
+  with :class:`~labkit.exits.Interrupted` and goes on from there next time (see ``kick``).
+- external interrupts: before each ``uc_emu_start`` (and after an absorbed IN/OUT, with the same
+  exact stop as for I/O) the backend reads ``dispatcher.interrupt_pending``; when RFLAGS.IF = 1
+  and no interrupt shadow, it delivers ``pending_vector()`` through the guest's IVT/IDT as an
+  external interrupt and calls ``acknowledge_interrupt``.  Otherwise a UC_HOOK_BLOCK, installed
+  only while an interrupt waits, stops the guest at the first block boundary where it can take it.
+  After an MMIO access that made an interrupt pending, it is taken at the end of that block.
+- memory regions (``add_memory_region``) are carved out of the MMIO range; stores to a
+  read-only region become MMIO writes and leave it unchanged.  The dirty log write-protects
+  memory and logs the first store to each page (UC_HOOK_MEM_WRITE_PROT).  Exception frames
+  the backend pushes itself (:mod:`labkit.emu.delivery`, the C trap replay) are host writes and
+  are not logged (KVM logs a stack page an exception frame dirties).
+- ``mov cr0``/``mov cr4`` with refused bits and RDMSR/WRMSR of MSRs the emulated CPU does not
+  have raise #GP(0), as on KVM, through QEMU's SVM intercept check (:mod:`labkit.emu.intercepts`).
 - exceptions: ``UC_HOOK_INTR`` plus :mod:`labkit.emu.delivery`, which delivers
   them through the guest's IVT/IDT; #UD (which Unicorn reports as
   ``UC_ERR_INSN_INVALID`` after stopping) is delivered the same way as vector 6.
