@@ -45,7 +45,7 @@ def _before(address: int, size: int) -> bytes:
 
 
 def _handle(uc: Uc) -> int:
-    return ctypes.cast(uc._uch, ctypes.c_void_p).value
+    return ctypes.cast(uc._uch, ctypes.c_void_p).value or 0
 
 
 def find_halted_offset() -> tuple[int, int]:

@@ -77,7 +77,7 @@ import threading
 import time
 import weakref
 from functools import partial
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import capstone
 import unicorn
@@ -90,6 +90,15 @@ from labkit.emu.delivery import DeliveryUnsupported, ExceptionDelivery, TripleFa
 from labkit.emu.halted import HaltedFlag
 from labkit.emu.intercepts import EXCP_VMEXIT, Intercepts
 from labkit.emu.native import NativeTrapReplay, load as load_native
+from labkit.emu.unicorn_capi import (HOOK_BLOCK, HOOK_IN, HOOK_INTR, HOOK_OUT, HOOK_SYSCALL, HOOK_WRITE_PROT,
+                                     MMIO_READ, MMIO_WRITE)
+from labkit.emu.unicorn_capi import UC_CTL_TB_FLUSH as _UC_CTL_TB_FLUSH
+from labkit.emu.unicorn_capi import UC_CTL_TLB_FLUSH as _UC_CTL_TLB_FLUSH
+from labkit.emu.unicorn_capi import c_void_p as _c_void_p
+from labkit.emu.unicorn_capi import check as _check
+from labkit.emu.unicorn_capi import i32 as _i32
+from labkit.emu.unicorn_capi import lib as _lib  # also what benchmarks/bench_emu.py imports from here
+from labkit.emu.unicorn_capi import u64 as _u64
 from labkit.errors import ConfigError, EmulatorError
 from labkit.exits import EmulatorFailure, Exit, Hlt, Interrupted, Io, Mmio, Shutdown, Timeout
 from labkit.watchdog import WATCHDOG
@@ -107,45 +116,8 @@ _QEMU_GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
                    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 _SEGMENTS = (("es", S.R_ES), ("cs", S.R_CS), ("ss", S.R_SS), ("ds", S.R_DS), ("fs", S.R_FS), ("gs", S.R_GS))
 
-# --- the C API, called directly (the Python binding's wrappers cost a few Python frames per call) ---
-_lib = ctypes.CDLL(unicorn.unicorn_py3.unicorn.uclib._name)
-_c_void_p, _u64, _u32, _i32 = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int
-_lib.uc_emu_start.argtypes = (_c_void_p, _u64, _u64, _u64, ctypes.c_size_t)
-_lib.uc_emu_start.restype = _i32
-_lib.uc_emu_stop.argtypes = (_c_void_p,)
-_lib.uc_emu_stop.restype = _i32
-_lib.uc_reg_read.argtypes = (_c_void_p, _i32, _c_void_p)
-_lib.uc_reg_read.restype = _i32
-_lib.uc_mem_protect.argtypes = (_c_void_p, _u64, _u64, _u32)
-_lib.uc_mem_protect.restype = _i32
-_lib.uc_strerror.argtypes = (_i32,)
-_lib.uc_strerror.restype = ctypes.c_char_p
-_lib.uc_hook_add.restype = _i32
-_lib.uc_mmio_map.argtypes = (_c_void_p, _u64, _u64, _c_void_p, _c_void_p, _c_void_p, _c_void_p)
-_lib.uc_mmio_map.restype = _i32
-_lib.uc_ctl.restype = _i32
-_lib.uc_hook_del.argtypes = (_c_void_p, ctypes.c_size_t)
-_lib.uc_hook_del.restype = _i32
-_lib.uc_mem_map_ptr.argtypes = (_c_void_p, _u64, ctypes.c_size_t, _u32, _c_void_p)
-_lib.uc_mem_map_ptr.restype = _i32
-
-HOOK_INTR = ctypes.CFUNCTYPE(None, _c_void_p, _u32, _c_void_p)
-HOOK_SYSCALL = ctypes.CFUNCTYPE(None, _c_void_p, _c_void_p)
-HOOK_IN = ctypes.CFUNCTYPE(_u32, _c_void_p, _u32, _i32, _c_void_p)
-HOOK_OUT = ctypes.CFUNCTYPE(None, _c_void_p, _u32, _i32, _u32, _c_void_p)
-MMIO_READ = ctypes.CFUNCTYPE(_u64, _c_void_p, _u64, ctypes.c_uint, _c_void_p)
-MMIO_WRITE = ctypes.CFUNCTYPE(None, _c_void_p, _u64, ctypes.c_uint, _u64, _c_void_p)
-HOOK_BLOCK = ctypes.CFUNCTYPE(None, _c_void_p, _u64, _u32, _c_void_p)
-HOOK_WRITE_PROT = ctypes.CFUNCTYPE(ctypes.c_bool, _c_void_p, _i32, _u64, _i32, ctypes.c_int64, _c_void_p)
 _READ_EXEC = UC.UC_PROT_READ | UC.UC_PROT_EXEC
-_UC_CTL_TLB_FLUSH = (UC.UC_CTL_IO_WRITE << 30) | UC.UC_CTL_TLB_FLUSH  # UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)
-_UC_CTL_TB_FLUSH = (UC.UC_CTL_IO_WRITE << 30) | UC.UC_CTL_TB_FLUSH  # UC_CTL_WRITE(UC_CTL_TB_FLUSH, 0)
 _IF = 0x200
-
-
-def _check(status: int, what: str) -> None:
-    if status != UC.UC_ERR_OK:
-        raise EmulatorError(f"{what} failed: {_lib.uc_strerror(status).decode()}")
 
 
 def _io_instruction_length(code: bytes) -> int | None:
@@ -238,7 +210,7 @@ class _Engine:
         deliver = self.delivery.deliver
         deliver_fast = self.delivery.deliver_fast
         engine = self
-        native = None  # the C trap replay, set below once the Python hook it passes on to exists
+        native: NativeTrapReplay | None = None  # the C trap replay, set below once the Python hook it passes on to exists
 
         def fail(error: BaseException) -> None:
             if engine.hook_error is None:
@@ -433,7 +405,7 @@ class _Engine:
         cpu, deep = self.cpu, self.cpu.deep
         return NativeTrapReplay(
             library, cpu_address=cpu.address, ram_address=self.ram_address, ram_size=self.memory_size,
-            reg_read_address=ctypes.cast(_lib.uc_reg_read, _c_void_p).value, rflags_reg=self._eflags_id, slow=slow,
+            reg_read_address=ctypes.cast(_lib.uc_reg_read, _c_void_p).value or 0, rflags_reg=self._eflags_id, slow=slow,
             offsets={"eip": S.EIP, "eflags": S.EFLAGS, "hflags": S.HFLAGS, "rsp": S.REGS + 8 * 4,
                      "cs": S.SEGS + S.R_CS * S.SEGMENT_SIZE, "ss": S.SEGS + S.R_SS * S.SEGMENT_SIZE,
                      "system": S.LDT, "cr2_in_system": S.CR + 16 - S.LDT, "old_exception": deep.old_exception,
@@ -563,18 +535,14 @@ class _Engine:
 
     def protect_pages(self, pages: Iterable[int], prot: int) -> None:
         """uc_mem_protect over runs of consecutive page frame numbers (never from inside a store: see on_write_prot)."""
-        run_start = previous = None
+        runs: list[list[int]] = []  # [first, last] page of each run
         for page in sorted(pages):
-            if run_start is not None and page == previous + 1:
-                previous = page
-                continue
-            if run_start is not None:
-                _check(_lib.uc_mem_protect(self.handle, run_start << 12, (previous - run_start + 1) << 12, prot),
-                       "uc_mem_protect")
-            run_start = previous = page
-        if run_start is not None:
-            _check(_lib.uc_mem_protect(self.handle, run_start << 12, (previous - run_start + 1) << 12, prot),
-                   "uc_mem_protect")
+            if runs and page == runs[-1][1] + 1:
+                runs[-1][1] = page
+            else:
+                runs.append([page, page])
+        for first, last in runs:
+            _check(_lib.uc_mem_protect(self.handle, first << 12, (last - first + 1) << 12, prot), "uc_mem_protect")
 
     def protect_writable(self) -> None:
         """Writable memory as it should be between runs: all writable, or, while the dirty log is on,
@@ -624,7 +592,7 @@ class _Engine:
                                     ctypes.cast(self.block_callback, _c_void_p), None, _u64(1), _u64(0)),
                    "uc_hook_add (UC_HOOK_BLOCK)")
             self.window_hook = hook
-        else:
+        elif self.window_hook is not None:
             hook, self.window_hook = self.window_hook, None
             _check(_lib.uc_hook_del(self.handle, hook.value), "uc_hook_del (UC_HOOK_BLOCK)")
         _lib.uc_ctl(self.handle, _i32(_UC_CTL_TB_FLUSH))
@@ -664,8 +632,8 @@ class _Engine:
             WATCHDOG.disarm(token)
         self.delivery.release()
         self.cpu.release()
-        release = self.uc._Uc__finalizer  # the binding's weakref.finalize: uc_close, exactly once
-        self.uc = None
+        release = getattr(self.uc, "_Uc__finalizer")  # the binding's weakref.finalize: uc_close, exactly once
+        self.uc = None  # type: ignore[assignment]  # "closed": _live() checks it
         release()  # the engine goes before the RAM it points into
         for region in self.regions:
             region.release()
@@ -778,7 +746,7 @@ class EmuBackend:
         engine = self._live()
         cpu = engine.cpu
         q = cpu.q
-        segments = {name: self._segment(cpu.segment(S.SEGS + index * S.SEGMENT_SIZE)) for name, index in _SEGMENTS}
+        segments: dict[str, Any] = {name: self._segment(cpu.segment(S.SEGS + index * S.SEGMENT_SIZE)) for name, index in _SEGMENTS}
         gdt = cpu.segment(S.GDT)
         idt = cpu.segment(S.IDT)
         return SRegs(
@@ -1090,7 +1058,10 @@ class EmuBackend:
     def _intercepted(self) -> Exit | None:
         """After an intercepted CR0/CR4 write or MSR access (Unicorn stopped before it): #GP(0) or run it."""
         engine = self._engine
-        (exit_code, is_write), engine.intercepted = engine.intercepted, None
+        intercepted, engine.intercepted = engine.intercepted, None
+        if intercepted is None:
+            return None
+        exit_code, is_write = intercepted
         cpu = engine.cpu
         hflags = cpu.u32[S.HFLAGS // 4]
         cs_base = cpu.q[(S.SEGS + S.R_CS * S.SEGMENT_SIZE + 8) // 8]
