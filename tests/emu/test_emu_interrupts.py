@@ -66,10 +66,10 @@ HANDLER_SOURCE = """
 """
 
 
-def labelled(source: str, label: str) -> int:
+def labelled(source: str, label: str, bits: int = 64) -> int:
     """Address of ``label:`` in ``source`` (assembled with a marker instruction after it)."""
     marked = source.replace(f"{label}:", f"{label}:\n    ud2\n", 1)
-    plain, with_marker = assemble(source), assemble(marked)
+    plain, with_marker = assemble(source, bits=bits), assemble(marked, bits=bits)
     at = next(i for i, (a, b) in enumerate(zip(plain, with_marker)) if a != b)
     return ENTRY + at
 
@@ -187,6 +187,24 @@ def test_no_interrupt_is_taken_while_if_stays_clear():
     dispatcher = Interrupts(vectors=[0x20])
     assert backend.run(dispatcher, 5.0) == Io(layout.DEBUG_EXIT_PORT, 1, True, 0)
     assert backend.get_regs().r12 == 0 and dispatcher.acknowledged == []
+
+
+def test_protected_mode_interrupt_reaches_the_boot_stub_without_an_error_code():
+    # 32-bit: vector 13 from the interrupt controller lands in labkit's #GP stub, which reports it;
+    # the frame above the saved EAX is EIP, CS, EFLAGS (a #GP would have an error code first).
+    source = """
+        sti
+        nop
+    here:
+        mov ecx, 3
+        out 0xf4, al
+    """
+    backend = boot(32, assemble(source, bits=32))
+    dispatcher = Interrupts(vectors=[13])
+    assert backend.run(dispatcher, 2.0) == Io(layout.FAULT_PORT, 1, True, 13)
+    _, eip, cs, eflags = struct.unpack_from("<4I", backend.memory, backend.get_regs().rsp)
+    assert (eip, cs) == (labelled(source, "here", bits=32), layout.KERNEL_CS32) and eflags & IF
+    assert dispatcher.acknowledged == [13] and backend.get_regs().rcx == 0
 
 
 def test_real_mode_interrupt_goes_through_the_ivt():
