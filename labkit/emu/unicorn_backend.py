@@ -49,14 +49,23 @@ What maps to what:
   start and join a thread on every ``uc_emu_start`` (~160 µs), and the backend
   restarts emulation after every stop it makes (I/O stops, #UD, I/O #GP).
 
-Stopping exactly.  A hook cannot end Unicorn's translated block: after
-``uc_emu_stop`` the rest of the block still runs.  When the dispatcher sets
-``stop`` during IN/OUT, the backend copies the CPU state in the hook, makes
-guest RAM read-only so later stores in the block fault instead of landing,
-ignores further I/O, and after ``uc_emu_start`` returns puts the copy back and
-moves RIP past the I/O instruction.  The guest then resumes exactly after it,
-as on KVM.  For MMIO and string I/O (``ins``/``outs``) the stop takes effect at
-the end of the translated block instead.
+Stopping exactly.  Unicorn checks for a stop request at the start of each
+translated block and after every guest memory access; at the latter it
+restarts the current instruction, even when that instruction's store already
+landed.  An IN/OUT hook's ``uc_emu_stop`` takes effect at the end of the
+block: when the dispatcher sets ``stop`` during IN/OUT, the backend copies the
+CPU state in the hook, makes guest RAM read-only so later stores in the block
+fault instead of landing, ignores further I/O, and after ``uc_emu_start``
+returns puts the copy back and moves RIP past the I/O instruction.  The guest
+then resumes exactly after it, as on KVM.  A stop during MMIO leaves the
+instruction unfinished (RIP at it, as KVM before it completes an MMIO exit);
+the next run runs it again and answers its first MMIO access from the recorded
+one instead of the dispatcher (an instruction with two MMIO accesses, stopped
+at the second, repeats the first).  For string I/O (``ins``/``outs``) the stop
+takes effect at the end of the translated block.  A stop from another thread
+(``kick``, the deadline) can land between the load and the store of a
+read-modify-write instruction (``add [mem], reg``); Unicorn then restarts it
+after its store: see ``kick``.
 
 Modes: ``mode`` picks Unicorn's UC_MODE_16/32/64 (the start mode); registers are
 read and written in QEMU's CPU state directly, so all 16 GPRs and RIP are
@@ -172,6 +181,10 @@ class _Engine:
         self.mmio_pieces: list[tuple[int, int]] = []
         self.dirty: set[int] | None = None
         self.dirty_new: list[int] = []
+        self.mmio_replay: _MmioStop | None = None
+        """The MMIO access that ended the last run: Unicorn stopped before finishing its instruction
+        (it restarts an instruction whose memory access saw a stop request), so when the instruction
+        runs again its first access is answered from here instead of reaching the dispatcher twice."""
         self.rom_write = False
         self.rom_step = False
         self.rom_undo: list[tuple[_Region, int, bytes]] = []
@@ -279,14 +292,17 @@ class _Engine:
         def on_mmio_read(_uc, offset, size, base):  # base: the MMIO piece's start, its user data
             if engine.stopping:
                 return 0
+            replay = engine.mmio_replay
+            if replay is not None:
+                engine.mmio_replay = None
+                if replay[:3] == (base + offset, size, False):
+                    return replay[3] & ((1 << (8 * size)) - 1)
             try:
                 dispatcher = engine.dispatcher
                 value = dispatcher.mmio(base + offset, size, False, 0, q[eip_index])
                 if dispatcher.stop:
                     engine.stop = _MmioStop(base + offset, size, False, value)
                     engine.stop_run()
-                elif engine.irq and dispatcher.interrupt_pending and engine.interrupt_needs_stop():
-                    _lib.uc_emu_stop(handle)  # at the end of the block; later accesses go on normally
                 return value & ((1 << (8 * size)) - 1)
             except BaseException as error:  # noqa: BLE001
                 engine.hook_error = engine.hook_error or error
@@ -296,14 +312,17 @@ class _Engine:
         def on_mmio_write(_uc, offset, size, value, base):
             if engine.stopping:
                 return
+            replay = engine.mmio_replay
+            if replay is not None:
+                engine.mmio_replay = None
+                if replay == (base + offset, size, True, value):
+                    return
             try:
                 dispatcher = engine.dispatcher
                 dispatcher.mmio(base + offset, size, True, value, q[eip_index])
                 if dispatcher.stop:
                     engine.stop = _MmioStop(base + offset, size, True, value)
                     engine.stop_run()
-                elif engine.irq and dispatcher.interrupt_pending and engine.interrupt_needs_stop():
-                    _lib.uc_emu_stop(handle)
             except BaseException as error:  # noqa: BLE001
                 engine.hook_error = engine.hook_error or error
                 engine.stop_run()
@@ -321,8 +340,11 @@ class _Engine:
             # - RAM frozen by begin_stop: False.
             # - a read-only region: False, and the run loop steps that one instruction (rom_step) with
             #   its stores allowed, reported as MMIO writes and undone afterwards;
-            # - a page the dirty log watches: log it, True, and stop at the end of the block so the run
-            #   loop makes the page writable (uc_mem_protect inside a store crashes Unicorn).
+            # - a page the dirty log watches: log it and return False, so Unicorn abandons the instruction
+            #   before the store (precise: state at its start); the run loop makes the page writable and
+            #   runs it again (uc_mem_protect inside a store crashes Unicorn; and a uc_emu_stop here would
+            #   let the store land and still restart the instruction: Unicorn checks for an exit request
+            #   after every guest memory access and restarts the instruction there).
             if engine.stopping:
                 return False
             try:
@@ -343,8 +365,7 @@ class _Engine:
                     if page not in dirty:
                         dirty.add(page)
                         engine.dirty_new.append(page)
-                        _lib.uc_emu_stop(handle)
-                    return True
+                    return False
                 return False
             except BaseException as error:  # noqa: BLE001
                 engine.hook_error = engine.hook_error or error
@@ -845,6 +866,15 @@ class EmuBackend:
         repeated by the watchdog every 2 ms until the run loop sees the kick.
         A kick while no run is in progress makes the next ``run`` return
         ``Interrupted`` at once without running guest code.
+
+        Known limit (Unicorn 2.1.4): Unicorn also checks for a stop after every
+        guest load and store and restarts the current instruction there, so a
+        kick (or the deadline) that lands between the load and the store of a
+        read-modify-write instruction on memory (``add [mem], reg``, ``inc
+        [mem]``, ``xchg``) lets its store land and runs it again on resume.
+        Measured: a loop of ``inc [m]; add [m2], 3`` kicked 690 times gained
+        305 and 313 extra updates.  Plain loads, stores, push/pop and
+        register-only code resume exactly.
         """
         engine = self._engine
         with engine.kick_lock:
@@ -903,7 +933,8 @@ class EmuBackend:
                 exact_stop = engine.stop_state is not None
                 engine.finish_stop(self.read_linear)
                 cpu.i32[cpu.deep.old_exception // 4] = -1
-                if engine.dirty_new:  # first writes to watched pages: writable until the next fetch
+                dirty_new = bool(engine.dirty_new)
+                if dirty_new:  # first writes to watched pages: writable until the next fetch, then run again
                     engine.protect_pages(engine.dirty_new, UC.UC_PROT_ALL)
                     engine.dirty_new.clear()
                 rom_write, engine.rom_write = engine.rom_write, False
@@ -929,10 +960,13 @@ class EmuBackend:
                 if engine.stop is not None:
                     stop = engine.stop
                     if isinstance(stop, _MmioStop):
+                        engine.mmio_replay = stop
                         return Mmio(*stop)
                     return stop
                 if exact_stop:
                     continue  # an absorbed I/O with an interrupt pending
+                if status == UC.UC_ERR_WRITE_PROT and dirty_new and not rom_write:
+                    continue
                 if status == UC.UC_ERR_WRITE_PROT and rom_write:
                     outcome = self._step_one(dispatcher)
                     if outcome is not None:

@@ -168,3 +168,52 @@ def test_dirty_log_composes_with_exact_io_stops():
     assert backend.run(Recorder(), 2.0) == Io(layout.DEBUG_EXIT_PORT, 1, True, 0)
     assert backend.dirty_log_fetch() == [0x22]
     assert int.from_bytes(backend.memory[0x22000:0x22008], "little") == 4
+
+
+def test_dirty_log_runs_read_modify_write_instructions_once():
+    # The first store to a watched page is abandoned and the instruction run again once the page is
+    # writable: an `add [mem]` must add once (a store that landed before a restart would add twice).
+    code = assemble("""
+        inc qword ptr [0x20000]
+        inc qword ptr [0x20000]
+        add qword ptr [0x21008], 5
+        push rax
+        push rax
+        out 0xf4, al
+    """)
+    backend = boot(64, code)
+    backend.dirty_log_start()
+    assert backend.run(Recorder(), 2.0) == Io(layout.DEBUG_EXIT_PORT, 1, True, 0)
+    assert int.from_bytes(backend.memory[0x20000:0x20008], "little") == 2
+    assert int.from_bytes(backend.memory[0x21008:0x21010], "little") == 5
+    assert backend.get_regs().rsp == layout.STACK_TOP - 16
+    assert backend.dirty_log_fetch() == [0x20, 0x21, (layout.STACK_TOP - 8) >> 12]
+
+
+def test_a_run_stopped_at_mmio_goes_on_and_each_access_reaches_the_dispatcher_once():
+    # Stopping at every access, as a step-wise caller does: the guest must progress (issue 7: steps()
+    # on the emulator yielded the same MMIO exit forever), and the read value must reach RBX.
+    code = assemble(f"""
+        mov eax, [{MEMORY + 0x100}]
+        mov rbx, rax
+        mov dword ptr [{MEMORY + 0x104}], 5
+        out 0x80, al
+        mov ecx, [{MEMORY + 0x108}]
+        out 0xf4, al
+    """)
+    backend = boot(64, code)
+
+    class StopEveryTime(Recorder):
+        def mmio(self, address, size, is_write, value, rip):
+            result = super().mmio(address, size, is_write, value, rip)
+            self.stop = True
+            return result
+
+    dispatcher = StopEveryTime(replies={MEMORY + 0x100: 0x77, MEMORY + 0x108: 0x99})
+    exits = [backend.run(dispatcher, 2.0) for _ in range(4)]  # (port 0x80 does not stop the Recorder)
+    assert exits == [Mmio(MEMORY + 0x100, 4, False, 0x77), Mmio(MEMORY + 0x104, 4, True, 5),
+                     Mmio(MEMORY + 0x108, 4, False, 0x99), Io(layout.DEBUG_EXIT_PORT, 1, True, 0x77)]
+    assert [entry[1] for entry in dispatcher.trace] == [MEMORY + 0x100, MEMORY + 0x104, 0x80, MEMORY + 0x108,
+                                                        layout.DEBUG_EXIT_PORT]
+    regs = backend.get_regs()
+    assert regs.rbx == 0x77 and regs.rcx == 0x99
