@@ -230,18 +230,22 @@ class ExceptionDelivery:
 
     # --- public entry point --------------------------------------------------------------------
 
-    def deliver(self, vector: int, error_code: int, software: bool) -> None:
+    def deliver(self, vector: int, error_code: int, software: bool, external: bool = False) -> None:
         """Deliver ``vector``; escalate faults during delivery to #DF and a triple fault.
 
         ``software`` is true for ``int n``/``int3``/``into``: the gate's DPL is checked
-        and no error code is pushed.  RIP must already point where the frame's RIP
-        should (the faulting instruction for faults, the next one for traps).
+        and no error code is pushed.  ``external`` is true for an external interrupt
+        (a vector from the interrupt controller): no error code whatever the vector,
+        no DPL check (SDM vol. 3, 6.12.1.1), EXT set in the error code of a fault it
+        causes, and no fast-path plan is kept (one would be keyed as the exception).
+        RIP must already point where the frame's RIP should (the faulting
+        instruction for faults, the next one for traps and interrupts).
         """
         ext = 0 if software else 1
-        first = True
+        first = not external
         while True:
             try:
-                code = error_code if (vector in HAS_ERROR_CODE and not software) else None
+                code = error_code if (vector in HAS_ERROR_CODE and not software and not external) else None
                 self._record_plan = first
                 self._deliver_once(vector, code, software, ext)
                 return
@@ -257,7 +261,7 @@ class ExceptionDelivery:
                     vector, error_code = 8, 0
                 else:
                     vector, error_code = fault.vector, fault.error_code
-                software, ext = False, 1
+                software, external, ext = False, False, 1
                 first = False
 
     def _rewind_software_interrupt(self, vector: int) -> None:

@@ -139,7 +139,8 @@ void trap_replay_hook(void *uc, uint32_t vector, void *user_data)
 {
     struct trap_replay *t = user_data;
     store32(t->cpu + t->old_exception, (uint32_t)-1);  /* unicorn#1883 */
-    if (!t->stopping && replay(t, uc, vector)) {
+    /* vector > 255: EXCP_VMEXIT + exit code, labkit's CR/MSR intercepts (labkit/emu/intercepts.py) */
+    if (!t->stopping && vector < 256 && replay(t, uc, vector)) {
         t->replayed++;
         return;
     }

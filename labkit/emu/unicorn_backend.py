@@ -18,7 +18,24 @@ What maps to what:
   access above 4 GiB (only reachable through the guest's own page tables) ends
   the run with :class:`~labkit.exits.EmulatorFailure` (KVM's emulator stops
   with ``KVM_EXIT_INTERNAL_ERROR`` for an access it cannot complete).
-- ``hlt``: Unicorn stops with RIP after the ``hlt`` (as KVM): :class:`~labkit.exits.Hlt`.
+- ``hlt``: Unicorn stops with RIP after the ``hlt`` (as KVM): :class:`~labkit.exits.Hlt`; the
+  next run continues there.  ``uc_emu_start`` returns ``UC_ERR_OK`` after a ``hlt`` and after
+  ``uc_emu_stop`` alike; QEMU's ``CPUState.halted`` tells them apart (:mod:`labkit.emu.halted`).
+- ``kick()``: ``uc_emu_stop`` from any thread; the run ends at the end of the translated block
+  with :class:`~labkit.exits.Interrupted` and goes on from there next time (see ``kick``).
+- external interrupts: before each ``uc_emu_start`` (and after an absorbed IN/OUT, with the same
+  exact stop as for I/O) the backend reads ``dispatcher.interrupt_pending``; when RFLAGS.IF = 1
+  and no interrupt shadow, it delivers ``pending_vector()`` through the guest's IVT/IDT as an
+  external interrupt and calls ``acknowledge_interrupt``.  Otherwise a UC_HOOK_BLOCK, installed
+  only while an interrupt waits, stops the guest at the first block boundary where it can take it.
+  After an MMIO access that made an interrupt pending, it is taken at the end of that block.
+- memory regions (``add_memory_region``) are carved out of the MMIO range; stores to a
+  read-only region become MMIO writes and leave it unchanged.  The dirty log write-protects
+  memory and logs the first store to each page (UC_HOOK_MEM_WRITE_PROT).  Exception frames
+  the backend pushes itself (:mod:`labkit.emu.delivery`, the C trap replay) are host writes and
+  are not logged (KVM logs a stack page an exception frame dirties).
+- ``mov cr0``/``mov cr4`` with refused bits and RDMSR/WRMSR of MSRs the emulated CPU does not
+  have raise #GP(0), as on KVM, through QEMU's SVM intercept check (:mod:`labkit.emu.intercepts`).
 - exceptions: ``UC_HOOK_INTR`` plus :mod:`labkit.emu.delivery`, which delivers
   them through the guest's IVT/IDT; #UD (which Unicorn reports as
   ``UC_ERR_INSN_INVALID`` after stopping) is delivered the same way as vector 6.
@@ -32,14 +49,23 @@ What maps to what:
   start and join a thread on every ``uc_emu_start`` (~160 µs), and the backend
   restarts emulation after every stop it makes (I/O stops, #UD, I/O #GP).
 
-Stopping exactly.  A hook cannot end Unicorn's translated block: after
-``uc_emu_stop`` the rest of the block still runs.  When the dispatcher sets
-``stop`` during IN/OUT, the backend copies the CPU state in the hook, makes
-guest RAM read-only so later stores in the block fault instead of landing,
-ignores further I/O, and after ``uc_emu_start`` returns puts the copy back and
-moves RIP past the I/O instruction.  The guest then resumes exactly after it,
-as on KVM.  For MMIO and string I/O (``ins``/``outs``) the stop takes effect at
-the end of the translated block instead.
+Stopping exactly.  Unicorn checks for a stop request at the start of each
+translated block and after every guest memory access; at the latter it
+restarts the current instruction, even when that instruction's store already
+landed.  An IN/OUT hook's ``uc_emu_stop`` takes effect at the end of the
+block: when the dispatcher sets ``stop`` during IN/OUT, the backend copies the
+CPU state in the hook, makes guest RAM read-only so later stores in the block
+fault instead of landing, ignores further I/O, and after ``uc_emu_start``
+returns puts the copy back and moves RIP past the I/O instruction.  The guest
+then resumes exactly after it, as on KVM.  A stop during MMIO leaves the
+instruction unfinished (RIP at it, as KVM before it completes an MMIO exit);
+the next run runs it again and answers its first MMIO access from the recorded
+one instead of the dispatcher (an instruction with two MMIO accesses, stopped
+at the second, repeats the first).  For string I/O (``ins``/``outs``) the stop
+takes effect at the end of the translated block.  A stop from another thread
+(``kick``, the deadline) can land between the load and the store of a
+read-modify-write instruction (``add [mem], reg``); Unicorn then restarts it
+after its store: see ``kick``.
 
 Modes: ``mode`` picks Unicorn's UC_MODE_16/32/64 (the start mode); registers are
 read and written in QEMU's CPU state directly, so all 16 GPRs and RIP are
@@ -56,10 +82,11 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import threading
 import time
 import weakref
 from functools import partial
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import capstone
 import unicorn
@@ -69,9 +96,20 @@ from unicorn import x86_const as X
 from labkit.emu import cpu_state as S
 from labkit.emu.cpu_state import CpuStateView
 from labkit.emu.delivery import DeliveryUnsupported, ExceptionDelivery, TripleFault
+from labkit.emu.halted import HaltedFlag
+from labkit.emu.intercepts import EXCP_VMEXIT, Intercepts
 from labkit.emu.native import NativeTrapReplay, load as load_native
+from labkit.emu.unicorn_capi import (HOOK_BLOCK, HOOK_IN, HOOK_INTR, HOOK_OUT, HOOK_SYSCALL, HOOK_WRITE_PROT,
+                                     MMIO_READ, MMIO_WRITE)
+from labkit.emu.unicorn_capi import UC_CTL_TB_FLUSH as _UC_CTL_TB_FLUSH
+from labkit.emu.unicorn_capi import UC_CTL_TLB_FLUSH as _UC_CTL_TLB_FLUSH
+from labkit.emu.unicorn_capi import c_void_p as _c_void_p
+from labkit.emu.unicorn_capi import check as _check
+from labkit.emu.unicorn_capi import i32 as _i32
+from labkit.emu.unicorn_capi import lib as _lib  # also what benchmarks/bench_emu.py imports from here
+from labkit.emu.unicorn_capi import u64 as _u64
 from labkit.errors import ConfigError, EmulatorError
-from labkit.exits import EmulatorFailure, Exit, Hlt, Io, Mmio, Shutdown, Timeout
+from labkit.exits import EmulatorFailure, Exit, Hlt, Interrupted, Io, Mmio, Shutdown, Timeout
 from labkit.watchdog import WATCHDOG
 from labkit.x86 import layout
 from labkit.x86.state import GPR_NAMES, DescriptorTable, Regs, Segment, SRegs
@@ -87,36 +125,8 @@ _QEMU_GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
                    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 _SEGMENTS = (("es", S.R_ES), ("cs", S.R_CS), ("ss", S.R_SS), ("ds", S.R_DS), ("fs", S.R_FS), ("gs", S.R_GS))
 
-# --- the C API, called directly (the Python binding's wrappers cost a few Python frames per call) ---
-_lib = ctypes.CDLL(unicorn.unicorn_py3.unicorn.uclib._name)
-_c_void_p, _u64, _u32, _i32 = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int
-_lib.uc_emu_start.argtypes = (_c_void_p, _u64, _u64, _u64, ctypes.c_size_t)
-_lib.uc_emu_start.restype = _i32
-_lib.uc_emu_stop.argtypes = (_c_void_p,)
-_lib.uc_emu_stop.restype = _i32
-_lib.uc_reg_read.argtypes = (_c_void_p, _i32, _c_void_p)
-_lib.uc_reg_read.restype = _i32
-_lib.uc_mem_protect.argtypes = (_c_void_p, _u64, _u64, _u32)
-_lib.uc_mem_protect.restype = _i32
-_lib.uc_strerror.argtypes = (_i32,)
-_lib.uc_strerror.restype = ctypes.c_char_p
-_lib.uc_hook_add.restype = _i32
-_lib.uc_mmio_map.argtypes = (_c_void_p, _u64, _u64, _c_void_p, _c_void_p, _c_void_p, _c_void_p)
-_lib.uc_mmio_map.restype = _i32
-_lib.uc_ctl.restype = _i32
-
-HOOK_INTR = ctypes.CFUNCTYPE(None, _c_void_p, _u32, _c_void_p)
-HOOK_SYSCALL = ctypes.CFUNCTYPE(None, _c_void_p, _c_void_p)
-HOOK_IN = ctypes.CFUNCTYPE(_u32, _c_void_p, _u32, _i32, _c_void_p)
-HOOK_OUT = ctypes.CFUNCTYPE(None, _c_void_p, _u32, _i32, _u32, _c_void_p)
-MMIO_READ = ctypes.CFUNCTYPE(_u64, _c_void_p, _u64, ctypes.c_uint, _c_void_p)
-MMIO_WRITE = ctypes.CFUNCTYPE(None, _c_void_p, _u64, ctypes.c_uint, _u64, _c_void_p)
-_UC_CTL_TLB_FLUSH = (UC.UC_CTL_IO_WRITE << 30) | UC.UC_CTL_TLB_FLUSH  # UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)
-
-
-def _check(status: int, what: str) -> None:
-    if status != UC.UC_ERR_OK:
-        raise EmulatorError(f"{what} failed: {_lib.uc_strerror(status).decode()}")
+_READ_EXEC = UC.UC_PROT_READ | UC.UC_PROT_EXEC
+_IF = 0x200
 
 
 def _io_instruction_length(code: bytes) -> int | None:
@@ -165,8 +175,36 @@ class _Engine:
         self.stop_value: int | None = None
         self.pending_fault: tuple[int, int] | None = None
         self.stopping = False
+        self.stop_access: Io | None = None
+        # Memory beyond RAM: regions (guest address order), the MMIO pieces between them, the dirty log.
+        self.regions: list[_Region] = []
+        self.mmio_pieces: list[tuple[int, int]] = []
+        self.dirty: set[int] | None = None
+        self.dirty_new: list[int] = []
+        self.mmio_replay: _MmioStop | None = None
+        """The MMIO access that ended the last run: Unicorn stopped before finishing its instruction
+        (it restarts an instruction whose memory access saw a stop request), so when the instruction
+        runs again its first access is answered from here instead of reaching the dispatcher twice."""
+        self.rom_write = False
+        self.rom_step = False
+        self.rom_undo: list[tuple[_Region, int, bytes]] = []
+        self.rom_writes: list[_MmioStop] = []
         self.replay: NativeTrapReplay | None = None
+        self.halted = HaltedFlag(self.uc, self.cpu.address)
+        # kick(): set from any thread under kick_lock; see EmuBackend.kick.
+        self.kick_lock = threading.Lock()
+        self.alive = True
+        self.kicked = False
+        self.running = False
+        self.kick_token: int | None = None
+        # External interrupts: whether this run's dispatcher has the interrupt members, and the
+        # UC_HOOK_BLOCK that watches for IF = 1 while an interrupt waits (installed only then).
+        self.irq = False
+        self.window_hook: ctypes.c_size_t | None = None
+        self.window_open = False
+        self.intercepted: tuple[int, int] | None = None
         self.callbacks = self._install_hooks()
+        self.intercepts = Intercepts(self.uc, self.cpu)
 
     def read_eflags(self) -> int:
         _lib.uc_reg_read(self.handle, self._eflags_id, self._eflags_ref)
@@ -185,7 +223,7 @@ class _Engine:
         deliver = self.delivery.deliver
         deliver_fast = self.delivery.deliver_fast
         engine = self
-        native = None  # the C trap replay, set below once the Python hook it passes on to exists
+        native: NativeTrapReplay | None = None  # the C trap replay, set below once the Python hook it passes on to exists
 
         def fail(error: BaseException) -> None:
             if engine.hook_error is None:
@@ -205,6 +243,8 @@ class _Engine:
                 dispatcher.pio(port, size, True, value, q[eip_index])
                 if dispatcher.stop:
                     engine.begin_stop(Io(port, size, True, value), None)
+                elif engine.irq and dispatcher.interrupt_pending and engine.interrupt_needs_stop():
+                    engine.begin_stop(Io(port, size, True, value), None, resume=True)
             except BaseException as error:  # noqa: BLE001 - re-raised after uc_emu_start returns
                 fail(error)
 
@@ -219,6 +259,8 @@ class _Engine:
                 value = dispatcher.pio(port, size, False, 0, q[eip_index]) & ((1 << (8 * size)) - 1)
                 if dispatcher.stop:
                     engine.begin_stop(Io(port, size, False, value), value)
+                elif engine.irq and dispatcher.interrupt_pending and engine.interrupt_needs_stop():
+                    engine.begin_stop(Io(port, size, False, value), value, resume=True)
                 return value
             except BaseException as error:  # noqa: BLE001
                 fail(error)
@@ -228,6 +270,10 @@ class _Engine:
             i32[old_exception_index] = -1  # unicorn#1883
             if engine.stopping:
                 _lib.uc_emu_stop(handle)
+                return
+            if vector >= EXCP_VMEXIT:  # an intercepted CR0/CR4 write or MSR access (labkit.emu.intercepts)
+                engine.intercepted = (vector - EXCP_VMEXIT, i32[error_code_index])
+                engine.stop_run()
                 return
             try:
                 # Behind the C replay, a plan that did not apply is recorded afresh by deliver().
@@ -243,11 +289,14 @@ class _Engine:
                 engine.hook_error = engine.hook_error or error
                 engine.stop_run()
 
-        base = self.memory_size
-
-        def on_mmio_read(_uc, offset, size, _user):
+        def on_mmio_read(_uc, offset, size, base):  # base: the MMIO piece's start, its user data
             if engine.stopping:
                 return 0
+            replay = engine.mmio_replay
+            if replay is not None:
+                engine.mmio_replay = None
+                if replay[:3] == (base + offset, size, False):
+                    return replay[3] & ((1 << (8 * size)) - 1)
             try:
                 dispatcher = engine.dispatcher
                 value = dispatcher.mmio(base + offset, size, False, 0, q[eip_index])
@@ -260,9 +309,14 @@ class _Engine:
                 engine.stop_run()
                 return 0
 
-        def on_mmio_write(_uc, offset, size, value, _user):
+        def on_mmio_write(_uc, offset, size, value, base):
             if engine.stopping:
                 return
+            replay = engine.mmio_replay
+            if replay is not None:
+                engine.mmio_replay = None
+                if replay == (base + offset, size, True, value):
+                    return
             try:
                 dispatcher = engine.dispatcher
                 dispatcher.mmio(base + offset, size, True, value, q[eip_index])
@@ -280,6 +334,56 @@ class _Engine:
                 engine.hook_error = engine.hook_error or error
                 engine.stop_run()
 
+        def on_write_prot(_uc, _type, address, size, value, _user):
+            # A store to a page that is not writable for Unicorn.  Returning False makes Unicorn stop
+            # exactly before the storing instruction (UC_ERR_WRITE_PROT); True lets the store land.
+            # - RAM frozen by begin_stop: False.
+            # - a read-only region: False, and the run loop steps that one instruction (rom_step) with
+            #   its stores allowed, reported as MMIO writes and undone afterwards;
+            # - a page the dirty log watches: log it and return False, so Unicorn abandons the instruction
+            #   before the store (precise: state at its start); the run loop makes the page writable and
+            #   runs it again (uc_mem_protect inside a store crashes Unicorn; and a uc_emu_stop here would
+            #   let the store land and still restart the instruction: Unicorn checks for an exit request
+            #   after every guest memory access and restarts the instruction there).
+            if engine.stopping:
+                return False
+            try:
+                if engine.read_only_at(address):
+                    if not engine.rom_step:
+                        engine.rom_write = True
+                        return False
+                    value &= (1 << (8 * size)) - 1
+                    region = next(r for r in engine.regions if r.address <= address < r.end)
+                    offset = address - region.address
+                    engine.rom_undo.append((region, offset, bytes(region.view[offset:offset + size])))
+                    engine.dispatcher.mmio(address, size, True, value, q[eip_index])
+                    engine.rom_writes.append(_MmioStop(address, size, True, value))
+                    return True
+                dirty = engine.dirty
+                if dirty is not None and engine.writable_at(address):
+                    page = address >> 12
+                    if page not in dirty:
+                        dirty.add(page)
+                        engine.dirty_new.append(page)
+                    return False
+                return False
+            except BaseException as error:  # noqa: BLE001
+                engine.hook_error = engine.hook_error or error
+                engine.stop_run()
+                return False
+
+        eflags_index, hflags_index = S.EFLAGS // 8, S.HFLAGS // 4
+        u32 = self.cpu.u32
+        inhibit = S.HF_INHIBIT_IRQ_MASK
+
+        def on_block(_uc, _address, _size, _user):
+            # Installed only while an interrupt waits: stop before the first block the guest can take it at.
+            if q[eflags_index] & _IF and not u32[hflags_index] & inhibit:
+                engine.window_open = True
+                _lib.uc_emu_stop(handle)
+
+        self.block_callback = HOOK_BLOCK(on_block)
+
         def open_bus_read(_uc, _offset, size, _user):
             return (1 << (8 * size)) - 1
 
@@ -288,8 +392,10 @@ class _Engine:
 
         callbacks = [HOOK_OUT(on_out), HOOK_IN(on_in), HOOK_INTR(on_interrupt),
                      MMIO_READ(on_mmio_read), MMIO_WRITE(on_mmio_write),
-                     MMIO_READ(open_bus_read), MMIO_WRITE(open_bus_write), HOOK_SYSCALL(on_syscall)]
-        out_cb, in_cb, intr_cb, mmio_read, mmio_write, bus_read, bus_write, syscall_cb = callbacks
+                     MMIO_READ(open_bus_read), MMIO_WRITE(open_bus_write), HOOK_SYSCALL(on_syscall),
+                     HOOK_WRITE_PROT(on_write_prot)]
+        out_cb, in_cb, intr_cb, mmio_read, mmio_write, bus_read, bus_write, syscall_cb, write_prot_cb = callbacks
+        self.mmio_callbacks = (ctypes.cast(mmio_read, _c_void_p), ctypes.cast(mmio_write, _c_void_p))
         native = self.replay = self._native_replay(intr_cb)
         self.delivery.native = native
         # (hook type, callback, its user data, instruction): the C replay, where built, takes UC_HOOK_INTR.
@@ -297,16 +403,16 @@ class _Engine:
         for hook_type, callback, data, extra in ((UC.UC_HOOK_INSN, out_cb, None, X.UC_X86_INS_OUT),
                                                  (UC.UC_HOOK_INSN, in_cb, None, X.UC_X86_INS_IN),
                                                  (UC.UC_HOOK_INSN, syscall_cb, None, X.UC_X86_INS_SYSCALL),
-                                                 (UC.UC_HOOK_INTR, *intr, None)):
+                                                 (UC.UC_HOOK_INTR, *intr, None),
+                                                 (UC.UC_HOOK_MEM_WRITE_PROT, write_prot_cb, None, None)):
             hook = ctypes.c_size_t()
             args = [handle, ctypes.byref(hook), _i32(hook_type), ctypes.cast(callback, _c_void_p), _c_void_p(data),
                     _u64(1), _u64(0)]
             if extra is not None:
                 args.append(_i32(extra))
             _check(_lib.uc_hook_add(*args), "uc_hook_add")
-        if base < layout.MAPPED_LIMIT:
-            _check(_lib.uc_mmio_map(handle, base, layout.MAPPED_LIMIT - base, ctypes.cast(mmio_read, _c_void_p),
-                                    None, ctypes.cast(mmio_write, _c_void_p), None), "uc_mmio_map (MMIO)")
+        if self.memory_size < layout.MAPPED_LIMIT:
+            self.map_mmio(self.memory_size, layout.MAPPED_LIMIT)
         _check(_lib.uc_mmio_map(handle, layout.MAPPED_LIMIT, _OPEN_BUS_END - layout.MAPPED_LIMIT,
                                 ctypes.cast(bus_read, _c_void_p), None, ctypes.cast(bus_write, _c_void_p), None),
                "uc_mmio_map (empty bus)")
@@ -320,7 +426,7 @@ class _Engine:
         cpu, deep = self.cpu, self.cpu.deep
         return NativeTrapReplay(
             library, cpu_address=cpu.address, ram_address=self.ram_address, ram_size=self.memory_size,
-            reg_read_address=ctypes.cast(_lib.uc_reg_read, _c_void_p).value, rflags_reg=self._eflags_id, slow=slow,
+            reg_read_address=ctypes.cast(_lib.uc_reg_read, _c_void_p).value or 0, rflags_reg=self._eflags_id, slow=slow,
             offsets={"eip": S.EIP, "eflags": S.EFLAGS, "hflags": S.HFLAGS, "rsp": S.REGS + 8 * 4,
                      "cs": S.SEGS + S.R_CS * S.SEGMENT_SIZE, "ss": S.SEGS + S.R_SS * S.SEGMENT_SIZE,
                      "system": S.LDT, "cr2_in_system": S.CR + 16 - S.LDT, "old_exception": deep.old_exception,
@@ -347,8 +453,12 @@ class _Engine:
         """
         cpu = self.cpu
         q = cpu.q
-        msr = self.uc.msr_read
         efer = q[cpu.deep.efer // 8]
+
+        def msr(index: int) -> int:
+            with self.intercepts.suspended():
+                return self.uc.msr_read(index)
+
         rip = q[S.EIP // 8]
         if not efer & 1:
             self.delivery.deliver(6, 0, False)
@@ -373,18 +483,23 @@ class _Engine:
         cpu.load_segment(S.R_CS, selector, 0, 0xFFFFFFFF, code_flags)
         q[S.EIP // 8] = (target - 2) & 0xFFFF_FFFF_FFFF_FFFF
 
-    def begin_stop(self, exit_: Io | None, in_value: int | None, fault: tuple[int, int] | None = None) -> None:
+    def begin_stop(self, exit_: Io | None, in_value: int | None, fault: tuple[int, int] | None = None,
+                   resume: bool = False) -> None:
         """Called in an IN/OUT hook: freeze the state for an exact stop after this instruction.
 
         With ``fault`` the instruction is not allowed (CPL > IOPL and the TSS bitmap
         says no): the state is put back to before it and the fault delivered after the stop.
+        With ``resume`` the access was absorbed and the run goes on after the stop
+        (an interrupt became pending during it).
         """
         self.pending_fault = fault
-        self.stop = exit_
+        self.stop = None if resume else exit_
+        self.stop_access = exit_
         self.stop_state = bytes(self.cpu.bytes)
         self.stop_rip = self.cpu.q[S.EIP // 8]
         self.stop_value = in_value
-        _lib.uc_mem_protect(self.handle, 0, self.memory_size, UC.UC_PROT_READ | UC.UC_PROT_EXEC)
+        for start, size in self.writable_ranges():
+            _lib.uc_mem_protect(self.handle, start, size, _READ_EXEC)
         self.stop_run()
 
     def finish_stop(self, read_code) -> None:
@@ -392,7 +507,7 @@ class _Engine:
         if self.stop_state is None:
             return
         state, self.stop_state = self.stop_state, None
-        _check(_lib.uc_mem_protect(self.handle, 0, self.memory_size, UC.UC_PROT_ALL), "uc_mem_protect")
+        self.protect_writable()
         if self.pending_fault is not None:
             self.cpu.bytes[:] = state
             _lib.uc_ctl(self.handle, _i32(_UC_CTL_TLB_FLUSH))
@@ -403,8 +518,10 @@ class _Engine:
         self.cpu.bytes[:] = state
         _lib.uc_ctl(self.handle, _i32(_UC_CTL_TLB_FLUSH))
         self.cpu.q[S.EIP // 8] = self.stop_rip + length
-        if self.stop_value is not None and isinstance(self.stop, Io):
-            size = self.stop.size
+        # The I/O instruction completed: an interrupt shadow it sat in (after sti, mov ss) is over.
+        self.cpu.u32[S.HFLAGS // 4] &= ~S.HF_INHIBIT_IRQ_MASK
+        if self.stop_value is not None and self.stop_access is not None:
+            size = self.stop_access.size
             rax = self.cpu.q[0]
             if size == 4:
                 rax = self.stop_value  # writing EAX zero-extends into RAX
@@ -413,20 +530,160 @@ class _Engine:
                 rax = (rax & ~mask) | self.stop_value
             self.cpu.q[0] = rax
 
+    # --- memory regions and the dirty log ----------------------------------------------------------
+
+    def map_mmio(self, start: int, end: int) -> None:
+        """Map [start, end) as MMIO reaching the dispatcher (the piece's start is the callbacks' user data)."""
+        read, write = self.mmio_callbacks
+        _check(_lib.uc_mmio_map(self.handle, start, end - start, read, _c_void_p(start), write, _c_void_p(start)),
+               "uc_mmio_map (MMIO)")
+        self.mmio_pieces.append((start, end))
+
+    def read_only_at(self, address: int) -> bool:
+        for region in self.regions:
+            if region.address <= address < region.end:
+                return region.read_only
+        return False
+
+    def writable_at(self, address: int) -> bool:
+        if address < self.memory_size:
+            return True
+        return any(region.address <= address < region.end and not region.read_only for region in self.regions)
+
+    def writable_ranges(self) -> list[tuple[int, int]]:
+        """(start, size) of RAM and every writable region."""
+        return [(0, self.memory_size)] + [(r.address, r.size) for r in self.regions if not r.read_only]
+
+    def protect_pages(self, pages: Iterable[int], prot: int) -> None:
+        """uc_mem_protect over runs of consecutive page frame numbers (never from inside a store: see on_write_prot)."""
+        runs: list[list[int]] = []  # [first, last] page of each run
+        for page in sorted(pages):
+            if runs and page == runs[-1][1] + 1:
+                runs[-1][1] = page
+            else:
+                runs.append([page, page])
+        for first, last in runs:
+            _check(_lib.uc_mem_protect(self.handle, first << 12, (last - first + 1) << 12, prot), "uc_mem_protect")
+
+    def protect_writable(self) -> None:
+        """Writable memory as it should be between runs: all writable, or, while the dirty log is on,
+        read-only except the pages already logged."""
+        prot = UC.UC_PROT_ALL if self.dirty is None else _READ_EXEC
+        for start, size in self.writable_ranges():
+            _check(_lib.uc_mem_protect(self.handle, start, size, prot), "uc_mem_protect")
+        if self.dirty:
+            self.protect_pages(self.dirty, UC.UC_PROT_ALL)
+
+    # --- kicks and external interrupts --------------------------------------------------------------
+
+    def take_kick(self) -> bool:
+        """In the run loop: whether a kick is pending; consumes it and stops its repeated uc_emu_stop."""
+        if not self.kicked:
+            return False
+        with self.kick_lock:
+            self.kicked = False
+            token, self.kick_token = self.kick_token, None
+        if token is not None:
+            WATCHDOG.disarm(token)
+        return True
+
+    def can_take_interrupt(self) -> bool:
+        """RFLAGS.IF = 1 and no interrupt shadow (QEMU's HF_INHIBIT_IRQ_MASK after sti, mov ss, pop ss)."""
+        return bool(self.cpu.q[S.EFLAGS // 8] & _IF) and not self.cpu.u32[S.HFLAGS // 4] & S.HF_INHIBIT_IRQ_MASK
+
+    def interrupt_needs_stop(self) -> bool:
+        """In a hook, with an interrupt pending: stop now (it can be taken, or the IF watch is not on yet)."""
+        return self.window_hook is None or self.can_take_interrupt()
+
+    def set_window_watch(self, on: bool) -> None:
+        """Install or remove the UC_HOOK_BLOCK that stops the run once IF = 1 and no shadow.
+
+        Unicorn decides at translation time whether a block calls a hook, so the
+        translated blocks are dropped both ways (UC_CTL_TB_FLUSH): with the hook,
+        every block calls it; without, the guest runs at full speed again.  Every
+        instruction that can set IF (sti, popf, iret, sysret) ends its block in
+        QEMU, and the one instruction in an interrupt shadow is a block of its
+        own, so a block boundary is where the guest first can take the interrupt.
+        """
+        if on == (self.window_hook is not None):
+            return
+        if on:
+            hook = ctypes.c_size_t()
+            _check(_lib.uc_hook_add(self.handle, ctypes.byref(hook), _i32(UC.UC_HOOK_BLOCK),
+                                    ctypes.cast(self.block_callback, _c_void_p), None, _u64(1), _u64(0)),
+                   "uc_hook_add (UC_HOOK_BLOCK)")
+            self.window_hook = hook
+        elif self.window_hook is not None:
+            hook, self.window_hook = self.window_hook, None
+            _check(_lib.uc_hook_del(self.handle, hook.value), "uc_hook_del (UC_HOOK_BLOCK)")
+        _lib.uc_ctl(self.handle, _i32(_UC_CTL_TB_FLUSH))
+
+    def inject_interrupt(self, dispatcher) -> Exit | None:
+        """Between runs, with ``dispatcher.interrupt_pending``: deliver the vector, or watch for IF.
+
+        The vector goes through the guest's IVT/IDT as an external interrupt (no
+        error code, no DPL check, the frame's RIP is the next instruction, IF
+        cleared by an interrupt gate), then ``acknowledge_interrupt`` is called.
+        """
+        if not self.can_take_interrupt():
+            self.set_window_watch(True)
+            return None
+        self.set_window_watch(False)
+        vector = dispatcher.pending_vector()
+        if vector is None:
+            return None
+        try:
+            self.delivery.deliver(vector, 0, False, external=True)
+        except TripleFault:
+            self.shutdown = True
+            return Shutdown()
+        except DeliveryUnsupported as error:
+            return EmulatorFailure(str(error))
+        finally:
+            dispatcher.acknowledge_interrupt(vector)
+        return None
+
     def close(self) -> None:
         if self.uc is None:
             return
+        with self.kick_lock:
+            token, self.kick_token = self.kick_token, None
+            self.alive = False
+        if token is not None:
+            WATCHDOG.disarm(token)
         self.delivery.release()
         self.cpu.release()
-        release = self.uc._Uc__finalizer  # the binding's weakref.finalize: uc_close, exactly once
-        self.uc = None
+        release = getattr(self.uc, "_Uc__finalizer")  # the binding's weakref.finalize: uc_close, exactly once
+        self.uc = None  # type: ignore[assignment]  # "closed": _live() checks it
         release()  # the engine goes before the RAM it points into
+        for region in self.regions:
+            region.release()
         self.ram.release()
         del self._anchor
         try:
             self.ram_map.close()
         except BufferError:
             pass  # someone still holds backend.memory; the mapping goes when they let go
+
+
+class _Region:
+    """A memory region beyond RAM: an anonymous mmap given to Unicorn with uc_mem_map_ptr."""
+
+    def __init__(self, address: int, size: int, read_only: bool):
+        self.address, self.size, self.end, self.read_only = address, size, address + size, read_only
+        self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._anchor = ctypes.c_char.from_buffer(self.map)
+        self.host_address = ctypes.addressof(self._anchor)
+        self.view = memoryview(self.map)
+
+    def release(self) -> None:
+        self.view.release()
+        del self._anchor
+        try:
+            self.map.close()
+        except BufferError:
+            pass  # a caller still holds the view; the mapping goes when they let go
 
 
 class _MmioStop(tuple):
@@ -444,6 +701,16 @@ def _time_out(engine) -> None:
     """The watchdog's action at a run's deadline (from its own thread, as Unicorn's timeout thread would)."""
     engine.timed_out = True
     _lib.uc_emu_stop(engine.handle)
+
+
+_KICK_AGAIN_S = 0.002
+"""After a kick during a run, the watchdog stops the engine again this often until the run loop sees it."""
+
+
+def _kick_again(engine) -> None:
+    """The watchdog's repeat of a kick: a uc_emu_stop that landed just before uc_emu_start is lost there."""
+    if engine.kicked:
+        _lib.uc_emu_stop(engine.handle)
 
 
 class EmuBackend:
@@ -500,7 +767,7 @@ class EmuBackend:
         engine = self._live()
         cpu = engine.cpu
         q = cpu.q
-        segments = {name: self._segment(cpu.segment(S.SEGS + index * S.SEGMENT_SIZE)) for name, index in _SEGMENTS}
+        segments: dict[str, Any] = {name: self._segment(cpu.segment(S.SEGS + index * S.SEGMENT_SIZE)) for name, index in _SEGMENTS}
         gdt = cpu.segment(S.GDT)
         idt = cpu.segment(S.IDT)
         return SRegs(
@@ -539,7 +806,8 @@ class EmuBackend:
         uc.reg_write(X.UC_X86_REG_CR4, sregs.cr4)
         uc.reg_write(X.UC_X86_REG_CR3, sregs.cr3)
         uc.reg_write(X.UC_X86_REG_CR0, sregs.cr0)
-        uc.msr_write(_EFER, sregs.efer & ~0x400)
+        with engine.intercepts.suspended():
+            uc.msr_write(_EFER, sregs.efer & ~0x400)
         uc.reg_write(X.UC_X86_REG_CR2, sregs.cr2)
         cpu.q[cpu.deep.efer // 8] = sregs.efer
         hflags = cpu.u32[S.HFLAGS // 4] & ~S.HF_LMA_MASK
@@ -561,13 +829,15 @@ class EmuBackend:
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """RDMSR through Unicorn (QEMU's helper_rdmsr); MSRs QEMU does not model read as 0."""
         engine = self._live()
-        return {index: engine.uc.msr_read(index) for index in indices}
+        with engine.intercepts.suspended():
+            return {index: engine.uc.msr_read(index) for index in indices}
 
     def set_msrs(self, msrs: Mapping[int, int]) -> None:
         """WRMSR through Unicorn (QEMU's helper_wrmsr); writes QEMU does not model are dropped."""
         engine = self._live()
-        for index, value in msrs.items():
-            engine.uc.msr_write(index, value)
+        with engine.intercepts.suspended():
+            for index, value in msrs.items():
+                engine.uc.msr_write(index, value)
 
     # --- running -------------------------------------------------------------------------------
 
@@ -585,13 +855,60 @@ class EmuBackend:
             out.append(engine.ram[physical])
         return bytes(out)
 
+    def kick(self) -> None:
+        """End the run in progress at the next instruction boundary with :class:`~labkit.exits.Interrupted`.
+
+        Thread-safe.  ``uc_emu_stop`` ends emulation at the end of the
+        translated block being executed: every instruction up to there completes
+        (its port and MMIO accesses reach the dispatcher as usual), the vCPU state
+        is consistent and the next ``run`` continues there.  A stop that lands
+        just before ``uc_emu_start`` (which clears Unicorn's stop request) is
+        repeated by the watchdog every 2 ms until the run loop sees the kick.
+        A kick while no run is in progress makes the next ``run`` return
+        ``Interrupted`` at once without running guest code.
+
+        Known limit (Unicorn 2.1.4): Unicorn also checks for a stop after every
+        guest load and store and restarts the current instruction there, so a
+        kick (or the deadline) that lands between the load and the store of a
+        read-modify-write instruction on memory (``add [mem], reg``, ``inc
+        [mem]``, ``xchg``) lets its store land and runs it again on resume.
+        Measured: a loop of ``inc [m]; add [m2], 3`` kicked 690 times gained
+        305 and 313 extra updates.  Plain loads, stores, push/pop and
+        register-only code resume exactly.
+        """
+        engine = self._engine
+        with engine.kick_lock:
+            if not engine.alive:
+                return
+            engine.kicked = True
+            if engine.running:
+                if engine.kick_token is None:
+                    engine.kick_token = WATCHDOG.arm(time.monotonic() + _KICK_AGAIN_S, partial(_kick_again, engine),
+                                                     repeat=_KICK_AGAIN_S)
+                _lib.uc_emu_stop(engine.handle)
+
     def run(self, dispatcher, timeout: float) -> Exit:
         engine = self._live()
         if timeout <= 0:
             raise ConfigError(f"timeout must be positive, not {timeout!r}")
+        with engine.kick_lock:
+            engine.running = True
+        try:
+            return self._run(engine, dispatcher, timeout)
+        finally:
+            with engine.kick_lock:
+                engine.running = False
+                token, engine.kick_token = engine.kick_token, None
+            if token is not None:
+                WATCHDOG.disarm(token)  # a kick not yet seen stays pending for the next run
+
+    def _run(self, engine: _Engine, dispatcher, timeout: float) -> Exit:
+        if engine.take_kick():
+            return Interrupted()
         if engine.shutdown:
             return Shutdown()
         engine.dispatcher = dispatcher
+        engine.irq = hasattr(dispatcher, "interrupt_pending")
         engine.delivery.flush()
         cpu = engine.cpu
         deadline = time.monotonic() + timeout
@@ -599,16 +916,28 @@ class EmuBackend:
         token = WATCHDOG.arm(deadline, partial(_time_out, engine), repeat=_STOP_AGAIN_S)
         try:
             while True:
+                if engine.take_kick():
+                    return Interrupted()
                 if engine.timed_out or time.monotonic() >= deadline:
                     return Timeout(budget_s=timeout)
+                if engine.irq and dispatcher.interrupt_pending:
+                    outcome = engine.inject_interrupt(dispatcher)
+                    if outcome is not None:
+                        return outcome
+                elif engine.window_hook is not None:
+                    engine.set_window_watch(False)
                 engine.clear_stop()
                 engine.stop = None
-                begin = cpu.q[S.EIP // 8]
-                if self.mode == 16:
-                    begin = (cpu.u32[(S.SEGS + S.R_CS * S.SEGMENT_SIZE) // 4] << 4) + (begin & 0xFFFF)
+                begin = self._start_address()
                 status = _lib.uc_emu_start(engine.handle, begin, _NEVER, 0, 0)
+                exact_stop = engine.stop_state is not None
                 engine.finish_stop(self.read_linear)
                 cpu.i32[cpu.deep.old_exception // 4] = -1
+                dirty_new = bool(engine.dirty_new)
+                if dirty_new:  # first writes to watched pages: writable until the next fetch, then run again
+                    engine.protect_pages(engine.dirty_new, UC.UC_PROT_ALL)
+                    engine.dirty_new.clear()
+                rom_write, engine.rom_write = engine.rom_write, False
                 if engine.hook_error is not None:
                     error, engine.hook_error = engine.hook_error, None
                     raise error
@@ -623,13 +952,32 @@ class EmuBackend:
                     if outcome is not None:
                         return outcome
                     continue
+                if engine.intercepted is not None:
+                    outcome = self._intercepted()
+                    if outcome is not None:
+                        return outcome
+                    continue
                 if engine.stop is not None:
                     stop = engine.stop
                     if isinstance(stop, _MmioStop):
+                        engine.mmio_replay = stop
                         return Mmio(*stop)
                     return stop
+                if exact_stop:
+                    continue  # an absorbed I/O with an interrupt pending
+                if status == UC.UC_ERR_WRITE_PROT and dirty_new and not rom_write:
+                    continue
+                if status == UC.UC_ERR_WRITE_PROT and rom_write:
+                    outcome = self._step_one(dispatcher)
+                    if outcome is not None:
+                        return outcome
+                    continue
                 if status == UC.UC_ERR_OK:
-                    return Timeout(budget_s=timeout) if engine.timed_out else Hlt()
+                    if engine.halted.value:
+                        return Hlt()  # RIP is after the hlt, as on KVM; a kick or deadline now waits for the next run
+                    if engine.window_open:
+                        engine.window_open = False
+                    continue  # stopped by a kick, the deadline, an interrupt or an absorbed I/O: checked at the top
                 if status == UC.UC_ERR_INSN_INVALID:
                     outcome = self._deliver_outside(6)
                     if outcome is not None:
@@ -647,7 +995,156 @@ class EmuBackend:
         finally:
             WATCHDOG.disarm(token)
             engine.dispatcher = None
+            engine.window_open = False
             engine.clear_stop()
+
+    # --- memory beyond RAM and the dirty log ---------------------------------------------------------
+
+    def add_memory_region(self, guest_address: int, size: int, *, read_only: bool = False) -> memoryview:
+        """Map ``size`` bytes of new memory at ``guest_address``; returns the host's view of it.
+
+        The region is carved out of the MMIO range above RAM (``uc_mem_unmap`` of
+        that MMIO piece, ``uc_mmio_map`` of what remains on either side,
+        ``uc_mem_map_ptr`` of an anonymous mmap).  A read-only region (KVM's
+        KVM_MEM_READONLY) reads and executes as memory; a guest store to it is
+        dropped and reaches the dispatcher as an MMIO write (address, size,
+        value), through UC_HOOK_MEM_WRITE_PROT.  The run goes on after it;
+        when the dispatcher sets ``stop``, the run ends with that
+        :class:`~labkit.exits.Mmio` at the end of the translated block, as for
+        other MMIO.  Exception delivery (stack frames, descriptor tables) only
+        reaches RAM: a handler stack in a region is an
+        :class:`~labkit.exits.EmulatorFailure`.
+        """
+        engine = self._live()
+        for name, value in (("guest_address", guest_address), ("size", size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value % layout.PAGE_SIZE:
+                raise ConfigError(f"{name} must be a whole number of 4 KiB pages, not {value!r}")
+        if size == 0:
+            raise ConfigError("a memory region cannot be empty")
+        end = guest_address + size
+        if guest_address < engine.memory_size:
+            raise ConfigError(f"memory region [{guest_address:#x}, {end:#x}) overlaps RAM [0, {engine.memory_size:#x})")
+        if end > layout.MAPPED_LIMIT:
+            raise ConfigError(f"memory region [{guest_address:#x}, {end:#x}) ends above {layout.MAPPED_LIMIT:#x}, "
+                              "the end of guest-physical memory labkit maps")
+        for region in engine.regions:
+            if guest_address < region.end and region.address < end:
+                raise ConfigError(f"memory region [{guest_address:#x}, {end:#x}) overlaps the region "
+                                  f"[{region.address:#x}, {region.end:#x})")
+        piece = next(p for p in engine.mmio_pieces if p[0] <= guest_address and end <= p[1])
+        region = _Region(guest_address, size, read_only)
+        engine.uc.mem_unmap(piece[0], piece[1] - piece[0])
+        engine.mmio_pieces.remove(piece)
+        for start, stop in ((piece[0], guest_address), (end, piece[1])):
+            if start < stop:
+                engine.map_mmio(start, stop)
+        prot = _READ_EXEC if read_only or engine.dirty is not None else UC.UC_PROT_ALL
+        _check(_lib.uc_mem_map_ptr(engine.handle, guest_address, size, prot, _c_void_p(region.host_address)),
+               "uc_mem_map_ptr (memory region)")
+        engine.regions.append(region)
+        engine.regions.sort(key=lambda r: r.address)
+        return region.view
+
+    def regions(self) -> list[tuple[int, memoryview, bool]]:
+        """(guest_address, view, read_only) of RAM and every region, RAM first."""
+        engine = self._live()
+        return [(0, self.memory, False)] + [(r.address, r.view, r.read_only) for r in engine.regions]
+
+    def dirty_log_start(self) -> None:
+        """Log the pages the guest writes from now on: writable memory becomes read-only for Unicorn.
+
+        The first guest store to a page calls UC_HOOK_MEM_WRITE_PROT, which logs
+        the page and lets the store land; the run then stops once (at the end of
+        the translated block) to make that page writable, so later stores to it
+        cost nothing until the next fetch.  Stores by the host through the
+        views are not logged.  Call between runs.
+        """
+        engine = self._live()
+        if engine.dirty is None:
+            engine.dirty = set()
+            engine.protect_writable()
+
+    def dirty_log_fetch(self) -> list[int]:
+        """Sorted guest-physical page frame numbers written since the start or the last fetch; clears them."""
+        engine = self._live()
+        if engine.dirty is None:
+            raise ConfigError("the dirty log is not started (call dirty_log_start first)")
+        pages = sorted(engine.dirty)
+        engine.dirty = set()
+        engine.protect_pages(pages, _READ_EXEC)
+        return pages
+
+    def dirty_log_stop(self) -> None:
+        """Stop logging: all writable memory is writable for Unicorn again."""
+        engine = self._live()
+        if engine.dirty is not None:
+            engine.dirty = None
+            engine.protect_writable()
+
+    def _start_address(self) -> int:
+        """The ``begin`` argument of uc_emu_start for the current RIP (mode 16: CS.selector * 16 + IP)."""
+        cpu = self._engine.cpu
+        begin = cpu.q[S.EIP // 8]
+        if self.mode == 16:
+            begin = (cpu.u32[(S.SEGS + S.R_CS * S.SEGMENT_SIZE) // 4] << 4) + (begin & 0xFFFF)
+        return begin
+
+    def _intercepted(self) -> Exit | None:
+        """After an intercepted CR0/CR4 write or MSR access (Unicorn stopped before it): #GP(0) or run it."""
+        engine = self._engine
+        intercepted, engine.intercepted = engine.intercepted, None
+        if intercepted is None:
+            return None
+        exit_code, is_write = intercepted
+        cpu = engine.cpu
+        hflags = cpu.u32[S.HFLAGS // 4]
+        cs_base = cpu.q[(S.SEGS + S.R_CS * S.SEGMENT_SIZE + 8) // 8]
+        instruction = self.read_linear(cs_base + cpu.q[S.EIP // 8], 15)
+        if engine.intercepts.refuses(exit_code, is_write, instruction, bool(hflags & S.HF_LMA_MASK),
+                                     bool(hflags & S.HF_CS64_MASK)):
+            return self._deliver_outside(13, 0)
+        return self._step_one(engine.dispatcher, intercepts_off=True)
+
+    def _step_one(self, dispatcher, *, intercepts_off: bool = False) -> Exit | None:
+        """Run the one instruction Unicorn stopped before, alone, then go on with the run loop.
+
+        For a store to a read-only region: each store to read-only memory reaches
+        the dispatcher as an MMIO write and lands, and the bytes are put back
+        afterwards, last store first.  For an intercepted instruction the CPU
+        judged allowed: with the intercepts off (``intercepts_off``).  ``count`` =
+        1 counts only in blocks translated with Unicorn's count hook, so the
+        translated blocks are dropped first (and again by the next uncounted start).
+        """
+        engine = self._engine
+        _lib.uc_ctl(engine.handle, _i32(_UC_CTL_TB_FLUSH))
+        engine.rom_step = not intercepts_off
+        if intercepts_off:
+            engine.intercepts.off()
+        try:
+            status = _lib.uc_emu_start(engine.handle, self._start_address(), _NEVER, 0, 1)
+        finally:
+            engine.rom_step = False
+            if intercepts_off:
+                engine.intercepts.on()
+            for region, offset, old in reversed(engine.rom_undo):
+                region.view[offset:offset + len(old)] = old
+            engine.rom_undo.clear()
+        writes, engine.rom_writes = engine.rom_writes, []
+        engine.cpu.i32[engine.cpu.deep.old_exception // 4] = -1
+        if engine.hook_error is not None:
+            error, engine.hook_error = engine.hook_error, None
+            raise error
+        if engine.shutdown:
+            return Shutdown()
+        if engine.failure is not None:
+            message, engine.failure = engine.failure, None
+            return EmulatorFailure(message)
+        if status not in (UC.UC_ERR_OK, UC.UC_ERR_WRITE_PROT):
+            return EmulatorFailure(f"Unicorn stopped at rip={engine.cpu.q[S.EIP // 8]:#x} while stepping one "
+                                   f"instruction: {_lib.uc_strerror(status).decode()}")
+        if writes and dispatcher.stop:
+            return Mmio(*writes[-1])
+        return None
 
     def _deliver_outside(self, vector: int, error_code: int = 0) -> Exit | None:
         """Deliver an exception after uc_emu_start returned (#UD, on which Unicorn stops; I/O #GP)."""
