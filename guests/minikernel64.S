@@ -16,7 +16,7 @@
 #                      #PF handler prints CR2 and the error code and skips the read
 #   control_registers  mov from CR0, CR3, CR4
 #   int                int 0x30 to its own handler (PVM cannot run a ring-0 int n)
-#   timer              arms a timer at port 0x40 (only the trap-and-emulate
+#   timer              arms a timer at port 0xf3 (only the trap-and-emulate
 #                      monitor's virtual timer exists), enables interrupts with
 #                      popf, then with sti, and counts the ticks it saw
 #   student            the student's own code (labkit.monitor.trap_emulate.minikernel)
@@ -27,7 +27,7 @@
         .equ COM1, 0x3F8
         .equ LSR, COM1 + 5
         .equ LSR_THRE, 0x20
-        .equ TIMER_PORT, 0x40
+        .equ TIMER_PORT, 0xF3              # layout.MONITOR_TIMER_PORT
         .equ KERNEL_CS, 0x08
         .equ IDT_VECTORS, 0x31
         .equ DEFAULT_ROUTINES, 0xFF       # cli_pushf .. control_registers

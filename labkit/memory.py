@@ -27,11 +27,8 @@ RegionSource = Union[Sequence[Region], Callable[[], Sequence[Region]]]
 
 
 def regions_of(backend) -> Callable[[], Sequence[Region]]:
-    """The regions of ``backend``: ``backend.regions()``, or its RAM alone on a backend without regions."""
-    regions = getattr(backend, "regions", None)  # guard: remove once every backend has regions()
-    if regions is not None:
-        return regions
-    return lambda: [(0, backend.memory, False)]
+    """The regions of ``backend`` (``backend.regions``), asked afresh at each access."""
+    return backend.regions
 
 
 class GuestMemory:

@@ -46,6 +46,7 @@ from labkit.monitor.vcpu import (PF_USER, PRIVILEGED, Decoded, VirtualCpu, Virtu
                                  decode, emulate, has_error_code, reflect)
 from labkit.vmm.forwarding import GuestContext, Trap
 from labkit.vmm.status import RunResult, Status, StatusKind, exception_name
+from labkit.x86 import layout
 from labkit.x86.arch import Vector
 
 if TYPE_CHECKING:
@@ -53,8 +54,8 @@ if TYPE_CHECKING:
     from labkit.vmm.machine import Machine
 
 MAX_EVENTS = 4096
-TIMER_PORT = 0x40
-"""The virtual timer's port (the PC's PIT channel 0): a write arms it, the monitor then holds one pending interrupt."""
+TIMER_PORT = layout.MONITOR_TIMER_PORT
+"""The virtual timer's port (labkit's own: the PC's PIT is a real device at 0x40): a write arms it, the monitor then holds one pending interrupt."""
 TIMER_VECTOR = 0x20
 
 

@@ -261,9 +261,7 @@ class MachineCore:
 
     def kick(self) -> None:
         """Make a run in progress leave the guest at the next instruction boundary (any thread)."""
-        kick = getattr(self.backend, "kick", None)  # guard: remove once every backend has kick()
-        if kick is not None:
-            kick()
+        self.backend.kick()
 
     def request_pause(self) -> None:
         """Make the run in progress (or else the next one) return with status ``paused`` (any thread)."""

@@ -65,5 +65,7 @@ FAULT_PORT = 0xF1
 """The default exception stubs write the vector here; labkit reports the fault and stops."""
 TRAP_PORT = 0xF2
 """Under a monitor, the forwarding stubs write here: labkit hands the trap to the monitor and resumes."""
+MONITOR_TIMER_PORT = 0xF3
+"""The trap-and-emulate monitor's one-shot virtual timer (only a monitor answers it; the PC's PIT is at 0x40)."""
 FORWARDING_STUBS = 0x0000
 """Under a monitor (long mode only), the per-vector trap-forwarding stubs; the IVT is unused there."""
