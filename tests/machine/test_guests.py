@@ -102,6 +102,12 @@ KNOWN_DIFFERENCES = {
         "ram[0x843c]": (24, 22), "ram[0x6ffb0]": (0x83, 0xC4), "ram[0x6ffea]": (RF >> 16, 0),
         "exits.MMIO": (96, 88),
     },
+    # preempt64's timer interrupts a ring-3 task: after it, as for rings64, PVM has reloaded the
+    # flat data segments where the CPU (and the emulator) leave null selectors, and SS differs as above.
+    "preempt64": {
+        **flat_data_vs_null("ds"), **flat_data_vs_null("es"), **flat_data_vs_null("fs"), **flat_data_vs_null("gs"),
+        "sregs.ss.unusable": (0, 1),
+    },
 }
 
 
