@@ -13,6 +13,7 @@ where they happen, so callers catch labkit errors only::
      ├── KvmError               an ioctl on /dev/kvm failed; carries the ioctl's name and errno
      ├── EmulatorError          Unicorn failed, crashed or hung (contained in a worker process)
      ├── DeviceError            a device model raised while handling the guest's access (names device, port, RIP)
+     ├── NotModelled            the guest asked a device for a feature labkit does not model (ends the run, not raised)
      └── GuestMemoryError       a host-side access to guest memory outside every memory region
 """
 
@@ -72,6 +73,14 @@ class DeviceError(LabkitError):
     """A device model failed while handling a guest access; the run ended with status ``error``.
 
     The message names the device, the port or address, and the guest's RIP, the same on every backend.
+    """
+
+
+class NotModelled(LabkitError, NotImplementedError):
+    """The guest asked a device model for a feature it does not model (an 8254 channel 2, say).
+
+    The guest's doing, not a bug in the device: the run ends with status ``error`` naming the
+    device, the feature, the port and the RIP, and ``Machine.run`` returns it rather than raising.
     """
 
 

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from labkit import exits
 from labkit.backend import Backend, create_backend
-from labkit.errors import ConfigError, LabkitError
+from labkit.errors import ConfigError, LabkitError, NotModelled
 from labkit.exits import ExitReason
 from labkit.memory import GuestMemory
 from labkit.trace import ExitRecord, ExitTrace
@@ -251,10 +251,16 @@ class MachineCore:
         hit = bus.find(address)
         name = self._names.get(id(hit[1]), type(hit[1]).__name__) if hit else "?"
         access = "write to" if is_write else "read of"
-        message = (f"device {name!r} failed on a {access} {what} {address:#x} at guest rip {rip:#x}: "
-                   f"{type(error).__name__}: {error}")
+        if isinstance(error, NotModelled):  # the guest's doing: the run ends, nothing is raised
+            message = (f"the guest's {access} {what} {address:#x} at rip {rip:#x} asked device {name!r} "
+                       f"for what it does not model: {error}")
+            status = Status(StatusKind.ERROR, message=message)
+        else:
+            message = (f"device {name!r} failed on a {access} {what} {address:#x} at guest rip {rip:#x}: "
+                       f"{type(error).__name__}: {error}")
+            status = Status(StatusKind.ERROR, message=message, device=name)
         if self._device_status is None:
-            self._device_status = Status(StatusKind.ERROR, message=message, device=name)
+            self._device_status = status
         self.stop = True
 
     # -- control from other threads ---------------------------------------------------

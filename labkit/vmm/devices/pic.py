@@ -20,7 +20,7 @@ Modelled (what PC guests use):
 - edge-triggered requests with fixed priority, IR0 highest, fully nested:
   a request is delivered only above every level in service.
 
-Not modelled; the guest asking for one gets ``NotImplementedError`` naming it
+Not modelled; the guest asking for one gets ``labkit.errors.NotModelled`` naming it (the run ends with status ``error``)
 (the machine reports it as a device error, never behaves differently unsaid):
 level-triggered mode (ICW1.LTIM), MCS-80/85 mode (ICW4.uPM = 0, which also
 follows from leaving out ICW4), special fully nested mode (ICW4.SFNM), priority
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from labkit.errors import ConfigError
+from labkit.errors import ConfigError, NotModelled
 
 LINES = 8
 
@@ -188,10 +188,10 @@ class Pic8259:
             self.init_step = self._after(EXPECT_ICW3)
         elif step == EXPECT_ICW4:
             if not value & ICW4_UPM:
-                raise NotImplementedError("8259A: ICW4 with uPM = 0 selects MCS-80/85 mode, which is not "
+                raise NotModelled("8259A: ICW4 with uPM = 0 selects MCS-80/85 mode, which is not "
                                           "modelled (8086 mode needs uPM = 1)")
             if value & ICW4_SFNM:
-                raise NotImplementedError("8259A: special fully nested mode (ICW4.SFNM) is not modelled")
+                raise NotModelled("8259A: special fully nested mode (ICW4.SFNM) is not modelled")
             self.icw4 = value
             self.init_step = READY
         else:  # OCW1 (also before any ICW1, as on QEMU's model)
@@ -199,10 +199,10 @@ class Pic8259:
 
     def _icw1(self, value: int) -> None:
         if value & ICW1_LTIM:
-            raise NotImplementedError("8259A: level-triggered mode (ICW1.LTIM) is not modelled; "
+            raise NotModelled("8259A: level-triggered mode (ICW1.LTIM) is not modelled; "
                                       "only edge-triggered requests are")
         if not value & ICW1_IC4:
-            raise NotImplementedError("8259A: ICW1 without IC4 leaves ICW4 = 0, i.e. MCS-80/85 mode, which is "
+            raise NotModelled("8259A: ICW1 without IC4 leaves ICW4 = 0, i.e. MCS-80/85 mode, which is "
                                       "not modelled: set IC4 and send ICW4 with uPM = 1")
         self.icw1 = value
         self.icw3 = self.icw4 = 0
@@ -229,13 +229,13 @@ class Pic8259:
         else:
             names = {0b100: "rotate in AEOI mode (set)", 0b101: "rotate on non-specific EOI",
                      0b110: "set priority", 0b111: "rotate on specific EOI"}
-            raise NotImplementedError(f"8259A: OCW2 {value:#04x} ({names[command]}) is not modelled; "
+            raise NotModelled(f"8259A: OCW2 {value:#04x} ({names[command]}) is not modelled; "
                                       "priority is fixed, IR0 highest")
 
     def _ocw3(self, value: int) -> None:
         if value & OCW3_ESMM and value & OCW3_SMM:
-            raise NotImplementedError("8259A: special mask mode (OCW3.ESMM|SMM) is not modelled")
+            raise NotModelled("8259A: special mask mode (OCW3.ESMM|SMM) is not modelled")
         if value & OCW3_P:
-            raise NotImplementedError("8259A: the poll command (OCW3.P) is not modelled")
+            raise NotModelled("8259A: the poll command (OCW3.P) is not modelled")
         if value & OCW3_RR:
             self.read_isr = bool(value & OCW3_RIS)

@@ -29,7 +29,7 @@ in modes 2 and 3).  Time is the host's (``time.monotonic``): it goes on while
 the guest is paused or between runs, where the ticks coalesce into one
 request.
 
-Not modelled; the guest gets ``NotImplementedError`` naming it: channels 1 and
+Not modelled; the guest gets ``labkit.errors.NotModelled`` naming it (the run ends with status ``error``): channels 1 and
 2 (ports 0x41, 0x42, and control words selecting them), the read-back
 command (SC = 3), BCD counting, modes 1, 4 and 5 (gate-triggered and strobes),
 and a count written before any control word (the chip's mode is undefined
@@ -53,7 +53,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from labkit.errors import ConfigError
+from labkit.errors import ConfigError, NotModelled
 
 PIT_PORT = 0x40
 """Channel 0's counter on a PC; the control word register is ``PIT_PORT + 3``."""
@@ -72,8 +72,8 @@ MODES = {0: 0, 2: 2, 3: 3, 6: 2, 7: 3}
 """Control-word M field -> the mode it selects (the datasheet's 6 and 7 are 2 and 3)."""
 
 
-def _other_channel(port: int) -> NotImplementedError:
-    return NotImplementedError(f"8254: channel {port} (port {PIT_PORT + port:#x}) is not modelled; only channel 0 is")
+def _other_channel(port: int) -> NotModelled:
+    return NotModelled(f"8254: channel {port} (port {PIT_PORT + port:#x}) is not modelled; only channel 0 is")
 
 
 class InterruptLines(Protocol):
@@ -177,9 +177,9 @@ class Pit8254:
     def _control_word(self, value: int) -> None:
         select, access, mode, bcd = value >> 6, (value >> 4) & 3, (value >> 1) & 7, value & 1
         if select == 3:
-            raise NotImplementedError(f"8254: the read-back command ({value:#04x}) is not modelled")
+            raise NotModelled(f"8254: the read-back command ({value:#04x}) is not modelled")
         if select != 0:
-            raise NotImplementedError(f"8254: control word {value:#04x} selects channel {select}; only channel 0 "
+            raise NotModelled(f"8254: control word {value:#04x} selects channel {select}; only channel 0 "
                                       "is modelled")
         if access == RW_LATCH:
             if self.latched < 0:  # a second latch before the first is read is ignored (datasheet)
@@ -187,9 +187,9 @@ class Pit8254:
                 self.latch_msb_next = False
             return
         if bcd:
-            raise NotImplementedError("8254: BCD counting (control word bit 0) is not modelled; count in binary")
+            raise NotModelled("8254: BCD counting (control word bit 0) is not modelled; count in binary")
         if mode not in MODES:
-            raise NotImplementedError(f"8254: mode {mode} is not modelled (modes 0, 2 and 3 are)")
+            raise NotModelled(f"8254: mode {mode} is not modelled (modes 0, 2 and 3 are)")
         self._stop()
         self.mode, self.access, self.programmed = MODES[mode], access, True
         self.write_msb_next = self.read_msb_next = False
@@ -197,7 +197,7 @@ class Pit8254:
 
     def _write_counter(self, value: int) -> None:
         if not self.programmed:
-            raise NotImplementedError("8254: a count was written to channel 0 before any control word; the "
+            raise NotModelled("8254: a count was written to channel 0 before any control word; the "
                                       "chip's mode is undefined after power-on (write port 0x43 first)")
         if self.access == RW_LSB:
             self.count = value
