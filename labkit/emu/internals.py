@@ -202,7 +202,10 @@ def _read_process(address: int, size: int) -> bytes:
 
 def engine_address(uc: Uc) -> int:
     """Address of the engine's ``struct uc_struct`` (the Python binding's handle)."""
-    return ctypes.cast(uc._uch, ctypes.c_void_p).value or 0
+    handle = uc._uch  # the binding's c_void_p; None only when uc_open failed (and Uc() raised)
+    if handle is None:
+        raise EmulatorError("this Unicorn engine was never opened")
+    return handle.value or 0
 
 
 def locate(uc: Uc, layout: Layout = LAYOUT) -> int:
@@ -282,7 +285,8 @@ class _Scratch:
     def state(self) -> bytes:
         return ctypes.string_at(self.address, self.size)
 
-    def run(self, code: bytes, *, at: int = 0x1000, on_interrupt=None, on_code=None, count: int = 100) -> None:
+    def run(self, code: bytes, *, at: int = 0x1000, on_interrupt: Callable[[int], object] | None = None,
+            on_code: Callable[[int], object] | None = None, count: int = 100) -> None:
         """Run ``code`` (a ``hlt`` is appended) with the given hooks, then drop the hooks."""
         self.uc.mem_write(at, code + b"\xf4")
         hooks = []
@@ -300,7 +304,7 @@ class _Scratch:
     def close(self) -> None:
         # Closed now rather than by the cycle collector at interpreter exit, whose order
         # crashed the process about half the time (uc -> hook -> closure -> uc).
-        self.uc._Uc__finalizer()
+        self.uc._Uc__finalizer()  # type: ignore[attr-defined]  # the binding has no close(); its finalizer does it
 
 
 def _expect(condition: bool, message: str) -> None:

@@ -86,7 +86,7 @@ import threading
 import time
 import weakref
 from functools import partial
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import capstone
 import unicorn
@@ -98,7 +98,7 @@ from labkit.emu.cpu_state import CpuStateView
 from labkit.emu.delivery import DeliveryUnsupported, ExceptionDelivery, TripleFault
 from labkit.emu.halted import HaltedFlag
 from labkit.emu.intercepts import EXCP_VMEXIT, Intercepts
-from labkit.emu.native import NativeTrapReplay, load as load_native
+from labkit.emu.native import CFuncPtr, NativeTrapReplay, load as load_native
 from labkit.emu.unicorn_capi import (HOOK_BLOCK, HOOK_IN, HOOK_INTR, HOOK_OUT, HOOK_SYSCALL, HOOK_WRITE_PROT,
                                      MMIO_READ, MMIO_WRITE)
 from labkit.emu.unicorn_capi import UC_CTL_TB_FLUSH as _UC_CTL_TB_FLUSH
@@ -109,7 +109,7 @@ from labkit.emu.unicorn_capi import i32 as _i32
 from labkit.emu.unicorn_capi import lib as _lib  # also what benchmarks/bench_emu.py imports from here
 from labkit.emu.unicorn_capi import u64 as _u64
 from labkit.errors import ConfigError, EmulatorError
-from labkit.exits import EmulatorFailure, Exit, Hlt, Interrupted, Io, Mmio, Shutdown, Timeout
+from labkit.exits import Dispatcher, EmulatorFailure, Exit, Hlt, Interrupted, Io, Mmio, Shutdown, Timeout
 from labkit.watchdog import WATCHDOG
 from labkit.x86 import layout
 from labkit.x86.state import GPR_NAMES, DescriptorTable, Regs, Segment, SRegs
@@ -164,12 +164,12 @@ class _Engine:
         self._eflags_ref = ctypes.byref(self._eflags)
         self._eflags_id = X.UC_X86_REG_RFLAGS if mode == 64 else X.UC_X86_REG_EFLAGS
         self.delivery = ExceptionDelivery(self.cpu, self.ram, self.read_eflags)
-        self.dispatcher = None
+        self.dispatcher: Dispatcher = _NO_RUN
         self.hook_error: BaseException | None = None
         self.shutdown = False
         self.timed_out = False
         self.failure: str | None = None
-        self.stop: Io | None = None
+        self.stop: Io | _MmioStop | None = None
         self.stop_state: bytes | None = None
         self.stop_rip = 0
         self.stop_value: int | None = None
@@ -212,7 +212,7 @@ class _Engine:
 
     # --- hooks -------------------------------------------------------------------------------
 
-    def _install_hooks(self) -> list:
+    def _install_hooks(self) -> list[Any]:
         handle = self.handle
         q = self.cpu.q
         i32 = self.cpu.i32
@@ -232,7 +232,7 @@ class _Engine:
 
         io_permitted = self.delivery.io_permitted
 
-        def on_out(_uc, port, size, value, _user):
+        def on_out(_uc: object, port: int, size: int, value: int, _user: object) -> None:
             if engine.stopping:
                 return
             try:
@@ -248,7 +248,7 @@ class _Engine:
             except BaseException as error:  # noqa: BLE001 - re-raised after uc_emu_start returns
                 fail(error)
 
-        def on_in(_uc, port, size, _user):
+        def on_in(_uc: object, port: int, size: int, _user: object) -> int:
             if engine.stopping:
                 return 0
             try:
@@ -266,7 +266,7 @@ class _Engine:
                 fail(error)
                 return 0
 
-        def on_interrupt(_uc, vector, _user):
+        def on_interrupt(_uc: object, vector: int, _user: object) -> None:
             i32[old_exception_index] = -1  # unicorn#1883
             if engine.stopping:
                 _lib.uc_emu_stop(handle)
@@ -289,7 +289,7 @@ class _Engine:
                 engine.hook_error = engine.hook_error or error
                 engine.stop_run()
 
-        def on_mmio_read(_uc, offset, size, base):  # base: the MMIO piece's start, its user data
+        def on_mmio_read(_uc: object, offset: int, size: int, base: int) -> int:  # base: the MMIO piece's start, its user data
             if engine.stopping:
                 return 0
             replay = engine.mmio_replay
@@ -309,7 +309,7 @@ class _Engine:
                 engine.stop_run()
                 return 0
 
-        def on_mmio_write(_uc, offset, size, value, base):
+        def on_mmio_write(_uc: object, offset: int, size: int, value: int, base: int) -> None:
             if engine.stopping:
                 return
             replay = engine.mmio_replay
@@ -327,14 +327,14 @@ class _Engine:
                 engine.hook_error = engine.hook_error or error
                 engine.stop_run()
 
-        def on_syscall(_uc, _user):
+        def on_syscall(_uc: object, _user: object) -> None:
             try:
                 engine.syscall()
             except BaseException as error:  # noqa: BLE001
                 engine.hook_error = engine.hook_error or error
                 engine.stop_run()
 
-        def on_write_prot(_uc, _type, address, size, value, _user):
+        def on_write_prot(_uc: object, _type: int, address: int, size: int, value: int, _user: object) -> bool:
             # A store to a page that is not writable for Unicorn.  Returning False makes Unicorn stop
             # exactly before the storing instruction (UC_ERR_WRITE_PROT); True lets the store land.
             # - RAM frozen by begin_stop: False.
@@ -376,7 +376,7 @@ class _Engine:
         u32 = self.cpu.u32
         inhibit = S.HF_INHIBIT_IRQ_MASK
 
-        def on_block(_uc, _address, _size, _user):
+        def on_block(_uc: object, _address: int, _size: int, _user: object) -> None:
             # Installed only while an interrupt waits: stop before the first block the guest can take it at.
             if q[eflags_index] & _IF and not u32[hflags_index] & inhibit:
                 engine.window_open = True
@@ -384,10 +384,10 @@ class _Engine:
 
         self.block_callback = HOOK_BLOCK(on_block)
 
-        def open_bus_read(_uc, _offset, size, _user):
+        def open_bus_read(_uc: object, _offset: int, size: int, _user: object) -> int:
             return (1 << (8 * size)) - 1
 
-        def open_bus_write(_uc, _offset, _size, _value, _user):
+        def open_bus_write(_uc: object, _offset: int, _size: int, _value: int, _user: object) -> None:
             return None
 
         callbacks = [HOOK_OUT(on_out), HOOK_IN(on_in), HOOK_INTR(on_interrupt),
@@ -418,7 +418,7 @@ class _Engine:
                "uc_mmio_map (empty bus)")
         return callbacks
 
-    def _native_replay(self, slow) -> NativeTrapReplay | None:
+    def _native_replay(self, slow: CFuncPtr) -> NativeTrapReplay | None:
         """The C trap replay for this engine, passing on to ``slow``; None where it is not built."""
         library = load_native()
         if library is None:
@@ -502,7 +502,7 @@ class _Engine:
             _lib.uc_mem_protect(self.handle, start, size, _READ_EXEC)
         self.stop_run()
 
-    def finish_stop(self, read_code) -> None:
+    def finish_stop(self, read_code: Callable[[int, int], bytes]) -> None:
         """After uc_emu_start: undo what the rest of the translated block did; RIP after the I/O."""
         if self.stop_state is None:
             return
@@ -618,7 +618,7 @@ class _Engine:
             _check(_lib.uc_hook_del(self.handle, hook.value), "uc_hook_del (UC_HOOK_BLOCK)")
         _lib.uc_ctl(self.handle, _i32(_UC_CTL_TB_FLUSH))
 
-    def inject_interrupt(self, dispatcher) -> Exit | None:
+    def inject_interrupt(self, dispatcher: Dispatcher) -> Exit | None:
         """Between runs, with ``dispatcher.interrupt_pending``: deliver the vector, or watch for IF.
 
         The vector goes through the guest's IVT/IDT as an external interrupt (no
@@ -689,15 +689,36 @@ class _Region:
 class _MmioStop(tuple):
     """(address, size, is_write, value) of an MMIO access that asked to stop."""
 
-    def __new__(cls, address: int, size: int, is_write: bool, value: int):
+    def __new__(cls, address: int, size: int, is_write: bool, value: int) -> _MmioStop:
         return super().__new__(cls, (address, size, is_write, value))
 
+
+class _NoRun:
+    """The engine's dispatcher between runs: Unicorn calls the hooks only inside ``uc_emu_start``."""
+
+    stop = True
+    interrupt_pending = False
+
+    def pio(self, port: int, size: int, is_write: bool, value: int, rip: int) -> int:
+        raise EmulatorError(f"port {port:#x} accessed with no run in progress")
+
+    def mmio(self, address: int, size: int, is_write: bool, value: int, rip: int) -> int:
+        raise EmulatorError(f"MMIO address {address:#x} accessed with no run in progress")
+
+    def pending_vector(self) -> int | None:
+        return None
+
+    def acknowledge_interrupt(self, vector: int) -> None:
+        raise EmulatorError(f"interrupt {vector:#x} acknowledged with no run in progress")
+
+
+_NO_RUN = _NoRun()
 
 _STOP_AGAIN_S = 0.01
 """After the deadline the watchdog stops the engine again this often, until the run returns."""
 
 
-def _time_out(engine) -> None:
+def _time_out(engine: _Engine) -> None:
     """The watchdog's action at a run's deadline (from its own thread, as Unicorn's timeout thread would)."""
     engine.timed_out = True
     _lib.uc_emu_stop(engine.handle)
@@ -707,7 +728,7 @@ _KICK_AGAIN_S = 0.002
 """After a kick during a run, the watchdog stops the engine again this often until the run loop sees it."""
 
 
-def _kick_again(engine) -> None:
+def _kick_again(engine: _Engine) -> None:
     """The watchdog's repeat of a kick: a uc_emu_stop that landed just before uc_emu_start is lost there."""
     if engine.kicked:
         _lib.uc_emu_stop(engine.handle)
@@ -721,10 +742,7 @@ class EmuBackend:
     def __init__(self, memory_size: int = layout.DEFAULT_MEMORY, mode: int = 64):
         if mode not in _UC_MODES:
             raise ConfigError(f"mode must be 16, 32 or 64, not {mode!r}")
-        if not isinstance(memory_size, int) or memory_size % layout.PAGE_SIZE:
-            raise ConfigError(f"memory_size must be a whole number of 4 KiB pages, not {memory_size!r}")
-        if not layout.MIN_MEMORY <= memory_size <= layout.MAX_MEMORY:
-            raise ConfigError(f"memory_size must be between {layout.MIN_MEMORY} and {layout.MAX_MEMORY} bytes")
+        layout.check_memory_size(memory_size)
         self.mode = mode
         self._engine = _Engine(memory_size, mode)
         self.memory = self._engine.ram
@@ -887,7 +905,7 @@ class EmuBackend:
                                                      repeat=_KICK_AGAIN_S)
                 _lib.uc_emu_stop(engine.handle)
 
-    def run(self, dispatcher, timeout: float) -> Exit:
+    def run(self, dispatcher: Dispatcher, timeout: float) -> Exit:
         engine = self._live()
         if timeout <= 0:
             raise ConfigError(f"timeout must be positive, not {timeout!r}")
@@ -902,7 +920,7 @@ class EmuBackend:
             if token is not None:
                 WATCHDOG.disarm(token)  # a kick not yet seen stays pending for the next run
 
-    def _run(self, engine: _Engine, dispatcher, timeout: float) -> Exit:
+    def _run(self, engine: _Engine, dispatcher: Dispatcher, timeout: float) -> Exit:
         if engine.take_kick():
             return Interrupted()
         if engine.shutdown:
@@ -994,7 +1012,7 @@ class EmuBackend:
                                        f"{_lib.uc_strerror(status).decode()}")
         finally:
             WATCHDOG.disarm(token)
-            engine.dispatcher = None
+            engine.dispatcher = _NO_RUN
             engine.window_open = False
             engine.clear_stop()
 
@@ -1105,7 +1123,7 @@ class EmuBackend:
             return self._deliver_outside(13, 0)
         return self._step_one(engine.dispatcher, intercepts_off=True)
 
-    def _step_one(self, dispatcher, *, intercepts_off: bool = False) -> Exit | None:
+    def _step_one(self, dispatcher: Dispatcher, *, intercepts_off: bool = False) -> Exit | None:
         """Run the one instruction Unicorn stopped before, alone, then go on with the run loop.
 
         For a store to a read-only region: each store to read-only memory reaches
@@ -1165,7 +1183,7 @@ class EmuBackend:
     def __enter__(self) -> "EmuBackend":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
