@@ -62,18 +62,12 @@ from labkit.emu.lazy_flags import (  # noqa: F401 - re-exported where they were 
 from labkit.emu.native import NativeTrapReplay
 from labkit.emu.page_walk import PageFault, TableOutsideRam, walk
 
-HAS_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
-CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
+from labkit.x86.arch import DESC_B, DESC_CODE, DESC_CONFORMING, DESC_G, DESC_L, DESC_P, DESC_S, DESC_WRITABLE
+from labkit.x86.arch import ERROR_CODE_VECTORS as HAS_ERROR_CODE
+from labkit.x86.arch import RFLAGS_AC as AC, RFLAGS_IF as IF, RFLAGS_NT as NT, RFLAGS_RF as RF, RFLAGS_TF as TF
+from labkit.x86.arch import RFLAGS_VM as VM
 
-TF, IF, NT, RF, VM, AC = 0x100, 0x200, 0x4000, 0x10000, 0x20000, 0x40000
-DESC_S = 1 << 12
-DESC_P = 1 << 15
-DESC_CODE = 1 << 11
-DESC_CONFORMING = 1 << 10
-DESC_WRITABLE = 1 << 9
-DESC_L = 1 << 21
-DESC_B = 1 << 22
-DESC_G = 1 << 23
+CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
 
 
 _HFLAGS = S.HFLAGS // 4

@@ -112,13 +112,14 @@ from labkit.errors import ConfigError, EmulatorError
 from labkit.exits import Dispatcher, EmulatorFailure, Exit, Hlt, Interrupted, Io, Mmio, Shutdown, Timeout
 from labkit.watchdog import WATCHDOG
 from labkit.x86 import layout
+from labkit.x86.arch import (EFER_LMA, EFER_SCE, MSR_CSTAR, MSR_EFER, MSR_LSTAR, MSR_SFMASK, MSR_STAR, RFLAGS_IF,
+                             RFLAGS_RF, RFLAGS_VM)
 from labkit.x86.state import GPR_NAMES, DescriptorTable, Regs, Segment, SRegs
 
 UNICORN_VERSION = "2.1.4"
 _UC_MODES = {16: UC.UC_MODE_16, 32: UC.UC_MODE_32, 64: UC.UC_MODE_64}
 _OPEN_BUS_END = 1 << 32
 _NEVER = 1 << 63  # a non-canonical "until" address: emulation never stops there
-_EFER = 0xC0000080
 
 # QEMU's regs[] order, as labkit's names.
 _QEMU_GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
@@ -126,7 +127,6 @@ _QEMU_GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
 _SEGMENTS = (("es", S.R_ES), ("cs", S.R_CS), ("ss", S.R_SS), ("ds", S.R_DS), ("fs", S.R_FS), ("gs", S.R_GS))
 
 _READ_EXEC = UC.UC_PROT_READ | UC.UC_PROT_EXEC
-_IF = 0x200
 
 
 def _io_instruction_length(code: bytes) -> int | None:
@@ -378,7 +378,7 @@ class _Engine:
 
         def on_block(_uc: object, _address: int, _size: int, _user: object) -> None:
             # Installed only while an interrupt waits: stop before the first block the guest can take it at.
-            if q[eflags_index] & _IF and not u32[hflags_index] & inhibit:
+            if q[eflags_index] & RFLAGS_IF and not u32[hflags_index] & inhibit:
                 engine.window_open = True
                 _lib.uc_emu_stop(handle)
 
@@ -460,25 +460,25 @@ class _Engine:
                 return self.uc.msr_read(index)
 
         rip = q[S.EIP // 8]
-        if not efer & 1:
+        if not efer & EFER_SCE:
             self.delivery.deliver(6, 0, False)
             q[S.EIP // 8] -= 2
             return
-        star = msr(0xC0000081)
+        star = msr(MSR_STAR)
         selector = (star >> 32) & 0xFFFC
         rflags = self.delivery.rflags()
         long_mode = bool(cpu.u32[S.HFLAGS // 4] & S.HF_LMA_MASK)
-        code_flags = 0x00809B00 | (S.DESC_L_MASK if long_mode else S.DESC_B_MASK)  # G P S code R A, L or D
+        code_flags = 0x00809B00 | (S.DESC_L if long_mode else S.DESC_B)  # G P S code R A, L or D
         data_flags = 0x00C09300  # G B P S data W A
         if long_mode:
             q[1] = rip + 2  # RCX
             q[11] = rflags  # R11
-            target = msr(0xC0000082 if cpu.u32[S.HFLAGS // 4] & S.HF_CS64_MASK else 0xC0000083)
-            cpu.set_rflags(rflags & ~msr(0xC0000084) & ~0x10000)
+            target = msr(MSR_LSTAR if cpu.u32[S.HFLAGS // 4] & S.HF_CS64_MASK else MSR_CSTAR)
+            cpu.set_rflags(rflags & ~msr(MSR_SFMASK) & ~RFLAGS_RF)
         else:
             q[1] = (rip + 2) & 0xFFFFFFFF
             target = star & 0xFFFFFFFF
-            cpu.set_rflags(rflags & ~(0x200 | 0x20000 | 0x10000))
+            cpu.set_rflags(rflags & ~(RFLAGS_IF | RFLAGS_VM | RFLAGS_RF))
         cpu.load_segment(S.R_SS, (selector + 8) & 0xFFFC, 0, 0xFFFFFFFF, data_flags)
         cpu.load_segment(S.R_CS, selector, 0, 0xFFFFFFFF, code_flags)
         q[S.EIP // 8] = (target - 2) & 0xFFFF_FFFF_FFFF_FFFF
@@ -589,7 +589,7 @@ class _Engine:
 
     def can_take_interrupt(self) -> bool:
         """RFLAGS.IF = 1 and no interrupt shadow (QEMU's HF_INHIBIT_IRQ_MASK after sti, mov ss, pop ss)."""
-        return bool(self.cpu.q[S.EFLAGS // 8] & _IF) and not self.cpu.u32[S.HFLAGS // 4] & S.HF_INHIBIT_IRQ_MASK
+        return bool(self.cpu.q[S.EFLAGS // 8] & RFLAGS_IF) and not self.cpu.u32[S.HFLAGS // 4] & S.HF_INHIBIT_IRQ_MASK
 
     def interrupt_needs_stop(self) -> bool:
         """In a hook, with an interrupt pending: stop now (it can be taken, or the IF watch is not on yet)."""
@@ -825,11 +825,11 @@ class EmuBackend:
         uc.reg_write(X.UC_X86_REG_CR3, sregs.cr3)
         uc.reg_write(X.UC_X86_REG_CR0, sregs.cr0)
         with engine.intercepts.suspended():
-            uc.msr_write(_EFER, sregs.efer & ~0x400)
+            uc.msr_write(MSR_EFER, sregs.efer & ~EFER_LMA)
         uc.reg_write(X.UC_X86_REG_CR2, sregs.cr2)
         cpu.q[cpu.deep.efer // 8] = sregs.efer
         hflags = cpu.u32[S.HFLAGS // 4] & ~S.HF_LMA_MASK
-        cpu.u32[S.HFLAGS // 4] = hflags | (S.HF_LMA_MASK if sregs.efer & 0x400 else 0)
+        cpu.u32[S.HFLAGS // 4] = hflags | (S.HF_LMA_MASK if sregs.efer & EFER_LMA else 0)
         for table, value in ((S.GDT, sregs.gdt), (S.IDT, sregs.idt)):
             cpu.q[(table + 8) // 8] = value.base
             cpu.u32[(table + 16) // 4] = value.limit
