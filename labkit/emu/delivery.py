@@ -61,7 +61,6 @@ from labkit.emu.lazy_flags import (  # noqa: F401 - re-exported where they were 
 )
 from labkit.emu.native import NativeTrapReplay
 from labkit.emu.page_walk import PageFault, TableOutsideRam, walk
-
 from labkit.x86.arch import DESC_B, DESC_CODE, DESC_CONFORMING, DESC_G, DESC_L, DESC_P, DESC_S, DESC_WRITABLE
 from labkit.x86.arch import ERROR_CODE_VECTORS as HAS_ERROR_CODE
 from labkit.x86.arch import RFLAGS_AC as AC, RFLAGS_IF as IF, RFLAGS_NT as NT, RFLAGS_RF as RF, RFLAGS_TF as TF

@@ -289,7 +289,7 @@ class _Engine:
                 engine.hook_error = engine.hook_error or error
                 engine.stop_run()
 
-        def on_mmio_read(_uc: object, offset: int, size: int, base: int) -> int:  # base: the MMIO piece's start, its user data
+        def on_mmio_read(_uc: object, offset: int, size: int, base: int) -> int:  # base: the MMIO piece's start (user data)
             if engine.stopping:
                 return 0
             replay = engine.mmio_replay

@@ -547,7 +547,8 @@ class KvmBackend:
         monotonic = time.monotonic
         EXIT_IO, EXIT_MMIO, EXIT_IRQ_WINDOW_OPEN = kb.KVM_EXIT_IO, kb.KVM_EXIT_MMIO, kb.KVM_EXIT_IRQ_WINDOW_OPEN
         EINTR, EAGAIN = _errno.EINTR, _errno.EAGAIN
-        stopped: exits.Io | exits.Mmio | None = None  # a read the dispatcher stopped at, returned once KVM_RUN has completed it
+        # A read the dispatcher stopped at, returned once KVM_RUN has completed it.
+        stopped: exits.Io | exits.Mmio | None = None
 
         while True:
             if interrupts.interrupt_pending and stopped is None and not self._kick_pending:
