@@ -17,48 +17,10 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Protocol, runtime_checkable
 
 from labkit.errors import BackendUnavailable, ConfigError
-from labkit.exits import Exit
+from labkit.exits import Dispatcher, Exit
 from labkit.x86.state import Regs, SRegs
 
 BACKEND_NAMES = ("auto", "kvm", "emu")
-
-
-class Dispatcher(Protocol):
-    """What a backend calls, while the guest waits: each port or MMIO access, and the interrupt lines.
-
-    It is the device bus, the interrupt controller and the trace
-    (:class:`labkit.vmm.core.MachineCore`).  For a read it returns the value
-    the guest sees; for a write its return value is ignored.  After each call
-    the backend checks ``stop``: when it is true, ``run`` returns that exit
-    (:class:`labkit.exits.Io` / :class:`labkit.exits.Mmio`) at once.
-
-    Interrupts: before entering the guest, and after every absorbed exit, the
-    backend reads ``interrupt_pending``.  When it is true it asks
-    ``pending_vector()``; if the guest can take an external interrupt (RFLAGS.IF
-    = 1 and no interrupt shadow: on KVM ``ready_for_interrupt_injection`` and
-    ``if_flag`` in ``kvm_run``), it injects that vector (``KVM_INTERRUPT``; on
-    the emulator, delivery through the guest's IDT with external-interrupt
-    semantics: no error code, RIP of the next instruction) and then calls
-    ``acknowledge_interrupt(vector)``.  If the guest cannot take it, the backend
-    asks to be told when it can (``request_interrupt_window`` and
-    ``KVM_EXIT_IRQ_WINDOW_OPEN`` on KVM) and injects it then.
-    """
-
-    stop: bool
-    interrupt_pending: bool
-    """Whether a line is raised and unmasked (cheap to read: a plain attribute)."""
-
-    def pio(self, port: int, size: int, is_write: bool, value: int, rip: int) -> int: ...
-
-    def mmio(self, address: int, size: int, is_write: bool, value: int, rip: int) -> int: ...
-
-    def pending_vector(self) -> int | None:
-        """The vector to inject now, or ``None`` (the line went down meanwhile)."""
-        ...
-
-    def acknowledge_interrupt(self, vector: int) -> None:
-        """``vector`` was injected: the controller moves it from requested to in service."""
-        ...
 
 
 @runtime_checkable

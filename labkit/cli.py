@@ -13,12 +13,16 @@ import resource
 import secrets
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from labkit.doctor import FLAVOURS, doctor_report, trap_replay_status  # noqa: F401 (their old home)
 from labkit.errors import ConfigError, LabkitError
 
+if TYPE_CHECKING:  # imported where used: `labkit doctor` stays fast
+    from labkit.guest import Guest
 
-def cmd_doctor(args) -> int:
+
+def cmd_doctor(args: argparse.Namespace) -> int:
     report = doctor_report()
     if args.json:
         print(json.dumps(report, indent=2))
@@ -47,7 +51,7 @@ def cmd_doctor(args) -> int:
     return 0
 
 
-def cmd_guests(args) -> int:
+def cmd_guests(args: argparse.Namespace) -> int:
     from labkit.guest import list_guests
 
     guests = [_plain(guest) for guest in list_guests()]
@@ -60,13 +64,13 @@ def cmd_guests(args) -> int:
     return 0
 
 
-def _plain(item) -> dict:
+def _plain(item: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(item) and not isinstance(item, type):
         return dataclasses.asdict(item)
     return dict(item)
 
 
-def _load_guest(spec: str, mode: int | None):
+def _load_guest(spec: str, mode: int | None) -> Guest:
     from labkit.guest import Guest
 
     if os.path.exists(spec) or Path(spec).suffix:
@@ -74,7 +78,7 @@ def _load_guest(spec: str, mode: int | None):
     return Guest.named(spec)
 
 
-def cmd_run(args) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
     from labkit.vmm.machine import Machine
 
     guest = _load_guest(args.guest, args.mode)
@@ -115,7 +119,7 @@ def cmd_run(args) -> int:
 TOKEN_OPTIONS = ("--IdentityProvider.token", "--ServerApp.token", "--NotebookApp.token")
 
 
-def cmd_lab(args) -> int:
+def cmd_lab(args: argparse.Namespace) -> int:
     """Become JupyterLab (``exec``), so every signal reaches it and nothing is left behind; never without a token.
 
     Without a token option labkit makes one (``secrets``) and hands it over in
@@ -179,7 +183,7 @@ def memory_size(text: str) -> int:
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line: ``labkit run: error: ... (see labkit run --help)``."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

@@ -88,6 +88,8 @@ class GuestMemoryError(LabkitError, ValueError):
     """A guest-physical range the host was asked to read or write lies outside guest memory."""
 
 
-def strerror(errno: int) -> str:
-    """``errno 13 (EACCES): Permission denied`` for messages."""
+def strerror(errno: int | None) -> str:
+    """``errno 13 (EACCES): Permission denied`` for messages (an ``OSError`` without an errno: "unknown error")."""
+    if errno is None:
+        return "unknown error (no errno)"
     return f"errno {errno} ({_errno.errorcode.get(errno, '?')}): {os.strerror(errno)}"

@@ -16,7 +16,7 @@ dirty log.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from typing import Callable, Protocol, Sequence, Union
 
 from labkit.errors import GuestMemoryError
 
@@ -26,7 +26,13 @@ Region = tuple[int, memoryview, bool]
 RegionSource = Union[Sequence[Region], Callable[[], Sequence[Region]]]
 
 
-def regions_of(backend) -> Callable[[], Sequence[Region]]:
+class HasRegions(Protocol):
+    """What :func:`regions_of` needs of a :class:`labkit.backend.Backend` (a layer above this module)."""
+
+    def regions(self) -> list[Region]: ...
+
+
+def regions_of(backend: HasRegions) -> Callable[[], Sequence[Region]]:
     """The regions of ``backend`` (``backend.regions``), asked afresh at each access."""
     return backend.regions
 
@@ -44,7 +50,7 @@ class GuestMemory:
         self._source = regions
 
     @classmethod
-    def of(cls, backend) -> "GuestMemory":
+    def of(cls, backend: HasRegions) -> "GuestMemory":
         """The memory of a :class:`labkit.backend.Backend`."""
         return cls(regions_of(backend))
 
@@ -67,7 +73,7 @@ class GuestMemory:
             raise GuestMemoryError(self._describe(address, size))
         return found
 
-    def _describe(self, address, size) -> str:
+    def _describe(self, address: object, size: object) -> str:
         if not isinstance(address, int) or not isinstance(size, int) or size < 0:
             return f"guest memory range (address {address!r}, size {size!r}) is not a pair of whole numbers"
         spans = ", ".join(f"[{base:#x}, {base + len(view):#x})" for base, view, _ in self.regions())

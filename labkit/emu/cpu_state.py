@@ -16,13 +16,11 @@ from unicorn import Uc
 
 from labkit.emu import internals
 from labkit.emu.internals import (  # noqa: F401 - re-exported: the names the backend uses as S.*
-    CC_DST, CC_OP, CC_OP_EFLAGS, CC_SRC, CC_SRC2, CR, DESC_B_MASK, DESC_L_MASK, DF, EFLAGS, EIP, GDT, HF_ADDSEG_MASK,
+    CC_DST, CC_OP, CC_OP_EFLAGS, CC_SRC, CC_SRC2, CR, DF, EFLAGS, EIP, GDT, HF_ADDSEG_MASK,
     HF_CPL_MASK, HF_CS32_MASK, HF_CS64_MASK, HF_INHIBIT_IRQ_MASK, HF_LMA_MASK, HF_SS32_MASK, HFLAGS, IDT, LAYOUT, LDT,
     R_CS, R_DS, R_ES, R_FS, R_GS, R_SS, REGS, RSP_INDEX, SEG_BASE, SEG_FLAGS, SEG_LIMIT, SEGMENT_SIZE, SEGS, TR,
 )
-
-_ARITHMETIC = 0x8D5  # OF SF ZF AF PF CF
-_DF = 0x400
+from labkit.x86.arch import DESC_B, DESC_L, RFLAGS_ARITHMETIC, RFLAGS_DF, RFLAGS_FIXED  # also S.DESC_* for the backend
 
 
 @dataclass(frozen=True)
@@ -81,13 +79,13 @@ class CpuStateView:
         u32[(offset + SEG_FLAGS) // 4] = flags
         hflags = u32[HFLAGS // 4]
         if index == R_CS:
-            if hflags & HF_LMA_MASK and flags & DESC_L_MASK:
+            if hflags & HF_LMA_MASK and flags & DESC_L:
                 hflags |= HF_CS32_MASK | HF_SS32_MASK | HF_CS64_MASK
             else:
-                hflags = (hflags & ~(HF_CS32_MASK | HF_CS64_MASK)) | (HF_CS32_MASK if flags & DESC_B_MASK else 0)
+                hflags = (hflags & ~(HF_CS32_MASK | HF_CS64_MASK)) | (HF_CS32_MASK if flags & DESC_B else 0)
         elif index == R_SS:
             hflags = (hflags & ~HF_CPL_MASK) | ((flags >> 13) & 3)
-        new = HF_SS32_MASK if u32[(SEGS + R_SS * SEGMENT_SIZE + SEG_FLAGS) // 4] & DESC_B_MASK else 0
+        new = HF_SS32_MASK if u32[(SEGS + R_SS * SEGMENT_SIZE + SEG_FLAGS) // 4] & DESC_B else 0
         if hflags & HF_CS64_MASK:
             pass
         elif not (q[CR // 8] & 1) or q[EFLAGS // 8] & (1 << 17) or not hflags & HF_CS32_MASK:
@@ -99,10 +97,10 @@ class CpuStateView:
 
     def set_rflags(self, rflags: int) -> None:
         """Set RFLAGS in place as QEMU keeps it inside a run: CC_SRC holds the arithmetic flags, df the DF."""
-        self.q[CC_SRC // 8] = rflags & _ARITHMETIC
+        self.q[CC_SRC // 8] = rflags & RFLAGS_ARITHMETIC
         self.u32[CC_OP // 4] = CC_OP_EFLAGS
-        self.i32[DF // 4] = -1 if rflags & _DF else 1
-        self.q[EFLAGS // 8] = (rflags & ~(_ARITHMETIC | _DF)) | 0x2
+        self.i32[DF // 4] = -1 if rflags & RFLAGS_DF else 1
+        self.q[EFLAGS // 8] = (rflags & ~(RFLAGS_ARITHMETIC | RFLAGS_DF)) | RFLAGS_FIXED
 
     def release(self) -> None:
         for view in (self.i32, self.u32, self.q, self.bytes):

@@ -53,25 +53,20 @@ the plan's frame went to (else Python delivers, and records a plan for the new p
 from __future__ import annotations
 
 import struct
+from typing import Callable
 
 from labkit.emu import cpu_state as S
 from labkit.emu.lazy_flags import (  # noqa: F401 - re-exported where they were imported from before
     _FLAG_TABLE, ARITHMETIC, CC_A, CC_C, CC_O, CC_P, CC_S, CC_Z, arithmetic_flags, checked_flag_table,
 )
+from labkit.emu.native import NativeTrapReplay
 from labkit.emu.page_walk import PageFault, TableOutsideRam, walk
+from labkit.x86.arch import DESC_B, DESC_CODE, DESC_CONFORMING, DESC_G, DESC_L, DESC_P, DESC_S, DESC_WRITABLE
+from labkit.x86.arch import ERROR_CODE_VECTORS as HAS_ERROR_CODE
+from labkit.x86.arch import RFLAGS_AC as AC, RFLAGS_IF as IF, RFLAGS_NT as NT, RFLAGS_RF as RF, RFLAGS_TF as TF
+from labkit.x86.arch import RFLAGS_VM as VM
 
-HAS_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
-
-TF, IF, NT, RF, VM, AC = 0x100, 0x200, 0x4000, 0x10000, 0x20000, 0x40000
-DESC_S = 1 << 12
-DESC_P = 1 << 15
-DESC_CODE = 1 << 11
-DESC_CONFORMING = 1 << 10
-DESC_WRITABLE = 1 << 9
-DESC_L = 1 << 21
-DESC_B = 1 << 22
-DESC_G = 1 << 23
 
 
 _HFLAGS = S.HFLAGS // 4
@@ -126,7 +121,7 @@ def segment_limit(e1: int, e2: int) -> int:
 class ExceptionDelivery:
     """Delivers exceptions for one engine; works on the in-place CPU state and guest RAM."""
 
-    def __init__(self, cpu: S.CpuStateView, ram: memoryview, read_eflags):
+    def __init__(self, cpu: S.CpuStateView, ram: memoryview, read_eflags: Callable[[], int]):
         self.cpu = cpu
         self.ram = ram
         self.ram_size = len(ram)
@@ -141,12 +136,12 @@ class ExceptionDelivery:
         self._ram_q4 = ram[4:len(ram) - 4].cast("Q")
         self._views: list[memoryview] = []
         self.deliver_fast = self._fast_path()
-        self.native = None
+        self.native: NativeTrapReplay | None = None
         """The engine's :class:`labkit.emu.native.NativeTrapReplay`, if any: plans are kept there too."""
 
     def release(self) -> None:
         """Let go of the views of guest RAM (before the RAM is unmapped)."""
-        self.deliver_fast = None
+        del self.deliver_fast
         for view in (*self._views, self._ram_q, self._ram_q4):
             view.release()
 
@@ -166,7 +161,7 @@ class ExceptionDelivery:
             return self.read_eflags()
         return eflags | function(cc_dst, cc_src, cc_src2) | (df & 0x400)
 
-    def _fast_path(self):
+    def _fast_path(self) -> Callable[[int], bool]:
         """Build ``deliver_fast(vector) -> bool``: replay a long-mode delivery made before, if still valid.
 
         A plan is looked up by (hflags, software, vector); it is used when LDTR,

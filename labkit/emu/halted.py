@@ -27,6 +27,7 @@ import struct
 from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_MODE_64, UC_PROT_ALL, Uc
 
 from labkit.emu.cpu_state import locate_state
+from labkit.emu.internals import engine_address
 from labkit.errors import EmulatorError
 
 _SEARCH = 1 << 14
@@ -45,7 +46,7 @@ def _before(address: int, size: int) -> bytes:
 
 
 def _handle(uc: Uc) -> int:
-    return ctypes.cast(uc._uch, ctypes.c_void_p).value or 0
+    return engine_address(uc)
 
 
 def find_halted_offset() -> tuple[int, int]:

@@ -52,6 +52,7 @@ from unicorn import x86_const as X
 
 from labkit.emu import cpu_state as S
 from labkit.errors import EmulatorError
+from labkit.x86.arch import CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR4_PAE, EFER_LME
 
 EXCP_VMEXIT = 0x100
 SVM_EXIT_WRITE_CR0 = 0x10
@@ -80,11 +81,6 @@ KNOWN_MSRS = frozenset(
     + list(range(0x268, 0x270))  # fixed-range 4K MTRRs
     + list(range(0x400, 0x400 + 4 * 10)))  # IA32_MC0..9 CTL/STATUS/ADDR/MISC (QEMU's default 10 banks)
 """The MSRs the emulated CPU has: the cases of QEMU 5.0's helper_rdmsr (target/i386/misc_helper.c)."""
-
-# CR0 and CR4 bits.
-CR0_PE, CR0_NW, CR0_CD, CR0_PG = 1, 1 << 29, 1 << 30, 1 << 31
-CR4_PAE = 1 << 5
-EFER_LME = 1 << 8
 
 
 @dataclass(frozen=True)

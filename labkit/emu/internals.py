@@ -34,7 +34,7 @@ Fields of ``CPUX86State`` (qemu/target/i386/cpu.h at tag 2.1.4, x86_64 target):
 - ``segs[6]`` (0xb8; ES CS SS DS FS GS), ``ldt`` (0x148), ``tr`` (0x160),
   ``gdt`` (0x178), ``idt`` (0x190): ``SegmentCache`` of 24 bytes (selector at
   +0, base at +8, limit at +16, flags at +20, the flags being the descriptor's
-  high dword, with ``DESC_B_MASK`` bit 22 and ``DESC_L_MASK`` bit 21).
+  high dword, with D/B at bit 22 and L at bit 21: ``x86.arch.DESC_B``/``DESC_L``).
 - ``cr[5]`` (0x1a8): CR0, CR2 (set by a #PF during delivery), CR3, CR4.
 - ``efer`` (0x250): read for SYSCALL and sregs; LMA is written in place.
 - ``error_code`` (0x1508), ``exception_is_int`` (0x150c): what the exception
@@ -67,6 +67,7 @@ from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INTR, UC_MODE_16, UC_MODE
 from unicorn import x86_const as X
 
 from labkit.errors import EmulatorError
+from labkit.x86.arch import DESC_B, DESC_L
 
 _GPR_IDS = {
     "rax": X.UC_X86_REG_RAX, "rcx": X.UC_X86_REG_RCX, "rdx": X.UC_X86_REG_RDX, "rbx": X.UC_X86_REG_RBX,
@@ -133,8 +134,8 @@ class Layout:
     hf_addseg_mask: int = 1 << 6
     hf_lma_mask: int = 1 << 14
     hf_cs64_mask: int = 1 << 15
-    desc_b_mask: int = 1 << 22
-    desc_l_mask: int = 1 << 21
+    desc_b_mask: int = DESC_B  # SegmentCache.flags is the descriptor's high dword: the architectural bits
+    desc_l_mask: int = DESC_L
     cc_op_names: tuple[str, ...] = _CC_OPS
     """QEMU's enum CCOp in order: index = the value cc_op holds."""
 
@@ -172,8 +173,6 @@ HF_SS32_MASK = LAYOUT.hf_ss32_mask
 HF_ADDSEG_MASK = LAYOUT.hf_addseg_mask
 HF_LMA_MASK = LAYOUT.hf_lma_mask
 HF_CS64_MASK = LAYOUT.hf_cs64_mask
-DESC_B_MASK = LAYOUT.desc_b_mask
-DESC_L_MASK = LAYOUT.desc_l_mask
 CC_OP_EFLAGS = LAYOUT.cc_op_value("EFLAGS")
 
 _UC_CTX_LIMIT = 256  # uc_context's header before the copied CPUX86State is a few dozen bytes
@@ -202,7 +201,10 @@ def _read_process(address: int, size: int) -> bytes:
 
 def engine_address(uc: Uc) -> int:
     """Address of the engine's ``struct uc_struct`` (the Python binding's handle)."""
-    return ctypes.cast(uc._uch, ctypes.c_void_p).value or 0
+    handle = uc._uch  # the binding's c_void_p; None only when uc_open failed (and Uc() raised)
+    if handle is None:
+        raise EmulatorError("this Unicorn engine was never opened")
+    return handle.value or 0
 
 
 def locate(uc: Uc, layout: Layout = LAYOUT) -> int:
@@ -282,7 +284,8 @@ class _Scratch:
     def state(self) -> bytes:
         return ctypes.string_at(self.address, self.size)
 
-    def run(self, code: bytes, *, at: int = 0x1000, on_interrupt=None, on_code=None, count: int = 100) -> None:
+    def run(self, code: bytes, *, at: int = 0x1000, on_interrupt: Callable[[int], object] | None = None,
+            on_code: Callable[[int], object] | None = None, count: int = 100) -> None:
         """Run ``code`` (a ``hlt`` is appended) with the given hooks, then drop the hooks."""
         self.uc.mem_write(at, code + b"\xf4")
         hooks = []
@@ -300,7 +303,7 @@ class _Scratch:
     def close(self) -> None:
         # Closed now rather than by the cycle collector at interpreter exit, whose order
         # crashed the process about half the time (uc -> hook -> closure -> uc).
-        self.uc._Uc__finalizer()
+        self.uc._Uc__finalizer()  # type: ignore[attr-defined]  # the binding has no close(); its finalizer does it
 
 
 def _expect(condition: bool, message: str) -> None:

@@ -43,19 +43,19 @@ def _sized_flag_functions(bits: int) -> dict[str, FlagFunction]:
     parity = _PARITY
     cf, af, zf, sf, of = CC_C, CC_A, CC_Z, CC_S, CC_O
 
-    def mul(dst, src1, _src2):  # src1 is a target_long here: not cut to the operand size
+    def mul(dst: int, src1: int, _src2: int) -> int:  # src1 is a target_long here: not cut to the operand size
         dst &= mask
         carry = 1 if src1 else 0
         return carry | parity[dst & 0xFF] | (0 if dst else zf) | (dst >> to_sf & sf) | carry << 11
 
-    def add(dst, src1, _src2):
+    def add(dst: int, src1: int, _src2: int) -> int:
         dst &= mask
         src1 &= mask
         src2 = (dst - src1) & mask
         return ((dst < src1) | parity[dst & 0xFF] | ((dst ^ src1 ^ src2) & af) | (0 if dst else zf)
                 | (dst >> to_sf & sf) | (of if (src1 ^ src2 ^ mask) & (src1 ^ dst) & sign else 0))
 
-    def adc(dst, src1, carry):
+    def adc(dst: int, src1: int, carry: int) -> int:
         dst &= mask
         src1 &= mask
         carry &= mask
@@ -63,14 +63,14 @@ def _sized_flag_functions(bits: int) -> dict[str, FlagFunction]:
         return (((dst <= src1) if carry else (dst < src1)) | parity[dst & 0xFF] | ((dst ^ src1 ^ src2) & af)
                 | (0 if dst else zf) | (dst >> to_sf & sf) | (of if (src1 ^ src2 ^ mask) & (src1 ^ dst) & sign else 0))
 
-    def sub(dst, src2, _unused):
+    def sub(dst: int, src2: int, _unused: int) -> int:
         dst &= mask
         src2 &= mask
         src1 = (dst + src2) & mask
         return ((src1 < src2) | parity[dst & 0xFF] | ((dst ^ src1 ^ src2) & af) | (0 if dst else zf)
                 | (dst >> to_sf & sf) | (of if (src1 ^ src2) & (src1 ^ dst) & sign else 0))
 
-    def sbb(dst, src2, borrow):
+    def sbb(dst: int, src2: int, borrow: int) -> int:
         dst &= mask
         src2 &= mask
         borrow &= mask
@@ -78,33 +78,33 @@ def _sized_flag_functions(bits: int) -> dict[str, FlagFunction]:
         return (((src1 <= src2) if borrow else (src1 < src2)) | parity[dst & 0xFF] | ((dst ^ src1 ^ src2) & af)
                 | (0 if dst else zf) | (dst >> to_sf & sf) | (of if (src1 ^ src2) & (src1 ^ dst) & sign else 0))
 
-    def logic(dst, _src1, _src2):
+    def logic(dst: int, _src1: int, _src2: int) -> int:
         dst &= mask
         return parity[dst & 0xFF] | (0 if dst else zf) | (dst >> to_sf & sf)
 
-    def inc(dst, carry, _src2):  # CC_SRC holds the carry flag from before
+    def inc(dst: int, carry: int, _src2: int) -> int:  # CC_SRC holds the carry flag from before
         dst &= mask
         return ((carry & mask) | parity[dst & 0xFF] | (0 if dst & 0xF else af) | (0 if dst else zf)
                 | (dst >> to_sf & sf) | (of if dst == sign else 0))
 
-    def dec(dst, carry, _src2):
+    def dec(dst: int, carry: int, _src2: int) -> int:
         dst &= mask
         return ((carry & mask) | parity[dst & 0xFF] | (af if dst & 0xF == 0xF else 0) | (0 if dst else zf)
                 | (dst >> to_sf & sf) | (of if dst == below_sign else 0))
 
-    def shl(dst, src1, _src2):
+    def shl(dst: int, src1: int, _src2: int) -> int:
         dst &= mask
         src1 &= mask
         return ((src1 >> (bits - 1) & cf) | parity[dst & 0xFF] | (0 if dst else zf) | (dst >> to_sf & sf)
                 | (of if (src1 ^ dst) & sign else 0))
 
-    def sar(dst, src1, _src2):
+    def sar(dst: int, src1: int, _src2: int) -> int:
         dst &= mask
         src1 &= mask
         return ((src1 & cf) | parity[dst & 0xFF] | (0 if dst else zf) | (dst >> to_sf & sf)
                 | (of if (src1 ^ dst) & sign else 0))
 
-    def bmilg(dst, src1, _src2):
+    def bmilg(dst: int, src1: int, _src2: int) -> int:
         dst &= mask
         return (0 if src1 & mask else cf) | (0 if dst else zf) | (dst >> to_sf & sf)
 

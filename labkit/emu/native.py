@@ -25,6 +25,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from _ctypes import CFuncPtr  # the type of a ctypes callback (CFUNCTYPE(...)(function))
 from functools import lru_cache
 from pathlib import Path
 
@@ -195,7 +196,7 @@ class NativeTrapReplay:
     """
 
     def __init__(self, library: ctypes.CDLL, *, cpu_address: int, ram_address: int, ram_size: int,
-                 reg_read_address: int, rflags_reg: int, slow, offsets: dict[str, int]):
+                 reg_read_address: int, rflags_reg: int, slow: CFuncPtr, offsets: dict[str, int]):
         self.state = TrapReplayState(cpu=cpu_address, ram=ram_address, ram_size=ram_size,
                                      reg_read=reg_read_address, slow=ctypes.cast(slow, _void_p).value,
                                      rflags_reg=rflags_reg, **offsets)

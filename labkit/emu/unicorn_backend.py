@@ -86,7 +86,7 @@ import threading
 import time
 import weakref
 from functools import partial
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import capstone
 import unicorn
@@ -98,7 +98,7 @@ from labkit.emu.cpu_state import CpuStateView
 from labkit.emu.delivery import DeliveryUnsupported, ExceptionDelivery, TripleFault
 from labkit.emu.halted import HaltedFlag
 from labkit.emu.intercepts import EXCP_VMEXIT, Intercepts
-from labkit.emu.native import NativeTrapReplay, load as load_native
+from labkit.emu.native import CFuncPtr, NativeTrapReplay, load as load_native
 from labkit.emu.unicorn_capi import (HOOK_BLOCK, HOOK_IN, HOOK_INTR, HOOK_OUT, HOOK_SYSCALL, HOOK_WRITE_PROT,
                                      MMIO_READ, MMIO_WRITE)
 from labkit.emu.unicorn_capi import UC_CTL_TB_FLUSH as _UC_CTL_TB_FLUSH
@@ -109,16 +109,17 @@ from labkit.emu.unicorn_capi import i32 as _i32
 from labkit.emu.unicorn_capi import lib as _lib  # also what benchmarks/bench_emu.py imports from here
 from labkit.emu.unicorn_capi import u64 as _u64
 from labkit.errors import ConfigError, EmulatorError
-from labkit.exits import EmulatorFailure, Exit, Hlt, Interrupted, Io, Mmio, Shutdown, Timeout
+from labkit.exits import Dispatcher, EmulatorFailure, Exit, Hlt, Interrupted, Io, Mmio, Shutdown, Timeout
 from labkit.watchdog import WATCHDOG
 from labkit.x86 import layout
+from labkit.x86.arch import (EFER_LMA, EFER_SCE, MSR_CSTAR, MSR_EFER, MSR_LSTAR, MSR_SFMASK, MSR_STAR, RFLAGS_IF,
+                             RFLAGS_RF, RFLAGS_VM)
 from labkit.x86.state import GPR_NAMES, DescriptorTable, Regs, Segment, SRegs
 
 UNICORN_VERSION = "2.1.4"
 _UC_MODES = {16: UC.UC_MODE_16, 32: UC.UC_MODE_32, 64: UC.UC_MODE_64}
 _OPEN_BUS_END = 1 << 32
 _NEVER = 1 << 63  # a non-canonical "until" address: emulation never stops there
-_EFER = 0xC0000080
 
 # QEMU's regs[] order, as labkit's names.
 _QEMU_GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
@@ -126,7 +127,6 @@ _QEMU_GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
 _SEGMENTS = (("es", S.R_ES), ("cs", S.R_CS), ("ss", S.R_SS), ("ds", S.R_DS), ("fs", S.R_FS), ("gs", S.R_GS))
 
 _READ_EXEC = UC.UC_PROT_READ | UC.UC_PROT_EXEC
-_IF = 0x200
 
 
 def _io_instruction_length(code: bytes) -> int | None:
@@ -164,12 +164,12 @@ class _Engine:
         self._eflags_ref = ctypes.byref(self._eflags)
         self._eflags_id = X.UC_X86_REG_RFLAGS if mode == 64 else X.UC_X86_REG_EFLAGS
         self.delivery = ExceptionDelivery(self.cpu, self.ram, self.read_eflags)
-        self.dispatcher = None
+        self.dispatcher: Dispatcher = _NO_RUN
         self.hook_error: BaseException | None = None
         self.shutdown = False
         self.timed_out = False
         self.failure: str | None = None
-        self.stop: Io | None = None
+        self.stop: Io | _MmioStop | None = None
         self.stop_state: bytes | None = None
         self.stop_rip = 0
         self.stop_value: int | None = None
@@ -212,7 +212,7 @@ class _Engine:
 
     # --- hooks -------------------------------------------------------------------------------
 
-    def _install_hooks(self) -> list:
+    def _install_hooks(self) -> list[Any]:
         handle = self.handle
         q = self.cpu.q
         i32 = self.cpu.i32
@@ -232,7 +232,7 @@ class _Engine:
 
         io_permitted = self.delivery.io_permitted
 
-        def on_out(_uc, port, size, value, _user):
+        def on_out(_uc: object, port: int, size: int, value: int, _user: object) -> None:
             if engine.stopping:
                 return
             try:
@@ -248,7 +248,7 @@ class _Engine:
             except BaseException as error:  # noqa: BLE001 - re-raised after uc_emu_start returns
                 fail(error)
 
-        def on_in(_uc, port, size, _user):
+        def on_in(_uc: object, port: int, size: int, _user: object) -> int:
             if engine.stopping:
                 return 0
             try:
@@ -266,7 +266,7 @@ class _Engine:
                 fail(error)
                 return 0
 
-        def on_interrupt(_uc, vector, _user):
+        def on_interrupt(_uc: object, vector: int, _user: object) -> None:
             i32[old_exception_index] = -1  # unicorn#1883
             if engine.stopping:
                 _lib.uc_emu_stop(handle)
@@ -289,7 +289,7 @@ class _Engine:
                 engine.hook_error = engine.hook_error or error
                 engine.stop_run()
 
-        def on_mmio_read(_uc, offset, size, base):  # base: the MMIO piece's start, its user data
+        def on_mmio_read(_uc: object, offset: int, size: int, base: int) -> int:  # base: the MMIO piece's start (user data)
             if engine.stopping:
                 return 0
             replay = engine.mmio_replay
@@ -309,7 +309,7 @@ class _Engine:
                 engine.stop_run()
                 return 0
 
-        def on_mmio_write(_uc, offset, size, value, base):
+        def on_mmio_write(_uc: object, offset: int, size: int, value: int, base: int) -> None:
             if engine.stopping:
                 return
             replay = engine.mmio_replay
@@ -327,14 +327,14 @@ class _Engine:
                 engine.hook_error = engine.hook_error or error
                 engine.stop_run()
 
-        def on_syscall(_uc, _user):
+        def on_syscall(_uc: object, _user: object) -> None:
             try:
                 engine.syscall()
             except BaseException as error:  # noqa: BLE001
                 engine.hook_error = engine.hook_error or error
                 engine.stop_run()
 
-        def on_write_prot(_uc, _type, address, size, value, _user):
+        def on_write_prot(_uc: object, _type: int, address: int, size: int, value: int, _user: object) -> bool:
             # A store to a page that is not writable for Unicorn.  Returning False makes Unicorn stop
             # exactly before the storing instruction (UC_ERR_WRITE_PROT); True lets the store land.
             # - RAM frozen by begin_stop: False.
@@ -376,18 +376,18 @@ class _Engine:
         u32 = self.cpu.u32
         inhibit = S.HF_INHIBIT_IRQ_MASK
 
-        def on_block(_uc, _address, _size, _user):
+        def on_block(_uc: object, _address: int, _size: int, _user: object) -> None:
             # Installed only while an interrupt waits: stop before the first block the guest can take it at.
-            if q[eflags_index] & _IF and not u32[hflags_index] & inhibit:
+            if q[eflags_index] & RFLAGS_IF and not u32[hflags_index] & inhibit:
                 engine.window_open = True
                 _lib.uc_emu_stop(handle)
 
         self.block_callback = HOOK_BLOCK(on_block)
 
-        def open_bus_read(_uc, _offset, size, _user):
+        def open_bus_read(_uc: object, _offset: int, size: int, _user: object) -> int:
             return (1 << (8 * size)) - 1
 
-        def open_bus_write(_uc, _offset, _size, _value, _user):
+        def open_bus_write(_uc: object, _offset: int, _size: int, _value: int, _user: object) -> None:
             return None
 
         callbacks = [HOOK_OUT(on_out), HOOK_IN(on_in), HOOK_INTR(on_interrupt),
@@ -418,7 +418,7 @@ class _Engine:
                "uc_mmio_map (empty bus)")
         return callbacks
 
-    def _native_replay(self, slow) -> NativeTrapReplay | None:
+    def _native_replay(self, slow: CFuncPtr) -> NativeTrapReplay | None:
         """The C trap replay for this engine, passing on to ``slow``; None where it is not built."""
         library = load_native()
         if library is None:
@@ -460,25 +460,25 @@ class _Engine:
                 return self.uc.msr_read(index)
 
         rip = q[S.EIP // 8]
-        if not efer & 1:
+        if not efer & EFER_SCE:
             self.delivery.deliver(6, 0, False)
             q[S.EIP // 8] -= 2
             return
-        star = msr(0xC0000081)
+        star = msr(MSR_STAR)
         selector = (star >> 32) & 0xFFFC
         rflags = self.delivery.rflags()
         long_mode = bool(cpu.u32[S.HFLAGS // 4] & S.HF_LMA_MASK)
-        code_flags = 0x00809B00 | (S.DESC_L_MASK if long_mode else S.DESC_B_MASK)  # G P S code R A, L or D
+        code_flags = 0x00809B00 | (S.DESC_L if long_mode else S.DESC_B)  # G P S code R A, L or D
         data_flags = 0x00C09300  # G B P S data W A
         if long_mode:
             q[1] = rip + 2  # RCX
             q[11] = rflags  # R11
-            target = msr(0xC0000082 if cpu.u32[S.HFLAGS // 4] & S.HF_CS64_MASK else 0xC0000083)
-            cpu.set_rflags(rflags & ~msr(0xC0000084) & ~0x10000)
+            target = msr(MSR_LSTAR if cpu.u32[S.HFLAGS // 4] & S.HF_CS64_MASK else MSR_CSTAR)
+            cpu.set_rflags(rflags & ~msr(MSR_SFMASK) & ~RFLAGS_RF)
         else:
             q[1] = (rip + 2) & 0xFFFFFFFF
             target = star & 0xFFFFFFFF
-            cpu.set_rflags(rflags & ~(0x200 | 0x20000 | 0x10000))
+            cpu.set_rflags(rflags & ~(RFLAGS_IF | RFLAGS_VM | RFLAGS_RF))
         cpu.load_segment(S.R_SS, (selector + 8) & 0xFFFC, 0, 0xFFFFFFFF, data_flags)
         cpu.load_segment(S.R_CS, selector, 0, 0xFFFFFFFF, code_flags)
         q[S.EIP // 8] = (target - 2) & 0xFFFF_FFFF_FFFF_FFFF
@@ -502,7 +502,7 @@ class _Engine:
             _lib.uc_mem_protect(self.handle, start, size, _READ_EXEC)
         self.stop_run()
 
-    def finish_stop(self, read_code) -> None:
+    def finish_stop(self, read_code: Callable[[int, int], bytes]) -> None:
         """After uc_emu_start: undo what the rest of the translated block did; RIP after the I/O."""
         if self.stop_state is None:
             return
@@ -589,7 +589,7 @@ class _Engine:
 
     def can_take_interrupt(self) -> bool:
         """RFLAGS.IF = 1 and no interrupt shadow (QEMU's HF_INHIBIT_IRQ_MASK after sti, mov ss, pop ss)."""
-        return bool(self.cpu.q[S.EFLAGS // 8] & _IF) and not self.cpu.u32[S.HFLAGS // 4] & S.HF_INHIBIT_IRQ_MASK
+        return bool(self.cpu.q[S.EFLAGS // 8] & RFLAGS_IF) and not self.cpu.u32[S.HFLAGS // 4] & S.HF_INHIBIT_IRQ_MASK
 
     def interrupt_needs_stop(self) -> bool:
         """In a hook, with an interrupt pending: stop now (it can be taken, or the IF watch is not on yet)."""
@@ -618,7 +618,7 @@ class _Engine:
             _check(_lib.uc_hook_del(self.handle, hook.value), "uc_hook_del (UC_HOOK_BLOCK)")
         _lib.uc_ctl(self.handle, _i32(_UC_CTL_TB_FLUSH))
 
-    def inject_interrupt(self, dispatcher) -> Exit | None:
+    def inject_interrupt(self, dispatcher: Dispatcher) -> Exit | None:
         """Between runs, with ``dispatcher.interrupt_pending``: deliver the vector, or watch for IF.
 
         The vector goes through the guest's IVT/IDT as an external interrupt (no
@@ -689,15 +689,36 @@ class _Region:
 class _MmioStop(tuple):
     """(address, size, is_write, value) of an MMIO access that asked to stop."""
 
-    def __new__(cls, address: int, size: int, is_write: bool, value: int):
+    def __new__(cls, address: int, size: int, is_write: bool, value: int) -> _MmioStop:
         return super().__new__(cls, (address, size, is_write, value))
 
+
+class _NoRun:
+    """The engine's dispatcher between runs: Unicorn calls the hooks only inside ``uc_emu_start``."""
+
+    stop = True
+    interrupt_pending = False
+
+    def pio(self, port: int, size: int, is_write: bool, value: int, rip: int) -> int:
+        raise EmulatorError(f"port {port:#x} accessed with no run in progress")
+
+    def mmio(self, address: int, size: int, is_write: bool, value: int, rip: int) -> int:
+        raise EmulatorError(f"MMIO address {address:#x} accessed with no run in progress")
+
+    def pending_vector(self) -> int | None:
+        return None
+
+    def acknowledge_interrupt(self, vector: int) -> None:
+        raise EmulatorError(f"interrupt {vector:#x} acknowledged with no run in progress")
+
+
+_NO_RUN = _NoRun()
 
 _STOP_AGAIN_S = 0.01
 """After the deadline the watchdog stops the engine again this often, until the run returns."""
 
 
-def _time_out(engine) -> None:
+def _time_out(engine: _Engine) -> None:
     """The watchdog's action at a run's deadline (from its own thread, as Unicorn's timeout thread would)."""
     engine.timed_out = True
     _lib.uc_emu_stop(engine.handle)
@@ -707,7 +728,7 @@ _KICK_AGAIN_S = 0.002
 """After a kick during a run, the watchdog stops the engine again this often until the run loop sees it."""
 
 
-def _kick_again(engine) -> None:
+def _kick_again(engine: _Engine) -> None:
     """The watchdog's repeat of a kick: a uc_emu_stop that landed just before uc_emu_start is lost there."""
     if engine.kicked:
         _lib.uc_emu_stop(engine.handle)
@@ -721,10 +742,7 @@ class EmuBackend:
     def __init__(self, memory_size: int = layout.DEFAULT_MEMORY, mode: int = 64):
         if mode not in _UC_MODES:
             raise ConfigError(f"mode must be 16, 32 or 64, not {mode!r}")
-        if not isinstance(memory_size, int) or memory_size % layout.PAGE_SIZE:
-            raise ConfigError(f"memory_size must be a whole number of 4 KiB pages, not {memory_size!r}")
-        if not layout.MIN_MEMORY <= memory_size <= layout.MAX_MEMORY:
-            raise ConfigError(f"memory_size must be between {layout.MIN_MEMORY} and {layout.MAX_MEMORY} bytes")
+        layout.check_memory_size(memory_size)
         self.mode = mode
         self._engine = _Engine(memory_size, mode)
         self.memory = self._engine.ram
@@ -807,11 +825,11 @@ class EmuBackend:
         uc.reg_write(X.UC_X86_REG_CR3, sregs.cr3)
         uc.reg_write(X.UC_X86_REG_CR0, sregs.cr0)
         with engine.intercepts.suspended():
-            uc.msr_write(_EFER, sregs.efer & ~0x400)
+            uc.msr_write(MSR_EFER, sregs.efer & ~EFER_LMA)
         uc.reg_write(X.UC_X86_REG_CR2, sregs.cr2)
         cpu.q[cpu.deep.efer // 8] = sregs.efer
         hflags = cpu.u32[S.HFLAGS // 4] & ~S.HF_LMA_MASK
-        cpu.u32[S.HFLAGS // 4] = hflags | (S.HF_LMA_MASK if sregs.efer & 0x400 else 0)
+        cpu.u32[S.HFLAGS // 4] = hflags | (S.HF_LMA_MASK if sregs.efer & EFER_LMA else 0)
         for table, value in ((S.GDT, sregs.gdt), (S.IDT, sregs.idt)):
             cpu.q[(table + 8) // 8] = value.base
             cpu.u32[(table + 16) // 4] = value.limit
@@ -887,7 +905,7 @@ class EmuBackend:
                                                      repeat=_KICK_AGAIN_S)
                 _lib.uc_emu_stop(engine.handle)
 
-    def run(self, dispatcher, timeout: float) -> Exit:
+    def run(self, dispatcher: Dispatcher, timeout: float) -> Exit:
         engine = self._live()
         if timeout <= 0:
             raise ConfigError(f"timeout must be positive, not {timeout!r}")
@@ -902,7 +920,7 @@ class EmuBackend:
             if token is not None:
                 WATCHDOG.disarm(token)  # a kick not yet seen stays pending for the next run
 
-    def _run(self, engine: _Engine, dispatcher, timeout: float) -> Exit:
+    def _run(self, engine: _Engine, dispatcher: Dispatcher, timeout: float) -> Exit:
         if engine.take_kick():
             return Interrupted()
         if engine.shutdown:
@@ -994,7 +1012,7 @@ class EmuBackend:
                                        f"{_lib.uc_strerror(status).decode()}")
         finally:
             WATCHDOG.disarm(token)
-            engine.dispatcher = None
+            engine.dispatcher = _NO_RUN
             engine.window_open = False
             engine.clear_stop()
 
@@ -1105,7 +1123,7 @@ class EmuBackend:
             return self._deliver_outside(13, 0)
         return self._step_one(engine.dispatcher, intercepts_off=True)
 
-    def _step_one(self, dispatcher, *, intercepts_off: bool = False) -> Exit | None:
+    def _step_one(self, dispatcher: Dispatcher, *, intercepts_off: bool = False) -> Exit | None:
         """Run the one instruction Unicorn stopped before, alone, then go on with the run loop.
 
         For a store to a read-only region: each store to read-only memory reaches
@@ -1165,7 +1183,7 @@ class EmuBackend:
     def __enter__(self) -> "EmuBackend":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 

@@ -35,9 +35,10 @@ import threading
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from labkit import exits
+from labkit.exits import Dispatcher
 from labkit.errors import ConfigError, KvmError
 from labkit.kvm import bindings as kb
 from labkit.kvm.ioctl import get_errno, kvm_run_ioctl
@@ -48,7 +49,7 @@ from labkit.x86 import layout
 from labkit.x86.state import DescriptorTable, Regs, Segment, SRegs
 
 MODES = (16, 32, 64)
-REGS_FIELDS = tuple(name for name, _ in kb.kvm_regs._fields_)
+REGS_FIELDS = tuple(field[0] for field in kb.kvm_regs._fields_)
 SEGMENT_FIELDS = tuple(name for name in Segment.__slots__)
 DTABLE_FIELDS = ("base", "limit")
 SREGS_SCALARS = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
@@ -80,7 +81,7 @@ def _sigset_bytes(signals: Iterable[int]) -> bytes:
     return bits.to_bytes(8, "little")
 
 
-def _kick(run, thread_ident: int) -> None:
+def _kick(run: kb.kvm_run, thread_ident: int) -> None:
     """The watchdog's action at a run's deadline: make the next ``KVM_RUN`` return at once, and
     interrupt the current one with the kick signal (unblocked for ``KVM_RUN`` only)."""
     run.immediate_exit = 1
@@ -136,10 +137,7 @@ class KvmBackend:
     kind = "kvm"
 
     def __init__(self, memory_size: int = layout.DEFAULT_MEMORY, mode: int = 64):
-        if not isinstance(memory_size, int) or memory_size % layout.PAGE_SIZE \
-                or not layout.MIN_MEMORY <= memory_size <= layout.MAX_MEMORY:
-            raise ConfigError(f"memory_size must be a multiple of 4 KiB in [{layout.MIN_MEMORY:#x}, "
-                              f"{layout.MAX_MEMORY:#x}], not {memory_size!r}")
+        layout.check_memory_size(memory_size)
         if mode not in MODES:
             raise ConfigError(f"mode must be 16, 32 or 64, not {mode!r}")
         self.memory_size = memory_size
@@ -170,10 +168,10 @@ class KvmBackend:
         self.sync_regs = bool(self._vm.check_extension(kb.KVM_CAP_SYNC_REGS) & kb.KVM_SYNC_X86_REGS)
         if self.sync_regs:
             run.kvm_valid_regs = kb.KVM_SYNC_X86_REGS  # KVM copies kvm_regs into run.s at every exit
-        self._run = run
-        self._sync = run.s.regs.regs  # a view into kvm_run: .rip is read per exit
+        self._run: kb.kvm_run | None = run  # None once closed
         self._signal_mask: bytes | None = None
-        self._unanswered: tuple | None = None  # a read an exception cut short: (kind, port/address, size, ...)
+        # A read an exception cut short: (exit reason, port/address, size, rip, data offset, element, count).
+        self._unanswered: tuple[int, int, int, int, int, int, int] | None = None
         self.readonly_memory = bool(self._vm.check_extension(kb.KVM_CAP_READONLY_MEM))
         self._max_slots = self._vm.check_extension(kb.KVM_CAP_NR_MEMSLOTS) or 32
 
@@ -203,13 +201,14 @@ class KvmBackend:
         RFLAGS.IF may have changed, so ``kvm_run.if_flag`` (KVM writes it at each
         exit) is cleared: a pending interrupt then waits for a fresh window.
         """
+        run = self._live_run()
         self._vcpu.set_regs(kb.kvm_regs(*(getattr(regs, name) & _U64 for name in REGS_FIELDS)))
-        self._run.if_flag = 0
+        run.if_flag = 0
 
     def get_sregs(self) -> SRegs:
         """``KVM_GET_SREGS`` as an :class:`SRegs` (the interrupt bitmap is dropped)."""
         raw = self._vcpu.get_sregs()
-        values = {}
+        values: dict[str, Any] = {}  # SRegs' fields by name: Segment, DescriptorTable or int
         for name in kb.SEGMENT_NAMES:
             segment = getattr(raw, name)
             values[name] = Segment(*(getattr(segment, field) for field in SEGMENT_FIELDS))
@@ -379,6 +378,13 @@ class KvmBackend:
         if self._closed:
             raise ConfigError("this KvmBackend is closed")
 
+    def _live_run(self) -> kb.kvm_run:
+        """The ``kvm_run`` page; :class:`ConfigError` once closed."""
+        run = self._run
+        if run is None:
+            raise ConfigError("this KvmBackend is closed")
+        return run
+
     # --- running -------------------------------------------------------------------------
 
     def kick(self) -> None:
@@ -405,12 +411,12 @@ class KvmBackend:
                 except ProcessLookupError:
                     pass
 
-    def _take_kick(self) -> None:
+    def _take_kick(self, run: kb.kvm_run) -> None:
         with self._kick_lock:
             self._kick_pending = False
-            self._run.immediate_exit = 0
+            run.immediate_exit = 0
 
-    def run(self, dispatcher, timeout: float) -> exits.Exit:
+    def run(self, dispatcher: Dispatcher, timeout: float) -> exits.Exit:
         """Run the guest until an exit the dispatcher does not absorb, a :meth:`kick`, or ``timeout`` seconds.
 
         ``KVM_EXIT_IO`` (each element of a string ``ins``/``outs`` separately) and
@@ -447,14 +453,13 @@ class KvmBackend:
         ``run()`` asks its dispatcher for it first, so the guest still reads the value
         the device gives (until then ``get_regs()`` shows RIP at the read).
         """
-        if self._closed:
-            raise ConfigError("this KvmBackend is closed")
+        run = self._live_run()
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
         if self._unanswered is not None:
-            self._answer_unanswered_read(dispatcher)
+            self._answer_unanswered_read(dispatcher, self._unanswered)
         if self._kick_pending:  # kicked while no run was in progress
-            self._take_kick()
+            self._take_kick(run)
             return exits.Interrupted()
         signum = KICK_SIGNAL
         before = signal.pthread_sigmask(signal.SIG_BLOCK, (signum,))
@@ -468,12 +473,11 @@ class KvmBackend:
             deadline = time.monotonic() + timeout
             token = None
             if math.isfinite(timeout):
-                token = WATCHDOG.arm(deadline, partial(_kick, self._run, threading.get_ident()))
+                token = WATCHDOG.arm(deadline, partial(_kick, run, threading.get_ident()))
             try:
-                return self._loop(dispatcher, deadline, timeout)
+                return self._loop(run, dispatcher, deadline, timeout)
             finally:
                 fired = token is not None and WATCHDOG.disarm(token)  # after this the watchdog cannot fire
-                run = self._run
                 with self._kick_lock:
                     self._vcpu_thread = None
                     signalled, self._kick_signalled = self._kick_signalled or fired, False
@@ -486,14 +490,15 @@ class KvmBackend:
             if signum not in before:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, (signum,))
 
-    def _answer_unanswered_read(self, dispatcher) -> None:
+    def _answer_unanswered_read(self, dispatcher: Dispatcher,
+                                unanswered: tuple[int, int, int, int, int, int, int]) -> None:
         """Ask the dispatcher again for a read whose answer an exception cut short in the last run.
 
         KVM completes the ``in`` (or MMIO read) with whatever ``kvm_run`` holds at the
         next ``KVM_RUN``, so it must hold the value: the elements not yet answered are
         read now (a string ``ins`` goes on from the element it stopped at).
         """
-        kind, where, size, rip, offset, element, count = self._unanswered
+        kind, where, size, rip, offset, element, count = unanswered
         page = self._vcpu._run_map
         if kind == kb.KVM_EXIT_IO:
             pack = _VALUE_FORMATS[size].pack_into
@@ -506,9 +511,8 @@ class KvmBackend:
             page[offset:offset + size] = value.to_bytes(size, "little")
         self._unanswered = None
 
-    def _offer_interrupt(self, dispatcher) -> None:
+    def _offer_interrupt(self, run: kb.kvm_run, dispatcher: Dispatcher) -> None:
         """Inject the dispatcher's pending interrupt if the guest can take it now, else ask for the window."""
-        run = self._run
         if run.ready_for_interrupt_injection and run.if_flag:
             vector = dispatcher.pending_vector()
             if vector is not None:
@@ -520,11 +524,10 @@ class KvmBackend:
         else:
             run.request_interrupt_window = 1
 
-    def _loop(self, dispatcher, deadline: float, timeout: float) -> exits.Exit:
+    def _loop(self, run: kb.kvm_run, dispatcher: Dispatcher, deadline: float, timeout: float) -> exits.Exit:
         # Everything the hot path touches is bound to a local first, and one
         # struct unpack reads exit_reason, the io fields and the synced RIP.
         fd = self._vcpu.fd
-        run = self._run
         ioctl = kvm_run_ioctl
         kvm_run_request = kb.KVM_RUN
         page = self._vcpu._run_map  # kvm_run plus the PIO data page (at io.data_offset)
@@ -537,17 +540,19 @@ class KvmBackend:
         masks = _MASKS
         pio = dispatcher.pio
         mmio = dispatcher.mmio
-        interrupts = dispatcher if hasattr(dispatcher, "interrupt_pending") else _NO_INTERRUPTS
+        interrupts: Dispatcher | _NoInterrupts = \
+            dispatcher if hasattr(dispatcher, "interrupt_pending") else _NO_INTERRUPTS
         sync = self.sync_regs
         get_regs = self._vcpu.get_regs
         monotonic = time.monotonic
         EXIT_IO, EXIT_MMIO, EXIT_IRQ_WINDOW_OPEN = kb.KVM_EXIT_IO, kb.KVM_EXIT_MMIO, kb.KVM_EXIT_IRQ_WINDOW_OPEN
         EINTR, EAGAIN = _errno.EINTR, _errno.EAGAIN
-        stopped = None  # a read the dispatcher stopped at, returned once KVM_RUN has completed it
+        # A read the dispatcher stopped at, returned once KVM_RUN has completed it.
+        stopped: exits.Io | exits.Mmio | None = None
 
         while True:
             if interrupts.interrupt_pending and stopped is None and not self._kick_pending:
-                self._offer_interrupt(dispatcher)
+                self._offer_interrupt(run, dispatcher)
             if ioctl(fd, kvm_run_request, 0) < 0:
                 error = get_errno()
                 if error == EINTR or error == EAGAIN:
@@ -556,7 +561,7 @@ class KvmBackend:
                             run.immediate_exit = 1 if self._kick_pending else 0
                         return stopped
                     if self._kick_pending:
-                        self._take_kick()
+                        self._take_kick(run)
                         return exits.Interrupted()
                     if monotonic() >= deadline:
                         return exits.Timeout(budget_s=timeout)
@@ -614,11 +619,10 @@ class KvmBackend:
             elif reason == EXIT_IRQ_WINDOW_OPEN:
                 run.request_interrupt_window = 0  # asked again above while an interrupt is still pending
             else:
-                return self._decode(reason)
+                return self._decode(run, reason)
 
-    def _decode(self, reason: int) -> exits.Exit:
+    def _decode(self, run: kb.kvm_run, reason: int) -> exits.Exit:
         """The :mod:`labkit.exits` object for a ``KVM_EXIT_*`` the dispatcher does not see."""
-        run = self._run
         if reason == kb.KVM_EXIT_HLT:
             return exits.Hlt()
         if reason == kb.KVM_EXIT_SHUTDOWN:
@@ -649,7 +653,7 @@ class KvmBackend:
             return
         self._closed = True
         with self._kick_lock:  # a kick() racing with close() sees either the run page or None
-            self._run = self._sync = None
+            self._run = None
         for name in ("_vcpu", "_vm", "_kvm"):
             part = getattr(self, name, None)
             if part is not None:
@@ -668,7 +672,7 @@ class KvmBackend:
     def __enter__(self) -> "KvmBackend":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -35,6 +35,10 @@ _IOC_WRITE = 1
 _IOC_READ = 2
 
 
+_ArgumentType = type[Structure] | type[c_uint64]
+"""What an ioctl number's argument size is taken from: a Structure, or ``__u64`` for a few."""
+
+
 def _IOC(direction: int, type_: int, nr: int, size: int) -> int:
     if size >= 1 << _IOC_SIZEBITS:
         raise ValueError(f"ioctl argument size {size} does not fit in {_IOC_SIZEBITS} bits")
@@ -45,15 +49,15 @@ def _IO(type_: int, nr: int) -> int:
     return _IOC(_IOC_NONE, type_, nr, 0)
 
 
-def _IOR(type_: int, nr: int, struct) -> int:
+def _IOR(type_: int, nr: int, struct: _ArgumentType) -> int:
     return _IOC(_IOC_READ, type_, nr, sizeof(struct))
 
 
-def _IOW(type_: int, nr: int, struct) -> int:
+def _IOW(type_: int, nr: int, struct: _ArgumentType) -> int:
     return _IOC(_IOC_WRITE, type_, nr, sizeof(struct))
 
 
-def _IOWR(type_: int, nr: int, struct) -> int:
+def _IOWR(type_: int, nr: int, struct: _ArgumentType) -> int:
     return _IOC(_IOC_READ | _IOC_WRITE, type_, nr, sizeof(struct))
 
 

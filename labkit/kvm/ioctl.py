@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno as _errno
+from typing import Union
 
 from labkit.errors import KvmError
 
@@ -28,8 +29,11 @@ kvm_run_ioctl.restype = ctypes.c_int
 
 get_errno = ctypes.get_errno
 
+IoctlArgument = Union[int, None, "ctypes._CArgObject"]
+"""An int (passed as the pointer-sized value), ``None`` (NULL) or ``ctypes.byref(struct)``."""
 
-def ioctl(fd: int, request: int, arg=None, name: str = "ioctl") -> int:
+
+def ioctl(fd: int, request: int, arg: IoctlArgument = None, name: str = "ioctl") -> int:
     """Issue ``ioctl(fd, request, arg)`` and return its non-negative result.
 
     ``EINTR`` is retried (only ``KVM_RUN`` wants it, and it calls

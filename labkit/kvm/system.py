@@ -8,10 +8,14 @@ import os
 import stat
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from labkit.errors import BackendUnavailable, KvmError, strerror
 from labkit.kvm import bindings as kb
 from labkit.kvm.ioctl import ioctl
+
+if TYPE_CHECKING:  # vm.py imports this module
+    from labkit.kvm.vm import VmFd
 
 KVM_DEVICE = "/dev/kvm"
 
@@ -55,7 +59,7 @@ class Kvm:
         """``KVM_CHECK_EXTENSION``: 0 if ``KVM_CAP_*`` is absent, else 1 or a capability-specific number."""
         return ioctl(self.fd, kb.KVM_CHECK_EXTENSION, capability, "KVM_CHECK_EXTENSION")
 
-    def supported_cpuid(self, max_entries: int = 256):
+    def supported_cpuid(self, max_entries: int = 256) -> ctypes.Structure:
         """``KVM_GET_SUPPORTED_CPUID``: the CPUID leaves KVM can expose (a ``kvm_cpuid2`` with ``nent`` set).
 
         Grows the buffer and retries while the kernel answers ``E2BIG``.
@@ -71,7 +75,7 @@ class Kvm:
                 raise
             return cpuid
 
-    def create_vm(self):
+    def create_vm(self) -> VmFd:
         """``KVM_CREATE_VM`` (machine type 0): a new :class:`labkit.kvm.vm.VmFd`."""
         from labkit.kvm.vm import VmFd
 
@@ -84,7 +88,7 @@ class Kvm:
     def __enter__(self) -> "Kvm":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 

@@ -30,7 +30,7 @@ class VcpuFd:
             self._run_map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as error:
             self.close()
-            raise KvmError("mmap of the vCPU fd", error.errno) from error
+            raise KvmError("mmap of the vCPU fd", error.errno or 0) from error
         self.run = kb.kvm_run.from_buffer(self._run_map)
         self._stats: BinaryStats | None = None
 
@@ -88,7 +88,7 @@ class VcpuFd:
         if done != len(items):
             raise KvmError("KVM_SET_MSRS", _errno.EINVAL, f"MSR {items[done][0]:#x} was refused")
 
-    def set_cpuid2(self, cpuid) -> None:
+    def set_cpuid2(self, cpuid: ctypes.Structure) -> None:
         """``KVM_SET_CPUID2`` with a ``kvm_cpuid2`` (e.g. :meth:`Kvm.supported_cpuid`'s answer)."""
         ioctl(self.fd, kb.KVM_SET_CPUID2, ctypes.byref(cpuid), "KVM_SET_CPUID2")
 
@@ -147,16 +147,16 @@ class VcpuFd:
             self._stats = None
         run_map = getattr(self, "_run_map", None)
         if run_map is not None:
-            self.run = None  # drop the ctypes view first: it pins the mmap's buffer
+            del self.run  # drop the ctypes view first: it pins the mmap's buffer
             try:
                 run_map.close()
             except BufferError:
                 pass  # someone still holds a view of kvm_run; the mmap goes with the last reference
-            self._run_map = None
+            del self._run_map
         self._finalizer()
 
     def __enter__(self) -> "VcpuFd":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()

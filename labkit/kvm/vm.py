@@ -5,10 +5,15 @@ from __future__ import annotations
 import ctypes
 import os
 import weakref
+from typing import TYPE_CHECKING
 
 from labkit.errors import ConfigError
 from labkit.kvm import bindings as kb
 from labkit.kvm.ioctl import ioctl
+
+if TYPE_CHECKING:  # both import this module
+    from labkit.kvm.system import Kvm
+    from labkit.kvm.vcpu import VcpuFd
 
 PAGE_SIZE = 0x1000
 
@@ -16,7 +21,7 @@ PAGE_SIZE = 0x1000
 class VmFd:
     """One VM (``KVM_CREATE_VM``).  Made by :meth:`labkit.kvm.system.Kvm.create_vm`; close with :meth:`close`."""
 
-    def __init__(self, kvm, fd: int):
+    def __init__(self, kvm: Kvm, fd: int):
         self.fd = fd
         self._finalizer = weakref.finalize(self, os.close, fd)
         self.vcpu_mmap_size = kvm.vcpu_mmap_size
@@ -79,7 +84,7 @@ class VmFd:
         value = ctypes.c_uint64(address)
         ioctl(self.fd, kb.KVM_SET_IDENTITY_MAP_ADDR, ctypes.byref(value), "KVM_SET_IDENTITY_MAP_ADDR")
 
-    def create_vcpu(self, vcpu_id: int = 0):
+    def create_vcpu(self, vcpu_id: int = 0) -> VcpuFd:
         """``KVM_CREATE_VCPU``: a :class:`labkit.kvm.vcpu.VcpuFd` with its ``kvm_run`` page mapped."""
         from labkit.kvm.vcpu import VcpuFd
 
@@ -92,7 +97,7 @@ class VmFd:
     def __enter__(self) -> "VmFd":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 

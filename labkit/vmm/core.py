@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from time import perf_counter_ns
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from labkit import exits
 from labkit.backend import Backend, create_backend
@@ -37,9 +37,14 @@ from labkit.vmm.status import Origin, RunResult, Status, StatusKind
 from labkit.x86 import layout
 from labkit.x86.boot import RFLAGS_IF
 from labkit.vmm.devices.timer import PIT_PORT, Pit8254
-from labkit.vmm.interrupts import MASTER_PORT, SLAVE_PORT, InterruptController
+from labkit.vmm.interrupts import MASTER_PORT, SLAVE_PORT, InterruptController, InterruptLines
 from labkit.x86.disasm import instruction_at
 from labkit.x86.state import Regs, SRegs
+
+if TYPE_CHECKING:  # lazily imported where used
+    from labkit.guest import Guest
+    from labkit.vmm.forwarding import Monitor
+    from labkit.x86.boot import BootState
 
 IO = int(ExitReason.IO)
 MMIO = int(ExitReason.MMIO)
@@ -69,9 +74,9 @@ class MachineCore:
     (tests pass a scripted one).
     """
 
-    def __init__(self, guest, backend: str | Backend, memory_size: int, *,
+    def __init__(self, guest: Guest, backend: str | Backend, memory_size: int, *,
                  devices: Sequence[DeviceSpec | LegacyDeviceSpec] = (), trace_limit: int | None = None,
-                 monitor=None, interrupts=None):
+                 monitor: Monitor | None = None, interrupts: InterruptLines | None = None):
         from labkit.x86.boot import boot_state  # the boot builder pulls in the table builders
 
         self.guest = guest
@@ -84,7 +89,7 @@ class MachineCore:
         self.trace = ExitTrace() if trace_limit is None else ExitTrace(trace_limit)
         self.console = Console()
         self.buses = Buses(PortBus(), Bus("mmio", layout.MAPPED_LIMIT))
-        self.interrupts = interrupts if interrupts is not None else InterruptController(kick=self.kick)
+        self.interrupts: InterruptLines = interrupts if interrupts is not None else InterruptController(kick=self.kick)
         self.devices: dict[str, Any] = {}
         """Every device by name: the built-in ones and those given as specs."""
         self._names: dict[int, str] = {}  # id(device) -> name, for error messages
@@ -101,7 +106,8 @@ class MachineCore:
         self.monitor = monitor
         try:
             self._attach_devices(devices)
-            boot = boot_state(guest.mode, guest.entry, memory_size, user=guest.user)
+            entry = guest.load_address if guest.entry is None else guest.entry  # Guest fills it in: never None
+            boot = boot_state(guest.mode, entry, memory_size, user=guest.user)
             self._load(boot, guest)
             if monitor is not None:
                 self._attach_monitor(monitor, boot)
@@ -111,7 +117,7 @@ class MachineCore:
 
     # -- set-up ---------------------------------------------------------------
 
-    def _add(self, name: str, bus: str, base: int, length: int, device) -> None:
+    def _add(self, name: str, bus: str, base: int, length: int, device: object) -> None:
         if name in self.devices:
             raise ConfigError(f"two devices are named {name!r}")
         if bus not in ("pio", "mmio"):
@@ -150,7 +156,7 @@ class MachineCore:
             else:
                 raise ConfigError(f"a device is a labkit.vmm.devices.DeviceSpec, not {type(spec).__name__}")
 
-    def _attach_monitor(self, monitor, boot) -> None:
+    def _attach_monitor(self, monitor: Monitor, boot: BootState) -> None:
         from labkit.vmm import forwarding
 
         if self.guest.mode != 64:
@@ -166,7 +172,7 @@ class MachineCore:
             return 0
         return self.buses.pio.read(port, size)
 
-    def _load(self, boot, guest) -> None:
+    def _load(self, boot: BootState, guest: Guest) -> None:
         for address, data in boot.memory:
             self.memory.write(address, data)
         end = guest.load_address + len(guest.code)
@@ -219,7 +225,8 @@ class MachineCore:
         self.interrupts.acknowledge_interrupt(vector)
         self._record(INTERRUPT, None, None, None, None, vector)
 
-    def _record(self, reason: int, rip, address, size, is_write, data) -> None:
+    def _record(self, reason: int, rip: int | None, address: int | None, size: int | None,
+                is_write: bool | None, data: int | None) -> None:
         """``ExitTrace.add`` (its common case inlined: it runs once per exit) plus the step's own copy."""
         now = perf_counter_ns()
         record = (reason, rip, address, size, is_write, data, now - self._resumed_ns)
@@ -393,7 +400,7 @@ class MachineCore:
     def read_memory(self, address: int, size: int) -> bytes:
         return self.memory.read(address, size)
 
-    def device_state(self, name: str):
+    def device_state(self, name: str) -> Any:
         """The named device's ``save()``: plain data."""
         device = self.devices.get(name)
         if device is None:

@@ -17,7 +17,7 @@ from typing import Callable
 from labkit.errors import ConfigError, GuestMemoryError
 from labkit.memory import GuestMemory
 from labkit.vmm.status import Fault, Status, StatusKind
-from labkit.x86.idt import ERROR_CODE_VECTORS
+from labkit.x86.arch import ERROR_CODE_VECTORS, SELECTOR_RPL, Vector
 from labkit.x86.state import Regs, SRegs
 
 WORD = {16: ("<H", 2), 32: ("<I", 4), 64: ("<Q", 8)}
@@ -48,14 +48,14 @@ def read_fault_frame(mode: int, vector: int, regs: Regs, sregs: SRegs,
         error_code = word(1)
         index = 2
     rip, cs, rflags = word(index), word(index + 1), word(index + 2)
-    if mode == 64 or (mode == 32 and cs & 3 == 3):
+    if mode == 64 or (mode == 32 and cs & SELECTOR_RPL == 3):
         rsp = word(index + 3)
     else:
         rsp = (regs.rsp + (index + 3) * width) & (0xFFFF if mode == 16 else 0xFFFF_FFFF)
     accumulator_mask = {16: 0xFFFF, 32: 0xFFFF_FFFF, 64: 0xFFFF_FFFF_FFFF_FFFF}[mode]
     rax = (regs.rax & ~accumulator_mask) | saved_ax
     at_fault = replace(regs, rax=rax, rip=rip, rsp=rsp, rflags=rflags)
-    return Fault(vector, rip, error_code, sregs.cr2 if vector == 14 else None), at_fault
+    return Fault(vector, rip, error_code, sregs.cr2 if vector == Vector.PF else None), at_fault
 
 
 class FaultReporter:

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 from labkit.errors import ConfigError
 from labkit.vmm.devices.pic import ICW1_SNGL, Pic8259, PicState
@@ -89,6 +89,30 @@ class InterruptControllerState:
     """The slave's INT output (the master's IR2 input) as last driven."""
     delivered: tuple[int, ...] = (0,) * LINES
     coalesced: tuple[int, ...] = (0,) * LINES
+
+
+class InterruptLines(Protocol):
+    """What :class:`labkit.vmm.core.MachineCore` needs of its interrupt controller.
+
+    :class:`InterruptController` (the PC's two PICs) is the one labkit builds;
+    tests give the core simpler stand-ins.
+    """
+
+    @property
+    def interrupt_pending(self) -> bool: ...
+
+    @property
+    def armed(self) -> bool: ...
+
+    def pending_vector(self) -> int | None: ...
+
+    def acknowledge_interrupt(self, vector: int) -> None: ...
+
+    def raise_irq(self, line: int) -> bool: ...
+
+    def lower_irq(self, line: int) -> None: ...
+
+    def wait(self, timeout: float) -> bool: ...
 
 
 class InterruptController:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from labkit.backend import choose_backend
 from labkit.errors import ConfigError, DeviceError
@@ -33,20 +33,11 @@ from labkit.vmm.worker import GRACE_S, Worker, WorkerDied
 from labkit.x86 import layout
 from labkit.x86.state import Regs, SRegs
 
+if TYPE_CHECKING:  # imported where used: guest pulls in the assembler, forwarding the trap stubs
+    from labkit.guest import Guest
+    from labkit.vmm.forwarding import Monitor
+
 MAX_TIMEOUT_S = 3600.0
-
-
-def check_memory_size(memory: int) -> int:
-    """Validate a guest RAM size: whole 4 KiB pages, between 1 MiB and 1 GiB."""
-    if isinstance(memory, bool) or not isinstance(memory, int):
-        raise ConfigError(f"memory must be a whole number of bytes, not {memory!r}")
-    if memory % layout.PAGE_SIZE:
-        raise ConfigError(f"memory must be a multiple of the 4 KiB page size; {memory} bytes is not "
-                          f"(try {memory // layout.PAGE_SIZE * layout.PAGE_SIZE or layout.PAGE_SIZE})")
-    if not layout.MIN_MEMORY <= memory <= layout.MAX_MEMORY:
-        raise ConfigError(f"memory must be between {layout.MIN_MEMORY >> 20} MiB and "
-                          f"{layout.MAX_MEMORY >> 20} MiB; got {memory} bytes")
-    return memory
 
 
 def check_timeout(timeout: float) -> float:
@@ -71,9 +62,9 @@ class Machine:
     what it reports comes back in ``RunResult.monitor``.
     """
 
-    def __init__(self, guest, backend: str = "auto", memory: int = layout.DEFAULT_MEMORY, *,
+    def __init__(self, guest: Guest | str, backend: str = "auto", memory: int = layout.DEFAULT_MEMORY, *,
                  isolate: bool | None = None, devices: Sequence[DeviceSpec | LegacyDeviceSpec] = (),
-                 trace_limit: int | None = None, monitor=None):
+                 trace_limit: int | None = None, monitor: Monitor | None = None):
         from labkit.guest import Guest
 
         if isinstance(guest, str):
@@ -81,7 +72,7 @@ class Machine:
         elif not isinstance(guest, Guest):
             raise ConfigError(f"a Machine runs a labkit.Guest or a shipped guest's name, not {type(guest).__name__}")
         self.guest = guest
-        self.memory_size = check_memory_size(memory)
+        self.memory_size = layout.check_memory_size(memory)
         choice = choose_backend(backend)
         self.backend = choice.name
         self.backend_reason = choice.reason
@@ -116,7 +107,7 @@ class Machine:
     def __repr__(self) -> str:
         return f"<Machine {self.guest.name!r} on {self.backend}>"
 
-    def _call(self, name: str, *args, timeout: float | None = None):
+    def _call(self, name: str, *args: Any, timeout: float | None = None) -> Any:
         if not self._finalizer.alive:
             raise ConfigError("this Machine is closed")
         if self._worker is None:
@@ -176,12 +167,12 @@ class Machine:
         """
         if not self._finalizer.alive:
             raise ConfigError("this Machine is closed")
-        if self._worker is None:
+        if self._core is not None:
             self._core.request_pause()
-            return
-        self._worker.poke("request_pause")
+        elif self._worker is not None:
+            self._worker.poke("request_pause")
 
-    def device_state(self, name: str):
+    def device_state(self, name: str) -> Any:
         """The named device's saved state (its ``save()``: plain data), read where the device lives."""
         return self._call("device_state", name)
 
@@ -227,5 +218,5 @@ class Machine:
     def __enter__(self) -> "Machine":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -6,6 +6,7 @@ import platform
 from dataclasses import dataclass, field
 from enum import Enum
 
+from labkit.backend import Backend
 from labkit.trace import ExitTrace
 from labkit.x86.arch import EXCEPTION_NAMES
 from labkit.x86.state import Regs
@@ -110,7 +111,7 @@ class Origin:
     """The host's name (``platform.node()``)."""
 
     @classmethod
-    def of(cls, backend) -> "Origin":
+    def of(cls, backend: Backend) -> "Origin":
         """The origin of runs on ``backend`` (a :class:`labkit.backend.Backend`), in this process."""
         import labkit
 

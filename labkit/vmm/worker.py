@@ -56,7 +56,7 @@ import traceback
 import warnings
 import weakref
 from multiprocessing.connection import Connection, Pipe
-from typing import Any, Callable
+from typing import IO, Any, Callable, Iterable, NoReturn
 
 from labkit import errors
 from labkit.errors import ConfigError, EmulatorError
@@ -180,10 +180,10 @@ def _fork_and_wait(child: _Child, handed: list) -> None:
     child.wait()
 
 
-def _close_all(items) -> None:
+def _close_all(items: Iterable[Connection | int]) -> None:
     for item in items:
         try:
-            item.close() if hasattr(item, "close") else os.close(item)
+            item.close() if isinstance(item, Connection) else os.close(item)
         except OSError:
             pass
 
@@ -279,7 +279,8 @@ def _rebuild(name: str, message: str) -> Exception:
     return EmulatorError(message)
 
 
-def _reap(child: _Child, conn: Connection, control: Connection, control_lock: threading.Lock, report) -> None:
+def _reap(child: _Child, conn: Connection, control: Connection, control_lock: threading.Lock,
+          report: IO[bytes]) -> None:
     """Kill the worker, close the caller's ends, wait until the forking thread has reaped it.
 
     Nested ``finally`` so that an interrupt landing in one step still runs the
@@ -363,7 +364,7 @@ class Worker:
     def alive(self) -> bool:
         return self._dead is None
 
-    def call(self, name: str, *args, timeout: float = CALL_TIMEOUT_S):
+    def call(self, name: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
         """Run ``core.name(*args)`` in the worker; raise :class:`WorkerDied` if it crashes or hangs.
 
         After :meth:`close` raises ``ConfigError("this Machine is closed")``, as
@@ -405,7 +406,7 @@ class Worker:
         if self._dead:
             raise WorkerDied(self._dead)
 
-    def _receive(self, timeout: float):
+    def _receive(self, timeout: float) -> Any:
         try:
             ready = self._conn.poll(timeout)
         except KeyboardInterrupt:
@@ -451,7 +452,7 @@ class Worker:
         if self._finalizer.alive:
             self._finalizer()
 
-    def _died(self, message: str):
+    def _died(self, message: str) -> NoReturn:
         self._stop_worker(message)
         raise WorkerDied(self._dead)
 

@@ -441,11 +441,7 @@ def _real_mode_segment(selector: int, code: bool = False) -> Segment:
 def _check(mode: int, entry: int, memory_size: int, user: bool, stack_top: int) -> None:
     if mode not in MODES:
         raise ConfigError(f"mode must be 16, 32 or 64, not {mode!r}")
-    if not layout.MIN_MEMORY <= memory_size <= layout.MAX_MEMORY or memory_size % layout.PAGE_SIZE:
-        raise ConfigError(
-            f"memory_size must be a multiple of 4 KiB in [{layout.MIN_MEMORY:#x}, "
-            f"{layout.MAX_MEMORY:#x}], not {memory_size:#x}"
-        )
+    layout.check_memory_size(memory_size)
     if not layout.LOAD_ADDRESS <= entry < memory_size:
         raise ConfigError(
             f"entry {entry:#x} must lie in guest RAM above the system area "

@@ -19,6 +19,8 @@ them 1:1 (identity) in long mode.
 
 from __future__ import annotations
 
+from labkit.errors import ConfigError
+
 PAGE_SIZE = 0x1000
 
 IVT_ADDRESS = 0x0000
@@ -40,6 +42,22 @@ MAPPED_LIMIT = 1 << 30
 DEFAULT_MEMORY = 2 << 20
 MIN_MEMORY = 1 << 20
 MAX_MEMORY = 1 << 30
+
+
+def check_memory_size(memory: int) -> int:
+    """Validate a guest RAM size: whole 4 KiB pages, between 1 MiB and 1 GiB; return it, else ConfigError.
+
+    The one check of a RAM size: ``Machine``, both backends and the boot-state builder call it.
+    """
+    if isinstance(memory, bool) or not isinstance(memory, int):
+        raise ConfigError(f"memory must be a whole number of bytes, not {memory!r}")
+    if memory % PAGE_SIZE:
+        raise ConfigError(f"memory must be a multiple of the 4 KiB page size; {memory} bytes is not "
+                          f"(try {memory // PAGE_SIZE * PAGE_SIZE or PAGE_SIZE})")
+    if not MIN_MEMORY <= memory <= MAX_MEMORY:
+        raise ConfigError(f"memory must be between {MIN_MEMORY >> 20} MiB and {MAX_MEMORY >> 20} MiB; "
+                          f"got {memory} bytes")
+    return memory
 
 # GDT selectors.  The order of 0x08..0x28 is what SYSCALL/SYSRET expect with
 # STAR = (USER_BASE << 48) | (KERNEL_CS64 << 32): SYSRET loads CS = base + 16, SS = base + 8.

@@ -55,6 +55,15 @@ def test_bad_arguments_are_config_errors(memory_size, mode):
         EmuBackend(memory_size, mode)
 
 
+@pytest.mark.parametrize("memory_size", [12345, 4096, 1 << 31, "2M"])
+def test_a_bad_memory_size_gets_the_one_check_s_message(memory_size):
+    with pytest.raises(ConfigError) as raised:
+        EmuBackend(memory_size, 64)
+    with pytest.raises(ConfigError) as expected:
+        layout.check_memory_size(memory_size)
+    assert str(raised.value) == str(expected.value)
+
+
 SOURCES = {
     16: """
         mov dx, 0x3f8

@@ -20,6 +20,7 @@ from labkit.errors import ConfigError, KvmError
 from labkit.kvm import KvmBackend
 from labkit.kvm import bindings as kb
 from labkit.kvm.system import Kvm, kvm_flavour, probe
+from labkit.x86 import layout
 from labkit.x86.state import Regs
 
 pytestmark = pytest.mark.kvm
@@ -269,8 +270,12 @@ def test_sync_regs_are_used_where_the_kernel_offers_them(backend):
 
 
 def test_bad_arguments_are_config_errors():
-    with pytest.raises(ConfigError, match="multiple of 4 KiB"):
-        KvmBackend(MEMORY + 100, 64)
+    for size in (MEMORY + 100, 4096, 64 << 30, "2M"):  # the one check (x86/layout.py), its own message
+        with pytest.raises(ConfigError) as raised:
+            KvmBackend(size, 64)
+        with pytest.raises(ConfigError) as expected:
+            layout.check_memory_size(size)
+        assert str(raised.value) == str(expected.value)
     with pytest.raises(ConfigError, match="mode"):
         KvmBackend(MEMORY, 48)
     with KvmBackend(MEMORY, 16) as vm:

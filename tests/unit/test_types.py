@@ -45,3 +45,25 @@ def test_a_type_error_and_an_untyped_function_fail_the_check(tmp_path):
     assert result.returncode != 0, result.stdout
     assert f"labkit/x86/layout.py:{lines + 1}: error: Incompatible types in assignment" in result.stdout, result.stdout
     assert "labkit/table.py" in result.stdout and "[no-untyped-def]" in result.stdout, result.stdout
+
+
+def test_the_seams_are_checked_a_backend_or_core_that_does_not_conform_fails(tmp_path):
+    """The protocols are checked where they are used: a backend whose method differs from ``Backend``'s,
+    and a core whose ``pio`` differs from ``Dispatcher``'s, are reported (the protocols are not decoration)."""
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    shutil.copytree(ROOT / "labkit", tmp_path / "labkit", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    for path, old, new in (
+            ("kvm/backend.py", "    def kick(self) -> None:", "    def kick(self, now: bool) -> None:"),
+            ("emu/unicorn_backend.py", "    def dirty_log_fetch(self) -> list[int]:",
+             "    def dirty_log_fetch(self) -> set[int]:"),
+            ("vmm/core.py", "    def pio(self, port: int, size: int, is_write: bool, value: int, rip: int) -> int:",
+             "    def pio(self, port: int, size: int, is_write: bool, value: int) -> int:")):
+        module = tmp_path / "labkit" / path
+        text = module.read_text()
+        assert text.count(old) == 1, (path, old)
+        module.write_text(text.replace(old, new))
+    result = mypy(tmp_path, tmp_path / "cache")
+    assert result.returncode != 0, result.stdout
+    assert 'Incompatible return value type (got "KvmBackend", expected "Backend")' in result.stdout, result.stdout
+    assert 'Incompatible return value type (got "EmuBackend", expected "Backend")' in result.stdout, result.stdout
+    assert 'incompatible type "MachineCore"; expected "Dispatcher"' in result.stdout, result.stdout

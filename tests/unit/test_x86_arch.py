@@ -16,12 +16,7 @@ LABKIT = Path(__file__).resolve().parents[2] / "labkit"
 ARCH_NAME = re.compile(r"(RFLAGS|CR0|CR4|EFER|MSR|PF|PTE|DESC|SELECTOR)_[A-Z0-9_]+$")
 LABKIT_POLICY = {"labkit/monitor/vcpu/emulation.py RFLAGS_GUEST_SETTABLE"}
 """Composed from arch's bits: what the monitor lets a popped RFLAGS change."""
-LEFT_IN_OTHER_FILES = {
-    # being reworked in issue 7; remove after merge: the emulator's own copies (uci's files) of
-    # descriptor bits that x86/arch.py has as DESC_*.
-    "labkit/emu/internals.py DESC_B_MASK", "labkit/emu/internals.py DESC_L_MASK",
-    *(f"labkit/emu/delivery.py DESC_{name}" for name in ("S", "P", "CODE", "CONFORMING", "WRITABLE", "L", "B", "G")),
-}
+LEFT_IN_OTHER_FILES: set[str] = set()
 
 
 def test_composed_masks_are_the_sdm_numbers():
@@ -58,6 +53,9 @@ def test_architectural_constants_are_defined_only_in_arch():
         for node in ast.walk(ast.parse(path.read_text())):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
                 if isinstance(node, ast.AnnAssign) else []
+            while any(isinstance(target, (ast.Tuple, ast.List)) for target in targets):  # `A, B = 1, 2` too
+                targets = [part for target in targets
+                           for part in (target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target])]
             for target in targets:
                 if isinstance(target, ast.Name) and ARCH_NAME.match(target.id):
                     defined.append(f"{path.relative_to(LABKIT.parent)} {target.id}")

@@ -254,3 +254,28 @@ def test_load_boot_state_puts_code_at_its_load_address_and_refuses_what_does_not
     with pytest.raises(ConfigError, match=r"guest 'big' ends at 0x108000, beyond guest RAM \(0x100000 bytes\)"):
         boot.load_boot_state(untouched, state, bytes(size), layout.LOAD_ADDRESS, name="guest 'big'")
     assert untouched.calls == [] and not any(untouched.memory)
+
+
+@pytest.mark.parametrize("memory, message", [
+    (2 << 20, None),
+    (layout.MIN_MEMORY, None),
+    (layout.MAX_MEMORY, None),
+    ((2 << 20) + 100, "memory must be a multiple of the 4 KiB page size; 2097252 bytes is not (try 2097152)"),
+    (4096, "memory must be between 1 MiB and 1024 MiB; got 4096 bytes"),
+    (layout.MAX_MEMORY + 4096, "memory must be between 1 MiB and 1024 MiB; got 1073745920 bytes"),
+    ("2M", "memory must be a whole number of bytes, not '2M'"),
+    (True, "memory must be a whole number of bytes, not True"),
+])
+def test_one_memory_size_check_and_the_boot_state_uses_it(memory, message):
+    """layout.check_memory_size is the one check (Machine and both backends call it); boot_state too."""
+    if message is None:
+        assert layout.check_memory_size(memory) == memory
+        assert boot.boot_state(64, layout.LOAD_ADDRESS, memory).regs.rip == layout.LOAD_ADDRESS
+        return
+    with pytest.raises(ConfigError) as raised:
+        layout.check_memory_size(memory)
+    assert str(raised.value) == message
+    if isinstance(memory, int) and not isinstance(memory, bool):
+        with pytest.raises(ConfigError) as from_boot:
+            boot.boot_state(64, layout.LOAD_ADDRESS, memory)
+        assert str(from_boot.value) == message

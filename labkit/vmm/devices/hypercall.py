@@ -23,6 +23,7 @@ from typing import Callable
 
 from labkit.errors import ConfigError
 from labkit.memory import GuestMemory
+from labkit.x86.state import Regs
 
 HC_NOP = 0
 HC_WRITE = 1
@@ -46,7 +47,7 @@ class HypercallPort:
     last result and the call counts; the registered handlers are configuration.
     """
 
-    def __init__(self, regs: Callable[[], object], memory: GuestMemory | memoryview,
+    def __init__(self, regs: Callable[[], Regs], memory: GuestMemory | memoryview,
                  console: Callable[[bytes], None]):
         self._regs = regs
         self._memory = memory if isinstance(memory, GuestMemory) else GuestMemory([(0, memory, False)])

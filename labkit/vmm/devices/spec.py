@@ -36,7 +36,7 @@ class DeviceContext:
 
     memory: GuestMemory
     regs: Callable[[], Regs]
-    raise_irq: Callable[[int], None]
+    raise_irq: Callable[[int], bool]
     lower_irq: Callable[[int], None]
     kick: Callable[[], None]
 
