@@ -155,8 +155,8 @@ class MachineCore:
 
         if self.guest.mode != 64:
             raise ConfigError("a monitor runs long-mode (64-bit) guests")
-        forwarding.install(self.backend.memory, boot.sregs.idt.base)
-        context = forwarding.MonitorContext(self.backend.memory, self._monitor_pio, self._stopped_with)
+        forwarding.install(self.memory, boot.sregs.idt.base)
+        context = forwarding.MonitorContext(self.memory, self._monitor_pio, self._stopped_with)
         self.trap_port = forwarding.TrapPort(monitor, self.backend, context)
         self._add("monitor", "pio", layout.TRAP_PORT, 1, self.trap_port)
 
@@ -360,7 +360,7 @@ class MachineCore:
             regs, sregs = self.backend.get_regs(), self.backend.get_sregs()
         except LabkitError:
             return ""
-        return f" at rip {regs.rip:#x}: {instruction_at(self.backend.memory, sregs.cs.base + regs.rip, self.guest.mode)}"
+        return f" at rip {regs.rip:#x}: {instruction_at(self.memory, sregs.cs.base + regs.rip, self.guest.mode)}"
 
     def _rip(self) -> int | None:
         try:
