@@ -30,7 +30,7 @@ from labkit.memory import GuestMemory
 from labkit.trace import ExitRecord, ExitTrace
 from labkit.vmm.bus import Bus, Buses, PortBus
 from labkit.vmm.devices import Console, DebugExit, HypercallPort, Uart16550
-from labkit.vmm.devices.spec import DeviceContext, DeviceSpec
+from labkit.vmm.devices.spec import DeviceContext, DeviceSpec, no_armed_lines
 from labkit.vmm.exit_handling import Action, Situation, decide
 from labkit.vmm.fault import FaultReporter
 from labkit.vmm.status import Origin, RunResult, Status, StatusKind
@@ -139,7 +139,7 @@ class MachineCore:
             self._add("pit", "pio", PIT_PORT, 4, self.pit)
         context = DeviceContext(memory=self.memory, regs=self.backend.get_regs,
                                 raise_irq=self.interrupts.raise_irq, lower_irq=self.interrupts.lower_irq,
-                                kick=self.kick)
+                                kick=self.kick, set_armed=getattr(self.interrupts, "set_armed", no_armed_lines))
         for spec in extra:
             if isinstance(spec, DeviceSpec):
                 device = spec.factory(context)
