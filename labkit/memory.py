@@ -7,7 +7,8 @@ it (a hypercall's buffer, a fault frame, a device's DMA, ``Machine.read_memory``
 goes through :class:`GuestMemory`, which checks that the whole range lies
 inside one region and raises :class:`labkit.errors.GuestMemoryError` naming the
 range otherwise.  The addresses come from the guest: treat them as hostile (the
-VENOM lesson); a range is never wrapped, clipped or split across regions.
+VENOM lesson); a range is never wrapped or split across regions, and only
+:meth:`GuestMemory.read_at_most` (instruction fetch) clips one where its region ends.
 
 Writes by the host go straight to the region's memory, read-only regions
 included (the host loads what the guest may only read); they are not in the
