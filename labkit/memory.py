@@ -7,7 +7,8 @@ it (a hypercall's buffer, a fault frame, a device's DMA, ``Machine.read_memory``
 goes through :class:`GuestMemory`, which checks that the whole range lies
 inside one region and raises :class:`labkit.errors.GuestMemoryError` naming the
 range otherwise.  The addresses come from the guest: treat them as hostile (the
-VENOM lesson); a range is never wrapped, clipped or split across regions.
+VENOM lesson); a range is never wrapped or split across regions, and only
+:meth:`GuestMemory.read_at_most` (instruction fetch) clips one where its region ends.
 
 Writes by the host go straight to the region's memory, read-only regions
 included (the host loads what the guest may only read); they are not in the
@@ -37,6 +38,12 @@ def regions_of(backend: HasRegions) -> Callable[[], Sequence[Region]]:
     return backend.regions
 
 
+def _whole(address: object, size: object) -> bool:
+    """Both are whole numbers (ints, not bools)."""
+    return (isinstance(address, int) and not isinstance(address, bool)
+            and isinstance(size, int) and not isinstance(size, bool))
+
+
 class GuestMemory:
     """Bounds-checked access to guest-physical memory made of regions.
 
@@ -59,8 +66,7 @@ class GuestMemory:
         return source() if callable(source) else source
 
     def _find(self, address: int, size: int) -> tuple[memoryview, int] | None:
-        if isinstance(address, bool) or not isinstance(address, int) or isinstance(size, bool) \
-                or not isinstance(size, int) or address < 0 or size < 0:
+        if not _whole(address, size) or address < 0 or size < 0:
             return None
         for base, view, _read_only in self.regions():
             if base <= address and address + size <= base + len(view):
@@ -80,6 +86,14 @@ class GuestMemory:
         return (f"guest-physical range [{address:#x}, {address + size:#x}) is not inside one memory region "
                 f"(regions: {spans or 'none'})")
 
+    @property
+    def ram_size(self) -> int:
+        """Bytes of RAM: the region at guest-physical 0 (0 if there is none)."""
+        for base, view, _read_only in self.regions():
+            if base == 0:
+                return len(view)
+        return 0
+
     def contains(self, address: int, size: int) -> bool:
         """Whether ``[address, address + size)`` lies inside one region."""
         return self._find(address, size) is not None
@@ -88,6 +102,20 @@ class GuestMemory:
         """A copy of ``size`` bytes at guest-physical ``address``."""
         view, offset = self._locate(address, size)
         return bytes(view[offset:offset + size])
+
+    def read_at_most(self, address: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``address``: fewer where its region ends, none when no region holds it.
+
+        For fetching an instruction (one near the end of RAM has fewer than 15
+        bytes after it); every other access wants :meth:`read`, which never clips.
+        """
+        if not _whole(address, size) or size < 0:
+            raise GuestMemoryError(self._describe(address, size))
+        for base, view, _read_only in self.regions():
+            if base <= address < base + len(view):
+                offset = address - base
+                return bytes(view[offset:offset + size])
+        return b""
 
     def write(self, address: int, data: bytes) -> None:
         """Store ``data`` at guest-physical ``address`` (not logged as dirty: the host wrote it)."""

@@ -63,9 +63,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from labkit.errors import ConfigError, LabkitError
+from labkit.memory import GuestMemory
 from labkit.monitor.translation_cache import (CACHE_SIZE, INDIRECT, SENSITIVE, Block, CacheFull, Site,
                                               TranslationCache)
 from labkit.monitor.vcpu import VirtualCpu
@@ -261,7 +262,7 @@ class BinaryTranslator:
                        f"first trap was {exception_name(trap.vector)} at rip {trap.regs.rip:#x}: run "
                        "BinaryTranslator.guest, not the kernel itself")
             return
-        ram = len(context.memory)
+        ram = context.memory.ram_size
         base = ram - self.cache_size
         lowest = max(self.kernel.end, layout.STACK_TOP)
         if base < lowest:
@@ -271,9 +272,8 @@ class BinaryTranslator:
         # A page at the bottom for each 2 MiB the region touches, should write_protect split it.
         tables = [base + layout.PAGE_SIZE * i for i in range(((ram - 1) >> 21) - (base >> 21) + 1)]
         start = base + layout.PAGE_SIZE * len(tables)
-        self.cache = TranslationCache(start, ram - start, self._reader(context), context.write,
-                                      self.translated, ram_size=ram,
-                                      returns=(self.kernel.load_address, len(self.kernel.code)))
+        self.cache = TranslationCache(start, ram - start, _KernelCode(context.memory, self.entry, self._entry_byte),
+                                      context.write, self.translated, returns=(self.kernel.load_address, len(self.kernel.code)))
         # Read-only for the kernel from here on.  No TLB holds these pages: the kernel has not
         # run yet (the monitor takes over at its first instruction) and nothing else touches them.
         edits = write_protect(lambda at: struct.unpack("<Q", context.read(at, 8))[0], base, ram,
@@ -425,16 +425,6 @@ class BinaryTranslator:
             context.write(regs.rsp, struct.pack("<Q", site.guest_next))
         return target
 
-    def _reader(self, context: MonitorContext) -> Callable[[int, int], bytes]:
-        entry, original = self.entry, self._entry_byte
-
-        def read(address: int, size: int) -> bytes:
-            data = context.read(address, size)
-            if address <= entry < address + size:  # the boot breakpoint hides the kernel's first byte
-                data = data[:entry - address] + original + data[entry - address + 1:]
-            return data
-        return read
-
     def _stop_cache_write(self, context: GuestContext, address: int, rip: int) -> None:
         base, end = self.cache_region
         self._stop(context, StatusKind.ERROR, f"the kernel wrote to {address:#x} at rip {rip:#x}, inside the translation "
@@ -447,6 +437,27 @@ class BinaryTranslator:
 
     def _count(self, reason: str) -> None:
         self.entries[reason] = self.entries.get(reason, 0) + 1
+
+
+class _KernelCode:
+    """Guest memory as the translator reads the kernel: the boot breakpoint shows as the kernel's own first byte."""
+
+    def __init__(self, memory: GuestMemory, entry: int, original: bytes):
+        self._memory = memory
+        self._entry = entry
+        self._original = original
+
+    def read(self, address: int, size: int) -> bytes:
+        return self._unhidden(address, self._memory.read(address, size))
+
+    def read_at_most(self, address: int, size: int) -> bytes:
+        return self._unhidden(address, self._memory.read_at_most(address, size))
+
+    def _unhidden(self, address: int, data: bytes) -> bytes:
+        entry = self._entry
+        if address <= entry < address + len(data):
+            data = data[:entry - address] + self._original + data[entry - address + 1:]
+        return data
 
 
 class _CacheWrite(Exception):

@@ -53,6 +53,7 @@ from typing import Any, Callable, Iterable
 from labkit.errors import ConfigError, LabkitError
 from labkit.x86.layout import PAGE_SIZE
 from labkit.x86.disasm import MAX_INSTRUCTION
+from labkit.x86.readable import Readable
 
 CsInsn = Any
 """A Capstone instruction (``capstone.CsInsn``, with detail); Capstone has no type hints."""
@@ -160,14 +161,16 @@ def exit_stub(address: int) -> bytes:
 class TranslationCache:
     """Translated blocks in guest RAM at ``[base, base + size)``, looked up by guest address.
 
-    ``read(address, size)`` and ``write(address, data)`` reach guest RAM;
+    ``memory`` reads guest memory (a :class:`~labkit.x86.readable.Readable`:
+    the machine's :class:`~labkit.memory.GuestMemory`, or the monitor's view of
+    it) and ``write(address, data)`` stores into it;
     ``sensitive`` is the set of mnemonics replaced by monitor entries (plus
     ``"cr"``/``"dr"`` for moves to and from control/debug registers).
     """
 
-    def __init__(self, base: int, size: int, read: Callable[[int, int], bytes],
+    def __init__(self, base: int, size: int, memory: Readable,
                  write: Callable[[int, bytes], None], sensitive: Iterable[str] = SENSITIVE | {"cr", "dr"},
-                 ram_size: int | None = None, returns: tuple[int, int] | None = None):
+                 returns: tuple[int, int] | None = None):
         import capstone
 
         if base < 0 or size <= EXIT_STUB_SIZE * 4:
@@ -192,9 +195,8 @@ class TranslationCache:
             self.writable_pages = (self._return_counter() & ~(PAGE_SIZE - 1),)
         self.code_start = base + self.used
         """Where translated code begins (after the return table)."""
-        self.read = read
+        self.memory = memory
         self.write = write
-        self.ram_size = ram_size if ram_size is not None else base + size
         self.sensitive = frozenset(sensitive)
         self.blocks: dict[int, Block] = {}
         """Guest start address -> translated block."""
@@ -352,7 +354,7 @@ class TranslationCache:
         """How many ``ret``s found their target in the return table without entering the monitor."""
         if self.returns is None:
             return 0
-        return struct.unpack("<Q", self.read(self._return_counter(), 8))[0]
+        return struct.unpack("<Q", self.memory.read(self._return_counter(), 8))[0]
 
     def _return_table(self) -> tuple[int, int, int]:
         if self.returns is None:
@@ -398,9 +400,8 @@ class TranslationCache:
         return pieces + miss
 
     def peek(self, address: int, size: int) -> bytes:
-        """Up to ``size`` bytes of guest memory at ``address`` (fewer at the end of RAM)."""
-        size = max(0, min(size, self.ram_size - address))
-        return self.read(address, size) if size else b""
+        """Up to ``size`` bytes of guest memory at ``address`` (fewer where guest memory ends)."""
+        return self.memory.read_at_most(address, size)
 
     def decode(self, address: int) -> CsInsn | None:
         """The Capstone instruction (with detail) at guest ``address``, or None if it does not decode."""

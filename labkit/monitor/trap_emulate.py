@@ -48,6 +48,7 @@ from labkit.vmm.forwarding import GuestContext, Trap
 from labkit.vmm.status import RunResult, Status, StatusKind, exception_name
 from labkit.x86 import layout
 from labkit.x86.arch import Vector
+from labkit.x86.disasm import MAX_INSTRUCTION
 
 if TYPE_CHECKING:
     from labkit.guest import Guest
@@ -208,8 +209,8 @@ class TrapAndEmulate:
 
     @staticmethod
     def _code(context: GuestContext, rip: int) -> bytes:
-        size = max(0, min(15, len(context.memory) - rip))
-        return context.read(rip, size) if size else b""
+        """The (up to 15) bytes of the instruction at ``rip``: fewer where guest memory ends."""
+        return context.memory.read_at_most(rip, MAX_INSTRUCTION)
 
 
 def _is_privileged(decoded: Decoded) -> bool:
@@ -255,12 +256,12 @@ def run_deprivileged(guest: Guest | str, backend: str = "auto", timeout: float =
 
 def _explain_shutdown(machine: Machine, result: RunResult) -> str:
     from labkit.kvm.system import kvm_flavour
-    from labkit.x86.disasm import instruction_at
+    from labkit.x86.disasm import instruction_text
 
     flavour = result.origin.flavour if result.origin is not None else kvm_flavour()  # where it ran
     rip = result.regs.rip
     try:
-        instruction = instruction_at(memoryview(machine.read_memory(0, rip + 15)), rip, 64)
+        instruction = instruction_text(machine.read_memory(rip, MAX_INSTRUCTION), rip, 64)
     except LabkitError:
         instruction = "?"
     traps = result.monitor.trap_count if isinstance(result.monitor, TrapEmulateReport) else 0

@@ -30,7 +30,7 @@ from labkit.memory import GuestMemory
 from labkit.trace import ExitRecord, ExitTrace
 from labkit.vmm.bus import Bus, Buses, PortBus
 from labkit.vmm.devices import Console, DebugExit, HypercallPort, Uart16550
-from labkit.vmm.devices.spec import DeviceContext, DeviceSpec
+from labkit.vmm.devices.spec import DeviceContext, DeviceSpec, no_armed_lines
 from labkit.vmm.exit_handling import Action, Situation, decide
 from labkit.vmm.fault import FaultReporter
 from labkit.vmm.status import Origin, RunResult, Status, StatusKind
@@ -145,7 +145,7 @@ class MachineCore:
             self._add("pit", "pio", PIT_PORT, 4, self.pit)
         context = DeviceContext(memory=self.memory, regs=self.backend.get_regs,
                                 raise_irq=self.interrupts.raise_irq, lower_irq=self.interrupts.lower_irq,
-                                kick=self.kick)
+                                kick=self.kick, set_armed=getattr(self.interrupts, "set_armed", no_armed_lines))
         for spec in extra:
             if isinstance(spec, DeviceSpec):
                 device = spec.factory(context)
@@ -161,8 +161,8 @@ class MachineCore:
 
         if self.guest.mode != 64:
             raise ConfigError("a monitor runs long-mode (64-bit) guests")
-        forwarding.install(self.backend.memory, boot.sregs.idt.base)
-        context = forwarding.MonitorContext(self.backend.memory, self._monitor_pio, self._stopped_with)
+        forwarding.install(self.memory, boot.sregs.idt.base)
+        context = forwarding.MonitorContext(self.memory, self._monitor_pio, self._stopped_with)
         self.trap_port = forwarding.TrapPort(monitor, self.backend, context)
         self._add("monitor", "pio", layout.TRAP_PORT, 1, self.trap_port)
 
@@ -373,7 +373,7 @@ class MachineCore:
             regs, sregs = self.backend.get_regs(), self.backend.get_sregs()
         except LabkitError:
             return ""
-        return f" at rip {regs.rip:#x}: {instruction_at(self.backend.memory, sregs.cs.base + regs.rip, self.guest.mode)}"
+        return f" at rip {regs.rip:#x}: {instruction_at(self.memory, sregs.cs.base + regs.rip, self.guest.mode)}"
 
     def _rip(self) -> int | None:
         try:

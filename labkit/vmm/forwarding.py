@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from labkit.backend import Backend
-from labkit.errors import ConfigError
+from labkit.errors import ConfigError, GuestMemoryError
+from labkit.memory import GuestMemory
 from labkit.vmm.status import Status, StatusKind
 from labkit.x86 import layout
 from labkit.x86.arch import SELECTOR_RPL, Vector
@@ -86,17 +87,20 @@ def common_routine() -> bytes:
             + b"\x48\xcf")  # iretq
 
 
-def install(memory: memoryview, idt_base: int) -> None:
-    """Write the stubs and point IDT gates 0-31 (64-bit, at ``idt_base``) at them, keeping each gate's DPL."""
+def install(memory: GuestMemory, idt_base: int) -> None:
+    """Write the stubs and point IDT gates 0-31 (64-bit, at ``idt_base``) at them, keeping each gate's DPL.
+
+    ``GuestMemoryError`` if the stubs or the IDT do not lie in guest memory.
+    """
     image = b"".join(stub(vector) for vector in range(FORWARDED_VECTORS)) + common_routine()
     start = layout.FORWARDING_STUBS
-    memory[start:start + len(image)] = image
+    memory.write(start, image)
     for vector in range(FORWARDED_VECTORS):
         at = idt_base + 16 * vector
-        gate = decode_gate64(bytes(memory[at:at + 16]))
-        memory[at:at + 16] = encode_gate64(
+        gate = decode_gate64(memory.read(at, 16))
+        memory.write(at, encode_gate64(
             type(gate)(offset=start + vector * STUB_SIZE, selector=gate.selector, type=gate.type,
-                       dpl=gate.dpl, present=gate.present, ist=gate.ist))
+                       dpl=gate.dpl, present=gate.present, ist=gate.ist)))
 
 
 @dataclass
@@ -123,9 +127,10 @@ class Trap:
 class MonitorContext:
     """What a monitor may touch: guest RAM, the machine's devices, the console, and the run's end."""
 
-    def __init__(self, memory: memoryview, pio: Callable[[int, int, bool, int], int],
+    def __init__(self, memory: GuestMemory, pio: Callable[[int, int, bool, int], int],
                  stop: Callable[[Status, Regs | None], None]):
         self.memory = memory
+        """Guest memory (the machine's :class:`GuestMemory`)."""
         self._pio = pio
         self._stop = stop
         self.trap: Trap | None = None
@@ -140,21 +145,18 @@ class MonitorContext:
         self._stop(status, self.trap.regs if self.trap is not None else None)
 
     def read(self, address: int, size: int) -> bytes:
-        """Guest-physical memory; ``ConfigError`` outside RAM."""
-        if address < 0 or size < 0 or address + size > len(self.memory):
-            raise ConfigError(f"[{address:#x}, {address + size:#x}) is outside guest RAM")
-        return bytes(self.memory[address:address + size])
+        """Guest-physical memory; ``GuestMemoryError`` naming the range outside it."""
+        return self.memory.read(address, size)
 
     def write(self, address: int, data: bytes) -> None:
-        if address < 0 or address + len(data) > len(self.memory):
-            raise ConfigError(f"[{address:#x}, {address + len(data):#x}) is outside guest RAM")
-        self.memory[address:address + len(data)] = data
+        """Store ``data`` in guest-physical memory; ``GuestMemoryError`` naming the range outside it."""
+        self.memory.write(address, data)
 
 
 class GuestContext(Protocol):
     """What the virtual CPU's emulation uses of a :class:`MonitorContext` (a monitor may wrap one)."""
 
-    memory: memoryview
+    memory: GuestMemory
 
     @property
     def trap(self) -> Trap | None: ...
@@ -189,12 +191,13 @@ class TrapPort:
 
     def write(self, offset: int, size: int, value: int) -> None:
         regs = self.backend.get_regs()
-        memory = self.backend.memory
         base = regs.rsp
-        if not 0 <= base <= len(memory) - FRAME.size:
+        try:
+            frame = self.context.memory.view(base, FRAME.size)
+        except GuestMemoryError:
             self.context.stop(Status(StatusKind.ERROR, message=f"trap frame at {base:#x} lies outside guest RAM"))
             return
-        words = FRAME.unpack_from(memory, base)
+        words = FRAME.unpack_from(frame)
         saved = dict(zip(reversed(PUSHED), words))
         vector, error_code, rip, cs, rflags, rsp, ss = words[len(PUSHED):]
         trap = Trap(vector, error_code, Regs(**saved, rip=rip, rflags=rflags, rsp=rsp), cs, ss,
@@ -203,7 +206,7 @@ class TrapPort:
         self.context.trap = trap
         self.monitor.on_trap(trap, self.context)
         out = trap.regs
-        FRAME.pack_into(memory, base, *(getattr(out, name) & 0xFFFF_FFFF_FFFF_FFFF for name in reversed(PUSHED)),
+        FRAME.pack_into(frame, 0, *(getattr(out, name) & 0xFFFF_FFFF_FFFF_FFFF for name in reversed(PUSHED)),
                         vector, error_code, out.rip, trap.cs, out.rflags, out.rsp, trap.ss)
 
     def read(self, offset: int, size: int) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+from labkit.x86.readable import Readable
+
 MAX_INSTRUCTION = 15
 """The longest x86 instruction, in bytes (Intel SDM vol. 2, 2.3.11)."""
 
@@ -25,11 +27,20 @@ def disassemble(code: bytes, address: int, mode: int, count: int = 0) -> list[tu
     ]
 
 
-def instruction_at(memory: memoryview, address: int, mode: int) -> str:
-    """``"fsave [rax]"`` for the instruction at guest-physical ``address``, or a hex dump if it does not decode."""
-    if not 0 <= address < len(memory):
+def instruction_at(memory: Readable, address: int, mode: int) -> str:
+    """``"fsave [rax]"`` for the instruction at guest-physical ``address``, or a hex dump if it does not decode.
+
+    ``memory`` is the guest's (a :class:`labkit.memory.GuestMemory`): the bytes
+    are fetched through it, fewer than 15 where guest memory ends.
+    """
+    code = memory.read_at_most(address, MAX_INSTRUCTION)
+    if not code:
         return f"(rip {address:#x} is outside guest RAM)"
-    code = bytes(memory[address:address + MAX_INSTRUCTION])
+    return instruction_text(code, address, mode)
+
+
+def instruction_text(code: bytes, address: int, mode: int) -> str:
+    """``"fsave [rax]"`` for the first instruction of ``code`` (at ``address``), or a hex dump if it does not decode."""
     decoded = disassemble(code, address, mode, count=1)
     if not decoded:
         return f"(undecodable bytes {code[:8].hex(' ')})"

@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Iterable, Union
 
-from labkit.errors import ConfigError
+from labkit.errors import ConfigError, GuestMemoryError
 from labkit.x86 import layout
 from labkit.x86.arch import PF_FETCH, PF_PRESENT, PF_RESERVED, PF_USER, PF_WRITE  # noqa: F401 (re-exported)
 from labkit.x86.arch import PTE_ACCESSED as ACCESSED  # the page-table bits, by their short names here
@@ -33,6 +33,7 @@ from labkit.x86.arch import PTE_PRESENT as PRESENT
 from labkit.x86.arch import PTE_USER as USER
 from labkit.x86.arch import PTE_WRITABLE as WRITABLE
 from labkit.x86.arch import PTE_WRITE_THROUGH as WRITE_THROUGH
+from labkit.x86.readable import Readable
 
 
 ENTRIES = 512
@@ -145,7 +146,7 @@ class PageFault:
     vector = 14
 
 
-Reader = Union[bytes, bytearray, memoryview, Callable[[int], int]]
+Reader = Union[Readable, Callable[[int], int]]
 
 
 def translate(
@@ -160,8 +161,10 @@ def translate(
 ) -> Translation | PageFault:
     """Walk the 4-level tables for ``address`` as the CPU would (no NX, no SMEP/SMAP).
 
-    ``memory`` is guest RAM (index = guest-physical address) or a function that
-    reads the 8-byte entry at a physical address.  ``write_protect`` is CR0.WP:
+    ``memory`` is guest memory (a :class:`~labkit.x86.readable.Readable` such as
+    :class:`labkit.memory.GuestMemory`) or a function that reads the 8-byte
+    entry at a physical address.  An entry outside guest memory raises
+    :class:`GuestMemoryError` naming it.  ``write_protect`` is CR0.WP:
     with it, ring 0 also faults writing a read-only page.  A non-canonical
     address raises #GP on a CPU, not #PF: it is a ``ConfigError`` here.
     """
@@ -196,11 +199,12 @@ def _non_canonical(address: int) -> bool:
     return top not in (0, (1 << 17) - 1)
 
 
-def _reader(memory: bytes | bytearray | memoryview) -> Callable[[int], int]:
+def _reader(memory: Readable) -> Callable[[int], int]:
     def read(physical: int) -> int:
-        if physical + 8 > len(memory):
-            raise ConfigError(f"page-table entry at {physical:#x} lies outside guest RAM")
-        return _ENTRY.unpack_from(memory, physical)[0]
+        try:
+            return int.from_bytes(memory.read(physical, 8), "little")
+        except GuestMemoryError as error:
+            raise GuestMemoryError(f"page-table entry at {physical:#x} lies outside guest memory: {error}") from None
 
     return read
 

@@ -126,11 +126,16 @@ def test_a_kvm_shutdown_at_port_io_is_explained():
     from labkit.vmm.status import Origin
     from labkit.x86.state import Regs
 
-    class Stopped:
+    from labkit.memory import GuestMemory
+
+    class Stopped:  # a Machine that stopped with RIP at an `in`
+        def __init__(self):
+            ram = bytearray(0x10000)
+            ram[0x8010] = 0xEC  # in al, dx
+            self.memory = GuestMemory([(0, memoryview(ram), False)])
+
         def read_memory(self, address, size):
-            memory = bytearray(size)
-            memory[0x8010] = 0xEC  # in al, dx
-            return bytes(memory)
+            return self.memory.read(address, size)
 
     report = TrapAndEmulate().summary()
     report.traps[13] = 4
@@ -139,3 +144,5 @@ def test_a_kvm_shutdown_at_port_io_is_explained():
     text = _explain_shutdown(Stopped(), result)
     assert "'in al, dx' at RIP 0x8010 into a triple fault instead of a #GP" in text and "after 4 trap(s)" in text
     assert "kvm_intel" in text  # where the run happened, not this host's KVM
+    outside = SimpleNamespace(regs=Regs(rip=0x10000), monitor=report, origin=origin)
+    assert _explain_shutdown(Stopped(), outside) == "the guest shut down (triple fault) at RIP 0x10000 (?) under KVM (kvm_intel)"

@@ -8,6 +8,7 @@ import pytest
 
 from labkit import assemble
 from labkit.errors import ConfigError
+from labkit.memory import GuestMemory
 from labkit.monitor.binary_translation import TRANSLATABLE, BinaryTranslator
 from labkit.monitor.translation_cache import EXIT_STUB_SIZE, SENSITIVE, CacheFull, TranslationCache
 from labkit.x86.disasm import disassemble
@@ -24,11 +25,8 @@ def cache_for(source: str, *, sensitive=TRANSLATABLE, size=0x40000, returns=None
     ram = bytearray(RAM)
     ram[LOAD:LOAD + len(code)] = code
 
-    def write(address, data):
-        ram[address:address + len(data)] = data
-
-    cache = TranslationCache(BASE, size, lambda address, size: bytes(ram[address:address + size]), write,
-                             sensitive, ram_size=RAM, returns=returns)
+    memory = GuestMemory([(0, memoryview(ram), False)])
+    cache = TranslationCache(BASE, size, memory, memory.write, sensitive, returns=returns)
     return cache, ram
 
 

@@ -6,6 +6,7 @@ import struct
 
 import pytest
 
+from labkit.memory import GuestMemory
 from labkit.vmm.forwarding import MonitorContext, Trap
 from labkit.monitor.vcpu import (VirtualCpu, VirtualTripleFault, decode, deliver_pending, emulate, reflect,
                                  write_register)
@@ -32,7 +33,7 @@ def machine(code: bytes, **regs):
     memory = memoryview(bytearray(0x10000))
     memory[RIP:RIP + len(code)] = code
     ports, stops = Ports(), []
-    context = MonitorContext(memory, ports, lambda status, regs: stops.append(status))
+    context = MonitorContext(GuestMemory([(0, memory, False)]), ports, lambda status, regs: stops.append(status))
     trap = Trap(13, 0, Regs(rip=RIP, rsp=STACK, rflags=0x202, **regs), cs=0x2B, ss=0x23)
     context.trap = trap
     return trap, context, ports

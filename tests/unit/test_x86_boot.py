@@ -9,6 +9,7 @@ import capstone
 import pytest
 
 from labkit.errors import ConfigError
+from labkit.memory import GuestMemory
 from labkit.x86 import boot, gdt, idt, layout, paging
 
 pytestmark = pytest.mark.unit
@@ -191,7 +192,7 @@ def test_long_mode_msrs_and_identity_map():
     assert (star >> 48) + 16 | 3 == layout.USER_CS64 and (star >> 48) + 8 | 3 == layout.USER_DS
     assert state.msrs[boot.MSR_LSTAR] == boot.service_entry(64, "syscall")
     ram = _image(state)
-    assert paging.translate(ram, 0x8000, cr3=state.sregs.cr3).physical == 0x8000
+    assert paging.translate(GuestMemory([(0, memoryview(ram), False)]), 0x8000, cr3=state.sregs.cr3).physical == 0x8000
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import struct
 import pytest
 
 from labkit.errors import ConfigError
+from labkit.memory import GuestMemory
 from labkit.x86 import gdt, idt, layout, paging, tss
 from labkit.x86.state import Segment
 
@@ -148,6 +149,10 @@ def test_tss32_round_trip_and_offsets():
     assert tss.decode_tss32(tss.build_tss32(custom)) == custom
 
 
+def _memory(ram: bytearray) -> GuestMemory:
+    return GuestMemory([(0, memoryview(ram), False)])
+
+
 def _ram_with_tables(size: int = 0x10000) -> bytearray:
     ram = bytearray(size)
     for address, table in paging.build_page_tables():
@@ -157,7 +162,7 @@ def _ram_with_tables(size: int = 0x10000) -> bytearray:
 
 @pytest.mark.parametrize("address", [0, 0x8123, 0x1FFFFF, 0x200000, 0x12345678, layout.MAPPED_LIMIT - 1])
 def test_identity_map(address):
-    result = paging.translate(_ram_with_tables(), address, write=True, user=True)
+    result = paging.translate(_memory(_ram_with_tables()), address, write=True, user=True)
     assert isinstance(result, paging.Translation)
     assert result.physical == address
     assert result.flags & (paging.PRESENT | paging.WRITABLE | paging.USER) == 7
@@ -171,7 +176,7 @@ def test_page_tables_are_where_layout_says():
 
 
 def test_beyond_mapped_limit_is_a_not_present_fault():
-    fault = paging.translate(_ram_with_tables(), layout.MAPPED_LIMIT, write=True, user=True)
+    fault = paging.translate(_memory(_ram_with_tables()), layout.MAPPED_LIMIT, write=True, user=True)
     assert fault == paging.PageFault(layout.MAPPED_LIMIT, paging.PF_WRITE | paging.PF_USER, "PDPT")
 
 
@@ -180,13 +185,13 @@ def test_flipping_us_and_rw_in_the_pt():
     entry_address = paging.pt_entry_address(0x9000)
     (entry,) = struct.unpack_from("<Q", ram, entry_address)
     struct.pack_into("<Q", ram, entry_address, entry & ~(paging.USER | paging.WRITABLE))
-    fault = paging.translate(ram, 0x9010, user=True)
+    fault = paging.translate(_memory(ram), 0x9010, user=True)
     assert fault == paging.PageFault(0x9010, paging.PF_PRESENT | paging.PF_USER, "PT")
-    assert isinstance(paging.translate(ram, 0x9010), paging.Translation)  # ring 0 may read
-    fault = paging.translate(ram, 0x9010, write=True)  # CR0.WP=1: ring 0 may not write
+    assert isinstance(paging.translate(_memory(ram), 0x9010), paging.Translation)  # ring 0 may read
+    fault = paging.translate(_memory(ram), 0x9010, write=True)  # CR0.WP=1: ring 0 may not write
     assert fault.error_code == paging.PF_PRESENT | paging.PF_WRITE
-    assert isinstance(paging.translate(ram, 0x9010, write=True, write_protect=False), paging.Translation)
-    assert isinstance(paging.translate(ram, 0xA000, write=True, user=True), paging.Translation)
+    assert isinstance(paging.translate(_memory(ram), 0x9010, write=True, write_protect=False), paging.Translation)
+    assert isinstance(paging.translate(_memory(ram), 0xA000, write=True, user=True), paging.Translation)
 
 
 def _apply(ram: bytearray, edits) -> None:
@@ -209,9 +214,9 @@ def test_write_protect_makes_exactly_the_range_read_only_and_keeps_the_map(start
     _apply(ram, edits)
     for page in range(start - 0x4000, end + 0x4000, 0x1000):
         for address in (page, page + 0xFF8):
-            read = paging.translate(ram, address, user=True)
+            read = paging.translate(_memory(ram), address, user=True)
             assert isinstance(read, paging.Translation) and read.physical == address  # still identity-mapped
-            write = paging.translate(ram, address, write=True, user=True)
+            write = paging.translate(_memory(ram), address, write=True, user=True)
             if start <= page < end and page != keep:
                 assert write == paging.PageFault(address, paging.PF_PRESENT | paging.PF_WRITE | paging.PF_USER, "PT")
             else:
@@ -229,13 +234,13 @@ def test_write_protect_needs_a_spare_table_to_split_a_2m_page():
 def test_not_present_pt_entry():
     ram = _ram_with_tables()
     struct.pack_into("<Q", ram, paging.pt_entry_address(0), 0)
-    fault = paging.translate(ram, 0x10, fetch=True)
+    fault = paging.translate(_memory(ram), 0x10, fetch=True)
     assert fault == paging.PageFault(0x10, paging.PF_FETCH, "PT")
 
 
 def test_translate_rejects_non_canonical_addresses():
     with pytest.raises(ConfigError):
-        paging.translate(_ram_with_tables(), 0x0000_8000_0000_0000)
+        paging.translate(_memory(_ram_with_tables()), 0x0000_8000_0000_0000)
 
 
 def test_build_page_tables_checks_its_limit():

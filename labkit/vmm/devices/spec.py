@@ -24,6 +24,11 @@ from labkit.x86.state import Regs
 BUSES = ("pio", "mmio")
 
 
+def no_armed_lines(line: int, armed: bool) -> None:
+    """``set_armed`` of a machine whose interrupt controller has none (a test's stand-in)."""
+    raise ConfigError(f"this machine's interrupt controller cannot arm line {line}: it has no set_armed")
+
+
 @dataclass(frozen=True)
 class DeviceContext:
     """What a device may use: guest memory, the vCPU's registers, interrupt lines, and a kick.
@@ -31,7 +36,11 @@ class DeviceContext:
     ``raise_irq``/``lower_irq`` drive a line of the machine's interrupt
     controller and may be called from any thread; ``kick`` makes a running guest
     leave the CPU at the next instruction boundary (so a line raised from
-    another thread is seen at once).
+    another thread is seen at once).  ``set_armed(line, armed)`` says whether
+    the device may still raise ``line`` by itself (a programmed timer, a
+    request in flight): while an armed line can reach the CPU, a guest's HLT
+    with IF = 1 waits for the interrupt instead of ending the run as halted
+    (:meth:`labkit.vmm.interrupts.InterruptController.set_armed`).
     """
 
     memory: GuestMemory
@@ -39,6 +48,7 @@ class DeviceContext:
     raise_irq: Callable[[int], bool]
     lower_irq: Callable[[int], None]
     kick: Callable[[], None]
+    set_armed: Callable[[int, bool], None] = no_armed_lines
 
 
 @runtime_checkable
