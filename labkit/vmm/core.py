@@ -18,7 +18,7 @@ stopped; a run that ended any other way is over.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -63,6 +63,28 @@ class StepResult:
 
     records: tuple[ExitRecord, ...]
     status: Status
+
+
+@dataclass(frozen=True)
+class ResultUpdate:
+    """A :class:`RunResult` without what the receiver already has: the trace records and console bytes
+    past the counts it sent (:meth:`MachineCore.result_update`).  A worker sends this, not the whole
+    trace, after every run, so a run's cost does not grow with everything the guest did before."""
+
+    result: RunResult
+    """The result with an empty trace and console."""
+    new_records: list[tuple]
+    overflow_counts: dict[int, int]
+    overflow_host_ns: dict[int, int]
+    console_tail: bytes
+
+    def apply(self, trace: ExitTrace, console: bytearray) -> RunResult:
+        """Bring the receiver's ``trace`` and ``console`` up to date and return the whole result."""
+        trace.records.extend(self.new_records)
+        trace.overflow_counts = dict(self.overflow_counts)
+        trace.overflow_host_ns = dict(self.overflow_host_ns)
+        console += self.console_tail
+        return replace(self.result, trace=trace, console=console.decode("utf-8", errors="replace"))
 
 
 class MachineCore:
@@ -293,6 +315,20 @@ class MachineCore:
         started = time.perf_counter()
         self._run(timeout, single_exit, timeout)
         return self.result(time.perf_counter() - started)
+
+    def run_update(self, timeout: float, records_seen: int, console_seen: int) -> ResultUpdate:
+        """:meth:`run`, returning only what the caller does not have yet (see :class:`ResultUpdate`)."""
+        started = time.perf_counter()
+        self._run(timeout, False, timeout)
+        return self.result_update(records_seen, console_seen, time.perf_counter() - started)
+
+    def result_update(self, records_seen: int, console_seen: int, elapsed_s: float = 0.0) -> ResultUpdate:
+        """The current result as a :class:`ResultUpdate` for a caller holding ``records_seen`` trace
+        records and ``console_seen`` console bytes."""
+        whole = self.result(elapsed_s)
+        return ResultUpdate(replace(whole, trace=ExitTrace(0), console=""),
+                            self.trace.records[records_seen:], self.trace.overflow_counts,
+                            self.trace.overflow_host_ns, bytes(self.console.output[console_seen:]))
 
     def step(self, timeout: float, budget: float | None = None) -> StepResult:
         """Run to the next exit(s); return only the exits recorded by this step, and the status.

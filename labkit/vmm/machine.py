@@ -98,6 +98,9 @@ class Machine:
                 prepare()
             self._worker: Worker | None = Worker(make_core)
             self._core: MachineCore | None = None
+            # The caller's copy of the worker's trace and console: each run sends only what is new.
+            self._trace = ExitTrace() if trace_limit is None else ExitTrace(trace_limit)
+            self._console = bytearray()
             self._finalizer = weakref.finalize(self, self._worker.close)
         else:
             self._worker = None
@@ -125,7 +128,12 @@ class Machine:
         """
         timeout = check_timeout(timeout)
         try:
-            result = self._call("run", timeout, False, timeout=timeout + GRACE_S)
+            if self._worker is None:
+                result = self._call("run", timeout, False)
+            else:
+                update = self._call("run_update", timeout, len(self._trace.records), len(self._console),
+                                    timeout=timeout + GRACE_S)
+                result = update.apply(self._trace, self._console)
         except WorkerDied as died:
             result = self._lost(str(died))
         self._last = result
@@ -154,7 +162,11 @@ class Machine:
         finally:  # also when the caller stops iterating early: last_result is the state then
             if self._worker is None or self._worker.alive:
                 try:
-                    self._last = self._call("result")
+                    if self._worker is None:
+                        self._last = self._call("result")
+                    else:
+                        update = self._call("result_update", len(self._trace.records), len(self._console))
+                        self._last = update.apply(self._trace, self._console)
                 except WorkerDied as died:
                     self._last = self._lost(str(died))
         self._raise_for_device(status)

@@ -116,3 +116,27 @@ def test_a_timed_out_guest_continues_with_another_run(backend_name):
         second = machine.run(timeout=0.2)
         assert second.status.kind is StatusKind.TIMEOUT
         assert [record.reason for record in second.trace].count("TIMEOUT") == 2
+
+
+def test_each_run_moves_only_what_is_new_yet_the_result_is_whole(backend_name):
+    """The emulator's worker sends each run's new trace records and console bytes only; the result
+    the caller gets still holds the whole trace and console, as an uninterrupted run's does."""
+    def keys(result):
+        return [(record.reason, record.rip, record.address, record.data) for record in result.trace]
+
+    with machine_for("hello64", backend_name) as machine:
+        reference = machine.run(timeout=10)
+    with machine_for("hello64", backend_name) as machine:
+        stepped = machine.steps(timeout=10)
+        for _ in range(3):
+            next(stepped)
+        stepped.close()
+        assert len(machine.last_result.trace) >= 3
+        assert reference.console.startswith(machine.last_result.console)
+        machine.pause()
+        assert machine.run(timeout=10).status.kind is StatusKind.PAUSED
+        result = machine.run(timeout=10)
+    assert result.status.kind is StatusKind.HALTED
+    assert result.console == reference.console
+    assert keys(result) == keys(reference)
+    assert result.trace.by_reason() == reference.trace.by_reason()
