@@ -16,6 +16,9 @@
  * function pointer.  struct trap_replay is mirrored by a ctypes Structure in
  * labkit/emu/native.py; trap_replay_layout() lets a test compare the two.
  *
+ * The same library holds the stop gate (stop_gate_hook, below): the
+ * UC_HOOK_BLOCK callback through which stops from outside the guest are taken.
+ *
  * Built by labkit/emu/native.py with the system C compiler (cc -O2 -shared).
  */
 
@@ -146,6 +149,47 @@ void trap_replay_hook(void *uc, uint32_t vector, void *user_data)
     }
     t->passed_on++;
     t->slow(uc, vector, user_data);
+}
+
+/*
+ * Stop gate.  Unicorn 2.1.4 honours a uc_emu_stop (QEMU's cpu_exit: icount_decr
+ * goes negative) at the start of each translated block and also after every
+ * guest load and store (check_exit_request, qemu/tcg/tcg-op.c), where
+ * cpu_loop_exit_restore puts RIP back to the start of the instruction even when
+ * its store has landed: a stop from another thread could run `inc [m]` twice.
+ * So other threads never call uc_emu_stop; they set `requested`, and this hook,
+ * which Unicorn calls before a block's own exit check (qemu/accel/tcg/translator.c:
+ * the block hook is generated before gen_tb_start), calls uc_emu_stop there: the
+ * stop is taken at that block boundary, an instruction boundary, every time.
+ * `requested` stays set until the run loop clears it, so a request that lands
+ * before uc_emu_start (which clears Unicorn's own stop_request) is not lost.
+ */
+typedef int (*emu_stop_fn)(void *uc);
+
+struct stop_gate {
+    int32_t requested;       /* a kick, pause or deadline: stop at the next block boundary (any thread) */
+    int32_t held;            /* the run loop runs one instruction alone: let it finish */
+    emu_stop_fn emu_stop;    /* uc_emu_stop */
+    uint64_t stops;          /* stops taken here */
+};
+
+/* The UC_HOOK_BLOCK callback; user_data is the struct stop_gate. */
+void stop_gate_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    struct stop_gate *g = user_data;
+    (void)address;
+    (void)size;
+    if (__atomic_load_n(&g->requested, __ATOMIC_ACQUIRE) && !g->held) {
+        g->stops++;
+        g->emu_stop(uc);
+    }
+}
+
+/* sizeof struct stop_gate and offsetof stops, for the test that compares them with the ctypes mirror. */
+void stop_gate_layout(uint64_t out[2])
+{
+    out[0] = sizeof(struct stop_gate);
+    out[1] = offsetof(struct stop_gate, stops);
 }
 
 /* Sizes and offsets, for the test that compares them with the ctypes mirror. */

@@ -80,6 +80,7 @@ What the emulator cannot show: real exit latency.  Its timings are Python's.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import threading
@@ -191,12 +192,10 @@ class _Engine:
         self.rom_writes: list[_MmioStop] = []
         self.replay: NativeTrapReplay | None = None
         self.halted = HaltedFlag(self.uc, self.cpu.address)
-        # kick(): set from any thread under kick_lock; see EmuBackend.kick.
+        # kick() and the deadline: set from any thread under kick_lock, taken through the stop gate.
         self.kick_lock = threading.Lock()
         self.alive = True
         self.kicked = False
-        self.running = False
-        self.kick_token: int | None = None
         # External interrupts: whether this run's dispatcher has the interrupt members, and the
         # UC_HOOK_BLOCK that watches for IF = 1 while an interrupt waits (installed only then).
         self.irq = False
@@ -204,6 +203,7 @@ class _Engine:
         self.window_open = False
         self.intercepted: tuple[int, int] | None = None
         self.callbacks = self._install_hooks()
+        self.gate = _StopGate(self.handle, load_native())
         self.intercepts = Intercepts(self.uc, self.cpu)
 
     def read_eflags(self) -> int:
@@ -577,14 +577,12 @@ class _Engine:
     # --- kicks and external interrupts --------------------------------------------------------------
 
     def take_kick(self) -> bool:
-        """In the run loop: whether a kick is pending; consumes it and stops its repeated uc_emu_stop."""
+        """In the run loop: whether a kick is pending; consumes it (the gate stays shut for a deadline)."""
         if not self.kicked:
             return False
         with self.kick_lock:
             self.kicked = False
-            token, self.kick_token = self.kick_token, None
-        if token is not None:
-            WATCHDOG.disarm(token)
+            self.gate.request(self.timed_out)
         return True
 
     def can_take_interrupt(self) -> bool:
@@ -647,10 +645,7 @@ class _Engine:
         if self.uc is None:
             return
         with self.kick_lock:
-            token, self.kick_token = self.kick_token, None
             self.alive = False
-        if token is not None:
-            WATCHDOG.disarm(token)
         self.delivery.release()
         self.cpu.release()
         release = getattr(self.uc, "_Uc__finalizer")  # the binding's weakref.finalize: uc_close, exactly once
@@ -693,24 +688,87 @@ class _MmioStop(tuple):
         return super().__new__(cls, (address, size, is_write, value))
 
 
-_STOP_AGAIN_S = 0.01
-"""After the deadline the watchdog stops the engine again this often, until the run returns."""
-
-
 def _time_out(engine) -> None:
-    """The watchdog's action at a run's deadline (from its own thread, as Unicorn's timeout thread would)."""
-    engine.timed_out = True
-    _lib.uc_emu_stop(engine.handle)
+    """The watchdog's action at a run's deadline (from its own thread): stop at the next block boundary."""
+    with engine.kick_lock:
+        if engine.alive:
+            engine.timed_out = True
+            engine.gate.request(True)
 
 
-_KICK_AGAIN_S = 0.002
-"""After a kick during a run, the watchdog stops the engine again this often until the run loop sees it."""
+class _StopGateState(ctypes.Structure):
+    """``struct stop_gate`` of trap_replay.c."""
+
+    _fields_ = [("requested", ctypes.c_int32), ("held", ctypes.c_int32), ("emu_stop", _c_void_p),
+                ("stops", ctypes.c_uint64)]
 
 
-def _kick_again(engine) -> None:
-    """The watchdog's repeat of a kick: a uc_emu_stop that landed just before uc_emu_start is lost there."""
-    if engine.kicked:
-        _lib.uc_emu_stop(engine.handle)
+class _StopGate:
+    """Where stops from outside the guest (kick, pause, the deadline) are taken: block boundaries only.
+
+    Unicorn 2.1.4 honours ``uc_emu_stop`` (QEMU's ``cpu_exit``) at the start of
+    each translated block and also after every guest load and store
+    (``check_exit_request``, qemu/tcg/tcg-op.c), where ``cpu_loop_exit_restore``
+    puts RIP back to the start of the instruction even when its store has
+    landed: a stop from another thread between the store of ``inc [m]`` and
+    that check ran it twice.  So no other thread calls ``uc_emu_stop``.  It
+    sets ``requested``; a UC_HOOK_BLOCK installed for the engine's whole life,
+    which Unicorn calls before the block's own exit check (the block hook is
+    generated before ``gen_tb_start``, qemu/accel/tcg/translator.c), calls
+    ``uc_emu_stop`` there, and the block-start check takes the stop before the
+    block's first instruction.  ``rep`` string instructions loop through their
+    block, so they stop between iterations, as an interrupt on hardware.
+    ``requested`` stays set until the run loop clears it, so a request that
+    lands before ``uc_emu_start`` (which clears Unicorn's own stop request) is
+    not lost.  The hook is ``stop_gate_hook`` of the C library
+    (:mod:`labkit.emu.native`); where that is not built, the same check in
+    Python (same stops, every block slower).
+    """
+
+    def __init__(self, handle, library: ctypes.CDLL | None):
+        self.state = _StopGateState(emu_stop=ctypes.cast(_lib.uc_emu_stop, _c_void_p).value)
+        self.handle = handle
+        self.native = library is not None
+        if library is not None:
+            out = (ctypes.c_uint64 * 2)()
+            library.stop_gate_layout(ctypes.byref(out))
+            if tuple(out) != (ctypes.sizeof(_StopGateState), _StopGateState.stops.offset):
+                raise EmulatorError("labkit's C library and labkit.emu.unicorn_backend disagree on struct "
+                                    "stop_gate's layout (a stale build?)")
+            self.callback: Any = ctypes.cast(library.stop_gate_hook, _c_void_p)
+            user_data = _c_void_p(ctypes.addressof(self.state))
+        else:
+            state = self.state
+
+            def on_block(uc, _address, _size, _user):
+                if state.requested and not state.held:
+                    state.stops += 1
+                    _lib.uc_emu_stop(uc)
+
+            self.python_callback = HOOK_BLOCK(on_block)
+            self.callback = ctypes.cast(self.python_callback, _c_void_p)
+            user_data = _c_void_p(None)
+        hook = ctypes.c_size_t()
+        _check(_lib.uc_hook_add(handle, ctypes.byref(hook), _i32(UC.UC_HOOK_BLOCK), self.callback, user_data,
+                                _u64(1), _u64(0)), "uc_hook_add (UC_HOOK_BLOCK, the stop gate)")
+
+    def request(self, on: bool) -> None:
+        """Ask for (or withdraw) a stop at the next block boundary; any thread (callers hold kick_lock)."""
+        self.state.requested = int(on)
+
+    @property
+    def stops(self) -> int:
+        """Stops the gate has taken."""
+        return self.state.stops
+
+    @contextlib.contextmanager
+    def held(self):
+        """While the run loop runs one instruction alone (``count`` = 1): no stop before it."""
+        self.state.held = 1
+        try:
+            yield
+        finally:
+            self.state.held = 0
 
 
 class EmuBackend:
@@ -858,49 +916,25 @@ class EmuBackend:
     def kick(self) -> None:
         """End the run in progress at the next instruction boundary with :class:`~labkit.exits.Interrupted`.
 
-        Thread-safe.  ``uc_emu_stop`` ends emulation at the end of the
-        translated block being executed: every instruction up to there completes
-        (its port and MMIO accesses reach the dispatcher as usual), the vCPU state
-        is consistent and the next ``run`` continues there.  A stop that lands
-        just before ``uc_emu_start`` (which clears Unicorn's stop request) is
-        repeated by the watchdog every 2 ms until the run loop sees the kick.
-        A kick while no run is in progress makes the next ``run`` return
-        ``Interrupted`` at once without running guest code.
-
-        Known limit (Unicorn 2.1.4): Unicorn also checks for a stop after every
-        guest load and store and restarts the current instruction there, so a
-        kick (or the deadline) that lands between the load and the store of a
-        read-modify-write instruction on memory (``add [mem], reg``, ``inc
-        [mem]``, ``xchg``) lets its store land and runs it again on resume.
-        Measured: a loop of ``inc [m]; add [m2], 3`` kicked 690 times gained
-        305 and 313 extra updates.  Plain loads, stores, push/pop and
-        register-only code resume exactly.
+        Thread-safe.  The kick goes through the stop gate (:class:`_StopGate`):
+        the run stops before the next translated block, so every instruction
+        up to there completes exactly once (its port and MMIO accesses reach the
+        dispatcher as usual), the vCPU state is consistent and the next ``run``
+        continues there.  A kick while no run is in progress makes the next
+        ``run`` return ``Interrupted`` at once without running guest code.
         """
         engine = self._engine
         with engine.kick_lock:
             if not engine.alive:
                 return
             engine.kicked = True
-            if engine.running:
-                if engine.kick_token is None:
-                    engine.kick_token = WATCHDOG.arm(time.monotonic() + _KICK_AGAIN_S, partial(_kick_again, engine),
-                                                     repeat=_KICK_AGAIN_S)
-                _lib.uc_emu_stop(engine.handle)
+            engine.gate.request(True)
 
     def run(self, dispatcher, timeout: float) -> Exit:
         engine = self._live()
         if timeout <= 0:
             raise ConfigError(f"timeout must be positive, not {timeout!r}")
-        with engine.kick_lock:
-            engine.running = True
-        try:
-            return self._run(engine, dispatcher, timeout)
-        finally:
-            with engine.kick_lock:
-                engine.running = False
-                token, engine.kick_token = engine.kick_token, None
-            if token is not None:
-                WATCHDOG.disarm(token)  # a kick not yet seen stays pending for the next run
+        return self._run(engine, dispatcher, timeout)
 
     def _run(self, engine: _Engine, dispatcher, timeout: float) -> Exit:
         if engine.take_kick():
@@ -912,8 +946,10 @@ class EmuBackend:
         engine.delivery.flush()
         cpu = engine.cpu
         deadline = time.monotonic() + timeout
-        engine.timed_out = False
-        token = WATCHDOG.arm(deadline, partial(_time_out, engine), repeat=_STOP_AGAIN_S)
+        with engine.kick_lock:
+            engine.timed_out = False
+            engine.gate.request(engine.kicked)
+        token = WATCHDOG.arm(deadline, partial(_time_out, engine))
         try:
             while True:
                 if engine.take_kick():
@@ -1121,7 +1157,8 @@ class EmuBackend:
         if intercepts_off:
             engine.intercepts.off()
         try:
-            status = _lib.uc_emu_start(engine.handle, self._start_address(), _NEVER, 0, 1)
+            with engine.gate.held():
+                status = _lib.uc_emu_start(engine.handle, self._start_address(), _NEVER, 0, 1)
         finally:
             engine.rom_step = False
             if intercepts_off:
