@@ -185,6 +185,24 @@ void stop_gate_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
     }
 }
 
+/*
+ * The UC_HOOK_MEM_READ / UC_HOOK_MEM_WRITE callback over the MMIO range: does
+ * nothing.  Unicorn puts RIP back to the accessing instruction
+ * (cpu_restore_state, qemu/accel/tcg/cputlb.c) before it calls a memory hook
+ * bound to the address, which it does not do for an MMIO callback alone; so
+ * with this hook installed, the MMIO callback sees the instruction's RIP, not
+ * the start of its translated block.
+ */
+void sync_pc_hook(void *uc, int type, uint64_t address, int size, int64_t value, void *user_data)
+{
+    (void)uc;
+    (void)type;
+    (void)address;
+    (void)size;
+    (void)value;
+    (void)user_data;
+}
+
 /* sizeof struct stop_gate and offsetof stops, for the test that compares them with the ctypes mirror. */
 void stop_gate_layout(uint64_t out[2])
 {

@@ -130,6 +130,11 @@ _READ_EXEC = UC.UC_PROT_READ | UC.UC_PROT_EXEC
 _IF = 0x200
 
 
+_HOOK_MEM = ctypes.CFUNCTYPE(None, _c_void_p, _i32, _u64, _i32, ctypes.c_int64, _c_void_p)  # uc_cb_hookmem_t
+_lib.uc_vmem_read.argtypes = (_c_void_p, _u64, ctypes.c_uint32, _c_void_p, ctypes.c_size_t)
+_lib.uc_vmem_read.restype = _i32
+
+
 def _io_instruction_length(code: bytes) -> int | None:
     """Length of the IN/OUT at the start of ``code``; None for string I/O or anything else."""
     for i, byte in enumerate(code[:15]):
@@ -231,6 +236,31 @@ class _Engine:
             engine.begin_stop(None, None)
 
         io_permitted = self.delivery.io_permitted
+        code = (ctypes.c_uint8 * 15)()
+        code_address = ctypes.addressof(code)
+        cs_base_index = (S.SEGS + S.R_CS * S.SEGMENT_SIZE + 8) // 8
+        hflags_index = S.HFLAGS // 4
+        u32 = self.cpu.u32
+
+        def after_out() -> int:
+            """RIP after the OUT being hooked (Unicorn gives it at the OUT), as KVM reports it.
+
+            The instruction is read where the CPU fetched it, through the guest's
+            page tables (``uc_vmem_read``); a string OUTS, which ends only after
+            its last element, keeps RIP at the instruction.
+            """
+            rip = q[eip_index]
+            linear = q[cs_base_index] + rip
+            if not u32[hflags_index] & S.HF_CS64_MASK:
+                linear &= 0xFFFF_FFFF
+            first = min(15, 0x1000 - (linear & 0xFFF))  # uc_vmem_read reads within one page at a time
+            if _lib.uc_vmem_read(handle, linear, UC.UC_PROT_EXEC, code_address, first) != UC.UC_ERR_OK:
+                return rip
+            length = _io_instruction_length(bytes(code[:first]))
+            if length is None and first < 15 and _lib.uc_vmem_read(handle, linear + first, UC.UC_PROT_EXEC,
+                                                                   code_address + first, 15 - first) == 0:
+                length = _io_instruction_length(bytes(code))
+            return rip if length is None else rip + length
 
         def on_out(_uc, port, size, value, _user):
             if engine.stopping:
@@ -240,7 +270,7 @@ class _Engine:
                     engine.begin_stop(None, None, fault=(13, 0))
                     return
                 dispatcher = engine.dispatcher
-                dispatcher.pio(port, size, True, value, q[eip_index])
+                dispatcher.pio(port, size, True, value, after_out())
                 if dispatcher.stop:
                     engine.begin_stop(Io(port, size, True, value), None)
                 elif engine.irq and dispatcher.interrupt_pending and engine.interrupt_needs_stop():
@@ -413,6 +443,18 @@ class _Engine:
             _check(_lib.uc_hook_add(*args), "uc_hook_add")
         if self.memory_size < layout.MAPPED_LIMIT:
             self.map_mmio(self.memory_size, layout.MAPPED_LIMIT)
+            # MMIO callbacks see the accessing instruction's RIP only when a memory hook covers the
+            # address (Unicorn restores RIP before calling memory hooks): a no-op one, in C where built.
+            library = load_native()
+            if library is not None:
+                sync_pc: Any = ctypes.cast(library.sync_pc_hook, _c_void_p)
+            else:
+                self.sync_pc_callback = _HOOK_MEM(lambda *_: None)
+                sync_pc = ctypes.cast(self.sync_pc_callback, _c_void_p)
+            hook = ctypes.c_size_t()
+            _check(_lib.uc_hook_add(handle, ctypes.byref(hook), _i32(UC.UC_HOOK_MEM_READ | UC.UC_HOOK_MEM_WRITE),
+                                    sync_pc, None, _u64(self.memory_size), _u64(layout.MAPPED_LIMIT - 1)),
+                   "uc_hook_add (UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE over MMIO)")
         _check(_lib.uc_mmio_map(handle, layout.MAPPED_LIMIT, _OPEN_BUS_END - layout.MAPPED_LIMIT,
                                 ctypes.cast(bus_read, _c_void_p), None, ctypes.cast(bus_write, _c_void_p), None),
                "uc_mmio_map (empty bus)")

@@ -131,3 +131,50 @@ def test_tiny_timeouts_then_continue_equal_an_uninterrupted_run(source):
             assert (m, m2) == (regs.rcx, 3 * regs.rcx)
     assert done(exit_) and timeouts >= 100
     assert snapshot(backend) == expected
+
+
+class RipRecorder(Recorder):
+    """Records (kind, address or port, is_write, rip) of every access."""
+
+    def pio(self, port, size, is_write, value, rip):
+        self.trace.append(("pio", port, is_write, rip))
+        self.stop = port == layout.DEBUG_EXIT_PORT
+        return value if is_write else 0
+
+    def mmio(self, address, size, is_write, value, rip):
+        self.trace.append(("mmio", address, is_write, rip))
+        return value if is_write else 0
+
+
+@pytest.mark.parametrize("mode", [64, 32])
+def test_the_dispatcher_gets_the_rip_kvm_reports(mode):
+    # KVM: after a completed OUT, at an IN (completed on the next KVM_RUN), at an MMIO access's
+    # instruction (not the start of the emulator's translated block, which is ENTRY here).
+    mmio = 0x30_0000  # above the 2 MiB of RAM
+    base = "rbx" if mode == 64 else "ebx"
+    source = f"""
+        mov ebx, {mmio}           # 5 bytes
+        nop                       # ENTRY + 5
+        mov eax, [{base}]            # ENTRY + 6, 2 bytes
+        add dword ptr [{base}+4], 1  # ENTRY + 8, 4 bytes (a read and a write)
+        mov dx, 0x80              # ENTRY + 12, 4 bytes
+        out dx, al                # ENTRY + 16, 1 byte
+        out 0x81, al              # ENTRY + 17, 2 bytes
+        out dx, ax                # ENTRY + 19, 2 bytes (operand-size prefix)
+        in al, dx                 # ENTRY + 21, 1 byte
+        out 0xf4, al              # ENTRY + 22, 2 bytes
+    """
+    code = assemble(source, bits=mode)
+    assert len(code) == 24
+    backend = boot(mode, code)
+    recorder = RipRecorder()
+    assert done(backend.run(recorder, 10.0))
+    assert recorder.trace == [
+        ("mmio", mmio, False, ENTRY + 6),
+        ("mmio", mmio + 4, False, ENTRY + 8), ("mmio", mmio + 4, True, ENTRY + 8),
+        ("pio", 0x80, True, ENTRY + 17),
+        ("pio", 0x81, True, ENTRY + 19),
+        ("pio", 0x80, True, ENTRY + 21),
+        ("pio", 0x80, False, ENTRY + 21),
+        ("pio", layout.DEBUG_EXIT_PORT, True, ENTRY + 24),
+    ]
