@@ -30,6 +30,11 @@
 #define SYSTEM_BYTES 136     /* LDTR, TR, GDTR, IDTR (4 x 24 bytes) and CR0..CR4 */
 #define CACHE_BYTES 48       /* the CS segment cache, or CS and SS (adjacent in segs[]) */
 #define NO_STACK_SWITCH UINT64_MAX
+#define RF 0x10000ull        /* RFLAGS.RF */
+/* Fault-class vectors (labkit/emu/delivery.py's FAULT_VECTORS): #DE, #BR, #UD, #NM, #TS, #NP, #SS, #GP,
+ * #PF, #MF, #AC, #XM, #VE, #CP.  The CPU pushes RF = 1 for these (SDM vol. 3, 18.3.1.1; #DB never
+ * comes here as a fault: labkit sets no instruction breakpoints). */
+#define FAULT_VECTORS 0x3B7CE1u
 
 typedef void (*hook_intr)(void *uc, uint32_t vector, void *user_data);
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
@@ -117,6 +122,8 @@ static int replay(struct trap_replay *t, void *uc, uint32_t vector)
     uint64_t rflags = 0;  /* EFLAGS (outside 64-bit mode) fills only the low half */
     if (t->reg_read(uc, t->rflags_reg, &rflags) != 0)
         return 0;
+    if (!software && vector < 32 && (FAULT_VECTORS >> vector & 1))
+        rflags |= RF;  /* pushed only: keep_mask clears RF in RFLAGS */
 
     uint8_t *frame = t->ram + (p->stack_frame << 12 | (rsp & 0xFFF));
     if (p->error) {
