@@ -21,8 +21,8 @@ What maps to what:
 - ``hlt``: Unicorn stops with RIP after the ``hlt`` (as KVM): :class:`~labkit.exits.Hlt`; the
   next run continues there.  ``uc_emu_start`` returns ``UC_ERR_OK`` after a ``hlt`` and after
   ``uc_emu_stop`` alike; QEMU's ``CPUState.halted`` tells them apart (:mod:`labkit.emu.halted`).
-- ``kick()``: ``uc_emu_stop`` from any thread; the run ends at the end of the translated block
-  with :class:`~labkit.exits.Interrupted` and goes on from there next time (see ``kick``).
+- ``kick()``: from any thread, through the stop gate (:class:`_StopGate`): the run ends before
+  the next translated block with :class:`~labkit.exits.Interrupted` and goes on from there next time.
 - external interrupts: before each ``uc_emu_start`` (and after an absorbed IN/OUT, with the same
   exact stop as for I/O) the backend reads ``dispatcher.interrupt_pending``; when RFLAGS.IF = 1
   and no interrupt shadow, it delivers ``pending_vector()`` through the guest's IVT/IDT as an
@@ -44,28 +44,35 @@ What maps to what:
   :mod:`labkit.emu.cpu_state`).  Where labkit's C trap replay is built
   (:mod:`labkit.emu.native`), it is the hook: it replays recorded long-mode
   deliveries and passes the rest to the Python hook.
-- a time budget: labkit's process-wide watchdog (``labkit.watchdog``) calls
-  ``uc_emu_stop`` at the deadline.  Unicorn's own ``timeout`` argument would
+- a time budget: labkit's process-wide watchdog (``labkit.watchdog``) shuts the
+  stop gate at the deadline.  Unicorn's own ``timeout`` argument would
   start and join a thread on every ``uc_emu_start`` (~160 µs), and the backend
   restarts emulation after every stop it makes (I/O stops, #UD, I/O #GP).
 
 Stopping exactly.  Unicorn checks for a stop request at the start of each
 translated block and after every guest memory access; at the latter it
 restarts the current instruction, even when that instruction's store already
-landed.  An IN/OUT hook's ``uc_emu_stop`` takes effect at the end of the
-block: when the dispatcher sets ``stop`` during IN/OUT, the backend copies the
-CPU state in the hook, makes guest RAM read-only so later stores in the block
-fault instead of landing, ignores further I/O, and after ``uc_emu_start``
-returns puts the copy back and moves RIP past the I/O instruction.  The guest
-then resumes exactly after it, as on KVM.  A stop during MMIO leaves the
-instruction unfinished (RIP at it, as KVM before it completes an MMIO exit);
-the next run runs it again and answers its first MMIO access from the recorded
-one instead of the dispatcher (an instruction with two MMIO accesses, stopped
-at the second, repeats the first).  For string I/O (``ins``/``outs``) the stop
-takes effect at the end of the translated block.  A stop from another thread
-(``kick``, the deadline) can land between the load and the store of a
-read-modify-write instruction (``add [mem], reg``); Unicorn then restarts it
-after its store: see ``kick``.
+landed.  So a stop from outside the guest (a kick, a pause, the deadline)
+never calls ``uc_emu_stop`` from another thread: it shuts the stop gate, a
+UC_HOOK_BLOCK that stops the run before the next block, where no instruction
+is half done (:class:`_StopGate`).  An IN/OUT hook's ``uc_emu_stop`` takes
+effect at the end of the block: when the dispatcher sets ``stop`` during
+IN/OUT, the backend copies the CPU state in the hook, makes guest RAM
+read-only so later stores in the block fault instead of landing, ignores
+further I/O, and after ``uc_emu_start`` returns puts the copy back and moves
+RIP past the I/O instruction.  The guest then resumes exactly after it, as on
+KVM.  A stop during MMIO leaves the instruction unfinished (RIP at it, as KVM
+before it completes an MMIO exit); the next run runs it again and answers its
+first MMIO access from the recorded one instead of the dispatcher (an
+instruction with two MMIO accesses, stopped at the second, repeats the first).
+For string I/O (``ins``/``outs``) the stop takes effect at the end of the
+translated block.
+
+The RIP handed to the dispatcher is KVM's: after an ``out`` (read back from
+guest memory to find its length), at an ``in``, and at the instruction of an
+MMIO access (a no-op memory hook over the MMIO range makes Unicorn restore RIP
+before the MMIO callback; without one the callback sees the block's start).
+String I/O reports the instruction's own RIP.
 
 Modes: ``mode`` picks Unicorn's UC_MODE_16/32/64 (the start mode); registers are
 read and written in QEMU's CPU state directly, so all 16 GPRs and RIP are
