@@ -172,12 +172,17 @@ void trap_replay_hook(void *uc, uint32_t vector, void *user_data)
  * before uc_emu_start (which clears Unicorn's own stop_request) is not lost.
  */
 typedef int (*emu_stop_fn)(void *uc);
+typedef int (*vmem_read_fn)(void *uc, uint64_t address, uint32_t prot, void *bytes, size_t size);
 
 struct stop_gate {
     int32_t requested;       /* a kick, pause or deadline: stop at the next block boundary (any thread) */
     int32_t held;            /* the run loop runs one instruction alone: let it finish */
     emu_stop_fn emu_stop;    /* uc_emu_stop */
     uint64_t stops;          /* stops taken here */
+    /* For out_next_rip: Unicorn's CPUX86State, uc_vmem_read, offsets (internals.py) and HF_CS64_MASK. */
+    uint8_t *cpu;
+    vmem_read_fn vmem_read;
+    uint32_t eip, cs_base, hflags, cs64_mask;
 };
 
 /* The UC_HOOK_BLOCK callback; user_data is the struct stop_gate. */
@@ -190,6 +195,54 @@ void stop_gate_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
         g->stops++;
         g->emu_stop(uc);
     }
+}
+
+/* Length of the IN/OUT at `code` (prefixes, then E4-E7 ib or EC-EF); -1 for anything else or too few bytes. */
+static int io_length(const uint8_t *code, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint8_t byte = code[i];
+        if (byte == 0x66 || byte == 0x67 || byte == 0xF2 || byte == 0xF3 || byte == 0x2E || byte == 0x36
+            || byte == 0x3E || byte == 0x26 || byte == 0x64 || byte == 0x65 || byte == 0xF0
+            || (byte >= 0x40 && byte <= 0x4F))
+            continue;
+        if (byte >= 0xE4 && byte <= 0xE7)
+            return (int)i + 2;
+        if (byte >= 0xEC && byte <= 0xEF)
+            return (int)i + 1;
+        return -1;
+    }
+    return -1;
+}
+
+/*
+ * In an OUT hook (Unicorn has put RIP at the OUT): RIP after it, as KVM reports it; RIP itself for
+ * string OUTS or where the code cannot be read.  The same as _io_instruction_length in
+ * labkit/emu/unicorn_backend.py, read through the guest's page tables with uc_vmem_read (one page at a time).
+ */
+uint64_t out_next_rip(struct stop_gate *g, void *uc)
+{
+    uint64_t rip = load64(g->cpu + g->eip);
+    uint64_t linear = load64(g->cpu + g->cs_base) + rip;
+    uint8_t code[15];
+    if (!(load32(g->cpu + g->hflags) & g->cs64_mask))
+        linear &= 0xFFFFFFFFull;
+    size_t first = 0x1000 - (linear & 0xFFF);
+    if (first > 15)
+        first = 15;
+    if (g->vmem_read(uc, linear, 4 /* UC_PROT_EXEC */, code, first) != 0)
+        return rip;
+    int length = io_length(code, first);
+    if (length < 0 && first < 15 && g->vmem_read(uc, linear + first, 4, code + first, 15 - first) == 0)
+        length = io_length(code, 15);
+    return length < 0 ? rip : rip + (uint64_t)length;
+}
+
+/* sizeof struct stop_gate and offsetof stops, for the test that compares them with the ctypes mirror. */
+void stop_gate_layout(uint64_t out[2])
+{
+    out[0] = sizeof(struct stop_gate);
+    out[1] = offsetof(struct stop_gate, stops);
 }
 
 /*
@@ -208,13 +261,6 @@ void sync_pc_hook(void *uc, int type, uint64_t address, int size, int64_t value,
     (void)size;
     (void)value;
     (void)user_data;
-}
-
-/* sizeof struct stop_gate and offsetof stops, for the test that compares them with the ctypes mirror. */
-void stop_gate_layout(uint64_t out[2])
-{
-    out[0] = sizeof(struct stop_gate);
-    out[1] = offsetof(struct stop_gate, stops);
 }
 
 /* Sizes and offsets, for the test that compares them with the ctypes mirror. */
