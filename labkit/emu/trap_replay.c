@@ -179,6 +179,7 @@ struct stop_gate {
     int32_t held;            /* the run loop runs one instruction alone: let it finish */
     emu_stop_fn emu_stop;    /* uc_emu_stop */
     uint64_t stops;          /* stops taken here */
+    uint64_t blocks;         /* blocks entered: with RIP, names one execution of an instruction */
     /* For out_next_rip: Unicorn's CPUX86State, uc_vmem_read, offsets (internals.py) and HF_CS64_MASK. */
     uint8_t *cpu;
     vmem_read_fn vmem_read;
@@ -191,6 +192,7 @@ void stop_gate_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
     struct stop_gate *g = user_data;
     (void)address;
     (void)size;
+    g->blocks++;
     if (__atomic_load_n(&g->requested, __ATOMIC_ACQUIRE) && !g->held) {
         g->stops++;
         g->emu_stop(uc);

@@ -62,9 +62,9 @@ read-only so later stores in the block fault instead of landing, ignores
 further I/O, and after ``uc_emu_start`` returns puts the copy back and moves
 RIP past the I/O instruction.  The guest then resumes exactly after it, as on
 KVM.  A stop during MMIO leaves the instruction unfinished (RIP at it, as KVM
-before it completes an MMIO exit); the next run runs it again and answers its
-first MMIO access from the recorded one instead of the dispatcher (an
-instruction with two MMIO accesses, stopped at the second, repeats the first).
+before it completes an MMIO exit); the next run runs it again and answers the
+MMIO accesses it had made, in order, from the record instead of the dispatcher
+(``add [mmio], 1`` stopped at its write reads and writes the device once).
 For string I/O (``ins``/``outs``) the stop takes effect at the end of the
 translated block.
 
@@ -194,10 +194,14 @@ class _Engine:
         self.mmio_pieces: list[tuple[int, int]] = []
         self.dirty: set[int] | None = None
         self.dirty_new: list[int] = []
-        self.mmio_replay: _MmioStop | None = None
-        """The MMIO access that ended the last run: Unicorn stopped before finishing its instruction
-        (it restarts an instruction whose memory access saw a stop request), so when the instruction
-        runs again its first access is answered from here instead of reaching the dispatcher twice."""
+        self.mmio_replay: list[tuple[int, int, int, bool, int]] | None = None
+        """The MMIO accesses (rip, address, size, is_write, value) of the instruction an MMIO stop
+        left unfinished, the stopping one last: Unicorn restarts an instruction whose memory access
+        saw a stop request, so when it runs again these accesses are answered from here, in order,
+        instead of reaching the dispatcher twice (``add [mmio], 1`` stopped at its write)."""
+        self.mmio_done: list[tuple[int, int, int, bool, int]] = []
+        self.mmio_key: tuple[int, int] = (-1, -1)
+        """(blocks entered, RIP): the instruction execution whose MMIO accesses ``mmio_done`` holds."""
         self.rom_write = False
         self.rom_step = False
         self.rom_undo: list[tuple[_Region, int, bytes]] = []
@@ -335,21 +339,47 @@ class _Engine:
                 engine.hook_error = engine.hook_error or error
                 engine.stop_run()
 
+        gate_state = self.gate.state
+
+        def replayed(access: tuple[int, int, int, bool, int]) -> int | None:
+            """The recorded value if ``access`` is the next one of the instruction being run again."""
+            replay = engine.mmio_replay
+            if replay is None:
+                return None
+            expected = replay[0]
+            if expected[:4] != access[:4] or (access[3] and expected[4] != access[4]):
+                engine.mmio_replay = None
+                return None
+            del replay[0]
+            if not replay:
+                engine.mmio_replay = None
+            return expected[4]
+
+        def done(access: tuple[int, int, int, bool, int]) -> None:
+            """Keep the accesses of this execution of this instruction, for a stop in a later one."""
+            key = (gate_state.blocks, access[0])
+            if key != engine.mmio_key:
+                engine.mmio_key = key
+                engine.mmio_done = []
+            engine.mmio_done.append(access)
+
         def on_mmio_read(_uc, offset, size, base):  # base: the MMIO piece's start, its user data
             if engine.stopping:
                 return 0
-            replay = engine.mmio_replay
-            if replay is not None:
-                engine.mmio_replay = None
-                if replay[:3] == (base + offset, size, False):
-                    return replay[3] & ((1 << (8 * size)) - 1)
+            rip = q[eip_index]
+            mask = (1 << (8 * size)) - 1
+            value = replayed((rip, base + offset, size, False, 0))
+            if value is not None:
+                done((rip, base + offset, size, False, value))
+                return value & mask
             try:
                 dispatcher = engine.dispatcher
-                value = dispatcher.mmio(base + offset, size, False, 0, q[eip_index])
+                value = dispatcher.mmio(base + offset, size, False, 0, rip) & mask
+                done((rip, base + offset, size, False, value))
                 if dispatcher.stop:
                     engine.stop = _MmioStop(base + offset, size, False, value)
                     engine.stop_run()
-                return value & ((1 << (8 * size)) - 1)
+                return value
             except BaseException as error:  # noqa: BLE001
                 engine.hook_error = engine.hook_error or error
                 engine.stop_run()
@@ -358,14 +388,15 @@ class _Engine:
         def on_mmio_write(_uc, offset, size, value, base):
             if engine.stopping:
                 return
-            replay = engine.mmio_replay
-            if replay is not None:
-                engine.mmio_replay = None
-                if replay == (base + offset, size, True, value):
-                    return
+            rip = q[eip_index]
+            access = (rip, base + offset, size, True, value)
+            if replayed(access) is not None:
+                done(access)
+                return
             try:
                 dispatcher = engine.dispatcher
-                dispatcher.mmio(base + offset, size, True, value, q[eip_index])
+                dispatcher.mmio(base + offset, size, True, value, rip)
+                done(access)
                 if dispatcher.stop:
                     engine.stop = _MmioStop(base + offset, size, True, value)
                     engine.stop_run()
@@ -758,7 +789,7 @@ class _StopGateState(ctypes.Structure):
     """``struct stop_gate`` of trap_replay.c."""
 
     _fields_ = [("requested", ctypes.c_int32), ("held", ctypes.c_int32), ("emu_stop", _c_void_p),
-                ("stops", ctypes.c_uint64), ("cpu", _c_void_p), ("vmem_read", _c_void_p),
+                ("stops", ctypes.c_uint64), ("blocks", ctypes.c_uint64), ("cpu", _c_void_p), ("vmem_read", _c_void_p),
                 ("eip", ctypes.c_uint32), ("cs_base", ctypes.c_uint32), ("hflags", ctypes.c_uint32),
                 ("cs64_mask", ctypes.c_uint32)]
 
@@ -809,6 +840,7 @@ class _StopGate:
             state = self.state
 
             def on_block(uc, _address, _size, _user):
+                state.blocks += 1
                 if state.requested and not state.held:
                     state.stops += 1
                     _lib.uc_emu_stop(uc)
@@ -1064,7 +1096,7 @@ class EmuBackend:
                 if engine.stop is not None:
                     stop = engine.stop
                     if isinstance(stop, _MmioStop):
-                        engine.mmio_replay = stop
+                        engine.mmio_replay = list(engine.mmio_done)
                         return Mmio(*stop)
                     return stop
                 if exact_stop:

@@ -16,7 +16,7 @@ import threading
 import pytest
 
 from labkit.emu import unicorn_backend
-from labkit.exits import Interrupted, Io, Timeout
+from labkit.exits import Interrupted, Io, Mmio, Timeout
 from labkit.x86 import layout
 
 from emu_guests import ENTRY, Recorder, assemble, boot, needs_binutils
@@ -191,3 +191,27 @@ def test_the_dispatcher_gets_the_rip_kvm_reports(mode, way, monkeypatch):
         ("pio", 0x80, False, ENTRY + 21),
         ("pio", layout.DEBUG_EXIT_PORT, True, ENTRY + 24),
     ]
+
+
+@pytest.mark.parametrize("stop_at", [0, 1], ids=["stop-at-read", "stop-at-write"])
+def test_an_mmio_stop_inside_a_read_modify_write_runs_no_access_twice(stop_at):
+    # `add [mmio], 1` reads then writes.  A stop at either access leaves RIP at the instruction (as
+    # KVM before it completes an MMIO exit); the next run finishes it, and the device sees one read
+    # and one write in all.
+    mmio = 0x30_0000
+
+    class Device(Recorder):
+        def mmio(self, address, size, is_write, value, rip):
+            self.trace.append(("mmio", address, is_write, value, rip))
+            self.stop = len(self.trace) == stop_at + 1
+            return value if is_write else 41
+
+    backend = boot(64, assemble(f"mov ebx, {mmio}\nadd dword ptr [rbx], 1\nout 0xf4, al"))
+    device = Device()
+    first = backend.run(device, 10.0)
+    assert first == Mmio(mmio, 4, bool(stop_at), 42 if stop_at else 41)
+    assert backend.get_regs().rip == ENTRY + 5
+    device.stop = False
+    assert done(backend.run(device, 10.0))
+    assert [access for access in device.trace if access[0] == "mmio"] == [
+        ("mmio", mmio, False, 0, ENTRY + 5), ("mmio", mmio, True, 42, ENTRY + 5)]
