@@ -12,6 +12,12 @@ delivery code, so this module does the delivery (Intel SDM vol. 3, chapter 6):
 - long mode: 16-byte gates, RSP0..2 or IST from the 64-bit TSS, the stack
   aligned to 16, frame ``SS, RSP, RFLAGS, CS, RIP[, error code]`` always.
 
+For a fault (:data:`FAULT_VECTORS`, not raised by ``int n``) RF is set in
+RFLAGS before the frame is pushed, so the pushed image has RF = 1 (SDM vol. 3,
+18.3.1.1); the delivery then clears RF, as the CPU does.  When the delivery
+itself fails and the faults end in a triple fault, RF stays set in RFLAGS, as
+KVM leaves it (it sets RF before it injects a fault).
+
 Interrupt gates clear IF, trap gates do not.  Software ``int n`` (and ``int3``,
 ``into``) checks the gate's DPL against the CPL (#GP(vector * 8 + 2) when it is
 lower) and pushes no error code.  A fault raised while delivering combines with
@@ -66,6 +72,12 @@ from labkit.x86.arch import ERROR_CODE_VECTORS as HAS_ERROR_CODE
 from labkit.x86.arch import RFLAGS_AC as AC, RFLAGS_IF as IF, RFLAGS_NT as NT, RFLAGS_RF as RF, RFLAGS_TF as TF
 from labkit.x86.arch import RFLAGS_VM as VM
 
+FAULT_VECTORS = frozenset({0, 5, 6, 7, 10, 11, 12, 13, 14, 16, 17, 19, 20, 21})
+"""Fault-class exceptions: the CPU sets RF in the RFLAGS image it pushes for them (SDM vol. 3, 18.3.1.1:
+"for any fault-class exception except a debug exception generated in response to an instruction
+breakpoint, the value pushed for RF is 1"; labkit sets no instruction breakpoints).  Not for traps
+(#DB, #BP, #OF), aborts (#DF, #MC), software ``int n`` or external interrupts.  trap_replay.c's
+FAULT_VECTORS is the same set as a bit mask."""
 CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
 
 
@@ -188,6 +200,7 @@ class ExceptionDelivery:
         pack5, pack6 = _FRAME5.pack_into, _FRAME6.pack_into
         rsp_index, eip_index, eflags_index, hflags_index, cs_offset = _RSP, _EIP, _EFLAGS, _HFLAGS, _CS_OFFSET
         struct_error = struct.error
+        faults = FAULT_VECTORS
 
         def deliver_fast(vector: int) -> bool:
             old_rsp, eip, eflags, cc_dst, cc_src, cc_src2, cc_op, df, hflags, cs, ss = trap_state(raw, trap_state_at)
@@ -203,6 +216,8 @@ class ExceptionDelivery:
                 return False
             function = flags[cc_op] if cc_op < 64 else None
             rflags = eflags | function(cc_dst, cc_src, cc_src2) | (df & 0x400) if function else read_eflags()
+            if vector in faults and not i32[is_int_index]:
+                rflags |= RF  # pushed only: keep_mask clears RF in RFLAGS
             rsp = ((old_rsp if stack_view is None else stack_view[stack_index]) & ~0xF) - frame_size
             page = tlb_get(rsp >> 12 << 2 | tlb_tag)
             if page is None or (rsp & 0xFFF) + frame_size > 0x1000:
@@ -241,6 +256,8 @@ class ExceptionDelivery:
         while True:
             try:
                 code = error_code if (vector in HAS_ERROR_CODE and not software and not external) else None
+                if vector in FAULT_VECTORS and not software and not external:
+                    self.cpu.q[_EFLAGS] |= RF  # pushed with the frame; cleared by a delivery that completes
                 self._record_plan = first
                 self._deliver_once(vector, code, software, ext)
                 return

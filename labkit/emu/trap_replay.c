@@ -16,6 +16,9 @@
  * function pointer.  struct trap_replay is mirrored by a ctypes Structure in
  * labkit/emu/native.py; trap_replay_layout() lets a test compare the two.
  *
+ * The same library holds the stop gate (stop_gate_hook, below): the
+ * UC_HOOK_BLOCK callback through which stops from outside the guest are taken.
+ *
  * Built by labkit/emu/native.py with the system C compiler (cc -O2 -shared).
  */
 
@@ -27,6 +30,11 @@
 #define SYSTEM_BYTES 136     /* LDTR, TR, GDTR, IDTR (4 x 24 bytes) and CR0..CR4 */
 #define CACHE_BYTES 48       /* the CS segment cache, or CS and SS (adjacent in segs[]) */
 #define NO_STACK_SWITCH UINT64_MAX
+#define RF 0x10000ull        /* RFLAGS.RF */
+/* Fault-class vectors (labkit/emu/delivery.py's FAULT_VECTORS): #DE, #BR, #UD, #NM, #TS, #NP, #SS, #GP,
+ * #PF, #MF, #AC, #XM, #VE, #CP.  The CPU pushes RF = 1 for these (SDM vol. 3, 18.3.1.1; #DB never
+ * comes here as a fault: labkit sets no instruction breakpoints). */
+#define FAULT_VECTORS 0x3B7CE1u
 
 typedef void (*hook_intr)(void *uc, uint32_t vector, void *user_data);
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
@@ -114,6 +122,8 @@ static int replay(struct trap_replay *t, void *uc, uint32_t vector)
     uint64_t rflags = 0;  /* EFLAGS (outside 64-bit mode) fills only the low half */
     if (t->reg_read(uc, t->rflags_reg, &rflags) != 0)
         return 0;
+    if (!software && vector < 32 && (FAULT_VECTORS >> vector & 1))
+        rflags |= RF;  /* pushed only: keep_mask clears RF in RFLAGS */
 
     uint8_t *frame = t->ram + (p->stack_frame << 12 | (rsp & 0xFFF));
     if (p->error) {
@@ -146,6 +156,113 @@ void trap_replay_hook(void *uc, uint32_t vector, void *user_data)
     }
     t->passed_on++;
     t->slow(uc, vector, user_data);
+}
+
+/*
+ * Stop gate.  Unicorn 2.1.4 honours a uc_emu_stop (QEMU's cpu_exit: icount_decr
+ * goes negative) at the start of each translated block and also after every
+ * guest load and store (check_exit_request, qemu/tcg/tcg-op.c), where
+ * cpu_loop_exit_restore puts RIP back to the start of the instruction even when
+ * its store has landed: a stop from another thread could run `inc [m]` twice.
+ * So other threads never call uc_emu_stop; they set `requested`, and this hook,
+ * which Unicorn calls before a block's own exit check (qemu/accel/tcg/translator.c:
+ * the block hook is generated before gen_tb_start), calls uc_emu_stop there: the
+ * stop is taken at that block boundary, an instruction boundary, every time.
+ * `requested` stays set until the run loop clears it, so a request that lands
+ * before uc_emu_start (which clears Unicorn's own stop_request) is not lost.
+ */
+typedef int (*emu_stop_fn)(void *uc);
+typedef int (*vmem_read_fn)(void *uc, uint64_t address, uint32_t prot, void *bytes, size_t size);
+
+struct stop_gate {
+    int32_t requested;       /* a kick, pause or deadline: stop at the next block boundary (any thread) */
+    int32_t held;            /* the run loop runs one instruction alone: let it finish */
+    emu_stop_fn emu_stop;    /* uc_emu_stop */
+    uint64_t stops;          /* stops taken here */
+    uint64_t blocks;         /* blocks entered: with RIP, names one execution of an instruction */
+    /* For out_next_rip: Unicorn's CPUX86State, uc_vmem_read, offsets (internals.py) and HF_CS64_MASK. */
+    uint8_t *cpu;
+    vmem_read_fn vmem_read;
+    uint32_t eip, cs_base, hflags, cs64_mask;
+};
+
+/* The UC_HOOK_BLOCK callback; user_data is the struct stop_gate. */
+void stop_gate_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    struct stop_gate *g = user_data;
+    (void)address;
+    (void)size;
+    g->blocks++;
+    if (__atomic_load_n(&g->requested, __ATOMIC_ACQUIRE) && !g->held) {
+        g->stops++;
+        g->emu_stop(uc);
+    }
+}
+
+/* Length of the IN/OUT at `code` (prefixes, then E4-E7 ib or EC-EF); -1 for anything else or too few bytes. */
+static int io_length(const uint8_t *code, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint8_t byte = code[i];
+        if (byte == 0x66 || byte == 0x67 || byte == 0xF2 || byte == 0xF3 || byte == 0x2E || byte == 0x36
+            || byte == 0x3E || byte == 0x26 || byte == 0x64 || byte == 0x65 || byte == 0xF0
+            || (byte >= 0x40 && byte <= 0x4F))
+            continue;
+        if (byte >= 0xE4 && byte <= 0xE7)
+            return (int)i + 2;
+        if (byte >= 0xEC && byte <= 0xEF)
+            return (int)i + 1;
+        return -1;
+    }
+    return -1;
+}
+
+/*
+ * In an OUT hook (Unicorn has put RIP at the OUT): RIP after it, as KVM reports it; RIP itself for
+ * string OUTS or where the code cannot be read.  The same as _io_instruction_length in
+ * labkit/emu/unicorn_backend.py, read through the guest's page tables with uc_vmem_read (one page at a time).
+ */
+uint64_t out_next_rip(struct stop_gate *g, void *uc)
+{
+    uint64_t rip = load64(g->cpu + g->eip);
+    uint64_t linear = load64(g->cpu + g->cs_base) + rip;
+    uint8_t code[15];
+    if (!(load32(g->cpu + g->hflags) & g->cs64_mask))
+        linear &= 0xFFFFFFFFull;
+    size_t first = 0x1000 - (linear & 0xFFF);
+    if (first > 15)
+        first = 15;
+    if (g->vmem_read(uc, linear, 4 /* UC_PROT_EXEC */, code, first) != 0)
+        return rip;
+    int length = io_length(code, first);
+    if (length < 0 && first < 15 && g->vmem_read(uc, linear + first, 4, code + first, 15 - first) == 0)
+        length = io_length(code, 15);
+    return length < 0 ? rip : rip + (uint64_t)length;
+}
+
+/* sizeof struct stop_gate and offsetof stops, for the test that compares them with the ctypes mirror. */
+void stop_gate_layout(uint64_t out[2])
+{
+    out[0] = sizeof(struct stop_gate);
+    out[1] = offsetof(struct stop_gate, stops);
+}
+
+/*
+ * The UC_HOOK_MEM_READ / UC_HOOK_MEM_WRITE callback over the MMIO range: does
+ * nothing.  Unicorn puts RIP back to the accessing instruction
+ * (cpu_restore_state, qemu/accel/tcg/cputlb.c) before it calls a memory hook
+ * bound to the address, which it does not do for an MMIO callback alone; so
+ * with this hook installed, the MMIO callback sees the instruction's RIP, not
+ * the start of its translated block.
+ */
+void sync_pc_hook(void *uc, int type, uint64_t address, int size, int64_t value, void *user_data)
+{
+    (void)uc;
+    (void)type;
+    (void)address;
+    (void)size;
+    (void)value;
+    (void)user_data;
 }
 
 /* Sizes and offsets, for the test that compares them with the ctypes mirror. */

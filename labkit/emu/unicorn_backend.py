@@ -21,8 +21,8 @@ What maps to what:
 - ``hlt``: Unicorn stops with RIP after the ``hlt`` (as KVM): :class:`~labkit.exits.Hlt`; the
   next run continues there.  ``uc_emu_start`` returns ``UC_ERR_OK`` after a ``hlt`` and after
   ``uc_emu_stop`` alike; QEMU's ``CPUState.halted`` tells them apart (:mod:`labkit.emu.halted`).
-- ``kick()``: ``uc_emu_stop`` from any thread; the run ends at the end of the translated block
-  with :class:`~labkit.exits.Interrupted` and goes on from there next time (see ``kick``).
+- ``kick()``: from any thread, through the stop gate (:class:`_StopGate`): the run ends before
+  the next translated block with :class:`~labkit.exits.Interrupted` and goes on from there next time.
 - external interrupts: before each ``uc_emu_start`` (and after an absorbed IN/OUT, with the same
   exact stop as for I/O) the backend reads ``dispatcher.interrupt_pending``; when RFLAGS.IF = 1
   and no interrupt shadow, it delivers ``pending_vector()`` through the guest's IVT/IDT as an
@@ -44,28 +44,35 @@ What maps to what:
   :mod:`labkit.emu.cpu_state`).  Where labkit's C trap replay is built
   (:mod:`labkit.emu.native`), it is the hook: it replays recorded long-mode
   deliveries and passes the rest to the Python hook.
-- a time budget: labkit's process-wide watchdog (``labkit.watchdog``) calls
-  ``uc_emu_stop`` at the deadline.  Unicorn's own ``timeout`` argument would
+- a time budget: labkit's process-wide watchdog (``labkit.watchdog``) shuts the
+  stop gate at the deadline.  Unicorn's own ``timeout`` argument would
   start and join a thread on every ``uc_emu_start`` (~160 µs), and the backend
   restarts emulation after every stop it makes (I/O stops, #UD, I/O #GP).
 
 Stopping exactly.  Unicorn checks for a stop request at the start of each
 translated block and after every guest memory access; at the latter it
 restarts the current instruction, even when that instruction's store already
-landed.  An IN/OUT hook's ``uc_emu_stop`` takes effect at the end of the
-block: when the dispatcher sets ``stop`` during IN/OUT, the backend copies the
-CPU state in the hook, makes guest RAM read-only so later stores in the block
-fault instead of landing, ignores further I/O, and after ``uc_emu_start``
-returns puts the copy back and moves RIP past the I/O instruction.  The guest
-then resumes exactly after it, as on KVM.  A stop during MMIO leaves the
-instruction unfinished (RIP at it, as KVM before it completes an MMIO exit);
-the next run runs it again and answers its first MMIO access from the recorded
-one instead of the dispatcher (an instruction with two MMIO accesses, stopped
-at the second, repeats the first).  For string I/O (``ins``/``outs``) the stop
-takes effect at the end of the translated block.  A stop from another thread
-(``kick``, the deadline) can land between the load and the store of a
-read-modify-write instruction (``add [mem], reg``); Unicorn then restarts it
-after its store: see ``kick``.
+landed.  So a stop from outside the guest (a kick, a pause, the deadline)
+never calls ``uc_emu_stop`` from another thread: it shuts the stop gate, a
+UC_HOOK_BLOCK that stops the run before the next block, where no instruction
+is half done (:class:`_StopGate`).  An IN/OUT hook's ``uc_emu_stop`` takes
+effect at the end of the block: when the dispatcher sets ``stop`` during
+IN/OUT, the backend copies the CPU state in the hook, makes guest RAM
+read-only so later stores in the block fault instead of landing, ignores
+further I/O, and after ``uc_emu_start`` returns puts the copy back and moves
+RIP past the I/O instruction.  The guest then resumes exactly after it, as on
+KVM.  A stop during MMIO leaves the instruction unfinished (RIP at it, as KVM
+before it completes an MMIO exit); the next run runs it again and answers the
+MMIO accesses it had made, in order, from the record instead of the dispatcher
+(``add [mmio], 1`` stopped at its write reads and writes the device once).
+For string I/O (``ins``/``outs``) the stop takes effect at the end of the
+translated block.
+
+The RIP handed to the dispatcher is KVM's: after an ``out`` (read back from
+guest memory to find its length), at an ``in``, and at the instruction of an
+MMIO access (a no-op memory hook over the MMIO range makes Unicorn restore RIP
+before the MMIO callback; without one the callback sees the block's start).
+String I/O reports the instruction's own RIP.
 
 Modes: ``mode`` picks Unicorn's UC_MODE_16/32/64 (the start mode); registers are
 read and written in QEMU's CPU state directly, so all 16 GPRs and RIP are
@@ -80,13 +87,14 @@ What the emulator cannot show: real exit latency.  Its timings are Python's.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import threading
 import time
 import weakref
 from functools import partial
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import capstone
 import unicorn
@@ -127,6 +135,11 @@ _QEMU_GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
 _SEGMENTS = (("es", S.R_ES), ("cs", S.R_CS), ("ss", S.R_SS), ("ds", S.R_DS), ("fs", S.R_FS), ("gs", S.R_GS))
 
 _READ_EXEC = UC.UC_PROT_READ | UC.UC_PROT_EXEC
+
+
+_HOOK_MEM = ctypes.CFUNCTYPE(None, _c_void_p, _i32, _u64, _i32, ctypes.c_int64, _c_void_p)  # uc_cb_hookmem_t
+_lib.uc_vmem_read.argtypes = (_c_void_p, _u64, ctypes.c_uint32, _c_void_p, ctypes.c_size_t)
+_lib.uc_vmem_read.restype = _i32
 
 
 def _io_instruction_length(code: bytes) -> int | None:
@@ -181,28 +194,31 @@ class _Engine:
         self.mmio_pieces: list[tuple[int, int]] = []
         self.dirty: set[int] | None = None
         self.dirty_new: list[int] = []
-        self.mmio_replay: _MmioStop | None = None
-        """The MMIO access that ended the last run: Unicorn stopped before finishing its instruction
-        (it restarts an instruction whose memory access saw a stop request), so when the instruction
-        runs again its first access is answered from here instead of reaching the dispatcher twice."""
+        self.mmio_replay: list[tuple[int, int, int, bool, int]] | None = None
+        """The MMIO accesses (rip, address, size, is_write, value) of the instruction an MMIO stop
+        left unfinished, the stopping one last: Unicorn restarts an instruction whose memory access
+        saw a stop request, so when it runs again these accesses are answered from here, in order,
+        instead of reaching the dispatcher twice (``add [mmio], 1`` stopped at its write)."""
+        self.mmio_done: list[tuple[int, int, int, bool, int]] = []
+        self.mmio_key: tuple[int, int] = (-1, -1)
+        """(blocks entered, RIP): the instruction execution whose MMIO accesses ``mmio_done`` holds."""
         self.rom_write = False
         self.rom_step = False
         self.rom_undo: list[tuple[_Region, int, bytes]] = []
         self.rom_writes: list[_MmioStop] = []
         self.replay: NativeTrapReplay | None = None
         self.halted = HaltedFlag(self.uc, self.cpu.address)
-        # kick(): set from any thread under kick_lock; see EmuBackend.kick.
+        # kick() and the deadline: set from any thread under kick_lock, taken through the stop gate.
         self.kick_lock = threading.Lock()
         self.alive = True
         self.kicked = False
-        self.running = False
-        self.kick_token: int | None = None
         # External interrupts: whether this run's dispatcher has the interrupt members, and the
         # UC_HOOK_BLOCK that watches for IF = 1 while an interrupt waits (installed only then).
         self.irq = False
         self.window_hook: ctypes.c_size_t | None = None
         self.window_open = False
         self.intercepted: tuple[int, int] | None = None
+        self.gate = _StopGate(self.handle, load_native(), self.cpu.address)
         self.callbacks = self._install_hooks()
         self.intercepts = Intercepts(self.uc, self.cpu)
 
@@ -231,6 +247,40 @@ class _Engine:
             engine.begin_stop(None, None)
 
         io_permitted = self.delivery.io_permitted
+        code = (ctypes.c_uint8 * 15)()
+        code_address = ctypes.addressof(code)
+        vmem_read, exec_ = _lib.uc_vmem_read, UC.UC_PROT_EXEC
+        cs_base_index = (S.SEGS + S.R_CS * S.SEGMENT_SIZE + 8) // 8
+        hflags_index = S.HFLAGS // 4
+        u32 = self.cpu.u32
+
+        def after_out_python() -> int:
+            """RIP after the OUT being hooked (Unicorn gives it at the OUT), as KVM reports it.
+
+            The instruction is read where the CPU fetched it, through the guest's
+            page tables (``uc_vmem_read``); a string OUTS, which ends only after
+            its last element, keeps RIP at the instruction.  Where the C library
+            is built, its ``out_next_rip`` does the same (about 1.5 us cheaper).
+            """
+            rip = q[eip_index]
+            linear = q[cs_base_index] + rip
+            if not u32[hflags_index] & S.HF_CS64_MASK:
+                linear &= 0xFFFF_FFFF
+            first = min(15, 0x1000 - (linear & 0xFFF))  # uc_vmem_read reads within one page at a time
+            if vmem_read(handle, linear, exec_, code_address, first) != 0:
+                return rip
+            opcode = code[0]
+            if 0xEE <= opcode <= 0xEF:  # out dx, al/eax: the common case, no prefix
+                return rip + 1
+            if 0xE6 <= opcode <= 0xE7:  # out imm8, al/eax
+                return rip + 2
+            length = _io_instruction_length(bytes(code[:first]))
+            if length is None and first < 15 and vmem_read(handle, linear + first, exec_, code_address + first,
+                                                           15 - first) == 0:
+                length = _io_instruction_length(bytes(code))
+            return rip if length is None else rip + length
+
+        after_out = self.gate.out_next_rip or after_out_python
 
         def on_out(_uc: object, port: int, size: int, value: int, _user: object) -> None:
             if engine.stopping:
@@ -240,7 +290,7 @@ class _Engine:
                     engine.begin_stop(None, None, fault=(13, 0))
                     return
                 dispatcher = engine.dispatcher
-                dispatcher.pio(port, size, True, value, q[eip_index])
+                dispatcher.pio(port, size, True, value, after_out())
                 if dispatcher.stop:
                     engine.begin_stop(Io(port, size, True, value), None)
                 elif engine.irq and dispatcher.interrupt_pending and engine.interrupt_needs_stop():
@@ -289,21 +339,47 @@ class _Engine:
                 engine.hook_error = engine.hook_error or error
                 engine.stop_run()
 
-        def on_mmio_read(_uc: object, offset: int, size: int, base: int) -> int:  # base: the MMIO piece's start (user data)
+        gate_state = self.gate.state
+
+        def replayed(access: tuple[int, int, int, bool, int]) -> int | None:
+            """The recorded value if ``access`` is the next one of the instruction being run again."""
+            replay = engine.mmio_replay
+            if replay is None:
+                return None
+            expected = replay[0]
+            if expected[:4] != access[:4] or (access[3] and expected[4] != access[4]):
+                engine.mmio_replay = None
+                return None
+            del replay[0]
+            if not replay:
+                engine.mmio_replay = None
+            return expected[4]
+
+        def done(access: tuple[int, int, int, bool, int]) -> None:
+            """Keep the accesses of this execution of this instruction, for a stop in a later one."""
+            key = (gate_state.blocks, access[0])
+            if key != engine.mmio_key:
+                engine.mmio_key = key
+                engine.mmio_done = []
+            engine.mmio_done.append(access)
+
+        def on_mmio_read(_uc: object, offset: int, size: int, base: int) -> int:  # base: the MMIO piece's start
             if engine.stopping:
                 return 0
-            replay = engine.mmio_replay
-            if replay is not None:
-                engine.mmio_replay = None
-                if replay[:3] == (base + offset, size, False):
-                    return replay[3] & ((1 << (8 * size)) - 1)
+            rip = q[eip_index]
+            mask = (1 << (8 * size)) - 1
+            value = replayed((rip, base + offset, size, False, 0))
+            if value is not None:
+                done((rip, base + offset, size, False, value))
+                return value & mask
             try:
                 dispatcher = engine.dispatcher
-                value = dispatcher.mmio(base + offset, size, False, 0, q[eip_index])
+                value = dispatcher.mmio(base + offset, size, False, 0, rip) & mask
+                done((rip, base + offset, size, False, value))
                 if dispatcher.stop:
                     engine.stop = _MmioStop(base + offset, size, False, value)
                     engine.stop_run()
-                return value & ((1 << (8 * size)) - 1)
+                return value
             except BaseException as error:  # noqa: BLE001
                 engine.hook_error = engine.hook_error or error
                 engine.stop_run()
@@ -312,14 +388,15 @@ class _Engine:
         def on_mmio_write(_uc: object, offset: int, size: int, value: int, base: int) -> None:
             if engine.stopping:
                 return
-            replay = engine.mmio_replay
-            if replay is not None:
-                engine.mmio_replay = None
-                if replay == (base + offset, size, True, value):
-                    return
+            rip = q[eip_index]
+            access = (rip, base + offset, size, True, value)
+            if replayed(access) is not None:
+                done(access)
+                return
             try:
                 dispatcher = engine.dispatcher
-                dispatcher.mmio(base + offset, size, True, value, q[eip_index])
+                dispatcher.mmio(base + offset, size, True, value, rip)
+                done(access)
                 if dispatcher.stop:
                     engine.stop = _MmioStop(base + offset, size, True, value)
                     engine.stop_run()
@@ -413,6 +490,18 @@ class _Engine:
             _check(_lib.uc_hook_add(*args), "uc_hook_add")
         if self.memory_size < layout.MAPPED_LIMIT:
             self.map_mmio(self.memory_size, layout.MAPPED_LIMIT)
+            # MMIO callbacks see the accessing instruction's RIP only when a memory hook covers the
+            # address (Unicorn restores RIP before calling memory hooks): a no-op one, in C where built.
+            library = load_native()
+            if library is not None:
+                sync_pc: Any = ctypes.cast(library.sync_pc_hook, _c_void_p)
+            else:
+                self.sync_pc_callback = _HOOK_MEM(lambda *_: None)
+                sync_pc = ctypes.cast(self.sync_pc_callback, _c_void_p)
+            hook = ctypes.c_size_t()
+            _check(_lib.uc_hook_add(handle, ctypes.byref(hook), _i32(UC.UC_HOOK_MEM_READ | UC.UC_HOOK_MEM_WRITE),
+                                    sync_pc, None, _u64(self.memory_size), _u64(layout.MAPPED_LIMIT - 1)),
+                   "uc_hook_add (UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE over MMIO)")
         _check(_lib.uc_mmio_map(handle, layout.MAPPED_LIMIT, _OPEN_BUS_END - layout.MAPPED_LIMIT,
                                 ctypes.cast(bus_read, _c_void_p), None, ctypes.cast(bus_write, _c_void_p), None),
                "uc_mmio_map (empty bus)")
@@ -577,14 +666,12 @@ class _Engine:
     # --- kicks and external interrupts --------------------------------------------------------------
 
     def take_kick(self) -> bool:
-        """In the run loop: whether a kick is pending; consumes it and stops its repeated uc_emu_stop."""
+        """In the run loop: whether a kick is pending; consumes it (the gate stays shut for a deadline)."""
         if not self.kicked:
             return False
         with self.kick_lock:
             self.kicked = False
-            token, self.kick_token = self.kick_token, None
-        if token is not None:
-            WATCHDOG.disarm(token)
+            self.gate.request(self.timed_out)
         return True
 
     def can_take_interrupt(self) -> bool:
@@ -647,10 +734,7 @@ class _Engine:
         if self.uc is None:
             return
         with self.kick_lock:
-            token, self.kick_token = self.kick_token, None
             self.alive = False
-        if token is not None:
-            WATCHDOG.disarm(token)
         self.delivery.release()
         self.cpu.release()
         release = getattr(self.uc, "_Uc__finalizer")  # the binding's weakref.finalize: uc_close, exactly once
@@ -714,24 +798,98 @@ class _NoRun:
 
 _NO_RUN = _NoRun()
 
-_STOP_AGAIN_S = 0.01
-"""After the deadline the watchdog stops the engine again this often, until the run returns."""
-
-
 def _time_out(engine: _Engine) -> None:
-    """The watchdog's action at a run's deadline (from its own thread, as Unicorn's timeout thread would)."""
-    engine.timed_out = True
-    _lib.uc_emu_stop(engine.handle)
+    """The watchdog's action at a run's deadline (from its own thread): stop at the next block boundary."""
+    with engine.kick_lock:
+        if engine.alive:
+            engine.timed_out = True
+            engine.gate.request(True)
 
 
-_KICK_AGAIN_S = 0.002
-"""After a kick during a run, the watchdog stops the engine again this often until the run loop sees it."""
+class _StopGateState(ctypes.Structure):
+    """``struct stop_gate`` of trap_replay.c."""
+
+    _fields_ = [("requested", ctypes.c_int32), ("held", ctypes.c_int32), ("emu_stop", _c_void_p),
+                ("stops", ctypes.c_uint64), ("blocks", ctypes.c_uint64), ("cpu", _c_void_p), ("vmem_read", _c_void_p),
+                ("eip", ctypes.c_uint32), ("cs_base", ctypes.c_uint32), ("hflags", ctypes.c_uint32),
+                ("cs64_mask", ctypes.c_uint32)]
 
 
-def _kick_again(engine: _Engine) -> None:
-    """The watchdog's repeat of a kick: a uc_emu_stop that landed just before uc_emu_start is lost there."""
-    if engine.kicked:
-        _lib.uc_emu_stop(engine.handle)
+class _StopGate:
+    """Where stops from outside the guest (kick, pause, the deadline) are taken: block boundaries only.
+
+    Unicorn 2.1.4 honours ``uc_emu_stop`` (QEMU's ``cpu_exit``) at the start of
+    each translated block and also after every guest load and store
+    (``check_exit_request``, qemu/tcg/tcg-op.c), where ``cpu_loop_exit_restore``
+    puts RIP back to the start of the instruction even when its store has
+    landed: a stop from another thread between the store of ``inc [m]`` and
+    that check ran it twice.  So no other thread calls ``uc_emu_stop``.  It
+    sets ``requested``; a UC_HOOK_BLOCK installed for the engine's whole life,
+    which Unicorn calls before the block's own exit check (the block hook is
+    generated before ``gen_tb_start``, qemu/accel/tcg/translator.c), calls
+    ``uc_emu_stop`` there, and the block-start check takes the stop before the
+    block's first instruction.  ``rep`` string instructions loop through their
+    block, so they stop between iterations, as an interrupt on hardware.
+    ``requested`` stays set until the run loop clears it, so a request that
+    lands before ``uc_emu_start`` (which clears Unicorn's own stop request) is
+    not lost.  The hook is ``stop_gate_hook`` of the C library
+    (:mod:`labkit.emu.native`); where that is not built, the same check in
+    Python (same stops, every block slower).
+    """
+
+    def __init__(self, handle: Any, library: ctypes.CDLL | None, cpu_address: int) -> None:
+        self.state = _StopGateState(emu_stop=ctypes.cast(_lib.uc_emu_stop, _c_void_p).value, cpu=cpu_address,
+                                    vmem_read=ctypes.cast(_lib.uc_vmem_read, _c_void_p).value, eip=S.EIP,
+                                    cs_base=S.SEGS + S.R_CS * S.SEGMENT_SIZE + S.SEG_BASE, hflags=S.HFLAGS,
+                                    cs64_mask=S.HF_CS64_MASK)
+        self.handle = handle
+        self.native = library is not None
+        self.out_next_rip: Any = None
+        """``out_next_rip()`` of trap_replay.c bound to this engine (None without the C library)."""
+        if library is not None:
+            out = (ctypes.c_uint64 * 2)()
+            library.stop_gate_layout(ctypes.byref(out))
+            if tuple(out) != (ctypes.sizeof(_StopGateState), _StopGateState.stops.offset):
+                raise EmulatorError("labkit's C library and labkit.emu.unicorn_backend disagree on struct "
+                                    "stop_gate's layout (a stale build?)")
+            self.callback: Any = ctypes.cast(library.stop_gate_hook, _c_void_p)
+            user_data = _c_void_p(ctypes.addressof(self.state))
+            library.out_next_rip.argtypes = (_c_void_p, _c_void_p)
+            library.out_next_rip.restype = _u64
+            self.out_next_rip = partial(library.out_next_rip, ctypes.addressof(self.state), handle)
+        else:
+            state = self.state
+
+            def on_block(uc: int, _address: int, _size: int, _user: object) -> None:
+                state.blocks += 1
+                if state.requested and not state.held:
+                    state.stops += 1
+                    _lib.uc_emu_stop(uc)
+
+            self.python_callback = HOOK_BLOCK(on_block)
+            self.callback = ctypes.cast(self.python_callback, _c_void_p)
+            user_data = _c_void_p(None)
+        hook = ctypes.c_size_t()
+        _check(_lib.uc_hook_add(handle, ctypes.byref(hook), _i32(UC.UC_HOOK_BLOCK), self.callback, user_data,
+                                _u64(1), _u64(0)), "uc_hook_add (UC_HOOK_BLOCK, the stop gate)")
+
+    def request(self, on: bool) -> None:
+        """Ask for (or withdraw) a stop at the next block boundary; any thread (callers hold kick_lock)."""
+        self.state.requested = int(on)
+
+    @property
+    def stops(self) -> int:
+        """Stops the gate has taken."""
+        return self.state.stops
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """While the run loop runs one instruction alone (``count`` = 1): no stop before it."""
+        self.state.held = 1
+        try:
+            yield
+        finally:
+            self.state.held = 0
 
 
 class EmuBackend:
@@ -876,49 +1034,25 @@ class EmuBackend:
     def kick(self) -> None:
         """End the run in progress at the next instruction boundary with :class:`~labkit.exits.Interrupted`.
 
-        Thread-safe.  ``uc_emu_stop`` ends emulation at the end of the
-        translated block being executed: every instruction up to there completes
-        (its port and MMIO accesses reach the dispatcher as usual), the vCPU state
-        is consistent and the next ``run`` continues there.  A stop that lands
-        just before ``uc_emu_start`` (which clears Unicorn's stop request) is
-        repeated by the watchdog every 2 ms until the run loop sees the kick.
-        A kick while no run is in progress makes the next ``run`` return
-        ``Interrupted`` at once without running guest code.
-
-        Known limit (Unicorn 2.1.4): Unicorn also checks for a stop after every
-        guest load and store and restarts the current instruction there, so a
-        kick (or the deadline) that lands between the load and the store of a
-        read-modify-write instruction on memory (``add [mem], reg``, ``inc
-        [mem]``, ``xchg``) lets its store land and runs it again on resume.
-        Measured: a loop of ``inc [m]; add [m2], 3`` kicked 690 times gained
-        305 and 313 extra updates.  Plain loads, stores, push/pop and
-        register-only code resume exactly.
+        Thread-safe.  The kick goes through the stop gate (:class:`_StopGate`):
+        the run stops before the next translated block, so every instruction
+        up to there completes exactly once (its port and MMIO accesses reach the
+        dispatcher as usual), the vCPU state is consistent and the next ``run``
+        continues there.  A kick while no run is in progress makes the next
+        ``run`` return ``Interrupted`` at once without running guest code.
         """
         engine = self._engine
         with engine.kick_lock:
             if not engine.alive:
                 return
             engine.kicked = True
-            if engine.running:
-                if engine.kick_token is None:
-                    engine.kick_token = WATCHDOG.arm(time.monotonic() + _KICK_AGAIN_S, partial(_kick_again, engine),
-                                                     repeat=_KICK_AGAIN_S)
-                _lib.uc_emu_stop(engine.handle)
+            engine.gate.request(True)
 
     def run(self, dispatcher: Dispatcher, timeout: float) -> Exit:
         engine = self._live()
         if timeout <= 0:
             raise ConfigError(f"timeout must be positive, not {timeout!r}")
-        with engine.kick_lock:
-            engine.running = True
-        try:
-            return self._run(engine, dispatcher, timeout)
-        finally:
-            with engine.kick_lock:
-                engine.running = False
-                token, engine.kick_token = engine.kick_token, None
-            if token is not None:
-                WATCHDOG.disarm(token)  # a kick not yet seen stays pending for the next run
+        return self._run(engine, dispatcher, timeout)
 
     def _run(self, engine: _Engine, dispatcher: Dispatcher, timeout: float) -> Exit:
         if engine.take_kick():
@@ -930,8 +1064,10 @@ class EmuBackend:
         engine.delivery.flush()
         cpu = engine.cpu
         deadline = time.monotonic() + timeout
-        engine.timed_out = False
-        token = WATCHDOG.arm(deadline, partial(_time_out, engine), repeat=_STOP_AGAIN_S)
+        with engine.kick_lock:
+            engine.timed_out = False
+            engine.gate.request(engine.kicked)
+        token = WATCHDOG.arm(deadline, partial(_time_out, engine))
         try:
             while True:
                 if engine.take_kick():
@@ -978,7 +1114,7 @@ class EmuBackend:
                 if engine.stop is not None:
                     stop = engine.stop
                     if isinstance(stop, _MmioStop):
-                        engine.mmio_replay = stop
+                        engine.mmio_replay = list(engine.mmio_done)
                         return Mmio(*stop)
                     return stop
                 if exact_stop:
@@ -1139,7 +1275,8 @@ class EmuBackend:
         if intercepts_off:
             engine.intercepts.off()
         try:
-            status = _lib.uc_emu_start(engine.handle, self._start_address(), _NEVER, 0, 1)
+            with engine.gate.held():
+                status = _lib.uc_emu_start(engine.handle, self._start_address(), _NEVER, 0, 1)
         finally:
             engine.rom_step = False
             if intercepts_off:

@@ -351,3 +351,51 @@ def test_close_is_idempotent_and_final():
     backend.close()
     with pytest.raises(Exception):
         backend.get_regs()
+
+
+RF = 0x10000
+
+
+@pytest.mark.parametrize("way", ["c", "python"])
+def test_rf_is_pushed_for_faults_only(way, monkeypatch):
+    # SDM vol. 3, 18.3.1.1: the RFLAGS image pushed for a fault has RF = 1; traps (int3), software
+    # `int n` do not set it; the handler runs with RF = 0.  Each #UD is seen twice: the second goes
+    # through the replay of the first's plan (C, or Python's fast path).  The trap and `int n` come
+    # first: the `iretq` from a fault's handler loads the pushed RF = 1 (which the CPU clears once the
+    # next instruction completes, and QEMU only at the next block end that is not a direct jump).
+    from labkit.emu import unicorn_backend
+    if way == "python":
+        monkeypatch.setattr(unicorn_backend, "load_native", lambda: None)
+    code = assemble("""
+        int3
+        int 0x30
+        ud2
+        ud2
+        mov rax, 0x8000000000000000
+        mov rbx, [rax]
+    .org 0x200
+        mov r8, r9
+        mov r9, [rsp + 16]      # #UD: no error code
+        add qword ptr [rsp], 2
+        iretq
+    .org 0x300
+        mov r10, [rsp + 16]     # #BP, a trap
+        iretq
+    .org 0x380
+        mov r11, [rsp + 16]     # int 0x30
+        iretq
+    .org 0x400
+        mov r12, [rsp + 24]     # #GP(0): after the error code
+        pushfq
+        pop r13
+        out 0xf4, al
+    """)
+    backend = boot(64, code, extra=[gate64(6, ENTRY + 0x200), gate64(3, ENTRY + 0x300),
+                                    gate64(0x30, ENTRY + 0x380), gate64(13, ENTRY + 0x400)])
+    exit_ = backend.run(Recorder(), 5.0)
+    assert isinstance(exit_, Io) and exit_.port == layout.DEBUG_EXIT_PORT
+    regs = backend.get_regs()
+    pushed = {"#UD": regs.r8, "#UD again": regs.r9, "int3": regs.r10, "int 0x30": regs.r11, "#GP": regs.r12,
+              "handler": regs.r13}
+    assert {name: bool(value & RF) for name, value in pushed.items()} == {
+        "#UD": True, "#UD again": True, "int3": False, "int 0x30": False, "#GP": True, "handler": False}

@@ -268,7 +268,8 @@ def test_kick_from_another_thread_stops_a_tight_loop_and_resumes_exactly():
     assert exit_ == Io(layout.DEBUG_EXIT_PORT, 1, True, 0) and stops >= 2
     assert backend.get_regs() == reference.get_regs()
     # Not lost: each kick ended its run long before the guest's own end (a wall-clock bound only
-    # loose enough for a shared machine; the 2 ms repeat is what bounds it when a stop lands early).
+    # loose enough for a shared machine; the stop gate stays shut until the run loop sees the kick,
+    # so a kick that lands before uc_emu_start is taken at its first block).
     assert max(latencies) < 0.5
 
 

@@ -76,9 +76,8 @@ def test_a_raising_device_ends_the_run_with_the_same_error_on_every_backend(back
     with Machine(guest, backend=backend_name, devices=[DeviceSpec("broken", "pio", PORT, 1, Broken)]) as machine:
         with pytest.raises(DeviceError) as raised:
             machine.run(timeout=10)
-        # The failing `out dx, al` is at +11.  The RIP a backend hands the dispatcher differs today: KVM
-        # reports it after a completed `out` (+12), the emulator at the instruction (+11).  Not yet unified.
-        rip = guest.load_address + {"kvm": 12, "emu": 11}[backend_name]
+        # The failing `out dx, al` is at +11; both backends report RIP after a completed `out`, as KVM does.
+        rip = guest.load_address + 12
         assert str(raised.value) == (f"device 'broken' failed on a write to port {PORT:#x} at guest rip {rip:#x}: "
                                      "ZeroDivisionError: the device model divided by zero")
         result = machine.last_result

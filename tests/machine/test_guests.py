@@ -95,24 +95,21 @@ RF = 1 << 16
 
 KNOWN_DIFFERENCES = {
     # Measured on kvm_pvm against unicorn 2.1.4.  Each entry is all that differs, exactly.
-    # The emulator's exception delivery does not set RF in the pushed RFLAGS of a fault (KVM does,
-    # as the SDM says): the default fault stub reports the pushed image, so the final RFLAGS and
-    # the frame's byte 2 of RFLAGS differ by RF.
-    "triplefault64": {"regs.rflags": (0x2 | RF, 0x2)},
-    "fault64": {"regs.rflags": (0x2 | RF, 0x2), "ram[0x7ffea]": (RF >> 16, 0)},
+    # (RF in the RFLAGS image pushed for a fault is the same on both: triplefault64, fault64 and
+    # rings64's last fault frame compare equal.)
     # A null SS: the emulator reports it unusable (derived from present = 0), KVM does not.
     "compute64": {"sregs.ss.unusable": (0, 1)},
     # rings64 takes other exceptions under PVM (ring-3 `int 0x80` is #UD, sysretq #GP: see
     # test_rings.py), so its kernel records 8 more events (MMIO 96 vs 88), counts 24 entries
     # instead of 22 (0x843c) and leaves other bytes on its stack; PVM reloads the flat data
     # segments where the CPU (and the emulator) leave null selectors after returning to ring 3;
-    # KVM reports TR busy (11) where QEMU's LTR leaves the available type (9) in the cache; the
-    # last fault's frame has RF; and the final arithmetic flags differ in PF.
+    # KVM reports TR busy (11) where QEMU's LTR leaves the available type (9) in the cache; and the
+    # final arithmetic flags differ in PF.
     "rings64": {
         "regs.rflags": (0x6, 0x2),
         **flat_data_vs_null("ds"), **flat_data_vs_null("es"), **flat_data_vs_null("fs"), **flat_data_vs_null("gs"),
         "sregs.ss.unusable": (0, 1), "sregs.tr.type": (11, 9),
-        "ram[0x843c]": (24, 22), "ram[0x6ffb0]": (0x83, 0xC4), "ram[0x6ffea]": (RF >> 16, 0),
+        "ram[0x843c]": (24, 22), "ram[0x6ffb0]": (0x83, 0xC4),
         "exits.MMIO": (96, 88),
     },
     # preempt64's timer interrupts a ring-3 task: after it, as for rings64, PVM has reloaded the
