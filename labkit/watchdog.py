@@ -4,9 +4,10 @@ Both backends arm it for every run: at the deadline it calls the run's
 ``action`` from its own thread.  The KVM backend's action sets
 ``kvm_run.immediate_exit`` and ``pthread_kill``\\ s the vCPU thread with
 :data:`KICK_SIGNAL` (what QEMU does to kick a vCPU; see ``labkit.kvm.backend``);
-the emulation backend's calls ``uc_emu_stop``, which Unicorn allows from
-another thread.  Unicorn's own ``timeout`` argument would do the latter too,
-but it starts and joins a thread on every ``uc_emu_start`` (about 160 µs
+the emulation backend's asks its stop gate for a stop at the next block
+boundary (see ``labkit.emu.unicorn_backend._StopGate``).  Unicorn's own
+``timeout`` argument would stop it too, but mid-instruction, and it starts and
+joins a thread on every ``uc_emu_start`` (about 160 µs
 here, against 7 µs for the start itself), and the emulation backend restarts
 emulation after every stop it needs.
 
