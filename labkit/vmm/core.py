@@ -99,7 +99,7 @@ class MachineCore:
     def __init__(self, guest: Guest, backend: str | Backend, memory_size: int, *,
                  devices: Sequence[DeviceSpec | LegacyDeviceSpec] = (), trace_limit: int | None = None,
                  monitor: Monitor | None = None, interrupts: InterruptLines | None = None):
-        from labkit.x86.boot import boot_state  # the boot builder pulls in the table builders
+        from labkit.x86.boot import boot_state, load_boot_state  # the boot builder pulls in the table builders
 
         self.guest = guest
         self.backend = create_backend(backend, memory_size, guest.mode) if isinstance(backend, str) else backend
@@ -130,7 +130,7 @@ class MachineCore:
             self._attach_devices(devices)
             entry = guest.load_address if guest.entry is None else guest.entry  # Guest fills it in: never None
             boot = boot_state(guest.mode, entry, memory_size, user=guest.user)
-            self._load(boot, guest)
+            load_boot_state(self.backend, boot, guest.code, guest.load_address, name=f"guest {guest.name!r}")
             if monitor is not None:
                 self._attach_monitor(monitor, boot)
         except BaseException:
@@ -193,19 +193,6 @@ class MachineCore:
             self.buses.pio.write(port, size, value)
             return 0
         return self.buses.pio.read(port, size)
-
-    def _load(self, boot: BootState, guest: Guest) -> None:
-        for address, data in boot.memory:
-            self.memory.write(address, data)
-        end = guest.load_address + len(guest.code)
-        if not self.memory.contains(guest.load_address, len(guest.code)):
-            raise ConfigError(f"guest {guest.name!r} ends at {end:#x}, beyond guest RAM "
-                              f"({len(self.backend.memory):#x} bytes)")
-        self.memory.write(guest.load_address, guest.code)
-        self.backend.set_sregs(boot.sregs)
-        if boot.msrs:
-            self.backend.set_msrs(boot.msrs)
-        self.backend.set_regs(boot.regs)
 
     # -- the Dispatcher the backend calls (hot path) ---------------------------
 
