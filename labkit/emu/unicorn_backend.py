@@ -892,6 +892,20 @@ class _StopGate:
             self.state.held = 0
 
 
+def _ended(engine: _Engine) -> Exit | None:
+    """After ``uc_emu_start``: re-raise a hook's exception, or the exit a hook decided (triple fault,
+    an emulator failure); ``None`` when the run goes on."""
+    if engine.hook_error is not None:
+        error, engine.hook_error = engine.hook_error, None
+        raise error
+    if engine.shutdown:
+        return Shutdown()
+    if engine.failure is not None:
+        message, engine.failure = engine.failure, None
+        return EmulatorFailure(message)
+    return None
+
+
 class EmuBackend:
     """One VM with one vCPU emulated by Unicorn; see the module docstring for what maps to what."""
 
@@ -1092,14 +1106,9 @@ class EmuBackend:
                     engine.protect_pages(engine.dirty_new, UC.UC_PROT_ALL)
                     engine.dirty_new.clear()
                 rom_write, engine.rom_write = engine.rom_write, False
-                if engine.hook_error is not None:
-                    error, engine.hook_error = engine.hook_error, None
-                    raise error
-                if engine.shutdown:
-                    return Shutdown()
-                if engine.failure is not None:
-                    message, engine.failure = engine.failure, None
-                    return EmulatorFailure(message)
+                ended = _ended(engine)
+                if ended is not None:
+                    return ended
                 if engine.pending_fault is not None:
                     (vector, error_code), engine.pending_fault = engine.pending_fault, None
                     outcome = self._deliver_outside(vector, error_code)
@@ -1286,14 +1295,9 @@ class EmuBackend:
             engine.rom_undo.clear()
         writes, engine.rom_writes = engine.rom_writes, []
         engine.cpu.i32[engine.cpu.deep.old_exception // 4] = -1
-        if engine.hook_error is not None:
-            error, engine.hook_error = engine.hook_error, None
-            raise error
-        if engine.shutdown:
-            return Shutdown()
-        if engine.failure is not None:
-            message, engine.failure = engine.failure, None
-            return EmulatorFailure(message)
+        ended = _ended(engine)
+        if ended is not None:
+            return ended
         if status not in (UC.UC_ERR_OK, UC.UC_ERR_WRITE_PROT):
             return EmulatorFailure(f"Unicorn stopped at rip={engine.cpu.q[S.EIP // 8]:#x} while stepping one "
                                    f"instruction: {_lib.uc_strerror(status).decode()}")
