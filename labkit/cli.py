@@ -98,6 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "status_text": str(result.status),
             "exit_code": result.status.code,
             "exits": result.exits,
+            "exit_table": result.trace.table_json(),
             "regs": result.regs.as_dict(),
             "elapsed_s": result.elapsed_s,
         }, indent=2))

@@ -9,6 +9,9 @@ the notebook's own content checks (below) do not find what a student should see.
 
 from __future__ import annotations
 
+import html
+import re
+
 import nbformat
 import pytest
 from notebook_execution import NOTEBOOKS, RUN_TIMES, Execution, execute
@@ -53,6 +56,7 @@ def check_welcome(run: Execution, backend: str, kvm=None) -> None:
     assert "same console output and exits on all of them: True" in text
     assert len(run.images()) >= 3, f"expected the side-by-side, exit-cost and timeline figures, got {len(run.images())} images"
     assert "measured on the emulator (Unicorn)" in text
+    check_quoted_costs_match_the_table(run)
     kvm = kvm or probe()
     if kvm.usable:
         assert f"usable, flavour {kvm.flavour}" in text, "the capability table does not name the KVM flavour"
@@ -66,6 +70,29 @@ def check_welcome(run: Execution, backend: str, kvm=None) -> None:
         assert "backends run: emu" in text and "backends run: kvm" not in text
         assert "emulation only" in text or "not usable" in text, "the notebook does not say why KVM was skipped"
         assert "main backend of this session: emu" in text
+
+
+def outputs_of(run: Execution, mime: str) -> list[str]:
+    return [output["data"][mime] for cell in run.notebook.cells for output in cell.get("outputs", [])
+            if mime in output.get("data", {})]
+
+
+def check_quoted_costs_match_the_table(run: Execution) -> None:
+    """00's sentence about what the exits cost quotes exactly the numbers its cost table shows, from the same run."""
+    quoted = [text for text in outputs_of(run, "text/markdown") if text.startswith("In the run you just made")]
+    assert len(quoted) == 1, "the paragraph filled from the run is missing"
+    table = next(html for html in outputs_of(run, "text/html") if "What the exits cost" in html)
+    rows = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", table):
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+        if cells:
+            rows[cells[0]] = cells[1:]
+    bullets = re.findall(r"\* \*\*(.+?)\*\*: (\d+) exits\. The first ended (\S+ \S+) after the start; "
+                         r"after it, one exit followed the previous one every (\S+ \S+) \(median\), "
+                         r"of which labkit's handling took (\S+ \S+)\.", quoted[0])
+    assert bullets and len(bullets) == len(rows), quoted[0]
+    for label, exits, first, since, handling in bullets:
+        assert rows[html.escape(label)][:4] == [exits, first, since, handling], (label, rows)
 
 
 def check_binary_translation(run: Execution, backend: str, kvm=None) -> None:
