@@ -53,7 +53,9 @@ def check_welcome(run: Execution, backend: str, kvm=None) -> None:
     assert "Hello from 64-bit mode!" in text, "hello64's console output is not shown"
     assert "This machine (labkit" in text, "the capability table is missing"
     assert "console: 'A'" in text, "the student's own guest did not print its 'A'"
-    assert "same console output and exits on all of them: True" in text
+    assert "They **disagree**" not in text
+    label = "KVM" if backend == "kvm" else "emulator (Unicorn)"
+    assert f"hello64 on {label}: halted" in text, "the guest-run widget did not show its first run"
     assert len(run.images()) >= 3, f"expected the side-by-side, exit-cost and timeline figures, got {len(run.images())} images"
     assert "measured on the emulator (Unicorn)" in text
     check_quoted_costs_match_the_table(run)
@@ -63,12 +65,13 @@ def check_welcome(run: Execution, backend: str, kvm=None) -> None:
     else:
         assert f"not usable: {kvm.problem}" in text, "the capability table does not say why KVM is absent"
     if backend == "kvm":
-        assert "backends run: kvm, emu" in text, "hello did not run on both backends"
+        assert "backends run: kvm, emu. They agree" in text, "hello did not run on both backends, or they differ"
         assert f"measured on KVM ({kvm_flavour()})" in text
         assert "main backend of this session: kvm" in text
     else:
         assert "backends run: emu" in text and "backends run: kvm" not in text
         assert "emulation only" in text or "not usable" in text, "the notebook does not say why KVM was skipped"
+        assert "Only one backend ran in this session" in text and "They agree" not in text
         assert "main backend of this session: emu" in text
 
 
@@ -104,6 +107,9 @@ def check_binary_translation(run: Execution, backend: str, kvm=None) -> None:
     assert "int3               ; -> monitor: emulate popfq" in text, "the translated block is not shown"
     assert "≠ " in text, "the student's experiment (popfq left untranslated) shows no divergence"
     assert len(run.images()) >= 1, "the T&E vs BT figure is missing"
+    label = "KVM" if backend == "kvm" else "emulator (Unicorn)"
+    assert f"popf on {label}, left untranslated: popfq. The translated console is different" in text
+    assert "Exit 0 of " in text, "the exit stepper did not show the first exit"
     if backend == "kvm":
         assert f"measured on KVM ({kvm_flavour()})" in text
     else:
@@ -120,6 +126,8 @@ def check_trap_and_emulate(run: Execution, backend: str, kvm=None) -> None:
         assert line in text, f"the divergent line {line!r} is not shown"
     assert "same trap-and-emulate console on every backend run: True" in text
     assert "error: unemulated instruction at RIP 0x8003: wbinvd" in text
+    label = "KVM" if backend == "kvm" else "emulator (Unicorn)"
+    assert f"cli_pushf on {label}: native halted" in text, "the routine widget did not show its first run"
     assert "  ticks after sti: 0x1" in text and "  ticks after popf: 0x0" in text
     assert "emulator time, not hardware time" in text or backend == "kvm"
     assert len(run.images()) >= 1, "the trap profile figure is missing"
@@ -141,6 +149,7 @@ def check_rings(run: Execution, backend: str, kvm=None) -> None:
     assert "cr2 0x00030000" in text
     assert "matches the paper on emulator (Unicorn): 18 of 18" in text, "the classifier table disagrees with the paper"
     assert "smsw eax (64-bit) on emulator (Unicorn): SENSITIVE" in text, "the classifier cell did not run"
+    assert "smsw eax on " in text, "the instruction widget did not show its first verdict"
     assert len(run.images()) >= 2, f"expected ring timelines, got {len(run.images())} images"
     if backend == "kvm":
         flavour = kvm_flavour()
