@@ -71,7 +71,8 @@ def exit_table(data: Measured, backend: BackendHint = None) -> Table:
     note = (f"{source.label}. handling = {TABLE_COLUMNS['handling']}. "
             f"since previous = {TABLE_COLUMNS['since_previous']}.")
     if trace.dropped:
-        note += f" {trace.dropped} exits counted but not kept (trace limit {trace.limit}); min/median/max are of the kept ones."
+        note += (f" {trace.dropped} exits counted but not kept (trace limit {trace.limit}); "
+                 "min/median/max are of the kept ones.")
     header = ["reason", "count", "share", "handling min", "handling median", "handling max", "handling total",
               "since previous (total)"]
     return Table(f"VM exits ({trace.exit_count()}) and labkit events ({len(trace) - trace.exit_count()})",
