@@ -171,6 +171,12 @@ class ExitTrace:
         ordered = sorted(self.counts.items(), key=lambda item: -item[1])
         return {reason_name(reason): count for reason, count in ordered}
 
+    def by_kind(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Counts by reason name, most frequent first: (VM exits, labkit's own events)."""
+        ordered = sorted(self.counts.items(), key=lambda item: -item[1])
+        return ({reason_name(reason): count for reason, count in ordered if reason not in LABKIT_EVENTS},
+                {reason_name(reason): count for reason, count in ordered if reason in LABKIT_EVENTS})
+
     def summary(self) -> list[ReasonSummary]:
         """The exit table's rows: VM exits first (most frequent first), then labkit's own events.
 

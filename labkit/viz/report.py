@@ -119,7 +119,10 @@ def runs_side_by_side(runs: Sequence[RunResult | Skipped], *, console_lines: int
         console = run.console.splitlines()
         if len(console) > console_lines:
             console = console[:console_lines] + [f"... ({len(run.console.splitlines()) - console_lines} more lines)"]
-        exits = ", ".join(f"{reason} {count}" for reason, count in run.exits.items()) or "none"
+        vm_exits, events = run.trace.by_kind()
+        exits = ", ".join(f"{reason} {count}" for reason, count in vm_exits.items()) or "none"
+        if events:
+            exits += "; not exits: " + ", ".join(f"{reason} {count}" for reason, count in events.items())
         columns.append([str(run.status), source.label, "\n".join(console),
                         f"{run.elapsed_s * 1e3:.2f} ms", exits])
     names = ["status", "measured on", "console", "run time (host)", "exits"]

@@ -76,6 +76,7 @@ def test_run_json_has_the_exit_table_and_a_timeout_is_no_exit(backend_name, tmp_
     assert result["status"] == "timeout"
     assert "TIMEOUT" not in {row["reason"] for row in result["exit_table"]["exits"]}
     assert [row["reason"] for row in result["exit_table"]["labkit_events"]] == ["TIMEOUT"]
+    assert "TIMEOUT" not in result["exits"] and result["labkit_events"] == {"TIMEOUT": 1}
 
 
 @pytest.mark.parametrize("mode", [16, 32, 64])

@@ -39,6 +39,7 @@ def test_summary_gives_handling_min_median_max_total_and_leaves_labkit_events_ou
     assert handling == (100, 250, 1000, 1600)
     assert io.since_previous_total_ns == 200_000
     assert trace.exit_count() == 4 and trace.total_handling_ns() == 1700
+    assert trace.by_kind() == ({"IO": 4}, {"INTERRUPT": 1, "TIMEOUT": 1})
     assert trace[0].handling_ns == 300 and trace[0].host_ns == 50_000
     table = trace.table_json()
     assert [row["reason"] for row in table["exits"]] == ["IO"]

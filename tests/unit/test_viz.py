@@ -260,3 +260,12 @@ def test_exit_costs_quote_the_trace():
     assert costs.median_handling_ns == 2_500  # of 1, 2, 3, 4 µs
     table = exit_cost_table([hello_result("emu")])
     assert table.rows == [[EMU_LABEL, "4", "10.00 µs", "10.00 µs", "2.50 µs", "29%"]]  # 10 of 35 µs handling
+
+
+def test_runs_side_by_side_does_not_count_a_timeout_as_an_exit():
+    trace = hello_trace()
+    trace.add(ExitReason.TIMEOUT, 0x8010, None, None, None, None, 1_000_000, 100)
+    run = RunResult(status=Status(StatusKind.TIMEOUT), console="Hi\n", regs=Regs(), trace=trace,
+                    backend="emu", elapsed_s=1.0)
+    rows = {row[0]: row[1:] for row in runs_side_by_side([run]).rows}
+    assert rows["exits"] == ["IO 3, HLT 1; not exits: TIMEOUT 1"]
