@@ -97,7 +97,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             "status": result.status.kind,
             "status_text": str(result.status),
             "exit_code": result.status.code,
-            "exits": result.exits,
+            "exits": result.trace.by_kind()[0],
+            "labkit_events": result.trace.by_kind()[1],
+            "exit_table": result.trace.table_json(),
             "regs": result.regs.as_dict(),
             "elapsed_s": result.elapsed_s,
         }, indent=2))

@@ -1,8 +1,8 @@
 """Figures of a run's VM exits: when they happened, and how many of each reason.
 
 The x axis of a timeline is host time since the run started: the running sum
-of each exit's ``host_ns`` (guest execution, the exit and its handling; see
-:mod:`labkit.trace`).  On the emulator that is emulator time, and every
+of each record's ``host_ns`` (time since the previous record: guest execution,
+the exit and its handling; see :mod:`labkit.trace`).  On the emulator that is emulator time, and every
 figure says so.
 """
 
@@ -185,7 +185,11 @@ def exits_side_by_side(runs: Sequence[Measured], backends: Sequence[BackendHint]
 
 def exit_costs(runs: Sequence[Measured], backends: Sequence[BackendHint] | None = None, ax: Axes | None = None, *,
                guest: str | None = None) -> Figure | SubFigure:
-    """Host time of each exit against its number, one series per run: steady state and outliers at a glance.
+    """Host time since the previous exit against the exit's number, one series per run.
+
+    Each point is the guest's run up to the exit plus the exit and its
+    handling (``ExitRecord.host_ns``), not the handling alone: steady state
+    and outliers at a glance.
 
     ``runs`` are RunResults (or ExitTraces with ``backends``), typically the
     same guest on KVM and on the emulator.  The time axis is logarithmic,
@@ -207,10 +211,10 @@ def exit_costs(runs: Sequence[Measured], backends: Sequence[BackendHint] | None 
                 markersize=4, color=colour, label=source.short)
     _plain_log_axis(ax.yaxis)
     ax.set_xlabel("exit number (in the order they happened)")
-    ax.set_ylabel("host time of the exit (µs, log scale)")
+    ax.set_ylabel("host time since the previous exit\n(guest run + exit + handling; µs, log scale)")
     name = f": {guest}" if guest else ""
-    ax.set_title(f"Host time per exit{name}\n" + "\n".join(textwrap.fill(source.label, 72) for source in sources),
-                 fontsize=10)
+    labels = "\n".join(textwrap.fill(source.label, 72) for source in sources)
+    ax.set_title(f"Host time from one exit to the next{name}\n{labels}", fontsize=10)
     ax.grid(alpha=0.3, which="both", axis="y")
     if any(source.trace.records for source in sources):
         ax.legend(loc="upper right", fontsize=9)

@@ -12,11 +12,12 @@ from typing import Mapping, Sequence
 
 from labkit.doctor import doctor_report
 from labkit.table import Table
-from labkit.trace import _format_ns
+from labkit.trace import LABKIT_EVENTS, TABLE_COLUMNS, format_ns
 from labkit.viz.labels import BackendHint, Measured, resolve
 from labkit.vmm.status import RunResult
 
-__all__ = ["Table", "Skipped", "capability_table", "exit_table", "backends_to_compare", "runs_side_by_side"]
+__all__ = ["Table", "Skipped", "ExitCosts", "capability_table", "exit_table", "exit_costs_of", "exit_cost_table",
+           "backends_to_compare", "runs_side_by_side"]
 
 def capability_table(report: dict | None = None) -> Table:
     """What ``labkit doctor`` says about this machine, as a small table.
@@ -45,15 +46,37 @@ def capability_table(report: dict | None = None) -> Table:
 
 
 def exit_table(data: Measured, backend: BackendHint = None) -> Table:
-    """The exit table of a run: reason, count, share of all exits, mean host time per exit."""
+    """The exit table of a run: per reason, count, share and labkit's handling time (min, median, max, total).
+
+    VM exits come first; labkit's own events (an interrupt it delivered, the
+    time budget running out) follow under their own heading, since they are no
+    exits.  The run's status is the result's, shown beside it, not an exit row.
+    The last column is the host time since the previous record, which
+    includes the guest's own execution (see :mod:`labkit.trace`).
+    """
     source = resolve(data, backend)
     trace = source.trace
-    rows = [[row.reason, str(row.count), f"{row.share:.1%}", _format_ns(row.mean_host_ns)]
-            for row in trace.summary()]
-    note = source.label
+    rows: list[list[str]] = []
+    summary = trace.summary()
+    for kind, heading in ((True, None), (False, "labkit events, not VM exits:")):
+        chosen = [row for row in summary if row.is_exit is kind]
+        if chosen and heading:
+            rows.append([heading, "", "", "", "", "", "", ""])
+        for row in chosen:
+            rows.append([row.reason, str(row.count), f"{row.share:.1%}", format_ns(row.handling_min_ns),
+                         format_ns(row.handling_median_ns), format_ns(row.handling_max_ns),
+                         format_ns(row.handling_total_ns), format_ns(row.since_previous_total_ns)])
+    rows.append(["total", str(len(trace)), "", "", "", "", format_ns(trace.total_handling_ns()),
+                 format_ns(trace.total_host_ns())])
+    note = (f"{source.label}. handling = {TABLE_COLUMNS['handling']}. "
+            f"since previous = {TABLE_COLUMNS['since_previous']}.")
     if trace.dropped:
-        note += f"; {trace.dropped} exits counted but not kept (trace limit {trace.limit})"
-    return Table(f"VM exits ({len(trace)} in all)", ["reason", "count", "share", "mean host time"], rows, note)
+        note += (f" {trace.dropped} exits counted but not kept (trace limit {trace.limit}); "
+                 "min/median/max are of the kept ones.")
+    header = ["reason", "count", "share", "handling min", "handling median", "handling max", "handling total",
+              "since previous (total)"]
+    return Table(f"VM exits ({trace.exit_count()}) and labkit events ({len(trace) - trace.exit_count()})",
+                 header, rows, note)
 
 
 @dataclass(frozen=True)
@@ -96,9 +119,61 @@ def runs_side_by_side(runs: Sequence[RunResult | Skipped], *, console_lines: int
         console = run.console.splitlines()
         if len(console) > console_lines:
             console = console[:console_lines] + [f"... ({len(run.console.splitlines()) - console_lines} more lines)"]
-        exits = ", ".join(f"{reason} {count}" for reason, count in run.exits.items()) or "none"
+        vm_exits, events = run.trace.by_kind()
+        exits = ", ".join(f"{reason} {count}" for reason, count in vm_exits.items()) or "none"
+        if events:
+            exits += "; not exits: " + ", ".join(f"{reason} {count}" for reason, count in events.items())
         columns.append([str(run.status), source.label, "\n".join(console),
                         f"{run.elapsed_s * 1e3:.2f} ms", exits])
     names = ["status", "measured on", "console", "run time (host)", "exits"]
     rows = [[name, *(column[index] for column in columns)] for index, name in enumerate(names)]
     return Table("The same guest on each backend", header, rows, code_rows=("console",))
+
+
+@dataclass(frozen=True)
+class ExitCosts:
+    """What one run's exits cost the host, from its trace: the numbers a notebook quotes."""
+
+    label: str
+    """What measured it ("measured on KVM (kvm_pvm)", ...)."""
+    exits: int
+    """VM exits (labkit's own events left out)."""
+    first_since_start_ns: int
+    """Host time from the run's start to the end of the first exit: it includes entering a new VM."""
+    median_since_previous_ns: float
+    """Median host time from one exit to the next, after the first: guest run + exit + handling."""
+    median_handling_ns: float
+    """Median of labkit's handling time per exit."""
+    handling_share: float
+    """labkit's handling as a share of the whole run's host time."""
+
+
+def exit_costs_of(run: Measured, backend: BackendHint = None) -> ExitCosts:
+    """The :class:`ExitCosts` of one run (a RunResult, or an ExitTrace with ``backend``)."""
+    import statistics
+
+    source = resolve(run, backend)
+    trace = source.trace
+    kept = [(record, handling) for record, handling in zip(trace.records, trace.handling)
+            if record[0] not in LABKIT_EVENTS]
+    if not kept:
+        return ExitCosts(source.label, 0, 0, 0.0, 0.0, 0.0)
+    since = [record[6] for record, _ in kept]
+    return ExitCosts(source.label, trace.exit_count(), since[0],
+                     statistics.median(since[1:] or since), statistics.median(handling for _, handling in kept),
+                     trace.total_handling_ns() / (trace.total_host_ns() or 1))
+
+
+def exit_cost_table(runs: Sequence[Measured]) -> Table:
+    """Per run: its exits, the first one's time, the median time from exit to exit and labkit's handling."""
+    rows = []
+    for run in runs:
+        costs = exit_costs_of(run)
+        rows.append([costs.label, str(costs.exits), format_ns(costs.first_since_start_ns),
+                     format_ns(costs.median_since_previous_ns), format_ns(costs.median_handling_ns),
+                     f"{costs.handling_share:.0%}"])
+    header = ["measured on", "VM exits", "first exit (from the start)", "median from one exit to the next",
+              "median labkit handling", "handling's share of the run"]
+    note = (f"from one exit to the next = {TABLE_COLUMNS['since_previous']}; "
+            f"labkit handling = {TABLE_COLUMNS['handling']}.")
+    return Table("What the exits cost", header, rows, note)

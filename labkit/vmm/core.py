@@ -118,6 +118,7 @@ class MachineCore:
         # Bound once: the hot path runs per exit.
         self._pio_read, self._pio_write = self.buses.pio.read, self.buses.pio.write
         self._trace_records, self._trace_limit = self.trace.records, self.trace.limit
+        self._trace_handling = self.trace.handling
         self._stepping = False
         self._step_out: list[tuple] = []
         self._resumed_ns = 0
@@ -197,6 +198,7 @@ class MachineCore:
     # -- the Dispatcher the backend calls (hot path) ---------------------------
 
     def pio(self, port: int, size: int, is_write: bool, value: int, rip: int) -> int:
+        started = perf_counter_ns()
         try:
             if is_write:
                 self._pio_write(port, size, value)
@@ -204,10 +206,11 @@ class MachineCore:
                 value = self._pio_read(port, size)
         except Exception as error:  # noqa: BLE001 - a device's bug ends the run, the same on every backend
             self._device_failed(self.buses.pio, "port", port, is_write, rip, error)
-        self._record(IO, rip, port, size, is_write, value)
+        self._record(IO, rip, port, size, is_write, value, started)
         return value
 
     def mmio(self, address: int, size: int, is_write: bool, value: int, rip: int) -> int:
+        started = perf_counter_ns()
         try:
             if is_write:
                 self.buses.mmio.write(address, size, value)
@@ -215,7 +218,7 @@ class MachineCore:
                 value = self.buses.mmio.read(address, size)
         except Exception as error:  # noqa: BLE001
             self._device_failed(self.buses.mmio, "MMIO address", address, is_write, rip, error)
-        self._record(MMIO, rip, address, size, is_write, value)
+        self._record(MMIO, rip, address, size, is_write, value, started)
         # Never stop inside an MMIO access for a step or a pause: the emulator cannot finish the
         # instruction after such a stop and would run it (and the access) again.  A step ends at
         # the next exit instead; a pause comes through kick().  Only a device's status stops here.
@@ -231,19 +234,24 @@ class MachineCore:
 
     def acknowledge_interrupt(self, vector: int) -> None:
         """The backend delivered ``vector`` to the guest: the controller is told, and the trace records it."""
+        started = perf_counter_ns()
         self.interrupts.acknowledge_interrupt(vector)
-        self._record(INTERRUPT, None, None, None, None, vector)
+        self._record(INTERRUPT, None, None, None, None, vector, started)
 
     def _record(self, reason: int, rip: int | None, address: int | None, size: int | None,
-                is_write: bool | None, data: int | None) -> None:
-        """``ExitTrace.add`` (its common case inlined: it runs once per exit) plus the step's own copy."""
+                is_write: bool | None, data: int | None, started_ns: int) -> None:
+        """``ExitTrace.add`` (its common case inlined: it runs once per exit) plus the step's own copy.
+
+        ``started_ns`` is when the backend handed the exit to labkit: the record's handling time runs from it.
+        """
         now = perf_counter_ns()
         record = (reason, rip, address, size, is_write, data, now - self._resumed_ns)
         records = self._trace_records
         if len(records) < self._trace_limit:
             records.append(record)
+            self._trace_handling.append(now - started_ns)
         else:
-            self.trace.add(*record)
+            self.trace.add(*record, now - started_ns)
         self._resumed_ns = now
         if self._stepping:
             self._step_out.append(record)
@@ -355,12 +363,13 @@ class MachineCore:
                     exit = self.backend.run(self, remaining)
                     if isinstance(exit, exits.Timeout):
                         exit = exits.Timeout(budget_s=budget)
+                returned_ns = perf_counter_ns()  # the backend handed the exit over: labkit's handling starts
                 decision = decide(exit, Situation(
                     device_status=self._device_status, pause_requested=self._pause_requested,
                     stepping=stepping and bool(self._step_out),
                     halt_can_wait=self._halt_can_wait, where=self._where))
                 if decision.record:
-                    self._record(int(exit.reason), self._rip(), None, None, None, None)
+                    self._record(int(exit.reason), self._rip(), None, None, None, None, returned_ns)
                 if decision.action is Action.WAIT:
                     self._halted_waiting = True
                     if stepping:
@@ -378,7 +387,7 @@ class MachineCore:
     def _wait_for_interrupt(self, remaining: float, budget: float) -> Status | None:
         """A HLT with interrupts enabled: wait (in slices, so a pause is seen) until a line rises."""
         if remaining <= 0:
-            self._record(int(ExitReason.TIMEOUT), self._rip(), None, None, None, None)
+            self._record(int(ExitReason.TIMEOUT), self._rip(), None, None, None, None, perf_counter_ns())
             return Status(StatusKind.TIMEOUT, message=f"the guest did not stop within its {budget:g} s budget")
         if self.interrupts.wait(min(remaining, WAIT_SLICE_S)):
             self._halted_waiting = False

@@ -9,6 +9,7 @@ The screenshot goes to pytest's temp dir, or to ``LABKIT_SCREENSHOT_DIR``.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -148,3 +149,221 @@ def test_missing_chromium_is_a_failure_not_a_skip(monkeypatch):
     with pytest.raises(pytest.fail.Exception, match="apt-get install -y chromium"):
         require_chromium()
 
+
+
+# -- the widgets, live: JupyterLab with a token, a kernel, and every control changed once ------------------
+
+CONTROLS = {
+    "00-welcome.ipynb": {"dropdown": 1, "toggle": 1, "button": 1},
+    "01-protection-rings.ipynb": {"dropdown": 1, "toggle": 1},
+    "02-trap-and-emulate.ipynb": {"dropdown": 1, "toggle": 1},
+    "03-binary-translation.ipynb": {"dropdown": 1, "select_multiple": 1, "toggle": 1, "slider": 1},
+}
+"""Per notebook, the controls its panels have (in all its cells): each is changed once and must change the results."""
+SELECTORS = {
+    "dropdown": ".widget-dropdown select",
+    "select_multiple": ".widget-select-multiple select",
+    "toggle": ".widget-toggle-buttons",
+    "slider": ".widget-slider",
+    "button": "button.widget-button:not(.widget-toggle-button)",
+}
+# The results of a cell: the text and figures of its outputs that are not the control panel itself.
+RESULTS_JS = """cell => Array.from(cell.querySelectorAll('.jp-OutputArea-output'))
+    .filter(output => !output.querySelector('.jupyter-widgets'))
+    .map(output => output.innerText + Array.from(output.querySelectorAll('img'))
+        .map(image => image.src.length + ':' + image.src.slice(-80)).join(','))
+    .join('\\n')"""
+RUN_ALL_S = 180
+SETTINGS = {
+    # Render every cell (JupyterLab 4 leaves cells outside the view unrendered), start the kernel unasked.
+    "@jupyterlab/notebook-extension:tracker": {"windowingMode": "none", "autoStartDefaultKernel": True},
+    "@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False},
+}
+CHANGE_S = 60
+
+
+def _session_processes(session: int) -> list[int]:
+    """Processes whose session id is ``session`` (JupyterLab and its kernels run in a session of their own)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = open(f"/proc/{name}/stat").read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[4]) == session:
+                found.append(int(name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def jupyterlab(tmp_path_factory):
+    """``labkit lab`` on a copy of the notebooks (JupyterLab saves what it runs), with its token; nothing left after."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("lab")
+    notebooks = root / "notebooks"
+    shutil.copytree(NOTEBOOKS, notebooks, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    for plugin, values in SETTINGS.items():
+        path = root / "settings" / f"{plugin.replace(':', '/')}.jupyterlab-settings"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    repo = str(NOTEBOOKS.parent)
+    env = {key: value for key, value in os.environ.items() if key != "JUPYTER_TOKEN"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))  # the kernel imports this tree
+    log = open(root / "jupyter.log", "w+")
+    server = subprocess.Popen([sys.executable, "-m", "labkit.cli", "lab", "--notebooks", str(notebooks),
+                               "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+                               f"--ServerApp.runtime_dir={root / 'runtime'}",
+                               f"--LabApp.workspaces_dir={root / 'workspaces'}",
+                               f"--LabApp.user_settings_dir={root / 'settings'}"],
+                              stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
+    try:
+        line = server.stdout.readline()
+        assert f"http://127.0.0.1:{port}/lab?token=" in line, line
+        token = line.split("token=", 1)[1].split()[0]
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                request = urllib.request.Request(f"{base}/api/status", headers={"Authorization": f"token {token}"})
+                urllib.request.urlopen(request, timeout=5).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise AssertionError(f"JupyterLab did not come up:\n{log.read()[-2000:]}")
+                time.sleep(0.5)
+        yield base, token
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(timeout=30)
+        time.sleep(0.5)
+        left = _session_processes(server.pid)
+        for pid in left:
+            os.kill(pid, 9)
+        server.stdout.close()
+        log.close()
+        assert left == [], f"JupyterLab left processes behind: {left}"
+
+
+def _wait_for(condition, seconds: float, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds:g} s waiting for {what}")
+        time.sleep(0.25)
+
+
+def _change(page, kind: str, control) -> str:
+    """Change one control as a student would; returns what was done."""
+    if kind == "dropdown":
+        index = control.evaluate("select => select.selectedIndex")
+        count = control.evaluate("select => select.options.length")
+        control.select_option(index=(index + 1) % count)
+        return f"dropdown: option {(index + 1) % count}"
+    if kind == "select_multiple":
+        labels = control.evaluate("select => Array.from(select.options).map(option => option.label)")
+        control.select_option(label=labels)  # translate everything
+        return "select multiple: all"
+    if kind == "toggle":
+        inactive = control.locator("button:not(.mod-active)")
+        assert inactive.count() >= 1, "only one backend button: this test runs where KVM is usable"
+        label = inactive.first.inner_text()
+        inactive.first.click()
+        return f"toggle: {label}"
+    if kind == "slider":
+        readout = control.locator(".widget-readout")
+        readout.click()
+        page.keyboard.press("Control+a")
+        page.keyboard.type("5")
+        page.keyboard.press("Enter")
+        return "slider: 5"
+    control.click()
+    return "button"
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("name", sorted(CONTROLS))
+def test_every_widget_changes_the_results(name, jupyterlab, browser, tmp_path):
+    """Marked kvm: the backend buttons need a second backend to switch to (conftest skips it only without /dev/kvm)."""
+    import re
+
+    base, token = jupyterlab
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith((base, "data:", "blob:"))
+               else route.abort())
+    page.goto(f"{base}/lab/tree/{name}?token={token}&reset", wait_until="domcontentloaded")  # reset: this tab only
+    notebook = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
+    notebook.locator(".jp-CodeCell").first.wait_for(timeout=90_000)
+    select_kernel = page.locator(".jp-Dialog button", has_text=re.compile("^Select$"))
+    try:
+        select_kernel.click(timeout=10_000)  # asked on a first start even with autoStartDefaultKernel
+    except Exception:  # noqa: BLE001 - Playwright's TimeoutError: no dialog, the kernel started on its own
+        pass
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^Run$")).click()
+    page.locator("li.lm-Menu-item[data-command='runmenu:run-all']").click()
+    prompts = notebook.locator(".jp-CodeCell .jp-InputPrompt")
+
+    def all_ran() -> bool:
+        texts = prompts.all_inner_texts()
+        return bool(texts) and all(re.fullmatch(r"\[\d+\]:", text.strip()) for text in texts)
+
+    _wait_for(all_ran, RUN_ALL_S, f"{name} to run to the end")
+    errors = notebook.locator("[data-mime-type='application/vnd.jupyter.stderr']")
+    assert errors.count() == 0, f"{name}: error output: {errors.first.inner_text()[:500]}"
+
+    cells = notebook.locator(".jp-CodeCell").filter(has=page.locator(".jp-OutputArea-output .jupyter-widgets"))
+    found = {kind: 0 for kind in SELECTORS}
+    changed = []
+    for index in range(cells.count()):
+        cell = cells.nth(index)
+        cell.scroll_into_view_if_needed()
+        for kind, selector in SELECTORS.items():
+            controls = cell.locator(selector)
+            for number in range(controls.count()):
+                found[kind] += 1
+                before = cell.evaluate(RESULTS_JS)
+                assert before.strip(), f"{name}: a panel shows no results"
+                done = _change(page, kind, controls.nth(number))
+                _wait_for(lambda: cell.evaluate(RESULTS_JS) != before
+                          and "running" not in cell.locator(".jupyter-widgets").first.inner_text(),
+                          CHANGE_S, f"{name}: the results to change after {done}")
+                changed.append(done)
+        assert "Traceback" not in cell.inner_text(), f"{name}: a change raised"
+    expected = {kind: CONTROLS[name].get(kind, 0) for kind in SELECTORS}
+    assert found == expected, f"{name}: controls found {found}, expected {expected}"
+    shots = Path(os.environ.get("LABKIT_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / name.replace(".ipynb", "-widgets.png")))
+    print(f"{name}: changed {changed}")
+    page.close()
+    _shut_down_kernels(base, token)
+
+
+def _shut_down_kernels(base: str, token: str) -> None:
+    """End the sessions (and kernels) the page started: the next notebook gets the machine's cores."""
+    import urllib.request
+
+    headers = {"Authorization": f"token {token}"}
+    with urllib.request.urlopen(urllib.request.Request(f"{base}/api/sessions", headers=headers), timeout=10) as answer:
+        sessions = json.load(answer)
+    for session in sessions:
+        request = urllib.request.Request(f"{base}/api/sessions/{session['id']}", headers=headers, method="DELETE")
+        urllib.request.urlopen(request, timeout=30).close()

@@ -57,6 +57,26 @@ def test_run_a_shipped_guest_prints_console_and_exit_table(backend_name):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("Hello from 64-bit mode!\n")
     assert "reason" in done.stdout and "IO" in done.stdout and "HLT" in done.stdout
+    assert "median" in done.stdout and "since prev." in done.stdout and "TIMEOUT" not in done.stdout
+
+
+def test_run_json_has_the_exit_table_and_a_timeout_is_no_exit(backend_name, tmp_path):
+    done = labkit("run", "hello64", "--backend", backend_name, "--json")
+    table = json.loads(done.stdout)["exit_table"]
+    rows = {row["reason"]: row for row in table["exits"]}
+    assert rows["IO"]["count"] == 48 and rows["HLT"]["count"] == 1 and table["labkit_events"] == []
+    io = rows["IO"]
+    assert 0 < io["handling_min_ns"] <= io["handling_median_ns"] <= io["handling_max_ns"] <= io["handling_total_ns"]
+    assert io["handling_total_ns"] < io["since_previous_total_ns"]  # handling is a part of the time between exits
+    assert table["handling_total_ns"] == sum(row["handling_total_ns"] for row in table["exits"])
+    spin = tmp_path / "spin.S"
+    spin.write_text("jmp .\n")
+    done = labkit("run", str(spin), "--mode", "64", "--backend", backend_name, "--timeout", "0.3", "--json")
+    result = json.loads(done.stdout)
+    assert result["status"] == "timeout"
+    assert "TIMEOUT" not in {row["reason"] for row in result["exit_table"]["exits"]}
+    assert [row["reason"] for row in result["exit_table"]["labkit_events"]] == ["TIMEOUT"]
+    assert "TIMEOUT" not in result["exits"] and result["labkit_events"] == {"TIMEOUT": 1}
 
 
 @pytest.mark.parametrize("mode", [16, 32, 64])

@@ -35,13 +35,13 @@ class Execution:
     """One entry per error output or stderr output that reads as a failure, naming its cell."""
 
     def text(self) -> str:
-        """Everything the notebook printed or displayed as text or HTML, in order."""
+        """Everything the notebook printed or displayed as text, HTML or Markdown, in order."""
         parts = []
         for cell in self.notebook.cells:
             for output in cell.get("outputs", []):
                 if "text" in output:
                     parts.append(output["text"])
-                for mime in ("text/plain", "text/html"):
+                for mime in ("text/plain", "text/html", "text/markdown"):
                     if mime in output.get("data", {}):
                         parts.append(output["data"][mime])
         return "\n".join(parts)

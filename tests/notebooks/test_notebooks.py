@@ -9,6 +9,9 @@ the notebook's own content checks (below) do not find what a student should see.
 
 from __future__ import annotations
 
+import html
+import re
+
 import nbformat
 import pytest
 from notebook_execution import NOTEBOOKS, RUN_TIMES, Execution, execute
@@ -50,22 +53,49 @@ def check_welcome(run: Execution, backend: str, kvm=None) -> None:
     assert "Hello from 64-bit mode!" in text, "hello64's console output is not shown"
     assert "This machine (labkit" in text, "the capability table is missing"
     assert "console: 'A'" in text, "the student's own guest did not print its 'A'"
-    assert "same console output and exits on all of them: True" in text
+    assert "They **disagree**" not in text
+    label = "KVM" if backend == "kvm" else "emulator (Unicorn)"
+    assert f"hello64 on {label}: halted" in text, "the guest-run widget did not show its first run"
     assert len(run.images()) >= 3, f"expected the side-by-side, exit-cost and timeline figures, got {len(run.images())} images"
     assert "measured on the emulator (Unicorn)" in text
+    check_quoted_costs_match_the_table(run)
     kvm = kvm or probe()
     if kvm.usable:
         assert f"usable, flavour {kvm.flavour}" in text, "the capability table does not name the KVM flavour"
     else:
         assert f"not usable: {kvm.problem}" in text, "the capability table does not say why KVM is absent"
     if backend == "kvm":
-        assert "backends run: kvm, emu" in text, "hello did not run on both backends"
+        assert "backends run: kvm, emu. They agree" in text, "hello did not run on both backends, or they differ"
         assert f"measured on KVM ({kvm_flavour()})" in text
         assert "main backend of this session: kvm" in text
     else:
         assert "backends run: emu" in text and "backends run: kvm" not in text
         assert "emulation only" in text or "not usable" in text, "the notebook does not say why KVM was skipped"
+        assert "Only one backend ran in this session" in text and "They agree" not in text
         assert "main backend of this session: emu" in text
+
+
+def outputs_of(run: Execution, mime: str) -> list[str]:
+    return [output["data"][mime] for cell in run.notebook.cells for output in cell.get("outputs", [])
+            if mime in output.get("data", {})]
+
+
+def check_quoted_costs_match_the_table(run: Execution) -> None:
+    """00's sentence about what the exits cost quotes exactly the numbers its cost table shows, from the same run."""
+    quoted = [text for text in outputs_of(run, "text/markdown") if text.startswith("In the run you just made")]
+    assert len(quoted) == 1, "the paragraph filled from the run is missing"
+    table = next(html for html in outputs_of(run, "text/html") if "What the exits cost" in html)
+    rows = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", table):
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+        if cells:
+            rows[cells[0]] = cells[1:]
+    bullets = re.findall(r"\* \*\*(.+?)\*\*: (\d+) exits\. The first ended (\S+ \S+) after the start; "
+                         r"after it, one exit followed the previous one every (\S+ \S+) \(median\), "
+                         r"of which labkit's handling took (\S+ \S+)\.", quoted[0])
+    assert bullets and len(bullets) == len(rows), quoted[0]
+    for label, exits, first, since, handling in bullets:
+        assert rows[html.escape(label)][:4] == [exits, first, since, handling], (label, rows)
 
 
 def check_binary_translation(run: Execution, backend: str, kvm=None) -> None:
@@ -77,6 +107,9 @@ def check_binary_translation(run: Execution, backend: str, kvm=None) -> None:
     assert "int3               ; -> monitor: emulate popfq" in text, "the translated block is not shown"
     assert "≠ " in text, "the student's experiment (popfq left untranslated) shows no divergence"
     assert len(run.images()) >= 1, "the T&E vs BT figure is missing"
+    label = "KVM" if backend == "kvm" else "emulator (Unicorn)"
+    assert f"popf on {label}, left untranslated: popfq. The translated console is different" in text
+    assert "Exit 0 of " in text, "the exit stepper did not show the first exit"
     if backend == "kvm":
         assert f"measured on KVM ({kvm_flavour()})" in text
     else:
@@ -91,8 +124,13 @@ def check_trap_and_emulate(run: Execution, backend: str, kvm=None) -> None:
     for line in ("cli, then pushf: IF = 1", "IF in the interrupted code = 0", "sgdt: GDT base 0x1000",
                  "sidt: IDT base 0x2000", "TS = 0"):
         assert line in text, f"the divergent line {line!r} is not shown"
-    assert "same trap-and-emulate console on every backend run: True" in text
+    if backend == "kvm":
+        assert "same trap-and-emulate console on every backend run: True" in text
+    else:
+        assert "only emu ran in this session" in text and "on every backend run" not in text
     assert "error: unemulated instruction at RIP 0x8003: wbinvd" in text
+    label = "KVM" if backend == "kvm" else "emulator (Unicorn)"
+    assert f"cli_pushf on {label}: native halted" in text, "the routine widget did not show its first run"
     assert "  ticks after sti: 0x1" in text and "  ticks after popf: 0x0" in text
     assert "emulator time, not hardware time" in text or backend == "kvm"
     assert len(run.images()) >= 1, "the trap profile figure is missing"
@@ -114,6 +152,7 @@ def check_rings(run: Execution, backend: str, kvm=None) -> None:
     assert "cr2 0x00030000" in text
     assert "matches the paper on emulator (Unicorn): 18 of 18" in text, "the classifier table disagrees with the paper"
     assert "smsw eax (64-bit) on emulator (Unicorn): SENSITIVE" in text, "the classifier cell did not run"
+    assert "smsw eax on " in text, "the instruction widget did not show its first verdict"
     assert len(run.images()) >= 2, f"expected ring timelines, got {len(run.images())} images"
     if backend == "kvm":
         flavour = kvm_flavour()

@@ -24,9 +24,9 @@ EMU_LABEL = "measured on the emulator (Unicorn): emulator time, not hardware tim
 def hello_trace() -> ExitTrace:
     """Three UART writes 10 µs apart, then a HLT 5 µs later: exits end at 10, 20, 30, 35 µs."""
     trace = ExitTrace()
-    for char in b"Hi\n":
-        trace.add(ExitReason.IO, 0x8000, 0x3F8, 1, True, char, 10_000)
-    trace.add(ExitReason.HLT, 0x8010, None, None, None, None, 5_000)
+    for handling, char in enumerate(b"Hi\n", start=1):  # labkit handled them in 1, 2 and 3 µs
+        trace.add(ExitReason.IO, 0x8000, 0x3F8, 1, True, char, 10_000, handling * 1000)
+    trace.add(ExitReason.HLT, 0x8010, None, None, None, None, 5_000, 4_000)
     return trace
 
 
@@ -130,10 +130,27 @@ def test_bare_trace_needs_a_backend():
 
 def test_exit_table_rows_and_label():
     table = exit_table(hello_result("emu"))
-    assert table.rows == [["IO", "3", "75.0%", "10.00 µs"], ["HLT", "1", "25.0%", "5.00 µs"]]
-    assert table.note == EMU_LABEL
+    assert table.header == ["reason", "count", "share", "handling min", "handling median", "handling max",
+                            "handling total", "since previous (total)"]
+    assert table.rows == [["IO", "3", "75.0%", "1.00 µs", "2.00 µs", "3.00 µs", "6.00 µs", "30.00 µs"],
+                          ["HLT", "1", "25.0%", "4.00 µs", "4.00 µs", "4.00 µs", "4.00 µs", "5.00 µs"],
+                          ["total", "4", "", "", "", "", "10.00 µs", "35.00 µs"]]
+    assert table.note.startswith(EMU_LABEL)
+    assert "not the kernel's exit and re-entry" in table.note and "the guest running" in table.note
     assert "<td style='text-align:left;vertical-align:top'>IO</td>" in table._repr_html_()
     assert "75.0%" in str(table)
+
+
+def test_exit_table_keeps_labkit_events_apart_from_exits():
+    trace = hello_trace()
+    trace.add(ExitReason.INTERRUPT, None, None, None, None, 0x20, 7_000, 500)
+    trace.add(ExitReason.TIMEOUT, 0x8010, None, None, None, None, 2_000_000, 300)
+    table = exit_table(trace, "emu")
+    reasons = [row[0] for row in table.rows]
+    assert reasons == ["IO", "HLT", "labkit events, not VM exits:", "INTERRUPT", "TIMEOUT", "total"]
+    assert table.title == "VM exits (4) and labkit events (2)"
+    shares = {row[0]: row[2] for row in table.rows}
+    assert shares["IO"] == "75.0%" and shares["TIMEOUT"] == "50.0%"  # each share is of its own kind
 
 
 def test_runs_side_by_side_with_a_skipped_backend():
@@ -189,14 +206,14 @@ def test_exit_costs_one_series_per_backend():
     assert kvm.get_label().startswith("KVM") and emu.get_label() == "emulator (Unicorn)"
     assert ax.get_yscale() == "log"
     assert ax.get_xlabel() == "exit number (in the order they happened)"
-    assert ax.get_ylabel() == "host time of the exit (µs, log scale)"
+    assert ax.get_ylabel() == "host time since the previous exit\n(guest run + exit + handling; µs, log scale)"
     assert "measured on KVM" in title_text(ax) and EMU_LABEL in title_text(ax)
 
 
 def test_table_plain_text_in_ipython():
     from IPython.lib.pretty import pretty
 
-    assert pretty(exit_table(hello_trace(), "emu")).startswith("VM exits (4 in all)\nreason")
+    assert pretty(exit_table(hello_trace(), "emu")).startswith("VM exits (4) and labkit events (0)\nreason")
 
 
 def result_from(origin) -> RunResult:
@@ -230,3 +247,25 @@ def test_a_result_without_an_origin_falls_back_to_this_hosts_kvm(monkeypatch):
     monkeypatch.setattr(labels, "_local_flavour", lambda: "kvm_amd")
     assert labels.label(hello_result("kvm")) == "measured on KVM (kvm_amd)"
     assert labels.label(hello_result("emu")) == EMU_LABEL
+
+
+def test_exit_costs_quote_the_trace():
+    from labkit.viz import exit_cost_table, exit_costs_of
+
+    trace = hello_trace()
+    trace.add(ExitReason.TIMEOUT, 0x8010, None, None, None, None, 9_000_000, 100)  # no exit: left out
+    costs = exit_costs_of(trace, "emu")
+    assert costs.exits == 4 and costs.first_since_start_ns == 10_000
+    assert costs.median_since_previous_ns == 10_000  # of 10, 10, 5 µs after the first
+    assert costs.median_handling_ns == 2_500  # of 1, 2, 3, 4 µs
+    table = exit_cost_table([hello_result("emu")])
+    assert table.rows == [[EMU_LABEL, "4", "10.00 µs", "10.00 µs", "2.50 µs", "29%"]]  # 10 of 35 µs handling
+
+
+def test_runs_side_by_side_does_not_count_a_timeout_as_an_exit():
+    trace = hello_trace()
+    trace.add(ExitReason.TIMEOUT, 0x8010, None, None, None, None, 1_000_000, 100)
+    run = RunResult(status=Status(StatusKind.TIMEOUT), console="Hi\n", regs=Regs(), trace=trace,
+                    backend="emu", elapsed_s=1.0)
+    rows = {row[0]: row[1:] for row in runs_side_by_side([run]).rows}
+    assert rows["exits"] == ["IO 3, HLT 1; not exits: TIMEOUT 1"]
