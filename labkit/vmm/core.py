@@ -74,15 +74,19 @@ class ResultUpdate:
     result: RunResult
     """The result with an empty trace and console."""
     new_records: list[tuple]
+    new_handling: list[int]
     overflow_counts: dict[int, int]
     overflow_host_ns: dict[int, int]
+    overflow_handling_ns: dict[int, int]
     console_tail: bytes
 
     def apply(self, trace: ExitTrace, console: bytearray) -> RunResult:
         """Bring the receiver's ``trace`` and ``console`` up to date and return the whole result."""
         trace.records.extend(self.new_records)
+        trace.handling.extend(self.new_handling)
         trace.overflow_counts = dict(self.overflow_counts)
         trace.overflow_host_ns = dict(self.overflow_host_ns)
+        trace.overflow_handling_ns = dict(self.overflow_handling_ns)
         console += self.console_tail
         return replace(self.result, trace=trace, console=console.decode("utf-8", errors="replace"))
 
@@ -321,9 +325,11 @@ class MachineCore:
         """The current result as a :class:`ResultUpdate` for a caller holding ``records_seen`` trace
         records and ``console_seen`` console bytes."""
         whole = self.result(elapsed_s)
+        trace = self.trace
         return ResultUpdate(replace(whole, trace=ExitTrace(0), console=""),
-                            self.trace.records[records_seen:], self.trace.overflow_counts,
-                            self.trace.overflow_host_ns, bytes(self.console.output[console_seen:]))
+                            trace.records[records_seen:], trace.handling[records_seen:], trace.overflow_counts,
+                            trace.overflow_host_ns, trace.overflow_handling_ns,
+                            bytes(self.console.output[console_seen:]))
 
     def step(self, timeout: float, budget: float | None = None) -> StepResult:
         """Run to the next exit(s); return only the exits recorded by this step, and the status.

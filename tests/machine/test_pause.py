@@ -140,3 +140,4 @@ def test_each_run_moves_only_what_is_new_yet_the_result_is_whole(backend_name):
     assert result.console == reference.console
     assert keys(result) == keys(reference)
     assert result.trace.by_reason() == reference.trace.by_reason()
+    assert len(result.trace.handling) == len(result.trace.records) and all(ns > 0 for ns in result.trace.handling)
