@@ -18,6 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "notebooks"))
 from notebook_execution import NOTEBOOKS, execute  # noqa: E402
+from processes import session_processes  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -182,20 +183,6 @@ SETTINGS = {
 CHANGE_S = 60
 
 
-def _session_processes(session: int) -> list[int]:
-    """Processes whose session id is ``session`` (JupyterLab and its kernels run in a session of their own)."""
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                stat = open(f"/proc/{name}/stat").read()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2:].split()[4]) == session:
-                found.append(int(name))
-    return found
-
-
 @pytest.fixture(scope="module")
 def jupyterlab(tmp_path_factory):
     """``labkit lab`` on a copy of the notebooks (JupyterLab saves what it runs), with its token; nothing left after."""
@@ -252,7 +239,7 @@ def jupyterlab(tmp_path_factory):
                 server.kill()
                 server.wait(timeout=30)
         time.sleep(0.5)
-        left = _session_processes(server.pid)
+        left = session_processes(server.pid)
         for pid in left:
             os.kill(pid, 9)
         server.stdout.close()

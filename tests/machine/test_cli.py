@@ -11,6 +11,8 @@ import textwrap
 
 import pytest
 
+from processes import session_processes
+
 HELLO = {
     16: "mov dx, 0x3f8\nmov al, 'x'\nout dx, al\nhlt\n",
     32: "mov dx, 0x3f8\nmov al, 'x'\nout dx, al\nmov ecx, 3\n1: loop 1b\nhlt\n",
@@ -122,20 +124,6 @@ def test_kvm_without_permission_falls_back_with_auto_and_fails_clearly_with_kvm(
     assert "usermod -aG kvm" in done.stderr
 
 
-def _session_processes(session: int) -> list[int]:
-    """Processes whose session id is ``session`` (``labkit lab`` runs in a session of its own)."""
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                stat = open(f"/proc/{name}/stat").read()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2:].split()[4]) == session:
-                found.append(int(name))
-    return found
-
-
 @pytest.mark.unit
 def test_lab_becomes_jupyterlab_with_a_token_and_leaves_nothing_behind(tmp_path):
     """`labkit lab` execs JupyterLab with a token it made: a request without it is refused; SIGTERM ends it all."""
@@ -181,9 +169,9 @@ def test_lab_becomes_jupyterlab_with_a_token_and_leaves_nothing_behind(tmp_path)
         server.terminate()
         assert server.wait(timeout=30) is not None
         time.sleep(0.2)
-        assert _session_processes(server.pid) == [], "JupyterLab left processes behind"
+        assert session_processes(server.pid) == [], "JupyterLab left processes behind"
     finally:
-        for pid in _session_processes(server.pid):
+        for pid in session_processes(server.pid):
             os.kill(pid, 9)
         if server.poll() is None:
             server.kill()
