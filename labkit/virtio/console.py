@@ -81,13 +81,14 @@ class VirtioConsole:
     """The device: virtio-mmio registers (:meth:`read`/:meth:`write` take offsets) and :meth:`notify`.
 
     ``memory`` is guest memory (every ring access goes through it), ``console``
-    receives the transmitted bytes.  Counters for the lesson: ``notifications``
+    receives the transmitted bytes (a view into guest memory for a one-buffer
+    chain: copy it, as ``Console.extend`` does).  Counters for the lesson: ``notifications``
     (every one received), ``ignored`` (those that found nothing to do: device not
     live, queue not ready or not a transmit queue), ``chains`` and ``bytes``
     consumed.
     """
 
-    def __init__(self, memory: GuestMemory, console: Callable[[bytes], None]):
+    def __init__(self, memory: GuestMemory, console: Callable[[bytes | memoryview], None]):
         self.memory = memory
         self.console = console
         self.reset()
@@ -283,12 +284,11 @@ class VirtioConsole:
         try:
             waiting = queue.pending()
             while waiting:
-                chain = queue.pop()
-                data = queue.read(chain)
-                self.console(data)
+                chain = queue.pop()  # validated whole: a bad chain's bytes never reach the console
+                self.console(chain.data)
                 queue.put_used(chain.head, 0)  # a transmit buffer: the device wrote nothing into it
                 consumed += 1
-                self.bytes += len(data)
+                self.bytes += len(chain.data)
                 waiting -= 1
         except (VirtqueueError, GuestMemoryError) as error:
             self._fail(f"queue {TRANSMITQ}: {error}")

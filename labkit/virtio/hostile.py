@@ -16,8 +16,10 @@ must then need a reset.
 :func:`run_on_device` drives a :class:`labkit.virtio.console.VirtioConsole`
 through its virtio-mmio registers as a driver would, over RAM that is a host
 ``bytearray``.  ``tests/unit/test_virtio_hostile.py`` checks a fixed sample,
-``benchmarks/fuzz_virtqueue.py`` the full 10,000, and the same rings go through
-real machines on both backends (``tests/machine/test_virtio.py``).
+``benchmarks/fuzz_virtqueue.py`` the full 10,000.  :func:`run_on_machine` sends a
+ring through a real machine instead: :data:`HOSTILE_DRIVER`, a guest, sets the
+queue up and notifies, and the device runs where the guest runs (the
+emulator's worker process, or beside KVM).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from __future__ import annotations
 import random
 import struct
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from labkit.memory import GuestMemory
 from labkit.virtio import transport as t
 from labkit.virtio.console import TRANSMITQ, VirtioConsole
+from labkit.x86 import layout
 from labkit.virtio.ring import (VIRTQ_DESC_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Descriptor,
                                 QueueLayout, used_ring_size)
 
@@ -39,6 +43,8 @@ BUFFER_AREA = (0x90000, 0x1F0000)
 """Buffers never overlap each other, so each chain's bytes are known."""
 RAM_SIZE = 2 << 20
 """The guest RAM the rings are made for: labkit's default 2 MiB."""
+DRIVER_PARAMS = 0x80000
+"""Where :data:`HOSTILE_DRIVER` reads u32 size, u32 features 0-31, u64 desc, u64 avail, u64 used."""
 
 RING_FAULTS = ("avail_idx_too_far", "size_not_power_of_2", "size_above_max", "size_zero", "desc_misaligned",
                "avail_misaligned", "used_misaligned", "area_past_ram")
@@ -49,6 +55,9 @@ CHAIN_FAULTS = ("head_past_ring", "next_past_table", "loop", "length_past_ram", 
                 "indirect_loop")
 """Faults of one chain: the chains before it are consumed, it and those after are not."""
 FAULTS = RING_FAULTS + CHAIN_FAULTS
+
+if TYPE_CHECKING:
+    from labkit.guest import Guest
 
 _U16 = struct.Struct("<H")
 U64 = 1 << 64
@@ -386,4 +395,87 @@ def check_outcome(case: HostileRing, device: VirtioConsole, console: bytes, befo
         published = _U16.unpack_from(used, 2)[0]
         if published != (case.start + len(case.expected_heads)) & 0xFFFF:
             problems.append(f"used idx {published}, expected {(case.start + len(case.expected_heads)) & 0xFFFF}")
+    return problems
+
+
+HOSTILE_DRIVER = f"""
+# hostile_driver: finds nothing, checks nothing: resets the virtio console, accepts VERSION_1 and the
+# feature bits 0-31 at {DRIVER_PARAMS:#x} + 4, sets queue 1 up from the block at {DRIVER_PARAMS:#x}, DRIVER_OK,
+# notifies once and exits with the device status as exit code. The host wrote the ring itself.
+        .equ MMIO, {layout.VIRTIO_MMIO_BASE:#x}
+        .equ P, {DRIVER_PARAMS:#x}
+        mov ebp, MMIO
+        mov dword ptr [rbp + {t.STATUS:#x}], 0
+        mov dword ptr [rbp + {t.STATUS:#x}], {t.STATUS_ACKNOWLEDGE | t.STATUS_DRIVER}
+        mov dword ptr [rbp + {t.DRIVER_FEATURES_SEL:#x}], 0
+        mov eax, [P + 4]
+        mov [rbp + {t.DRIVER_FEATURES:#x}], eax
+        mov dword ptr [rbp + {t.DRIVER_FEATURES_SEL:#x}], 1
+        mov dword ptr [rbp + {t.DRIVER_FEATURES:#x}], 1
+        mov dword ptr [rbp + {t.STATUS:#x}], {t.STATUS_ACKNOWLEDGE | t.STATUS_DRIVER | t.STATUS_FEATURES_OK}
+        mov dword ptr [rbp + {t.QUEUE_SEL:#x}], {TRANSMITQ}
+        mov eax, [P]
+        mov [rbp + {t.QUEUE_SIZE:#x}], eax
+        mov eax, [P + 8]
+        mov [rbp + {t.QUEUE_DESC_LOW:#x}], eax
+        mov eax, [P + 12]
+        mov [rbp + {t.QUEUE_DESC_HIGH:#x}], eax
+        mov eax, [P + 16]
+        mov [rbp + {t.QUEUE_DRIVER_LOW:#x}], eax
+        mov eax, [P + 20]
+        mov [rbp + {t.QUEUE_DRIVER_HIGH:#x}], eax
+        mov eax, [P + 24]
+        mov [rbp + {t.QUEUE_DEVICE_LOW:#x}], eax
+        mov eax, [P + 28]
+        mov [rbp + {t.QUEUE_DEVICE_HIGH:#x}], eax
+        mov dword ptr [rbp + {t.QUEUE_READY:#x}], 1
+        mov dword ptr [rbp + {t.STATUS:#x}], {t.STATUS_ACKNOWLEDGE | t.STATUS_DRIVER | t.STATUS_FEATURES_OK
+                                              | t.STATUS_DRIVER_OK}
+        mov dx, {layout.VIRTIO_NOTIFY_PORT:#x}
+        mov ax, {TRANSMITQ}
+        out dx, ax
+        mov eax, [rbp + {t.STATUS:#x}]
+        out {layout.DEBUG_EXIT_PORT:#x}, al
+        hlt
+"""
+"""A guest that sets the transmit queue up as the driver block says and notifies once (GNU as source)."""
+
+
+def run_on_machine(case: HostileRing, backend: str, driver: Guest | None = None) -> list[str]:
+    """Send ``case`` through a real machine on ``backend``; everything wrong with the outcome (empty: right).
+
+    ``case`` must start at 0 (``random_ring(..., start_at_zero=True)``: a real
+    device's indexes start there).  ``driver`` is :data:`HOSTILE_DRIVER`
+    assembled (pass it to save assembling it again).
+    """
+    from labkit.guest import Guest
+    from labkit.virtio.console import DEVICE_NAME, console_devices
+    from labkit.vmm.machine import Machine
+    from labkit.vmm.status import StatusKind
+
+    if case.start:
+        raise ValueError("a ring for a machine starts at index 0")
+    driver = driver or Guest.from_asm(HOSTILE_DRIVER, name="hostile_driver")
+    with Machine(driver, backend=backend, memory=RAM_SIZE, devices=console_devices()) as machine:
+        for address, data in case.writes:
+            machine.write_memory(address, data)
+        machine.write_memory(DRIVER_PARAMS, struct.pack(
+            "<IIQQQ", case.layout.size & 0xFFFFFFFF, t.VIRTIO_F_INDIRECT_DESC if case.indirect else 0,
+            case.layout.desc, case.layout.avail, case.layout.used))
+        before = machine.read_memory(QUEUE_BASE, RAM_SIZE - QUEUE_BASE)
+        result = machine.run(timeout=10)
+        after = machine.read_memory(QUEUE_BASE, RAM_SIZE - QUEUE_BASE)
+        console = machine.device_state("console")["output"]
+        error = machine.device_state(DEVICE_NAME)["error"]
+    problems = []
+    if result.status.kind is not StatusKind.EXITED:
+        problems.append(f"the run ended {result.status}")
+    elif bool(result.status.code & t.STATUS_DEVICE_NEEDS_RESET) is not case.bad:
+        problems.append(f"device status {result.status.code:#x} for a {case.fault} ring ({error})")
+    if console != case.expected_console:
+        problems.append(f"console got {len(console)} bytes, not the {len(case.expected_console)} expected")
+    may_write = case.used_area if case.fault not in RING_FAULTS or case.fault == "avail_idx_too_far" else (0, 0)
+    start, end = (max(address - QUEUE_BASE, 0) for address in may_write)
+    if before[:start] != after[:start] or before[end:] != after[end:]:
+        problems.append("RAM outside the used ring changed")
     return problems

@@ -19,12 +19,12 @@ measurement says whether they did (``console_ok``).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from labkit.errors import ConfigError
 from labkit.vmm.machine import Machine, check_timeout
-from labkit.vmm.status import StatusKind
+from labkit.vmm.status import RunResult, StatusKind
 from labkit.virtio.console import DEVICE_NAME, QUEUE_SIZE_MAX, console_devices
 from labkit.x86 import layout
 
@@ -84,6 +84,8 @@ class ConsoleMeasurement:
     status: str
     device: dict[str, Any] | None = None
     """The virtio device's saved state after the run (ring path)."""
+    result: RunResult | None = field(default=None, repr=False, compare=False)
+    """The run itself (its trace has every exit, with ``host_ns`` and ``handling_ns``)."""
 
     @property
     def exits_per_kib(self) -> float:
@@ -144,7 +146,7 @@ def measure_console(kib: int, path: str, batch: int = DEFAULT_BATCH, backend: st
         notifications=device["notifications"] if device else 0, host_seconds=result.elapsed_s,
         backend=result.backend, console_ok=ok, batch=batch if ring else 1,
         buffer_bytes=buffer_bytes if ring else 1, exits_by_reason=result.trace.by_kind()[0],
-        status=str(result.status), device=device)
+        status=str(result.status), device=device, result=result)
 
 
 def _expected(total: int, batch_bytes: int, repeat: int) -> str:

@@ -29,7 +29,7 @@ def no_armed_lines(line: int, armed: bool) -> None:
     raise ConfigError(f"this machine's interrupt controller cannot arm line {line}: it has no set_armed")
 
 
-def no_console(data: bytes) -> None:
+def no_console(data: bytes | memoryview) -> None:
     """``console`` of a context without a machine console (a test's stand-in)."""
     raise ConfigError("this device context has no console to write to")
 
@@ -63,7 +63,7 @@ class DeviceContext:
     lower_irq: Callable[[int], None]
     kick: Callable[[], None]
     set_armed: Callable[[int, bool], None] = no_armed_lines
-    console: Callable[[bytes], None] = no_console
+    console: Callable[[bytes | memoryview], None] = no_console
     device: Callable[[str], Any] = no_devices
 
 
