@@ -470,7 +470,7 @@ def run_on_machine(case: HostileRing, backend: str, driver: Guest | None = None)
     problems = []
     if result.status.kind is not StatusKind.EXITED:
         problems.append(f"the run ended {result.status}")
-    elif bool(result.status.code & t.STATUS_DEVICE_NEEDS_RESET) is not case.bad:
+    elif bool((result.status.code or 0) & t.STATUS_DEVICE_NEEDS_RESET) is not case.bad:
         problems.append(f"device status {result.status.code:#x} for a {case.fault} ring ({error})")
     if console != case.expected_console:
         problems.append(f"console got {len(console)} bytes, not the {len(case.expected_console)} expected")
