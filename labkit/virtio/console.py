@@ -83,9 +83,9 @@ class VirtioConsole:
     ``memory`` is guest memory (every ring access goes through it), ``console``
     receives the transmitted bytes (a view into guest memory for a one-buffer
     chain: copy it, as ``Console.extend`` does).  Counters for the lesson: ``notifications``
-    (every one received), ``ignored`` (those that found nothing to do: device not
-    live, queue not ready or not a transmit queue), ``chains`` and ``bytes``
-    consumed.
+    (every one received), ``ignored`` (those the device did not act on: not
+    DRIVER_OK, needing a reset, queue not ready, or not the transmit queue),
+    ``chains`` and ``bytes`` consumed, ``resets`` by the driver.
     """
 
     def __init__(self, memory: GuestMemory, console: Callable[[bytes | memoryview], None]):
@@ -130,6 +130,9 @@ class VirtioConsole:
                 "error": self.error, **{name: getattr(self, name) for name in self.COUNTERS}}
 
     def restore(self, state: dict[str, Any]) -> None:
+        missing = set(self.save()) - set(state)
+        if missing:
+            raise ConfigError(f"a virtio console state needs {', '.join(sorted(missing))}")
         self.reset()
         for name in ("status", "device_features_sel", "driver_features_sel", "driver_features", "queue_sel",
                      "interrupt_status", *self.COUNTERS):

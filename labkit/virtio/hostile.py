@@ -29,6 +29,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from labkit.errors import ConfigError
 from labkit.memory import GuestMemory
 from labkit.virtio import transport as t
 from labkit.virtio.console import TRANSMITQ, VirtioConsole
@@ -157,7 +158,7 @@ def random_ring(rng: random.Random, fault: str | None = None, *, start_at_zero: 
     if fault is None:
         fault = "valid" if rng.random() < 0.25 else rng.choice(FAULTS)
     if fault not in FAULTS and fault != "valid":
-        raise ValueError(f"unknown fault {fault!r}")
+        raise ConfigError(f"unknown fault {fault!r}; the faults are {', '.join(FAULTS)}")
     if fault.startswith("indirect_") and fault != "indirect_not_negotiated":
         indirect = True
     elif fault == "indirect_not_negotiated":
@@ -454,7 +455,7 @@ def run_on_machine(case: HostileRing, backend: str, driver: Guest | None = None)
     from labkit.vmm.status import StatusKind
 
     if case.start:
-        raise ValueError("a ring for a machine starts at index 0")
+        raise ConfigError("a ring for a machine starts at index 0: make it with random_ring(rng, start_at_zero=True)")
     driver = driver or Guest.from_asm(HOSTILE_DRIVER, name="hostile_driver")
     with Machine(driver, backend=backend, memory=RAM_SIZE, devices=console_devices()) as machine:
         for address, data in case.writes:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import random
 
 import pytest
+from backends import HAS_KVM, NO_KVM_REASON
+from test_guests import differences
 
 from labkit import Guest, Machine
 from labkit.errors import ConfigError
 from labkit.virtio import console_devices, expected_console, measure_console
 from labkit.virtio.hostile import HOSTILE_DRIVER, random_ring, run_on_machine
+from labkit.virtio.measure import PARAMS_ADDRESS, parameter_block
+from labkit.x86.layout import DEFAULT_MEMORY as RAM
 from labkit.vmm.status import StatusKind
 
 SETUP_MMIO = 27
@@ -97,3 +101,21 @@ def test_the_guests_defaults_without_a_parameter_block(backend_name):
     uart = Machine("uart_console64", backend=backend_name).run()
     assert ring.console == uart.console == expected_console(1024)
     assert ring.status.code == uart.status.code == 0
+
+
+@pytest.mark.kvm
+@pytest.mark.skipif(not HAS_KVM, reason=NO_KVM_REASON)
+@pytest.mark.parametrize("path", ["uart", "ring"])
+def test_both_backends_end_in_the_same_state(path):
+    """Differential: with parameters (2 KiB, 100-byte buffers, 3 per notification), console, status, every
+    register and every byte of RAM (rings and buffers included) are the same on KVM and on the emulator."""
+    def final_state(backend):
+        devices = console_devices() if path == "ring" else ()
+        with Machine(f"{path}_console64", backend=backend, memory=RAM, devices=devices) as machine:
+            machine.write_memory(PARAMS_ADDRESS, parameter_block(2048, 100, 3))
+            result = machine.run(timeout=30)
+            return result, machine.sregs(), machine.read_memory(0, RAM)
+
+    kvm, emu = final_state("kvm"), final_state("emu")
+    assert kvm[0].console == expected_console(2048)
+    assert differences(kvm, emu) == {}

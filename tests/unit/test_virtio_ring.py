@@ -277,6 +277,8 @@ def test_save_and_restore_keep_the_ring_positions():
     assert bytes(out) == b"aa" and driver.used_idx() == 2
     copy.reset()
     assert copy.save()["notifications"] == 0 and copy.status == 0
+    with pytest.raises(ConfigError, match="needs error, queues"):
+        copy.restore({key: value for key, value in state.items() if key not in ("queues", "error")})
 
 
 def test_the_device_specs_share_one_device():
