@@ -130,7 +130,11 @@ def main() -> None:
     args = parser.parse_args()
     from labkit import Machine
 
-    results: dict = {"notes": f"{platform.node()}, median of {args.repeat}; the run's own time (elapsed_s)"}
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    results: dict = {"notes": f"{platform.node()} ({os.cpu_count()} CPUs, load average {load} at the start), "
+                              f"median of {args.repeat}; per_kib: the run's own time (elapsed_s), which includes "
+                              f"the time other processes took the CPU from it; notification_vs_port_exit: medians "
+                              f"of the trace's per-exit times"}
     for backend in ["emu"] + (["kvm"] if os.path.exists("/dev/kvm") else []):
         with Machine("exit64", backend=backend) as machine:
             described = machine.describe()
