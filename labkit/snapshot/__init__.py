@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from labkit.errors import SnapshotError
 from labkit.snapshot.file import NO_PARENT, SnapshotFile, SnapshotKind, new_snapshot_id, write_snapshot_file
 from labkit.snapshot.state import PAGE, MachineState, PageDiff, page_diff, state_from_sections, state_sections
+
+if TYPE_CHECKING:
+    from labkit.guest import Guest
 
 __all__ = ["Snapshot", "SnapshotSize"]
 
@@ -58,6 +62,11 @@ class Snapshot:
         return self.parent is not None
 
     @property
+    def captured(self) -> MachineState:
+        """The state as taken: whole for a full snapshot; without memory for a diff (its pages are :attr:`diff`)."""
+        return self._partial
+
+    @property
     def state(self) -> MachineState:
         """The whole state (a diff's pages written over its parent's memory, built once)."""
         if self._whole is None and self.parent is not None and self.diff is not None:
@@ -65,6 +74,13 @@ class Snapshot:
         if self._whole is None:
             raise SnapshotError("this snapshot has no state")  # not reached: __init__ checks parent and diff
         return self._whole
+
+    def guest(self) -> Guest:
+        """The :class:`labkit.Guest` this snapshot was taken of (rebuilt from the snapshot's own copy)."""
+        from labkit.guest import Guest
+
+        image = self._partial.guest
+        return Guest(image.name, image.code, image.mode, image.load_address, image.entry, image.user)
 
     def size(self) -> SnapshotSize:
         """Pages and bytes of memory this snapshot itself holds, and the size of its file's sections."""

@@ -95,8 +95,8 @@ class MachineState:
     debug: DebugRegs
     devices: dict[str, Any]
     regions: tuple[Region, ...]
-    status: tuple[str, str] | None = None
-    """The latest run's status kind and message, ``None`` before the first run."""
+    status: Any = None
+    """The latest run's :class:`labkit.vmm.status.Status` (kind, exit code, fault, ...), ``None`` before the first run."""
     halted_waiting: bool = False
     """The guest executed HLT with interrupts enabled and waits for an interrupt."""
     pending_interrupt: int | None = None
@@ -110,6 +110,13 @@ class MachineState:
     def with_pages(self, diff: PageDiff, base: MachineState) -> MachineState:
         """This (memoryless) state with ``base``'s memory and ``diff``'s pages written over it."""
         return dataclasses.replace(self, regions=tuple(_apply_diff(base, self.layout(), diff)))
+
+    def with_regions(self, data: list[bytearray] | list[bytes]) -> MachineState:
+        """This state with each region's bytes taken from ``data`` (same order and sizes)."""
+        if [len(buffer) for buffer in data] != [region.size for region in self.regions]:
+            raise SnapshotError("region contents do not match the state's memory layout")
+        return dataclasses.replace(self, regions=tuple(Region(r.address, r.size, r.read_only, bytes(buffer))
+                                                       for r, buffer in zip(self.regions, data)))
 
     def without_memory(self) -> MachineState:
         """This state with the regions' layout kept and their bytes left out."""
@@ -215,7 +222,7 @@ def encode_machine(state: MachineState, regions: list[dict[str, int | bool]]) ->
         "guest": {"name": guest.name, "mode": guest.mode, "load_address": guest.load_address,
                   "entry": guest.entry, "user": guest.user},
         "memory_size": state.memory_size, "taken_on": state.taken_on,
-        "status": list(state.status) if state.status is not None else None,
+        "status": encode_value(state.status),
         "halted_waiting": state.halted_waiting, "pending_interrupt": state.pending_interrupt,
         "regions": regions,
     }).encode()
@@ -273,7 +280,7 @@ def state_from_sections(read: Any, parent: MachineState | None = None) -> Machin
     return MachineState(
         guest=guest, memory_size=int(machine["memory_size"]), taken_on=dict(machine["taken_on"]), regs=regs,
         sregs=sregs, msrs=msrs, fpu=fpu, debug=debug, devices=devices, regions=tuple(regions),
-        status=(str(status[0]), str(status[1])) if status is not None else None,
+        status=decode_value(status),
         halted_waiting=bool(machine["halted_waiting"]), pending_interrupt=None if pending is None else int(pending))
 
 

@@ -508,7 +508,7 @@ class MachineCore:
             fpu=self.backend.get_fpu(), debug=self.backend.get_debug_regs(), devices=devices,
             regions=tuple(Region(address, len(view), read_only, bytes(view) if memory else b"")
                           for address, view, read_only in self.backend.regions()),
-            status=(self.status.kind.value, self.status.message) if self.status is not None else None,
+            status=self.status,
             halted_waiting=self._halted_waiting,
             pending_interrupt=self._carried_vector if self._carried_vector is not None
             else self.backend.pending_interrupt())
@@ -544,9 +544,10 @@ class MachineCore:
                 self.devices[name].restore(device_state)
             except (KeyError, TypeError, ValueError) as error:
                 raise SnapshotError(f"device {name!r} cannot take the snapshot's state: {error}") from None
-        if state.status is not None:
-            kind = StatusKind(state.status[0])
-            self.status = Status(kind, message=state.status[1]) if not kind.resumable else None
+        if state.status is not None and not isinstance(state.status, Status):
+            raise SnapshotError(f"the snapshot's run status is a {type(state.status).__name__}, not a Status")
+        if state.status is not None and not state.status.kind.resumable:
+            self.status = state.status  # a finished guest stays finished
         self._halted_waiting = state.halted_waiting
         self._carried_vector = state.pending_interrupt
 

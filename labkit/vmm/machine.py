@@ -228,18 +228,22 @@ class Machine:
         (their state is restored by name).  The trace starts empty; the console holds what
         the guest had written before the snapshot.
         """
-        from labkit.guest import Guest
-
-        state = snapshot.state
-        image = state.guest
-        guest = Guest(image.name, image.code, image.mode, image.load_address, image.entry, image.user)
-        machine = cls(guest, backend, state.memory_size, isolate=isolate, devices=devices, trace_limit=trace_limit)
+        machine = cls(snapshot.guest(), backend, snapshot.state.memory_size, isolate=isolate, devices=devices,
+                      trace_limit=trace_limit)
         try:
-            machine._call("restore_state", state)
+            machine.restore(snapshot)
         except BaseException:
             machine.close()
             raise
         return machine
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Make this machine, which has not run yet, continue where ``snapshot`` was taken.
+
+        :meth:`from_snapshot` creates the machine and calls this; a live migration creates the
+        target machine first and restores into it once the source has stopped.
+        """
+        self._call("restore_state", snapshot.state)
 
     def device_state(self, name: str) -> Any:
         """The named device's saved state (its ``save()``: plain data), read where the device lives."""
