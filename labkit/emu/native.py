@@ -62,6 +62,7 @@ class TrapReplayState(ctypes.Structure):
         ("old_exception", _u32), ("error_code", _u32), ("exception_is_int", _u32), ("unused", _u32),
         ("replayed", _u64), ("passed_on", _u64),
         ("plans", Plan * PLAN_SLOTS),
+        ("dirty_bitmap", _void_p), ("dirty_pages", _u64),
     ]
 
 
@@ -205,6 +206,11 @@ class NativeTrapReplay:
         self.user_data = ctypes.addressof(self.state)
         self._slot = library.trap_replay_slot
         self._plans_size = ctypes.sizeof(self.state.plans)
+
+    def set_dirty_log(self, bitmap_address: int | None, pages: int) -> None:
+        """Log the page of every frame the replay pushes in the dirty log's bitmap (``None``: stop)."""
+        self.state.dirty_bitmap = bitmap_address
+        self.state.dirty_pages = pages if bitmap_address is not None else 0
 
     def set_stopping(self, stopping: bool) -> None:
         self.state.stopping = int(stopping)

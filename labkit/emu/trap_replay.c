@@ -72,6 +72,8 @@ struct trap_replay {
     uint64_t replayed;       /* exceptions delivered here */
     uint64_t passed_on;      /* exceptions handed to the slow hook */
     struct plan plans[PLAN_SLOTS];
+    uint8_t *dirty_bitmap;   /* while the dirty log is on: its bitmap (the frame's page is logged), else NULL */
+    uint64_t dirty_pages;
 };
 
 static inline uint64_t load64(const uint8_t *at)
@@ -135,6 +137,8 @@ static int replay(struct trap_replay *t, void *uc, uint32_t vector)
     store64(frame + 16, rflags);
     store64(frame + 24, old_rsp);
     store64(frame + 32, load32(cpu + t->ss));
+    if (t->dirty_bitmap != NULL && p->stack_frame < t->dirty_pages)  /* the CPU pushed it: KVM logs it too */
+        t->dirty_bitmap[p->stack_frame >> 3] |= (uint8_t)(1u << (p->stack_frame & 7));
 
     store64(cpu + t->rsp, rsp);
     memcpy(cpu + t->cs, p->caches, p->caches_size);
@@ -263,6 +267,48 @@ void sync_pc_hook(void *uc, int type, uint64_t address, int size, int64_t value,
     (void)size;
     (void)value;
     (void)user_data;
+}
+
+/*
+ * The dirty log: a UC_HOOK_MEM_WRITE callback that sets the bit of the guest-physical page
+ * each guest store lands in (both pages for a store that crosses a page boundary).  Unicorn
+ * hands the hook the linear address; uc_vmem_translate walks the guest's page tables (or
+ * passes the address through where paging is off).  Pages past `pages` (MMIO above every
+ * region) are not logged.  struct dirty_log is mirrored in labkit/emu/unicorn_backend.py.
+ */
+typedef int (*vmem_translate_fn)(void *uc, uint64_t address, uint32_t prot, uint64_t *paddress);
+
+struct dirty_log {
+    uint8_t *bitmap;
+    uint64_t pages;
+    vmem_translate_fn translate;
+    uint64_t untranslated;   /* stores whose address did not translate (the store then faults) */
+    int32_t frozen;          /* RAM is write-protected for an exact stop: the store will not land */
+    int32_t unused;
+};
+
+static void dirty_mark(struct dirty_log *d, void *uc, uint64_t linear)
+{
+    uint64_t physical;
+    if (d->translate(uc, linear, 2 /* UC_PROT_WRITE */, &physical) != 0) {
+        d->untranslated++;
+        return;
+    }
+    uint64_t page = physical >> 12;
+    if (page < d->pages)
+        d->bitmap[page >> 3] |= (uint8_t)(1u << (page & 7));
+}
+
+void dirty_write_hook(void *uc, int type, uint64_t address, int size, int64_t value, void *user_data)
+{
+    struct dirty_log *d = user_data;
+    (void)type;
+    (void)value;
+    if (d->frozen)
+        return;
+    dirty_mark(d, uc, address);
+    if (size > 1 && ((address ^ (address + (uint64_t)size - 1)) >> 12) != 0)
+        dirty_mark(d, uc, address + (uint64_t)size - 1);
 }
 
 /* Sizes and offsets, for the test that compares them with the ctypes mirror. */

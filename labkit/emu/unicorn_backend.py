@@ -30,10 +30,10 @@ What maps to what:
   only while an interrupt waits, stops the guest at the first block boundary where it can take it.
   After an MMIO access that made an interrupt pending, it is taken at the end of that block.
 - memory regions (``add_memory_region``) are carved out of the MMIO range; stores to a
-  read-only region become MMIO writes and leave it unchanged.  The dirty log write-protects
-  memory and logs the first store to each page (UC_HOOK_MEM_WRITE_PROT).  Exception frames
-  the backend pushes itself (:mod:`labkit.emu.delivery`, the C trap replay) are host writes and
-  are not logged (KVM logs a stack page an exception frame dirties).
+  read-only region become MMIO writes and leave it unchanged.  The dirty log is a
+  UC_HOOK_MEM_WRITE that logs each store's guest-physical page (:class:`_WriteLog`), plus the
+  page of every exception frame the backend pushes itself (:mod:`labkit.emu.delivery`, the C
+  trap replay), as KVM logs a stack page an exception frame dirties.
 - ``mov cr0``/``mov cr4`` with refused bits and RDMSR/WRMSR of MSRs the emulated CPU does not
   have raise #GP(0), as on KVM, through QEMU's SVM intercept check (:mod:`labkit.emu.intercepts`).
 - exceptions: ``UC_HOOK_INTR`` plus :mod:`labkit.emu.delivery`, which delivers
@@ -90,6 +90,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import mmap
+import re
 import threading
 import time
 import weakref
@@ -107,7 +108,7 @@ from labkit.emu.delivery import DeliveryUnsupported, ExceptionDelivery, TripleFa
 from labkit.emu.halted import HaltedFlag
 from labkit.emu.intercepts import EXCP_VMEXIT, Intercepts
 from labkit.emu.native import CFuncPtr, NativeTrapReplay, load as load_native
-from labkit.emu.unicorn_capi import (HOOK_BLOCK, HOOK_IN, HOOK_INTR, HOOK_OUT, HOOK_SYSCALL, HOOK_WRITE_PROT,
+from labkit.emu.unicorn_capi import (HOOK_BLOCK, HOOK_IN, HOOK_INTR, HOOK_MEM, HOOK_OUT, HOOK_SYSCALL, HOOK_WRITE_PROT,
                                      MMIO_READ, MMIO_WRITE)
 from labkit.emu.unicorn_capi import UC_CTL_TB_FLUSH as _UC_CTL_TB_FLUSH
 from labkit.emu.unicorn_capi import UC_CTL_TLB_FLUSH as _UC_CTL_TLB_FLUSH
@@ -140,6 +141,8 @@ _READ_EXEC = UC.UC_PROT_READ | UC.UC_PROT_EXEC
 _HOOK_MEM = ctypes.CFUNCTYPE(None, _c_void_p, _i32, _u64, _i32, ctypes.c_int64, _c_void_p)  # uc_cb_hookmem_t
 _lib.uc_vmem_read.argtypes = (_c_void_p, _u64, ctypes.c_uint32, _c_void_p, ctypes.c_size_t)
 _lib.uc_vmem_read.restype = _i32
+_lib.uc_vmem_translate.argtypes = (_c_void_p, _u64, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint64))
+_lib.uc_vmem_translate.restype = _i32
 
 
 def _io_instruction_length(code: bytes) -> int | None:
@@ -192,8 +195,7 @@ class _Engine:
         # Memory beyond RAM: regions (guest address order), the MMIO pieces between them, the dirty log.
         self.regions: list[_Region] = []
         self.mmio_pieces: list[tuple[int, int]] = []
-        self.dirty: set[int] | None = None
-        self.dirty_new: list[int] = []
+        self.dirty: _WriteLog | None = None
         self.mmio_replay: list[tuple[int, int, int, bool, int]] | None = None
         """The MMIO accesses (rip, address, size, is_write, value) of the instruction an MMIO stop
         left unfinished, the stopping one last: Unicorn restarts an instruction whose memory access
@@ -417,11 +419,6 @@ class _Engine:
             # - RAM frozen by begin_stop: False.
             # - a read-only region: False, and the run loop steps that one instruction (rom_step) with
             #   its stores allowed, reported as MMIO writes and undone afterwards;
-            # - a page the dirty log watches: log it and return False, so Unicorn abandons the instruction
-            #   before the store (precise: state at its start); the run loop makes the page writable and
-            #   runs it again (uc_mem_protect inside a store crashes Unicorn; and a uc_emu_stop here would
-            #   let the store land and still restart the instruction: Unicorn checks for an exit request
-            #   after every guest memory access and restarts the instruction there).
             if engine.stopping:
                 return False
             try:
@@ -436,13 +433,6 @@ class _Engine:
                     engine.dispatcher.mmio(address, size, True, value, q[eip_index])
                     engine.rom_writes.append(_MmioStop(address, size, True, value))
                     return True
-                dirty = engine.dirty
-                if dirty is not None and engine.writable_at(address):
-                    page = address >> 12
-                    if page not in dirty:
-                        dirty.add(page)
-                        engine.dirty_new.append(page)
-                    return False
                 return False
             except BaseException as error:  # noqa: BLE001
                 engine.hook_error = engine.hook_error or error
@@ -589,6 +579,8 @@ class _Engine:
         self.stop_value = in_value
         for start, size in self.writable_ranges():
             _lib.uc_mem_protect(self.handle, start, size, _READ_EXEC)
+        if self.dirty is not None:
+            self.dirty.state.frozen = 1
         self.stop_run()
 
     def finish_stop(self, read_code: Callable[[int, int], bytes]) -> None:
@@ -597,6 +589,8 @@ class _Engine:
             return
         state, self.stop_state = self.stop_state, None
         self.protect_writable()
+        if self.dirty is not None:
+            self.dirty.state.frozen = 0
         if self.pending_fault is not None:
             self.cpu.bytes[:] = state
             _lib.uc_ctl(self.handle, _i32(_UC_CTL_TLB_FLUSH))
@@ -655,13 +649,9 @@ class _Engine:
             _check(_lib.uc_mem_protect(self.handle, first << 12, (last - first + 1) << 12, prot), "uc_mem_protect")
 
     def protect_writable(self) -> None:
-        """Writable memory as it should be between runs: all writable, or, while the dirty log is on,
-        read-only except the pages already logged."""
-        prot = UC.UC_PROT_ALL if self.dirty is None else _READ_EXEC
+        """Writable memory as it should be between runs: all of it writable."""
         for start, size in self.writable_ranges():
-            _check(_lib.uc_mem_protect(self.handle, start, size, prot), "uc_mem_protect")
-        if self.dirty:
-            self.protect_pages(self.dirty, UC.UC_PROT_ALL)
+            _check(_lib.uc_mem_protect(self.handle, start, size, UC.UC_PROT_ALL), "uc_mem_protect")
 
     # --- kicks and external interrupts --------------------------------------------------------------
 
@@ -904,6 +894,78 @@ def _ended(engine: _Engine) -> Exit | None:
         message, engine.failure = engine.failure, None
         return EmulatorFailure(message)
     return None
+
+
+class _DirtyLogState(ctypes.Structure):
+    """``struct dirty_log`` of trap_replay.c."""
+
+    _fields_ = [("bitmap", _c_void_p), ("pages", ctypes.c_uint64), ("translate", _c_void_p),
+                ("untranslated", ctypes.c_uint64), ("frozen", ctypes.c_int32), ("unused", ctypes.c_int32)]
+
+
+class _WriteLog:
+    """The emulator's dirty log: a UC_HOOK_MEM_WRITE that sets one bit per guest-physical page stored to.
+
+    Each store's linear address goes through ``uc_vmem_translate`` (the guest's page tables),
+    so the log holds physical pages as KVM's does, whatever the mapping.  The hook is
+    ``dirty_write_hook`` of the C library (:mod:`labkit.emu.native`), or the same in Python
+    where that is not built (same pages, every store slower).  A store the instruction then
+    abandons (a fault after it, an exact stop that undoes its block) may be logged though it
+    did not land: the log can hold more pages than were written, never fewer.  While an exact
+    stop has RAM frozen (:meth:`_Engine.begin_stop`) nothing is logged: those stores do not land.  The first
+    version write-protected watched pages and logged the protection faults; Unicorn splits
+    its memory region at every ``uc_mem_protect``, which cost 1.3 ms per first-written page
+    with 2 MiB of RAM and 9 ms with 64 MiB (measured here), so that was dropped.
+    """
+
+    def __init__(self, handle: Any, pages: int) -> None:
+        self.handle = handle
+        self.bitmap = (ctypes.c_uint8 * ((pages + 7) // 8))()
+        self.state = _DirtyLogState(bitmap=ctypes.addressof(self.bitmap), pages=pages,
+                                    translate=ctypes.cast(_lib.uc_vmem_translate, _c_void_p).value)
+        library = load_native()
+        if library is not None:
+            self.callback: Any = ctypes.cast(library.dirty_write_hook, _c_void_p)
+            user_data = _c_void_p(ctypes.addressof(self.state))
+        else:
+            bitmap, translate, physical = self.bitmap, _lib.uc_vmem_translate, ctypes.c_uint64()
+
+            def mark(uc: int, linear: int) -> None:
+                if translate(uc, linear, UC.UC_PROT_WRITE, ctypes.byref(physical)) != 0:
+                    self.state.untranslated += 1
+                    return
+                page = physical.value >> 12
+                if page < pages:
+                    bitmap[page >> 3] |= 1 << (page & 7)
+
+            def on_write(uc: int, _type: int, address: int, size: int, _value: int, _user: object) -> None:
+                if self.state.frozen:
+                    return
+                mark(uc, address)
+                if size > 1 and (address ^ (address + size - 1)) >> 12:
+                    mark(uc, address + size - 1)
+
+            self.python_callback = HOOK_MEM(on_write)
+            self.callback = ctypes.cast(self.python_callback, _c_void_p)
+            user_data = _c_void_p(None)
+        self.hook = ctypes.c_size_t()
+        _check(_lib.uc_hook_add(handle, ctypes.byref(self.hook), _i32(UC.UC_HOOK_MEM_WRITE), self.callback,
+                                user_data, _u64(1), _u64(0)), "uc_hook_add (UC_HOOK_MEM_WRITE, the dirty log)")
+
+    def take(self) -> set[int]:
+        """The pages logged since the last take; clears the log."""
+        data = bytes(self.bitmap)
+        pages = {index * 8 + bit for index in _nonzero(data) for bit in range(8) if data[index] >> bit & 1}
+        ctypes.memset(self.bitmap, 0, len(data))
+        return pages
+
+    def close(self) -> None:
+        _check(_lib.uc_hook_del(self.handle, self.hook.value), "uc_hook_del (the dirty log)")
+
+
+def _nonzero(data: bytes) -> Iterator[int]:
+    """Indexes of the non-zero bytes of ``data`` (the regular expression engine's C loop skips the zeros)."""
+    return (match.start() for match in re.finditer(rb"[^\x00]", data))
 
 
 _DEBUG_REGISTERS = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3, X.UC_X86_REG_DR6,
@@ -1159,10 +1221,6 @@ class EmuBackend:
                 exact_stop = engine.stop_state is not None
                 engine.finish_stop(self.read_linear)
                 cpu.i32[cpu.deep.old_exception // 4] = -1
-                dirty_new = bool(engine.dirty_new)
-                if dirty_new:  # first writes to watched pages: writable until the next fetch, then run again
-                    engine.protect_pages(engine.dirty_new, UC.UC_PROT_ALL)
-                    engine.dirty_new.clear()
                 rom_write, engine.rom_write = engine.rom_write, False
                 ended = _ended(engine)
                 if ended is not None:
@@ -1186,8 +1244,6 @@ class EmuBackend:
                     return stop
                 if exact_stop:
                     continue  # an absorbed I/O with an interrupt pending
-                if status == UC.UC_ERR_WRITE_PROT and dirty_new and not rom_write:
-                    continue
                 if status == UC.UC_ERR_WRITE_PROT and rom_write:
                     outcome = self._step_one(dispatcher)
                     if outcome is not None:
@@ -1259,7 +1315,7 @@ class EmuBackend:
         for start, stop in ((piece[0], guest_address), (end, piece[1])):
             if start < stop:
                 engine.map_mmio(start, stop)
-        prot = _READ_EXEC if read_only or engine.dirty is not None else UC.UC_PROT_ALL
+        prot = _READ_EXEC if read_only else UC.UC_PROT_ALL
         _check(_lib.uc_mem_map_ptr(engine.handle, guest_address, size, prot, _c_void_p(region.host_address)),
                "uc_mem_map_ptr (memory region)")
         engine.regions.append(region)
@@ -1272,41 +1328,42 @@ class EmuBackend:
         return [(0, self.memory, False)] + [(r.address, r.view, r.read_only) for r in engine.regions]
 
     def dirty_log_start(self) -> None:
-        """Log the pages the guest writes from now on: writable memory becomes read-only for Unicorn.
+        """Log the guest-physical pages the guest writes from now on (a write hook; see :class:`_WriteLog`).
 
-        The first guest store to a page calls UC_HOOK_MEM_WRITE_PROT, which logs
-        the page and lets the store land; the run then stops once (at the end of
-        the translated block) to make that page writable, so later stores to it
-        cost nothing until the next fetch.  The exception and interrupt frames
-        labkit's delivery pushes are logged too (on a real CPU, and so in KVM's
-        log, the CPU writes them).  Stores by the host through the views are not
+        The exception and interrupt frames labkit's delivery pushes are logged too (on a real CPU,
+        and so in KVM's log, the CPU writes them).  Stores by the host through the views are not
         logged.  Call between runs.
         """
         engine = self._live()
         if engine.dirty is None:
-            engine.dirty = set()
+            engine.dirty = _WriteLog(engine.handle, layout.MAPPED_LIMIT >> 12)
             engine.delivery.written = set()
-            engine.protect_writable()
+            if engine.replay is not None:
+                engine.replay.set_dirty_log(ctypes.addressof(engine.dirty.bitmap), layout.MAPPED_LIMIT >> 12)
 
     def dirty_log_fetch(self) -> list[int]:
-        """Sorted guest-physical page frame numbers written since the start or the last fetch; clears them."""
+        """Sorted guest-physical page frame numbers written since the start or the last fetch; clears them.
+
+        Only pages of RAM and writable regions: a store to a read-only region or to MMIO changes no memory.
+        """
         engine = self._live()
         if engine.dirty is None:
             raise ConfigError("the dirty log is not started (call dirty_log_start first)")
-        pages = sorted(engine.dirty)
-        engine.dirty = set()
-        engine.protect_pages(pages, _READ_EXEC)
         pushed = engine.delivery.written or set()
         engine.delivery.written = set()
-        return sorted(set(pages) | pushed)
+        writable = engine.writable_ranges()
+        return sorted(page for page in engine.dirty.take() | pushed
+                      if any(start <= page << 12 < start + size for start, size in writable))
 
     def dirty_log_stop(self) -> None:
-        """Stop logging: all writable memory is writable for Unicorn again."""
+        """Stop logging (the write hook is removed: stores cost nothing extra again)."""
         engine = self._live()
         if engine.dirty is not None:
+            if engine.replay is not None:
+                engine.replay.set_dirty_log(None, 0)
+            engine.dirty.close()
             engine.dirty = None
             engine.delivery.written = None
-            engine.protect_writable()
 
     def _start_address(self) -> int:
         """The ``begin`` argument of uc_emu_start for the current RIP (mode 16: CS.selector * 16 + IP)."""

@@ -42,6 +42,7 @@ HOOK_SYSCALL = ctypes.CFUNCTYPE(None, c_void_p, c_void_p)  # uc_cb_insn_syscall_
 HOOK_IN = ctypes.CFUNCTYPE(u32, c_void_p, u32, i32, c_void_p)  # uc_cb_insn_in_t
 HOOK_OUT = ctypes.CFUNCTYPE(None, c_void_p, u32, i32, u32, c_void_p)  # uc_cb_insn_out_t
 HOOK_BLOCK = ctypes.CFUNCTYPE(None, c_void_p, u64, u32, c_void_p)  # uc_cb_hookcode_t
+HOOK_MEM = ctypes.CFUNCTYPE(None, c_void_p, i32, u64, i32, ctypes.c_int64, c_void_p)  # uc_cb_hookmem_t
 HOOK_WRITE_PROT = ctypes.CFUNCTYPE(ctypes.c_bool, c_void_p, i32, u64, i32, ctypes.c_int64, c_void_p)  # uc_cb_eventmem_t
 MMIO_READ = ctypes.CFUNCTYPE(u64, c_void_p, u64, ctypes.c_uint, c_void_p)  # uc_cb_mmio_read_t
 MMIO_WRITE = ctypes.CFUNCTYPE(None, c_void_p, u64, ctypes.c_uint, u64, c_void_p)  # uc_cb_mmio_write_t
