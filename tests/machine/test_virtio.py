@@ -14,6 +14,7 @@ from labkit.virtio import console_devices, expected_console, measure_console
 from labkit.virtio.hostile import HOSTILE_DRIVER, random_ring, run_on_machine
 from labkit.virtio.measure import PARAMS_ADDRESS, parameter_block
 from labkit.x86.layout import DEFAULT_MEMORY as RAM
+from labkit.x86.layout import VIRTIO_NOTIFY_PORT
 from labkit.vmm.status import StatusKind
 
 SETUP_MMIO = 27
@@ -51,8 +52,11 @@ def test_the_batch_size_sets_the_notifications(backend_name):
 
 
 def test_repeat_posts_each_batch_again(backend_name):
-    ring = measure_console(4, "ring", batch=1, buffer_bytes=4096, repeat=5, backend=backend_name)
+    ring = measure_console(4, "ring", batch=1, buffer_bytes=4096, repeat=5, backend=backend_name, keep_result=True)
     assert ring.console_ok and ring.notifications == 5 and ring.bytes == 5 * 4096
+    notifications = [record for record in ring.result.trace if record.address == VIRTIO_NOTIFY_PORT]
+    assert [(record.direction, record.size, record.data) for record in notifications] == [("out", 2, 1)] * 5
+    assert measure_console(1, "uart", backend=backend_name).result is None  # not kept unless asked
 
 
 def test_measure_console_refuses_bad_arguments():
