@@ -239,12 +239,15 @@ class DeviceQueue:
                 if flags & VIRTQ_DESC_F_NEXT:
                     raise VirtqueueError(f"{where} {index} sets both INDIRECT and NEXT")
                 if length == 0 or length % VIRTQ_DESC_SIZE or length // VIRTQ_DESC_SIZE > MAX_QUEUE_SIZE:
-                    raise VirtqueueError(f"{where} {index}: indirect table length {length} is not a "
-                                         f"multiple of {VIRTQ_DESC_SIZE} from {VIRTQ_DESC_SIZE} to {VIRTQ_DESC_SIZE * MAX_QUEUE_SIZE}")
-                if not self.memory.contains(addr, length):
+                    raise VirtqueueError(f"{where} {index}: indirect table length {length} is not a multiple "
+                                         f"of {VIRTQ_DESC_SIZE} from {VIRTQ_DESC_SIZE} to "
+                                         f"{VIRTQ_DESC_SIZE * MAX_QUEUE_SIZE}")
+                try:
+                    table = self.memory.view(addr, length)
+                except GuestMemoryError:
                     raise VirtqueueError(f"{where} {index}: indirect table [{addr:#x}, {addr + length:#x}) "
-                                         f"is not inside guest memory")
-                table, entries, where = self.memory.view(addr, length), length // VIRTQ_DESC_SIZE, "indirect descriptor"
+                                         f"is not inside guest memory") from None
+                entries, where = length // VIRTQ_DESC_SIZE, "indirect descriptor"
                 indirect_done = True
                 seen = set()
                 index = 0

@@ -1,4 +1,4 @@
-"""The virtio console on real machines: same text as the UART, far fewer exits, hostile rings refused (both backends)."""
+"""The virtio console on real machines: the UART's text with far fewer exits, hostile rings refused (both backends)."""
 
 from __future__ import annotations
 
