@@ -10,7 +10,7 @@ from test_guests import differences
 
 from labkit import Guest, Machine
 from labkit.errors import ConfigError
-from labkit.virtio import console_devices, expected_console, measure_console
+from labkit.virtio import console_devices, console_table, expected_console, measure_console
 from labkit.virtio.hostile import HOSTILE_DRIVER, random_ring, run_on_machine
 from labkit.virtio.measure import PARAMS_ADDRESS, parameter_block
 from labkit.x86.layout import DEFAULT_MEMORY as RAM
@@ -31,7 +31,10 @@ def test_both_paths_print_the_same_text_with_the_exits_each_path_predicts(backen
         assert ring.notifications == kib * 4 // 4  # 4 buffers of 256 bytes per notification
         assert ring.exits_by_reason == {"MMIO": SETUP_MMIO, "IO": ring.notifications + 1}
         assert ring.device["bytes"] == 1024 * kib and ring.device["error"] is None
-        assert uart.backend == ring.backend == backend_name
+        assert uart.backend == ring.backend == uart.origin.backend == backend_name
+    table = console_table([uart, ring])
+    assert (backend_name == "kvm") is ("measured on kvm_" in table.title)
+    assert [row[:2] + row[3:4] for row in table.rows] == [["uart", "4", "8,193"], ["ring", "4", "32"]]
 
 
 def test_ring_io_needs_at_least_50x_fewer_exits_per_kib(backend_name):
