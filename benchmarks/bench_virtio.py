@@ -95,8 +95,9 @@ def steady_exits(measurement, port: int | None) -> tuple[list[int], list[int]]:
 def notification_against_port_exit(backend: str, repeat: int) -> dict:
     rounds = []
     for _ in range(repeat):
-        ring = median_run(1, 4, "ring", batch=1, buffer_bytes=4096, repeat=POSTS[1], backend=backend)
-        uart = median_run(1, UART_KIB[1], "uart", backend=backend, timeout=300)
+        ring = median_run(1, 4, "ring", batch=1, buffer_bytes=4096, repeat=POSTS[1], backend=backend,
+                          keep_result=True)
+        uart = median_run(1, UART_KIB[1], "uart", backend=backend, timeout=300, keep_result=True)
         ring_ns, ring_handling = steady_exits(ring, NOTIFY_PORT)
         uart_ns, uart_handling = steady_exits(uart, None)
         rounds.append((statistics.median(ring_ns), statistics.median(uart_ns),

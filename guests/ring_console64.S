@@ -1,6 +1,6 @@
 # ring_console64: writes N bytes of a numbered test text through a virtio console's split virtqueue.
 # The ring half of labkit.virtio.measure_console (uart_console64 prints the same text byte-wise).
-# A virtio 1.x driver in ~150 instructions: finds the virtio-mmio device (4.2.3.1), resets it,
+# A small virtio 1.x driver: finds the virtio-mmio device (4.2.3.1), resets it,
 # ACKNOWLEDGE, DRIVER, accepts VIRTIO_F_VERSION_1 only, FEATURES_OK, sets up queue 1 (the console's
 # transmitq, 5.3.2) with 256 entries (4.2.3.2), DRIVER_OK (3.1.1). Then, per batch: fills up to
 # `batch` buffers of B bytes, one descriptor each (2.7.5), puts their heads on the available ring,
@@ -148,7 +148,7 @@ describe:
         inc ecx
         test r11, r11
         jnz describe
-        add r15d, ecx                   # x86 keeps stores in order: descriptors, ring, then idx (2.7.13.4)
+        add r15d, ecx                   # x86 keeps stores in order: descriptors, ring, then idx (2.7.13.3)
         mov [AVAIL + 2], r15w           # avail.idx: the batch is visible
         mov dx, NOTIFY
         mov ax, TRANSMITQ

@@ -23,6 +23,7 @@ _EXPORTS = {
     "ConsoleMeasurement": "labkit.virtio.measure",
     "measure_console": "labkit.virtio.measure",
     "expected_console": "labkit.virtio.measure",
+    "console_table": "labkit.virtio.measure",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -30,5 +31,5 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 if TYPE_CHECKING:  # pragma: no cover
     from labkit.virtio.console import NotifyPort, VirtioConsole, console_devices
-    from labkit.virtio.measure import ConsoleMeasurement, expected_console, measure_console
+    from labkit.virtio.measure import ConsoleMeasurement, console_table, expected_console, measure_console
     from labkit.virtio.ring import Descriptor, DeviceQueue, DriverQueue, QueueLayout

@@ -33,9 +33,9 @@ from labkit.errors import ConfigError
 from labkit.memory import GuestMemory
 from labkit.virtio import transport as t
 from labkit.virtio.console import TRANSMITQ, VirtioConsole
+from labkit.virtio.ring import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_SIZE,
+                                Descriptor, QueueLayout, used_ring_size)
 from labkit.x86 import layout
-from labkit.virtio.ring import (VIRTQ_DESC_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Descriptor,
-                                QueueLayout, used_ring_size)
 
 QUEUE_BASE = 0x81000
 """The descriptor table; the available ring follows at +0x1000 and the used ring at +0x2000."""

@@ -13,7 +13,7 @@ Three areas in guest-physical memory, each contiguous, all little-endian::
 
 ``size`` (the queue size) is a power of 2, at most 32768.  ``idx`` in both rings is
 free-running: it counts every chain ever made available (used) modulo 2**16, and
-the slot it names is ``idx % size`` (2.7.13.3).  So ``(avail.idx - last_seen) %
+the slot it names is ``idx % size`` (2.7.13.2, 2.7.13.3).  So ``(avail.idx - last_seen) %
 2**16`` chains are waiting, and more than ``size`` of them is impossible for a
 correct driver.
 
@@ -149,7 +149,7 @@ class Chain(NamedTuple):
 
 
 class DeviceQueue:
-    """The device's side of one split virtqueue (2.7.7 "Receiving Used Buffers", seen from the device).
+    """The device's side of one split virtqueue (2.7.13 and 2.7.14, seen from the device).
 
     ``layout`` is checked at once (:meth:`QueueLayout.check`).  ``indirect``
     says whether VIRTIO_F_INDIRECT_DESC was negotiated; ``writable`` whether this
@@ -239,12 +239,15 @@ class DeviceQueue:
                 if flags & VIRTQ_DESC_F_NEXT:
                     raise VirtqueueError(f"{where} {index} sets both INDIRECT and NEXT")
                 if length == 0 or length % VIRTQ_DESC_SIZE or length // VIRTQ_DESC_SIZE > MAX_QUEUE_SIZE:
-                    raise VirtqueueError(f"{where} {index}: indirect table length {length} is not a "
-                                         f"multiple of {VIRTQ_DESC_SIZE} from {VIRTQ_DESC_SIZE} to {VIRTQ_DESC_SIZE * MAX_QUEUE_SIZE}")
-                if not self.memory.contains(addr, length):
+                    raise VirtqueueError(f"{where} {index}: indirect table length {length} is not a multiple "
+                                         f"of {VIRTQ_DESC_SIZE} from {VIRTQ_DESC_SIZE} to "
+                                         f"{VIRTQ_DESC_SIZE * MAX_QUEUE_SIZE}")
+                try:
+                    table = self.memory.view(addr, length)
+                except GuestMemoryError:
                     raise VirtqueueError(f"{where} {index}: indirect table [{addr:#x}, {addr + length:#x}) "
-                                         f"is not inside guest memory")
-                table, entries, where = self.memory.view(addr, length), length // VIRTQ_DESC_SIZE, "indirect descriptor"
+                                         f"is not inside guest memory") from None
+                entries, where = length // VIRTQ_DESC_SIZE, "indirect descriptor"
                 indirect_done = True
                 seen = set()
                 index = 0

@@ -217,7 +217,7 @@ def test_one_notification_consumes_the_whole_batch():
     NotifyPort(device).write(0, 2, TRANSMITQ)
     assert bytes(out) == b"one two three"
     assert (driver.used_idx(), device.notifications, device.chains, device.bytes) == (3, 1, 3, 13)
-    device.notify(TRANSMITQ)  # nothing new: spurious notifications are harmless (2.7.11)
+    device.notify(TRANSMITQ)  # nothing new: spurious notifications are harmless (2.7.10.2)
     assert bytes(out) == b"one two three" and device.notifications == 2
     assert device.ignored == 0
     device.notify(0)  # the receive queue: no input, nothing to do
