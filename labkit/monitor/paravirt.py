@@ -579,6 +579,7 @@ def run_paravirtual(routines: Sequence[str] | None = None, backend: str = "auto"
     if kernel.mode != 64:
         raise ConfigError(f"the paravirtual monitor runs 64-bit kernels; {kernel.name!r} starts in {kernel.mode}-bit mode")
     hypervisor = Paravirtual()
+    _load_decoder()
     with Machine(kernel, backend=backend, monitor=hypervisor, **machine_options) as machine:
         result = machine.run(timeout)
     summary = result.monitor
@@ -587,6 +588,169 @@ def run_paravirtual(routines: Sequence[str] | None = None, backend: str = "auto"
     return ParavirtualReport(result, summary)
 
 
+def _load_decoder() -> None:
+    """Import Capstone now (the hypervisor decodes a trapping instruction with it), so that the first
+    bounced exception's host time is not the import's (about 0.1 s)."""
+    decode(b"\x90", 0)
+
+
 def exception_label(vector: int) -> str:
     """A bounced exception's short name for tables (``#UD``)."""
     return exception_name(vector).split(" ")[0]
+
+
+# -- the three kernels side by side ---------------------------------------------------------------
+
+KERNELS = ("native", "trap-and-emulate", "paravirtual")
+"""minikernel64 in ring 0, minikernel64 deprivileged under :class:`~labkit.monitor.trap_emulate.TrapAndEmulate`,
+pvkernel64 under :class:`Paravirtual`."""
+CATEGORIES = ("console output", "interrupt flag", "descriptor tables, CRs", "the kernel's own exceptions", "halt",
+              "batch (multicall)", "other")
+"""What a hypervisor entry was for, the same for every kernel (:func:`category`)."""
+_CATEGORY_OF = {
+    "console output": {"in", "out", "console_io"},
+    "interrupt flag": {"cli", "sti", "pushfq", "popfq", "irq_disable", "irq_enable", "irq_restore", "irq_query"},
+    "descriptor tables, CRs": {"lgdt", "lidt", "sgdt", "sidt", "sldt", "str", "smsw", "lmsw", "clts", "mov",
+                               "invlpg", "set_gdt", "set_trap_table", "get_descriptor_table", "read_cr",
+                               "fpu_taskswitch", "mmuext_op"},
+    "the kernel's own exceptions": {"iretq", "iret", "exception"},
+    "halt": {"hlt", "HLT", "sched_op"},
+    "batch (multicall)": {"multicall"},
+}
+
+
+def category(kind: str) -> str:
+    """The :data:`CATEGORIES` entry of an entry kind (``"trap: out"``, ``"hypercall: console_io"``, ...)."""
+    name = kind.split(": ", 1)[-1].split(" ")[0]
+    if kind.startswith(("bounce:", "trap: reflected")):
+        name = "exception"
+    for group, names in _CATEGORY_OF.items():
+        if name in names:
+            return group
+    return "other"
+
+
+@dataclass(frozen=True)
+class KernelRun:
+    """One kernel's run and its entries into the hypervisor (labkit's VMM or the monitor), by kind."""
+
+    kernel: str
+    result: RunResult
+    entries: dict[str, int]
+    """``{"port exit: out 0x3f8": 514, ...}``, ``{"trap: cli": 1, ...}`` or ``{"hypercall: console_io": 12, ...}``."""
+
+    @property
+    def total(self) -> int:
+        return sum(self.entries.values())
+
+    def by_category(self) -> dict[str, int]:
+        counts = {name: 0 for name in CATEGORIES}
+        for kind, count in self.entries.items():
+            counts[category(kind)] += count
+        return counts
+
+
+def native_entries(result: RunResult) -> dict[str, int]:
+    """A native run's VM exits by kind (port exits by direction and port)."""
+    from labkit.trace import ExitReason, LABKIT_EVENTS
+
+    entries: Counter[str] = Counter()
+    skipped = {ExitReason(reason).name for reason in LABKIT_EVENTS}
+    for record in result.trace:
+        if record.reason in skipped:
+            continue
+        if record.reason == "IO" and record.address is not None:
+            entries[f"port exit: {record.direction} {record.address:#x}"] += 1
+        else:
+            entries[f"exit: {record.reason}"] += 1
+    return dict(entries.most_common())
+
+
+def trap_entries(result: RunResult) -> dict[str, int]:
+    """A trap-and-emulate run's traps by what the monitor did: ``trap: out`` (emulated), ``trap: reflected #UD``."""
+    from labkit.monitor.trap_emulate import TrapEmulateReport
+
+    report = result.monitor
+    if not isinstance(report, TrapEmulateReport):
+        raise ConfigError("trap_entries needs a run under TrapAndEmulate")
+    entries = Counter({f"trap: {name}": count for name, count in report.emulated.items()})
+    for vector, count in report.reflected.items():
+        entries[f"trap: reflected {exception_label(vector)}"] += count - report.delivered.get(vector, 0)
+    return dict(entries.most_common())
+
+
+def hypercall_entries(summary: ParavirtualSummary) -> dict[str, int]:
+    """A paravirtual run's entries: hypercalls by name, bounced exceptions, privileged traps."""
+    entries = Counter({f"hypercall: {name}": count for name, count in summary.hypercalls.items()})
+    for vector, count in summary.bounced.items():
+        entries[f"bounce: {exception_label(vector)}"] += count
+    if summary.traps:
+        entries["privileged trap"] += summary.traps
+    return dict(entries.most_common())
+
+
+@dataclass(frozen=True)
+class KernelComparison:
+    """The same routines run by the three kernels (:data:`KERNELS`) on one backend."""
+
+    routines: tuple[str, ...]
+    backend: str
+    runs: dict[str, KernelRun]
+
+    def table(self) -> Any:
+        """Entries by category, one column per kernel, with the run's status and host time (a ``Table``)."""
+        from labkit.table import Table
+
+        kernels = list(self.runs)
+        rows = []
+        for name in CATEGORIES:
+            counts = [self.runs[kernel].by_category()[name] for kernel in kernels]
+            if any(counts):
+                rows.append([name, *map(str, counts)])
+        rows.append(["all entries", *(str(self.runs[kernel].total) for kernel in kernels)])
+        rows.append(["host time of the run", *(f"{self.runs[kernel].result.elapsed_s * 1e3:.1f} ms" for kernel in kernels)])
+        rows.append(["status", *(str(self.runs[kernel].result.status.kind.value) for kernel in kernels)])
+        first = next(iter(self.runs.values())).result
+        where = first.origin.backend if first.origin is not None else first.backend
+        flavour = f" ({first.origin.flavour})" if first.origin is not None and first.origin.flavour else ""
+        return Table(f"Hypervisor entries by kind: {', '.join(self.routines) or 'no routines'}, "
+                     f"on {'KVM' if where == 'kvm' else 'the emulator'}{flavour}", ["entries for", *kernels], rows,
+                     note="native: VM exits to labkit; trap-and-emulate: traps to the monitor; paravirtual: "
+                          "hypercalls (a multicall is one entry) and exceptions bounced to the kernel's handlers.")
+
+    def details(self, kernel: str) -> Any:
+        """One kernel's entries kind by kind (a ``Table``)."""
+        from labkit.table import Table
+
+        if kernel not in self.runs:
+            raise ConfigError(f"no kernel {kernel!r} in this comparison; it has {', '.join(self.runs)}")
+        run = self.runs[kernel]
+        rows = [[kind, str(count), category(kind)] for kind, count in run.entries.items()]
+        return Table(f"{kernel}: {run.total} entries", ["entry", "count", "for"], rows)
+
+    def consoles(self) -> Any:
+        """The three consoles line by line; ``≠`` marks a line that differs from the native one (a ``Table``)."""
+        from labkit.monitor.binary_translation import consoles_side_by_side
+
+        return consoles_side_by_side({kernel: run.result.console for kernel, run in self.runs.items()})
+
+
+def compare_kernels(routines: Sequence[str] | None = None, backend: str = "auto",
+                    timeout: float = 10.0) -> KernelComparison:
+    """Run ``routines`` (default :data:`PV_ROUTINES`) natively, under trap-and-emulate and paravirtualized."""
+    from labkit.monitor.trap_emulate import minikernel, run_deprivileged
+    from labkit.vmm.machine import Machine
+
+    chosen = PV_ROUTINES if routines is None else tuple(routines)
+    _load_decoder()  # trap-and-emulate decodes every trap: no run pays for the import
+    paravirtual = run_paravirtual(chosen, backend=backend, timeout=timeout)  # checks the routines first
+    kernel = minikernel(chosen)
+    with Machine(kernel, backend=backend) as machine:
+        native = machine.run(timeout)
+    deprivileged = run_deprivileged(kernel, backend, timeout)
+    runs = {
+        "native": KernelRun("native", native, native_entries(native)),
+        "trap-and-emulate": KernelRun("trap-and-emulate", deprivileged, trap_entries(deprivileged)),
+        "paravirtual": KernelRun("paravirtual", paravirtual.result, hypercall_entries(paravirtual.summary)),
+    }
+    return KernelComparison(chosen, native.backend, runs)

@@ -249,3 +249,41 @@ def test_bad_hypercalls_get_an_error_code_are_counted_and_change_nothing(backend
     assert (vcpu.gdtr, vcpu.idtr, vcpu.cr0, vcpu.cr3) == (fresh.gdtr, fresh.idtr, fresh.cr0, fresh.cr3)
     assert [event.error.split(":")[0] for event in summary.events if event.name == "set_gdt"] == \
         ["EINVAL", "EINVAL", "EFAULT", "EINVAL", "EINVAL"]
+
+
+# -- the three kernels side by side -------------------------------------------------------------------
+
+def test_the_three_kernels_count_their_entries_by_kind_the_same_on_every_backend(backend_name):
+    from labkit.monitor.paravirt import compare_kernels
+
+    comparison = compare_kernels(backend=backend_name)
+    native, trapped, paravirtual = (comparison.runs[k] for k in ("native", "trap-and-emulate", "paravirtual"))
+    console = native.result.console
+    assert native.entries == {"port exit: in 0x3fd": len(console), "port exit: out 0x3f8": len(console), "exit: HLT": 1}
+    assert native.total == native.result.trace.exit_count()
+    assert trapped.total == sum(trapped.result.monitor.traps.values())  # every trap, by what the monitor did
+    assert trapped.by_category()["console output"] == 2 * len(console)
+    assert paravirtual.by_category() == {"console output": 12, "interrupt flag": 8, "descriptor tables, CRs": 6,
+                                         "the kernel's own exceptions": 6, "halt": 1, "batch (multicall)": 2,
+                                         "other": 1}
+    assert paravirtual.total == 36 and native.total > 25 * paravirtual.total
+    table = comparison.table()
+    assert table.rows[-3] == ["all entries", str(native.total), str(trapped.total), "36"]
+    consoles = comparison.consoles()
+    assert "trap-and-emulate: 5 line(s) differ from native; paravirtual: 0 line(s) differ from native" in consoles.note
+
+
+def test_kernel_choice_reruns_for_its_routines_and_kernel(backend_name):
+    from test_widgets import Panel, text_of
+
+    from labkit.widgets import KernelChoice
+
+    choice = KernelChoice(backend=backend_name)
+    panel = Panel(choice)
+    assert "paravirtual 36 entries (0 line(s) differ)" in text_of(panel.first[0])
+    assert text_of(panel.first[2]).startswith("paravirtual: 36 entries")
+    texts = panel.after(lambda: setattr(choice.routines, "value", ["cli_pushf"]))
+    assert "1 routine(s)" in texts[0] and "trap-and-emulate" in texts[0]
+    assert choice.last.runs["paravirtual"].result.console == native_console(("cli_pushf",), backend_name)
+    texts = panel.after(lambda: setattr(choice.kernel, "value", "trap-and-emulate"))
+    assert texts[2].startswith("trap-and-emulate:") and "trap: cli" in texts[2]
