@@ -76,10 +76,10 @@ def kernel_entries(comparisons: Mapping[str, KernelComparison]) -> Figure:
         backends = list(comparisons)
         width = 0.8 / len(kernels)
         for index, kernel in enumerate(kernels):
-            values = [comparisons[b].runs[kernel].result.elapsed_s * 1e3 for b in backends]
+            times = [comparisons[b].runs[kernel].result.elapsed_s * 1e3 for b in backends]
             positions = [b + (index - (len(kernels) - 1) / 2) * width for b in range(len(backends))]
-            bars = right.bar(positions, values, width, color=KERNEL_COLOURS[kernel])
-            right.bar_label(bars, labels=[f"{v:.0f}" for v in values], padding=2, fontsize=FONT_SIZE - 1)
+            bars = right.bar(positions, times, width, color=KERNEL_COLOURS[kernel])
+            right.bar_label(bars, labels=[f"{t:.0f}" for t in times], padding=2, fontsize=FONT_SIZE - 1)
         right.set_xticks(range(len(backends)),
                          [short_label(comparisons[b].runs[kernels[0]].result) for b in backends])
         right.set_yscale("log")
