@@ -156,6 +156,13 @@ REPLACES = {
     Hypercall.IRQ_QUERY: "pushf", Hypercall.GET_DESCRIPTOR_TABLE: "sgdt, sidt", Hypercall.READ_CR: "mov from crN, smsw",
 }
 """The instruction(s) of a native kernel that each hypercall stands for."""
+ARGUMENTS = {
+    Hypercall.SET_TRAP_TABLE: 2, Hypercall.SET_GDT: 2, Hypercall.FPU_TASKSWITCH: 1, Hypercall.MULTICALL: 2,
+    Hypercall.VERSION: 0, Hypercall.CONSOLE_IO: 3, Hypercall.IRET: 0, Hypercall.MMUEXT_OP: 2, Hypercall.SCHED_OP: 2,
+    Hypercall.IRQ_DISABLE: 0, Hypercall.IRQ_ENABLE: 0, Hypercall.IRQ_RESTORE: 1, Hypercall.IRQ_QUERY: 0,
+    Hypercall.GET_DESCRIPTOR_TABLE: 2, Hypercall.READ_CR: 1,
+}
+"""How many argument registers each hypercall reads (RDI, RSI, RDX, R10, R8 in that order)."""
 NOT_BATCHABLE = frozenset({Hypercall.MULTICALL, Hypercall.IRET})
 """Entries a multicall refuses with -EINVAL: a nested batch, and iret (it does not return)."""
 
@@ -184,7 +191,8 @@ def is_error(result: int) -> bool:
 
 @dataclass(frozen=True)
 class HypercallEvent:
-    """One hypercall: its number and name, arguments, result (``-errno`` on error), whether it was batched."""
+    """One hypercall: its number and name, the arguments it takes, its result (``-errno`` on error), whether
+    it was batched, and the host time it took (a multicall's includes its entries')."""
 
     number: int
     name: str
@@ -296,8 +304,14 @@ class Paravirtual:
              started: int | None = None) -> int | None:
         """Carry out hypercall ``number`` with ``args``; its result (``-errno`` if refused), None after an iret."""
         started = time.perf_counter_ns() if started is None else started
-        name = Hypercall(number).label if number in Hypercall._value2member_map_ else "unknown"
+        known = number in Hypercall._value2member_map_
+        name = Hypercall(number).label if known else "unknown"
         (self.batched if batched else self.hypercalls)[name] += 1
+        slot = len(self.events)  # a multicall's own event goes before those of its entries
+        if slot < self.max_events:
+            self.events.append(HypercallEvent(number, name, args, None, batched, 0))
+        else:
+            self.events_dropped += 1
         error = ""
         handler = self._handlers.get(number)
         try:
@@ -310,11 +324,10 @@ class Paravirtual:
             result = -refused.errno
             error = f"{errno.errorcode[refused.errno]}: {refused}"
             self.errors[f"{name}: {errno.errorcode[refused.errno]}"] += 1
-        if len(self.events) < self.max_events:
-            self.events.append(HypercallEvent(number, name, args, result, batched,
-                                              time.perf_counter_ns() - started, error))
-        else:
-            self.events_dropped += 1
+        if slot < self.max_events:
+            taken = ARGUMENTS[Hypercall(number)] if known else len(args)
+            self.events[slot] = HypercallEvent(number, name, args[:taken], result, batched,
+                                               time.perf_counter_ns() - started, error)
         return result
 
     def _multicall(self, args: tuple[int, ...], trap: Trap, context: GuestContext) -> int:

@@ -12,7 +12,8 @@ TIMEOUT_S = 10.0
 KIB_SIZES = (1, 4, 16, 64)
 """The amounts of console output the UART and the ring write (KiB)."""
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
-"""Buffers per virtqueue notification the batch control offers."""
+"""Batch sizes worth comparing (buffers per virtqueue notification); the control offers 1 to the largest."""
+WIDGET_ROUTINES = ("cli_pushf", "popf", "smsw")
 
 
 class KernelChoice(Experiment):
@@ -27,7 +28,7 @@ class KernelChoice(Experiment):
         from labkit.monitor.paravirt import KERNELS, PV_ROUTINES
 
         backends, self.skipped = backends_here()
-        self.routines = widgets.SelectMultiple(options=list(PV_ROUTINES), value=list(routines or PV_ROUTINES),
+        self.routines = widgets.SelectMultiple(options=list(PV_ROUTINES), value=list(routines or WIDGET_ROUTINES),
                                                rows=len(PV_ROUTINES), description="routines")
         self.kernel = widgets.ToggleButtons(options=list(KERNELS), value=kernel, description="details of")
         self.backend = backend_picker(backends, backend or choose_backend().name)
@@ -64,8 +65,8 @@ class ConsoleBatch(Experiment):
         backends, self.skipped = backends_here()
         self.kib = kib
         self.flavour = flavour
-        self.batch = widgets.SelectionSlider(options=list(BATCH_SIZES), value=batch, description="batch size",
-                                             continuous_update=False)
+        self.batch = widgets.IntSlider(value=batch, min=1, max=max(BATCH_SIZES), description="batch size",
+                                       continuous_update=False)
         self.backend = backend_picker(backends, backend or choose_backend().name)
         super().__init__([self.batch, self.backend], title="Virtqueue batch size:")
         self._uart: dict[tuple[str, int], Any] = {}

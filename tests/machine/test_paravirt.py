@@ -278,7 +278,7 @@ def test_kernel_choice_reruns_for_its_routines_and_kernel(backend_name):
 
     from labkit.widgets import KernelChoice
 
-    choice = KernelChoice(backend=backend_name)
+    choice = KernelChoice(routines=PV_ROUTINES, backend=backend_name)
     panel = Panel(choice)
     assert "paravirtual 36 entries (0 line(s) differ)" in text_of(panel.first[0])
     assert text_of(panel.first[2]).startswith("paravirtual: 36 entries")
