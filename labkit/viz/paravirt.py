@@ -98,6 +98,7 @@ def console_paths(measurements: Sequence[Any], *, flavour: str | None = None) ->
     :class:`labkit.virtio.ConsoleMeasurement` objects (fields ``path``, ``kib``, ``exits``,
     ``host_seconds``, ``backend``, ``batch``); ``flavour`` names the KVM module that measured the KVM ones."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     if not measurements:
         raise ConfigError("console_paths needs at least one measurement")
@@ -122,6 +123,7 @@ def console_paths(measurements: Sequence[Any], *, flavour: str | None = None) ->
             axes.set_xticks(sorted({m.kib for m in measurements}), [str(k) for k in sorted({m.kib for m in measurements})])
             axes.set_xlabel("console output written (KiB, log)")
             axes.grid(True, which="major", alpha=0.3)
+            axes.yaxis.set_minor_formatter(NullFormatter())  # decades only: fewer labels to read (and to lay out)
         left.set_ylabel("VM exits to labkit per KiB (log)")
         left.set_title("Exits per KiB")
         right.set_ylabel("host time per KiB (µs, log)")

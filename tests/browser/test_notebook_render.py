@@ -161,7 +161,7 @@ CONTROLS = {
     "01-protection-rings.ipynb": {"dropdown": 1, "toggle": 1},
     "02-trap-and-emulate.ipynb": {"dropdown": 1, "toggle": 1},
     "03-binary-translation.ipynb": {"dropdown": 1, "select_multiple": 1, "toggle": 1, "slider": 1},
-    "04-paravirtualization.ipynb": {"select_multiple": 1, "toggle": 2},
+    "04-paravirtualization.ipynb": {"select_multiple": 1, "toggle": 3, "slider": 1},
 }
 """Per notebook, the controls its panels have (in all its cells): each is changed once and must change the results."""
 SELECTORS = {

@@ -287,3 +287,24 @@ def test_kernel_choice_reruns_for_its_routines_and_kernel(backend_name):
     assert choice.last.runs["paravirtual"].result.console == native_console(("cli_pushf",), backend_name)
     texts = panel.after(lambda: setattr(choice.kernel, "value", "trap-and-emulate"))
     assert texts[2].startswith("trap-and-emulate:") and "trap: cli" in texts[2]
+
+
+def test_console_batch_reruns_the_ring_for_its_batch_size_and_reuses_the_uart(backend_name):
+    from test_widgets import Panel, text_of
+
+    from labkit.virtio import measure_console
+    from labkit.widgets import ConsoleBatch
+
+    uart = [measure_console(kib, "uart", backend=backend_name) for kib in (1, 4)]
+    batch = ConsoleBatch(batch=1, backend=backend_name, kib=(1, 4), measured=uart)
+    panel = Panel(batch)
+    ring = {m.kib: m for m in batch.last if m.path == "ring"}
+    assert [m for m in batch.last if m.path == "uart"] == uart  # reused, not measured again
+    assert all(m.batch == 1 for m in ring.values())
+    assert ring[4].notifications == 16 and all(m.console_ok for m in batch.last)  # 4 KiB in 256-byte buffers
+    assert "4 KiB on" in text_of(panel.first[0]) and "batch of 1:" in text_of(panel.first[0])
+    texts = panel.after(lambda: setattr(batch.batch, "value", 16))
+    assert {m.kib: m.notifications for m in batch.last if m.path == "ring"} == {1: 1, 4: 1}
+    assert "batch of 16:" in texts[0]
+    uart_exits, ring_exits = uart[1].exits, {m.kib: m for m in batch.last if m.path == "ring"}[4].exits
+    assert uart_exits >= 2 * 4096 and uart_exits >= 50 * ring_exits  # 4 KiB each: at least 50x fewer exits by ring

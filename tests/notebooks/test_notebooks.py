@@ -183,7 +183,13 @@ def check_paravirtualization(run: Execution, backend: str, kvm=None) -> None:
     assert "privileged-instruction traps: 0" in text
     label = "KVM" if backend == "kvm" else "emulator (Unicorn)"
     assert f"3 routine(s) on {label}: native " in text, "the kernel widget did not show its first run"
-    assert len(run.images()) >= 1, "the entries figure is missing"
+    assert "console output correct in every run: True" in text
+    ring = re.findall(r"for 64 KiB the UART took \*\*(\d+) exits per KiB\*\*, the ring \*\*([\d.]+)\*\* \((\d+)x fewer\)",
+                      text)
+    assert len(ring) == (2 if backend == "kvm" else 1), "the UART against ring sentence is missing"
+    assert all(int(uart) >= 2048 and int(fewer) >= 50 for uart, _, fewer in ring)
+    assert f"64 KiB on {label}, batch of 16: UART 131073 exits" in text, "the batch widget did not show its first run"
+    assert len(run.images()) >= 3, "expected the entries figure, the UART/ring figure and the batch widget's figure"
     if backend == "kvm":
         assert "backends run: kvm, emu" in text and "entries by kind the same on every backend run: True" in text
         assert f"measured on KVM ({kvm_flavour()})" in text
