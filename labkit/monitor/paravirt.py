@@ -44,13 +44,15 @@ ABI has calls for them, in Xen's architecture-specific range 48-55::
     53  read_cr                n (0, 2, 3, 4)               CRn            mov from crN, smsw
 
 Errors: ``-ENOSYS`` (38) an unknown number; ``-EFAULT`` (14) an address or
-range outside guest RAM (the console buffer, a descriptor table, the multicall
-entries, the iret frame, get_descriptor_table's buffer); ``-EINVAL`` (22) an
+range outside the kernel's own RAM, which is guest RAM less labkit's structures
+(:data:`HYPERVISOR_MEMORY`: forwarding stubs, GDT, IDT, TSS, page tables and the
+stubs' stack): the console buffer, a descriptor table, the multicall entries,
+the iret frame, get_descriptor_table's buffer, a new CR3; ``-EINVAL`` (22) an
 argument out of range (an unknown command or op, a flag other than 0/1, a
 length over :data:`MAX_CONSOLE_WRITE`, a limit that is no whole number of
 descriptors, a descriptor table the hypervisor refuses: a non-null first GDT
 entry, a system descriptor (TSS, LDT, gate) in the GDT, an IDT gate that is no
-interrupt/trap gate or whose handler lies outside RAM; an iret to a CS that is
+interrupt/trap gate or whose handler lies outside the kernel's RAM; an iret to a CS that is
 not the kernel's; a multicall entry that is itself a multicall or an iret);
 ``-E2BIG`` (7) a multicall of more than :data:`MAX_MULTICALL` entries.  Every
 call, good or bad, is counted (:attr:`ParavirtualReport.hypercalls`,
@@ -173,6 +175,22 @@ class _Refused(Exception):
     def __init__(self, number: int, why: str):
         super().__init__(why)
         self.errno = number
+
+
+HYPERVISOR_MEMORY = ((0, layout.LOAD_ADDRESS), (layout.KERNEL_STACK_TOP - layout.PAGE_SIZE, layout.KERNEL_STACK_TOP))
+"""Guest-physical ranges ``[start, end)`` that hold labkit's own structures while a monitor runs: the
+trap-forwarding stubs, GDT, IDT, TSS and page tables below ``LOAD_ADDRESS``, and the stack the stubs run
+on below ``KERNEL_STACK_TOP``.  No hypercall reads or writes them for the kernel (-EFAULT)."""
+
+
+def _owned(context: GuestContext, address: int, size: int) -> bool:
+    """Whether ``[address, address + size)`` is the kernel's own RAM: inside guest RAM and outside
+    :data:`HYPERVISOR_MEMORY` (Xen likewise accepts only the guest's own pages).  Empty ranges are."""
+    if size == 0:
+        return True
+    if not context.memory.contains(address, size):
+        return False
+    return all(address + size <= start or address >= end for start, end in HYPERVISOR_MEMORY)
 
 
 def _u64(value: int) -> int:
@@ -335,8 +353,9 @@ class Paravirtual:
         if count > MAX_MULTICALL:
             raise _Refused(errno.E2BIG, f"{count} entries; at most {MAX_MULTICALL}")
         size = MULTICALL_ENTRY.size
-        if not context.memory.contains(entries, size * count):
-            raise _Refused(errno.EFAULT, f"entries at {entries:#x} ({count} x {size} bytes) outside guest RAM")
+        if not _owned(context, entries, size * count):
+            raise _Refused(errno.EFAULT, f"entries at {entries:#x} ({count} x {size} bytes) outside the "
+                                         f"kernel's RAM")
         for index in range(count):
             at = entries + index * size
             op, _, *operands = MULTICALL_ENTRY.unpack(context.read(at, size))
@@ -352,8 +371,8 @@ class Paravirtual:
             raise _Refused(errno.EINVAL, f"console_io command {command}; only {CONSOLEIO_WRITE} (write) exists")
         if count > MAX_CONSOLE_WRITE:
             raise _Refused(errno.EINVAL, f"console_io of {count} bytes; at most {MAX_CONSOLE_WRITE}")
-        if not context.memory.contains(buffer, count):
-            raise _Refused(errno.EFAULT, f"console buffer {buffer:#x}+{count} outside guest RAM")
+        if not _owned(context, buffer, count):
+            raise _Refused(errno.EFAULT, f"console buffer {buffer:#x}+{count} outside the kernel's RAM")
         for byte in context.read(buffer, count):
             context.pio(layout.COM1_PORT, 1, True, byte)
         return count
@@ -381,8 +400,9 @@ class Paravirtual:
             handler = (low & 0xFFFF) | (low >> 48 & 0xFFFF) << 16 | (high & 0xFFFF_FFFF) << 32
             if gate_type not in (INTERRUPT_GATE, TRAP_GATE):
                 raise _Refused(errno.EINVAL, f"trap table entry {vector:#x} is no interrupt or trap gate")
-            if not context.memory.contains(handler, 1):
-                raise _Refused(errno.EINVAL, f"trap table entry {vector:#x}: handler {handler:#x} outside guest RAM")
+            if not _owned(context, handler, 1):
+                raise _Refused(errno.EINVAL, f"trap table entry {vector:#x}: handler {handler:#x} outside the "
+                                             f"kernel's RAM")
         self.vcpu.idtr = (base, limit)
         return 0
 
@@ -391,8 +411,8 @@ class Paravirtual:
         if limit >= 1 << 16 or (limit + 1) % entry:
             raise _Refused(errno.EINVAL, f"{what} limit {limit:#x} is not a whole number of {entry}-byte entries "
                                          f"below 64 KiB")
-        if not context.memory.contains(base, limit + 1):
-            raise _Refused(errno.EFAULT, f"{what} at {base:#x} (limit {limit:#x}) outside guest RAM")
+        if not _owned(context, base, limit + 1):
+            raise _Refused(errno.EFAULT, f"{what} at {base:#x} (limit {limit:#x}) outside the kernel's RAM")
         return context.read(base, limit + 1)
 
     def _fpu_taskswitch(self, args: tuple[int, ...], trap: Trap, context: GuestContext) -> int:
@@ -402,8 +422,8 @@ class Paravirtual:
 
     def _iret(self, args: tuple[int, ...], trap: Trap, context: GuestContext) -> None:
         regs = trap.regs
-        if not context.memory.contains(regs.rsp, IRET_FRAME.size):
-            raise _Refused(errno.EFAULT, f"iret frame at {regs.rsp:#x} outside guest RAM")
+        if not _owned(context, regs.rsp, IRET_FRAME.size):
+            raise _Refused(errno.EFAULT, f"iret frame at {regs.rsp:#x} outside the kernel's RAM")
         rax, rip, cs, rflags, rsp, _ss = IRET_FRAME.unpack(context.read(regs.rsp, IRET_FRAME.size))
         if cs != self.vcpu.cs:
             raise _Refused(errno.EINVAL, f"iret to CS {cs:#x}: only the kernel's {self.vcpu.cs:#x} (no virtual user mode)")
@@ -421,8 +441,8 @@ class Paravirtual:
                                          f"{MMUEXT_TLB_FLUSH_LOCAL} (tlb_flush_local) exist")
         if argument % layout.PAGE_SIZE:
             raise _Refused(errno.EINVAL, f"new_baseptr {argument:#x} is not page-aligned")
-        if not context.memory.contains(argument, layout.PAGE_SIZE):
-            raise _Refused(errno.EFAULT, f"new_baseptr {argument:#x} outside guest RAM")
+        if argument != self.vcpu.cr3 and not _owned(context, argument, layout.PAGE_SIZE):
+            raise _Refused(errno.EFAULT, f"new_baseptr {argument:#x} outside the kernel's RAM")
         self.vcpu.cr3 = argument
         return 0
 
@@ -466,8 +486,8 @@ class Paravirtual:
         which, buffer = args[0], args[1]
         if which >= len(DESCRIPTOR_TABLES):
             raise _Refused(errno.EINVAL, f"descriptor table {which}; 0 (GDT) and 1 (IDT) exist")
-        if not context.memory.contains(buffer, 10):
-            raise _Refused(errno.EFAULT, f"buffer {buffer:#x}+10 outside guest RAM")
+        if not _owned(context, buffer, 10):
+            raise _Refused(errno.EFAULT, f"buffer {buffer:#x}+10 outside the kernel's RAM")
         base, limit = self.vcpu.gdtr if which == 0 else self.vcpu.idtr
         context.write(buffer, struct.pack("<HQ", limit, base))
         return 0
@@ -496,6 +516,10 @@ class Paravirtual:
                     f"privileged instruction at RIP {rip:#x}: {decoded.text}; a paravirtual kernel makes a "
                     f"hypercall instead")))
                 return
+        frame = 8 * 7 + 15  # SS, RSP, RFLAGS, CS, RIP, error code, alignment
+        if not _owned(context, trap.regs.rsp - frame, frame):
+            raise VirtualTripleFault(f"the kernel's stack at {trap.regs.rsp:#x} is not its own RAM: "
+                                     f"{exception_name(vector)} cannot be delivered")
         error_code = trap.error_code if has_error_code(vector) else None
         if vector == Vector.PF and error_code is not None:
             error_code &= ~PF_USER  # the kernel's own access, though the CPU ran it in ring 3

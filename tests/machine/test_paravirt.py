@@ -146,6 +146,7 @@ CASES = [
     ("console_io: buffer across the end of RAM", Hypercall.CONSOLE_IO, (0, 32, RAM - 16, 0, 0), errno.EFAULT),
     ("console_io: buffer wrapping around", Hypercall.CONSOLE_IO, (0, 32, 2**64 - 16, 0, 0), errno.EFAULT),
     ("console_io: good", Hypercall.CONSOLE_IO, (0, 4, "text", 0, 0), None),
+    ("console_io: labkit's IDT", Hypercall.CONSOLE_IO, (0, 16, 0x2000, 0, 0), errno.EFAULT),
     ("set_gdt: limit not 8n-1", Hypercall.SET_GDT, ("good_gdt", 0x18, 0, 0, 0), errno.EINVAL),
     ("set_gdt: limit of 64 KiB", Hypercall.SET_GDT, ("good_gdt", 0x10007, 0, 0, 0), errno.EINVAL),
     ("set_gdt: outside RAM", Hypercall.SET_GDT, (OUTSIDE, 0x17, 0, 0, 0), errno.EFAULT),
@@ -157,12 +158,19 @@ CASES = [
     ("set_trap_table: outside RAM", Hypercall.SET_TRAP_TABLE, (OUTSIDE, 0xF, 0, 0, 0), errno.EFAULT),
     ("multicall: too many entries", Hypercall.MULTICALL, ("batch", MAX_MULTICALL + 1, 0, 0, 0), errno.E2BIG),
     ("multicall: entries outside RAM", Hypercall.MULTICALL, (RAM - 64, 2, 0, 0, 0), errno.EFAULT),
+    ("multicall: entries on labkit's forwarding stubs", Hypercall.MULTICALL, (0, 2, 0, 0, 0), errno.EFAULT),
+    ("multicall: entries on labkit's trap stack", Hypercall.MULTICALL, (0x6FFC0, 1, 0, 0, 0), errno.EFAULT),
     ("multicall: nested, iret, unknown, good", Hypercall.MULTICALL, ("batch", 4, 0, 0, 0), None),
     ("irq_restore: 2", Hypercall.IRQ_RESTORE, (2, 0, 0, 0, 0), errno.EINVAL),
     ("fpu_taskswitch: 7", Hypercall.FPU_TASKSWITCH, (7, 0, 0, 0, 0), errno.EINVAL),
     ("read_cr: CR8", Hypercall.READ_CR, (8, 0, 0, 0, 0), errno.EINVAL),
     ("get_descriptor_table: 2", Hypercall.GET_DESCRIPTOR_TABLE, (2, "scratch", 0, 0, 0), errno.EINVAL),
     ("get_descriptor_table: buffer outside RAM", Hypercall.GET_DESCRIPTOR_TABLE, (0, RAM - 4, 0, 0, 0), errno.EFAULT),
+    ("get_descriptor_table: into labkit's IDT", Hypercall.GET_DESCRIPTOR_TABLE, (0, 0x2000, 0, 0, 0), errno.EFAULT),
+    ("set_trap_table: handler in labkit's stubs", Hypercall.SET_TRAP_TABLE, ("bad_idt_stub", 0x1F, 0, 0, 0),
+     errno.EINVAL),
+    ("mmuext_op: new_baseptr into labkit's tables", Hypercall.MMUEXT_OP, (5, 0x5000, 0, 0, 0), errno.EFAULT),
+    ("mmuext_op: new_baseptr the current CR3", Hypercall.MMUEXT_OP, (5, 0x4000, 0, 0, 0), None),
     ("mmuext_op: unknown op", Hypercall.MMUEXT_OP, (99, 0, 0, 0, 0), errno.EINVAL),
     ("mmuext_op: unaligned new_baseptr", Hypercall.MMUEXT_OP, (5, 0x4008, 0, 0, 0), errno.EINVAL),
     ("mmuext_op: new_baseptr outside RAM", Hypercall.MMUEXT_OP, (5, OUTSIDE, 0, 0, 0), errno.EFAULT),
@@ -203,6 +211,7 @@ def bad_input_kernel() -> Guest:
         "good_idt: .quad 0x00008E0000080000, 0, 0x00008E0000080000, 0",
         "bad_idt_call: .quad 0x00008E0000080000, 0, 0x00008C0000080000, 0",
         "bad_idt_far: .quad 0x00008E0000080000, 0, 0x40008E0000080000, 0",
+        "bad_idt_stub: .quad 0x00008E0000088000, 0, 0x00008E0000080200, 0",
         "text: .ascii \"ok!\\n\"",
         "scratch: .quad 0, 0",
         "iret_results: .quad 0, 0",
@@ -241,7 +250,8 @@ def test_bad_hypercalls_get_an_error_code_are_counted_and_change_nothing(backend
     refused = sum(expected is not None for *_, expected in CASES) + 2 + 3  # two irets, three batch entries
     assert sum(summary.errors.values()) == refused
     assert summary.errors["unknown: ENOSYS"] == 3 and summary.errors["multicall: E2BIG"] == 1
-    assert summary.errors["set_gdt: EINVAL"] == 4 and summary.errors["console_io: EFAULT"] == 3
+    assert summary.errors["set_gdt: EINVAL"] == 4 and summary.errors["console_io: EFAULT"] == 4
+    assert summary.errors["multicall: EFAULT"] == 3 and summary.errors["mmuext_op: EFAULT"] == 2
     assert summary.hypercalls["unknown"] == 2 and summary.batched["unknown"] == 1
     assert summary.traps == 0 and summary.bounced == {}
     fresh = VirtualCpu()
@@ -308,3 +318,48 @@ def test_console_batch_reruns_the_ring_for_its_batch_size_and_reuses_the_uart(ba
     assert "batch of 16:" in texts[0]
     uart_exits, ring_exits = uart[1].exits, {m.kib: m for m in batch.last if m.path == "ring"}[4].exits
     assert uart_exits >= 2 * 4096 and uart_exits >= 50 * ring_exits  # 4 KiB each: at least 50x fewer exits by ring
+
+
+@needs_binutils
+def test_random_hypercalls_are_answered_or_refused_and_counted(backend_name):
+    """A fixed sample of random calls with hostile arguments (the full count: benchmarks/fuzz_hypercalls.py)."""
+    from labkit.monitor.paravirt import is_error
+    from random import Random
+
+    random = Random(9)
+    # addresses in RAM point at zeroed memory above the code: results written there change no instruction
+    values = [0, 1, 2, 3, 4, 5, 6, 0x17, 0x30F, 0x40000, 0x40008, RAM - 8, RAM, OUTSIDE, 2**63, 2**64 - 1]
+    numbers = [call for call in Hypercall if call not in (Hypercall.IRET, Hypercall.SCHED_OP)] + [1, 77, 2**32 + 18]
+    lines = []
+    for _ in range(150):
+        number = random.choice(numbers)
+        for register in ("rdi", "rsi", "rdx", "r10", "r8"):
+            value = random.choice(values) if random.random() < 0.8 else random.getrandbits(64)
+            lines.append(f"        mov {register}, {value:#x}")
+        lines += [f"        mov rax, {int(number):#x}", "        int 4"]
+    lines += ["        mov edi, 2", "        xor esi, esi", f"        mov eax, {Hypercall.SCHED_OP}", "        int 4"]
+    kernel = Guest.from_asm("\n".join(lines), name="pv-random", user=True)
+    hypervisor = Paravirtual()
+    with Machine(kernel, backend=backend_name, monitor=hypervisor) as machine:
+        result = machine.run(timeout=20)
+    summary = result.monitor
+    assert result.status.kind in (StatusKind.EXITED, StatusKind.HALTED, StatusKind.ERROR), str(result.status)
+    if result.status.kind is StatusKind.ERROR:  # only a random multicall entry asking for a crash shutdown
+        assert "sched_op(shutdown, crash)" in result.status.message
+    refused = [event for event in summary.events if event.result is not None and is_error(event.result)]
+    assert len(refused) == sum(summary.errors.values()) > 50
+    assert all(event.error for event in refused)
+    assert summary.traps == 0 and summary.bounced == {}
+    assert sum(summary.hypercalls.values()) >= 100  # the kernel went on after every refusal
+
+
+@needs_binutils
+def test_an_exception_on_a_stack_in_labkits_memory_is_not_bounced_there(backend_name):
+    kernel = Guest.from_asm("mov rsp, 0x2100\nud2", name="pv-bad-stack", user=True)  # the stack in labkit's IDT
+    with Machine(kernel, backend=backend_name, monitor=Paravirtual()) as machine:
+        before = machine.read_memory(0x2000, 0x1000)
+        result = machine.run(timeout=10)
+        after = machine.read_memory(0x2000, 0x1000)
+    assert result.status.kind is StatusKind.SHUTDOWN
+    assert "the kernel's stack at 0x2100 is not its own RAM" in result.status.message
+    assert after == before
