@@ -85,7 +85,7 @@ import errno
 import struct
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
@@ -426,7 +426,8 @@ class Paravirtual:
             raise _Refused(errno.EFAULT, f"iret frame at {regs.rsp:#x} outside the kernel's RAM")
         rax, rip, cs, rflags, rsp, _ss = IRET_FRAME.unpack(context.read(regs.rsp, IRET_FRAME.size))
         if cs != self.vcpu.cs:
-            raise _Refused(errno.EINVAL, f"iret to CS {cs:#x}: only the kernel's {self.vcpu.cs:#x} (no virtual user mode)")
+            raise _Refused(errno.EINVAL, f"iret to CS {cs:#x}: only the kernel's {self.vcpu.cs:#x} "
+                                         f"(no virtual user mode)")
         regs.rax, regs.rip, regs.rsp = rax, rip, rsp
         regs.rflags = regs.rflags & ~RFLAGS_GUEST_SETTABLE | rflags & RFLAGS_GUEST_SETTABLE
         self.vcpu.interrupts_enabled = bool(rflags & RFLAGS_IF)
@@ -551,7 +552,8 @@ def pvkernel(routines: Iterable[str] | None = None) -> Guest:
     chosen = PV_ROUTINES if routines is None else tuple(routines)
     missing = [name for name in chosen if name not in PV_ROUTINES]
     if missing:
-        raise ConfigError(f"pvkernel64 has no routine {', '.join(map(repr, missing))}; it has: {', '.join(PV_ROUTINES)}")
+        raise ConfigError(f"pvkernel64 has no routine {', '.join(map(repr, missing))}; "
+                          f"it has: {', '.join(PV_ROUTINES)}")
     base = Guest.named("pvkernel64")
     code = bytearray(base.code)
     if code[8:16] != ROUTINE_MAGIC:
@@ -614,7 +616,8 @@ def run_paravirtual(routines: Sequence[str] | None = None, backend: str = "auto"
     else:
         kernel = replace(Guest.named(guest) if isinstance(guest, str) else guest, user=True)
     if kernel.mode != 64:
-        raise ConfigError(f"the paravirtual monitor runs 64-bit kernels; {kernel.name!r} starts in {kernel.mode}-bit mode")
+        raise ConfigError(f"the paravirtual monitor runs 64-bit kernels; {kernel.name!r} starts in "
+                          f"{kernel.mode}-bit mode")
     hypervisor = Paravirtual()
     _load_decoder()
     with Machine(kernel, backend=backend, monitor=hypervisor, **machine_options) as machine:
@@ -745,7 +748,8 @@ class KernelComparison:
             if any(counts):
                 rows.append([name, *map(str, counts)])
         rows.append(["all entries", *(str(self.runs[kernel].total) for kernel in kernels)])
-        rows.append(["host time of the run", *(f"{self.runs[kernel].result.elapsed_s * 1e3:.1f} ms" for kernel in kernels)])
+        rows.append(["host time of the run",
+                     *(f"{self.runs[kernel].result.elapsed_s * 1e3:.1f} ms" for kernel in kernels)])
         rows.append(["status", *(str(self.runs[kernel].result.status.kind.value) for kernel in kernels)])
         first = next(iter(self.runs.values())).result
         where = first.origin.backend if first.origin is not None else first.backend

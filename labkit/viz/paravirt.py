@@ -70,7 +70,8 @@ def kernel_entries(comparisons: Mapping[str, KernelComparison]) -> Figure:
         largest = max(max(first.runs[k].by_category().values()) for k in kernels)
         left.set_xlim(0.7, max(largest, 1) * 6)
         left.set_xlabel("entries into the hypervisor (count, log)")
-        counted = "the same on every backend run" if same else f"counted on {short_label(first.runs[kernels[0]].result)}"
+        counted = ("the same on every backend run" if same
+                   else f"counted on {short_label(first.runs[kernels[0]].result)}")
         left.set_title(f"Entries by kind ({counted})")
 
         backends = list(comparisons)
@@ -120,7 +121,8 @@ def console_paths(measurements: Sequence[Any], *, flavour: str | None = None) ->
         for axes in (left, right):
             axes.set_xscale("log", base=2)
             axes.set_yscale("log")
-            axes.set_xticks(sorted({m.kib for m in measurements}), [str(k) for k in sorted({m.kib for m in measurements})])
+            sizes = sorted({m.kib for m in measurements})
+            axes.set_xticks(sizes, [str(size) for size in sizes])
             axes.set_xlabel("console output written (KiB, log)")
             axes.grid(True, which="major", alpha=0.3)
             axes.yaxis.set_minor_formatter(NullFormatter())  # decades only: fewer labels to read (and to lay out)

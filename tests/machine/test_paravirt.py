@@ -191,7 +191,8 @@ def bad_input_kernel() -> Guest:
     lines = []
     for index, (_, number, args, _) in enumerate(CASES):
         lines += [_argument(register, value) for register, value in zip(("rdi", "rsi", "rdx", "r10", "r8"), args)]
-        lines += [f"        mov rax, {int(number):#x}", "        int 4", f"        mov [rip + results + {8 * index}], rax"]
+        lines += [f"        mov rax, {int(number):#x}", "        int 4",
+                  f"        mov [rip + results + {8 * index}], rax"]
     entry = lambda op: f"        .quad {op:#x}, 0, 0, 0, 0, 0, 0, 0"  # noqa: E731
     source = "\n".join([
         *lines,
@@ -202,7 +203,7 @@ def bad_input_kernel() -> Guest:
         "        mov rbx, rsp", f"        mov rsp, {RAM - 8:#x}", f"        mov eax, {Hypercall.IRET}", "        int 4",
         "        mov rsp, rbx", "        mov [rip + iret_results + 8], rax",
         "after:",
-        f"        mov edi, 2", "        xor esi, esi", f"        mov eax, {Hypercall.SCHED_OP}", "        int 4",
+        "        mov edi, 2", "        xor esi, esi", f"        mov eax, {Hypercall.SCHED_OP}", "        int 4",
         "        .balign 64",
         "batch:", entry(Hypercall.MULTICALL), entry(Hypercall.IRET), entry(99), entry(Hypercall.IRQ_QUERY),
         "good_gdt: .quad 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF",
