@@ -63,7 +63,7 @@ def kernel_entries(comparisons: Mapping[str, KernelComparison]) -> Figure:
             positions = [c + (index - (len(kernels) - 1) / 2) * height for c in range(len(categories))]
             bars = left.barh(positions, [v if v else float("nan") for v in values], height,
                              label=f"{kernel}: {first.runs[kernel].total} entries", color=KERNEL_COLOURS[kernel])
-            left.bar_label(bars, labels=[str(v) if v else "" for v in values], padding=3, fontsize=FONT_SIZE - 1)
+            left.bar_label(bars, labels=[str(v) if v else "" for v in values], padding=3, fontsize=FONT_SIZE)
         left.set_yticks(range(len(categories)), [textwrap.fill(name, 16) for name in categories])
         left.invert_yaxis()
         left.set_xscale("log")
@@ -80,7 +80,7 @@ def kernel_entries(comparisons: Mapping[str, KernelComparison]) -> Figure:
             times = [comparisons[b].runs[kernel].result.elapsed_s * 1e3 for b in backends]
             positions = [b + (index - (len(kernels) - 1) / 2) * width for b in range(len(backends))]
             bars = right.bar(positions, times, width, color=KERNEL_COLOURS[kernel])
-            right.bar_label(bars, labels=[f"{t:.0f}" for t in times], padding=2, fontsize=FONT_SIZE - 1)
+            right.bar_label(bars, labels=[f"{t:.0f}" for t in times], padding=2, fontsize=FONT_SIZE)
         right.set_xticks(range(len(backends)),
                          [short_label(comparisons[b].runs[kernels[0]].result) for b in backends])
         right.set_yscale("log")
@@ -134,7 +134,7 @@ def console_paths(measurements: Sequence[Any], *, flavour: str | None = None) ->
         left.set_title("Exits per KiB" + (" (equal on every backend: lines coincide)" if same else ""))
         right.set_ylabel("host time per KiB (µs, log)")
         right.set_title("Host time per KiB")
-        left.legend(loc="center right", fontsize=FONT_SIZE - 1)
+        left.legend(loc="center right", fontsize=FONT_SIZE)
         measured = "; ".join(dict.fromkeys(measured_on(m.backend, flavour if m.backend == "kvm" else None)
                                            for m in measurements))
         batch = f"ring batch: {', '.join(map(str, batches))} buffer(s) per notification" if batches else ""
