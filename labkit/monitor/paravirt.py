@@ -664,6 +664,9 @@ def category(kind: str) -> str:
     name = kind.split(": ", 1)[-1].split(" ")[0]
     if kind.startswith(("bounce:", "trap: reflected")):
         name = "exception"
+    if kind.startswith("port exit:"):  # "port exit: out 0x3f8": the console only at the UART's ports
+        port = int(kind.rsplit(" ", 1)[-1], 16)
+        return "console output" if layout.COM1_PORT <= port < layout.COM1_PORT + 8 else "other"
     for group, names in _CATEGORY_OF.items():
         if name in names:
             return group
