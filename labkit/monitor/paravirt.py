@@ -77,6 +77,13 @@ and CR3 are virtual state (the real CPU keeps labkit's GDT, IDT and page
 tables, so set_gdt cannot be a way into ring 0: it is checked as Xen checks
 one all the same); there are no event channels, so a kernel that blocks ends
 the run (status ``halted``, as ``hlt`` with nothing to wake it).
+
+Running it: :func:`run_paravirtual` runs ``pvkernel64`` (a choice of its
+:data:`PV_ROUTINES`, or another paravirtual kernel) and returns a
+:class:`ParavirtualReport` (``.result``, ``.console``, ``.hypercalls`` by
+name, ``.traps``, ``.errors``, ``.bounced``); :func:`compare_kernels` runs the
+same routines natively, under trap-and-emulate and paravirtualized and counts
+each kernel's hypervisor entries by kind (:data:`CATEGORIES`).
 """
 
 from __future__ import annotations
@@ -360,7 +367,7 @@ class Paravirtual:
             at = entries + index * size
             op, _, *operands = MULTICALL_ENTRY.unpack(context.read(at, size))
             result = self.call(op, tuple(operands), trap, context, batched=True)
-            context.write(at + 8, struct.pack("<q", result if result is not None else 0))
+            context.write(at + 8, struct.pack("<Q", _u64(result if result is not None else 0)))
             if self.stopped:
                 break
         return 0
