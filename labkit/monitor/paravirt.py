@@ -606,6 +606,24 @@ class ParavirtualReport:
     def entries(self) -> int:
         return self.summary.entries
 
+    def table(self) -> Any:
+        """The hypervisor's entries, call by call: how often (alone and batched), refused, what each replaces
+        (a ``Table``; what ``labkit run --monitor pv`` prints)."""
+        from labkit.table import Table
+
+        refused: Counter[str] = Counter()
+        for key, count in self.errors.items():
+            refused[key.split(": ")[0]] += count
+        names = sorted(set(self.hypercalls) | set(self.batched), key=lambda name: -self.hypercalls[name])
+        by_name = {call.label: call for call in Hypercall}
+        rows = [[name, str(self.hypercalls[name]), str(self.batched[name]), str(refused[name]),
+                 REPLACES[by_name[name]] if name in by_name else "(no such hypercall)"] for name in names]
+        rows += [[f"bounced {exception_label(vector)}", str(count), "", "", "the kernel's own exception"]
+                 for vector, count in sorted(self.bounced.items())]
+        rows.append(["privileged-instruction traps", str(self.traps), "", "", "none in a paravirtual kernel"])
+        return Table(f"Paravirtual: {self.entries} entries into the hypervisor ({self.result.status})",
+                     ["hypercall", "entries", "in multicalls", "refused", "replaces"], rows)
+
 
 def run_paravirtual(routines: Sequence[str] | None = None, backend: str = "auto", timeout: float = 10.0, *,
                     guest: Guest | str | None = None, **machine_options: Any) -> ParavirtualReport:

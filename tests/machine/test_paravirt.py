@@ -364,3 +364,18 @@ def test_an_exception_on_a_stack_in_labkits_memory_is_not_bounced_there(backend_
     assert result.status.kind is StatusKind.SHUTDOWN
     assert "the kernel's stack at 0x2100 is not its own RAM" in result.status.message
     assert after == before
+
+
+def test_the_report_table_lists_each_call_alone_and_batched(backend_name):
+    report = run_paravirtual(backend=backend_name)
+    rows = {row[0]: row[1:] for row in report.table().rows}
+    assert rows["console_io"] == ["12", "1", "0", "in/out to the UART"]  # 13 lines, the first in the boot batch
+    assert rows["read_cr"] == ["2", "3", "0", "mov from crN, smsw"] and rows["set_gdt"][:2] == ["0", "1"]
+    assert rows["bounced #UD"][0] == "2" and rows["privileged-instruction traps"][0] == "0"
+    assert report.table().title == "Paravirtual: 36 entries into the hypervisor (halted: sched_op(block) with " \
+                                   "events masked: nothing can wake the kernel)"
+
+
+def test_a_kernel_that_is_not_64_bit_is_refused():
+    with pytest.raises(Exception, match="runs 64-bit kernels; 'hello32' starts in 32-bit mode"):
+        run_paravirtual(guest="hello32")
