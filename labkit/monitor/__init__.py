@@ -1,4 +1,5 @@
-"""Software virtualization techniques run by a monitor on the host: trap-and-emulate, binary translation.
+"""Software virtualization techniques run by a monitor on the host: trap-and-emulate, binary translation,
+paravirtualization (the hypervisor of a kernel that makes hypercalls).
 
 A monitor sees the guest's exceptions through :mod:`labkit.vmm.forwarding`
 and works the same on both backends.  The monitors themselves are imported on
@@ -17,6 +18,9 @@ _LAZY = {
     "BinaryTranslator": "labkit.monitor.binary_translation",
     "run_translated": "labkit.monitor.binary_translation",
     "VirtualCpu": "labkit.monitor.vcpu",
+    "Paravirtual": "labkit.monitor.paravirt",
+    "run_paravirtual": "labkit.monitor.paravirt",
+    "compare_kernels": "labkit.monitor.paravirt",
 }
 
 __all__ = sorted(["Monitor", "MonitorContext", "Trap", *_LAZY])

@@ -29,6 +29,8 @@ _EXPORTS = {
     "classification_table": "labkit.viz.rings",
     "trap_profile": "labkit.viz.trap_emulate",
     "monitor_comparison": "labkit.viz.translation",
+    "kernel_entries": "labkit.viz.paravirt",
+    "console_paths": "labkit.viz.paravirt",
     "capability_table": "labkit.viz.report",
     "exit_table": "labkit.viz.report",
     "exit_cost_table": "labkit.viz.report",

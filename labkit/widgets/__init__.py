@@ -22,6 +22,8 @@ _EXPORTS = {
     "RoutineComparison": "labkit.widgets.monitors",
     "TranslationChoice": "labkit.widgets.monitors",
     "ExitStepper": "labkit.widgets.monitors",
+    "KernelChoice": "labkit.widgets.paravirt",
+    "ConsoleBatch": "labkit.widgets.paravirt",
 }
 
 __all__ = sorted(_EXPORTS)

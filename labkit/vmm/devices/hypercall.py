@@ -4,7 +4,10 @@ A guest writes a hypercall number from EAX to the port (``out HYPERCALL_PORT,
 eax``), with arguments in RBX, RCX, RDX and RSI, and reads the result back with
 ``in eax, HYPERCALL_PORT``.  Numbers nobody registered return ``ENOSYS`` as a
 negative value, like Linux system calls.  Every argument comes from the guest
-and is checked where it is used: a buffer must lie inside guest RAM.
+and is checked where it is used: a buffer must lie inside guest RAM.  The
+port is for ring-0 guests: from ring 3 the ``out`` raises #GP (IOPL 0), so a
+kernel that runs deprivileged makes its hypercalls with ``int 4`` to the
+paravirtual monitor instead (:mod:`labkit.monitor.paravirt`, its own ABI).
 
 Built-in hypercalls:
 
