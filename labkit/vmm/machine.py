@@ -35,6 +35,8 @@ from labkit.x86.state import Regs, SRegs
 
 if TYPE_CHECKING:  # imported where used: guest pulls in the assembler, forwarding the trap stubs
     from labkit.guest import Guest
+    from labkit.kvm.controls import KvmExitControls
+    from labkit.kvm.stats import KvmRunStats
     from labkit.vmm.forwarding import Monitor
 
 MAX_TIMEOUT_S = 3600.0
@@ -59,12 +61,15 @@ class Machine:
     ``(bus, base, length, device)`` tuples still work in-process (``isolate=False``)
     only.  ``monitor`` (a :class:`labkit.monitor.Monitor`)
     receives every exception of a long-mode guest (see ``labkit.monitor.forwarding``);
-    what it reports comes back in ``RunResult.monitor``.
+    what it reports comes back in ``RunResult.monitor``.  ``kvm_controls`` (a
+    :class:`labkit.kvm.KvmExitControls`) sets KVM's exit controls: KVM only, a
+    :class:`ConfigError` on the emulator.
     """
 
     def __init__(self, guest: Guest | str, backend: str = "auto", memory: int = layout.DEFAULT_MEMORY, *,
                  isolate: bool | None = None, devices: Sequence[DeviceSpec | LegacyDeviceSpec] = (),
-                 trace_limit: int | None = None, monitor: Monitor | None = None):
+                 trace_limit: int | None = None, monitor: Monitor | None = None,
+                 kvm_controls: KvmExitControls | None = None):
         from labkit.guest import Guest
 
         if isinstance(guest, str):
@@ -74,6 +79,14 @@ class Machine:
         self.guest = guest
         self.memory_size = layout.check_memory_size(memory)
         choice = choose_backend(backend)
+        if kvm_controls is not None:
+            from labkit.kvm.controls import KvmExitControls
+
+            if not isinstance(kvm_controls, KvmExitControls):
+                raise ConfigError(f"kvm_controls must be a labkit.kvm.KvmExitControls, not {kvm_controls!r:.60}")
+            if choice.name != "kvm":
+                raise ConfigError(f"kvm_controls need KVM, but this machine runs on the emulator "
+                                  f"({choice.reason}): the emulator has no KVM exits to control")
         self.backend = choice.name
         self.backend_reason = choice.reason
         self.isolated = (choice.name == "emu") if isolate is None else bool(isolate)
@@ -89,7 +102,7 @@ class Machine:
 
         def make_core() -> MachineCore:
             return MachineCore(guest, choice.name, self.memory_size, devices=devices, trace_limit=trace_limit,
-                               monitor=monitor)
+                               monitor=monitor, kvm_controls=kvm_controls)
 
         if self.isolated:
             if choice.name == "emu":
@@ -183,6 +196,15 @@ class Machine:
             self._core.request_pause()
         elif self._worker is not None:
             self._worker.poke("request_pause")
+
+    def kvm_stats(self) -> KvmRunStats:
+        """KVM's own counters for this machine's vCPU (binary stats fd, ``KVM_GET_STATS_FD``) since it was
+        made, beside the exits labkit's run loop saw (:class:`labkit.kvm.stats.KvmRunStats`).
+
+        :class:`ConfigError` on the emulator: it has no KVM and so no such counters.
+        ``RunResult.kvm_stats`` holds the same at the end of each run (``None`` on the emulator).
+        """
+        return self._call("kvm_stats")
 
     def device_state(self, name: str) -> Any:
         """The named device's saved state (its ``save()``: plain data), read where the device lives."""
