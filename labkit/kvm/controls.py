@@ -59,7 +59,7 @@ DISABLE_EXITS = {
 PORT_LIMIT = 0x10000
 PIO_SIZES = (1, 2, 4)
 MMIO_SIZES = (1, 2, 4, 8)
-MSR_LIMIT = 1 << 32
+INDEX_LIMIT = 1 << 32  # an MSR index is 32 bits (ECX)
 
 
 def _check_int(what: str, value: object, low: int, high: int) -> int:
@@ -132,7 +132,7 @@ class UserMsr:
     handler: Callable[[], MsrHandler] | None = None
 
     def __post_init__(self) -> None:
-        _check_int("UserMsr index", self.index, 0, MSR_LIMIT)
+        _check_int("UserMsr index", self.index, 0, INDEX_LIMIT)
         _check_int(f"UserMsr {self.index:#x} initial value", self.initial, 0, 1 << 64)
         if not (self.read or self.write):
             raise ConfigError(f"UserMsr {self.index:#x} sends neither reads nor writes to userspace")

@@ -22,6 +22,7 @@ _EXPORTS = {
     "RoutineComparison": "labkit.widgets.monitors",
     "TranslationChoice": "labkit.widgets.monitors",
     "ExitStepper": "labkit.widgets.monitors",
+    "KvmControls": "labkit.widgets.kvm_controls",
 }
 
 __all__ = sorted(_EXPORTS)
