@@ -524,6 +524,12 @@ class KvmBackend:
         comes first (a port write) is where the interrupt goes in instead; PVM does
         honour the one-instruction ``sti`` shadow (``sti; hlt`` halts first).
 
+        With exit controls (:class:`labkit.kvm.controls.KvmExitControls`) the dispatcher
+        also needs ``kernel_write(pio, address, size, value)`` (coalesced zones, ioeventfds:
+        the writes KVM kept, delivered at each return of ``KVM_RUN`` before that exit is
+        handled) and ``msr(index, is_write, value, rip) -> int | None`` (user-space MSRs:
+        ``KVM_EXIT_X86_RDMSR``/``WRMSR``; ``None`` raises #GP in the guest).
+
         ``hlt`` always ends the run as :class:`labkit.exits.Hlt` (no in-kernel
         irqchip, so KVM does not wait in the kernel), with RIP past the ``hlt``, even
         when an interrupt is pending: the caller decides whether to wait.  The next

@@ -277,8 +277,15 @@ class MachineCore:
         bus = self.buses.pio if pio else self.buses.mmio
         try:
             bus.write(address, size, value)
-        except Exception as error:  # noqa: BLE001
-            self._device_failed(bus, "port" if pio else "MMIO address", address, True, -1, error)
+        except Exception as error:  # noqa: BLE001 - a device's bug ends the run, as on an exit
+            hit = bus.find(address)
+            name = self._names.get(id(hit[1]), type(hit[1]).__name__) if hit else "?"
+            what = "port" if pio else "MMIO address"
+            message = (f"device {name!r} failed on a write to {what} {address:#x} that KVM kept in the kernel "
+                       f"(coalesced ring or ioeventfd), delivered at the next exit: {type(error).__name__}: {error}")
+            if self._device_status is None:
+                self._device_status = Status(StatusKind.ERROR, message=message, device=name)
+            self.stop = True
 
     def _device_failed_named(self, name: str, what: str, address: int, is_write: bool, rip: int,
                              error: Exception) -> None:

@@ -352,3 +352,21 @@ def test_controls_are_checked():
         KvmExitControls(coalesced=CoalescedZone(LOG_PORT, 1, pio=True))
     with pytest.raises(ConfigError, match="kvm_controls must be"):
         Machine("hello64", backend="kvm", kvm_controls={"hlt": True})
+
+
+def test_a_device_failing_on_a_delivered_write_ends_the_run_naming_it():
+    require("ioeventfds")
+
+    class Broken(WriteLog):
+        def write(self, offset, size, value):
+            raise ValueError("broken doorbell")
+
+    from labkit.errors import DeviceError
+
+    guest = Guest.from_asm(NOTIFY_GUEST, mode=64)
+    devices = [DeviceSpec("notify", "pio", NOTIFY_PORT, 1, Broken)]
+    controls = KvmExitControls(ioeventfds=(IoEventFd(NOTIFY_PORT, 1, datamatch=0),))
+    with Machine(guest, backend="kvm", devices=devices, kvm_controls=controls) as machine:
+        with pytest.raises(DeviceError, match="'notify' failed on a write to port 0xf6 that KVM kept in the kernel"):
+            machine.run(timeout=5.0)
+        assert machine.last_result.status.kind is StatusKind.ERROR
