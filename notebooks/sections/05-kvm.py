@@ -138,6 +138,25 @@ if KVM:
         f"`io_exits` **{fd.before.stats['io_exits']}** without, **{fd.after.stats['io_exits']}** with."))
 
 # %% [markdown]
+# ### A doorbell rung from ring 3
+#
+# Under PVM the ring-0 `out` above never was a VM exit: KVM's emulator executed it, so with the ioeventfd
+# nothing at all leaves the kernel. Code in ring 3 runs natively, though, and a store to a doorbell page
+# above RAM faults into KVM: a real exit. The next guest rings an MMIO doorbell from ring 3 (and ends with
+# `ud2`, which labkit's default handler reports as #UD), once without and once with an ioeventfd on it.
+
+# %%
+if KVM:
+    display(Markdown("```\n" + kvm_stats.RING3_DOORBELL_SOURCE + "```"))
+    without_fd, with_fd = kvm_stats.ring3_doorbell(False), kvm_stats.ring3_doorbell(True)
+    display(kvm_stats.doorbell_table(without_fd, with_fd))
+    display(Markdown(
+        f"With the ioeventfd no doorbell write reached labkit as an exit "
+        f"(**{with_fd.kvm_stats.userspace.get('MMIO', 0)}** MMIO exits), yet KVM counted "
+        f"**{with_fd.kvm_stats['exits']}** exits, as many as without it (**{without_fd.kvm_stats['exits']}**): "
+        "the kernel still takes each exit and handles it itself; only the trip to userspace is gone."))
+
+# %% [markdown]
 # ### Try it
 #
 # Tick any combination of controls and run again: the table and the figure compare the guest with

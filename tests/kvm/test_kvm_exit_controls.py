@@ -370,3 +370,36 @@ def test_a_device_failing_on_a_delivered_write_ends_the_run_naming_it():
         with pytest.raises(DeviceError, match="'notify' failed on a write to port 0xf6 that KVM kept in the kernel"):
             machine.run(timeout=5.0)
         assert machine.last_result.status.kind is StatusKind.ERROR
+
+
+RING3_DOORBELL = f"""
+    mov ecx, {N}
+    mov rbx, {MMIO_ADDRESS}
+1:  mov dword ptr [rbx], 7
+    dec ecx
+    jnz 1b
+    ud2
+"""
+
+
+def test_ioeventfd_from_ring3_leaves_the_kernel_exit_counted():
+    require("ioeventfds")
+    guest = Guest.from_asm(RING3_DOORBELL, mode=64, user=True)
+    results = []
+    for controls in (None, KvmExitControls(ioeventfds=(IoEventFd(MMIO_ADDRESS, 4, datamatch=7, pio=False),))):
+        with Machine(guest, backend="kvm", devices=log_devices(), kvm_controls=controls) as machine:
+            results.append((machine.run(timeout=5.0), machine.device_state("mmio-log")))
+    (before, before_log), (after, after_log) = results
+    assert before.status.kind is after.status.kind is StatusKind.FAULT  # the closing ud2
+    assert before_log == after_log == {"writes": [(0, 4, 7)] * N}
+    assert before.kvm_stats.userspace["MMIO"] == N and "MMIO" not in after.kvm_stats.userspace
+    assert after.kvm_stats.delivered["ioeventfd"] == N
+    assert after.kvm_stats.counters["mmio_exits"] == 0
+    if PVM:
+        # Ring 3 runs natively under PVM: each store to the doorbell faults into KVM, a VM exit the
+        # kernel counts with or without the ioeventfd; only the trip to userspace is gone.
+        for result in (before, after):
+            assert result.kvm_stats.counters["pf_emulate"] >= N
+        assert after.kvm_stats.counters["exits"] >= N > after.kvm_stats.userspace_total
+    elif HARDWARE:
+        assert after.kvm_stats.counters["exits"] >= N > after.kvm_stats.userspace_total

@@ -32,6 +32,7 @@ def test_exit_mix_code_is_its_source():
     from labkit.assembler import assemble
 
     assert assemble(kvm_stats.EXIT_MIX_SOURCE, 64) == kvm_stats.EXIT_MIX_CODE
+    assert assemble(kvm_stats.RING3_DOORBELL_SOURCE, 64) == kvm_stats.RING3_DOORBELL_CODE
     assert kvm_stats.EXIT_MIX_CODE.endswith(kvm_stats.EXIT_MIX_MESSAGE.encode() + b"\0")
 
 
@@ -80,6 +81,15 @@ def test_the_widget_reruns_with_the_ticked_controls():
     panel.boxes["msr"].value = True
     assert panel.runs == 2 and panel.last.names == ("msr",)
     assert panel.last.after.stats.userspace["X86_RDMSR"] == 32
+
+
+def test_ring3_doorbell_table():
+    without, with_ioeventfd = kvm_stats.ring3_doorbell(False), kvm_stats.ring3_doorbell(True)
+    table = kvm_stats.doorbell_table(without, with_ioeventfd)
+    (_, mmio_before, _, _, delivered_before), (_, mmio_after, exits_after, _, delivered_after) = table.rows
+    assert (mmio_before, delivered_before) == (str(kvm_stats.RING3_DOORBELLS), "0")
+    assert (mmio_after, delivered_after) == ("0", str(kvm_stats.RING3_DOORBELLS))
+    assert int(exits_after) >= kvm_stats.RING3_DOORBELLS  # the kernel still took every exit
 
 
 def test_emulator_results_are_refused_with_the_reason():
