@@ -337,21 +337,24 @@ def test_ioeventfd_keeps_notifications_in_the_kernel():
         assert after_counters["exits"] >= N + 2
 
 
-def test_controls_are_checked():
-    with pytest.raises(ConfigError, match="cannot disable 'halt'"):
-        KvmExitControls(disable_exits=("halt",))
-    with pytest.raises(ConfigError, match="ioeventfd length"):
-        IoEventFd(NOTIFY_PORT, 3, datamatch=0)
-    with pytest.raises(ConfigError, match="datamatch"):
-        IoEventFd(NOTIFY_PORT, 1, datamatch=0x100)
-    with pytest.raises(ConfigError, match="listed twice"):
-        KvmExitControls(msrs=(UserMsr(MSR), UserMsr(MSR)))
-    with pytest.raises(ConfigError, match="at most 16"):
-        KvmExitControls(msrs=tuple(UserMsr(0x4000_0000 + i) for i in range(17)))
-    with pytest.raises(ConfigError, match="tuple"):
-        KvmExitControls(coalesced=CoalescedZone(LOG_PORT, 1, pio=True))
+def test_controls_must_be_kvm_exit_controls():  # the rest of the checks: tests/unit/test_kvm_controls.py
     with pytest.raises(ConfigError, match="kvm_controls must be"):
         Machine("hello64", backend="kvm", kvm_controls={"hlt": True})
+
+
+def test_controls_work_in_an_isolated_machine():
+    require("msrs")
+    require("ioeventfds")
+    guest = Guest.from_asm(f"mov ecx, {MSR:#x}\nrdmsr\nmov ebx, eax\n" + NOTIFY_GUEST, mode=64)
+    controls = KvmExitControls(msrs=(UserMsr(MSR, initial=0x1234),), ioeventfds=(IoEventFd(NOTIFY_PORT, 1, 0),))
+    with Machine(guest, backend="kvm", isolate=True, devices=log_devices(), kvm_controls=controls) as machine:
+        result = machine.run(timeout=10.0)
+        assert machine.device_state(f"msr {MSR:#x}")["reads"] == 1
+        assert machine.device_state("notify") == {"writes": [(0, 1, 0)] * N + [(0, 1, 1)]}
+        assert machine.kvm_stats().userspace == result.kvm_stats.userspace
+    assert result.status.kind is StatusKind.HALTED and result.regs.rbx == 0x1234
+    assert result.kvm_stats.userspace == {"X86_RDMSR": 1, "IO": 1, "HLT": 1}
+    assert result.kvm_stats.delivered["ioeventfd"] == N
 
 
 def test_a_device_failing_on_a_delivered_write_ends_the_run_naming_it():
