@@ -7,9 +7,6 @@
 #     language: python
 #     name: python3
 # ---
-# Notebook 05's KVM section (helper kvmx). The lead splices these cells into
-# notebooks/05-hardware-assisted.ipynb where helper vmx left the heading
-# "## What KVM handles itself". Every number shown comes from a code cell's output.
 
 # %% [markdown]
 # ## What KVM handles itself
