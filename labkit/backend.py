@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Iterable, Mapping, Protocol, runtime_checkable
 
 from labkit.errors import BackendUnavailable, ConfigError
 from labkit.exits import Dispatcher, Exit
 from labkit.x86.state import DebugRegs, FpuState, Regs, SRegs
+
+if TYPE_CHECKING:  # imported lazily: keeps `import labkit` fast
+    from labkit.kvm.controls import KvmExitControls
 
 BACKEND_NAMES = ("auto", "kvm", "emu")
 
@@ -161,12 +164,19 @@ def choose_backend(name: str = "auto") -> Choice:
     return Choice("kvm", "/dev/kvm is present and usable")
 
 
-def create_backend(name: str, memory_size: int, mode: int) -> Backend:
-    """Create a backend by resolved name (``kvm`` or ``emu``) for a guest starting in ``mode``."""
+def create_backend(name: str, memory_size: int, mode: int, kvm_controls: KvmExitControls | None = None) -> Backend:
+    """Create a backend by resolved name (``kvm`` or ``emu``) for a guest starting in ``mode``.
+
+    ``kvm_controls`` (:class:`labkit.kvm.controls.KvmExitControls`) go to the KVM
+    backend; the emulator has no KVM exit controls and refuses them with :class:`ConfigError`.
+    """
     if name == "kvm":
         from labkit.kvm import KvmBackend
 
-        return KvmBackend(memory_size=memory_size, mode=mode)
+        return KvmBackend(memory_size=memory_size, mode=mode, controls=kvm_controls)
+    if kvm_controls is not None:
+        raise ConfigError(f"KVM exit controls ({', '.join(kvm_controls.describe()) or 'none set'}) need the KVM "
+                          f"backend; this machine runs on {name!r}, which has no KVM_RUN loop to control")
     if name == "emu":
         from labkit.emu import EmuBackend
 

@@ -20,6 +20,10 @@ so ``get_regs()`` shows the value read and a later ``run()`` goes on from there.
 Interrupts come from a userspace interrupt controller (the dispatcher): labkit
 creates no in-kernel irqchip, so ``KVM_INTERRUPT`` and the interrupt-window exit
 work (``KVM_EXIT_IRQ_WINDOW_OPEN``), and a ``hlt`` always exits to userspace.
+
+Exit controls (:class:`labkit.kvm.controls.KvmExitControls`) are applied when the
+VM is made; :meth:`KvmBackend.run_stats` puts the vCPU's own counters (binary
+stats fd) beside the exits this loop saw.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ from labkit import exits
 from labkit.exits import Dispatcher
 from labkit.errors import ConfigError, KvmError
 from labkit.kvm import bindings as kb
+from labkit.kvm.controls import KvmExitControls, missing_capabilities, msr_filter_ranges
 from labkit.kvm.ioctl import get_errno, kvm_run_ioctl
+from labkit.kvm.stats import KvmRunStats, counters_delta, cumulative_counters
 from labkit.kvm.system import Kvm, kvm_flavour
 from labkit.kvm.vm import dirty_page_numbers
 from labkit.watchdog import KICK_SIGNAL, WATCHDOG
@@ -156,15 +162,22 @@ class KvmBackend:
 
     ``mode`` is recorded for :meth:`describe`; the caller loads the start state
     (``labkit.x86.boot.boot_state``) with :meth:`set_sregs`/:meth:`set_regs`/:meth:`set_msrs`.
+    ``controls`` sets KVM's exit controls (checked against the capabilities first:
+    :class:`ConfigError` naming what this KVM does not offer).
     Use as a context manager, or call :meth:`close`.
     """
 
     kind = "kvm"
 
-    def __init__(self, memory_size: int = layout.DEFAULT_MEMORY, mode: int = 64):
+    def __init__(self, memory_size: int = layout.DEFAULT_MEMORY, mode: int = 64,
+                 controls: KvmExitControls | None = None):
         layout.check_memory_size(memory_size)
         if mode not in MODES:
             raise ConfigError(f"mode must be 16, 32 or 64, not {mode!r}")
+        if controls is not None and not isinstance(controls, KvmExitControls):
+            raise ConfigError(f"controls must be a labkit.kvm.KvmExitControls, not {type(controls).__name__}")
+        self.controls = controls or KvmExitControls()
+        self._eventfds: list[tuple[bool, int, int, int, int]] = []  # (pio, address, length, datamatch, fd)
         self.memory_size = memory_size
         self.mode = mode
         self.flavour = kvm_flavour()
@@ -184,11 +197,20 @@ class KvmBackend:
             self._dirty_logging = False
             self._add_slot(0, memory_size, read_only=False)
             self.memory = self._slots[0].view
+            self._apply_vm_controls(self.controls)  # DISABLE_EXITS only before the first vCPU
             self._vcpu = self._vm.create_vcpu(0)
             self._vcpu.set_cpuid2(self._kvm.supported_cpuid())
+            stats = self._vcpu.stats()
+            self._stat_names = cumulative_counters(stats)
+            self._stats_base = stats.read()
         except BaseException:
             self.close()
             raise
+        self.userspace_exits: dict[int, int] = {}
+        """Returns of ``KVM_RUN`` this backend saw, by ``KVM_EXIT_*`` number (``KVM_EXIT_INTR`` for EINTR)."""
+        self.delivered = {"coalesced_mmio": 0, "coalesced_pio": 0, "ioeventfd": 0}
+        """Writes KVM kept in the kernel (coalesced ring, ioeventfds) that this backend handed to the dispatcher."""
+        self._kernel_writes = bool(self.controls.coalesced or self._eventfds)
         run = self._vcpu.run
         self.sync_regs = bool(self._vm.check_extension(kb.KVM_CAP_SYNC_REGS) & kb.KVM_SYNC_X86_REGS)
         if self.sync_regs:
@@ -308,6 +330,67 @@ class KvmBackend:
     def stats(self) -> dict[str, int | tuple[int, ...]]:
         """The vCPU's binary stats (``KVM_GET_STATS_FD``): ``exits``, ``insn_emulation``, ``halt_exits``, ..."""
         return self._vcpu.stats().read()
+
+    def run_stats(self) -> KvmRunStats:
+        """The vCPU's cumulative counters since this backend was made, beside the exits its run loop saw
+        (:class:`labkit.kvm.stats.KvmRunStats`); one ``pread`` of the stats fd."""
+        self._check_open()
+        counters = counters_delta(self._stats_base, self._vcpu.stats().read(), self._stat_names)
+        userspace = {exits.reason_name(reason): count for reason, count in sorted(self.userspace_exits.items())}
+        return KvmRunStats(self.flavour, counters, userspace, dict(self.delivered), self.controls.describe())
+
+    # --- exit controls -------------------------------------------------------------------
+
+    def _apply_vm_controls(self, controls: KvmExitControls) -> None:
+        """Apply ``controls`` to the new VM (before its vCPU exists), after checking the capabilities."""
+        if not controls:
+            return
+        problems = missing_capabilities(self._vm.check_extension, controls)
+        if problems:
+            raise ConfigError(f"these KVM exit controls are not offered by this host's KVM ({self.flavour}): "
+                              + "; ".join(problems))
+        if controls.disable_exits:
+            self._vm.disable_exits(controls.disable_exits_flags)
+        if controls.msrs:
+            self._vm.enable_user_space_msr(kb.KVM_MSR_EXIT_REASON_FILTER)
+            self._vm.set_msr_filter(msr_filter_ranges(controls.msrs))
+        for zone in controls.coalesced:
+            self._vm.register_coalesced_mmio(zone.address, zone.length, pio=zone.pio)
+        for event in controls.ioeventfds:
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._eventfds.append((event.pio, event.address, event.length, event.datamatch, fd))
+            self._vm.ioeventfd(fd, event.address, event.length, pio=event.pio, datamatch=event.datamatch)
+
+    def _deliver_kernel_writes(self, dispatcher: Dispatcher) -> None:
+        """Hand the writes KVM kept in the kernel to the dispatcher: the coalesced ring oldest first,
+        then each eventfd's count of notifications (as writes of its ``datamatch``)."""
+        kernel_write = dispatcher.kernel_write  # type: ignore[attr-defined]  # checked in run()
+        delivered = self.delivered
+        if self.controls.coalesced:
+            for pio, address, length, data in self._vcpu.drain_coalesced():
+                delivered["coalesced_pio" if pio else "coalesced_mmio"] += 1
+                kernel_write(pio, address, length, int.from_bytes(data, "little"))
+        for pio, address, length, datamatch, fd in self._eventfds:
+            try:
+                count = os.eventfd_read(fd)  # the notifications since the last read; resets it to 0
+            except BlockingIOError:
+                continue
+            delivered["ioeventfd"] += count
+            for _ in range(count):
+                kernel_write(pio, address, length, datamatch)
+
+    def _answer_msr(self, run: kb.kvm_run, dispatcher: Dispatcher, reason: int, rip: int) -> None:
+        """``KVM_EXIT_X86_RDMSR``/``WRMSR``: ask the dispatcher; ``None``/``False`` sets ``msr.error``
+        (KVM injects #GP on the next ``KVM_RUN``), a read's value goes into ``msr.data``."""
+        msr = run.msr
+        is_write = reason == kb.KVM_EXIT_X86_WRMSR
+        answer = dispatcher.msr(msr.index, is_write, msr.data if is_write else 0, rip)  # type: ignore[attr-defined]
+        if answer is None or answer is False:
+            msr.error = 1
+        else:
+            msr.error = 0
+            if not is_write:
+                msr.data = int(answer) & _U64
 
     # --- Backend protocol: memory regions and the dirty log ---------------------------
 
@@ -495,6 +578,12 @@ class KvmBackend:
         comes first (a port write) is where the interrupt goes in instead; PVM does
         honour the one-instruction ``sti`` shadow (``sti; hlt`` halts first).
 
+        With exit controls (:class:`labkit.kvm.controls.KvmExitControls`) the dispatcher
+        also needs ``kernel_write(pio, address, size, value)`` (coalesced zones, ioeventfds:
+        the writes KVM kept, delivered at each return of ``KVM_RUN`` before that exit is
+        handled) and ``msr(index, is_write, value, rip) -> int | None`` (user-space MSRs:
+        ``KVM_EXIT_X86_RDMSR``/``WRMSR``; ``None`` raises #GP in the guest).
+
         ``hlt`` always ends the run as :class:`labkit.exits.Hlt` (no in-kernel
         irqchip, so KVM does not wait in the kernel), with RIP past the ``hlt``, even
         when an interrupt is pending: the caller decides whether to wait.  The next
@@ -510,6 +599,12 @@ class KvmBackend:
         run = self._live_run()
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if self._kernel_writes and not hasattr(dispatcher, "kernel_write"):
+            raise ConfigError("coalesced zones and ioeventfds need a dispatcher with kernel_write(pio, address, "
+                              f"size, value) to deliver the writes KVM kept; {type(dispatcher).__name__} has none")
+        if self.controls.msrs and not hasattr(dispatcher, "msr"):
+            raise ConfigError("MSRs sent to userspace need a dispatcher with msr(index, is_write, value, rip); "
+                              f"{type(dispatcher).__name__} has none")
         if self._unanswered is not None:
             self._answer_unanswered_read(dispatcher, self._unanswered)
         if self._kick_pending:  # kicked while no run was in progress
@@ -600,80 +695,105 @@ class KvmBackend:
         get_regs = self._vcpu.get_regs
         monotonic = time.monotonic
         EXIT_IO, EXIT_MMIO, EXIT_IRQ_WINDOW_OPEN = kb.KVM_EXIT_IO, kb.KVM_EXIT_MMIO, kb.KVM_EXIT_IRQ_WINDOW_OPEN
+        EXIT_RDMSR, EXIT_WRMSR = kb.KVM_EXIT_X86_RDMSR, kb.KVM_EXIT_X86_WRMSR
         EINTR, EAGAIN = _errno.EINTR, _errno.EAGAIN
+        seen = self.userspace_exits
+        deliver = self._deliver_kernel_writes if self._kernel_writes else None
         # A read the dispatcher stopped at, returned once KVM_RUN has completed it.
-        stopped: exits.Io | exits.Mmio | None = None
-
-        while True:
-            if interrupts.interrupt_pending and stopped is None and not self._kick_pending:
-                self._offer_interrupt(run, dispatcher)
-            if ioctl(fd, kvm_run_request, 0) < 0:
-                error = get_errno()
-                if error == EINTR or error == EAGAIN:
-                    if stopped is not None:
-                        with self._kick_lock:
-                            run.immediate_exit = 1 if self._kick_pending else 0
-                        return stopped
-                    if self._kick_pending:
-                        self._take_kick(run)
-                        return exits.Interrupted()
-                    if monotonic() >= deadline:
-                        return exits.Timeout(budget_s=timeout)
-                    continue  # another signal (Python runs its handler: SIGINT raises here)
-                raise KvmError("KVM_RUN", error)
-            reason, direction, size, port, count, offset, rip = exit_fields(page, 0)
-            if reason == EXIT_IO:
-                if not sync:
-                    rip = get_regs().rip
-                if direction and count == 1:  # the common case: one `out`
-                    value = unpack_value[size](page, offset)[0]
-                    pio(port, size, True, value, rip)
-                elif size not in masks:
-                    return exits.Unsupported(reason)  # KVM only does 1-, 2- and 4-byte port I/O
-                elif direction:  # KVM_EXIT_IO_OUT, string form
-                    for element in range(count):
-                        value = unpack_value[size](page, offset + element * size)[0]
+        stopped: exits.Io | exits.Mmio | exits.Interrupted | None = None
+        io_exits = mmio_exits = 0  # counted in locals on the hot path, added to `seen` when the loop ends
+        try:
+            while True:
+                if interrupts.interrupt_pending and stopped is None and not self._kick_pending:
+                    self._offer_interrupt(run, dispatcher)
+                if ioctl(fd, kvm_run_request, 0) < 0:
+                    error = get_errno()
+                    if error == EINTR or error == EAGAIN:
+                        seen[kb.KVM_EXIT_INTR] = seen.get(kb.KVM_EXIT_INTR, 0) + 1
+                        if deliver is not None:
+                            deliver(dispatcher)
+                        if stopped is not None:
+                            with self._kick_lock:
+                                run.immediate_exit = 1 if self._kick_pending else 0
+                            return stopped
+                        if self._kick_pending:
+                            self._take_kick(run)
+                            return exits.Interrupted()
+                        if monotonic() >= deadline:
+                            return exits.Timeout(budget_s=timeout)
+                        continue  # another signal (Python runs its handler: SIGINT raises here)
+                    raise KvmError("KVM_RUN", error)
+                if deliver is not None:  # writes KVM kept in the kernel come before this exit
+                    deliver(dispatcher)
+                reason, direction, size, port, count, offset, rip = exit_fields(page, 0)
+                if reason == EXIT_IO:
+                    io_exits += 1
+                    if not sync:
+                        rip = get_regs().rip
+                    if direction and count == 1:  # the common case: one `out`
+                        value = unpack_value[size](page, offset)[0]
                         pio(port, size, True, value, rip)
-                else:  # KVM_EXIT_IO_IN: the value goes back into kvm_run for the next KVM_RUN
-                    mask, pack = masks[size], pack_value[size]
-                    element = 0
-                    try:
-                        while element < count:
-                            value = pio(port, size, False, 0, rip) & mask
-                            pack(page, offset + element * size, value)
-                            element += 1
-                    except BaseException:  # the dispatcher raised, or Ctrl-C landed in it
-                        self._unanswered = (EXIT_IO, port, size, rip, offset, element, count)
-                        raise
-                if dispatcher.stop:
-                    if direction:  # an `out` has completed before its exit
-                        return exits.Io(port, size, True, value)
-                    stopped = exits.Io(port, size, False, value)
-                    run.immediate_exit = 1  # complete the `in`, then return (the EINTR branch above)
-            elif reason == EXIT_MMIO:
-                address, data, size, is_write = mmio_fields(page, exit_offset)
-                if not sync:
-                    rip = get_regs().rip
-                size = min(size, 8)
-                if is_write:
-                    value = int.from_bytes(data[:size], "little")
-                    mmio(address, size, True, value, rip)
-                else:
-                    try:
-                        value = mmio(address, size, False, 0, rip) & ((1 << (8 * size)) - 1)
-                    except BaseException:
-                        self._unanswered = (EXIT_MMIO, address, size, rip, mmio_data_offset, 0, 1)
-                        raise
-                    page[mmio_data_offset:mmio_data_offset + size] = value.to_bytes(size, "little")
-                if dispatcher.stop:
+                    elif size not in masks:
+                        return exits.Unsupported(reason)  # KVM only does 1-, 2- and 4-byte port I/O
+                    elif direction:  # KVM_EXIT_IO_OUT, string form
+                        for element in range(count):
+                            value = unpack_value[size](page, offset + element * size)[0]
+                            pio(port, size, True, value, rip)
+                    else:  # KVM_EXIT_IO_IN: the value goes back into kvm_run for the next KVM_RUN
+                        mask, pack = masks[size], pack_value[size]
+                        element = 0
+                        try:
+                            while element < count:
+                                value = pio(port, size, False, 0, rip) & mask
+                                pack(page, offset + element * size, value)
+                                element += 1
+                        except BaseException:  # the dispatcher raised, or Ctrl-C landed in it
+                            self._unanswered = (EXIT_IO, port, size, rip, offset, element, count)
+                            raise
+                    if dispatcher.stop:
+                        if direction:  # an `out` has completed before its exit
+                            return exits.Io(port, size, True, value)
+                        stopped = exits.Io(port, size, False, value)
+                        run.immediate_exit = 1  # complete the `in`, then return (the EINTR branch above)
+                elif reason == EXIT_MMIO:
+                    mmio_exits += 1
+                    address, data, size, is_write = mmio_fields(page, exit_offset)
+                    if not sync:
+                        rip = get_regs().rip
+                    size = min(size, 8)
                     if is_write:
-                        return exits.Mmio(address, size, True, value)
-                    stopped = exits.Mmio(address, size, False, value)
-                    run.immediate_exit = 1
-            elif reason == EXIT_IRQ_WINDOW_OPEN:
-                run.request_interrupt_window = 0  # asked again above while an interrupt is still pending
-            else:
-                return self._decode(run, reason)
+                        value = int.from_bytes(data[:size], "little")
+                        mmio(address, size, True, value, rip)
+                    else:
+                        try:
+                            value = mmio(address, size, False, 0, rip) & ((1 << (8 * size)) - 1)
+                        except BaseException:
+                            self._unanswered = (EXIT_MMIO, address, size, rip, mmio_data_offset, 0, 1)
+                            raise
+                        page[mmio_data_offset:mmio_data_offset + size] = value.to_bytes(size, "little")
+                    if dispatcher.stop:
+                        if is_write:
+                            return exits.Mmio(address, size, True, value)
+                        stopped = exits.Mmio(address, size, False, value)
+                        run.immediate_exit = 1
+                else:
+                    seen[reason] = seen.get(reason, 0) + 1
+                    if reason == EXIT_IRQ_WINDOW_OPEN:
+                        run.request_interrupt_window = 0  # asked again above while an interrupt is still pending
+                    elif reason == EXIT_RDMSR or reason == EXIT_WRMSR:
+                        if not sync:
+                            rip = get_regs().rip
+                        self._answer_msr(run, dispatcher, reason, rip)
+                        if dispatcher.stop:  # KVM completes the access on the next KVM_RUN: do that, then return
+                            stopped = exits.Interrupted()
+                            run.immediate_exit = 1
+                    else:
+                        return self._decode(run, reason)
+        finally:
+            if io_exits:
+                seen[EXIT_IO] = seen.get(EXIT_IO, 0) + io_exits
+            if mmio_exits:
+                seen[EXIT_MMIO] = seen.get(EXIT_MMIO, 0) + mmio_exits
 
     def _decode(self, run: kb.kvm_run, reason: int) -> exits.Exit:
         """The :mod:`labkit.exits` object for a ``KVM_EXIT_*`` the dispatcher does not see."""
@@ -712,6 +832,9 @@ class KvmBackend:
             part = getattr(self, name, None)
             if part is not None:
                 part.close()
+        for *_, eventfd in getattr(self, "_eventfds", ()):
+            os.close(eventfd)  # after the VM: KVM holds its own reference to a registered eventfd
+        self._eventfds = []
         for slot in self._slots:
             try:
                 slot.view.release()

@@ -128,6 +128,36 @@ KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_X86_DISABLE_EXITS = 143
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
 KVM_CAP_BINARY_STATS_FD = 203
+KVM_CAP_COALESCED_MMIO = 15  # the answer is KVM_COALESCED_MMIO_PAGE_OFFSET
+KVM_CAP_IOEVENTFD = 36
+KVM_CAP_IOEVENTFD_ANY_LENGTH = 122
+KVM_CAP_COALESCED_PIO = 162
+KVM_CAP_X86_USER_SPACE_MSR = 188
+KVM_CAP_X86_MSR_FILTER = 189
+
+# KVM_CAP_X86_DISABLE_EXITS: args[0] of KVM_ENABLE_CAP (VM fd, before any vCPU exists)
+KVM_X86_DISABLE_EXITS_MWAIT = 1 << 0
+KVM_X86_DISABLE_EXITS_HLT = 1 << 1
+KVM_X86_DISABLE_EXITS_PAUSE = 1 << 2
+KVM_X86_DISABLE_EXITS_CSTATE = 1 << 3
+
+# KVM_CAP_X86_USER_SPACE_MSR: args[0], and kvm_run.msr.reason
+KVM_MSR_EXIT_REASON_INVAL = 1 << 0
+KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
+KVM_MSR_EXIT_REASON_FILTER = 1 << 2
+
+# KVM_X86_SET_MSR_FILTER (asm/kvm.h)
+KVM_MSR_FILTER_READ = 1 << 0
+KVM_MSR_FILTER_WRITE = 1 << 1
+KVM_MSR_FILTER_DEFAULT_ALLOW = 0 << 0
+KVM_MSR_FILTER_DEFAULT_DENY = 1 << 0
+KVM_MSR_FILTER_MAX_RANGES = 16
+KVM_MSR_FILTER_MAX_BITMAP_SIZE = 0x600
+
+# KVM_IOEVENTFD
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 
 KVM_STATS_TYPE_SHIFT = 0
 KVM_STATS_TYPE_MASK = 0xF << KVM_STATS_TYPE_SHIFT
@@ -151,6 +181,7 @@ KVM_SYNC_X86_SREGS = 1 << 1
 KVM_SYNC_X86_EVENTS = 1 << 2
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0  # sic: the kernel's spelling
 SYNC_REGS_SIZE_BYTES = 2048
+KVM_COALESCED_MMIO_PAGE_OFFSET = 2  # pages into the vCPU mmap (page 1 is the PIO data page)
 
 # --- structures from asm/kvm.h (x86) ----------------------------------------
 
@@ -337,6 +368,47 @@ class kvm_signal_mask(Structure):
     """Header only; ``sigset`` (``len`` bytes) follows: use :func:`kvm_signal_mask_with`."""
 
     _fields_ = [("len", c_uint32)]
+
+
+class kvm_coalesced_mmio_zone(Structure):
+    """``KVM_REGISTER_COALESCED_MMIO``'s argument; ``pio`` (the union's other name is ``pad``) = 1 for ports."""
+
+    _fields_ = [("addr", c_uint64), ("size", c_uint32), ("pio", c_uint32)]
+
+
+class kvm_coalesced_mmio(Structure):
+    """One write KVM put in the coalesced ring instead of exiting."""
+
+    _fields_ = [("phys_addr", c_uint64), ("len", c_uint32), ("pio", c_uint32), ("data", c_uint8 * 8)]
+
+
+class kvm_coalesced_mmio_ring(Structure):
+    """Header only; ``coalesced_mmio`` (a flexible array of :class:`kvm_coalesced_mmio`) follows."""
+
+    _fields_ = [("first", c_uint32), ("last", c_uint32)]
+
+
+KVM_COALESCED_MMIO_MAX = (4096 - sizeof(kvm_coalesced_mmio_ring)) // sizeof(kvm_coalesced_mmio)
+"""Entries in the ring page (170); the kernel keeps one free, so at most 169 writes wait in it."""
+
+
+class kvm_ioeventfd(Structure):
+    _fields_ = [
+        ("datamatch", c_uint64),
+        ("addr", c_uint64),
+        ("len", c_uint32),
+        ("fd", ctypes.c_int32),
+        ("flags", c_uint32),
+        ("pad", c_uint8 * 36),
+    ]
+
+
+class kvm_msr_filter_range(Structure):
+    _fields_ = [("flags", c_uint32), ("nmsrs", c_uint32), ("base", c_uint32), ("bitmap", c_void_p)]
+
+
+class kvm_msr_filter(Structure):
+    _fields_ = [("flags", c_uint32), ("ranges", kvm_msr_filter_range * KVM_MSR_FILTER_MAX_RANGES)]
 
 
 class kvm_stats_header(Structure):
@@ -541,8 +613,12 @@ KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, kvm_dirty_log)
 KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, kvm_userspace_memory_region)
 KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, c_uint64)
+KVM_REGISTER_COALESCED_MMIO = _IOW(KVMIO, 0x67, kvm_coalesced_mmio_zone)
+KVM_UNREGISTER_COALESCED_MMIO = _IOW(KVMIO, 0x68, kvm_coalesced_mmio_zone)
+KVM_IOEVENTFD = _IOW(KVMIO, 0x79, kvm_ioeventfd)
 KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, kvm_enable_cap)  # also valid on a vCPU fd for vCPU caps
 KVM_GET_STATS_FD = _IO(KVMIO, 0xCE)  # also valid on a vCPU fd
+KVM_X86_SET_MSR_FILTER = _IOW(KVMIO, 0xC6, kvm_msr_filter)
 
 # --- ioctls on a vCPU fd ---------------------------------------------------------
 
@@ -572,6 +648,10 @@ IOCTL_ARGUMENTS = {
     "KVM_SET_USER_MEMORY_REGION": kvm_userspace_memory_region,
     "KVM_SET_IDENTITY_MAP_ADDR": c_uint64,
     "KVM_ENABLE_CAP": kvm_enable_cap,
+    "KVM_REGISTER_COALESCED_MMIO": kvm_coalesced_mmio_zone,
+    "KVM_UNREGISTER_COALESCED_MMIO": kvm_coalesced_mmio_zone,
+    "KVM_IOEVENTFD": kvm_ioeventfd,
+    "KVM_X86_SET_MSR_FILTER": kvm_msr_filter,
     "KVM_GET_REGS": kvm_regs,
     "KVM_SET_REGS": kvm_regs,
     "KVM_GET_SREGS": kvm_sregs,

@@ -12,6 +12,8 @@ import ctypes
 import os
 import struct
 import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from labkit.kvm import bindings as kb
 
@@ -57,3 +59,105 @@ class BinaryStats:
 
     def close(self) -> None:
         self._finalizer()
+
+
+def cumulative_counters(stats: BinaryStats) -> tuple[str, ...]:
+    """The names of the plain cumulative counters (``KVM_STATS_TYPE_CUMULATIVE``, one value each)."""
+    return tuple(name for name, _, count, flags in stats._layout
+                 if count == 1 and flags & kb.KVM_STATS_TYPE_MASK == kb.KVM_STATS_TYPE_CUMULATIVE)
+
+
+@dataclass(frozen=True)
+class CounterRow:
+    """One line of "in the kernel against userspace": a kind of exit, what labkit saw, what KVM counted."""
+
+    what: str
+    userspace: int
+    """Returns of ``KVM_RUN`` to labkit of this kind (exits labkit's run loop saw)."""
+    counter: str | None
+    """The vCPU stat compared with it (``io_exits``, ...); ``None`` where KVM keeps none."""
+    kernel: int | None
+    """That stat's growth over the same run; ``None`` where KVM keeps none."""
+    note: str = ""
+    """Why the two are not comparable on this flavour, where they are not (then :attr:`in_kernel` is ``None``)."""
+
+    @property
+    def in_kernel(self) -> int | None:
+        """What KVM counted that never reached userspace (``kernel - userspace``), where that means something."""
+        if self.kernel is None or self.note:
+            return None
+        return self.kernel - self.userspace
+
+
+ROWS: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
+    ("all exits", ("*",), "exits"),
+    ("port I/O", ("IO",), "io_exits"),
+    ("MMIO", ("MMIO",), "mmio_exits"),
+    ("HLT", ("HLT",), "halt_exits"),
+    ("signal / kick", ("INTR",), "signal_exits"),
+    ("interrupt window", ("IRQ_WINDOW_OPEN",), "irq_window_exits"),
+    ("hypercall", ("HYPERCALL",), "hypercalls"),
+    ("RDMSR / WRMSR", ("X86_RDMSR", "X86_WRMSR"), None),
+    ("host interrupts", (), "irq_exits"),
+    ("page faults", (), "pf_taken"),
+    ("emulated instructions", (), "insn_emulation"),
+)
+"""(row, userspace exit reasons summed, vCPU stat): ``*`` sums every reason."""
+
+NOT_COMPARABLE = {
+    ("kvm_pvm", "io_exits"): "PVM runs ring-0 in/out in KVM's instruction emulator, which never takes the "
+                             "VMX/SVM I/O-exit handler that counts io_exits (insn_emulation counts them)",
+}
+"""(flavour, stat) -> why that stat does not count the userspace exits of its row there (measured)."""
+
+
+@dataclass(frozen=True)
+class KvmRunStats:
+    """What KVM counted for a machine's vCPU against what reached labkit, since the machine was created.
+
+    ``counters`` is the growth of every cumulative vCPU stat of the binary stats
+    fd (``KVM_GET_STATS_FD``) since the machine was created; ``userspace`` counts
+    the returns of ``KVM_RUN`` labkit's run loop saw, by exit reason name
+    (``IO``, ``MMIO``, ``HLT``, ``X86_RDMSR``, ``INTR``, ...; a string ``ins``/``outs``
+    is one exit however many elements it moves); ``delivered`` counts the
+    writes KVM kept in the kernel that labkit then handed to the devices
+    (``coalesced_mmio``, ``coalesced_pio``, ``ioeventfd``).  Which counter counts
+    what depends on the flavour: see :meth:`rows` and notebook 05.
+    """
+
+    flavour: str
+    counters: Mapping[str, int]
+    userspace: Mapping[str, int]
+    delivered: Mapping[str, int]
+    controls: tuple[str, ...] = ()
+
+    def __getitem__(self, name: str) -> int:
+        """A vCPU stat's growth: ``stats["insn_emulation"]``."""
+        return self.counters[name]
+
+    @property
+    def userspace_total(self) -> int:
+        return sum(self.userspace.values())
+
+    def rows(self) -> list[CounterRow]:
+        """The kernel's counters beside the exits labkit saw, one :class:`CounterRow` per kind."""
+        rows = []
+        for what, reasons, counter in ROWS:
+            seen = self.userspace_total if reasons == ("*",) else sum(self.userspace.get(r, 0) for r in reasons)
+            kernel = None if counter is None else self.counters.get(counter)
+            if counter is not None and kernel is None:
+                continue  # this kernel keeps no such stat
+            note = NOT_COMPARABLE.get((self.flavour, counter), "") if counter is not None else ""
+            rows.append(CounterRow(what, seen, counter, kernel, note))
+        return rows
+
+
+def counters_delta(before: Mapping[str, int | tuple[int, ...]], after: Mapping[str, int | tuple[int, ...]],
+                   names: tuple[str, ...]) -> dict[str, int]:
+    """``after - before`` of the named scalar counters."""
+    delta = {}
+    for name in names:
+        old, new = before.get(name), after.get(name)
+        if isinstance(old, int) and isinstance(new, int):
+            delta[name] = new - old
+    return delta

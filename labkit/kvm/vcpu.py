@@ -6,6 +6,7 @@ import ctypes
 import errno as _errno
 import mmap
 import os
+import struct
 import weakref
 from typing import Iterable, Mapping
 
@@ -13,6 +14,11 @@ from labkit.errors import ConfigError, KvmError
 from labkit.kvm import bindings as kb
 from labkit.kvm.ioctl import get_errno, ioctl, raw_ioctl
 from labkit.kvm.stats import BinaryStats
+
+
+_RING_HEADER = struct.Struct("<II")  # kvm_coalesced_mmio_ring: first, last
+_RING_ENTRY = struct.Struct("<QII8s")  # kvm_coalesced_mmio: phys_addr, len, pio, data
+_RING_ENTRIES_OFFSET = ctypes.sizeof(kb.kvm_coalesced_mmio_ring)
 
 
 class VcpuFd:
@@ -153,6 +159,36 @@ class VcpuFd:
                 return kb.KVM_EXIT_INTR
             raise KvmError("KVM_RUN", error)
         return self.run.exit_reason
+
+    def drain_coalesced(self) -> list[tuple[bool, int, int, bytes]]:
+        """The writes KVM put in the coalesced MMIO/PIO ring since the last call, oldest first.
+
+        Each is ``(pio, address, length, data)``.  The ring is the page at
+        ``KVM_COALESCED_MMIO_PAGE_OFFSET`` of the vCPU mmap (``struct
+        kvm_coalesced_mmio_ring``): KVM appends at ``last``, userspace consumes from
+        ``first`` and writes ``first`` back, which frees the entries for KVM.
+        """
+        base = kb.KVM_COALESCED_MMIO_PAGE_OFFSET * mmap.PAGESIZE
+        ring = self._run_map
+        if len(ring) < base + mmap.PAGESIZE:
+            raise ConfigError("this vCPU's mmap has no coalesced MMIO ring page (KVM_CAP_COALESCED_MMIO is off)")
+        first, last = _RING_HEADER.unpack_from(ring, base)
+        writes = []
+        while first != last:
+            if first >= kb.KVM_COALESCED_MMIO_MAX:
+                raise KvmError("coalesced MMIO ring", _errno.EINVAL, f"index {first} is past the ring")
+            address, length, pio, data = _RING_ENTRY.unpack_from(
+                ring, base + _RING_ENTRIES_OFFSET + first * _RING_ENTRY.size)
+            length = min(length, 8)
+            writes.append((bool(pio), address, length, data[:length]))
+            first = (first + 1) % kb.KVM_COALESCED_MMIO_MAX
+        struct.pack_into("<I", ring, base, first)
+        return writes
+
+    def coalesced_pending(self) -> bool:
+        """Whether the coalesced ring holds writes not yet drained (one 8-byte read)."""
+        first, last = _RING_HEADER.unpack_from(self._run_map, kb.KVM_COALESCED_MMIO_PAGE_OFFSET * mmap.PAGESIZE)
+        return first != last
 
     def stats(self) -> BinaryStats:
         """``KVM_GET_STATS_FD`` on the vCPU (opened once, then cached)."""

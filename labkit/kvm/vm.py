@@ -1,4 +1,11 @@
-"""A VM fd: memory slots, the dirty log, vCPU creation."""
+"""A VM fd: memory slots, the dirty log, vCPU creation, and the VM-wide exit controls.
+
+The exit controls (Documentation/virt/kvm/api.rst) decide what KVM handles in
+the kernel and what reaches userspace: ``KVM_ENABLE_CAP`` for
+``KVM_CAP_X86_DISABLE_EXITS`` and ``KVM_CAP_X86_USER_SPACE_MSR``,
+``KVM_X86_SET_MSR_FILTER``, ``KVM_REGISTER_COALESCED_MMIO`` and ``KVM_IOEVENTFD``.
+"""
+
 
 from __future__ import annotations
 
@@ -74,6 +81,76 @@ class VmFd:
         log.dirty_bitmap = ctypes.addressof(bitmap)
         ioctl(self.fd, kb.KVM_GET_DIRTY_LOG, ctypes.byref(log), "KVM_GET_DIRTY_LOG")
         return bitmap.raw
+
+    def enable_cap(self, capability: int, *args: int, name: str = "KVM_ENABLE_CAP") -> None:
+        """``KVM_ENABLE_CAP`` on the VM fd with up to four arguments (``args[0..3]``).
+
+        ``name`` goes into the error: ``KVM_ENABLE_CAP(KVM_CAP_X86_DISABLE_EXITS) failed: errno 22 (EINVAL)``.
+        """
+        if len(args) > 4:
+            raise ConfigError(f"KVM_ENABLE_CAP takes at most 4 arguments, not {len(args)}")
+        cap = kb.kvm_enable_cap(cap=capability)
+        for index, value in enumerate(args):
+            cap.args[index] = value
+        ioctl(self.fd, kb.KVM_ENABLE_CAP, ctypes.byref(cap), name)
+
+    def disable_exits(self, flags: int) -> None:
+        """``KVM_CAP_X86_DISABLE_EXITS`` with ``KVM_X86_DISABLE_EXITS_*`` ``flags``: those instructions
+        (``hlt``, ``pause``, ``mwait``, C-states) no longer exit; only before the first vCPU is created."""
+        self.enable_cap(kb.KVM_CAP_X86_DISABLE_EXITS, flags, name="KVM_ENABLE_CAP(KVM_CAP_X86_DISABLE_EXITS)")
+
+    def enable_user_space_msr(self, reasons: int) -> None:
+        """``KVM_CAP_X86_USER_SPACE_MSR``: an ``rdmsr``/``wrmsr`` KVM would fail for one of ``reasons``
+        (``KVM_MSR_EXIT_REASON_FILTER``, ``_UNKNOWN``, ``_INVAL``) exits to userspace as
+        ``KVM_EXIT_X86_RDMSR``/``KVM_EXIT_X86_WRMSR`` instead of raising #GP in the guest."""
+        self.enable_cap(kb.KVM_CAP_X86_USER_SPACE_MSR, reasons, name="KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR)")
+
+    def set_msr_filter(self, ranges: list[tuple[int, int, int, bytes]], default_deny: bool = False) -> None:
+        """``KVM_X86_SET_MSR_FILTER``: ``(flags, base, nmsrs, bitmap)`` ranges (``flags``:
+        ``KVM_MSR_FILTER_READ|WRITE``; bit ``i`` of ``bitmap`` allows MSR ``base + i``, a clear
+        bit denies it, for the accesses in ``flags``).  MSRs no range covers follow the default.
+
+        A denied access fails in KVM; with ``KVM_MSR_EXIT_REASON_FILTER`` enabled it exits
+        to userspace.  KVM copies the bitmaps, so they need not outlive the call.
+        """
+        if len(ranges) > kb.KVM_MSR_FILTER_MAX_RANGES:
+            raise ConfigError(f"an MSR filter has at most {kb.KVM_MSR_FILTER_MAX_RANGES} ranges, not {len(ranges)}")
+        flags = kb.KVM_MSR_FILTER_DEFAULT_DENY if default_deny else kb.KVM_MSR_FILTER_DEFAULT_ALLOW
+        value = kb.kvm_msr_filter(flags=flags)
+        buffers = []  # kept alive until the ioctl has copied them
+        for slot, (range_flags, base, nmsrs, bitmap) in zip(value.ranges, ranges):
+            if not 0 < nmsrs <= 8 * min(len(bitmap), kb.KVM_MSR_FILTER_MAX_BITMAP_SIZE):
+                raise ConfigError(f"an MSR filter range of {nmsrs} MSRs needs a bitmap of {(nmsrs + 7) // 8} "
+                                  f"to {kb.KVM_MSR_FILTER_MAX_BITMAP_SIZE} bytes, not {len(bitmap)}")
+            buffer = ctypes.create_string_buffer(bytes(bitmap), len(bitmap))
+            buffers.append(buffer)
+            slot.flags, slot.base, slot.nmsrs = range_flags, base, nmsrs
+            slot.bitmap = ctypes.addressof(buffer)
+        ioctl(self.fd, kb.KVM_X86_SET_MSR_FILTER, ctypes.byref(value), "KVM_X86_SET_MSR_FILTER")
+
+    def register_coalesced_mmio(self, address: int, size: int, pio: bool = False) -> None:
+        """``KVM_REGISTER_COALESCED_MMIO``: guest writes into ``[address, +size)`` (ports with ``pio``)
+        go into the ring page at ``KVM_COALESCED_MMIO_PAGE_OFFSET`` of the vCPU mmap instead of
+        exiting; reads still exit.  A write finding the ring full exits as usual."""
+        zone = kb.kvm_coalesced_mmio_zone(addr=address, size=size, pio=1 if pio else 0)
+        ioctl(self.fd, kb.KVM_REGISTER_COALESCED_MMIO, ctypes.byref(zone), "KVM_REGISTER_COALESCED_MMIO")
+
+    def unregister_coalesced_mmio(self, address: int, size: int, pio: bool = False) -> None:
+        """``KVM_UNREGISTER_COALESCED_MMIO`` of a zone registered with the same arguments."""
+        zone = kb.kvm_coalesced_mmio_zone(addr=address, size=size, pio=1 if pio else 0)
+        ioctl(self.fd, kb.KVM_UNREGISTER_COALESCED_MMIO, ctypes.byref(zone), "KVM_UNREGISTER_COALESCED_MMIO")
+
+    def ioeventfd(self, fd: int, address: int, length: int, *, pio: bool, datamatch: int | None = None,
+                  deassign: bool = False) -> None:
+        """``KVM_IOEVENTFD``: a guest write of ``length`` bytes to ``address`` (a port with ``pio``),
+        of the value ``datamatch`` if given, signals eventfd ``fd`` in the kernel instead of exiting
+        (the eventfd's counter goes up by one).  ``deassign`` removes a registration made with the
+        same arguments."""
+        flags = (kb.KVM_IOEVENTFD_FLAG_PIO if pio else 0) | (kb.KVM_IOEVENTFD_FLAG_DEASSIGN if deassign else 0)
+        if datamatch is not None:
+            flags |= kb.KVM_IOEVENTFD_FLAG_DATAMATCH
+        request = kb.kvm_ioeventfd(datamatch=datamatch or 0, addr=address, len=length, fd=fd, flags=flags)
+        ioctl(self.fd, kb.KVM_IOEVENTFD, ctypes.byref(request), "KVM_IOEVENTFD")
 
     def set_tss_addr(self, address: int) -> None:
         """``KVM_SET_TSS_ADDR``: three pages of guest-physical space for VT-x's real-mode TSS (Intel only)."""

@@ -39,6 +39,12 @@ _EXPORTS = {
     "runs_side_by_side": "labkit.viz.report",
     "backends_to_compare": "labkit.viz.report",
     "Skipped": "labkit.viz.report",
+    "kernel_vs_userspace": "labkit.viz.kvm_stats",
+    "exit_latency": "labkit.viz.kvm_stats",
+    "counter_table": "labkit.viz.kvm_stats",
+    "control_effects": "labkit.viz.kvm_stats",
+    "control_table": "labkit.viz.kvm_stats",
+    "compare_controls": "labkit.viz.kvm_stats",
 }
 
 __all__ = sorted(_EXPORTS)

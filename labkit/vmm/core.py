@@ -44,12 +44,16 @@ from labkit.x86.state import Regs, SRegs
 
 if TYPE_CHECKING:  # lazily imported where used
     from labkit.guest import Guest
+    from labkit.kvm.controls import KvmExitControls, MsrHandler
+    from labkit.kvm.stats import KvmRunStats
     from labkit.vmm.forwarding import Monitor
     from labkit.x86.boot import BootState
 
 IO = int(ExitReason.IO)
 MMIO = int(ExitReason.MMIO)
 INTERRUPT = int(ExitReason.INTERRUPT)
+RDMSR = int(ExitReason.X86_RDMSR)
+WRMSR = int(ExitReason.X86_WRMSR)
 
 LegacyDeviceSpec = tuple[str, int, int, Any]
 """``(bus, base, length, device)``: a device object built by the caller (in-process machines only)."""
@@ -103,11 +107,17 @@ class MachineCore:
 
     def __init__(self, guest: Guest, backend: str | Backend, memory_size: int, *,
                  devices: Sequence[DeviceSpec | LegacyDeviceSpec] = (), trace_limit: int | None = None,
-                 monitor: Monitor | None = None, interrupts: InterruptLines | None = None):
+                 monitor: Monitor | None = None, interrupts: InterruptLines | None = None,
+                 kvm_controls: KvmExitControls | None = None):
         from labkit.x86.boot import boot_state, load_boot_state  # the boot builder pulls in the table builders
 
         self.guest = guest
-        self.backend = create_backend(backend, memory_size, guest.mode) if isinstance(backend, str) else backend
+        if isinstance(backend, str):
+            self.backend = create_backend(backend, memory_size, guest.mode, kvm_controls)
+        elif kvm_controls is not None:
+            raise ConfigError("kvm_controls are applied when the core creates its KVM backend, not to a given one")
+        else:
+            self.backend = backend
         self.origin = Origin.of(self.backend)
         self.memory = GuestMemory.of(self.backend)
         self.stop = False
@@ -133,7 +143,13 @@ class MachineCore:
         self._halted_waiting = False
         self._carried_vector: int | None = None
         self.monitor = monitor
+        self.msr_handlers: dict[int, MsrHandler] = {}
+        """The handlers of the MSRs KVM sends to userspace (``KvmExitControls.msrs``), by index."""
         try:
+            for user_msr in (kvm_controls.msrs if kvm_controls is not None else ()):
+                handler = user_msr.build()
+                self.msr_handlers[user_msr.index] = handler
+                self.devices[user_msr.name] = handler
             self._attach_devices(devices)
             entry = guest.load_address if guest.entry is None else guest.entry  # Guest fills it in: never None
             boot = boot_state(guest.mode, entry, memory_size, user=guest.user)
@@ -239,6 +255,57 @@ class MachineCore:
         # the next exit instead; a pause comes through kick().  Only a device's status stops here.
         self.stop = self._device_status is not None
         return value
+
+    def msr(self, index: int, is_write: bool, value: int, rip: int) -> int | None:
+        """An ``rdmsr``/``wrmsr`` KVM sent to userspace (``KVM_EXIT_X86_RDMSR``/``WRMSR``): its handler answers.
+
+        Returns the value read, or for a write 0; ``None`` makes KVM raise #GP in the
+        guest (the handler refused, or no handler: as the CPU does for an unknown MSR).
+        Recorded in the trace under ``X86_RDMSR``/``X86_WRMSR`` with the MSR index as
+        the address.
+        """
+        started = perf_counter_ns()
+        handler = self.msr_handlers.get(index)
+        answer: int | None = None
+        try:
+            if handler is not None:
+                if is_write:
+                    answer = 0 if handler.write(value) else None
+                else:
+                    answer = handler.read()
+        except Exception as error:  # noqa: BLE001 - a handler's bug ends the run, as a device's does
+            self._device_failed_named(f"msr {index:#x}", "MSR", index, is_write, rip, error)
+        self._record(WRMSR if is_write else RDMSR, rip, index, 8, is_write,
+                     value if is_write else (answer if answer is not None else None), started)
+        return answer
+
+    def kernel_write(self, pio: bool, address: int, size: int, value: int) -> None:
+        """A guest write KVM handled in the kernel (coalesced ring, ioeventfd), delivered to the device now.
+
+        Not an exit, so not in the trace (``RunResult.kvm_stats.delivered`` counts them);
+        the device sees it as the same write on its bus.
+        """
+        bus = self.buses.pio if pio else self.buses.mmio
+        try:
+            bus.write(address, size, value)
+        except Exception as error:  # noqa: BLE001 - a device's bug ends the run, as on an exit
+            hit = bus.find(address)
+            name = self._names.get(id(hit[1]), type(hit[1]).__name__) if hit else "?"
+            what = "port" if pio else "MMIO address"
+            message = (f"device {name!r} failed on a write to {what} {address:#x} that KVM kept in the kernel "
+                       f"(coalesced ring or ioeventfd), delivered at the next exit: {type(error).__name__}: {error}")
+            if self._device_status is None:
+                self._device_status = Status(StatusKind.ERROR, message=message, device=name)
+            self.stop = True
+
+    def _device_failed_named(self, name: str, what: str, address: int, is_write: bool, rip: int,
+                             error: Exception) -> None:
+        access = "write to" if is_write else "read of"
+        message = (f"device {name!r} failed on a {access} {what} {address:#x} at guest rip {rip:#x}: "
+                   f"{type(error).__name__}: {error}")
+        if self._device_status is None:
+            self._device_status = Status(StatusKind.ERROR, message=message, device=name)
+        self.stop = True
 
     @property
     def interrupt_pending(self) -> bool:
@@ -447,7 +514,20 @@ class MachineCore:
         summary = self.monitor.summary() if self.monitor is not None else None
         return RunResult(status=status, console=self.console.text(), regs=regs, trace=self.trace,
                          backend=self.backend.kind, elapsed_s=elapsed_s, monitor=summary, origin=self.origin,
-                         console_dropped=self.console.dropped)
+                         console_dropped=self.console.dropped, kvm_stats=self.kvm_stats_or_none())
+
+    def kvm_stats_or_none(self) -> KvmRunStats | None:
+        """The KVM backend's :meth:`~labkit.kvm.KvmBackend.run_stats`; ``None`` on any other backend."""
+        run_stats = getattr(self.backend, "run_stats", None)
+        return run_stats() if run_stats is not None else None
+
+    def kvm_stats(self) -> KvmRunStats:
+        """The vCPU's counters beside the exits labkit saw; :class:`ConfigError` off KVM."""
+        stats = self.kvm_stats_or_none()
+        if stats is None:
+            raise ConfigError(f"KVM's vCPU counters (binary stats fd, KVM_GET_STATS_FD) exist only on KVM; "
+                              f"this machine runs on {self.backend.kind!r}, which has no such counters")
+        return stats
 
     # -- inspection ---------------------------------------------------------------
 

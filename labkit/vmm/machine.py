@@ -36,6 +36,8 @@ from labkit.x86.state import Regs, SRegs
 if TYPE_CHECKING:  # imported where used: guest pulls in the assembler, forwarding the trap stubs
     from labkit.guest import Guest
     from labkit.snapshot import Snapshot
+    from labkit.kvm.controls import KvmExitControls
+    from labkit.kvm.stats import KvmRunStats
     from labkit.vmm.forwarding import Monitor
 
 MAX_TIMEOUT_S = 3600.0
@@ -60,12 +62,15 @@ class Machine:
     ``(bus, base, length, device)`` tuples still work in-process (``isolate=False``)
     only.  ``monitor`` (a :class:`labkit.monitor.Monitor`)
     receives every exception of a long-mode guest (see ``labkit.monitor.forwarding``);
-    what it reports comes back in ``RunResult.monitor``.
+    what it reports comes back in ``RunResult.monitor``.  ``kvm_controls`` (a
+    :class:`labkit.kvm.KvmExitControls`) sets KVM's exit controls: KVM only, a
+    :class:`ConfigError` on the emulator.
     """
 
     def __init__(self, guest: Guest | str, backend: str = "auto", memory: int = layout.DEFAULT_MEMORY, *,
                  isolate: bool | None = None, devices: Sequence[DeviceSpec | LegacyDeviceSpec] = (),
-                 trace_limit: int | None = None, monitor: Monitor | None = None):
+                 trace_limit: int | None = None, monitor: Monitor | None = None,
+                 kvm_controls: KvmExitControls | None = None):
         from labkit.guest import Guest
 
         if isinstance(guest, str):
@@ -75,6 +80,14 @@ class Machine:
         self.guest = guest
         self.memory_size = layout.check_memory_size(memory)
         choice = choose_backend(backend)
+        if kvm_controls is not None:
+            from labkit.kvm.controls import KvmExitControls
+
+            if not isinstance(kvm_controls, KvmExitControls):
+                raise ConfigError(f"kvm_controls must be a labkit.kvm.KvmExitControls, not {kvm_controls!r:.60}")
+            if choice.name != "kvm":
+                raise ConfigError(f"kvm_controls need KVM, but this machine runs on the emulator "
+                                  f"({choice.reason}): the emulator has no KVM exits to control")
         self.backend = choice.name
         self.backend_reason = choice.reason
         self.isolated = (choice.name == "emu") if isolate is None else bool(isolate)
@@ -91,7 +104,7 @@ class Machine:
 
         def make_core() -> MachineCore:
             return MachineCore(guest, choice.name, self.memory_size, devices=devices, trace_limit=trace_limit,
-                               monitor=monitor)
+                               monitor=monitor, kvm_controls=kvm_controls)
 
         if self.isolated:
             if choice.name == "emu":
@@ -195,8 +208,8 @@ class Machine:
         ``parent`` (this machine's previous snapshot): a diff holding only the pages the guest
         or the host wrote since that one, from KVM's dirty log or the emulator's write
         tracking.  Every snapshot starts counting written pages afresh, so the next one can be a diff;
-        :meth:`stop_page_tracking` ends that (on the emulator it costs the guest a fault per page
-        first written after each snapshot).
+        :meth:`stop_page_tracking` ends that (on the emulator the tracking costs every guest store a
+        page-table lookup; on KVM, a write fault per page first written after each snapshot).
         """
         from labkit.snapshot import Snapshot
 
@@ -244,6 +257,14 @@ class Machine:
         target machine first and restores into it once the source has stopped.
         """
         self._call("restore_state", snapshot.state)
+    def kvm_stats(self) -> KvmRunStats:
+        """KVM's own counters for this machine's vCPU (binary stats fd, ``KVM_GET_STATS_FD``) since it was
+        made, beside the exits labkit's run loop saw (:class:`labkit.kvm.stats.KvmRunStats`).
+
+        :class:`ConfigError` on the emulator: it has no KVM and so no such counters.
+        ``RunResult.kvm_stats`` holds the same at the end of each run (``None`` on the emulator).
+        """
+        return self._call("kvm_stats")
 
     def device_state(self, name: str) -> Any:
         """The named device's saved state (its ``save()``: plain data), read where the device lives."""

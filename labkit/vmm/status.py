@@ -5,11 +5,15 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from labkit.backend import Backend
 from labkit.trace import ExitTrace
 from labkit.x86.arch import EXCEPTION_NAMES
 from labkit.x86.state import Regs
+
+if TYPE_CHECKING:  # KVM's module is imported only where KVM runs
+    from labkit.kvm.stats import KvmRunStats
 
 
 class StatusKind(str, Enum):
@@ -147,6 +151,10 @@ class RunResult:
     ``None`` only in results built by hand."""
     console_dropped: int = 0
     """Console bytes dropped because the console's bound (``Console.capacity``) was reached."""
+    kvm_stats: KvmRunStats | None = None
+    """On KVM: the vCPU's own counters (binary stats fd) since the machine was made, beside the exits
+    labkit's run loop saw (:class:`labkit.kvm.stats.KvmRunStats`).  ``None`` on the emulator, which has
+    no KVM and so no such counters (``Machine.kvm_stats()`` says so in its error)."""
 
     @property
     def console_truncated(self) -> bool:

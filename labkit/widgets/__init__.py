@@ -24,6 +24,7 @@ _EXPORTS = {
     "ExitStepper": "labkit.widgets.monitors",
     "KernelChoice": "labkit.widgets.paravirt",
     "ConsoleBatch": "labkit.widgets.paravirt",
+    "KvmControls": "labkit.widgets.kvm_controls",
 }
 
 __all__ = sorted(_EXPORTS)

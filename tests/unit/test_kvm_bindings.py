@@ -26,6 +26,8 @@ STRUCTS = [
     kb.kvm_msrs, kb.kvm_cpuid_entry2, kb.kvm_cpuid2, kb.kvm_debug_exit_arch, kb.kvm_vcpu_events,
     kb.kvm_sync_regs, kb.kvm_userspace_memory_region, kb.kvm_dirty_log, kb.kvm_interrupt, kb.kvm_enable_cap,
     kb.kvm_signal_mask, kb.kvm_debugregs, kb.kvm_xsave, kb.kvm_stats_header, kb.kvm_stats_desc, kb.kvm_run,
+    kb.kvm_coalesced_mmio_zone, kb.kvm_coalesced_mmio, kb.kvm_coalesced_mmio_ring, kb.kvm_ioeventfd,
+    kb.kvm_msr_filter_range, kb.kvm_msr_filter,
 ]
 
 IOCTLS = [
@@ -36,6 +38,7 @@ IOCTLS = [
     "KVM_SET_SIGNAL_MASK", "KVM_GET_FPU", "KVM_SET_FPU", "KVM_SET_CPUID2", "KVM_GET_CPUID2",
     "KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS", "KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS",
     "KVM_GET_XSAVE", "KVM_SET_XSAVE",
+    "KVM_REGISTER_COALESCED_MMIO", "KVM_UNREGISTER_COALESCED_MMIO", "KVM_IOEVENTFD", "KVM_X86_SET_MSR_FILTER",
 ]
 
 CONSTANTS = [
@@ -44,6 +47,13 @@ CONSTANTS = [
     "KVM_EXIT_NOTIFY", "KVM_CAP_SYNC_REGS", "KVM_CAP_IMMEDIATE_EXIT", "KVM_CAP_BINARY_STATS_FD",
     "KVM_CAP_SET_TSS_ADDR", "KVM_CAP_READONLY_MEM", "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
     "KVM_CAP_NR_MEMSLOTS", "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "KVM_EXIT_IRQ_WINDOW_OPEN", "KVM_SYNC_X86_REGS", "KVM_STATS_TYPE_LOG_HIST",
+    "KVM_CAP_COALESCED_MMIO", "KVM_CAP_IOEVENTFD", "KVM_CAP_IOEVENTFD_ANY_LENGTH", "KVM_CAP_COALESCED_PIO",
+    "KVM_CAP_X86_USER_SPACE_MSR", "KVM_CAP_X86_MSR_FILTER", "KVM_CAP_X86_DISABLE_EXITS",
+    "KVM_X86_DISABLE_EXITS_HLT", "KVM_X86_DISABLE_EXITS_PAUSE", "KVM_MSR_EXIT_REASON_FILTER",
+    "KVM_MSR_EXIT_REASON_UNKNOWN", "KVM_MSR_EXIT_REASON_INVAL", "KVM_MSR_FILTER_READ", "KVM_MSR_FILTER_WRITE",
+    "KVM_MSR_FILTER_DEFAULT_DENY", "KVM_MSR_FILTER_MAX_RANGES", "KVM_MSR_FILTER_MAX_BITMAP_SIZE",
+    "KVM_IOEVENTFD_FLAG_DATAMATCH", "KVM_IOEVENTFD_FLAG_PIO", "KVM_IOEVENTFD_FLAG_DEASSIGN",
+    "KVM_COALESCED_MMIO_PAGE_OFFSET", "KVM_EXIT_X86_RDMSR", "KVM_EXIT_X86_WRMSR",
 ]
 
 
