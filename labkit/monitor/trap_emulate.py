@@ -42,8 +42,8 @@ from html import escape
 from typing import TYPE_CHECKING, Any, Iterable
 
 from labkit.errors import ConfigError, LabkitError
-from labkit.monitor.vcpu import (PF_USER, PRIVILEGED, Decoded, VirtualCpu, VirtualTripleFault, after_emulation,
-                                 decode, emulate, has_error_code, reflect)
+from labkit.monitor.vcpu import (PF_USER, Decoded, VirtualCpu, VirtualTripleFault, after_emulation, decode, emulate,
+                                 has_error_code, reflect, traps_when_deprivileged)
 from labkit.vmm.forwarding import GuestContext, Trap
 from labkit.vmm.status import RunResult, Status, StatusKind, exception_name
 from labkit.x86 import layout
@@ -185,7 +185,7 @@ class TrapAndEmulate:
         text = emulate(vcpu, trap, context, code) if decoded is not None else None
         if decoded is not None and text is not None:
             return self._after_emulation(trap, context, decoded.mnemonic, text)
-        if decoded is not None and _is_privileged(decoded):
+        if decoded is not None and traps_when_deprivileged(decoded):
             message = f"unemulated instruction at RIP {rip:#x}: {decoded.text}"
             self._stop(context, Status(StatusKind.ERROR, message=message))
             return "stopped", message
@@ -211,12 +211,6 @@ class TrapAndEmulate:
     def _code(context: GuestContext, rip: int) -> bytes:
         """The (up to 15) bytes of the instruction at ``rip``: fewer where guest memory ends."""
         return context.memory.read_at_most(rip, MAX_INSTRUCTION)
-
-
-def _is_privileged(decoded: Decoded) -> bool:
-    if decoded.mnemonic == "mov":
-        return any(op.kind == "reg" and op.reg[:2] in ("cr", "dr") for op in decoded.operands)
-    return decoded.mnemonic in PRIVILEGED
 
 
 # -- running a kernel natively and deprivileged ---------------------------------------------------

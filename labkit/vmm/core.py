@@ -438,6 +438,12 @@ class MachineCore:
     def read_memory(self, address: int, size: int) -> bytes:
         return self.memory.read(address, size)
 
+    def kvm_stats(self) -> dict[str, int | tuple[int, ...]] | None:
+        """The vCPU's KVM binary stats (``KVM_GET_STATS_FD``) now; None on a backend that has none (the emulator)."""
+        from labkit.kvm.backend import KvmBackend
+
+        return self.backend.stats() if isinstance(self.backend, KvmBackend) else None
+
     def device_state(self, name: str) -> Any:
         """The named device's ``save()``: plain data."""
         device = self.devices.get(name)

@@ -219,6 +219,11 @@ class Machine:
         """A copy of ``size`` bytes of guest RAM at guest-physical ``address``."""
         return self._call("read_memory", address, size)
 
+    def kvm_stats(self) -> dict[str, int | tuple[int, ...]] | None:
+        """The vCPU's KVM statistics now (``KVM_GET_STATS_FD``: ``exits``, ``insn_emulation``, ...), counted since
+        the VM was made; None on the emulator.  Differences between two reads say what KVM did in between."""
+        return self._call("kvm_stats")
+
     def describe(self) -> dict[str, str]:
         """What runs the guest (backend, flavour, versions) and why it was chosen."""
         return {**self._call("describe"), "reason": self.backend_reason}
