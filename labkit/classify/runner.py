@@ -83,11 +83,14 @@ def classify(instruction: str, *, backend: str = "auto", mode: int = 64, setup: 
         umip_text = umip_effect(runs["ring 3 umip"], runs["ring 3"])
     tables = None
     if answered:
-        relocated = assemble_guest(instruction, setup, mode, True)
-        for ring, name in RELOCATED.items():
-            runs[name] = run(name, ring, relocated)
+        ring0 = runs["ring 0"]
+        if ring0.outcome in (Outcome.COMPLETED, Outcome.ENTERED) and differs(ring0, runs["ring 3"]):
+            # Only a result that differs between the rings can be the host's selector: look at the layouts.
+            relocated = assemble_guest(instruction, setup, mode, True)
+            for ring, name in RELOCATED.items():
+                runs[name] = run(name, ring, relocated)
         if runs["ring 3"].emulated is not None:
-            runs[WITHOUT] = run(WITHOUT, "ring 3", assemble_guest("nop", setup, mode))
+            runs[WITHOUT] = _without(choice.name, setup, mode, timeout)
         decoded = disassemble(code[start - layout.LOAD_ADDRESS:after - layout.LOAD_ADDRESS], start, mode, count=1)
         if decoded and decoded[0][2].split(" ")[0] in READS_DESCRIPTOR_TABLES:
             tables = ring3_tables(choice.name)
@@ -98,6 +101,18 @@ def classify(instruction: str, *, backend: str = "auto", mode: int = 64, setup: 
     ordered = tuple(runs[name] for name in order if name in runs)
     return Classification(instruction, setup, mode, choice.name, flavour, verdict, reason, ordered,
                           tuple(differences), tuple(notes), umip_text, host)
+
+
+@lru_cache(maxsize=64)
+def _without(backend: str, setup: str, mode: int, timeout: float) -> RingRun:
+    """Ring 3 with ``nop`` for the instruction (:data:`~labkit.classify.rules.WITHOUT`): the same for every
+    instruction with this setup, so it runs once per process (KVM's count of it does not change: measured)."""
+    return _run(assemble_guest("nop", setup, mode), WITHOUT, "ring 3", backend, timeout)[0]
+
+
+def differs(a: RingRun, b: RingRun) -> bool:
+    """Whether two answered runs differ in any register, the stack or ``scratch``."""
+    return a.regs != b.regs or a.pushed != b.pushed or a.scratch != b.scratch
 
 
 @lru_cache(maxsize=4)

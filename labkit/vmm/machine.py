@@ -222,6 +222,8 @@ class Machine:
     def kvm_stats(self) -> dict[str, int | tuple[int, ...]] | None:
         """The vCPU's KVM statistics now (``KVM_GET_STATS_FD``: ``exits``, ``insn_emulation``, ...), counted since
         the VM was made; None on the emulator.  Differences between two reads say what KVM did in between."""
+        if self.backend != "kvm":
+            return None  # no host kernel counts anything: no need to ask the worker
         return self._call("kvm_stats")
 
     def describe(self) -> dict[str, str]:
