@@ -148,8 +148,8 @@ class RingRun:
                 return f"trapped: {self.status}"
             code = f"({self.error_code:#x})" if self.error_code is not None else ""
             return f"trapped: {exception_name(self.vector).split(' ')[0]}{code}"
-        if self.outcome is Outcome.ENTERED:
-            return f"entered the handler for vector {self.vector:#x}"
+        if self.outcome is Outcome.ENTERED and self.vector is not None:
+            return f"entered the handler for {exception_name(self.vector).split(' (')[0]}"
         if self.outcome is Outcome.NOT_RUN:
             return f"not run: {self.note or self.status}"
         return "completed" + (f" ({self.note})" if self.note else "")
