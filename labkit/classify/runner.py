@@ -90,7 +90,7 @@ def classify(instruction: str, *, backend: str = "auto", mode: int = 64, setup: 
             for ring, name in RELOCATED.items():
                 runs[name] = run(name, ring, relocated)
         if runs["ring 3"].emulated is not None:
-            runs[WITHOUT] = _without(choice.name, setup, mode, timeout)
+            runs[WITHOUT] = run_without(choice.name, setup, mode, timeout)
         decoded = disassemble(code[start - layout.LOAD_ADDRESS:after - layout.LOAD_ADDRESS], start, mode, count=1)
         if decoded and decoded[0][2].split(" ")[0] in READS_DESCRIPTOR_TABLES:
             tables = ring3_tables(choice.name)
@@ -104,7 +104,7 @@ def classify(instruction: str, *, backend: str = "auto", mode: int = 64, setup: 
 
 
 @lru_cache(maxsize=64)
-def _without(backend: str, setup: str, mode: int, timeout: float) -> RingRun:
+def run_without(backend: str, setup: str, mode: int, timeout: float) -> RingRun:
     """Ring 3 with ``nop`` for the instruction (:data:`~labkit.classify.rules.WITHOUT`): the same for every
     instruction with this setup, so it runs once per process (KVM's count of it does not change: measured)."""
     return _run(assemble_guest("nop", setup, mode), WITHOUT, "ring 3", backend, timeout)[0]
