@@ -23,6 +23,8 @@ _EXPORTS = {
     "Guest": "labkit.guest",
     "list_guests": "labkit.guest",
     "assemble": "labkit.assembler",
+    "Snapshot": "labkit.snapshot",
+    "SnapshotError": "labkit.errors",
     "ExitTrace": "labkit.trace",
     "ExitRecord": "labkit.trace",
     "ExitReason": "labkit.exits",
@@ -46,7 +48,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from labkit.backend import choose_backend
     from labkit.errors import (AssemblyError, BackendUnavailable, ConfigError, EmulatorError, GuestError,
                                GuestFileError, KvmError, LabkitError)
+    from labkit.errors import SnapshotError
     from labkit.exits import ExitReason
+    from labkit.snapshot import Snapshot
     from labkit.guest import Guest, list_guests
     from labkit.trace import ExitRecord, ExitTrace
     from labkit.vmm.machine import Machine

@@ -18,7 +18,7 @@ from typing import Iterable, Mapping, Protocol, runtime_checkable
 
 from labkit.errors import BackendUnavailable, ConfigError
 from labkit.exits import Dispatcher, Exit
-from labkit.x86.state import Regs, SRegs
+from labkit.x86.state import DebugRegs, FpuState, Regs, SRegs
 
 BACKEND_NAMES = ("auto", "kvm", "emu")
 
@@ -48,6 +48,21 @@ class Backend(Protocol):
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]: ...
 
     def set_msrs(self, msrs: Mapping[int, int]) -> None: ...
+
+    def get_fpu(self) -> FpuState:
+        """x87 and SSE state (FXSAVE's view)."""
+        ...
+
+    def set_fpu(self, fpu: FpuState) -> None: ...
+
+    def get_debug_regs(self) -> DebugRegs: ...
+
+    def set_debug_regs(self, debug: DebugRegs) -> None: ...
+
+    def pending_interrupt(self) -> int | None:
+        """An external interrupt handed to the backend (acknowledged at the controller) but not yet
+        delivered through the guest's IDT, or ``None``."""
+        ...
 
     def run(self, dispatcher: Dispatcher, timeout: float) -> Exit:
         """Run the guest until an exit the dispatcher does not absorb.

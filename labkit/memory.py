@@ -12,7 +12,10 @@ VENOM lesson); a range is never wrapped or split across regions, and only
 
 Writes by the host go straight to the region's memory, read-only regions
 included (the host loads what the guest may only read); they are not in the
-dirty log.
+backend's dirty log.  For diff snapshots and live migration the host's own
+writes are counted apart (:meth:`GuestMemory.track_writes`): every page
+:meth:`GuestMemory.write` stores to, and every page a writable
+:meth:`GuestMemory.view` covers (the holder may write through it).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from labkit.errors import GuestMemoryError
 
 Region = tuple[int, memoryview, bool]
 """``(guest_address, view, read_only)``, as ``Backend.regions()`` returns them."""
+
+PAGE_SHIFT = 12
 
 RegionSource = Union[Sequence[Region], Callable[[], Sequence[Region]]]
 
@@ -51,10 +56,26 @@ class GuestMemory:
     at every access, so a region added later is seen).
     """
 
-    __slots__ = ("_source",)
+    __slots__ = ("_source", "_written")
 
     def __init__(self, regions: RegionSource):
         self._source = regions
+        self._written: set[int] | None = None
+
+    def track_writes(self, on: bool) -> None:
+        """Start (or stop) counting the pages the host writes; starting again forgets what was counted."""
+        self._written = set() if on else None
+
+    def take_written(self) -> set[int]:
+        """Guest-physical page numbers the host wrote (or viewed) since tracking started or the last take."""
+        if self._written is None:
+            return set()
+        written, self._written = self._written, set()
+        return written
+
+    def _note(self, address: int, size: int) -> None:
+        if self._written is not None and size > 0:
+            self._written.update(range(address >> PAGE_SHIFT, ((address + size - 1) >> PAGE_SHIFT) + 1))
 
     @classmethod
     def of(cls, backend: HasRegions) -> "GuestMemory":
@@ -122,10 +143,15 @@ class GuestMemory:
         data = bytes(data)
         view, offset = self._locate(address, len(data))
         view[offset:offset + len(data)] = data
+        self._note(address, len(data))
 
     def view(self, address: int, size: int) -> memoryview:
-        """A live view of ``size`` bytes at ``address`` (no copy; valid while the machine is open)."""
+        """A live view of ``size`` bytes at ``address`` (no copy; valid while the machine is open).
+
+        While :meth:`track_writes` is on, the pages it covers count as written by the host.
+        """
         view, offset = self._locate(address, size)
+        self._note(address, size)
         return view[offset:offset + size]
 
     def __repr__(self) -> str:

@@ -26,7 +26,7 @@ from labkit import exits
 from labkit.errors import ConfigError
 from labkit.x86 import layout
 from labkit.x86.boot import RFLAGS_IF
-from labkit.x86.state import Regs, SRegs
+from labkit.x86.state import DebugRegs, FpuState, Regs, SRegs
 
 HLT_LENGTH = 1
 
@@ -60,6 +60,8 @@ class FakeBackend:
         self._regs = Regs()
         self._sregs = SRegs()
         self._msrs: dict[int, int] = {}
+        self._fpu = FpuState()
+        self._debug = DebugRegs()
         self._kicked = False
         self._dirty: set[int] | None = None
         self.closed = False
@@ -84,6 +86,21 @@ class FakeBackend:
 
     def set_msrs(self, msrs: Mapping[int, int]) -> None:
         self._msrs.update(msrs)
+
+    def get_fpu(self) -> FpuState:
+        return self._fpu
+
+    def set_fpu(self, fpu: FpuState) -> None:
+        self._fpu = fpu
+
+    def get_debug_regs(self) -> DebugRegs:
+        return self._debug
+
+    def set_debug_regs(self, debug: DebugRegs) -> None:
+        self._debug = debug
+
+    def pending_interrupt(self) -> int | None:
+        return None
 
     def kick(self) -> None:
         self._kicked = True

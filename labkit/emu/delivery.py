@@ -136,6 +136,8 @@ class ExceptionDelivery:
     def __init__(self, cpu: S.CpuStateView, ram: memoryview, read_eflags: Callable[[], int]):
         self.cpu = cpu
         self.ram = ram
+        self.written: set[int] | None = None
+        """While the dirty log is on: the pages this delivery wrote (frames pushed as the CPU would)."""
         self.ram_size = len(ram)
         self.read_eflags = read_eflags
         self._flags = checked_flag_table(cpu, read_eflags)  # verified by internals.verify(), once per process
@@ -552,6 +554,8 @@ class ExceptionDelivery:
             if physical + size * len(values) <= self.ram_size:
                 self.ram[physical:physical + size * len(values)] = b"".join(
                     v.to_bytes(size, "little") for v in values)
+                if self.written is not None:
+                    self.written.add(physical >> 12)
                 return
         for i, value in enumerate(values):
             self._write(linear + i * size, size, value, user)
@@ -573,6 +577,8 @@ class ExceptionDelivery:
         if physical + size > self.ram_size:
             raise DeliveryUnsupported(f"an exception stack at guest-physical {physical:#x} lies outside RAM")
         self.ram[physical:physical + size] = value.to_bytes(size, "little")
+        if self.written is not None:
+            self.written.add(physical >> 12)
 
     def _translate(self, linear: int, write: bool, user: bool) -> int:
         """Linear to guest-physical for an access of the delivery itself; #PF (via _Fault) if not mapped."""

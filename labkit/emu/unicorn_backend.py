@@ -122,7 +122,7 @@ from labkit.watchdog import WATCHDOG
 from labkit.x86 import layout
 from labkit.x86.arch import (EFER_LMA, EFER_SCE, MSR_CSTAR, MSR_EFER, MSR_LSTAR, MSR_SFMASK, MSR_STAR, RFLAGS_IF,
                              RFLAGS_RF, RFLAGS_VM)
-from labkit.x86.state import GPR_NAMES, DescriptorTable, Regs, Segment, SRegs
+from labkit.x86.state import GPR_NAMES, DebugRegs, DescriptorTable, FpuState, Regs, Segment, SRegs
 
 UNICORN_VERSION = "2.1.4"
 _UC_MODES = {16: UC.UC_MODE_16, 32: UC.UC_MODE_32, 64: UC.UC_MODE_64}
@@ -906,6 +906,10 @@ def _ended(engine: _Engine) -> Exit | None:
     return None
 
 
+_DEBUG_REGISTERS = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3, X.UC_X86_REG_DR6,
+                    X.UC_X86_REG_DR7)
+
+
 class EmuBackend:
     """One VM with one vCPU emulated by Unicorn; see the module docstring for what maps to what."""
 
@@ -919,6 +923,9 @@ class EmuBackend:
         self._engine = _Engine(memory_size, mode)
         self.memory = self._engine.ram
         self._finalizer = weakref.finalize(self, self._engine.close)
+        # Unicorn starts with FCW = 0 and MXCSR = 0 (every x87 and SIMD exception unmasked); KVM's vCPU
+        # starts as after FNINIT with MXCSR's reset value (FCW 0x37F, MXCSR 0x1F80; SDM vol. 3, table 10-1).
+        self.set_fpu(FpuState())
 
     # --- description ---------------------------------------------------------------------------
 
@@ -945,12 +952,19 @@ class EmuBackend:
         return Regs(rip=q[S.EIP // 8], rflags=engine.read_eflags(), **values)
 
     def set_regs(self, regs: Regs) -> None:
+        """General registers, RIP and RFLAGS, with RFLAGS.RF cleared.
+
+        RF only suppresses an instruction breakpoint on the next instruction, and the CPU clears it
+        when that instruction completes (SDM vol. 3, 18.3.1.1).  Unicorn models neither the
+        breakpoints nor the clearing, so an RF set here would stay set for good (a later
+        ``syscall`` would save it in R11); the run continues as after that next instruction.
+        """
         engine = self._live()
         q = engine.cpu.q
         for i, name in enumerate(_QEMU_GPR_ORDER):
             q[i] = getattr(regs, name) & 0xFFFF_FFFF_FFFF_FFFF
         q[S.EIP // 8] = regs.rip & 0xFFFF_FFFF_FFFF_FFFF
-        engine.uc.reg_write(engine._eflags_id, (regs.rflags | 0x2) & 0xFFFF_FFFF)
+        engine.uc.reg_write(engine._eflags_id, (regs.rflags | 0x2) & ~RFLAGS_RF & 0xFFFF_FFFF)
         engine.shutdown = False
 
     def get_sregs(self) -> SRegs:
@@ -1028,6 +1042,50 @@ class EmuBackend:
         with engine.intercepts.suspended():
             for index, value in msrs.items():
                 engine.uc.msr_write(index, value)
+
+    def get_fpu(self) -> FpuState:
+        """x87/SSE state through Unicorn's registers, in FXSAVE's terms (ST(i) in stack order, abridged tags)."""
+        uc = self._live().uc
+        fsw = uc.reg_read(X.UC_X86_REG_FPSW)
+        top = (fsw >> 11) & 7
+        physical = [uc.reg_read(X.UC_X86_REG_FP0 + i) for i in range(8)]  # (significand, sign and exponent)
+        tags = uc.reg_read(X.UC_X86_REG_FPTAG)  # two bits per physical register, 0: holds a value
+        return FpuState(
+            fcw=uc.reg_read(X.UC_X86_REG_FPCW), fsw=fsw,
+            ftw=sum(1 << i for i in range(8) if not (tags >> (2 * i)) & 3),
+            fop=uc.reg_read(X.UC_X86_REG_FOP), fip=uc.reg_read(X.UC_X86_REG_FIP), fdp=uc.reg_read(X.UC_X86_REG_FDP),
+            mxcsr=uc.reg_read(X.UC_X86_REG_MXCSR),
+            st=tuple(physical[(top + i) & 7][0] | physical[(top + i) & 7][1] << 64 for i in range(8)),
+            xmm=tuple(uc.reg_read(X.UC_X86_REG_XMM0 + i) for i in range(16)))
+
+    def set_fpu(self, fpu: FpuState) -> None:
+        uc = self._live().uc
+        top = (fpu.fsw >> 11) & 7
+        uc.reg_write(X.UC_X86_REG_FPCW, fpu.fcw)
+        uc.reg_write(X.UC_X86_REG_FPSW, fpu.fsw)
+        uc.reg_write(X.UC_X86_REG_FPTAG, sum((0 if fpu.ftw >> i & 1 else 1) << (2 * i) for i in range(8)))
+        for i, value in enumerate(fpu.st):
+            uc.reg_write(X.UC_X86_REG_FP0 + ((top + i) & 7), (value & (1 << 64) - 1, value >> 64 & 0xFFFF))
+        uc.reg_write(X.UC_X86_REG_FOP, fpu.fop)
+        uc.reg_write(X.UC_X86_REG_FIP, fpu.fip)
+        uc.reg_write(X.UC_X86_REG_FDP, fpu.fdp)
+        uc.reg_write(X.UC_X86_REG_MXCSR, fpu.mxcsr)
+        for i, value in enumerate(fpu.xmm):
+            uc.reg_write(X.UC_X86_REG_XMM0 + i, value)
+
+    def get_debug_regs(self) -> DebugRegs:
+        uc = self._live().uc
+        return DebugRegs(*(uc.reg_read(register) for register in _DEBUG_REGISTERS))
+
+    def set_debug_regs(self, debug: DebugRegs) -> None:
+        """DR0-DR3, DR6, DR7 as values only: Unicorn does not raise #DB for breakpoints set in them."""
+        uc = self._live().uc
+        for register, value in zip(_DEBUG_REGISTERS, (debug.dr0, debug.dr1, debug.dr2, debug.dr3, debug.dr6, debug.dr7)):
+            uc.reg_write(register, value)
+
+    def pending_interrupt(self) -> int | None:
+        """Always ``None``: the emulator delivers an acknowledged interrupt at once (:meth:`_Engine.inject_interrupt`)."""
+        return None
 
     # --- running -------------------------------------------------------------------------------
 
@@ -1219,12 +1277,15 @@ class EmuBackend:
         The first guest store to a page calls UC_HOOK_MEM_WRITE_PROT, which logs
         the page and lets the store land; the run then stops once (at the end of
         the translated block) to make that page writable, so later stores to it
-        cost nothing until the next fetch.  Stores by the host through the
-        views are not logged.  Call between runs.
+        cost nothing until the next fetch.  The exception and interrupt frames
+        labkit's delivery pushes are logged too (on a real CPU, and so in KVM's
+        log, the CPU writes them).  Stores by the host through the views are not
+        logged.  Call between runs.
         """
         engine = self._live()
         if engine.dirty is None:
             engine.dirty = set()
+            engine.delivery.written = set()
             engine.protect_writable()
 
     def dirty_log_fetch(self) -> list[int]:
@@ -1235,13 +1296,16 @@ class EmuBackend:
         pages = sorted(engine.dirty)
         engine.dirty = set()
         engine.protect_pages(pages, _READ_EXEC)
-        return pages
+        pushed = engine.delivery.written or set()
+        engine.delivery.written = set()
+        return sorted(set(pages) | pushed)
 
     def dirty_log_stop(self) -> None:
         """Stop logging: all writable memory is writable for Unicorn again."""
         engine = self._live()
         if engine.dirty is not None:
             engine.dirty = None
+            engine.delivery.written = None
             engine.protect_writable()
 
     def _start_address(self) -> int:

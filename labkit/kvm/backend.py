@@ -25,6 +25,7 @@ work (``KVM_EXIT_IRQ_WINDOW_OPEN``), and a ``hlt`` always exits to userspace.
 from __future__ import annotations
 
 import ctypes
+from ctypes import c_uint64
 import errno as _errno
 import math
 import mmap
@@ -46,7 +47,7 @@ from labkit.kvm.system import Kvm, kvm_flavour
 from labkit.kvm.vm import dirty_page_numbers
 from labkit.watchdog import KICK_SIGNAL, WATCHDOG
 from labkit.x86 import layout
-from labkit.x86.state import DescriptorTable, Regs, Segment, SRegs
+from labkit.x86.state import DebugRegs, DescriptorTable, FpuState, Regs, Segment, SRegs
 
 MODES = (16, 32, 64)
 REGS_FIELDS = tuple(field[0] for field in kb.kvm_regs._fields_)
@@ -124,6 +125,30 @@ def _anonymous_mapping(size: int) -> tuple[mmap.mmap, int]:
     address = ctypes.addressof(anchor)
     del anchor
     return mapping, address
+
+
+XSTATE_X87 = 1 << 0
+XSTATE_SSE = 1 << 1
+FXSAVE = struct.Struct("<HHBxHQQII")
+"""FCW, FSW, abridged FTW, FOP, FIP, FDP, MXCSR, MXCSR_MASK: bytes 0-31 of the FXSAVE area (64-bit format)."""
+
+
+def _fpu_from_fxsave(area: bytes) -> FpuState:
+    fcw, fsw, ftw, fop, fip, fdp, mxcsr, _ = FXSAVE.unpack_from(area)
+    return FpuState(fcw=fcw, fsw=fsw, ftw=ftw, fop=fop, fip=fip, fdp=fdp, mxcsr=mxcsr,
+                    st=tuple(int.from_bytes(area[32 + 16 * i:42 + 16 * i], "little") for i in range(8)),
+                    xmm=tuple(int.from_bytes(area[160 + 16 * i:176 + 16 * i], "little") for i in range(16)))
+
+
+def _fxsave_from_fpu(fpu: FpuState, old: bytes) -> bytes:
+    area = bytearray(old)
+    mxcsr_mask = struct.unpack_from("<I", old, 28)[0]
+    FXSAVE.pack_into(area, 0, fpu.fcw, fpu.fsw, fpu.ftw, fpu.fop, fpu.fip, fpu.fdp, fpu.mxcsr, mxcsr_mask)
+    for i, value in enumerate(fpu.st):
+        area[32 + 16 * i:48 + 16 * i] = (value & ((1 << 80) - 1)).to_bytes(16, "little")
+    for i, value in enumerate(fpu.xmm):
+        area[160 + 16 * i:176 + 16 * i] = (value & ((1 << 128) - 1)).to_bytes(16, "little")
+    return bytes(area)
 
 
 class KvmBackend:
@@ -241,13 +266,42 @@ class KvmBackend:
         """``KVM_SET_MSRS``."""
         self._vcpu.set_msrs(msrs)
 
-    def get_fpu(self) -> kb.kvm_fpu:
-        """``KVM_GET_FPU``: x87/SSE state as the raw ``struct kvm_fpu`` (FXSAVE layout)."""
-        return self._vcpu.get_fpu()
+    def get_fpu(self) -> FpuState:
+        """x87/SSE state from ``KVM_GET_XSAVE``'s legacy area (FXSAVE layout, Intel SDM vol. 1, table 10-2).
 
-    def set_fpu(self, fpu: kb.kvm_fpu) -> None:
-        """``KVM_SET_FPU``."""
-        self._vcpu.set_fpu(fpu)
+        Not ``KVM_GET_FPU``: Linux's ``KVM_SET_FPU``/``KVM_GET_FPU`` leave MXCSR out (measured here:
+        a set 0x1FA0 read back as 0).
+        """
+        return _fpu_from_fxsave(bytes(self._vcpu.get_xsave())[:512])
+
+    def set_fpu(self, fpu: FpuState) -> None:
+        """``KVM_SET_XSAVE`` with the legacy area from ``fpu`` (the AVX and later components kept as they are)."""
+        area = self._vcpu.get_xsave()
+        raw = bytearray(area)
+        raw[:512] = _fxsave_from_fpu(fpu, bytes(raw[:512]))
+        header = struct.unpack_from("<Q", raw, 512)[0]
+        struct.pack_into("<Q", raw, 512, header | XSTATE_X87 | XSTATE_SSE)  # XSTATE_BV: these two components are set
+        self._vcpu.set_xsave(kb.kvm_xsave.from_buffer_copy(raw))
+
+    def get_debug_regs(self) -> DebugRegs:
+        """``KVM_GET_DEBUGREGS``."""
+        raw = self._vcpu.get_debugregs()
+        return DebugRegs(raw.db[0], raw.db[1], raw.db[2], raw.db[3], dr6=raw.dr6, dr7=raw.dr7)
+
+    def set_debug_regs(self, debug: DebugRegs) -> None:
+        """``KVM_SET_DEBUGREGS``."""
+        self._vcpu.set_debugregs(kb.kvm_debugregs(db=(c_uint64 * 4)(debug.dr0, debug.dr1, debug.dr2, debug.dr3),
+                                                  dr6=debug.dr6, dr7=debug.dr7))
+
+    def pending_interrupt(self) -> int | None:
+        """The external interrupt queued with ``KVM_INTERRUPT`` and not yet delivered (``KVM_GET_SREGS``'
+        ``interrupt_bitmap``), or ``None``.  KVM delivers it at the next guest entry; a run that ended
+        before entering (a kick) leaves it queued."""
+        bitmap = self._vcpu.get_sregs().interrupt_bitmap
+        for word, bits in enumerate(bitmap):
+            if bits:
+                return word * 64 + (bits & -bits).bit_length() - 1
+        return None
 
     # --- KVM-only views ----------------------------------------------------------------
 

@@ -212,6 +212,22 @@ class kvm_fpu(Structure):
     ]
 
 
+class kvm_debugregs(Structure):
+    _fields_ = [
+        ("db", c_uint64 * 4),
+        ("dr6", c_uint64),
+        ("dr7", c_uint64),
+        ("flags", c_uint64),
+        ("reserved", c_uint64 * 9),
+    ]
+
+
+class kvm_xsave(Structure):
+    """The XSAVE area: bytes 0-511 in FXSAVE layout (Intel SDM vol. 1, 10.5.1), the XSAVE header at 512."""
+
+    _fields_ = [("region", c_uint32 * 1024)]
+
+
 class kvm_msr_entry(Structure):
     _fields_ = [("index", c_uint32), ("reserved", c_uint32), ("data", c_uint64)]
 
@@ -545,6 +561,10 @@ KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, kvm_cpuid2)
 KVM_GET_CPUID2 = _IOWR(KVMIO, 0x91, kvm_cpuid2)
 KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, kvm_vcpu_events)
+KVM_GET_DEBUGREGS = _IOR(KVMIO, 0xA1, kvm_debugregs)
+KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, kvm_xsave)
+KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, kvm_xsave)
+KVM_SET_DEBUGREGS = _IOW(KVMIO, 0xA2, kvm_debugregs)
 
 IOCTL_ARGUMENTS = {
     "KVM_GET_SUPPORTED_CPUID": kvm_cpuid2,
@@ -566,5 +586,9 @@ IOCTL_ARGUMENTS = {
     "KVM_GET_CPUID2": kvm_cpuid2,
     "KVM_GET_VCPU_EVENTS": kvm_vcpu_events,
     "KVM_SET_VCPU_EVENTS": kvm_vcpu_events,
+    "KVM_GET_DEBUGREGS": kvm_debugregs,
+    "KVM_SET_DEBUGREGS": kvm_debugregs,
+    "KVM_GET_XSAVE": kvm_xsave,
+    "KVM_SET_XSAVE": kvm_xsave,
 }
 """The argument Structure of every sized ioctl above, by name (for the size test)."""

@@ -66,6 +66,26 @@ class VcpuFd:
         """``KVM_SET_FPU``."""
         ioctl(self.fd, kb.KVM_SET_FPU, ctypes.byref(fpu), "KVM_SET_FPU")
 
+    def get_xsave(self) -> kb.kvm_xsave:
+        """``KVM_GET_XSAVE``: the x87/SSE/AVX state as an XSAVE area (needs ``KVM_CAP_XSAVE``)."""
+        area = kb.kvm_xsave()
+        ioctl(self.fd, kb.KVM_GET_XSAVE, ctypes.byref(area), "KVM_GET_XSAVE")
+        return area
+
+    def set_xsave(self, area: kb.kvm_xsave) -> None:
+        """``KVM_SET_XSAVE``."""
+        ioctl(self.fd, kb.KVM_SET_XSAVE, ctypes.byref(area), "KVM_SET_XSAVE")
+
+    def get_debugregs(self) -> kb.kvm_debugregs:
+        """``KVM_GET_DEBUGREGS``: DR0-DR3, DR6, DR7."""
+        debug = kb.kvm_debugregs()
+        ioctl(self.fd, kb.KVM_GET_DEBUGREGS, ctypes.byref(debug), "KVM_GET_DEBUGREGS")
+        return debug
+
+    def set_debugregs(self, debug: kb.kvm_debugregs) -> None:
+        """``KVM_SET_DEBUGREGS`` (``flags`` must be 0)."""
+        ioctl(self.fd, kb.KVM_SET_DEBUGREGS, ctypes.byref(debug), "KVM_SET_DEBUGREGS")
+
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """``KVM_GET_MSRS``; raises ``KvmError`` naming the first MSR KVM would not read."""
         indices = list(indices)

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from labkit import exits
 from labkit.backend import Backend, create_backend
-from labkit.errors import ConfigError, LabkitError, NotModelled
+from labkit.errors import ConfigError, LabkitError, NotModelled, SnapshotError
 from labkit.exits import ExitReason
 from labkit.memory import GuestMemory
+from labkit.snapshot.state import SAVED_MSRS, GuestImage, MachineState, PageDiff, Region
 from labkit.trace import ExitRecord, ExitTrace
 from labkit.vmm.bus import Bus, Buses, PortBus
 from labkit.vmm.devices import Console, DebugExit, HypercallPort, Uart16550
@@ -130,6 +131,7 @@ class MachineCore:
         self._stop_regs: Regs | None = None
         self._pause_requested = False
         self._halted_waiting = False
+        self._carried_vector: int | None = None
         self.monitor = monitor
         try:
             self._attach_devices(devices)
@@ -172,7 +174,8 @@ class MachineCore:
             self._add("pit", "pio", PIT_PORT, 4, self.pit)
         context = DeviceContext(memory=self.memory, regs=self.backend.get_regs,
                                 raise_irq=self.interrupts.raise_irq, lower_irq=self.interrupts.lower_irq,
-                                kick=self.kick, set_armed=getattr(self.interrupts, "set_armed", no_armed_lines))
+                                kick=self.kick, set_armed=getattr(self.interrupts, "set_armed", no_armed_lines),
+                                console=self.console.extend, device=self._built_device)
         for spec in extra:
             if isinstance(spec, DeviceSpec):
                 device = spec.factory(context)
@@ -182,6 +185,14 @@ class MachineCore:
                 self._add(f"{type(device).__name__}@{bus}:{base:#x}", bus, base, length, device)
             else:
                 raise ConfigError(f"a device is a labkit.vmm.devices.DeviceSpec, not {type(spec).__name__}")
+
+    def _built_device(self, name: str) -> Any:
+        """``DeviceContext.device``: a device already built into this machine."""
+        device = self.devices.get(name)
+        if device is None:
+            raise ConfigError(f"no device named {name!r} is built yet (list its spec first); "
+                              f"devices: {', '.join(sorted(self.devices))}")
+        return device
 
     def _attach_monitor(self, monitor: Monitor, boot: BootState) -> None:
         from labkit.vmm import forwarding
@@ -231,13 +242,22 @@ class MachineCore:
 
     @property
     def interrupt_pending(self) -> bool:
-        return self.interrupts.interrupt_pending
+        return self._carried_vector is not None or self.interrupts.interrupt_pending
 
     def pending_vector(self) -> int | None:
+        if self._carried_vector is not None:
+            return self._carried_vector
         return self.interrupts.pending_vector()
 
     def acknowledge_interrupt(self, vector: int) -> None:
-        """The backend delivered ``vector`` to the guest: the controller is told, and the trace records it."""
+        """The backend delivered ``vector`` to the guest: the controller is told, and the trace records it.
+
+        A vector carried over from a snapshot (acknowledged at the controller before it was taken) is
+        only handed over: the controller and the trace saw it already.
+        """
+        if self._carried_vector is not None and vector == self._carried_vector:
+            self._carried_vector = None
+            return
         started = perf_counter_ns()
         self.interrupts.acknowledge_interrupt(vector)
         self._record(INTERRUPT, None, None, None, None, vector, started)
@@ -359,6 +379,8 @@ class MachineCore:
                     status = Status(StatusKind.PAUSED)
                     break
                 remaining = deadline - time.monotonic()
+                if self._halted_waiting and self._carried_vector is not None:
+                    self._halted_waiting = False  # an interrupt carried over from a snapshot wakes the HLT
                 if self._halted_waiting:
                     status = self._wait_for_interrupt(remaining, budget)
                     continue
@@ -438,6 +460,9 @@ class MachineCore:
     def read_memory(self, address: int, size: int) -> bytes:
         return self.memory.read(address, size)
 
+    def write_memory(self, address: int, data: bytes) -> None:
+        self.memory.write(address, data)
+
     def kvm_stats(self) -> dict[str, int | tuple[int, ...]] | None:
         """The vCPU's KVM binary stats (``KVM_GET_STATS_FD``) now; None on a backend that has none (the emulator)."""
         from labkit.kvm.backend import KvmBackend
@@ -456,6 +481,100 @@ class MachineCore:
 
     def describe(self) -> dict[str, str]:
         return self.backend.describe()
+
+    # -- snapshots ------------------------------------------------------------------
+
+    def capture_state(self, memory: bool = True) -> MachineState:
+        """Everything the stopped vCPU, its memory and its devices are (:class:`labkit.snapshot.state.MachineState`).
+
+        Call between runs.  With ``memory=False`` the regions' bytes are left out (a diff
+        snapshot takes only the written pages: :meth:`written_pages_data`).  A machine with a monitor is refused: the monitor's own state (the
+        kernel's virtual CPU, translations) lives outside the VM and is not saved.
+        """
+        if self.monitor is not None:
+            raise SnapshotError(f"a machine with a monitor ({type(self.monitor).__name__}) cannot be snapshotted: "
+                                "the monitor's state lives outside the VM and is not saved")
+        devices = {}
+        for name, device in self.devices.items():
+            save = getattr(device, "save", None)
+            if save is None or not callable(getattr(device, "restore", None)):
+                if device is getattr(self.interrupts, "slave_ports", None):
+                    continue  # the slave 8259A's state is part of the "pic" device's
+                raise SnapshotError(f"device {name!r} ({type(device).__name__}) has no save()/restore(): "
+                                    "it cannot be snapshotted")
+            devices[name] = save()
+        guest = self.guest
+        regs = self._stop_regs if self._stop_regs is not None else self.backend.get_regs()
+        return MachineState(
+            guest=GuestImage(guest.name, guest.mode, guest.load_address, guest.entry or guest.load_address,
+                             guest.user, guest.code),
+            memory_size=self.memory.ram_size, taken_on={"backend": self.origin.backend, "flavour": self.origin.flavour,
+                                                        "unicorn": self.origin.unicorn, "labkit": self.origin.labkit},
+            regs=regs, sregs=self.backend.get_sregs(), msrs=self.backend.get_msrs(SAVED_MSRS),
+            fpu=self.backend.get_fpu(), debug=self.backend.get_debug_regs(), devices=devices,
+            regions=tuple(Region(address, len(view), read_only, bytes(view) if memory else b"")
+                          for address, view, read_only in self.backend.regions()),
+            status=self.status,
+            halted_waiting=self._halted_waiting,
+            pending_interrupt=self._carried_vector if self._carried_vector is not None
+            else self.backend.pending_interrupt())
+
+    def restore_state(self, state: MachineState) -> None:
+        """Make this (new, not yet run) machine the one ``state`` was captured from: memory, vCPU, devices.
+
+        The next :meth:`run` continues the guest where the captured one stopped.
+        """
+        if self.status is not None:
+            raise SnapshotError("restore into a machine that has not run yet (create a new one)")
+        ours = [(address, len(view), read_only) for address, view, read_only in self.backend.regions()]
+        if not state.has_memory:
+            raise SnapshotError("this state has no memory (a diff snapshot's): restore its full state")
+        theirs = state.layout()
+        for address, size, read_only in theirs[len(ours):]:
+            self.backend.add_memory_region(address, size, read_only=read_only)
+        if [(a, n, r) for a, n, r in theirs[:len(ours)]] != ours:
+            raise SnapshotError(f"the snapshot's memory layout {theirs} does not fit this machine's {ours}")
+        missing = sorted(set(state.devices) - set(self.devices))
+        if missing:
+            raise SnapshotError(f"the snapshot has state for devices this machine lacks: {', '.join(missing)} "
+                                "(give the same DeviceSpecs as the machine it was taken of)")
+        for (_, view, _), region in zip(self.backend.regions(), state.regions):
+            view[:] = region.data
+        self.backend.set_sregs(state.sregs)
+        self.backend.set_msrs(state.msrs)
+        self.backend.set_regs(state.regs)
+        self.backend.set_fpu(state.fpu)
+        self.backend.set_debug_regs(state.debug)
+        for name, device_state in state.devices.items():
+            try:
+                self.devices[name].restore(device_state)
+            except (KeyError, TypeError, ValueError) as error:
+                raise SnapshotError(f"device {name!r} cannot take the snapshot's state: {error}") from None
+        if state.status is not None and not isinstance(state.status, Status):
+            raise SnapshotError(f"the snapshot's run status is a {type(state.status).__name__}, not a Status")
+        if state.status is not None and not state.status.kind.resumable:
+            self.status = state.status  # a finished guest stays finished
+        self._halted_waiting = state.halted_waiting
+        self._carried_vector = state.pending_interrupt
+
+    def start_page_tracking(self) -> None:
+        """Count the pages written from now on: by the guest (the backend's dirty log) and by the host."""
+        self.backend.dirty_log_start()
+        self.backend.dirty_log_fetch()
+        self.memory.track_writes(True)
+
+    def take_written_pages(self) -> list[int]:
+        """Pages written since tracking started or the last take (the guest's and the host's), sorted."""
+        return sorted(set(self.backend.dirty_log_fetch()) | self.memory.take_written())
+
+    def written_pages_data(self) -> PageDiff:
+        """The pages written since tracking started or the last take, with their bytes now."""
+        pages = self.take_written_pages()
+        return PageDiff(tuple(pages), b"".join(self.memory.read(page << 12, 4096) for page in pages))
+
+    def stop_page_tracking(self) -> None:
+        self.memory.track_writes(False)
+        self.backend.dirty_log_stop()
 
     def close(self) -> None:
         if self.pit is not None:

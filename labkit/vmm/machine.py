@@ -24,7 +24,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from labkit.backend import choose_backend
-from labkit.errors import ConfigError, DeviceError
+from labkit.errors import ConfigError, DeviceError, SnapshotError
 from labkit.trace import ExitRecord, ExitTrace
 from labkit.vmm.core import LegacyDeviceSpec, MachineCore
 from labkit.vmm.devices.spec import DeviceSpec
@@ -35,6 +35,7 @@ from labkit.x86.state import Regs, SRegs
 
 if TYPE_CHECKING:  # imported where used: guest pulls in the assembler, forwarding the trap stubs
     from labkit.guest import Guest
+    from labkit.snapshot import Snapshot
     from labkit.vmm.forwarding import Monitor
 
 MAX_TIMEOUT_S = 3600.0
@@ -78,6 +79,7 @@ class Machine:
         self.backend_reason = choice.reason
         self.isolated = (choice.name == "emu") if isolate is None else bool(isolate)
         self._last: RunResult | None = None
+        self._latest_snapshot: bytes | None = None
         devices = tuple(devices)
         if self.isolated:
             for spec in devices:
@@ -184,6 +186,65 @@ class Machine:
         elif self._worker is not None:
             self._worker.poke("request_pause")
 
+    # --- snapshots ------------------------------------------------------------------------------
+
+    def snapshot(self, parent: Snapshot | None = None) -> Snapshot:
+        """The VM's whole state now (between runs, after any step, or after a pause) as a :class:`labkit.Snapshot`.
+
+        Without ``parent``: a full snapshot (registers, MSRs, FPU, memory, devices).  With
+        ``parent`` (this machine's previous snapshot): a diff holding only the pages the guest
+        or the host wrote since that one, from KVM's dirty log or the emulator's write
+        tracking.  Every snapshot starts counting written pages afresh, so the next one can be a diff;
+        :meth:`stop_page_tracking` ends that (on the emulator it costs the guest a fault per page
+        first written after each snapshot).
+        """
+        from labkit.snapshot import Snapshot
+
+        if parent is not None:
+            if self._latest_snapshot is None or parent.id != self._latest_snapshot:
+                raise SnapshotError("a diff snapshot's parent must be this machine's latest snapshot "
+                                    "(the written pages are counted from that one)")
+            state = self._call("capture_state", False)
+            diff = self._call("written_pages_data")
+            snapshot = Snapshot(state, parent=parent, diff=diff)
+        else:
+            state = self._call("capture_state", True)
+            self._call("start_page_tracking")
+            snapshot = Snapshot(state)
+        self._latest_snapshot = snapshot.id
+        return snapshot
+
+    def stop_page_tracking(self) -> None:
+        """Stop counting written pages (the next snapshot must be a full one)."""
+        self._call("stop_page_tracking")
+        self._latest_snapshot = None
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Snapshot, backend: str = "auto", *, isolate: bool | None = None,
+                      devices: Sequence[DeviceSpec] = (), trace_limit: int | None = None) -> Machine:
+        """A new machine that continues where ``snapshot`` was taken, on ``backend`` (either backend).
+
+        ``devices`` must be the same :class:`DeviceSpec` list the snapshotted machine had
+        (their state is restored by name).  The trace starts empty; the console holds what
+        the guest had written before the snapshot.
+        """
+        machine = cls(snapshot.guest(), backend, snapshot.state.memory_size, isolate=isolate, devices=devices,
+                      trace_limit=trace_limit)
+        try:
+            machine.restore(snapshot)
+        except BaseException:
+            machine.close()
+            raise
+        return machine
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Make this machine, which has not run yet, continue where ``snapshot`` was taken.
+
+        :meth:`from_snapshot` creates the machine and calls this; a live migration creates the
+        target machine first and restores into it once the source has stopped.
+        """
+        self._call("restore_state", snapshot.state)
+
     def device_state(self, name: str) -> Any:
         """The named device's saved state (its ``save()``: plain data), read where the device lives."""
         return self._call("device_state", name)
@@ -218,6 +279,16 @@ class Machine:
     def read_memory(self, address: int, size: int) -> bytes:
         """A copy of ``size`` bytes of guest RAM at guest-physical ``address``."""
         return self._call("read_memory", address, size)
+
+    def write_memory(self, address: int, data: bytes) -> None:
+        """Store ``data`` in guest RAM at guest-physical ``address`` (before a run: a guest's parameters).
+
+        Bounds-checked by :class:`labkit.memory.GuestMemory` (a range outside guest memory raises
+        :class:`labkit.errors.GuestMemoryError`); the host's write is not in the dirty log.
+        """
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ConfigError(f"write_memory takes bytes, not {type(data).__name__}")
+        self._call("write_memory", address, bytes(data))
 
     def kvm_stats(self) -> dict[str, int | tuple[int, ...]] | None:
         """The vCPU's KVM statistics now (``KVM_GET_STATS_FD``: ``exits``, ``insn_emulation``, ...), counted since

@@ -102,3 +102,36 @@ class SRegs:
     def cpl(self) -> int:
         """The current privilege level: the DPL of SS (Intel SDM vol. 3, 5.5)."""
         return self.ss.dpl
+
+
+@dataclass(frozen=True, slots=True)
+class FpuState:
+    """x87 and SSE state, as FXSAVE stores it (Intel SDM vol. 1, 10.5.1; ``struct kvm_fpu``).
+
+    ``st`` holds ST(0)..ST(7) in stack order as 80-bit values (64-bit significand,
+    then sign and exponent in the top 16 bits); ``ftw`` is FXSAVE's abridged tag byte
+    (bit i set: physical register i holds a value); ``xmm`` holds XMM0..XMM15 as
+    128-bit integers.
+    """
+
+    fcw: int = 0x37F
+    fsw: int = 0
+    ftw: int = 0
+    fop: int = 0
+    fip: int = 0
+    fdp: int = 0
+    mxcsr: int = 0x1F80
+    st: tuple[int, ...] = (0,) * 8
+    xmm: tuple[int, ...] = (0,) * 16
+
+
+@dataclass(frozen=True, slots=True)
+class DebugRegs:
+    """DR0-DR3, DR6 and DR7 (``struct kvm_debugregs``; Intel SDM vol. 3, 18.2)."""
+
+    dr0: int = 0
+    dr1: int = 0
+    dr2: int = 0
+    dr3: int = 0
+    dr6: int = 0xFFFF0FF0
+    dr7: int = 0x400

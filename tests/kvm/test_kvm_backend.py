@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -21,7 +22,7 @@ from labkit.kvm import KvmBackend
 from labkit.kvm import bindings as kb
 from labkit.kvm.system import Kvm, kvm_flavour, probe
 from labkit.x86 import layout
-from labkit.x86.state import Regs
+from labkit.x86.state import DebugRegs, Regs
 
 pytestmark = pytest.mark.kvm
 
@@ -249,10 +250,13 @@ def test_regs_sregs_msrs_fpu_round_trip(backend):
     assert backend.get_msrs([0xC0000102]) == {0xC0000102: 0x1234_5000}
     with pytest.raises(KvmError, match="MSR 0xdeadbeef"):
         backend.get_msrs([0xDEADBEEF])
-    fpu = backend.get_fpu()
-    fpu.fcw = 0x27F
+    fpu = dataclasses.replace(backend.get_fpu(), fcw=0x27F, mxcsr=0x1FA0, st=(1 << 79 | 0x3FFF << 64,) + (0,) * 7,
+                              xmm=tuple(range(1 << 100, (1 << 100) + 16)))
     backend.set_fpu(fpu)
-    assert backend.get_fpu().fcw == 0x27F
+    assert backend.get_fpu() == fpu
+    debug = DebugRegs(dr0=0x1000, dr3=0x7000, dr7=0x401)
+    backend.set_debug_regs(debug)
+    assert backend.get_debug_regs() == debug
 
 
 def test_without_sync_regs_rip_comes_from_kvm_get_regs(backend):

@@ -25,7 +25,7 @@ STRUCTS = [
     kb.kvm_regs, kb.kvm_segment, kb.kvm_dtable, kb.kvm_sregs, kb.kvm_fpu, kb.kvm_msr_entry,
     kb.kvm_msrs, kb.kvm_cpuid_entry2, kb.kvm_cpuid2, kb.kvm_debug_exit_arch, kb.kvm_vcpu_events,
     kb.kvm_sync_regs, kb.kvm_userspace_memory_region, kb.kvm_dirty_log, kb.kvm_interrupt, kb.kvm_enable_cap,
-    kb.kvm_signal_mask, kb.kvm_stats_header, kb.kvm_stats_desc, kb.kvm_run,
+    kb.kvm_signal_mask, kb.kvm_debugregs, kb.kvm_xsave, kb.kvm_stats_header, kb.kvm_stats_desc, kb.kvm_run,
 ]
 
 IOCTLS = [
@@ -34,7 +34,8 @@ IOCTLS = [
     "KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR", "KVM_ENABLE_CAP", "KVM_GET_STATS_FD", "KVM_RUN",
     "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_INTERRUPT", "KVM_GET_MSRS", "KVM_SET_MSRS",
     "KVM_SET_SIGNAL_MASK", "KVM_GET_FPU", "KVM_SET_FPU", "KVM_SET_CPUID2", "KVM_GET_CPUID2",
-    "KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS",
+    "KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS", "KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS",
+    "KVM_GET_XSAVE", "KVM_SET_XSAVE",
 ]
 
 CONSTANTS = [

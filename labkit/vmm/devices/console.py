@@ -21,7 +21,7 @@ class Console:
         else:
             self.dropped += 1
 
-    def extend(self, data: bytes) -> None:
+    def extend(self, data: bytes | memoryview) -> None:
         room = self.capacity - len(self.output)
         self.output += data[:room]
         self.dropped += max(0, len(data) - room)

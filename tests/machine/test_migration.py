@@ -1,0 +1,75 @@
+"""Live migration by pre-copy: the migrated guest's output equals an unmigrated run, converging or not."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from backends import HAS_KVM
+from labkit import Machine
+from labkit.errors import ConfigError
+from labkit.migration import migrate
+
+PAIRS = [("emu", "emu")] + ([("kvm", "kvm"), ("kvm", "emu"), ("emu", "kvm")] if HAS_KVM else [])
+
+SLOW_WRITER = {"kvm": (256, 40, 20000), "emu": (256, 40, 1000)}
+"""memtouch64's (pages, passes, spin) per source backend: it rewrites its 256 pages slower than
+the modelled link copies them, so the dirty set shrinks below ``stop_pages``."""
+FAST_WRITER = {"kvm": ((256, 100000, 0), 20e6), "emu": ((256, 8000, 0), 5e6)}
+"""memtouch64's parameters and the link's bandwidth: it rewrites every page faster than a round
+copies them, so pre-copy does not converge (and it outlasts five rounds)."""
+
+
+def memtouch(backend: str, pages: int, passes: int, spin: int) -> Machine:
+    machine = Machine("memtouch64", backend=backend)
+    machine.write_memory(0x80000, struct.pack("<QQQ", pages, passes, spin))
+    return machine
+
+
+def unmigrated(backend: str, parameters: tuple[int, int, int]):
+    with memtouch(backend, *parameters) as machine:
+        return machine.run(timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("source", "target"), PAIRS, ids=[f"{a}-to-{b}" for a, b in PAIRS])
+def test_a_converging_migration_gives_the_output_of_an_unmigrated_run(source, target):
+    parameters = SLOW_WRITER[source]
+    expected = unmigrated(target, parameters)
+    with memtouch(source, *parameters) as machine:
+        migration = migrate(machine, target, bandwidth=100e6, stop_pages=64)
+    with migration.target as moved:
+        result = moved.run(timeout=60)
+    assert migration.converged and not migration.finished_on_source, migration.reason
+    assert migration.rounds[0].pages == 512 and migration.stop_copy_pages <= 64
+    assert migration.total_bytes == 4096 * (sum(r.pages for r in migration.rounds) + migration.stop_copy_pages)
+    assert (migration.source, migration.destination) == (source, target)
+    assert result.console == expected.console and result.status.code == 0
+    assert result.regs.gprs() == expected.regs.gprs()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [pair[0] for pair in PAIRS if pair[0] == pair[1]])
+def test_a_guest_that_dirties_faster_than_the_copy_does_not_converge_and_the_round_limit_ends_it(backend):
+    parameters, bandwidth = FAST_WRITER[backend]
+    expected = unmigrated(backend, parameters)
+    with memtouch(backend, *parameters) as machine:
+        migration = migrate(machine, backend, bandwidth=bandwidth, max_rounds=5, stop_pages=64)
+    with migration.target as moved:
+        result = moved.run(timeout=60)
+    assert not migration.converged and migration.reason == "reached the round limit (5)"
+    assert len(migration.rounds) == 5 and all(r.pages > 64 for r in migration.rounds[1:])
+    assert migration.stop_copy_pages > 64 and migration.downtime_link_s == migration.stop_copy_pages * 4096 / bandwidth
+    assert result.console == expected.console and result.regs.gprs() == expected.regs.gprs()
+
+
+def test_bad_arguments_and_a_finished_guest_are_refused(backend_name):
+    with Machine("hello64", backend=backend_name) as machine:
+        with pytest.raises(ConfigError, match="bandwidth"):
+            migrate(machine, backend_name, bandwidth=0)
+        with pytest.raises(ConfigError, match="max_rounds"):
+            migrate(machine, backend_name, max_rounds=0)
+        machine.run()
+        with pytest.raises(ConfigError, match="nothing left to migrate"):
+            migrate(machine, backend_name)
