@@ -27,10 +27,11 @@ in the privileged state::
     ring 0 altered  CS = KERNEL_CS, IF = 0    the same other state
     ring 3 umip     CS = USER_CS (DPL 3)      labkit's, with CR4.UMIP (bit 11) set
                                               (only with ``umip=True``)
-    ring 0 again,   as ring 0 and ring 3      the same: a second run (:data:`REPEAT`)
+    ring 0 again,   as ring 0 and ring 3      the same: a second run
     ring 3 again
     ring 0/3        as ring 0 and ring 3      a second GDT layout: every descriptor
-      relocated                               under another selector (guest.relocated_gdt)
+      relocated                               under another selector (guest.relocated_gdt);
+                                              only where ring 0 and ring 3 differ
     ring 3 without  as ring 3, ``nop`` in     the same (only where KVM counts emulated
       it            the instruction's place   instructions)
 
@@ -101,11 +102,11 @@ from labkit.classify.guest import RUN_RSP, RUNS, SCRATCH, SCRATCH_SIZE, guest_so
 from labkit.classify.rules import (BOTH_FAULT, HOST_DEPENDENT, INNOCUOUS, NONDETERMINISTIC, PRIVILEGED, SENSITIVE,
                                    UNDETERMINED, VERDICTS, Classification, HostEvidence, HostInfluence, Outcome,
                                    RingRun, RingTables, Verdict, decide, host_evidence)
-from labkit.classify.runner import REPEAT, TIMEOUT_S, classify, ring3_tables
+from labkit.classify.runner import TIMEOUT_S, classify, ring3_tables
 from labkit.classify.robin_irvine import PAPER_COUNT, PAPER_VERDICT, ROBIN_IRVINE, Experiment, robin_irvine_table
 
 __all__ = ["BOTH_FAULT", "HOST_DEPENDENT", "INNOCUOUS", "NONDETERMINISTIC", "PRIVILEGED", "SENSITIVE", "UNDETERMINED",
-           "VERDICTS", "PAPER_COUNT", "PAPER_VERDICT", "REPEAT", "ROBIN_IRVINE", "RUNS", "RUN_RSP", "SCRATCH", "SCRATCH_SIZE",
+           "VERDICTS", "PAPER_COUNT", "PAPER_VERDICT", "ROBIN_IRVINE", "RUNS", "RUN_RSP", "SCRATCH", "SCRATCH_SIZE",
            "TIMEOUT_S", "Classification", "Experiment", "HostEvidence", "HostInfluence", "Outcome", "RingRun",
            "RingTables", "Verdict", "classify", "decide", "guest_source", "host_evidence", "ring3_tables",
            "robin_irvine_table"]

@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 
 TIMEOUT_S = 2.0
 """Seconds each run may take before it is stopped and reported as a hang."""
-REPEAT = 2
-"""How many times ring 0 and ring 3 each run the instruction: results that differ between them are noise."""
 
 
 def classify(instruction: str, *, backend: str = "auto", mode: int = 64, setup: str = "",
@@ -42,12 +40,13 @@ def classify(instruction: str, *, backend: str = "auto", mode: int = 64, setup: 
     the assembler's message when the text does not assemble; an instruction
     that hangs is stopped after ``timeout`` seconds and reported as such.
 
-    Ring 0 and ring 3 each run twice (:data:`REPEAT`): a result that differs
-    between the two is noise, and the verdict is ``nondeterministic``.  When
-    ring 3 gets to an answer, three more runs look for results that came from
-    the host (:func:`labkit.classify.rules.host_evidence`): ring 0 and ring 3
-    under a second GDT layout, and (where KVM counts emulated instructions)
-    ring 3 with ``nop`` in the instruction's place.
+    Ring 0 and ring 3 each run twice: a result that differs between the two
+    is noise, and the verdict is ``nondeterministic``.  When ring 3 gets to an
+    answer, up to three more runs look for results that came from the host
+    (:func:`labkit.classify.rules.host_evidence`): ring 0 and ring 3 under a
+    second GDT layout (where the rings differ), and (where KVM counts emulated
+    instructions) ring 3 with ``nop`` in the instruction's place, once per
+    setup.
     """
     from labkit.backend import choose_backend
     from labkit.x86.disasm import disassemble
@@ -70,9 +69,8 @@ def classify(instruction: str, *, backend: str = "auto", mode: int = 64, setup: 
         return ring_run
 
     runs = {name: run(name) for name in ("ring 3", "ring 0")}
-    if REPEAT > 1:
-        for ring in ("ring 3", "ring 0"):
-            runs[AGAIN[ring]] = run(AGAIN[ring], ring)
+    for ring in ("ring 3", "ring 0"):
+        runs[AGAIN[ring]] = run(AGAIN[ring], ring)
     answered = runs["ring 3"].outcome in (Outcome.COMPLETED, Outcome.ENTERED)
     if answered:
         for name in ("ring 3 altered", "ring 0 altered"):
