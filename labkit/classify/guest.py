@@ -1,7 +1,17 @@
 """The classifier's guest: one program whose entry points run the instruction in each ring and state.
 
 See :mod:`labkit.classify` for the runs; the template below is assembled once
-per (instruction, setup, mode) with GNU as.
+per (instruction, setup, mode, layout) with GNU as.
+
+Two GDT layouts.  ``relocated=False`` is labkit's own GDT.  ``relocated=True``
+assembles the same program for a second layout (:func:`relocated_gdt`): every
+code and data descriptor is copied :data:`RELOCATION` bytes higher, the ring-0
+and ring-3 entries load that table first, and every selector name the program
+and the setup use (``KERNEL_DS``, ``USER_CS32``, ...) means the copy.  A result
+that comes from the guest's GDT follows the layout (a selector read in ring 0
+changes from 0x8 to 0x50); one that comes from anywhere else does not.  The
+original descriptors stay where they were, since labkit's IDT gates and TSS
+name them.
 """
 
 from __future__ import annotations
@@ -29,6 +39,9 @@ ALT_TSS_SELECTOR = 0x60
 ALT_GDT_LIMIT = 0x6F
 PUSHED_MAX = 64
 ENTRY_STRIDE = 8
+RELOCATION = 0x48
+"""How far the relocated layout moves each selector: descriptors 1-7 are copied to 10-16 (after the TSS)."""
+RELOCATED_DESCRIPTORS = range(1, 8)
 
 _TEMPLATE = """\
 .set KERNEL_CS64, {kernel_cs64:#x}
@@ -51,11 +64,11 @@ _TEMPLATE = """\
     jmp umip                        # entry + 32
     .balign 8
     .quad target, instruction, after   # where the parts start (read by labkit.classify)
-ring0:
+ring0:{relocate}
     mov eax, {ring0_cs}
     mov ebx, KERNEL_DS
     jmp enter
-ring3:
+ring3:{relocate}
     mov eax, {ring3_cs}
     mov ebx, USER_DS
     jmp enter
@@ -135,6 +148,13 @@ alt_idtr:
     .balign 16
 alt_gdt:
     .byte {alt_gdt_bytes}
+    .balign 8
+relocated_gdtr:
+    .word {relocated_gdt_limit:#x}
+    .quad relocated_gdt
+    .balign 16
+relocated_gdt:
+    .byte {relocated_gdt_bytes}
 .code{bits}
 target:
 {setup}
@@ -158,14 +178,33 @@ def altered_gdt() -> bytes:
     return table
 
 
-def guest_source(instruction: str, setup: str = "", mode: int = 64) -> str:
+@lru_cache(maxsize=1)
+def relocated_gdt() -> bytes:
+    """labkit's GDT followed by copies of its code and data descriptors: selector ``s`` is also ``s + RELOCATION``."""
+    table = build_gdt()
+    copies = b"".join(table[8 * index:8 * index + 8] for index in RELOCATED_DESCRIPTORS)
+    if len(table) != 8 * RELOCATED_DESCRIPTORS.start + RELOCATION:
+        raise LabkitError(f"labkit's GDT is {len(table)} bytes: the relocated copies would not start after it")
+    return table + copies
+
+
+def relocate(selector: int) -> int:
+    """The relocated layout's selector for labkit's ``selector`` (its RPL kept)."""
+    return selector + RELOCATION if (selector >> 3) in RELOCATED_DESCRIPTORS else selector
+
+
+def guest_source(instruction: str, setup: str = "", mode: int = 64, *, relocated: bool = False) -> str:
     """The classifier guest's source for ``instruction`` (see the module docstring)."""
+    moved = relocate if relocated else (lambda selector: selector)
     ring0_cs, ring3_cs = ((layout.KERNEL_CS64, layout.USER_CS64) if mode == 64
                           else (layout.KERNEL_CS32, layout.USER_CS32))
     return _TEMPLATE.format(
-        kernel_cs64=layout.KERNEL_CS64, kernel_cs32=layout.KERNEL_CS32, kernel_ds=layout.KERNEL_DS,
-        user_cs32=layout.USER_CS32, user_cs64=layout.USER_CS64, user_ds=layout.USER_DS,
-        run_rsp=RUN_RSP, scratch=SCRATCH, ring0_cs=ring0_cs, ring3_cs=ring3_cs,
+        kernel_cs64=moved(layout.KERNEL_CS64), kernel_cs32=moved(layout.KERNEL_CS32),
+        kernel_ds=moved(layout.KERNEL_DS), user_cs32=moved(layout.USER_CS32), user_cs64=moved(layout.USER_CS64),
+        user_ds=moved(layout.USER_DS), run_rsp=RUN_RSP, scratch=SCRATCH, ring0_cs=moved(ring0_cs),
+        ring3_cs=moved(ring3_cs), relocate="\n    lgdt [rip + relocated_gdtr]" if relocated else "",
+        relocated_gdt_limit=len(relocated_gdt()) - 1,
+        relocated_gdt_bytes=", ".join(f"{b:#x}" for b in relocated_gdt()),
         alt_ldt_selector=ALT_LDT_SELECTOR, alt_tss_selector=ALT_TSS_SELECTOR,
         idt=layout.IDT_ADDRESS, alt_idt=ALT_IDT, umip_cpuid=UMIP_CPUID,
         alt_gdt_limit=ALT_GDT_LIMIT, alt_gdt_bytes=", ".join(f"{b:#x}" for b in altered_gdt()),
@@ -179,13 +218,13 @@ def _indent(text: str) -> str:
 
 
 @lru_cache(maxsize=256)
-def assemble_guest(instruction: str, setup: str, mode: int) -> tuple[bytes, int, int, int]:
+def assemble_guest(instruction: str, setup: str, mode: int, relocated: bool = False) -> tuple[bytes, int, int, int]:
     """The guest's code and the addresses of target (setup), instruction and after (the ud2)."""
     from labkit.assembler import assemble
     from labkit.errors import AssemblyError
 
     try:
-        code = assemble(guest_source(instruction, setup, mode), 64)
+        code = assemble(guest_source(instruction, setup, mode, relocated=relocated), 64)
     except AssemblyError as error:
         raise AssemblyError(f"cannot assemble {instruction!r} for {mode}-bit code"
                             f"{' with its setup' if setup.strip() else ''}: {error}") from None

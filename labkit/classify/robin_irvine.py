@@ -1,8 +1,23 @@
 """Robin and Irvine's list (USENIX Security 2000): the x86 instructions that are sensitive but unprivileged.
 
-One :class:`Experiment` per name on their list (MOV counted once, as a read of
-CS), with the setup it needs; :func:`robin_irvine_table` classifies each one by
-running it.  The paper's verdict is the only thing typed in.
+Their analysis of the Pentium names these mnemonics in two groups:
+
+- sensitive register instructions: SGDT, SIDT, SLDT, SMSW, PUSHF, POPF;
+- protection system references: LAR, LSL, VERR, VERW, POP, PUSH, CALL, JMP,
+  INT n, RET, STR, MOV.
+
+That is eighteen names (:data:`ROBIN_IRVINE` has one row per name, in this
+order but for STR, listed with the other stores of system registers).  The
+paper's own total, as it is usually quoted, is seventeen; labkit does not
+carry the paper's text, so it does not say how the paper counts to seventeen,
+and keeps every name the groups list.  Several names stand for more than one
+form: MOV is run once, as a read of CS (a read of any segment register is the
+same case, see :data:`labkit.x86.instructions.SENSITIVE`), PUSH and POP as
+``push cs`` and ``pop ss``.
+
+One :class:`Experiment` per name, with the setup it needs;
+:func:`robin_irvine_table` classifies each one by running it.  The paper's
+verdict is the only thing typed in.
 """
 
 from __future__ import annotations
@@ -26,6 +41,9 @@ class Experiment:
     """What the setup arranges, in a few words."""
 
 
+PAPER_COUNT = 17
+"""The total the paper's list is usually quoted with (its groups name :data:`ROBIN_IRVINE`'s eighteen)."""
+
 PAPER_VERDICT = Verdict.SENSITIVE
 """Robin & Irvine (2000), section 4.3: every instruction on their list is sensitive and unprivileged (it
 does not trap in user mode).  The only typed-in verdict here: the reference the measured ones are compared with."""
@@ -34,7 +52,8 @@ ROBIN_IRVINE = (
     Experiment("SGDT", "sgdt [scratch]", umip=True, why="stores GDTR; the altered run moves the GDT"),
     Experiment("SIDT", "sidt [scratch]", umip=True, why="stores IDTR; the altered run moves the IDT"),
     Experiment("SLDT", "sldt eax", umip=True, why="stores LDTR; the altered run loads an LDT"),
-    Experiment("SMSW", "smsw eax", umip=True, why="stores CR0[15:0]; the altered run sets CR0.TS"),
+    Experiment("SMSW", "smsw eax", umip=True,
+               why="stores CR0 (in 64-bit mode, into a 32-bit register: CR0[31:0]); the altered run sets CR0.TS"),
     Experiment("PUSHF", "pushfq", why="pushes RFLAGS; the altered run enters ring 3 with IF = 0"),
     Experiment("POPF", "popfq", setup="pushfq\nxor qword ptr [rsp], 0x200",
                why="pops RFLAGS with IF toggled: ring 3 may not change IF"),

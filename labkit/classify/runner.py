@@ -8,16 +8,19 @@ turns each run's result into a :class:`RingRun` and lets
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from labkit.classify.guest import (ENTRY_STRIDE, PUSHED_MAX, RUN_RSP, RUNS, SCRATCH, SCRATCH_SIZE, UMIP_CPUID,
                                    assemble_guest)
-from labkit.classify.rules import Classification, Outcome, RingRun, decide, umip_effect
+from labkit.classify.rules import (AGAIN, RELOCATED, WITHOUT, Classification, Outcome, RingRun, RingTables, decide,
+                                   host_evidence, umip_effect)
 from labkit.errors import ConfigError, LabkitError
 from labkit.exits import ExitReason
 from labkit.vmm.status import Origin, RunResult, StatusKind
 from labkit.x86 import layout
-from labkit.x86.arch import CR4_UMIP, ERROR_CODE_VECTORS, RFLAGS_RF, Vector
+from labkit.x86.arch import CR4_UMIP, ERROR_CODE_VECTORS, RFLAGS_RF, RFLAGS_ZF, Vector
 from labkit.x86.state import GPR_NAMES
 
 if TYPE_CHECKING:
@@ -36,8 +39,18 @@ def classify(instruction: str, *, backend: str = "auto", mode: int = 64, setup: 
     ring-3 run with CR4.UMIP set.  Raises :class:`labkit.AssemblyError` with
     the assembler's message when the text does not assemble; an instruction
     that hangs is stopped after ``timeout`` seconds and reported as such.
+
+    Ring 0 and ring 3 each run twice: a result that differs between the two
+    is noise, and the verdict is ``nondeterministic``.  When ring 3 gets to an
+    answer, up to three more runs look for results that came from the host
+    (:func:`labkit.classify.rules.host_evidence`): ring 0 and ring 3 under a
+    second GDT layout (where the rings differ), and (where KVM counts emulated
+    instructions) ring 3 with ``nop`` in the instruction's place, once per
+    setup.
     """
     from labkit.backend import choose_backend
+    from labkit.x86.disasm import disassemble
+    from labkit.x86.instructions import READS_DESCRIPTOR_TABLES
 
     if not isinstance(instruction, str) or not instruction.strip():
         raise ConfigError(f"give the instruction as assembly text, such as 'sgdt [scratch]', not {instruction!r}")
@@ -50,24 +63,86 @@ def classify(instruction: str, *, backend: str = "auto", mode: int = 64, setup: 
     code, target, start, after = assemble_guest(instruction, setup, mode)
     origins: list[Origin | None] = []
 
-    def run(name: str) -> RingRun:
-        ring_run, origin = _run(code, name, choice.name, target, start, after, timeout)
+    def run(name: str, entry: str | None = None, guest: tuple[bytes, int, int, int] | None = None) -> RingRun:
+        ring_run, origin = _run(guest or (code, target, start, after), name, entry or name, choice.name, timeout)
         origins.append(origin)
         return ring_run
 
     runs = {name: run(name) for name in ("ring 3", "ring 0")}
-    if runs["ring 3"].outcome in (Outcome.COMPLETED, Outcome.ENTERED):
+    for ring in ("ring 3", "ring 0"):
+        runs[AGAIN[ring]] = run(AGAIN[ring], ring)
+    answered = runs["ring 3"].outcome in (Outcome.COMPLETED, Outcome.ENTERED)
+    if answered:
         for name in ("ring 3 altered", "ring 0 altered"):
             runs[name] = run(name)
     umip_text = ""
     if umip:
         runs["ring 3 umip"] = run("ring 3 umip")
         umip_text = umip_effect(runs["ring 3 umip"], runs["ring 3"])
+    tables = None
+    if answered:
+        ring0 = runs["ring 0"]
+        if ring0.outcome in (Outcome.COMPLETED, Outcome.ENTERED) and differs(ring0, runs["ring 3"]):
+            # Only a result that differs between the rings can be the host's selector: look at the layouts.
+            relocated = assemble_guest(instruction, setup, mode, True)
+            for ring, name in RELOCATED.items():
+                runs[name] = run(name, ring, relocated)
+        if runs["ring 3"].emulated is not None:
+            runs[WITHOUT] = run_without(choice.name, setup, mode, timeout)
+        decoded = disassemble(code[start - layout.LOAD_ADDRESS:after - layout.LOAD_ADDRESS], start, mode, count=1)
+        if decoded and decoded[0][2].split(" ")[0] in READS_DESCRIPTOR_TABLES:
+            tables = ring3_tables(choice.name)
     flavour = _flavour(choice.name, origins[0])
-    verdict, reason, differences, notes = decide(runs, choice.name, flavour)
-    ordered = tuple(runs[name] for name in RUNS if name in runs)
+    host = host_evidence(runs, tables, reads_tables=tables is not None)
+    verdict, reason, differences, notes = decide(runs, choice.name, flavour, host)
+    order = [*RUNS, AGAIN["ring 0"], AGAIN["ring 3"], RELOCATED["ring 0"], RELOCATED["ring 3"], WITHOUT]
+    ordered = tuple(runs[name] for name in order if name in runs)
     return Classification(instruction, setup, mode, choice.name, flavour, verdict, reason, ordered,
-                          tuple(differences), tuple(notes), umip_text)
+                          tuple(differences), tuple(notes), umip_text, host)
+
+
+@lru_cache(maxsize=64)
+def run_without(backend: str, setup: str, mode: int, timeout: float) -> RingRun:
+    """Ring 3 with ``nop`` for the instruction (:data:`~labkit.classify.rules.WITHOUT`): the same for every
+    instruction with this setup, so it runs once per process (KVM's count of it does not change: measured)."""
+    return _run(assemble_guest("nop", setup, mode), WITHOUT, "ring 3", backend, timeout)[0]
+
+
+def differs(a: RingRun, b: RingRun) -> bool:
+    """Whether two answered runs differ in any register, the stack or ``scratch``."""
+    return a.regs != b.regs or a.pushed != b.pushed or a.scratch != b.scratch
+
+
+@lru_cache(maxsize=4)
+def ring3_tables(backend: str) -> RingTables:
+    """Does ring 3 on ``backend`` look descriptors up in the guest's GDT?  Measured once per backend and process.
+
+    Ring 3 runs ``lar`` of its own code selector (``USER_CS64``); the answer is compared with the access
+    rights the guest's GDT holds there (Intel SDM Vol. 2A, LAR: the descriptor's second doubleword
+    masked with 0x00F0FF00), ignoring the accessed bit, which the CPU may set.
+    """
+    from labkit.x86.gdt import build_gdt
+
+    selector = layout.USER_CS64
+    guest = assemble_guest("lar eax, ecx", f"mov ecx, {selector:#x}", 64)
+    ring3, _ = _run(guest, "ring 3", "ring 3", backend, TIMEOUT_S)
+    descriptor = struct.unpack_from("<I", build_gdt(), (selector & ~7) + 4)[0]
+    expected = descriptor & 0x00F0FF00
+    rax, rflags = ring3.reg("rax"), ring3.reg("rflags")
+    if ring3.outcome is not Outcome.COMPLETED or rax is None or rflags is None:
+        return RingTables(backend, True, f"the probe did not complete ({ring3.describe()}): nothing seen")
+    found = rflags & RFLAGS_ZF != 0
+    seen = f"{rax:#x}" if found else "no descriptor (ZF = 0)"
+    if found and (rax ^ expected) & ~ACCESSED_BIT == 0:
+        return RingTables(backend, True, f"in ring 3, lar of the guest's own code selector {selector:#x} gives "
+                                         f"{seen}, the access rights of the guest's descriptor")
+    return RingTables(backend, False, f"in ring 3, lar of the guest's own code selector {selector:#x} gives {seen}, "
+                                      f"but the guest's GDT holds {expected:#x} there: ring 3 looks descriptors "
+                                      "up in another table (the host's)")
+
+
+ACCESSED_BIT = 0x100
+"""Bit 8 of LAR's result: the descriptor's accessed bit (type bit 0), set by the CPU when it loads the segment."""
 
 
 def _flavour(backend: str, origin: Origin | None) -> str | None:
@@ -83,17 +158,22 @@ def _flavour(backend: str, origin: Origin | None) -> str | None:
     return None if flavour == "unknown" else flavour
 
 
-def _run(code: bytes, run: str, backend: str, target: int, start: int, after: int,
+def _run(guest: tuple[bytes, int, int, int], run: str, entry: str, backend: str,
          timeout: float) -> tuple[RingRun, Origin | None]:
-    """One run of the classifier's guest from ``run``'s entry point: what it showed, and where it ran."""
+    """One run of the classifier's guest from ``entry``'s entry point, reported as ``run``: what it showed,
+    and where it ran."""
     from labkit.guest import Guest
     from labkit.vmm.machine import Machine  # lazy: `import labkit.classify` stays light
 
-    entry = layout.LOAD_ADDRESS + RUNS.index(run) * ENTRY_STRIDE
-    guest = Guest.from_bytes(code, mode=64, name=f"classify ({run})", entry=entry)
-    with Machine(guest, backend=backend) as machine:
+    code, target, start, after = guest
+    address = layout.LOAD_ADDRESS + RUNS.index(entry) * ENTRY_STRIDE
+    image = Guest.from_bytes(code, mode=64, name=f"classify ({run})", entry=address)
+    with Machine(image, backend=backend) as machine:
         result = machine.run(timeout=timeout)
-        return _ring_run(machine, result, run, target, start, after, timeout), result.origin
+        ring_run = _ring_run(machine, result, run, target, start, after, timeout)
+        if result.kvm_stats is not None:  # KVM's counters since the machine was made: this run's
+            ring_run = replace(ring_run, emulated=result.kvm_stats["insn_emulation"])
+        return ring_run, result.origin
 
 
 def _ring_run(machine: Machine, result: RunResult, run: str, target: int, start: int, after: int,

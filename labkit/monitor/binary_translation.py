@@ -321,7 +321,8 @@ class BinaryTranslator:
 
     def _fault(self, trap: Trap, context: GuestContext) -> None:
         """A fault raised by translated code: emulate an untranslated privileged instruction, or reflect."""
-        from labkit.monitor.vcpu import PF_USER, PRIVILEGED, has_error_code
+        from labkit.monitor.vcpu import PF_USER, has_error_code
+        from labkit.x86.instructions import InstructionClass, instruction_class
 
         cache = self._started()[0]
         guest = cache.guest_address(trap.regs.rip)
@@ -329,7 +330,8 @@ class BinaryTranslator:
             raise LabkitError(f"rip {trap.regs.rip:#x} stands for no guest instruction in the translation cache")
         trap.regs.rip = guest
         decoded = cache.decode(guest)
-        if trap.vector in (Vector.UD, Vector.GP) and decoded is not None and decoded.mnemonic in PRIVILEGED:
+        if trap.vector in (Vector.UD, Vector.GP) and decoded is not None \
+                and instruction_class(decoded.mnemonic, decoded.op_str) is not InstructionClass.INNOCUOUS:
             self._count(f"trap: {decoded.mnemonic}")
             self._emulate(guest, bytes(decoded.bytes), f"{decoded.mnemonic} {decoded.op_str}".strip(), trap, context)
             if not self._stopped:

@@ -12,18 +12,27 @@ monitor does not emulate stops the run with status ``error``
 "unemulated instruction at RIP 0x...: <instruction>", never a loop.
 
 Why x86 broke this (Popek and Goldberg, 1974): some sensitive instructions
-do not trap in ring 3.  ``pushf`` shows the real IF (1), not the virtual one;
-``popf`` silently keeps IF as it is; ``sgdt``/``sidt``/``smsw`` show the
-monitor's GDT, IDT and CR0.  The monitor never sees them, so the kernel
-observes the difference: :func:`run_deprivileged` next to a native run of
-the same binary shows it line by line (:func:`compare_consoles`).
+(:data:`labkit.x86.instructions.SENSITIVE`) do not trap in ring 3.  ``pushf``
+shows the real IF (1), not the virtual one; ``popf`` silently keeps IF as it
+is; ``sgdt``/``sidt``/``smsw`` show the monitor's GDT, IDT and CR0.  The
+monitor never sees them, so the kernel observes the difference:
+:func:`run_deprivileged` next to a native run of the same binary shows it
+line by line (:func:`compare_consoles`).
+
+What the monitor does not virtualize: memory.  A ``mov cr3`` only sets the
+virtual CPU's CR3; nothing shadows the kernel's page tables, and the kernel
+keeps running on labkit's identity map whatever it loads (shadow page tables,
+which would, are a later lesson).  The shipped kernel reloads the CR3 it
+found, so its console does not show this.
 
 Backends: the monitor runs the same on the emulator and on KVM.  Measured
 on this project's PVM host (``kvm_pvm``): ring-3 ``cli``, ``hlt``, ``mov crN``,
 ``lgdt``, ``in``/``out`` and ``iretq`` to ring 0 raise #GP as on VT-x/AMD-V,
 and ring-3 ``int n`` raises #UD (PVM's instruction emulator cannot do it),
 which the monitor decodes and reflects all the same: the kernel's console is
-identical on both backends.  A KVM host that turned ring-3 port I/O into a
+identical on both backends.  Each trap is a round trip through the host: on
+KVM, :attr:`TrapEmulateReport.kvm` counts the VM exits KVM handled itself
+during the run (its binary stats), next to the exits that reached labkit.  A KVM host that turned ring-3 port I/O into a
 triple fault instead of a #GP would hide it from the monitor; the run then
 ends with status ``shutdown`` and :func:`run_deprivileged` says why in the
 report's ``explanation``.
@@ -42,8 +51,8 @@ from html import escape
 from typing import TYPE_CHECKING, Any, Iterable
 
 from labkit.errors import ConfigError, LabkitError
-from labkit.monitor.vcpu import (PF_USER, PRIVILEGED, Decoded, VirtualCpu, VirtualTripleFault, after_emulation,
-                                 decode, emulate, has_error_code, reflect)
+from labkit.monitor.vcpu import (PF_USER, Decoded, VirtualCpu, VirtualTripleFault, after_emulation, decode, emulate,
+                                 has_error_code, reflect, traps_when_deprivileged)
 from labkit.vmm.forwarding import GuestContext, Trap
 from labkit.vmm.status import RunResult, Status, StatusKind, exception_name
 from labkit.x86 import layout
@@ -94,6 +103,8 @@ class TrapEmulateReport:
     """Why the monitor ended the run, if it did."""
     explanation: str = ""
     """What the backend made of the run where it cannot trap everything (filled by :func:`run_deprivileged`)."""
+    kvm: KvmCounts | None = None
+    """What KVM counted during the run (filled by :func:`run_deprivileged` on KVM; None on the emulator)."""
 
     @property
     def trap_count(self) -> int:
@@ -101,6 +112,33 @@ class TrapEmulateReport:
 
     def monitor_us_per_trap(self) -> float:
         return self.monitor_ns / 1e3 / self.trap_count if self.trap_count else 0.0
+
+
+@dataclass(frozen=True)
+class KvmCounts:
+    """What KVM counted during one run, from the vCPU's binary stats (``KVM_GET_STATS_FD``, labkit.kvm.stats).
+
+    ``exits`` is every VM exit (the stat ``exits``), ``userspace`` the ones that
+    came back to labkit (its exit trace), ``emulated`` the instructions KVM's
+    instruction emulator ran (``insn_emulation``: under PVM, all ring-0 code).
+    """
+
+    exits: int
+    userspace: int
+    emulated: int
+
+    @property
+    def in_kernel(self) -> int:
+        """Exits KVM handled without returning to labkit."""
+        return max(self.exits - self.userspace, 0)
+
+
+def kvm_counts(result: RunResult) -> KvmCounts | None:
+    """What KVM counted for ``result``'s run (its machine's counters since it was made); None off KVM."""
+    stats = result.kvm_stats
+    if stats is None:
+        return None
+    return KvmCounts(stats["exits"], len(result.trace.records), stats["insn_emulation"])
 
 
 class VirtualTimer:
@@ -185,7 +223,7 @@ class TrapAndEmulate:
         text = emulate(vcpu, trap, context, code) if decoded is not None else None
         if decoded is not None and text is not None:
             return self._after_emulation(trap, context, decoded.mnemonic, text)
-        if decoded is not None and _is_privileged(decoded):
+        if decoded is not None and traps_when_deprivileged(decoded):
             message = f"unemulated instruction at RIP {rip:#x}: {decoded.text}"
             self._stop(context, Status(StatusKind.ERROR, message=message))
             return "stopped", message
@@ -211,12 +249,6 @@ class TrapAndEmulate:
     def _code(context: GuestContext, rip: int) -> bytes:
         """The (up to 15) bytes of the instruction at ``rip``: fewer where guest memory ends."""
         return context.memory.read_at_most(rip, MAX_INSTRUCTION)
-
-
-def _is_privileged(decoded: Decoded) -> bool:
-    if decoded.mnemonic == "mov":
-        return any(op.kind == "reg" and op.reg[:2] in ("cr", "dr") for op in decoded.operands)
-    return decoded.mnemonic in PRIVILEGED
 
 
 # -- running a kernel natively and deprivileged ---------------------------------------------------
@@ -246,12 +278,22 @@ def run_deprivileged(guest: Guest | str, backend: str = "auto", timeout: float =
     monitor = TrapAndEmulate() if monitor is None else monitor
     with Machine(replace(guest, user=True), backend=backend, monitor=monitor, **machine_options) as machine:
         result = machine.run(timeout)
+        counts = kvm_counts(result)
         explanation = ""
         if result.status.kind == StatusKind.SHUTDOWN and result.backend == "kvm":
             explanation = _explain_shutdown(machine, result)
-    if explanation and isinstance(result.monitor, TrapEmulateReport):
-        result = replace(result, monitor=replace(result.monitor, explanation=explanation))
+    if isinstance(result.monitor, TrapEmulateReport):
+        result = replace(result, monitor=replace(result.monitor, explanation=explanation, kvm=counts))
     return result
+
+
+def run_native(guest: Guest | str, backend: str = "auto", timeout: float = 10.0) -> tuple[RunResult, KvmCounts | None]:
+    """Run ``guest`` as written (its kernel in ring 0, no monitor), with what KVM counted (None on the emulator)."""
+    from labkit.vmm.machine import Machine
+
+    with Machine(guest, backend=backend) as machine:
+        result = machine.run(timeout)
+        return result, kvm_counts(result)
 
 
 def _explain_shutdown(machine: Machine, result: RunResult) -> str:

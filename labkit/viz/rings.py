@@ -152,6 +152,8 @@ def classification_table(results: Mapping[str, Sequence[Classification]], *, nam
             text = str(verdict)
             if paper and verdict == Verdict.UNDETERMINED:
                 text += " (no ring-0 run here)"
+            elif paper and verdict == Verdict.HOST_DEPENDENT:
+                text += " (ring 3 saw the host's values)"
             elif paper and verdict != paper:
                 text += "  ≠ paper"
             row.append(text)
@@ -168,4 +170,6 @@ def _evidence(result: Classification) -> str:
         text += f"\nUMIP: {result.umip}"
     for note in result.notes[:1]:
         text += f"\nnote: {note}"
+    for evidence in result.host:
+        text += f"\nfrom the host ({evidence.kind}): {evidence.evidence}"
     return text

@@ -12,9 +12,10 @@ TIMEOUT_S = 10.0
 
 
 class RoutineComparison(Experiment):
-    """Which kernel routine, which backend: its console natively (ring 0) and under trap-and-emulate (ring 3)."""
+    """Which kernel routine, which backend: its console natively (ring 0) and under trap-and-emulate (ring 3),
+    and what the monitor did for it (traps by exception name; on KVM, the VM exits KVM counted)."""
 
-    slots = 2
+    slots = 3
 
     def __init__(self, routine: str = "cli_pushf", backend: str | None = None) -> None:
         from labkit.backend import choose_backend
@@ -26,20 +27,24 @@ class RoutineComparison(Experiment):
         super().__init__([self.routine, self.backend], title="Trap-and-emulate vs native:")
 
     def results(self) -> list[Any]:
-        from labkit.monitor.trap_emulate import TrapEmulateReport, compare_consoles, minikernel, run_deprivileged
-        from labkit.vmm.machine import Machine
+        from labkit.monitor.trap_emulate import TrapEmulateReport, compare_consoles, minikernel, run_deprivileged, run_native
+        from labkit.viz.trap_emulate import monitor_table
 
         kernel = minikernel([self.routine.value])
-        with Machine(kernel, backend=self.backend.value) as machine:
-            native = machine.run(timeout=TIMEOUT_S)
+        native, native_kvm = run_native(kernel, self.backend.value, timeout=TIMEOUT_S)
         deprivileged = run_deprivileged(kernel, self.backend.value, timeout=TIMEOUT_S)
         comparison = compare_consoles(native.console, deprivileged.console)
         report = deprivileged.monitor
         traps = f" after {report.trap_count} traps" if isinstance(report, TrapEmulateReport) else ""
+        exits = ""
+        if isinstance(report, TrapEmulateReport) and report.kvm is not None and native_kvm is not None:
+            exits = (f" KVM handled {report.kvm.in_kernel} exits itself under the monitor, "
+                     f"{native_kvm.in_kernel} natively.")
         summary = (f"{self.routine.value} on {self.backend.label}: native {native.status}; trap-and-emulate "
                    f"{deprivileged.status}{traps}; "
-                   f"{len(comparison.divergent)} of {len(comparison.rows)} lines differ.")
-        return [note(summary), comparison]
+                   f"{len(comparison.divergent)} of {len(comparison.rows)} lines differ.{exits}")
+        table = monitor_table(report) if isinstance(report, TrapEmulateReport) else note("no monitor report")
+        return [note(summary), comparison, table]
 
 
 class TranslationChoice(Experiment):

@@ -86,8 +86,11 @@ def test_routine_comparison_shows_where_trap_and_emulate_differs(backend_name):
     panel_of = RoutineComparison(routine="cli_pushf", backend=backend_name)
     panel = Panel(panel_of)
     assert "1 of 3 lines differ" in text_of(panel.first[0])
+    assert ("KVM handled" in text_of(panel.first[0])) == (backend_name == "kvm")
+    assert "#GP" in text_of(panel.first[2]) and "emulated" in text_of(panel.first[2])
     texts = panel.after(lambda: setattr(panel_of.routine, "value", "control_registers"))
     assert texts[0].startswith("<p>control_registers on")
+    assert "mov" in texts[2] and "What the monitor did" in texts[2]
 
 
 def test_translation_choice_brings_the_divergence_back_and_removes_it(backend_name):

@@ -120,26 +120,34 @@ def check_trap_and_emulate(run: Execution, backend: str, kvm=None) -> None:
     from labkit.kvm.system import kvm_flavour
 
     text = run.text()
-    assert "lines that differ (5 of 13):" in text, "the native vs trap-and-emulate comparison is missing"
+    assert "The 5 of 13 console lines that differ" in text, "the native vs trap-and-emulate comparison is missing"
     for line in ("cli, then pushf: IF = 1", "IF in the interrupted code = 0", "sgdt: GDT base 0x1000",
                  "sidt: IDT base 0x2000", "TS = 0"):
         assert line in text, f"the divergent line {line!r} is not shown"
+    assert "Under the monitor `smsw` printed `0x80010031, TS = 0`: the whole CR0" in text
     if backend == "kvm":
-        assert "same trap-and-emulate console on every backend run: True" in text
+        assert "are the same on every backend run (kvm, emu)" in text
     else:
-        assert "only emu ran in this session" in text and "on every backend run" not in text
-    assert "error: unemulated instruction at RIP 0x8003: wbinvd" in text
+        assert "Only emu ran in this session" in text and "on every backend run" not in text
+    assert "`error: unemulated instruction at RIP 0x8003: wbinvd`" in text
     label = "KVM" if backend == "kvm" else "emulator (Unicorn)"
     assert f"cli_pushf on {label}: native halted" in text, "the routine widget did not show its first run"
-    assert "  ticks after sti: 0x1" in text and "  ticks after popf: 0x0" in text
-    assert "emulator time, not hardware time" in text or backend == "kvm"
+    assert "ticks after sti: 0x1" in text and "ticks after popf: 0x0" in text
+    assert "vector 13" not in text and "#GP" in text, "exceptions are shown by name"
+    assert "What the monitor did: 1051 traps" in text
+    assert "is usually quoted as 17 instructions; the two groups in their paper name 18 mnemonics" in text
     assert len(run.images()) >= 1, "the trap profile figure is missing"
     if backend == "kvm":
         assert "backends run: kvm, emu" in text
         assert f"measured on KVM ({kvm_flavour()})" in text and "µs per trap round trip" in text
+        if kvm_flavour() == "kvm_pvm":
+            assert "So here changing rings is **not** free of VM exits." in text
+            assert "from the host (intercepted by the host)" in text, "the classifier's host label is missing"
     else:
         assert "backends run: emu" in text and "backends run: kvm" not in text
         assert "measured on the emulator (Unicorn)" in text
+        assert "KVM did not run in this session, so there are no VM exits to count" in text
+        assert "from the host" not in text.replace("*from the host*", "")
 
 
 def check_rings(run: Execution, backend: str, kvm=None) -> None:

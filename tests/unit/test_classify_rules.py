@@ -164,3 +164,107 @@ def test_a_kvm_emulation_failure_is_a_flag_not_a_message():
     said = {"ring 0": RingRun("ring 0", Outcome.NOT_RUN, "error: KVM_EXIT_INTERNAL_ERROR (...)"),
             "ring 3": run("ring 3", "completed"), "ring 3 altered": run("ring 3 altered", "completed")}
     assert not any("instruction emulator" in note for note in decide(said, "kvm", "kvm_pvm")[3])
+
+
+# -- noise and the host ------------------------------------------------------------------------------
+
+from labkit.classify import HOST_DEPENDENT, NONDETERMINISTIC, HostInfluence, RingTables, host_evidence  # noqa: E402
+from labkit.classify.guest import RELOCATION, relocate, relocated_gdt  # noqa: E402
+from labkit.classify.rules import AGAIN, RELOCATED, WITHOUT  # noqa: E402
+
+
+def test_a_result_that_differs_between_two_ring_0_runs_is_nondeterministic_not_sensitive():
+    """rdtsc: every run reads another time; ring 0 against ring 3 would call that sensitive."""
+    runs = {"ring 0": run("ring 0", "completed", regs=with_reg("rax", 0x1000)),
+            AGAIN["ring 0"]: run(AGAIN["ring 0"], "completed", regs=with_reg("rax", 0x2000)),
+            "ring 3": run("ring 3", "completed", regs=with_reg("rax", 0x1800)),
+            AGAIN["ring 3"]: run(AGAIN["ring 3"], "completed", regs=with_reg("rax", 0x2800))}
+    verdict, reason, differences, _ = decide(runs, "emu", None)
+    assert verdict == NONDETERMINISTIC and "same ring" in reason
+    assert differences == ["rax: 0x1000 (ring 0) vs 0x2000 (ring 0 again)",
+                           "rax: 0x1800 (ring 3) vs 0x2800 (ring 3 again)"]
+
+
+def test_a_trap_in_both_ring_3_runs_stays_privileged_whatever_ring_0_reads():
+    runs = {"ring 0": run("ring 0", "completed", regs=with_reg("rax", 1)),
+            AGAIN["ring 0"]: run(AGAIN["ring 0"], "completed", regs=with_reg("rax", 2)),
+            "ring 3": run("ring 3", "trapped", 13, error_code=0),
+            AGAIN["ring 3"]: run(AGAIN["ring 3"], "trapped", 13, error_code=0)}
+    assert decide(runs, "emu", None)[0] == PRIVILEGED
+
+
+def selector_runs(ring3_a, ring3_b):
+    return {"ring 0": run("ring 0", "completed", regs=with_reg("rax", 0x8)),
+            "ring 3": run("ring 3", "completed", regs=with_reg("rax", ring3_a)),
+            RELOCATED["ring 0"]: run(RELOCATED["ring 0"], "completed", regs=with_reg("rax", 0x8 + RELOCATION)),
+            RELOCATED["ring 3"]: run(RELOCATED["ring 3"], "completed", regs=with_reg("rax", ring3_b))}
+
+
+def test_a_ring_3_selector_that_ignores_the_guests_layout_is_the_hosts():
+    """mov eax, cs under PVM: ring 0 reads 0x8, then 0x50; ring 3 reads 0x33 under both layouts."""
+    runs = selector_runs(0x33, 0x33)
+    (evidence,) = host_evidence(runs)
+    assert evidence.kind is HostInfluence.HOST_SELECTORS and evidence.fields == ("rax",)
+    assert "rax = 0x33 in ring 3 under both layouts, while ring 0 read 0x8, then 0x50" in evidence.evidence
+    verdict, reason, _, _ = decide(runs, "kvm", "kvm_pvm", (evidence,))
+    assert verdict == HOST_DEPENDENT and "from the host" in reason
+
+
+def test_a_ring_3_selector_that_follows_the_layout_is_the_guests():
+    runs = selector_runs(0x2B, 0x2B + RELOCATION)
+    assert host_evidence(runs) == ()
+    assert decide(runs, "emu", None)[0] == SENSITIVE
+
+
+def test_an_instruction_kvm_emulated_in_ring_3_was_intercepted_by_the_host():
+    """sgdt under PVM: the host's UMIP traps it; KVM's emulator runs one more instruction than with nop."""
+    scratch = b"\x4f\x00\x00\x10"
+    runs = {"ring 0": run("ring 0", "completed", scratch=scratch, emulated=37),
+            "ring 3": run("ring 3", "completed", scratch=scratch, emulated=36),
+            AGAIN["ring 3"]: run(AGAIN["ring 3"], "completed", scratch=scratch, emulated=36),
+            WITHOUT: run(WITHOUT, "completed", emulated=35)}
+    (evidence,) = host_evidence(runs)
+    assert evidence.kind is HostInfluence.INTERCEPTED and evidence.fields == ()
+    assert "1 more instruction" in evidence.evidence and "36 vs 35" in evidence.evidence
+    assert "with the guest's values" in evidence.evidence
+    runs[WITHOUT] = run(WITHOUT, "completed", emulated=36)
+    assert host_evidence(runs) == (), "no extra emulation, no interception"
+    runs[WITHOUT] = run(WITHOUT, "completed")
+    assert host_evidence(runs) == (), "the emulator counts nothing: no claim either way"
+
+
+def test_ring_3_storing_if_1_while_the_guest_runs_it_with_if_0_shows_the_hosts_if():
+    """pushfq under PVM: ring 3 entered with IF = 0 pushes IF = 1."""
+    closed = with_reg("rflags", 0x2)
+    runs = {"ring 0": run("ring 0", "completed", pushed=b"\x02\x02" + bytes(6)),
+            "ring 3": run("ring 3", "completed", pushed=b"\x02\x02" + bytes(6)),
+            "ring 0 altered": run("ring 0 altered", "completed", regs=closed, pushed=b"\x02" + bytes(7)),
+            "ring 3 altered": run("ring 3 altered", "completed", regs=closed, pushed=b"\x02\x02" + bytes(6))}
+    (evidence,) = host_evidence(runs)
+    assert evidence.kind is HostInfluence.HOST_IF and evidence.fields == ("pushed",)
+    assert decide(runs, "kvm", "kvm_pvm", (evidence,))[0] == HOST_DEPENDENT
+    assert decide(runs, "kvm", "kvm_pvm")[0] == SENSITIVE, "without the evidence the host's IF looks sensitive"
+
+
+def test_descriptor_lookups_are_the_hosts_only_where_ring_3_does_not_use_the_guests_gdt():
+    runs = {"ring 0": run("ring 0", "not run"), "ring 3": run("ring 3", "completed")}
+    foreign = RingTables("kvm", False, "in ring 3, lar of the guest's own code selector 0x2b gives 0xcff300")
+    own = RingTables("emu", True, "the guest's")
+    (evidence,) = host_evidence(runs, foreign, reads_tables=True)
+    assert evidence.kind is HostInfluence.HOST_TABLES and "0xcff300" in evidence.evidence
+    assert host_evidence(runs, foreign, reads_tables=False) == ()
+    assert host_evidence(runs, own, reads_tables=True) == ()
+
+
+def test_the_relocated_layout_moves_every_code_and_data_descriptor():
+    table = relocated_gdt()
+    for selector in (layout.KERNEL_CS64, layout.KERNEL_DS, layout.USER_CS32, layout.USER_DS, layout.USER_CS64):
+        moved = relocate(selector)
+        assert moved == selector + RELOCATION and moved & 3 == selector & 3
+        index, copy = selector & ~7, moved & ~7
+        assert table[copy:copy + 8] == table[index:index + 8], hex(selector)
+    assert relocate(layout.TSS_SELECTOR) == layout.TSS_SELECTOR, "the TSS stays: labkit's TR names it"
+    source = guest_source("mov eax, cs", relocated=True)
+    assert f".set USER_CS64, {layout.USER_CS64 + RELOCATION:#x}" in source
+    assert source.count("lgdt [rip + relocated_gdtr]") == 2
+    assert "relocated_gdtr]" not in guest_source("mov eax, cs")

@@ -26,7 +26,10 @@ Three functions, shared by both monitors (stable interface)::
 
 Emulated instructions (EMULATED): ``cli sti hlt pushfq popfq in out mov crN
 clts lgdt lidt sgdt sidt sldt str smsw lmsw invlpg rdmsr wrmsr iretq int n
-int3``.  ``hlt`` only marks ``vcpu.halted`` (the monitor decides what a halt
+int3``: the privileged ones a kernel uses, and the sensitive ones too (binary
+translation hands those to :func:`emulate`; under trap-and-emulate they never
+trap).  Which instructions are privileged, sensitive or innocuous is defined
+once, in :mod:`labkit.x86.instructions` (re-exported here).  ``hlt`` only marks ``vcpu.halted`` (the monitor decides what a halt
 means); ``in``/``out`` go to ``vcpu.ports`` (devices only the monitor has,
 such as a virtual timer) or else to the machine's bus through
 ``context.pio``.  ``iretq`` returns to virtual ring 0 only (a virtual user
@@ -45,13 +48,15 @@ The package: :mod:`~labkit.monitor.vcpu.state` (:class:`VirtualCpu`),
 
 from labkit.monitor.vcpu.decoding import (MASK64, Decoded, Operand, decode, effective_address, read_register,
                                           write_register)
-from labkit.monitor.vcpu.emulation import (CONTROL_REGISTERS, EMULATED, LETS_INTERRUPTS_IN, PRIVILEGED,
-                                           RFLAGS_GUEST_SETTABLE, after_emulation, deliver_pending, emulate,
-                                           has_error_code, reflect, virtual_rflags)
+from labkit.monitor.vcpu.emulation import (CONTROL_REGISTERS, EMULATED, LETS_INTERRUPTS_IN, RFLAGS_GUEST_SETTABLE,
+                                           after_emulation, deliver_pending, emulate, has_error_code, reflect,
+                                           traps_when_deprivileged, virtual_rflags)
 from labkit.monitor.vcpu.state import PortDevice, VirtualCpu, VirtualTripleFault
 from labkit.x86.arch import PF_USER
+from labkit.x86.instructions import PRIVILEGED, SENSITIVE, InstructionClass, instruction_class
 
 __all__ = ["CONTROL_REGISTERS", "EMULATED", "LETS_INTERRUPTS_IN", "MASK64", "PF_USER", "PRIVILEGED",
-           "RFLAGS_GUEST_SETTABLE", "Decoded", "Operand", "PortDevice", "VirtualCpu", "VirtualTripleFault",
-           "after_emulation", "decode", "deliver_pending", "effective_address", "emulate", "has_error_code",
-           "read_register", "reflect", "virtual_rflags", "write_register"]
+           "RFLAGS_GUEST_SETTABLE", "SENSITIVE", "Decoded", "InstructionClass", "Operand", "PortDevice", "VirtualCpu",
+           "VirtualTripleFault", "after_emulation", "decode", "deliver_pending", "effective_address", "emulate",
+           "has_error_code", "instruction_class", "read_register", "reflect", "traps_when_deprivileged",
+           "virtual_rflags", "write_register"]

@@ -19,6 +19,7 @@ from labkit.x86.arch import (CR0_EM, CR0_MP, CR0_PE, CR0_TS, ERROR_CODE_VECTORS,
                              RFLAGS_CF, RFLAGS_DF, RFLAGS_FIXED, RFLAGS_ID, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_NT,
                              RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_ZF, SELECTOR_RPL, TRAP_GATE,
                              Vector)
+from labkit.x86.instructions import InstructionClass, instruction_class
 from labkit.x86.state import Regs
 
 RFLAGS_GUEST_SETTABLE = (RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_TF | RFLAGS_DF | RFLAGS_OF
@@ -31,13 +32,14 @@ EMULATED = frozenset({
 })
 """Mnemonics :func:`emulate` carries out (``mov`` only to or from a control register)."""
 
-PRIVILEGED = EMULATED | frozenset({
-    "insb", "insw", "insd", "outsb", "outsw", "outsd", "lldt", "ltr", "invd", "wbinvd", "wbnoinvd",
-    "swapgs", "sysret", "sysretq", "sysexit", "rdpmc", "xsetbv", "invpcid", "iret", "iretd", "into",
-    "hlt", "monitor", "mwait",
-})
-"""Instructions that trap in ring 3 because they are privileged (or sensitive and trapping):
-a monitor that meets one it does not emulate must stop rather than blame the guest."""
+def traps_when_deprivileged(decoded: Decoded) -> bool:
+    """Whether a #GP/#UD at this instruction, in a kernel run in ring 3, is the monitor's business.
+
+    True for a privileged instruction and for a sensitive one that traps all the same (``int n`` through a
+    DPL-0 gate, ``sgdt`` under CR4.UMIP): both kinds as :mod:`labkit.x86.instructions` defines them.  A
+    monitor that meets one it does not emulate must stop rather than blame the guest.
+    """
+    return instruction_class(decoded.mnemonic, decoded.text[len(decoded.mnemonic):]) is not InstructionClass.INNOCUOUS
 
 
 def _read_operand(operand: Operand, regs: Regs, context: GuestContext, next_rip: int) -> int:
