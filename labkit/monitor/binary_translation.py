@@ -67,8 +67,9 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from labkit.errors import ConfigError, LabkitError
 from labkit.memory import GuestMemory
-from labkit.monitor.translation_cache import (CACHE_SIZE, INDIRECT, SENSITIVE, Block, CacheFull, Site,
-                                              TranslationCache)
+from labkit.monitor.translation_cache import (CACHE_SIZE, INDIRECT, OPERAND_CLASSES, SENSITIVE, Block, CacheFull,
+                                              Site, TranslationCache)
+from labkit.monitor.segments import SegmentFault, Unmodelled, VirtualSegments, emulate_segment, segment_operation
 from labkit.monitor.vcpu import VirtualCpu
 from labkit.table import Table
 from labkit.vmm.forwarding import GuestContext, MonitorContext, Trap
@@ -80,8 +81,9 @@ from labkit.x86.paging import PF_WRITE, write_protect
 if TYPE_CHECKING:
     from labkit.guest import Guest
 
-TRANSLATABLE = SENSITIVE | {"cr", "dr"}
-"""Everything that can be put in ``translate=``: mnemonics, plus ``"cr"``/``"dr"`` for ``mov`` to/from them."""
+TRANSLATABLE = SENSITIVE | OPERAND_CLASSES
+"""Everything that can be put in ``translate=``: mnemonics, plus ``"cr"``/``"dr"`` for ``mov`` to/from them
+and ``"sreg"`` for ``mov``/``push``/``pop`` of a segment register."""
 
 BOOT_BREAKPOINT = b"\xcc"
 _MASK64 = (1 << 64) - 1
@@ -208,6 +210,8 @@ class BinaryTranslator:
         self.cache_region = (0, 0)
         """``[start, end)`` of guest RAM the monitor keeps for itself (page tables it split, the cache)."""
         self.vcpu: VirtualCpu | None = None
+        self.segments = VirtualSegments()
+        """The data-segment selectors the kernel loaded (its CS and SS are in :attr:`vcpu`)."""
         self.entries: dict[str, int] = {}
         self.cache_hits = 0
         self.chained = 0
@@ -306,7 +310,7 @@ class BinaryTranslator:
                 trap.regs.rip = target
                 self._resume(trap)
         elif site.kind == "sensitive":
-            self._count(f"emulate: {site.mnemonic}")
+            self._count(f"emulate: {_entry_name(site.code, site.guest_rip)}")
             self._emulate(site.guest_rip, site.code, site.text, trap, context)
             if self._stopped:
                 return
@@ -329,8 +333,9 @@ class BinaryTranslator:
             raise LabkitError(f"rip {trap.regs.rip:#x} stands for no guest instruction in the translation cache")
         trap.regs.rip = guest
         decoded = cache.decode(guest)
-        if trap.vector in (Vector.UD, Vector.GP) and decoded is not None and decoded.mnemonic in PRIVILEGED:
-            self._count(f"trap: {decoded.mnemonic}")
+        if trap.vector in (Vector.UD, Vector.GP) and decoded is not None and (
+                decoded.mnemonic in PRIVILEGED or segment_operation(bytes(decoded.bytes), guest) is not None):
+            self._count(f"trap: {_entry_name(bytes(decoded.bytes), guest)}")
             self._emulate(guest, bytes(decoded.bytes), f"{decoded.mnemonic} {decoded.op_str}".strip(), trap, context)
             if not self._stopped:
                 self._resume(trap)
@@ -359,6 +364,18 @@ class BinaryTranslator:
         trap.regs.rip = guest_rip
         try:
             vcpu = self._started()[1]
+            try:
+                if emulate_segment(vcpu, self.segments, trap, context, code) is not None:
+                    name = _entry_name(code, guest_rip)
+                    vcpu.emulated[name] = vcpu.emulated.get(name, 0) + 1
+                    return
+            except SegmentFault as fault:  # what the CPU raises at CPL 0: the kernel's own handler gets it
+                trap.regs.rip = guest_rip
+                virtual.reflect(vcpu, trap, context, fault.vector, fault.error_code)
+                return
+            except Unmodelled as unmodelled:
+                self._stop(context, StatusKind.ERROR, f"not modelled at RIP {guest_rip:#x} ({text}): {unmodelled}")
+                return
             if virtual.emulate(vcpu, trap, context, code) is None:
                 self._stop(context, StatusKind.ERROR, f"unemulated instruction at RIP {guest_rip:#x}: {text}")
                 return
@@ -492,6 +509,17 @@ class _KernelWrites:
         if address < end and address + len(data) > start:
             raise _CacheWrite(max(address, start))
         self._context.write(address, data)
+
+
+def _entry_name(code: bytes, address: int) -> str:
+    """How an emulated instruction is counted: its mnemonic, or its segment operation (``"mov sreg"``, ``"lcall"``)."""
+    from labkit.monitor.vcpu import decode
+
+    kind = segment_operation(code, address)
+    if kind is not None:
+        return kind
+    decoded = decode(bytes(code[:15]), address)
+    return decoded.mnemonic if decoded is not None else code.hex()
 
 
 def _short(vector: int) -> str:

@@ -65,6 +65,8 @@ SENSITIVE = frozenset({
     "cli", "sti", "pushfq", "pushf", "popfq", "popf",
     # descriptor tables and machine status: readable from ring 3 without a trap
     "sgdt", "sidt", "sldt", "smsw", "str",
+    # segment checks: answered by the GDT the CPU really uses, at CPL 3 (under PVM: the host's)
+    "lar", "lsl", "verr", "verw",
     # privileged: #GP in ring 3
     "lgdt", "lidt", "lldt", "ltr", "lmsw", "clts", "invlpg", "wbinvd", "invd",
     "rdmsr", "wrmsr", "swapgs", "hlt",
@@ -75,7 +77,12 @@ SENSITIVE = frozenset({
     "sysenter", "sysexit", "ljmp", "lcall", "retf", "retfq",
 })
 """Capstone mnemonics the translator replaces by monitor entries by default (``mov`` to/from a
-control or debug register is matched by its operand, see :func:`is_sensitive`)."""
+control or debug register and every move, push and pop of a segment register are matched by their
+operands, the far ``call``/``jmp`` through memory by their ModRM byte: see :func:`is_sensitive`)."""
+
+OPERAND_CLASSES = frozenset({"cr", "dr", "sreg"})
+"""Keys of ``translate=`` that name operands, not mnemonics: ``mov`` to/from a control (``"cr"``) or debug
+(``"dr"``) register; ``mov``/``push``/``pop`` of a segment register (``"sreg"``)."""
 
 INDIRECT = frozenset({"ret", "jmp", "call"})
 """With a register or memory operand (or none, for ``ret``): the target is known only at run time."""
@@ -139,9 +146,17 @@ class Block:
 def is_sensitive(instruction: CsInsn, mnemonics: frozenset[str]) -> bool:
     """Does this Capstone instruction get a monitor entry under the set ``mnemonics``?
 
-    ``mov`` to or from a control or debug register counts as ``"mov cr"`` / ``"mov dr"``.
+    ``mov`` to or from a control or debug register counts as ``"cr"`` / ``"dr"``; ``mov``,
+    ``push`` and ``pop`` of a segment register as ``"sreg"``; ``FF /3`` and ``FF /5`` with a
+    memory operand (Capstone: ``call ptr``/``jmp ptr`` without REX.W) as ``"lcall"``/``"ljmp"``.
     """
+    from labkit.monitor.segments import segment_operation
+
     name = instruction.mnemonic
+    if name in ("mov", "push", "pop", "call", "jmp"):
+        kind = segment_operation(bytes(instruction.bytes), instruction.address)
+        if kind is not None:
+            return ("sreg" if kind.endswith(" sreg") else kind) in mnemonics
     if name == "mov":
         operands = instruction.op_str
         if "cr" in mnemonics and any(f"cr{n}" in operands.split(", ") for n in (0, 2, 3, 4, 8)):
@@ -165,11 +180,11 @@ class TranslationCache:
     the machine's :class:`~labkit.memory.GuestMemory`, or the monitor's view of
     it) and ``write(address, data)`` stores into it;
     ``sensitive`` is the set of mnemonics replaced by monitor entries (plus
-    ``"cr"``/``"dr"`` for moves to and from control/debug registers).
+    the :data:`OPERAND_CLASSES`).
     """
 
     def __init__(self, base: int, size: int, memory: Readable,
-                 write: Callable[[int, bytes], None], sensitive: Iterable[str] = SENSITIVE | {"cr", "dr"},
+                 write: Callable[[int, bytes], None], sensitive: Iterable[str] = SENSITIVE | OPERAND_CLASSES,
                  returns: tuple[int, int] | None = None):
         import capstone
 
