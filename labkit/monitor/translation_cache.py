@@ -141,6 +141,20 @@ class Block:
     """``(guest address, bytes, text)`` of each guest instruction."""
     translated: list[tuple[int, bytes, str, int]] = field(default_factory=list)
     """``(cache address, bytes, text, guest address it stands for)`` of each emitted piece."""
+    one_shot: bool = False
+    """A one-instruction translation run once while its page is open for a write (never looked up or chained)."""
+    valid: bool = True
+    """False once the guest changed the bytes it was translated from (see :meth:`TranslationCache.invalidate`)."""
+
+    @property
+    def guest_code(self) -> bytes:
+        """The guest bytes this block was translated from."""
+        return b"".join(code for _, code, _ in self.original)
+
+    def pages(self) -> range:
+        """The 4 KiB guest pages its guest code lies on."""
+        first = self.guest_start & ~(PAGE_SIZE - 1)
+        return range(first, max(self.guest_end, self.guest_start + 1), PAGE_SIZE)
 
 
 def is_sensitive(instruction: CsInsn, mnemonics: frozenset[str]) -> bool:
@@ -217,6 +231,15 @@ class TranslationCache:
         """Guest start address -> translated block."""
         self.sites: dict[int, Site] = {}
         """Address of a site's ``int3`` -> the site."""
+        self.site_blocks: dict[int, Block] = {}
+        """Address of a site's ``int3`` -> the block it belongs to."""
+        self.one_shots: dict[int, Block] = {}
+        """Guest address -> its one-instruction translation (see :meth:`one_shot`)."""
+        self.invalidated = 0
+        """Blocks dropped because the guest wrote to the code they were translated from."""
+        self._chained_into: dict[int, list[int]] = {}  # cache address of a block -> slots chained to it
+        self._cache_starts: list[int] = []  # cache_start of every block ever translated, ascending
+        self._cache_blocks: list[Block] = []
         self._starts: list[int] = []  # cache address of each emitted piece, ascending
         self._guest: list[int] = []  # the guest address each piece stands for
         self._cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
@@ -245,20 +268,88 @@ class TranslationCache:
         index = bisect.bisect_right(self._starts, cache) - 1
         return self._guest[index] if index >= 0 else None
 
+    def block_at(self, cache: int) -> Block | None:
+        """The block (valid or not, one-shots included) whose translation holds cache address ``cache``."""
+        index = bisect.bisect_right(self._cache_starts, cache) - 1
+        if index < 0:
+            return None
+        block = self._cache_blocks[index]
+        return block if block.cache_start <= cache < block.cache_end else None
+
+    def resume_point(self, block: Block, guest: int) -> int | None:
+        """Where ``block``'s translation of guest instruction ``guest`` starts, if it is valid and has one."""
+        if not block.valid:
+            return None
+        return next((at for at, _, _, stands_for in block.translated if stands_for == guest), None)
+
     def chain(self, site: Site, successor: int) -> None:
         """Point ``site``'s exit slot at the translated successor: later runs jump there natively."""
         if site.slot is None:
             raise ConfigError(f"site at {site.address:#x} ({site.kind}) is not an exit and cannot be chained")
         self.write(site.slot, struct.pack("<Q", successor))
+        self._chained_into.setdefault(successor, []).append(site.slot)
+
+    # -- self-modifying code ------------------------------------------------------
+
+    def translated_in(self, start: int, end: int) -> list[Block]:
+        """Valid blocks (one-shots included) with guest code in ``[start, end)``, by guest address."""
+        found = [block for block in [*self.blocks.values(), *self.one_shots.values()]
+                 if block.guest_start < end and start < block.guest_end]
+        return sorted(found, key=lambda block: (block.guest_start, block.one_shot))
+
+    def stale(self, start: int, end: int) -> list[Block]:
+        """The blocks with guest code in ``[start, end)`` whose guest bytes are no longer what was translated."""
+        return [block for block in self.translated_in(start, end)
+                if self.memory.read_at_most(block.guest_start, block.guest_end - block.guest_start)
+                != block.guest_code]
+
+    def invalidate(self, block: Block) -> None:
+        """Forget ``block``: no lookup, return-table entry or chained exit leads to it any more.
+
+        Its code stays in the (append-only) cache, so an instruction of it that is running
+        finishes; every way into it is cut: the return table's entry is cleared and each exit
+        slot chained to it points at its own ``int3`` again (data writes, never code).
+        """
+        if not block.valid:
+            return
+        block.valid = False
+        self.invalidated += 1
+        if block.one_shot:
+            self.one_shots.pop(block.guest_start, None)
+            return
+        if self.blocks.get(block.guest_start) is block:
+            del self.blocks[block.guest_start]
+        if self.returns is not None and 0 <= block.guest_start - self.returns[0] < self.returns[1]:
+            self.write(self.returns[2] + 8 * (block.guest_start - self.returns[0]), bytes(8))
+        for slot in self._chained_into.pop(block.cache_start, []):
+            self.write(slot, struct.pack("<Q", slot + 8))  # the int3 right behind the slot (see exit_stub)
+
+    def one_shot(self, guest: int) -> Block:
+        """A translation of the one guest instruction at ``guest`` that always ends in a monitor entry.
+
+        The monitor runs it while the instruction's target page is open for writing: its exits
+        are never chained and a ``ret`` is never looked up inline, so the monitor regains control
+        right after the instruction and can close the page again.
+        """
+        found = self.one_shots.get(guest)
+        if found is not None and found.valid:
+            return found
+        block = self.translate(guest, limit=1, one_shot=True)
+        self.one_shots[guest] = block
+        return block
 
     # -- translation ------------------------------------------------------------
 
-    def translate(self, guest: int) -> Block:
-        """Translate the basic block at guest address ``guest`` into the cache (or return the existing one)."""
-        if guest in self.blocks:
+    def translate(self, guest: int, *, limit: int = MAX_BLOCK_INSTRUCTIONS, one_shot: bool = False) -> Block:
+        """Translate the basic block at guest address ``guest`` into the cache (or return the existing one).
+
+        ``limit`` caps its guest instructions; ``one_shot`` builds the unregistered
+        translation of :meth:`one_shot` (``limit`` 1, no inline return).
+        """
+        if guest in self.blocks and not one_shot:
             return self.blocks[guest]
         start = self.base + self.used
-        block = Block(guest, guest, start, start, [])
+        block = Block(guest, guest, start, start, [], one_shot=one_shot)
         out = bytearray()
         pending: list[Site] = []
 
@@ -283,7 +374,7 @@ class TranslationCache:
 
         address = guest
         ended = False
-        for _ in range(MAX_BLOCK_INSTRUCTIONS):
+        for _ in range(limit):
             instruction = self.decode(address)
             if instruction is None:
                 code = self.peek(address, 1)
@@ -326,7 +417,7 @@ class TranslationCache:
                 emit(b"\x68" + struct.pack("<i", next_address), f"push {next_address:#x}        ; the guest's return address", insn[0])
                 emit_exit(insn, _target(instruction), "call")
                 ended = True
-            elif name == "ret" and not instruction.operands and self.returns is not None:
+            elif name == "ret" and not instruction.operands and self.returns is not None and not one_shot:
                 for piece, text in self._inline_return(start + len(out)):
                     if text.startswith("int3"):
                         emit_site("indirect", insn, text)
@@ -359,10 +450,15 @@ class TranslationCache:
             self._guest.append(stands_for)
         for site in pending:
             self.sites[site.address] = site
+            self.site_blocks[site.address] = block
+        self._cache_starts.append(block.cache_start)
+        self._cache_blocks.append(block)
+        self.guest_bytes += block.guest_end - block.guest_start
+        if one_shot:
+            return block
         if self.returns is not None and 0 <= guest - self.returns[0] < self.returns[1]:
             self.write(self.returns[2] + 8 * (guest - self.returns[0]), struct.pack("<Q", start))
         self.blocks[guest] = block
-        self.guest_bytes += block.guest_end - block.guest_start
         return block
 
     def inline_return_hits(self) -> int:
@@ -420,7 +516,10 @@ class TranslationCache:
 
     def decode(self, address: int) -> CsInsn | None:
         """The Capstone instruction (with detail) at guest ``address``, or None if it does not decode."""
-        code = self.peek(address, MAX_INSTRUCTION)
+        return self.disassemble(self.peek(address, MAX_INSTRUCTION), address)
+
+    def disassemble(self, code: bytes, address: int) -> CsInsn | None:
+        """The first Capstone instruction (with detail) of ``code`` placed at ``address``, or None."""
         for instruction in self._cs.disasm(code, address, 1):
             return instruction
         return None

@@ -28,6 +28,7 @@ KIND_COLOURS = {
     "block exits": "#ff7f0e",
     "indirect branches": "#2ca02c",
     "traps (untranslated)": "#9467bd",
+    "writes to translated code": "#8c564b",
     "faults and interrupts reflected": "#d62728",
 }
 
