@@ -97,7 +97,7 @@ from labkit.memory import GuestMemory
 from labkit.monitor.translation_cache import (CACHE_SIZE, INDIRECT, OPERAND_CLASSES, SENSITIVE, Block, CacheFull,
                                               Site, TranslationCache)
 from labkit.monitor.segments import SegmentFault, Unmodelled, VirtualSegments, emulate_segment, segment_operation
-from labkit.monitor.vcpu import VirtualCpu
+from labkit.monitor.vcpu import Decoded, VirtualCpu
 from labkit.table import Table
 from labkit.vmm.forwarding import GuestContext, MonitorContext, Trap
 from labkit.vmm.status import RunResult, Status, StatusKind, exception_name
@@ -178,6 +178,8 @@ class TranslationSummary:
     """Translations dropped because the kernel changed the code they came from."""
     protected_pages: int
     """Guest pages write-protected because they hold translated code (at the end of the run)."""
+    flushes: int
+    """Resumes through the ring-0 page-table stub (a page protected or opened)."""
     blocks: dict[int, Block] = field(repr=False)
     """Guest start address -> translated block."""
     cache_base: int = 0
@@ -339,7 +341,7 @@ class BinaryTranslator:
             inline_return_hits=inline, chained=self.chained,
             guest_bytes=cache.guest_bytes if cache else 0, cache_bytes=cache.code_bytes if cache else 0,
             entries=dict(self.entries), translated=tuple(sorted(self.translated)),
-            invalidated=cache.invalidated if cache else 0, protected_pages=len(self.protected),
+            invalidated=cache.invalidated if cache else 0, protected_pages=len(self.protected), flushes=self.flushes,
             blocks=dict(cache.blocks) if cache else {}, cache_base=cache.base if cache else 0,
             vcpu=self.vcpu.snapshot() if self.vcpu is not None else None)
 
@@ -422,7 +424,7 @@ class BinaryTranslator:
 
     def _fault(self, trap: Trap, context: GuestContext) -> None:
         """A fault raised by translated code: emulate an untranslated privileged instruction, or reflect."""
-        from labkit.monitor.vcpu import PF_USER, PRIVILEGED, has_error_code
+        from labkit.monitor.vcpu import PF_USER, PRIVILEGED, decode, has_error_code
 
         cache = self._started()[0]
         at = trap.regs.rip
@@ -433,11 +435,11 @@ class BinaryTranslator:
         trap.regs.rip = guest
         # The instruction as it was translated (the guest may have changed its bytes since).
         code = next(code for address, code, _ in block.original if address == guest)
-        decoded = cache.disassemble(code, guest)
+        decoded = decode(code, guest)
         if trap.vector in (Vector.UD, Vector.GP) and decoded is not None and (
-                decoded.mnemonic in PRIVILEGED or segment_operation(bytes(decoded.bytes), guest) is not None):
-            self._count(f"trap: {_entry_name(bytes(decoded.bytes), guest)}")
-            self._emulate(guest, bytes(decoded.bytes), f"{decoded.mnemonic} {decoded.op_str}".strip(), trap, context)
+                decoded.mnemonic in PRIVILEGED or segment_operation(code, guest) is not None):
+            self._count(f"trap: {_entry_name(code, guest)}")
+            self._emulate(guest, code, decoded.text, trap, context)
             if not self._stopped:
                 self._resume(trap)
             return
@@ -711,7 +713,7 @@ class _KernelWrites:
         self._written(address, len(data))
 
 
-def _plain_store(decoded: Any, code: bytes) -> bool:
+def _plain_store(decoded: Decoded, code: bytes) -> bool:
     """``mov m, r`` or ``mov m, imm``, with no prefix that changes how its address is formed (FS, GS, 0x67)."""
     if decoded.mnemonic != "mov" or len(decoded.operands) != 2 or any(byte in (0x64, 0x65, 0x67) for byte in
                                                                        _legacy_prefixes(code)):
