@@ -17,7 +17,8 @@ instruction                what the kernel gets (Intel SDM vol. 2A/2B, instructi
 ``mov r/m, sreg``          the virtual selector (a 32/64-bit register: zero-extended; memory: 16 bits)
 ``push fs``/``push gs``    the virtual selector, pushed zero-extended (8 bytes; 2 with 0x66)
 ``mov sreg, r/m``,         the checks of a load at CPL 0 (SDM vol. 2A MOV, POP; vol. 3A 5.10):
-``pop fs``/``pop gs``      #GP(selector), #NP/#SS(selector), #GP(0) for a null SS with RPL != 0;
+``pop fs``/``pop gs``,     #GP(selector), #NP/#SS(selector), #GP(0) for a null SS with RPL != 0;
+``lfs``/``lgs``/``lss``    (the far pointer's offset goes to the register, as LDS/LES/LFS/LGS/LSS do);
                            ``mov cs, ...`` is #UD; the descriptor's accessed bit is set as the CPU does
 ``lar`` / ``lsl``          ZF = 1 and the access rights (masked by 00FxFF00H, bits 19:16 as 0) or
                            the byte-granular limit, when the selector's descriptor is valid for the
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
     from labkit.vmm.forwarding import GuestContext, Trap
 
 SEGMENT_REGISTERS = ("es", "cs", "ss", "ds", "fs", "gs")
-SEGMENT_MNEMONICS = frozenset({"lar", "lsl", "verr", "verw", "lcall", "ljmp", "retf", "retfq"})
+SEGMENT_MNEMONICS = frozenset({"lar", "lsl", "verr", "verw", "lcall", "ljmp", "retf", "retfq", "lfs", "lgs", "lss"})
 """Mnemonics :func:`emulate_segment` handles besides ``mov``/``push``/``pop`` of a segment register."""
 
 LAR_SYSTEM_TYPES = frozenset({0x9, 0xB, 0xC})
@@ -206,7 +207,7 @@ def segment_operation(code: bytes, address: int) -> str | None:
     """What kind of segment instruction the bytes at ``address`` are, or None.
 
     ``"mov sreg"`` (either direction), ``"push sreg"``, ``"pop sreg"``, ``"lcall"``, ``"ljmp"``,
-    ``"retf"``, ``"lar"``, ``"lsl"``, ``"verr"``, ``"verw"``.  Capstone calls the far forms of
+    ``"retf"``, ``"lar"``, ``"lsl"``, ``"verr"``, ``"verw"``, ``"lfs"``, ``"lgs"``, ``"lss"``.  Capstone calls the far forms of
     ``FF /3`` and ``FF /5`` without REX.W plain ``call``/``jmp ptr``: they are told by the ModRM byte.
     """
     decoded = decode(bytes(code[:15]), address)
@@ -279,6 +280,13 @@ def emulate_segment(vcpu: VirtualCpu, segments: VirtualSegments, trap: Trap, con
         selector = int.from_bytes(context.read(regs.rsp, size), "little") & 0xFFFF
         _load(decoded.operands[0].reg, selector, vcpu, segments, context)
         regs.rsp = (regs.rsp + size) & MASK64
+    elif kind in ("lfs", "lgs", "lss"):
+        target, pointer = decoded.operands
+        address = effective_address(pointer, regs, next_rip)
+        offset = int.from_bytes(context.read(address, target.size), "little")
+        selector = struct.unpack("<H", context.read((address + target.size) & MASK64, 2))[0]
+        _load(kind[1:], selector, vcpu, segments, context)
+        write_register(regs, target.reg, offset)
     else:
         _far_transfer(kind, code, decoded, vcpu, trap, context, next_rip)
         return decoded.text

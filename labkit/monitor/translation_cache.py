@@ -67,6 +67,8 @@ SENSITIVE = frozenset({
     "sgdt", "sidt", "sldt", "smsw", "str",
     # segment checks: answered by the GDT the CPU really uses, at CPL 3 (under PVM: the host's)
     "lar", "lsl", "verr", "verw",
+    # segment loads from a far pointer (LDS/LES are invalid in 64-bit mode)
+    "lfs", "lgs", "lss",
     # privileged: #GP in ring 3
     "lgdt", "lidt", "lldt", "ltr", "lmsw", "clts", "invlpg", "wbinvd", "invd",
     "rdmsr", "wrmsr", "swapgs", "hlt",

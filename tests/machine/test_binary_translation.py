@@ -334,3 +334,25 @@ def test_what_segment_emulation_does_not_model_stops_the_run_with_a_message(back
     bt = run_translated(kernel, backend=backend_name)
     assert bt.status.kind == StatusKind.ERROR
     assert "retfq): far return to ring 3 (selector 0x1b): a virtual user mode is not modelled" in bt.status.message
+
+
+def test_a_far_pointer_load_checks_the_kernels_selector(backend_name):
+    routine = """
+        lea rbx, [rip + 1f]
+        jmp 2f
+1:      .long 0x1234
+        .word 0x10
+2:      lss ecx, [rbx]            # SS := 0x10, ECX := 0x1234
+        lfs eax, [rbx]            # FS := 0x10
+        mov edx, fs
+        shl rax, 16
+        mov ax, ss
+        shl rax, 16
+        mov ax, dx
+    """
+    kernel = probe_kernel(routine)
+    native = Machine(kernel, backend="emu").run(timeout=10)
+    bt = run_translated(kernel, backend=backend_name)
+    assert "  rax = 0x123400100010" in native.console.splitlines(), native.console
+    assert bt.console == native.console
+    assert bt.monitor.entries["emulate: lss"] == bt.monitor.entries["emulate: lfs"] == 1
