@@ -94,8 +94,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from labkit.errors import ConfigError, LabkitError
 from labkit.memory import GuestMemory
-from labkit.monitor.translation_cache import (CACHE_SIZE, INDIRECT, OPERAND_CLASSES, SENSITIVE, Block, CacheFull,
-                                              Site, TranslationCache)
+from labkit.monitor.translation_cache import (CACHE_SIZE, INDIRECT, INLINE_RETURN_SAVED, OPERAND_CLASSES, SENSITIVE,
+                                              Block, CacheFull, Site, TranslationCache)
 from labkit.monitor.segments import SegmentFault, Unmodelled, VirtualSegments, emulate_segment, segment_operation
 from labkit.monitor.vcpu import Decoded, VirtualCpu
 from labkit.table import Table
@@ -432,6 +432,7 @@ class BinaryTranslator:
         block = cache.block_at(at)
         if guest is None or block is None:
             raise LabkitError(f"rip {at:#x} stands for no guest instruction in the translation cache")
+        self._undo_inline_return(cache.inline_return_offset(at), trap, context)
         trap.regs.rip = guest
         # The instruction as it was translated (the guest may have changed its bytes since).
         code = next(code for address, code, _ in block.original if address == guest)
@@ -492,6 +493,21 @@ class BinaryTranslator:
             return
         if halt is not None:
             self._stop(context, StatusKind.HALTED, halt)
+
+    def _undo_inline_return(self, offset: int | None, trap: Trap, context: GuestContext) -> None:
+        """A fault inside an inline ``ret`` (a push to a read-only page): put back RSP, RAX and the flags it saved,
+        so that the fault is the guest ``ret``'s, as if the sequence had not started."""
+        pushed_flags, pushed_rax, counted, done = INLINE_RETURN_SAVED
+        regs = trap.regs
+        if offset is None or not pushed_flags <= offset < done:
+            return
+        if offset >= counted:
+            self._started()[0].uncount_return_hit()
+        if offset >= pushed_rax:
+            regs.rax, regs.rflags = struct.unpack("<QQ", context.read(regs.rsp, 16))
+            regs.rsp = (regs.rsp + 16) & _MASK64
+        else:
+            regs.rsp = (regs.rsp + 8) & _MASK64
 
     def _reflect(self, vector: int, error_code: int | None, trap: Trap, context: GuestContext) -> None:
         """Deliver ``vector`` through the guest kernel's virtual IDT and continue at its handler's translation."""

@@ -92,6 +92,12 @@ CONDITIONAL = frozenset({"ja", "jae", "jb", "jbe", "je", "jne", "jg", "jge", "jl
                          "jo", "jno", "jp", "jnp", "js", "jns"})
 LOOPS = frozenset({"loop", "loope", "loopne", "jrcxz", "jecxz"})
 
+INLINE_RETURN_SAVED = (1, 2, 42, 47)
+"""Offsets in an inline ``ret`` sequence: from the first, its ``pushfq`` has pushed the flags (RSP - 8); from the
+second, ``push rax`` has pushed RAX too (RSP - 16, RAX and the flags to be restored from the stack); from the third,
+the hit counter has counted the hit; from the fourth (``pop rax``) on, nothing that writes memory is left."""
+INLINE_RETURN_SIZE = 52
+
 MAX_BLOCK_INSTRUCTIONS = 32
 EXIT_STUB_SIZE = 15
 INT3 = b"\xcc"
@@ -240,6 +246,8 @@ class TranslationCache:
         self.invalidated = 0
         """Blocks dropped because the guest wrote to the code they were translated from."""
         self._chained_into: dict[int, list[int]] = {}  # cache address of a block -> slots chained to it
+        self.inline_returns: list[int] = []
+        """Cache address of each inline ``ret`` sequence (see :meth:`_inline_return`), ascending."""
         self._cache_starts: list[int] = []  # cache_start of every block ever translated, ascending
         self._cache_blocks: list[Block] = []
         self._starts: list[int] = []  # cache address of each emitted piece, ascending
@@ -277,6 +285,16 @@ class TranslationCache:
             return None
         block = self._cache_blocks[index]
         return block if block.cache_start <= cache < block.cache_end else None
+
+    def inline_return_offset(self, cache: int) -> int | None:
+        """How far into an inline ``ret`` sequence ``cache`` lies (0 for its ``pushfq``), or None.
+
+        A fault there must be undone before it is the guest ``ret``'s: :data:`INLINE_RETURN_SAVED`.
+        """
+        index = bisect.bisect_right(self.inline_returns, cache) - 1
+        if index < 0 or cache - self.inline_returns[index] >= INLINE_RETURN_SIZE:
+            return None
+        return cache - self.inline_returns[index]
 
     def resume_point(self, block: Block, guest: int) -> int | None:
         """Where ``block``'s translation of guest instruction ``guest`` starts, if it is valid and has one."""
@@ -376,6 +394,7 @@ class TranslationCache:
 
         address = guest
         ended = False
+        inline_returns: list[int] = []
         for _ in range(limit):
             instruction = self.decode(address)
             if instruction is None:
@@ -420,11 +439,13 @@ class TranslationCache:
                 emit_exit(insn, _target(instruction), "call")
                 ended = True
             elif name == "ret" and not instruction.operands and self.returns is not None and not one_shot:
-                for piece, text in self._inline_return(start + len(out)):
+                first = start + len(out)
+                for piece, text in self._inline_return(first):
                     if text.startswith("int3"):
                         emit_site("indirect", insn, text)
                     else:
                         emit(piece, text, insn[0])
+                inline_returns.append(first)
                 ended = True
             elif name in INDIRECT or _transfers_control(instruction):
                 emit_site("indirect", insn, f"int3               ; -> monitor: {insn[2]} (indirect)")
@@ -455,6 +476,7 @@ class TranslationCache:
             self.site_blocks[site.address] = block
         self._cache_starts.append(block.cache_start)
         self._cache_blocks.append(block)
+        self.inline_returns.extend(inline_returns)
         self.guest_bytes += block.guest_end - block.guest_start
         if one_shot:
             return block
@@ -473,6 +495,12 @@ class TranslationCache:
         if self.returns is None:
             raise LabkitError("this translation cache has no return table")
         return self.returns
+
+    def uncount_return_hit(self) -> None:
+        """Take back one inline return hit (its ``ret`` faulted after counting and runs again)."""
+        counter = self._return_counter()
+        hits = struct.unpack("<Q", self.memory.read(counter, 8))[0]
+        self.write(counter, struct.pack("<Q", hits - 1))
 
     def _return_counter(self) -> int:
         guest_start, guest_size, table = self._return_table()

@@ -356,3 +356,44 @@ def test_a_far_pointer_load_checks_the_kernels_selector(backend_name):
     assert "  rax = 0x123400100010" in native.console.splitlines(), native.console
     assert bt.console == native.console
     assert bt.monitor.entries["emulate: lss"] == bt.monitor.entries["emulate: lfs"] == 1
+
+
+def test_a_stack_on_a_page_of_translated_code_works(backend_name):
+    """Every push to it traps (the page is read-only) and runs once with the page open."""
+    kernel = Guest.from_asm("""
+        lea rsp, [rip + stack_top]
+        mov eax, 5
+        call function
+        hlt
+    function:
+        add eax, 1
+        ret
+        .fill 64, 1, 0
+    stack_top:
+    """, mode=64, name="stack on code")
+    native = Machine(kernel, backend=backend_name).run(timeout=10)
+    bt = run_translated(kernel, backend=backend_name)
+    assert bt.status.kind == StatusKind.HALTED and bt.regs.gprs() == native.regs.gprs()
+    assert bt.monitor.entries["write: one-shot"] >= 2  # the call's push, the ret's inline lookup
+
+
+def test_a_ret_whose_inline_lookup_straddles_into_translated_code_is_undone_and_run_once(backend_name):
+    """The inline ret's first push lands on the stack's page, its second on the code's: the monitor puts RSP,
+    RAX and the flags back and runs the ret once, as for any other store into translated code."""
+    kernel = Guest.from_asm("""
+        lea rsp, [rip + stack + 16]   # at the ret, RSP = stack + 8: pushfq writes stack, push rax the code page
+        mov eax, 7
+        call function
+        hlt
+    function:
+        cmp eax, 7                    # flags the ret must not disturb
+        ret
+        .balign 4096
+    stack:
+        .fill 64, 1, 0
+    """, mode=64, name="straddling stack")
+    native = Machine(kernel, backend=backend_name).run(timeout=10)
+    bt = run_translated(kernel, backend=backend_name)
+    assert bt.status.kind == StatusKind.HALTED, bt.status
+    assert bt.regs.gprs() == native.regs.gprs() and bt.regs.rflags & 0xFF == native.regs.rflags & 0xFF
+    assert bt.monitor.entries["write: one-shot"] == 1
