@@ -261,3 +261,38 @@ def probe_table(rows: list[ProbeRow], backend_label: str) -> Table:
                   "binary translation (ring 3)"], body,
                  note=f"trap-and-emulate differs from native in {leaking} of {len(rows)} rows; "
                       f"binary translation gives the native value in {exact} of {len(rows)}.")
+
+
+WHY_THE_SAME = {
+    "SLDT": "the monitor's LDTR is null, like the kernel's",
+    "STR": "the monitor's TR holds the same TSS selector as the kernel's",
+    "INT n": "`int 0x30` traps in ring 3, and the monitor reflects it through the kernel's IDT with the kernel's CS",
+    "PUSH CS": "an invalid opcode in 64-bit mode: #UD natively too",
+}
+"""Why a row can show trap-and-emulate the native value although the instruction is on the list."""
+
+
+def leak_summary(rows: list[ProbeRow], backend: str, flavour: str | None = None) -> str:
+    """A Markdown paragraph on ``rows``: which leak under trap-and-emulate, how many BT gets right, and why the
+    native value of some came from the emulator (on a KVM whose ring 0 cannot run them)."""
+    leaking = [row for row in rows if row.leaks]
+    same = "; ".join(f"{row.probe.name}: {WHY_THE_SAME.get(row.probe.name, 'the same value by coincidence')}"
+                     for row in rows if not row.leaks)
+    exact = sum(row.exact for row in rows)
+    text = (f"Under **trap-and-emulate** the kernel sees something else than natively in **{len(leaking)} of "
+            f"{len(rows)}** rows: {', '.join(row.probe.name for row in leaking)}.")
+    if same:
+        text += f" The others look right here only because the ring-3 answer happens to be the same or the " \
+                f"instruction traps: {same}."
+    text += f" Under **binary translation** the kernel sees its native value in **{exact} of {len(rows)}**."
+    elsewhere = [row.probe.name for row in rows if row.reference != backend]
+    if elsewhere:
+        host = f"this `{flavour}` host" if flavour else "this KVM host"
+        text += (f"\n\nThe native column of {', '.join(elsewhere)} comes from the emulator: on {host} the native "
+                 "ring-0 run stops at them with an emulation error.")
+        if flavour == "kvm_pvm":
+            text += (" Under PVM every ring-0 instruction runs in KVM's instruction emulator, which cannot run them "
+                     "(a VT-x or AMD-V host runs them in hardware). A ring-3 `lar` or `mov eax, cs` there even "
+                     "answers from the *host's* GDT (the selectors in the trap-and-emulate column are the host's), "
+                     "so without translation the kernel cannot see its own.")
+    return text
