@@ -30,6 +30,9 @@ instruction                what the kernel gets (Intel SDM vol. 2A/2B, instructi
 ``retf``/``retfq``         privilege (CS is pushed and popped as the operand size says)
 =========================  ======================================================================
 
+Where the emulator's CPU (QEMU/Unicorn) departs from the SDM, the monitor follows the SDM: QEMU's LAR
+accepts an LDT descriptor and 16-bit system types that the IA-32e table rejects.
+
 Not modelled, on purpose (the run stops with :class:`Unmodelled` naming the
 instruction rather than giving a wrong answer): far transfers through call
 gates or into compatibility mode, a far return to an outer ring (virtual user
