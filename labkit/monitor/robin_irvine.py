@@ -172,12 +172,19 @@ class ProbeRow:
         return self.translated.value == self.native.value
 
 
+IDT_ON_ITS_OWN_PAGE = ".set IDT_ON_ITS_OWN_PAGE, 1\n"
+"""Assembled into every probe kernel: its IDT goes on a page of its own (see ``minikernel64.S``), so that
+binary translation does not trap each of the kernel's boot-time gate stores (they would share a page with
+translated code); notebook 03's full minikernel run shows that cost."""
+
+
 @lru_cache(maxsize=64)
 def probe_kernel(routine: str) -> Guest:
-    """``minikernel64`` running only ``routine`` as its student routine (assembled once per routine)."""
+    """``minikernel64`` running only ``routine`` as its student routine (assembled once per routine),
+    with its IDT on a page of its own."""
     from labkit.monitor.trap_emulate import minikernel
 
-    return minikernel((), student=routine)
+    return minikernel((), student=IDT_ON_ITS_OWN_PAGE + routine)
 
 
 def observation(result: RunResult) -> Observation:

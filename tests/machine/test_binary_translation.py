@@ -259,7 +259,7 @@ from labkit.monitor.robin_irvine import (ALL_PROBES, MORE_PROBES, ROBIN_IRVINE_P
                                          observation, probe_kernel, run_probe)
 
 # What the kernel observes natively (ring 0), the same on every backend that can run it.
-NATIVE = {"SGDT": "0x86b0", "SIDT": "0x86e0", "SLDT": "0x0", "SMSW": "0x80010039", "PUSHF": "0x0", "POPF": "0x200",
+NATIVE = {"SGDT": "0x86b0", "SIDT": "0x9000", "SLDT": "0x0", "SMSW": "0x80010039", "PUSHF": "0x0", "POPF": "0x200",
           "LAR": "0xa09b00", "LSL": "0xffffffff", "VERR": "0x1", "VERW": "0x1", "PUSH": "0x10", "POP": "0x10",
           "CALL": "0x8", "JMP": "0x1", "INT n": "0x8", "RET": "0x1", "STR": "0x40", "MOV": "0x8",
           "MOV from SS": "0x10", "MOV to DS": "0x10", "PUSH CS": "#UD, then 0x0"}
