@@ -87,10 +87,17 @@ class TranslationChoice(Experiment):
         from labkit.monitor.binary_translation import (TRANSLATABLE, TranslationSummary, consoles_side_by_side,
                                                        run_translated)
         from labkit.vmm.machine import Machine
+        from labkit.vmm.status import StatusKind
 
         kernel = _kernel(self.routine.value)
         with Machine(kernel, backend=self.backend.value) as machine:
             native = machine.run(timeout=TIMEOUT_S)
+        reference = ""
+        if native.status.kind == StatusKind.ERROR and self.backend.value != "emu":
+            # This KVM's ring 0 cannot run the routine (PVM's instruction emulator has no lar, no int n).
+            reference = f" (natively on KVM: {native.status}; the native console is the emulator's)"
+            with Machine(kernel, backend="emu") as machine:
+                native = machine.run(timeout=TIMEOUT_S)
         translated = run_translated(kernel, backend=self.backend.value, translate=self.translate.value,
                                     timeout=TIMEOUT_S)
         self.last = translated
@@ -99,7 +106,7 @@ class TranslationChoice(Experiment):
         report = translated.monitor
         entries = f"; {report.monitor_entries} monitor entries" if isinstance(report, TranslationSummary) else ""
         summary = (f"{self.routine.value} on {self.backend.label}, left untranslated: {left_out}. The translated "
-                   f"console is {same} the native one ({translated.status}{entries}).")
+                   f"console is {same} the native one ({translated.status}{entries}){reference}.")
         return [note(summary), consoles_side_by_side({"native (ring 0)": native.console,
                                                       "binary translation (ring 3)": translated.console})]
 

@@ -397,3 +397,13 @@ def test_a_ret_whose_inline_lookup_straddles_into_translated_code_is_undone_and_
     assert bt.status.kind == StatusKind.HALTED, bt.status
     assert bt.regs.gprs() == native.regs.gprs() and bt.regs.rflags & 0xFF == native.regs.rflags & 0xFF
     assert bt.monitor.entries["write: one-shot"] == 1
+
+
+def test_the_translation_widget_runs_a_probe_with_its_instruction_left_out(backend_name):
+    from labkit.widgets import TranslationChoice
+
+    choice = TranslationChoice(routine="Robin & Irvine: LAR", leave_out=frozenset({"lar"}), backend=backend_name)
+    summary = choice.results()[0].data
+    assert "left untranslated: lar. The translated console is different from the native one" in summary
+    choice.translate.value = tuple(choice.translate.options)
+    assert "The translated console is the same as the native one" in choice.results()[0].data
