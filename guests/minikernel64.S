@@ -401,5 +401,8 @@ idt_pointer:
         .word IDT_VECTORS * 16 - 1
         .quad idt
         .balign 16
+        .ifdef IDT_ON_ITS_OWN_PAGE        # a student routine may .set it: then the IDT the kernel fills
+        .balign 4096                      # at boot does not share a page with its code (see
+        .endif                            # labkit.monitor.robin_irvine: fewer stores into translated code)
 idt:
         .fill IDT_VECTORS * 16, 1, 0

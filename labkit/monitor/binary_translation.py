@@ -5,15 +5,26 @@ for a kernel that runs deprivileged in ring 3, as VMware's binary translator
 ran guest kernels outside ring 0.  Before a basic block of kernel code runs,
 the monitor translates it (:mod:`labkit.monitor.translation_cache`) into a
 translation cache at the top of guest RAM: ordinary instructions are copied,
-each sensitive or privileged one (``cli``, ``popf``, ``sgdt``, ``out``, ...)
-becomes an ``int3``, the one entry into the monitor that works from ring 3 on
-both backends.  At such an entry the original instruction is emulated on the
-same :class:`~labkit.monitor.vcpu.VirtualCpu` that trap-and-emulate uses
-(:func:`~labkit.monitor.vcpu.emulate`), so ``pushf`` pushes the *virtual* IF,
-``popf`` restores it and ``sgdt`` stores the *virtual* GDTR: the three places
-where trap-and-emulate lets the guest see the truth are covered.  Every exit of
-a block is an entry too, until the monitor chains it to its translated
-successor; then the jump runs natively.
+each sensitive or privileged one becomes an ``int3``, the one entry into the
+monitor that works from ring 3 on both backends.  At such an entry the
+original instruction is carried out for the kernel as it would run at CPL 0:
+on the same :class:`~labkit.monitor.vcpu.VirtualCpu` that trap-and-emulate
+uses (:func:`~labkit.monitor.vcpu.emulate`: ``pushf`` pushes the *virtual* IF,
+``popf`` restores it, ``sgdt``/``sidt``/``sldt``/``str``/``smsw`` store the
+kernel's own GDTR, IDTR, LDTR, TR and CR0, ``int n`` goes through its IDT), and
+for the segment instructions by :mod:`labkit.monitor.segments` (``lar``,
+``lsl``, ``verr``, ``verw`` against the kernel's GDT; ``mov``/``push``/``pop``
+of CS, SS, DS, ES, FS, GS with the kernel's selectors; far ``call``, ``jmp``
+and ``ret``).  That covers every instruction on Robin and Irvine's list of
+x86 instructions that are sensitive but do not trap (see
+:mod:`labkit.monitor.robin_irvine`).  Every exit of a block is an entry too,
+until the monitor chains it to its translated successor; then the jump runs
+natively.
+
+What binary translation does not cover: it virtualizes the CPU, not memory.
+A ``mov cr3`` only changes the virtual CR3 (no shadow page tables: the kernel
+keeps running on labkit's identity map), and guest-linear addresses are
+guest-physical, as in trap-and-emulate (:mod:`labkit.monitor.vcpu`).
 
 Memory while a kernel runs under binary translation (identity-mapped, RAM of ``memory`` bytes)::
 
@@ -21,11 +32,13 @@ Memory while a kernel runs under binary translation (identity-mapped, RAM of ``m
     0x0000_1000  GDT, IDT, TSS, page tables (labkit's, not the guest kernel's)
     0x0000_8000  the kernel's code and data: read by the translator, never executed
                  (its first byte is replaced by an int3 so the monitor gets control
-                 before any of it runs: :attr:`BinaryTranslator.guest`)
+                 before any of it runs: :attr:`BinaryTranslator.guest`; the monitor
+                 puts the kernel's own byte back at once)
     0x0006_c000  monitor stack (RSP0, KERNEL_STACK_TOP = 0x7_0000), then the kernel's stack
     0x0008_0000  (STACK_TOP) end of the kernel's stack
-    memory - 256 KiB   translation cache: the return table (8 bytes per kernel code byte, then
-                       a hit counter), then translated blocks, exit stubs and their slots
+    memory - 256 KiB   page tables the monitor split (if any), the page-table stub's page,
+                       then the translation cache: the return table (8 bytes per kernel
+                       code byte, then a hit counter), translated blocks, exit stubs, slots
     memory       end of RAM
 
 The cache sits above everything labkit or the kernel places in RAM (code, data
@@ -39,16 +52,30 @@ stops the run with a message instead of overwriting translated code.  (VMware
 hid its monitor at the top of the address space by truncating the guest's
 segment limits; long mode has no segment limits to truncate, paging does the job.)
 
+Self-modifying code: every guest page with translated code on it is mapped
+read-only, so a kernel store to it traps (#PF).  A plain ``mov`` store the
+monitor does itself; any other instruction runs once from a one-shot
+translation with its page open.  Either way the monitor then compares each
+translated block on the page with the guest's bytes and drops the changed
+ones (:meth:`TranslationCache.invalidate`: no lookup, return-table entry or
+chained exit leads to them any more), so the next run of that code is
+translated afresh: exact, byte for byte.  Stores the monitor makes for the
+kernel (an emulated ``sgdt``) are checked the same way.  The page-table edits
+are made by the guest itself, in a ring-0 stub that also ``invlpg``s them
+(:func:`page_table_stub`): Unicorn keeps a TLB, and KVM's shadow MMU (PVM)
+ignores a host's write to a page table it shadows.
+
 Entries into the monitor, each one a trap through the forwarding stubs::
 
-    int3 at a "sensitive" site   emulate(vcpu, trap, ...) at the guest RIP of the original
-                                 instruction; continue after the site, or at the
-                                 translation of wherever the emulation went (iretq, ...)
+    int3 at a "sensitive" site   carry out the original instruction (above) at its guest RIP;
+                                 continue after the site, or at the translation of
+                                 wherever it went (iretq, int n, a far jump, ...)
     int3 at an "exit" site       translate (or find) the successor, chain the exit to it
     int3 at an "indirect" site   jmp r/m / call r/m, and a ret whose target the inline lookup
                                  in the return table missed: compute the guest target,
                                  find or translate its block (a cache hit or a miss)
-    any fault in the cache       map RIP back to the guest instruction; a privileged one that
+    #PF writing translated code  "write: store" or "write: one-shot" (above)
+    any other fault in the cache map RIP back to the guest instruction; a privileged one that
                                  was left untranslated is emulated as trap-and-emulate would,
                                  anything else is reflected to the guest kernel
 
@@ -63,28 +90,69 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from labkit.errors import ConfigError, LabkitError
 from labkit.memory import GuestMemory
-from labkit.monitor.translation_cache import (CACHE_SIZE, INDIRECT, SENSITIVE, Block, CacheFull, Site,
-                                              TranslationCache)
-from labkit.monitor.vcpu import VirtualCpu
+from labkit.monitor.translation_cache import (CACHE_SIZE, INDIRECT, INLINE_RETURN_SAVED, OPERAND_CLASSES, SENSITIVE,
+                                              Block, CacheFull, Site, TranslationCache)
+from labkit.monitor.segments import SegmentFault, Unmodelled, VirtualSegments, emulate_segment, segment_operation
+from labkit.monitor.vcpu import Decoded, VirtualCpu
 from labkit.table import Table
 from labkit.vmm.forwarding import GuestContext, MonitorContext, Trap
 from labkit.vmm.status import RunResult, Status, StatusKind, exception_name
 from labkit.x86 import layout
-from labkit.x86.arch import Vector
-from labkit.x86.paging import PF_WRITE, write_protect
+from labkit.x86.arch import PF_PRESENT, Vector
+from labkit.x86.paging import LARGE_PAGE, PF_WRITE, WRITABLE, pt_entry_address, write_protect
 
 if TYPE_CHECKING:
     from labkit.guest import Guest
 
-TRANSLATABLE = SENSITIVE | {"cr", "dr"}
-"""Everything that can be put in ``translate=``: mnemonics, plus ``"cr"``/``"dr"`` for ``mov`` to/from them."""
+TRANSLATABLE = SENSITIVE | OPERAND_CLASSES
+"""Everything that can be put in ``translate=``: mnemonics, plus ``"cr"``/``"dr"`` for ``mov`` to/from them
+and ``"sreg"`` for ``mov``/``push``/``pop`` of a segment register."""
 
 BOOT_BREAKPOINT = b"\xcc"
 _MASK64 = (1 << 64) - 1
+PAGE_MASK = layout.PAGE_SIZE - 1
+
+FLUSH_COUNT = 64
+"""Offset in the page-table stub's page of the number of entries to write; three arrays follow it."""
+FLUSH_CAPACITY = (layout.PAGE_SIZE - FLUSH_COUNT - 8) // 24
+FLUSH_STACK = layout.KERNEL_STACK_TOP - 0x1000
+"""The ring-0 stack the stub runs on: in the monitor's stack, well below the forwarding frame."""
+
+
+def page_table_stub(at: int) -> bytes:
+    """Ring-0 code at ``at`` that writes page-table entries *as the guest*, ``invlpg``s them and ``iretq``s on.
+
+    The entries to write follow at ``at + FLUSH_COUNT``: their number, then
+    ``FLUSH_CAPACITY`` entry addresses, as many values, as many pages::
+
+        push rax ; push rcx ; push rdx
+        mov rcx, [count]
+    again:
+        mov rax, [entries + rcx * 8 - 8]
+        mov rdx, [values + rcx * 8 - 8]
+        mov [rax], rdx               ; the guest's own store: KVM's shadow MMU sees it
+        mov rax, [pages + rcx * 8 - 8]
+        invlpg [rax]                 ; and no TLB keeps the old entry
+        loop again
+        pop rdx ; pop rcx ; pop rax
+        iretq                        ; the frame the monitor wrote: the translated code, ring 3
+    """
+    count = at + FLUSH_COUNT
+    entries, values, pages = (count + 8 + 8 * FLUSH_CAPACITY * i for i in range(3))
+    if pages + 8 * FLUSH_CAPACITY >= 1 << 31:
+        raise ConfigError(f"the page-table stub at {at:#x} must lie below 2 GiB (32-bit absolute addresses)")
+    code = (b"\x50\x51\x52" + b"\x48\x8b\x0c\x25" + struct.pack("<i", count)
+            + b"\x48\x8b\x04\xcd" + struct.pack("<i", entries - 8)
+            + b"\x48\x8b\x14\xcd" + struct.pack("<i", values - 8)
+            + b"\x48\x89\x10"
+            + b"\x48\x8b\x04\xcd" + struct.pack("<i", pages - 8)
+            + b"\x0f\x01\x38" + b"\xe2\xe0"
+            + b"\x5a\x59\x58\x48\xcf")
+    return code.ljust(FLUSH_COUNT, b"\xcc")
 
 
 @dataclass(frozen=True)
@@ -106,6 +174,12 @@ class TranslationSummary:
     ``"emulate: cli"``, ``"trap: cli"`` (left untranslated, trapped), ``"fault: #PF"``."""
     translated: tuple[str, ...]
     """The mnemonics that were replaced by monitor entries."""
+    invalidated: int
+    """Translations dropped because the kernel changed the code they came from."""
+    protected_pages: int
+    """Guest pages write-protected because they hold translated code (at the end of the run)."""
+    flushes: int
+    """Resumes through the ring-0 page-table stub (a page protected or opened)."""
     blocks: dict[int, Block] = field(repr=False)
     """Guest start address -> translated block."""
     cache_base: int = 0
@@ -122,6 +196,7 @@ class TranslationSummary:
         for reason, count in self.entries.items():
             kind = {"emulate": "emulated instructions", "block exit": "block exits",
                     "indirect": "indirect branches", "trap": "traps (untranslated)",
+                    "write": "writes to translated code",
                     "fault": "faults and interrupts reflected", "start": "block exits"}.get(reason.split(":")[0], reason)
             groups[kind] = groups.get(kind, 0) + count
         return groups
@@ -208,7 +283,16 @@ class BinaryTranslator:
         self.cache_region = (0, 0)
         """``[start, end)`` of guest RAM the monitor keeps for itself (page tables it split, the cache)."""
         self.vcpu: VirtualCpu | None = None
+        self.segments = VirtualSegments()
+        """The data-segment selectors the kernel loaded (its CS and SS are in :attr:`vcpu`)."""
         self.entries: dict[str, int] = {}
+        self.protected: set[int] = set()
+        """Guest pages holding translated code, mapped read-only so the kernel's writes to them trap."""
+        self._open: set[int] = set()  # pages opened for one instruction's write (see _write_fault)
+        self._flush: dict[int, int] = {}  # page -> its new page-table entry, written by the stub before the kernel runs
+        self._flush_stub = 0
+        self.flushes = 0
+        """Times the monitor resumed the kernel through the ring-0 ``invlpg`` stub."""
         self.cache_hits = 0
         self.chained = 0
         self._stopped = False
@@ -223,12 +307,17 @@ class BinaryTranslator:
         try:
             if self.cache is None:
                 self._start(trap, context)
+                if self._flush and not self._stopped:
+                    self._flush_on_resume(trap, context)
                 return
             rip = trap.regs.rip
             site = self.cache.sites.get(rip - 1) if trap.vector == Vector.BP else None
             # What the monitor writes on the kernel's behalf (an emulated sgdt, a pushed frame)
-            # meets the same read-only cache as the kernel's own stores.
-            kernel = _KernelWrites(context, self.cache_region)
+            # meets the same read-only cache as the kernel's own stores, and invalidates the
+            # translations of any code it overwrites.
+            kernel = _KernelWrites(context, self.cache_region, self._written)
+            if self._open:
+                self._close_pages(context)
             if site is not None:
                 self._entered_at(site, trap, kernel)
             elif self.cache.contains(rip):
@@ -237,7 +326,9 @@ class BinaryTranslator:
                 self._count(f"fault: {_short(trap.vector)}")
                 self._stop(context, StatusKind.ERROR, f"{exception_name(trap.vector)} at rip {rip:#x}, outside the "
                            "translation cache: the monitor never runs the kernel's own code")
-        except CacheFull as full:
+            if self._flush and not self._stopped:
+                self._flush_on_resume(trap, context)
+        except (CacheFull, _Unsupported) as full:
             self._stop(context, StatusKind.ERROR, str(full))
         except _CacheWrite as write:
             self._stop_cache_write(context, write.address, trap.regs.rip)
@@ -250,6 +341,7 @@ class BinaryTranslator:
             inline_return_hits=inline, chained=self.chained,
             guest_bytes=cache.guest_bytes if cache else 0, cache_bytes=cache.code_bytes if cache else 0,
             entries=dict(self.entries), translated=tuple(sorted(self.translated)),
+            invalidated=cache.invalidated if cache else 0, protected_pages=len(self.protected), flushes=self.flushes,
             blocks=dict(cache.blocks) if cache else {}, cache_base=cache.base if cache else 0,
             vcpu=self.vcpu.snapshot() if self.vcpu is not None else None)
 
@@ -269,10 +361,16 @@ class BinaryTranslator:
             self._stop(context, StatusKind.ERROR, f"no room for a {self.cache_size >> 10} KiB translation cache: RAM ends at "
                        f"{ram:#x} and the kernel and its stacks reach {lowest:#x}; give the Machine more memory")
             return
-        # A page at the bottom for each 2 MiB the region touches, should write_protect split it.
+        # The kernel's first byte back: from here on only translations of it run, and the kernel
+        # (reading or patching its own code) sees its own bytes.
+        context.write(entry, self._entry_byte)
+        # A page at the bottom for each 2 MiB the region touches, should write_protect split it;
+        # then the page of the TLB-flush stub; then the cache.
         tables = [base + layout.PAGE_SIZE * i for i in range(((ram - 1) >> 21) - (base >> 21) + 1)]
-        start = base + layout.PAGE_SIZE * len(tables)
-        self.cache = TranslationCache(start, ram - start, _KernelCode(context.memory, self.entry, self._entry_byte),
+        self._flush_stub = base + layout.PAGE_SIZE * len(tables)
+        context.write(self._flush_stub, page_table_stub(self._flush_stub))
+        start = self._flush_stub + layout.PAGE_SIZE
+        self.cache = TranslationCache(start, ram - start, context.memory,
                                       context.write, self.translated, returns=(self.kernel.load_address, len(self.kernel.code)))
         # Read-only for the kernel from here on.  No TLB holds these pages: the kernel has not
         # run yet (the monitor takes over at its first instruction) and nothing else touches them.
@@ -295,10 +393,14 @@ class BinaryTranslator:
             self._count("block exit")
             if site.target is None:
                 raise LabkitError(f"the exit site at {site.address:#x} has no target")
+            cache = self._started()[0]
             successor = self._find(site.target)
-            self._started()[0].chain(site, successor)
-            self.chained += 1
-            trap.regs.rip = successor
+            if cache.site_blocks[site.address].one_shot:
+                trap.regs.rip = successor  # a one-shot's exits always come back here
+            else:
+                cache.chain(site, successor)
+                self.chained += 1
+                trap.regs.rip = successor
         elif site.kind == "indirect":
             self._count(f"indirect: {site.mnemonic}")
             target = self._branch_target(site, trap, context)
@@ -306,11 +408,12 @@ class BinaryTranslator:
                 trap.regs.rip = target
                 self._resume(trap)
         elif site.kind == "sensitive":
-            self._count(f"emulate: {site.mnemonic}")
+            self._count(f"emulate: {_entry_name(site.code, site.guest_rip)}")
             self._emulate(site.guest_rip, site.code, site.text, trap, context)
             if self._stopped:
                 return
-            if trap.regs.rip == site.guest_next:
+            block = self._started()[0].site_blocks[site.address]
+            if trap.regs.rip == site.guest_next and block.valid and site.address + 1 < block.cache_end:
                 trap.regs.rip = site.address + 1  # the translation goes on right after the site
             else:
                 self._resume(trap)  # iretq, int n, a delivered interrupt: somewhere else
@@ -321,21 +424,31 @@ class BinaryTranslator:
 
     def _fault(self, trap: Trap, context: GuestContext) -> None:
         """A fault raised by translated code: emulate an untranslated privileged instruction, or reflect."""
-        from labkit.monitor.vcpu import PF_USER, has_error_code
+        from labkit.monitor.vcpu import PF_USER, decode, has_error_code
         from labkit.x86.instructions import InstructionClass, instruction_class
 
         cache = self._started()[0]
-        guest = cache.guest_address(trap.regs.rip)
-        if guest is None:
-            raise LabkitError(f"rip {trap.regs.rip:#x} stands for no guest instruction in the translation cache")
+        at = trap.regs.rip
+        guest = cache.guest_address(at)
+        block = cache.block_at(at)
+        if guest is None or block is None:
+            raise LabkitError(f"rip {at:#x} stands for no guest instruction in the translation cache")
+        self._undo_inline_return(cache.inline_return_offset(at), trap, context)
         trap.regs.rip = guest
-        decoded = cache.decode(guest)
-        if trap.vector in (Vector.UD, Vector.GP) and decoded is not None \
-                and instruction_class(decoded.mnemonic, decoded.op_str) is not InstructionClass.INNOCUOUS:
-            self._count(f"trap: {decoded.mnemonic}")
-            self._emulate(guest, bytes(decoded.bytes), f"{decoded.mnemonic} {decoded.op_str}".strip(), trap, context)
+        # The instruction as it was translated (the guest may have changed its bytes since).
+        code = next(code for address, code, _ in block.original if address == guest)
+        decoded = decode(code, guest)
+        if trap.vector in (Vector.UD, Vector.GP) and decoded is not None and (
+                instruction_class(decoded.mnemonic, decoded.text.partition(" ")[2]) is not InstructionClass.INNOCUOUS
+                or segment_operation(code, guest) is not None):
+            self._count(f"trap: {_entry_name(code, guest)}")
+            self._emulate(guest, code, decoded.text, trap, context)
             if not self._stopped:
                 self._resume(trap)
+            return
+        if (trap.vector == Vector.PF and trap.error_code & PF_WRITE and trap.error_code & PF_PRESENT
+                and trap.cr2 & ~PAGE_MASK in self.protected):
+            self._write_fault(trap, context, block, code)
             return
         base, end = self.cache_region
         if trap.vector == Vector.PF and trap.error_code & PF_WRITE and base <= trap.cr2 < end:
@@ -361,6 +474,18 @@ class BinaryTranslator:
         trap.regs.rip = guest_rip
         try:
             vcpu = self._started()[1]
+            try:
+                if emulate_segment(vcpu, self.segments, trap, context, code) is not None:
+                    name = _entry_name(code, guest_rip)
+                    vcpu.emulated[name] = vcpu.emulated.get(name, 0) + 1
+                    return
+            except SegmentFault as fault:  # what the CPU raises at CPL 0: the kernel's own handler gets it
+                trap.regs.rip = guest_rip
+                virtual.reflect(vcpu, trap, context, fault.vector, fault.error_code)
+                return
+            except Unmodelled as unmodelled:
+                self._stop(context, StatusKind.ERROR, f"not modelled at RIP {guest_rip:#x} ({text}): {unmodelled}")
+                return
             if virtual.emulate(vcpu, trap, context, code) is None:
                 self._stop(context, StatusKind.ERROR, f"unemulated instruction at RIP {guest_rip:#x}: {text}")
                 return
@@ -370,6 +495,21 @@ class BinaryTranslator:
             return
         if halt is not None:
             self._stop(context, StatusKind.HALTED, halt)
+
+    def _undo_inline_return(self, offset: int | None, trap: Trap, context: GuestContext) -> None:
+        """A fault inside an inline ``ret`` (a push to a read-only page): put back RSP, RAX and the flags it saved,
+        so that the fault is the guest ``ret``'s, as if the sequence had not started."""
+        pushed_flags, pushed_rax, counted, done = INLINE_RETURN_SAVED
+        regs = trap.regs
+        if offset is None or not pushed_flags <= offset < done:
+            return
+        if offset >= counted:
+            self._started()[0].uncount_return_hit()
+        if offset >= pushed_rax:
+            regs.rax, regs.rflags = struct.unpack("<QQ", context.read(regs.rsp, 16))
+            regs.rsp = (regs.rsp + 16) & _MASK64
+        else:
+            regs.rsp = (regs.rsp + 8) & _MASK64
 
     def _reflect(self, vector: int, error_code: int | None, trap: Trap, context: GuestContext) -> None:
         """Deliver ``vector`` through the guest kernel's virtual IDT and continue at its handler's translation."""
@@ -392,7 +532,116 @@ class BinaryTranslator:
         if found is not None:
             self.cache_hits += 1
             return found
-        return cache.translate(guest).cache_start
+        block = cache.translate(guest)
+        for page in block.pages():
+            self._protect(page)
+        return block.cache_start
+
+    # -- self-modifying code ------------------------------------------------------------
+
+    def _protect(self, page: int) -> None:
+        """Map guest ``page`` read-only (it holds translated code) before the kernel runs again."""
+        if page in self.protected:
+            return
+        self._set_writable(page, False)
+        self.protected.add(page)
+
+    def _set_writable(self, page: int, writable: bool) -> None:
+        """Queue the page-table edit for the stub (:func:`page_table_stub`), which makes it as the guest.
+
+        A write by the host to a guest page-table entry is seen by neither backend in time:
+        Unicorn keeps its TLB, and KVM's shadow MMU (PVM) trusts a shadowed page table it
+        write-protects and ignores an ``invlpg`` of it.  The guest's own store is trapped by
+        KVM, and the ``invlpg`` after it empties the TLB.
+        """
+        if not 0 <= page < LARGE_PAGE:
+            raise _Unsupported(f"kernel code at {page:#x}: binary translation write-protects translated code in "
+                               "the first 2 MiB of RAM only (labkit's 4 KiB page table)")
+        entry = self._flush.get(page)
+        if entry is None:
+            entry = struct.unpack("<Q", self._memory().read(pt_entry_address(page), 8))[0]
+        self._flush[page] = entry | WRITABLE if writable else entry & ~WRITABLE
+
+    def _write_fault(self, trap: Trap, context: GuestContext, block: Block, code: bytes) -> None:
+        """The kernel writes to a page of translated code (``code`` at ``trap.regs.rip`` in ``block``).
+
+        A plain ``mov`` to memory the monitor carries out itself: the page stays read-only,
+        the translations whose bytes the store changed are dropped (:meth:`_written`), and
+        the kernel goes on after the store.  Any other instruction runs once with its page
+        open: the page becomes writable and the instruction runs from a one-shot translation
+        that ends in a monitor entry, where :meth:`_close_pages` compares every translated
+        block on the page with the guest's bytes, drops the changed ones and protects the
+        page again.
+        """
+        from labkit.monitor.vcpu import decode, effective_address, read_register
+
+        cache = self._started()[0]
+        guest = trap.regs.rip
+        store = decode(code, guest)
+        if store is not None and _plain_store(store, code):
+            self._count("write: store")
+            target, source = store.operands
+            next_rip = guest + store.length
+            value = read_register(trap.regs, source.reg) if source.kind == "reg" else source.imm
+            address = effective_address(target, trap.regs, next_rip)
+            context.write(address, (value & ((1 << 8 * target.size) - 1)).to_bytes(target.size, "little"))
+            trap.regs.rip = next_rip
+            after = cache.resume_point(block, next_rip)
+            if after is None:
+                self._resume(trap)
+            else:
+                trap.regs.rip = after
+            return
+        self._count("write: one-shot")
+        page = trap.cr2 & ~PAGE_MASK
+        self._set_writable(page, True)
+        self.protected.discard(page)
+        self._open.add(page)
+        trap.regs.rip = cache.one_shot(guest).cache_start
+
+    def _close_pages(self, context: GuestContext) -> None:
+        """After a one-shot write: drop the translations whose guest bytes changed, protect the pages again."""
+        cache = self._started()[0]
+        for page in sorted(self._open):
+            self._drop_stale(page, page + layout.PAGE_SIZE)
+            if cache.translated_in(page, page + layout.PAGE_SIZE):
+                self._protect(page)
+        self._open.clear()
+
+    def _written(self, address: int, size: int) -> None:
+        """The monitor wrote guest memory for the kernel: drop the translations of code it changed."""
+        if self.cache is not None and any(page in self.protected or page in self._open
+                                          for page in range(address & ~PAGE_MASK, address + size, layout.PAGE_SIZE)):
+            self._drop_stale(address, address + size)
+
+    def _drop_stale(self, start: int, end: int) -> None:
+        cache = self._started()[0]
+        for block in cache.stale(start, end):
+            cache.invalidate(block)
+
+    def _flush_on_resume(self, trap: Trap, context: MonitorContext) -> None:
+        """Resume through the ring-0 stub that writes the queued page-table entries and ``invlpg``s them."""
+        edits, self._flush = self._flush, {}
+        if len(edits) > FLUSH_CAPACITY:
+            raise _Unsupported(f"{len(edits)} page-table entries to change at once; the stub holds {FLUSH_CAPACITY}")
+        regs = trap.regs
+        frame = FLUSH_STACK - 40
+        context.write(frame, struct.pack("<5Q", regs.rip, trap.cs, regs.rflags, regs.rsp, trap.ss))
+        pages = sorted(edits)
+        table = self._flush_stub + FLUSH_COUNT
+        context.write(table, struct.pack("<Q", len(pages)))
+        for index, values in enumerate(([pt_entry_address(page) for page in pages], [edits[page] for page in pages],
+                                        pages)):
+            context.write(table + 8 + 8 * FLUSH_CAPACITY * index, struct.pack(f"<{len(pages)}Q", *values))
+        regs.rip, regs.rsp = self._flush_stub, frame
+        trap.cs, trap.ss = layout.KERNEL_CS64, layout.KERNEL_DS
+        self.flushes += 1
+
+    def _memory(self) -> GuestMemory:
+        cache = self._started()[0]
+        if not isinstance(cache.memory, GuestMemory):
+            raise LabkitError("the translation cache reads guest memory through a GuestMemory")
+        return cache.memory
 
     def _started(self) -> tuple[TranslationCache, VirtualCpu]:
         """The cache and the virtual CPU, which exist once the first trap has started the translation."""
@@ -441,39 +690,24 @@ class BinaryTranslator:
         self.entries[reason] = self.entries.get(reason, 0) + 1
 
 
-class _KernelCode:
-    """Guest memory as the translator reads the kernel: the boot breakpoint shows as the kernel's own first byte."""
-
-    def __init__(self, memory: GuestMemory, entry: int, original: bytes):
-        self._memory = memory
-        self._entry = entry
-        self._original = original
-
-    def read(self, address: int, size: int) -> bytes:
-        return self._unhidden(address, self._memory.read(address, size))
-
-    def read_at_most(self, address: int, size: int) -> bytes:
-        return self._unhidden(address, self._memory.read_at_most(address, size))
-
-    def _unhidden(self, address: int, data: bytes) -> bytes:
-        entry = self._entry
-        if address <= entry < address + len(data):
-            data = data[:entry - address] + self._original + data[entry - address + 1:]
-        return data
-
-
 class _CacheWrite(Exception):
     def __init__(self, address: int):
         super().__init__(address)
         self.address = address
 
 
-class _KernelWrites:
-    """A MonitorContext whose ``write`` refuses the monitor's region (raises :class:`_CacheWrite`)."""
+class _Unsupported(LabkitError):
+    """Something binary translation does not do (the run stops with this message)."""
 
-    def __init__(self, context: MonitorContext, region: tuple[int, int]):
+
+class _KernelWrites:
+    """A MonitorContext whose ``write`` refuses the monitor's region (raises :class:`_CacheWrite`)
+    and reports every write it lets through to ``written(address, size)``."""
+
+    def __init__(self, context: MonitorContext, region: tuple[int, int], written: Callable[[int, int], None]):
         self._context = context
         self._region = region
+        self._written = written
         self.memory = context.memory
 
     @property
@@ -494,6 +728,35 @@ class _KernelWrites:
         if address < end and address + len(data) > start:
             raise _CacheWrite(max(address, start))
         self._context.write(address, data)
+        self._written(address, len(data))
+
+
+def _plain_store(decoded: Decoded, code: bytes) -> bool:
+    """``mov m, r`` or ``mov m, imm``, with no prefix that changes how its address is formed (FS, GS, 0x67)."""
+    if decoded.mnemonic != "mov" or len(decoded.operands) != 2 or any(byte in (0x64, 0x65, 0x67) for byte in
+                                                                       _legacy_prefixes(code)):
+        return False
+    target, source = decoded.operands
+    return target.kind == "mem" and (source.kind == "imm" or (source.kind == "reg" and source.reg not in
+                                                             ("cs", "ss", "ds", "es", "fs", "gs")))
+
+
+def _legacy_prefixes(code: bytes) -> bytes:
+    at = 0
+    while at < len(code) and code[at] in (0x66, 0x67, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0xF0, 0xF2, 0xF3):
+        at += 1
+    return code[:at]
+
+
+def _entry_name(code: bytes, address: int) -> str:
+    """How an emulated instruction is counted: its mnemonic, or its segment operation (``"mov sreg"``, ``"lcall"``)."""
+    from labkit.monitor.vcpu import decode
+
+    kind = segment_operation(code, address)
+    if kind is not None:
+        return kind
+    decoded = decode(bytes(code[:15]), address)
+    return decoded.mnemonic if decoded is not None else code.hex()
 
 
 def _short(vector: int) -> str:

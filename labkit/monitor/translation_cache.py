@@ -65,6 +65,10 @@ SENSITIVE = frozenset({
     "cli", "sti", "pushfq", "pushf", "popfq", "popf",
     # descriptor tables and machine status: readable from ring 3 without a trap
     "sgdt", "sidt", "sldt", "smsw", "str",
+    # segment checks: answered by the GDT the CPU really uses, at CPL 3 (under PVM: the host's)
+    "lar", "lsl", "verr", "verw",
+    # segment loads from a far pointer (LDS/LES are invalid in 64-bit mode)
+    "lfs", "lgs", "lss",
     # privileged: #GP in ring 3
     "lgdt", "lidt", "lldt", "ltr", "lmsw", "clts", "invlpg", "wbinvd", "invd",
     "rdmsr", "wrmsr", "swapgs", "hlt",
@@ -75,13 +79,24 @@ SENSITIVE = frozenset({
     "sysenter", "sysexit", "ljmp", "lcall", "retf", "retfq",
 })
 """Capstone mnemonics the translator replaces by monitor entries by default (``mov`` to/from a
-control or debug register is matched by its operand, see :func:`is_sensitive`)."""
+control or debug register and every move, push and pop of a segment register are matched by their
+operands, the far ``call``/``jmp`` through memory by their ModRM byte: see :func:`is_sensitive`)."""
+
+OPERAND_CLASSES = frozenset({"cr", "dr", "sreg"})
+"""Keys of ``translate=`` that name operands, not mnemonics: ``mov`` to/from a control (``"cr"``) or debug
+(``"dr"``) register; ``mov``/``push``/``pop`` of a segment register (``"sreg"``)."""
 
 INDIRECT = frozenset({"ret", "jmp", "call"})
 """With a register or memory operand (or none, for ``ret``): the target is known only at run time."""
 CONDITIONAL = frozenset({"ja", "jae", "jb", "jbe", "je", "jne", "jg", "jge", "jl", "jle",
                          "jo", "jno", "jp", "jnp", "js", "jns"})
 LOOPS = frozenset({"loop", "loope", "loopne", "jrcxz", "jecxz"})
+
+INLINE_RETURN_SAVED = (1, 2, 42, 47)
+"""Offsets in an inline ``ret`` sequence: from the first, its ``pushfq`` has pushed the flags (RSP - 8); from the
+second, ``push rax`` has pushed RAX too (RSP - 16, RAX and the flags to be restored from the stack); from the third,
+the hit counter has counted the hit; from the fourth (``pop rax``) on, nothing that writes memory is left."""
+INLINE_RETURN_SIZE = 52
 
 MAX_BLOCK_INSTRUCTIONS = 32
 EXIT_STUB_SIZE = 15
@@ -134,14 +149,36 @@ class Block:
     """``(guest address, bytes, text)`` of each guest instruction."""
     translated: list[tuple[int, bytes, str, int]] = field(default_factory=list)
     """``(cache address, bytes, text, guest address it stands for)`` of each emitted piece."""
+    one_shot: bool = False
+    """A one-instruction translation run once while its page is open for a write (never looked up or chained)."""
+    valid: bool = True
+    """False once the guest changed the bytes it was translated from (see :meth:`TranslationCache.invalidate`)."""
+
+    @property
+    def guest_code(self) -> bytes:
+        """The guest bytes this block was translated from."""
+        return b"".join(code for _, code, _ in self.original)
+
+    def pages(self) -> range:
+        """The 4 KiB guest pages its guest code lies on."""
+        first = self.guest_start & ~(PAGE_SIZE - 1)
+        return range(first, max(self.guest_end, self.guest_start + 1), PAGE_SIZE)
 
 
 def is_sensitive(instruction: CsInsn, mnemonics: frozenset[str]) -> bool:
     """Does this Capstone instruction get a monitor entry under the set ``mnemonics``?
 
-    ``mov`` to or from a control or debug register counts as ``"mov cr"`` / ``"mov dr"``.
+    ``mov`` to or from a control or debug register counts as ``"cr"`` / ``"dr"``; ``mov``,
+    ``push`` and ``pop`` of a segment register as ``"sreg"``; ``FF /3`` and ``FF /5`` with a
+    memory operand (Capstone: ``call ptr``/``jmp ptr`` without REX.W) as ``"lcall"``/``"ljmp"``.
     """
+    from labkit.monitor.segments import segment_operation
+
     name = instruction.mnemonic
+    if name in ("mov", "push", "pop", "call", "jmp"):
+        kind = segment_operation(bytes(instruction.bytes), instruction.address)
+        if kind is not None:
+            return ("sreg" if kind.endswith(" sreg") else kind) in mnemonics
     if name == "mov":
         operands = instruction.op_str
         if "cr" in mnemonics and any(f"cr{n}" in operands.split(", ") for n in (0, 2, 3, 4, 8)):
@@ -165,11 +202,11 @@ class TranslationCache:
     the machine's :class:`~labkit.memory.GuestMemory`, or the monitor's view of
     it) and ``write(address, data)`` stores into it;
     ``sensitive`` is the set of mnemonics replaced by monitor entries (plus
-    ``"cr"``/``"dr"`` for moves to and from control/debug registers).
+    the :data:`OPERAND_CLASSES`).
     """
 
     def __init__(self, base: int, size: int, memory: Readable,
-                 write: Callable[[int, bytes], None], sensitive: Iterable[str] = SENSITIVE | {"cr", "dr"},
+                 write: Callable[[int, bytes], None], sensitive: Iterable[str] = SENSITIVE | OPERAND_CLASSES,
                  returns: tuple[int, int] | None = None):
         import capstone
 
@@ -202,6 +239,17 @@ class TranslationCache:
         """Guest start address -> translated block."""
         self.sites: dict[int, Site] = {}
         """Address of a site's ``int3`` -> the site."""
+        self.site_blocks: dict[int, Block] = {}
+        """Address of a site's ``int3`` -> the block it belongs to."""
+        self.one_shots: dict[int, Block] = {}
+        """Guest address -> its one-instruction translation (see :meth:`one_shot`)."""
+        self.invalidated = 0
+        """Blocks dropped because the guest wrote to the code they were translated from."""
+        self._chained_into: dict[int, list[int]] = {}  # cache address of a block -> slots chained to it
+        self.inline_returns: list[int] = []
+        """Cache address of each inline ``ret`` sequence (see :meth:`_inline_return`), ascending."""
+        self._cache_starts: list[int] = []  # cache_start of every block ever translated, ascending
+        self._cache_blocks: list[Block] = []
         self._starts: list[int] = []  # cache address of each emitted piece, ascending
         self._guest: list[int] = []  # the guest address each piece stands for
         self._cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
@@ -230,20 +278,98 @@ class TranslationCache:
         index = bisect.bisect_right(self._starts, cache) - 1
         return self._guest[index] if index >= 0 else None
 
+    def block_at(self, cache: int) -> Block | None:
+        """The block (valid or not, one-shots included) whose translation holds cache address ``cache``."""
+        index = bisect.bisect_right(self._cache_starts, cache) - 1
+        if index < 0:
+            return None
+        block = self._cache_blocks[index]
+        return block if block.cache_start <= cache < block.cache_end else None
+
+    def inline_return_offset(self, cache: int) -> int | None:
+        """How far into an inline ``ret`` sequence ``cache`` lies (0 for its ``pushfq``), or None.
+
+        A fault there must be undone before it is the guest ``ret``'s: :data:`INLINE_RETURN_SAVED`.
+        """
+        index = bisect.bisect_right(self.inline_returns, cache) - 1
+        if index < 0 or cache - self.inline_returns[index] >= INLINE_RETURN_SIZE:
+            return None
+        return cache - self.inline_returns[index]
+
+    def resume_point(self, block: Block, guest: int) -> int | None:
+        """Where ``block``'s translation of guest instruction ``guest`` starts, if it is valid and has one."""
+        if not block.valid:
+            return None
+        return next((at for at, _, _, stands_for in block.translated if stands_for == guest), None)
+
     def chain(self, site: Site, successor: int) -> None:
         """Point ``site``'s exit slot at the translated successor: later runs jump there natively."""
         if site.slot is None:
             raise ConfigError(f"site at {site.address:#x} ({site.kind}) is not an exit and cannot be chained")
         self.write(site.slot, struct.pack("<Q", successor))
+        self._chained_into.setdefault(successor, []).append(site.slot)
+
+    # -- self-modifying code ------------------------------------------------------
+
+    def translated_in(self, start: int, end: int) -> list[Block]:
+        """Valid blocks (one-shots included) with guest code in ``[start, end)``, by guest address."""
+        found = [block for block in [*self.blocks.values(), *self.one_shots.values()]
+                 if block.guest_start < end and start < block.guest_end]
+        return sorted(found, key=lambda block: (block.guest_start, block.one_shot))
+
+    def stale(self, start: int, end: int) -> list[Block]:
+        """The blocks with guest code in ``[start, end)`` whose guest bytes are no longer what was translated."""
+        return [block for block in self.translated_in(start, end)
+                if self.memory.read_at_most(block.guest_start, block.guest_end - block.guest_start)
+                != block.guest_code]
+
+    def invalidate(self, block: Block) -> None:
+        """Forget ``block``: no lookup, return-table entry or chained exit leads to it any more.
+
+        Its code stays in the (append-only) cache, so an instruction of it that is running
+        finishes; every way into it is cut: the return table's entry is cleared and each exit
+        slot chained to it points at its own ``int3`` again (data writes, never code).
+        """
+        if not block.valid:
+            return
+        block.valid = False
+        self.invalidated += 1
+        if block.one_shot:
+            self.one_shots.pop(block.guest_start, None)
+            return
+        if self.blocks.get(block.guest_start) is block:
+            del self.blocks[block.guest_start]
+        if self.returns is not None and 0 <= block.guest_start - self.returns[0] < self.returns[1]:
+            self.write(self.returns[2] + 8 * (block.guest_start - self.returns[0]), bytes(8))
+        for slot in self._chained_into.pop(block.cache_start, []):
+            self.write(slot, struct.pack("<Q", slot + 8))  # the int3 right behind the slot (see exit_stub)
+
+    def one_shot(self, guest: int) -> Block:
+        """A translation of the one guest instruction at ``guest`` that always ends in a monitor entry.
+
+        The monitor runs it while the instruction's target page is open for writing: its exits
+        are never chained and a ``ret`` is never looked up inline, so the monitor regains control
+        right after the instruction and can close the page again.
+        """
+        found = self.one_shots.get(guest)
+        if found is not None and found.valid:
+            return found
+        block = self.translate(guest, limit=1, one_shot=True)
+        self.one_shots[guest] = block
+        return block
 
     # -- translation ------------------------------------------------------------
 
-    def translate(self, guest: int) -> Block:
-        """Translate the basic block at guest address ``guest`` into the cache (or return the existing one)."""
-        if guest in self.blocks:
+    def translate(self, guest: int, *, limit: int = MAX_BLOCK_INSTRUCTIONS, one_shot: bool = False) -> Block:
+        """Translate the basic block at guest address ``guest`` into the cache (or return the existing one).
+
+        ``limit`` caps its guest instructions; ``one_shot`` builds the unregistered
+        translation of :meth:`one_shot` (``limit`` 1, no inline return).
+        """
+        if guest in self.blocks and not one_shot:
             return self.blocks[guest]
         start = self.base + self.used
-        block = Block(guest, guest, start, start, [])
+        block = Block(guest, guest, start, start, [], one_shot=one_shot)
         out = bytearray()
         pending: list[Site] = []
 
@@ -268,7 +394,8 @@ class TranslationCache:
 
         address = guest
         ended = False
-        for _ in range(MAX_BLOCK_INSTRUCTIONS):
+        inline_returns: list[int] = []
+        for _ in range(limit):
             instruction = self.decode(address)
             if instruction is None:
                 code = self.peek(address, 1)
@@ -311,12 +438,14 @@ class TranslationCache:
                 emit(b"\x68" + struct.pack("<i", next_address), f"push {next_address:#x}        ; the guest's return address", insn[0])
                 emit_exit(insn, _target(instruction), "call")
                 ended = True
-            elif name == "ret" and not instruction.operands and self.returns is not None:
-                for piece, text in self._inline_return(start + len(out)):
+            elif name == "ret" and not instruction.operands and self.returns is not None and not one_shot:
+                first = start + len(out)
+                for piece, text in self._inline_return(first):
                     if text.startswith("int3"):
                         emit_site("indirect", insn, text)
                     else:
                         emit(piece, text, insn[0])
+                inline_returns.append(first)
                 ended = True
             elif name in INDIRECT or _transfers_control(instruction):
                 emit_site("indirect", insn, f"int3               ; -> monitor: {insn[2]} (indirect)")
@@ -344,10 +473,16 @@ class TranslationCache:
             self._guest.append(stands_for)
         for site in pending:
             self.sites[site.address] = site
+            self.site_blocks[site.address] = block
+        self._cache_starts.append(block.cache_start)
+        self._cache_blocks.append(block)
+        self.inline_returns.extend(inline_returns)
+        self.guest_bytes += block.guest_end - block.guest_start
+        if one_shot:
+            return block
         if self.returns is not None and 0 <= guest - self.returns[0] < self.returns[1]:
             self.write(self.returns[2] + 8 * (guest - self.returns[0]), struct.pack("<Q", start))
         self.blocks[guest] = block
-        self.guest_bytes += block.guest_end - block.guest_start
         return block
 
     def inline_return_hits(self) -> int:
@@ -360,6 +495,12 @@ class TranslationCache:
         if self.returns is None:
             raise LabkitError("this translation cache has no return table")
         return self.returns
+
+    def uncount_return_hit(self) -> None:
+        """Take back one inline return hit (its ``ret`` faulted after counting and runs again)."""
+        counter = self._return_counter()
+        hits = struct.unpack("<Q", self.memory.read(counter, 8))[0]
+        self.write(counter, struct.pack("<Q", hits - 1))
 
     def _return_counter(self) -> int:
         guest_start, guest_size, table = self._return_table()
@@ -405,7 +546,10 @@ class TranslationCache:
 
     def decode(self, address: int) -> CsInsn | None:
         """The Capstone instruction (with detail) at guest ``address``, or None if it does not decode."""
-        code = self.peek(address, MAX_INSTRUCTION)
+        return self.disassemble(self.peek(address, MAX_INSTRUCTION), address)
+
+    def disassemble(self, code: bytes, address: int) -> CsInsn | None:
+        """The first Capstone instruction (with detail) of ``code`` placed at ``address``, or None."""
         for instruction in self._cs.disasm(code, address, 1):
             return instruction
         return None

@@ -47,8 +47,27 @@ class RoutineComparison(Experiment):
         return [note(summary), comparison, table]
 
 
+PROBE_PREFIX = "Robin & Irvine: "
+"""Dropdown entries for the routines of :mod:`labkit.monitor.robin_irvine` (``"Robin & Irvine: LAR"``)."""
+
+
+def _kernel(routine: str) -> Any:
+    """The minikernel running ``routine``: one of its own, or a Robin & Irvine probe."""
+    from labkit.monitor.robin_irvine import ALL_PROBES, probe_kernel
+    from labkit.monitor.trap_emulate import minikernel
+
+    if routine.startswith(PROBE_PREFIX):
+        name = routine[len(PROBE_PREFIX):]
+        return probe_kernel(next(probe.routine for probe in ALL_PROBES if probe.name == name))
+    return minikernel([routine])
+
+
 class TranslationChoice(Experiment):
-    """Which routine, which instructions the translator replaces: native console next to the translated one."""
+    """Which routine, which instructions the translator replaces: native console next to the translated one.
+
+    The routines are the minikernel's own and one per instruction of Robin and
+    Irvine's list (:mod:`labkit.monitor.robin_irvine`).
+    """
 
     slots = 2
 
@@ -56,10 +75,12 @@ class TranslationChoice(Experiment):
                  backend: str | None = None) -> None:
         from labkit.backend import choose_backend
         from labkit.monitor.binary_translation import TRANSLATABLE
+        from labkit.monitor.robin_irvine import ALL_PROBES
         from labkit.monitor.trap_emulate import ROUTINES
 
         backends, self.skipped = backends_here()
-        self.routine = dropdown("kernel routine", list(ROUTINES), routine)
+        options = list(ROUTINES) + [PROBE_PREFIX + probe.name for probe in ALL_PROBES]
+        self.routine = dropdown("kernel routine", options, routine)
         self.translate = widgets.SelectMultiple(options=sorted(TRANSLATABLE), value=sorted(TRANSLATABLE - leave_out),
                                                 rows=6, description="translate")
         self.backend = backend_picker(backends, backend or choose_backend().name)
@@ -70,12 +91,18 @@ class TranslationChoice(Experiment):
     def results(self) -> list[Any]:
         from labkit.monitor.binary_translation import (TRANSLATABLE, TranslationSummary, consoles_side_by_side,
                                                        run_translated)
-        from labkit.monitor.trap_emulate import minikernel
         from labkit.vmm.machine import Machine
+        from labkit.vmm.status import StatusKind
 
-        kernel = minikernel([self.routine.value])
+        kernel = _kernel(self.routine.value)
         with Machine(kernel, backend=self.backend.value) as machine:
             native = machine.run(timeout=TIMEOUT_S)
+        reference = ""
+        if native.status.kind == StatusKind.ERROR and self.backend.value != "emu":
+            # This KVM's ring 0 cannot run the routine (PVM's instruction emulator has no lar, no int n).
+            reference = f" (natively on KVM: {native.status}; the native console is the emulator's)"
+            with Machine(kernel, backend="emu") as machine:
+                native = machine.run(timeout=TIMEOUT_S)
         translated = run_translated(kernel, backend=self.backend.value, translate=self.translate.value,
                                     timeout=TIMEOUT_S)
         self.last = translated
@@ -84,7 +111,7 @@ class TranslationChoice(Experiment):
         report = translated.monitor
         entries = f"; {report.monitor_entries} monitor entries" if isinstance(report, TranslationSummary) else ""
         summary = (f"{self.routine.value} on {self.backend.label}, left untranslated: {left_out}. The translated "
-                   f"console is {same} the native one ({translated.status}{entries}).")
+                   f"console is {same} the native one ({translated.status}{entries}){reference}.")
         return [note(summary), consoles_side_by_side({"native (ring 0)": native.console,
                                                       "binary translation (ring 3)": translated.console})]
 

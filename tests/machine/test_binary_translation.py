@@ -197,3 +197,213 @@ def test_an_emulated_store_into_the_translation_cache_is_stopped_too(backend_nam
     assert result.status.kind == StatusKind.ERROR
     assert result.status.message.startswith("the kernel wrote to 0x1f0000 at rip 0x8007, inside the translation "
                                             "cache (0x1c0000-0x200000)"), result.status.message
+
+
+# -- self-modifying code ---------------------------------------------------------------------------
+
+PATCHING = """
+    call value                           # translates value: it returns 1
+    mov r12, rax
+    mov byte ptr [rip + value + 1], 2    # a plain store into translated code (the monitor does it)
+    call value                           # must run the new code: 2
+    mov r13, rax
+    add byte ptr [rip + value + 1], 3    # a read-modify-write (run once from a one-shot translation)
+    call value                           # 5
+    mov r14, rax
+    mov byte ptr [rip + ahead + 1], 7    # patches the next instruction of the running block
+ahead:
+    mov eax, 0
+    mov r15, rax
+    smsw word ptr [rip + emulated + 1]   # a store the monitor emulates (CR0[15:0] = 0x31)
+emulated:
+    mov eax, 0xffffffff
+    mov rbx, rax
+    hlt
+value:
+    mov eax, 1
+    ret
+"""
+
+
+def test_a_kernel_that_patches_its_translated_code_runs_the_new_code(backend_name):
+    kernel = Guest.from_asm(PATCHING, mode=64, name="patching")
+    native = Machine(kernel, backend=backend_name).run(timeout=10)
+    bt = run_translated(kernel, backend=backend_name)
+    assert native.status.kind == bt.status.kind == StatusKind.HALTED, (str(native.status), str(bt.status))
+    expected = {"r12": 1, "r13": 2, "r14": 5, "r15": 7, "rbx": 0xFFFF0031}
+    assert {name: getattr(native.regs, name) for name in expected} == expected
+    assert bt.regs.gprs() == native.regs.gprs()
+    entries = bt.monitor.entries
+    assert entries["write: store"] == 2 and entries["write: one-shot"] == 1
+    # value's block twice, the running block once, the smsw block once
+    assert bt.monitor.invalidated == 4
+
+
+def test_without_write_protection_the_old_translation_would_run(backend_name):
+    """The same store to a page with no translated code on it costs nothing: no trap, no invalidation."""
+    kernel = Guest.from_asm("""
+        mov byte ptr [rip + data], 2
+        mov al, [rip + data]
+        hlt
+        .balign 4096
+    data: .byte 1
+    """, mode=64, name="data page")
+    bt = run_translated(kernel, backend=backend_name)
+    assert bt.regs.rax & 0xFF == 2
+    assert not {reason for reason in bt.monitor.entries if reason.startswith("write")}
+
+
+# -- every instruction of Robin and Irvine's list, as the kernel's routine -----------------------------
+
+from labkit.monitor.robin_irvine import (ALL_PROBES, MORE_PROBES, ROBIN_IRVINE_PROBES,  # noqa: E402
+                                         observation, probe_kernel, run_probe)
+
+# What the kernel observes natively (ring 0), the same on every backend that can run it.
+NATIVE = {"SGDT": "0x86b0", "SIDT": "0x9000", "SLDT": "0x0", "SMSW": "0x80010039", "PUSHF": "0x0", "POPF": "0x200",
+          "LAR": "0xa09b00", "LSL": "0xffffffff", "VERR": "0x1", "VERW": "0x1", "PUSH": "0x10", "POP": "0x10",
+          "CALL": "0x8", "JMP": "0x1", "INT n": "0x8", "RET": "0x1", "STR": "0x40", "MOV": "0x8",
+          "MOV from SS": "0x10", "MOV to DS": "0x10", "PUSH CS": "#UD, then 0x0"}
+# Ring-0 instructions KVM's instruction emulator cannot run: under PVM (all ring-0 code is emulated)
+# the native run ends in KVM_INTERNAL_ERROR_EMULATION, and the emulator's native run is the reference.
+NOT_IN_KVM_EMULATOR = {"LAR", "LSL", "VERR", "VERW", "INT n"}
+
+
+def test_the_probes_cover_every_row_of_the_paper():
+    from labkit.classify.robin_irvine import ROBIN_IRVINE
+
+    assert [probe.name for probe in ROBIN_IRVINE_PROBES] == [experiment.name for experiment in ROBIN_IRVINE]
+    assert set(NATIVE) == {probe.name for probe in ALL_PROBES} and len(MORE_PROBES) == 3
+
+
+@pytest.mark.parametrize("probe", ALL_PROBES, ids=[probe.name for probe in ALL_PROBES])
+def test_translation_gives_the_kernel_its_native_view(probe, backend_name):
+    from labkit.kvm.system import kvm_flavour
+
+    native = observation(run_probe(probe, "native", backend_name))
+    if backend_name == "kvm" and probe.name in NOT_IN_KVM_EMULATOR and kvm_flavour() == "kvm_pvm":
+        assert native.kind == StatusKind.ERROR and "KVM_INTERNAL_ERROR_EMULATION" in native.status, native
+        native = observation(run_probe(probe, "native", "emu"))
+    assert native.value == NATIVE[probe.name], native
+    translated = run_probe(probe, "binary translation", backend_name)
+    assert observation(translated).value == native.value, translated.console
+    assert translated.status.kind == StatusKind.HALTED
+
+
+def test_segment_emulation_follows_the_sdm_where_the_kernel_errs(backend_name):
+    """Null, out-of-limit and LDT selectors, a 16-bit LAR, and a #GP the kernel's own handler gets."""
+    routine = """
+        xor ecx, ecx
+        mov eax, 0x1234
+        lar eax, ecx          # null selector: ZF = 0, EAX unchanged
+        setz bl
+        mov ecx, 0x7ff8
+        lsl eax, ecx          # beyond the GDT limit: ZF = 0
+        setz bh
+        mov ecx, 0x0c
+        verr cx               # an LDT selector, and there is no LDT: ZF = 0
+        setz dl
+        mov ecx, 8
+        verw cx               # a code segment is never writable: ZF = 0
+        setz dh
+        lar ax, cx            # 16-bit form: FF00H of the access rights
+        shl rax, 16
+        mov al, bl
+        mov ah, bh
+        shl rax, 16
+        mov al, dl
+        mov ah, dh
+    """
+    kernel = probe_kernel(routine)
+    native = Machine(kernel, backend="emu").run(timeout=10)
+    bt = run_translated(kernel, backend=backend_name)
+    assert "  rax = 0x9b0000000000" in native.console.splitlines(), native.console
+    assert bt.console == native.console
+
+
+def test_a_bad_segment_load_raises_the_native_gp_in_the_kernel(backend_name):
+    kernel = probe_kernel("mov ecx, 0x7ff8\nmov ds, ecx")  # beyond the kernel's GDT limit: #GP(0x7ff8)
+    native = Machine(kernel, backend="emu").run(timeout=10)
+    bt = run_translated(kernel, backend=backend_name)
+    assert "minikernel: unexpected exception or interrupt, halting" in native.console
+    assert bt.console == native.console
+    assert bt.monitor.vcpu.reflected == {13: 1}
+
+
+def test_what_segment_emulation_does_not_model_stops_the_run_with_a_message(backend_name):
+    kernel = probe_kernel("push 0x1b\nlea rax, [rip + 1f]\npush rax\nretfq\n1:")  # a far return to ring 3
+    bt = run_translated(kernel, backend=backend_name)
+    assert bt.status.kind == StatusKind.ERROR
+    assert "retfq): far return to ring 3 (selector 0x1b): a virtual user mode is not modelled" in bt.status.message
+
+
+def test_a_far_pointer_load_checks_the_kernels_selector(backend_name):
+    routine = """
+        lea rbx, [rip + 1f]
+        jmp 2f
+1:      .long 0x1234
+        .word 0x10
+2:      lss ecx, [rbx]            # SS := 0x10, ECX := 0x1234
+        lfs eax, [rbx]            # FS := 0x10
+        mov edx, fs
+        shl rax, 16
+        mov ax, ss
+        shl rax, 16
+        mov ax, dx
+    """
+    kernel = probe_kernel(routine)
+    native = Machine(kernel, backend="emu").run(timeout=10)
+    bt = run_translated(kernel, backend=backend_name)
+    assert "  rax = 0x123400100010" in native.console.splitlines(), native.console
+    assert bt.console == native.console
+    assert bt.monitor.entries["emulate: lss"] == bt.monitor.entries["emulate: lfs"] == 1
+
+
+def test_a_stack_on_a_page_of_translated_code_works(backend_name):
+    """Every push to it traps (the page is read-only) and runs once with the page open."""
+    kernel = Guest.from_asm("""
+        lea rsp, [rip + stack_top]
+        mov eax, 5
+        call function
+        hlt
+    function:
+        add eax, 1
+        ret
+        .fill 64, 1, 0
+    stack_top:
+    """, mode=64, name="stack on code")
+    native = Machine(kernel, backend=backend_name).run(timeout=10)
+    bt = run_translated(kernel, backend=backend_name)
+    assert bt.status.kind == StatusKind.HALTED and bt.regs.gprs() == native.regs.gprs()
+    assert bt.monitor.entries["write: one-shot"] >= 2  # the call's push, the ret's inline lookup
+
+
+def test_a_ret_whose_inline_lookup_straddles_into_translated_code_is_undone_and_run_once(backend_name):
+    """The inline ret's first push lands on the stack's page, its second on the code's: the monitor puts RSP,
+    RAX and the flags back and runs the ret once, as for any other store into translated code."""
+    kernel = Guest.from_asm("""
+        lea rsp, [rip + stack + 16]   # at the ret, RSP = stack + 8: pushfq writes stack, push rax the code page
+        mov eax, 7
+        call function
+        hlt
+    function:
+        cmp eax, 7                    # flags the ret must not disturb
+        ret
+        .balign 4096
+    stack:
+        .fill 64, 1, 0
+    """, mode=64, name="straddling stack")
+    native = Machine(kernel, backend=backend_name).run(timeout=10)
+    bt = run_translated(kernel, backend=backend_name)
+    assert bt.status.kind == StatusKind.HALTED, bt.status
+    assert bt.regs.gprs() == native.regs.gprs() and bt.regs.rflags & 0xFF == native.regs.rflags & 0xFF
+    assert bt.monitor.entries["write: one-shot"] == 1
+
+
+def test_the_translation_widget_runs_a_probe_with_its_instruction_left_out(backend_name):
+    from labkit.widgets import TranslationChoice
+
+    choice = TranslationChoice(routine="Robin & Irvine: LAR", leave_out=frozenset({"lar"}), backend=backend_name)
+    summary = choice.results()[0].data
+    assert "left untranslated: lar. The translated console is different from the native one" in summary
+    choice.translate.value = tuple(choice.translate.options)
+    assert "The translated console is the same as the native one" in choice.results()[0].data

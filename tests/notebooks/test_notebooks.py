@@ -101,9 +101,19 @@ def check_quoted_costs_match_the_table(run: Execution) -> None:
 def check_binary_translation(run: Execution, backend: str, kvm=None) -> None:
     from labkit.kvm.system import kvm_flavour
 
+    from labkit.monitor.robin_irvine import ALL_PROBES
+
     text = run.text()
     assert "binary translation gives the native console: True" in text
     assert "lines where trap-and-emulate differs from native: 5" in text
+    rows = len(ALL_PROBES)
+    assert f"What the kernel sees, {rows} instructions on" in text, "the Robin & Irvine table is missing"
+    assert f"binary translation gives the native value in {rows} of {rows}." in text
+    assert f"sees something else than natively in **17 of {rows}** rows" in text
+    assert "≠ #GP: kernel halted" in text, "trap-and-emulate's #GP for the far transfers is not shown"
+    pvm_rows = "The native column of LAR, LSL, VERR, VERW, INT n comes from the emulator"
+    assert (pvm_rows in text) == (backend == "kvm" and kvm_flavour() == "kvm_pvm")
+    assert "binary translation: 2 stores into translated code trapped, 2 translated blocks thrown away" in text
     assert "int3               ; -> monitor: emulate popfq" in text, "the translated block is not shown"
     assert "≠ " in text, "the student's experiment (popfq left untranslated) shows no divergence"
     assert len(run.images()) >= 1, "the T&E vs BT figure is missing"

@@ -132,3 +132,53 @@ def test_translator_arguments_are_checked():
         BinaryTranslator(Guest.from_bytes(b"\xf4", mode=32))
     translator = BinaryTranslator(kernel)
     assert translator.guest.code == b"\xcc\xf4" and translator.guest.user
+
+
+# -- self-modifying code and the segment instructions -----------------------------------------------
+
+def test_the_segment_instructions_of_robin_and_irvine_become_monitor_entries():
+    source = ("mov eax, cs\nmov ds, ecx\npush fs\npop gs\nlar eax, ecx\nlsl eax, ecx\nverr cx\nverw cx\n"
+              "mov word ptr [rbx], ss\ncall fword ptr [rbx]\n")
+    cache, ram = cache_for(source)
+    cache.translate(LOAD)
+    texts = [site.text for site in sorted(cache.sites.values(), key=lambda site: site.address)
+             if site.kind == "sensitive"]
+    assert texts == ["mov eax, cs", "mov ds, ecx", "push fs", "pop gs", "lar eax, ecx", "lsl eax, ecx", "verr cx",
+                     "verw cx", "mov word ptr [rbx], ss", "call ptr [rbx]"]  # Capstone's name for FF /3 (far)
+
+
+def test_leaving_sreg_out_copies_the_segment_moves():
+    cache, ram = cache_for("mov eax, cs\nmov eax, ebx\nhlt\n", sensitive=TRANSLATABLE - {"sreg"})
+    block = cache.translate(LOAD)
+    assert bytes(ram[block.cache_start:block.cache_start + 2]) == b"\x8c\xc8"  # copied, runs natively
+
+
+def test_an_invalidated_block_is_unreachable_and_translated_afresh():
+    cache, ram = cache_for("start: jmp next\nnext: mov eax, 1\nret\n", returns=(LOAD, 0x100))
+    first = cache.translate(LOAD)
+    target = cache.translate(LOAD + 2)
+    exit_site = next(site for site in cache.sites.values() if site.kind == "exit" and site.guest_rip == LOAD)
+    cache.chain(exit_site, target.cache_start)
+    table_entry = BASE + 8 * 2
+    assert struct.unpack_from("<Q", ram, table_entry)[0] == target.cache_start
+    assert cache.stale(LOAD, LOAD + 0x100) == []
+    ram[LOAD + 3] = 2  # the guest patches "mov eax, 1" to "mov eax, 2"
+    assert cache.stale(LOAD, LOAD + 0x100) == [target]
+    cache.invalidate(target)
+    assert not target.valid and cache.lookup(LOAD + 2) is None and cache.invalidated == 1
+    assert struct.unpack_from("<Q", ram, table_entry)[0] == 0  # the return table forgets it
+    assert struct.unpack_from("<Q", ram, exit_site.slot)[0] == exit_site.address  # unchained: back to its int3
+    again = cache.translate(LOAD + 2)
+    assert again is not target and again.original[0][2] == "mov eax, 2"
+    assert first.valid
+
+
+def test_a_one_shot_translation_always_ends_in_a_monitor_entry():
+    cache, ram = cache_for("add byte ptr [rbx], 1\nret\n", returns=(LOAD, 0x100))
+    shot = cache.one_shot(LOAD)
+    assert shot.one_shot and len(shot.original) == 1 and cache.lookup(LOAD) is None
+    exit_site = next(site for site in cache.sites.values() if cache.site_blocks[site.address] is shot)
+    assert exit_site.kind == "exit" and exit_site.target == LOAD + 3
+    assert cache.one_shot(LOAD) is shot  # reused while the guest's bytes are the same
+    ret = cache.one_shot(LOAD + 3)
+    assert [site.kind for site in cache.sites.values() if cache.site_blocks[site.address] is ret] == ["indirect"]
