@@ -1,4 +1,4 @@
-"""Software virtualization techniques run by a monitor on the host: trap-and-emulate, binary translation.
+"""Virtualization techniques run by a monitor on the host: trap-and-emulate, binary translation, a VMX model.
 
 A monitor sees the guest's exceptions through :mod:`labkit.vmm.forwarding`
 and works the same on both backends.  The monitors themselves are imported on
@@ -17,6 +17,9 @@ _LAZY = {
     "BinaryTranslator": "labkit.monitor.binary_translation",
     "run_translated": "labkit.monitor.binary_translation",
     "VirtualCpu": "labkit.monitor.vcpu",
+    "VmxModel": "labkit.monitor.vmx.model",
+    "run_vmx": "labkit.monitor.vmx.model",
+    "Vmcs": "labkit.monitor.vmx.vmcs",
 }
 
 __all__ = sorted(["Monitor", "MonitorContext", "Trap", *_LAZY])
