@@ -137,6 +137,10 @@ class VmxModel(BinaryTranslator):
 
     def __init__(self, kernel: Guest | str, vmcs: Vmcs | None = None, *, timer: bool = False,
                  max_exits: int = MAX_EXITS) -> None:
+        from labkit.guest import Guest
+
+        if isinstance(kernel, Guest) and kernel.mode != 64:
+            raise ConfigError(f"the VMX model runs 64-bit kernels; {kernel.name!r} starts in {kernel.mode}-bit mode")
         super().__init__(kernel, timer=timer)
         vmcs = Vmcs() if vmcs is None else vmcs
         if not isinstance(vmcs, Vmcs):
