@@ -65,6 +65,9 @@ class TechniqueRun:
     status: str
     backend_exits: int = 0
     """VM exits of the backend itself during the run (labkit's trace), whatever the technique counts."""
+    port_io: int | None = None
+    """Of ``entries``, those caused by port I/O (the kernel's byte-wise UART console); None where the technique
+    does not tell them apart."""
     skipped: str = ""
     """Why the technique did not run here (then the numbers are 0)."""
 
@@ -102,7 +105,8 @@ def entry_table(runs: Sequence[TechniqueRun], title: str, note: str = "") -> Tab
         kinds = "\n".join(f"{name}: {count}" for name, count in ordered[:4])
         if len(ordered) > 4:
             kinds += f"\n(+{len(ordered) - 4} more kinds)"
-        rows.append([run.technique, f"{run.entries} {run.entry_kind}", kinds or "none", run.measured_by,
+        besides = "" if run.port_io is None else f"\n({run.entries - run.port_io} besides port I/O)"
+        rows.append([run.technique, f"{run.entries} {run.entry_kind}{besides}", kinds or "none", run.measured_by,
                      f"{run.host_ms:.1f} ms ({run.time_means})", str(run.backend_exits), _matches(run)])
     return Table(title, ["technique", "hypervisor entries", "by kind", "counted by", "host time of the run",
                          "backend VM exits", "console = native"], rows,
@@ -141,21 +145,22 @@ def _time_means(backend: str, technique: str) -> str:
 
 
 def _row(technique: str, kind: str, entries: dict[str, int], counted_by: str, result: RunResult,
-         native: str | None) -> TechniqueRun:
+         native: str | None, port_io: int | None) -> TechniqueRun:
     return TechniqueRun(technique, kind, sum(entries.values()), entries, f"{counted_by}, {_where(result)}",
                         result.backend, result.elapsed_s * 1e3, _time_means(result.backend, technique),
                         None if native is None else result.console == native,
                         0 if native is None else _differing(native, result.console), str(result.status),
-                        _backend_exits(result))
+                        _backend_exits(result), port_io)
 
 
 def _skipped(technique: str, backend: str, why: str) -> TechniqueRun:
-    return TechniqueRun(technique, "", 0, {}, "", backend, 0.0, "", False, 0, "not run", 0, why)
+    return TechniqueRun(technique, "", 0, {}, "", backend, 0.0, "", False, 0, "not run", skipped=why)
 
 
 MONITORS = {"te": "trap-and-emulate", "bt": "binary translation", "pv": "paravirtual", "vmx": "VMX model"}
 """Short names (``labkit run --monitor``) -> technique."""
 PARAVIRTUAL_KERNEL = "pvkernel64"
+PORT_IO = ("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd")
 
 
 def run_technique(technique: str, kernel: Guest | str | None = None, backend: str = "auto", timeout: float = 20.0, *,
@@ -184,7 +189,8 @@ def run_technique(technique: str, kernel: Guest | str | None = None, backend: st
 
         with Machine(guest, backend=backend, **machine_options) as machine:
             result = machine.run(timeout)
-        return result, _row("native", "VM exits", result.trace.by_kind()[0], "labkit's trace", result, native)
+        exits = result.trace.by_kind()[0]
+        return result, _row("native", "VM exits", exits, "labkit's trace", result, native, exits.get("IO", 0))
     if technique == "trap-and-emulate":
         from labkit.monitor.trap_emulate import TrapEmulateReport, run_deprivileged
 
@@ -193,7 +199,8 @@ def run_technique(technique: str, kernel: Guest | str | None = None, backend: st
         if not isinstance(report, TrapEmulateReport):
             raise LabkitError("the trap-and-emulate run returned no monitor report")
         traps = {exception_name(vector).split(" ")[0]: count for vector, count in report.traps.items()}
-        return result, _row(technique, "traps", traps, "the monitor", result, native)
+        port_io = sum(report.emulated.get(name, 0) for name in PORT_IO)
+        return result, _row(technique, "traps", traps, "the monitor", result, native, port_io)
     if technique == "binary translation":
         from labkit.monitor.binary_translation import TranslationSummary, run_translated
 
@@ -201,15 +208,19 @@ def run_technique(technique: str, kernel: Guest | str | None = None, backend: st
         summary = result.monitor
         if not isinstance(summary, TranslationSummary):
             raise LabkitError("the binary-translation run returned no translation summary")
-        return result, _row(technique, "monitor calls", summary.entries_by_kind(), "the translator", result, native)
+        port_io = sum(summary.entries.get(f"{how}: {name}", 0) for how in ("emulate", "trap") for name in PORT_IO)
+        return result, _row(technique, "monitor calls", summary.entries_by_kind(), "the translator", result, native,
+                            port_io)
+    from labkit.monitor.vmx.exits import ExitReason
     from labkit.monitor.vmx.model import VmxReport, run_vmx
 
     result = run_vmx(guest, vmcs, backend, timeout, **machine_options)
     report = result.monitor
     if not isinstance(report, VmxReport):
         raise LabkitError("the VMX model's run returned no report")
-    exits = {f"{reason} {_short_reason(reason)}": count for reason, count in sorted(report.exit_counts.items())}
-    return result, _row(technique, "VM exits (model)", exits, "the VMX model", result, native)
+    exits = {f"{reason} {ExitReason(reason).short_name}": count for reason, count in sorted(report.exit_counts.items())}
+    return result, _row(technique, "VM exits (model)", exits, "the VMX model", result, native,
+                        report.exit_counts.get(ExitReason.IO_INSTRUCTION, 0))
 
 
 def _paravirtual(kernel: Guest | str | None, backend: str, timeout: float, native: str | None,
@@ -227,13 +238,7 @@ def _paravirtual(kernel: Guest | str | None, backend: str, timeout: float, nativ
     if report.traps:
         hypercalls["privileged-instruction traps"] = report.traps
     return report.result, _row("paravirtual", "hypercalls", hypercalls, "the hypervisor (hypercall ABI)",
-                               report.result, native)
-
-
-def _short_reason(reason: int) -> str:
-    from labkit.monitor.vmx.exits import ExitReason
-
-    return {0: "exception", 28: "CR access", 30: "I/O", 46: "GDTR/IDTR"}.get(reason, ExitReason(reason).sdm_name)
+                               report.result, native, None)
 
 
 def _kvm(timeout: float, native: str) -> TechniqueRun:
@@ -245,11 +250,13 @@ def _kvm(timeout: float, native: str) -> TechniqueRun:
     kinds = {f"{name} (reached labkit)": count for name, count in userspace.items()}
     stats = getattr(result, "kvm_stats", None)  # RunResult.kvm_stats: KVM's own vCPU counters, where labkit reads them
     if stats is None:
-        return _row("KVM", "VM exits", kinds, "labkit's trace (KVM's in-kernel counters not read)", result, native)
+        return _row("KVM", "VM exits", kinds, "labkit's trace (KVM's in-kernel counters not read)", result, native,
+                    userspace.get("IO", 0))
     counted, seen = int(stats.counters.get("exits", 0)), sum(userspace.values())
     if counted > seen:
         kinds["handled inside KVM"] = counted - seen
-    return _row("KVM", "VM exits", kinds, "KVM's vCPU stats (exits) and labkit's trace", result, native)
+    return _row("KVM", "VM exits", kinds, "KVM's vCPU stats (exits) and labkit's trace", result, native,
+                userspace.get("IO", 0))
 
 
 def kvm_absent_reason() -> str:

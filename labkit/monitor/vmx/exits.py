@@ -61,6 +61,11 @@ class ExitReason(IntEnum):
         """The SDM's words: "Control-register accesses", "I/O instruction", ..."""
         return _SDM_NAMES.get(self, self.name.replace("_", " ").capitalize())
 
+    @property
+    def short_name(self) -> str:
+        """A few words for figure labels: "exception or NMI", "CR access", "I/O"."""
+        return _SHORT_NAMES.get(self, self.sdm_name)
+
 
 _SDM_NAMES = {
     ExitReason.EXCEPTION_OR_NMI: "Exception or non-maskable interrupt (NMI)",
@@ -72,6 +77,12 @@ _SDM_NAMES = {
     ExitReason.WRMSR: "WRMSR", ExitReason.GDTR_OR_IDTR_ACCESS: "Access to GDTR or IDTR",
     ExitReason.LDTR_OR_TR_ACCESS: "Access to LDTR or TR", ExitReason.RDTSCP: "RDTSCP",
     ExitReason.WBINVD: "WBINVD", ExitReason.XSETBV: "XSETBV",
+}
+
+_SHORT_NAMES = {
+    ExitReason.EXCEPTION_OR_NMI: "exception or NMI", ExitReason.CONTROL_REGISTER_ACCESS: "CR access",
+    ExitReason.IO_INSTRUCTION: "I/O", ExitReason.GDTR_OR_IDTR_ACCESS: "GDTR/IDTR access",
+    ExitReason.LDTR_OR_TR_ACCESS: "LDTR/TR access",
 }
 
 # -- exit qualifications ---------------------------------------------------------------------------
