@@ -99,6 +99,7 @@ def test_without_exits_the_candidates_run_as_in_non_root_operation(backend_name)
     assert report.exit_count == 0
     assert report.non_root["in"] == report.non_root["out"] == CONSOLE_BYTES
     assert report.non_root["hlt"] == 1 and report.non_root["sgdt"] == 1 and report.non_root["pushfq"] == 2
+    assert report.non_root["mov cr3, rax"] == 1 and report.non_root["mov rax, cr3"] == 2
 
 
 def test_the_vmm_updates_the_cr0_read_shadow_when_it_handles_the_exit(backend_name):

@@ -84,7 +84,8 @@ class VmxReport:
     exit_counts: dict[int, int]
     """Exits by basic exit reason number."""
     non_root: dict[str, int]
-    """Instructions the model carried out with no exit (as VMX non-root operation would), by mnemonic."""
+    """Instructions the model carried out with no exit (as VMX non-root operation would), by mnemonic
+    (a ``mov`` to or from a control or debug register by its text: ``"mov rax, cr0"``)."""
     translation: TranslationSummary = field(repr=False)
     """The binary translation underneath: how the model got control (not VM exits)."""
     model_ns: int = 0
@@ -182,7 +183,8 @@ class VmxModel(BinaryTranslator):
         if exit is not None:
             self._record(exit)
         else:
-            self.non_root[mnemonic] = self.non_root.get(mnemonic, 0) + 1
+            name = decoded.text if mnemonic == "mov" else mnemonic  # "mov rax, cr0": which register, which way
+            self.non_root[name] = self.non_root.get(name, 0) + 1
         self.model_ns += time.perf_counter_ns() - started
         trap.regs.rip = guest_rip
         if self._carry_out(decoded, mnemonic, exit is not None, trap, context):
