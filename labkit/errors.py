@@ -14,7 +14,8 @@ where they happen, so callers catch labkit errors only::
      ├── EmulatorError          Unicorn failed, crashed or hung (contained in a worker process)
      ├── DeviceError            a device model raised while handling the guest's access (names device, port, RIP)
      ├── NotModelled            the guest asked a device for a feature labkit does not model (ends the run, not raised)
-     └── GuestMemoryError       a host-side access to guest memory outside every memory region
+     ├── GuestMemoryError       a host-side access to guest memory outside every memory region
+     └── VirtqueueError         a virtqueue in guest memory breaks the virtio rules (the device needs a reset)
 """
 
 from __future__ import annotations
@@ -86,6 +87,13 @@ class NotModelled(LabkitError, NotImplementedError):
 
 class GuestMemoryError(LabkitError, ValueError):
     """A guest-physical range the host was asked to read or write lies outside guest memory."""
+
+
+class VirtqueueError(LabkitError):
+    """A virtqueue the driver laid out in guest memory breaks the virtio 1.x rules (a loop, an index past the ring).
+
+    The device model catches it, sets DEVICE_NEEDS_RESET and stops consuming; it never leaves a run.
+    """
 
 
 def strerror(errno: int | None) -> str:

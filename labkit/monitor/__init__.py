@@ -1,4 +1,5 @@
-"""Virtualization techniques run by a monitor on the host: trap-and-emulate, binary translation, a VMX model.
+"""Virtualization techniques run by a monitor on the host: trap-and-emulate, binary translation,
+paravirtualization (the hypervisor of a kernel that makes hypercalls), a model of VMX.
 
 A monitor sees the guest's exceptions through :mod:`labkit.vmm.forwarding`
 and works the same on both backends.  The monitors themselves are imported on
@@ -20,6 +21,9 @@ _LAZY = {
     "VmxModel": "labkit.monitor.vmx.model",
     "run_vmx": "labkit.monitor.vmx.model",
     "Vmcs": "labkit.monitor.vmx.vmcs",
+    "Paravirtual": "labkit.monitor.paravirt",
+    "run_paravirtual": "labkit.monitor.paravirt",
+    "compare_kernels": "labkit.monitor.paravirt",
 }
 
 __all__ = sorted(["Monitor", "MonitorContext", "Trap", *_LAZY])

@@ -17,7 +17,8 @@ native                VM exits labkit's run loop saw: port I/O, HLT (labkit's tr
 trap-and-emulate      traps of the deprivileged kernel into the monitor, by vector (the monitor)
 binary translation    monitor calls from translated code: emulated instructions, block exits,
                       indirect branches, reflected faults (the translator)
-paravirtual           hypercalls of ``pvkernel64``, by name (labkit.monitor.paravirt)
+paravirtual           hypercalls of ``pvkernel64``, by name, and its exceptions the hypervisor
+                      bounced to it (labkit.monitor.paravirt)
 VMX model             VM exits a model of VMX decides under a VMCS (:mod:`labkit.monitor.vmx`)
 KVM                   the kernel natively on KVM: every VM exit KVM counted (binary stats fd,
                       where the run carries it) against those that reached labkit
@@ -65,9 +66,10 @@ class TechniqueRun:
     status: str
     backend_exits: int = 0
     """VM exits of the backend itself during the run (labkit's trace), whatever the technique counts."""
-    port_io: int | None = None
-    """Of ``entries``, those caused by port I/O (the kernel's byte-wise UART console); None where the technique
-    does not tell them apart."""
+    console_entries: int | None = None
+    """Of ``entries``, those that print the console: port I/O to the UART (one per byte polled or written), or
+    ``console_io`` hypercalls for the paravirtual kernel (one per string); None where the technique does not
+    tell them apart."""
     skipped: str = ""
     """Why the technique did not run here (then the numbers are 0)."""
 
@@ -105,7 +107,7 @@ def entry_table(runs: Sequence[TechniqueRun], title: str, note: str = "") -> Tab
         kinds = "\n".join(f"{name}: {count}" for name, count in ordered[:4])
         if len(ordered) > 4:
             kinds += f"\n(+{len(ordered) - 4} more kinds)"
-        besides = "" if run.port_io is None else f"\n({run.entries - run.port_io} besides port I/O)"
+        besides = "" if run.console_entries is None else f"\n({run.entries - run.console_entries} besides the console)"
         rows.append([run.technique, f"{run.entries} {run.entry_kind}{besides}", kinds or "none", run.measured_by,
                      f"{run.host_ms:.1f} ms ({run.time_means})", str(run.backend_exits), _matches(run)])
     return Table(title, ["technique", "hypervisor entries", "by kind", "counted by", "host time of the run",
@@ -145,12 +147,12 @@ def _time_means(backend: str, technique: str) -> str:
 
 
 def _row(technique: str, kind: str, entries: dict[str, int], counted_by: str, result: RunResult,
-         native: str | None, port_io: int | None) -> TechniqueRun:
+         native: str | None, console_entries: int | None) -> TechniqueRun:
     return TechniqueRun(technique, kind, sum(entries.values()), entries, f"{counted_by}, {_where(result)}",
                         result.backend, result.elapsed_s * 1e3, _time_means(result.backend, technique),
                         None if native is None else result.console == native,
                         0 if native is None else _differing(native, result.console), str(result.status),
-                        _backend_exits(result), port_io)
+                        _backend_exits(result), console_entries)
 
 
 def _skipped(technique: str, backend: str, why: str) -> TechniqueRun:
@@ -199,8 +201,8 @@ def run_technique(technique: str, kernel: Guest | str | None = None, backend: st
         if not isinstance(report, TrapEmulateReport):
             raise LabkitError("the trap-and-emulate run returned no monitor report")
         traps = {exception_name(vector).split(" ")[0]: count for vector, count in report.traps.items()}
-        port_io = sum(report.emulated.get(name, 0) for name in PORT_IO)
-        return result, _row(technique, "traps", traps, "the monitor", result, native, port_io)
+        console_entries = sum(report.emulated.get(name, 0) for name in PORT_IO)
+        return result, _row(technique, "traps", traps, "the monitor", result, native, console_entries)
     if technique == "binary translation":
         from labkit.monitor.binary_translation import TranslationSummary, run_translated
 
@@ -208,9 +210,9 @@ def run_technique(technique: str, kernel: Guest | str | None = None, backend: st
         summary = result.monitor
         if not isinstance(summary, TranslationSummary):
             raise LabkitError("the binary-translation run returned no translation summary")
-        port_io = sum(summary.entries.get(f"{how}: {name}", 0) for how in ("emulate", "trap") for name in PORT_IO)
+        console_entries = sum(summary.entries.get(f"{how}: {name}", 0) for how in ("emulate", "trap") for name in PORT_IO)
         return result, _row(technique, "monitor calls", summary.entries_by_kind(), "the translator", result, native,
-                            port_io)
+                            console_entries)
     from labkit.monitor.vmx.exits import ExitReason
     from labkit.monitor.vmx.model import VmxReport, run_vmx
 
@@ -225,20 +227,19 @@ def run_technique(technique: str, kernel: Guest | str | None = None, backend: st
 
 def _paravirtual(kernel: Guest | str | None, backend: str, timeout: float, native: str | None,
                  machine_options: dict[str, Any]) -> tuple[RunResult, TechniqueRun]:
-    if not paravirtual_available():
-        raise ConfigError("the paravirtual technique is not in this build (labkit.monitor.paravirt)")
-    import importlib
+    from labkit.monitor import paravirt
 
-    paravirt: Any = importlib.import_module("labkit.monitor.paravirt")  # helper pv's module (merged from h-pv)
     if kernel is None:
         report = paravirt.run_paravirtual(WORKLOAD, backend, timeout, **machine_options)
     else:
         report = paravirt.run_paravirtual(None, backend, timeout, guest=kernel, **machine_options)
-    hypercalls = dict(report.hypercalls)
+    entries = dict(report.hypercalls)
+    for vector, count in report.bounced.items():  # the kernel's own exceptions enter the hypervisor first
+        entries[f"bounced {exception_name(vector).split(' ')[0]}"] = count
     if report.traps:
-        hypercalls["privileged-instruction traps"] = report.traps
-    return report.result, _row("paravirtual", "hypercalls", hypercalls, "the hypervisor (hypercall ABI)",
-                               report.result, native, None)
+        entries["privileged-instruction traps"] = report.traps
+    return report.result, _row("paravirtual", "hypercalls and bounces", entries, "the hypervisor (hypercall ABI)",
+                               report.result, native, report.hypercalls.get("console_io", 0))
 
 
 def _kvm(timeout: float, native: str) -> TechniqueRun:
@@ -299,16 +300,8 @@ def compare_techniques(backend: str = "auto", *, timeout: float = 20.0, vmcs: An
             runs.append(native_run)
         elif technique == "KVM":
             runs.append(_kvm(timeout, native))
-        elif technique == "paravirtual" and not paravirtual_available():
-            runs.append(_skipped(technique, chosen, "labkit.monitor.paravirt (pvkernel64) is not in this build"))
         else:
             options = {"vmcs": kvm_like() if vmcs is None else vmcs} if technique == "VMX model" else {}
             runs.append(run_technique(technique, None, chosen, timeout, native=native, **options)[1])
     return TechniqueComparison(WORKLOAD, chosen, _where(native_result), tuple(runs), native)
 
-
-def paravirtual_available() -> bool:
-    """Whether this build has the paravirtual kernel's monitor (``labkit.monitor.paravirt``)."""
-    import importlib.util
-
-    return importlib.util.find_spec("labkit.monitor.paravirt") is not None

@@ -31,6 +31,8 @@ _EXPORTS = {
     "monitor_comparison": "labkit.viz.translation",
     "vmx_exits": "labkit.viz.vmx",
     "technique_entries": "labkit.viz.vmx",
+    "kernel_entries": "labkit.viz.paravirt",
+    "console_paths": "labkit.viz.paravirt",
     "capability_table": "labkit.viz.report",
     "exit_table": "labkit.viz.report",
     "exit_cost_table": "labkit.viz.report",

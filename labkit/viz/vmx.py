@@ -35,7 +35,7 @@ KIND_COLOURS = {
     "VM exits": "#1f77b4",
     "traps": "#d62728",
     "monitor calls": "#ff7f0e",
-    "hypercalls": "#2ca02c",
+    "hypercalls and bounces": "#2ca02c",
     "VM exits (model)": "#9467bd",
 }
 
@@ -82,8 +82,9 @@ def vmx_exits(result: RunResult) -> Figure:
 
 
 def technique_entries(comparison: TechniqueComparison) -> Figure:
-    """Per technique: all its hypervisor entries (log scale, coloured by what it counts), those besides port
-    I/O (the byte-wise console costs an entry per access under every technique), and the run's host time.
+    """Per technique: all its hypervisor entries (log scale, coloured by what it counts), those besides printing
+    the console (byte-wise port I/O costs an entry per access; the paravirtual kernel's console_io hypercall one
+    per string), and the run's host time.
     Techniques that did not run are left out (the table says why)."""
     from matplotlib.patches import Patch
 
@@ -100,12 +101,12 @@ def technique_entries(comparison: TechniqueComparison) -> Figure:
     every.set_xlim(0.8, max(entries + [1]) * 30)
     every.set_xlabel("all (log scale)")
     every.set_title("Hypervisor entries")
-    others = [None if run.port_io is None else run.entries - run.port_io for run in runs]
+    others = [None if run.console_entries is None else run.entries - run.console_entries for run in runs]
     bars = besides.barh(names, [value or 0 for value in others], color=colours, height=0.6)
     besides.bar_label(bars, labels=["?" if value is None else str(value) for value in others], padding=3,
                       fontsize=TEXT_PT)
     besides.set_xlim(0, max([value or 0 for value in others] + [1]) * 1.4)
-    besides.set_xlabel("besides port I/O")
+    besides.set_xlabel("besides the console")
     besides.set_title("Without the console")
     mixed = len({run.backend for run in runs}) > 1
     times = [run.host_ms for run in runs]

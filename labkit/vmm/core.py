@@ -172,7 +172,8 @@ class MachineCore:
             self._add("pit", "pio", PIT_PORT, 4, self.pit)
         context = DeviceContext(memory=self.memory, regs=self.backend.get_regs,
                                 raise_irq=self.interrupts.raise_irq, lower_irq=self.interrupts.lower_irq,
-                                kick=self.kick, set_armed=getattr(self.interrupts, "set_armed", no_armed_lines))
+                                kick=self.kick, set_armed=getattr(self.interrupts, "set_armed", no_armed_lines),
+                                console=self.console.extend, device=self._built_device)
         for spec in extra:
             if isinstance(spec, DeviceSpec):
                 device = spec.factory(context)
@@ -182,6 +183,14 @@ class MachineCore:
                 self._add(f"{type(device).__name__}@{bus}:{base:#x}", bus, base, length, device)
             else:
                 raise ConfigError(f"a device is a labkit.vmm.devices.DeviceSpec, not {type(spec).__name__}")
+
+    def _built_device(self, name: str) -> Any:
+        """``DeviceContext.device``: a device already built into this machine."""
+        device = self.devices.get(name)
+        if device is None:
+            raise ConfigError(f"no device named {name!r} is built yet (list its spec first); "
+                              f"devices: {', '.join(sorted(self.devices))}")
+        return device
 
     def _attach_monitor(self, monitor: Monitor, boot: BootState) -> None:
         from labkit.vmm import forwarding
@@ -437,6 +446,9 @@ class MachineCore:
 
     def read_memory(self, address: int, size: int) -> bytes:
         return self.memory.read(address, size)
+
+    def write_memory(self, address: int, data: bytes) -> None:
+        self.memory.write(address, data)
 
     def device_state(self, name: str) -> Any:
         """The named device's ``save()``: plain data."""

@@ -219,6 +219,16 @@ class Machine:
         """A copy of ``size`` bytes of guest RAM at guest-physical ``address``."""
         return self._call("read_memory", address, size)
 
+    def write_memory(self, address: int, data: bytes) -> None:
+        """Store ``data`` in guest RAM at guest-physical ``address`` (before a run: a guest's parameters).
+
+        Bounds-checked by :class:`labkit.memory.GuestMemory` (a range outside guest memory raises
+        :class:`labkit.errors.GuestMemoryError`); the host's write is not in the dirty log.
+        """
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ConfigError(f"write_memory takes bytes, not {type(data).__name__}")
+        self._call("write_memory", address, bytes(data))
+
     def describe(self) -> dict[str, str]:
         """What runs the guest (backend, flavour, versions) and why it was chosen."""
         return {**self._call("describe"), "reason": self.backend_reason}

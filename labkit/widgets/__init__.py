@@ -24,6 +24,8 @@ _EXPORTS = {
     "ExitStepper": "labkit.widgets.monitors",
     "VmxControls": "labkit.widgets.hardware",
     "TechniqueChoice": "labkit.widgets.hardware",
+    "KernelChoice": "labkit.widgets.paravirt",
+    "ConsoleBatch": "labkit.widgets.paravirt",
 }
 
 __all__ = sorted(_EXPORTS)

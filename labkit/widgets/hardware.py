@@ -145,9 +145,9 @@ class TechniqueChoice(Experiment):
 
     def __init__(self, technique: str = "trap-and-emulate", backend: str | None = None) -> None:
         from labkit.backend import choose_backend
-        from labkit.monitor.techniques import TECHNIQUES, paravirtual_available
+        from labkit.monitor.techniques import TECHNIQUES
 
-        choices = [name for name in TECHNIQUES if name != "KVM" and (name != "paravirtual" or paravirtual_available())]
+        choices = [name for name in TECHNIQUES if name != "KVM"]
         backends, self.skipped = backends_here()
         self.technique = dropdown("technique", choices, technique if technique in choices else choices[0])
         self.backend = backend_picker(backends, backend or choose_backend().name)

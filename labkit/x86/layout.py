@@ -85,5 +85,9 @@ TRAP_PORT = 0xF2
 """Under a monitor, the forwarding stubs write here: labkit hands the trap to the monitor and resumes."""
 MONITOR_TIMER_PORT = 0xF3
 """The trap-and-emulate monitor's one-shot virtual timer (only a monitor answers it; the PC's PIT is at 0x40)."""
+VIRTIO_NOTIFY_PORT = 0xF6
+"""Virtqueue notification: a 16-bit write of the queue index (``labkit.virtio``; a KVM_IOEVENTFD can take it)."""
+VIRTIO_MMIO_BASE = 0x3FFF_F000
+"""The virtio console's virtio-mmio register block (one page, the last below MAPPED_LIMIT; above any RAM < 1 GiB)."""
 FORWARDING_STUBS = 0x0000
 """Under a monitor (long mode only), the per-vector trap-forwarding stubs; the IVT is unused there."""

@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-from labkit.monitor.techniques import paravirtual_available
-
 
 def labkit(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "labkit.cli", *args], capture_output=True, text=True, timeout=120)
@@ -58,13 +56,15 @@ def test_the_vmcs_preset_changes_the_exits():
     assert quiet["console"] == json.loads(labkit("run", "minikernel64", "--backend", "emu", "--json").stdout)["console"]
 
 
-@pytest.mark.skipif(not paravirtual_available(), reason="labkit.monitor.paravirt is not in this build yet")
 def test_the_paravirtual_kernel_under_pv(backend_name):
     done = labkit("run", "pvkernel64", "--monitor", "pv", "--backend", backend_name, "--json")
     assert done.returncode == 0, done.stderr
     monitor = json.loads(done.stdout)["monitor"]
     assert monitor["technique"] == "paravirtual" and monitor["entries"] > 0
     assert "privileged-instruction traps" not in monitor["by_kind"]
+    assert monitor["by_kind"]["bounced #UD"] == 2
+    assert json.loads(done.stdout)["console"] == json.loads(labkit("run", "minikernel64", "--backend", backend_name,
+                                                                   "--json").stdout)["console"]
 
 
 @pytest.mark.unit
@@ -72,6 +72,8 @@ def test_the_paravirtual_kernel_under_pv(backend_name):
     (("minikernel64", "--monitor", "pv"), "--monitor pv runs a kernel written for the hypercall ABI; minikernel64 is "
                                           "not one (try: labkit run pvkernel64 --monitor pv)"),
     (("hello16", "--monitor", "te"), "--monitor runs 64-bit kernels; hello16 starts in 16-bit mode"),
+    (("pvkernel64", "--monitor", "te"), "pvkernel64 is paravirtual (it calls the hypervisor instead of trapping): "
+                                        "run it with --monitor pv"),
     (("minikernel64", "--vmcs", "none"), "--vmcs sets up the VMX model: give --monitor vmx with it"),
     (("minikernel64", "--monitor", "bt", "--vmcs", "none"), "--vmcs belongs to the VMX model (--monitor vmx), "
                                                             "not to --monitor bt"),

@@ -7,7 +7,7 @@ import pytest
 from backends import HAS_KVM
 
 from labkit.errors import ConfigError
-from labkit.monitor.techniques import TECHNIQUES, compare_techniques, paravirtual_available, run_technique
+from labkit.monitor.techniques import TECHNIQUES, compare_techniques, run_technique
 from labkit.monitor.vmx import Vmcs
 
 
@@ -33,11 +33,9 @@ def test_every_technique_runs_the_workload_and_counts_its_entries(comparison):
     assert vmx.by_kind == {"0 exception or NMI": 2, "12 HLT": 1, "30 I/O": 2 * console_bytes}  # KVM-like VMCS
     assert vmx.entries < te.entries  # cli, pushf, sgdt, mov cr, iretq ... no longer enter the hypervisor
     pv = runs["paravirtual"]
-    if paravirtual_available():
-        assert pv.entry_kind == "hypercalls" and pv.console_matches_native and pv.entries > 0
-        assert "privileged-instruction traps" not in pv.by_kind
-    else:
-        assert pv.skipped == "labkit.monitor.paravirt (pvkernel64) is not in this build"
+    assert pv.entry_kind == "hypercalls and bounces" and pv.console_matches_native
+    assert pv.by_kind["bounced #UD"] == 2 and pv.by_kind["bounced #PF"] == 1 and 0 < pv.console_entries < pv.entries
+    assert "privileged-instruction traps" not in pv.by_kind and pv.entries < te.entries
     for run in runs.values():
         assert run.skipped or run.host_ms > 0
     assert all(run.measured_by.endswith(comparison.where) for run in runs.values()
@@ -82,3 +80,11 @@ def test_bad_technique_requests_are_config_errors():
         run_technique("te", vmcs=Vmcs())
     with pytest.raises(ConfigError, match="unknown technique"):
         compare_techniques("emu", techniques=("native", "SVM"))
+
+
+@pytest.mark.unit
+def test_the_workload_is_the_paravirtual_kernels_routine_set():
+    from labkit.monitor.paravirt import PV_ROUTINES
+    from labkit.monitor.techniques import WORKLOAD
+
+    assert WORKLOAD == PV_ROUTINES

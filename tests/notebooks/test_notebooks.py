@@ -180,7 +180,8 @@ def check_hardware_assisted(run: Execution, backend: str, kvm=None) -> None:
     assert "The console equals the native one under **4 of 4** presets" in text
     assert "minikernel64 under a model of VMX on " in text, "the VMCS panel did not show its first run"
     assert "One workload, every technique (" in text and "The workload under trap-and-emulate on " in text
-    assert "* **VMX model**: 1031 VM exits (model) (3 besides port I/O)" in text
+    assert "* **VMX model**: 1031 VM exits (model) (3 besides the console)" in text
+    assert "* **paravirtual**: " in text and "hypercalls and bounces" in text
     assert "* **trap-and-emulate**: " in text and "no: 5 line(s) differ" in text
     assert len(run.images()) >= 3, f"expected the exit, VMCS-panel and technique figures, got {len(run.images())}"
     kvm = kvm or probe()
@@ -189,6 +190,36 @@ def check_hardware_assisted(run: Execution, backend: str, kvm=None) -> None:
     else:
         assert "backends run: emu" in text and "* **KVM**: not run here (" in text
         assert ("LABKIT_BACKEND=emu is set" if kvm.usable else kvm.problem) in text
+def check_paravirtualization(run: Execution, backend: str, kvm=None) -> None:
+    from labkit.kvm.system import kvm_flavour
+
+    text = run.text()
+    assert "kvm: paravirtual console equals the native one: True" in text or backend != "kvm"
+    assert "emu: paravirtual console equals the native one: True; traps at privileged instructions seen by its " \
+           "hypervisor: 0" in text
+    assert "lines where trap-and-emulate differs from native: 5" in text
+    assert "The paravirtual kernel made **36 entries**" in text, "the paragraph filled from the run is missing"
+    assert "set_trap_table" in text and "└ set_gdt" in text, "the multicall's entries are not shown"
+    assert "bounced to the kernel's handlers: vector 6: 2, vector 14: 1" in text
+    assert "privileged-instruction traps: 0" in text
+    label = "KVM" if backend == "kvm" else "emulator (Unicorn)"
+    assert f"3 routine(s) on {label}: native " in text, "the kernel widget did not show its first run"
+    assert "console output correct in every run: True" in text
+    ring = re.findall(r"for 64 KiB the UART took \*\*(\d+) exits per KiB\*\*, the ring \*\*([\d.]+)\*\* \((\d+)x fewer\)",
+                      text)
+    assert len(ring) == (2 if backend == "kvm" else 1), "the UART against ring sentence is missing"
+    assert all(int(uart) >= 2048 and int(fewer) >= 50 for uart, _, fewer in ring)
+    assert f"64 KiB on {label}, batch of 16: UART 131073 exits" in text, "the batch widget did not show its first run"
+    assert len(run.images()) >= 3, "expected the entries figure, the UART/ring figure and the batch widget's figure"
+    if backend == "kvm":
+        assert "backends run: kvm, emu" in text and "entries by kind the same on every backend run: True" in text
+        assert f"measured on KVM ({kvm_flavour()})" in text
+        if kvm_flavour() == "kvm_pvm":
+            assert "On KVM this host is PVM" in text
+    else:
+        assert "backends run: emu" in text and "backends run: kvm" not in text
+        assert "only emu ran in this session" in text and "Only the emulator ran in this session" in text
+        assert "KVM did not run in this session" in text
 
 
 CONTENT_CHECKS = {
@@ -196,6 +227,7 @@ CONTENT_CHECKS = {
     "01-protection-rings.ipynb": check_rings,
     "02-trap-and-emulate.ipynb": check_trap_and_emulate,
     "03-binary-translation.ipynb": check_binary_translation,
+    "04-paravirtualization.ipynb": check_paravirtualization,
     "05-hardware-assisted.ipynb": check_hardware_assisted,
 }
 

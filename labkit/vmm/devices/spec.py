@@ -29,6 +29,16 @@ def no_armed_lines(line: int, armed: bool) -> None:
     raise ConfigError(f"this machine's interrupt controller cannot arm line {line}: it has no set_armed")
 
 
+def no_console(data: bytes) -> None:
+    """``console`` of a context without a machine console (a test's stand-in)."""
+    raise ConfigError("this device context has no console to write to")
+
+
+def no_devices(name: str) -> Any:
+    """``device`` of a context without a machine (a test's stand-in)."""
+    raise ConfigError(f"this device context has no machine whose device {name!r} could be looked up")
+
+
 @dataclass(frozen=True)
 class DeviceContext:
     """What a device may use: guest memory, the vCPU's registers, interrupt lines, and a kick.
@@ -41,6 +51,10 @@ class DeviceContext:
     request in flight): while an armed line can reach the CPU, a guest's HLT
     with IF = 1 waits for the interrupt instead of ending the run as halted
     (:meth:`labkit.vmm.interrupts.InterruptController.set_armed`).
+    ``console(data)`` appends bytes to the machine's console (what ``RunResult.console``
+    shows, beside the UART's); ``device(name)`` is a device built before this one
+    (a spec listed earlier), for a device that sits on two buses (a register block
+    and a notify port).
     """
 
     memory: GuestMemory
@@ -49,6 +63,8 @@ class DeviceContext:
     lower_irq: Callable[[int], None]
     kick: Callable[[], None]
     set_armed: Callable[[int, bool], None] = no_armed_lines
+    console: Callable[[bytes], None] = no_console
+    device: Callable[[str], Any] = no_devices
 
 
 @runtime_checkable
