@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from labkit.errors import ConfigError, LabkitError
 from labkit.monitor.binary_translation import BinaryTranslator, TranslationSummary
-from labkit.monitor.vcpu import Decoded, decode, effective_address, read_register, write_register
+from labkit.monitor.vcpu import Decoded, VirtualCpu, decode, effective_address, read_register, write_register
 from labkit.monitor.vmx.exits import ExitReason, VmExit
 from labkit.monitor.vmx.rules import (LMSW_BITS, exception_exit, instruction_exit, interrupt_exit, lmsw_source,
                                       mnemonic_of)
@@ -318,7 +318,7 @@ class VmxModel(BinaryTranslator):
         else:
             self.exits_dropped += 1
 
-    def _vcpu(self) -> Any:
+    def _vcpu(self) -> VirtualCpu:
         return self._started()[1]
 
     def _text_at(self, rip: int) -> str:

@@ -121,8 +121,10 @@ def _bits(ports_or_msrs: Iterable[int]) -> set[int]:
     return set(ports_or_msrs)
 
 
-def io_bitmaps(ports: Iterable[int] = range(0x10000)) -> tuple[bytes, bytes]:
-    """I/O bitmaps A and B with a bit set for each of ``ports`` (default: every port exits)."""
+def io_bitmaps(ports: Iterable[int] | None = None) -> tuple[bytes, bytes]:
+    """I/O bitmaps A and B with a bit set for each of ``ports`` (None, the default: every port exits)."""
+    if ports is None:
+        return b"\xff" * BITMAP_BYTES, b"\xff" * BITMAP_BYTES
     bitmap = bytearray(2 * BITMAP_BYTES)
     for port in _bits(ports):
         if not 0 <= port <= 0xFFFF:
