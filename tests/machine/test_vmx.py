@@ -158,3 +158,35 @@ def test_the_exit_table_says_it_is_a_model_and_where_it_ran(backend_name):
     assert ("KVM (" if backend_name == "kvm" else "the emulator (Unicorn") in table.title
     assert [row[0] for row in table.rows] == ["0", "12", "28", "30", "46"]
     assert table.rows[3][1] == "I/O instruction" and table.rows[3][2] == str(2 * CONSOLE_BYTES)
+
+
+MACHINE_STATUS = """
+    smsw ax
+    or ax, 8
+    lmsw ax
+    mov rax, cr4
+    or rax, 0x80
+    mov cr4, rax
+    mov rbx, cr4
+    smsw rax
+    shl rax, 32
+    or rax, rbx
+"""
+"""LMSW sets CR0.TS, a MOV to CR4 sets PGE; the kernel prints what SMSW and MOV from CR4 then read."""
+
+
+@pytest.mark.parametrize("masks, exits", [
+    ((0, 0), []),
+    ((TS, 0x80), ["control register CR0, access type LMSW, LMSW operand register, LMSW source data 0x39",
+                  "control register CR4, access type MOV TO CR, register RAX"]),
+    (((1 << 64) - 1, (1 << 64) - 1), ["control register CR0, access type LMSW, LMSW operand register, "
+                                      "LMSW source data 0x39",
+                                      "control register CR4, access type MOV TO CR, register RAX"]),
+])
+def test_lmsw_and_cr4_through_the_masks_read_back_as_natively(backend_name, masks, exits):
+    kernel = minikernel(["control_registers"], student=MACHINE_STATUS)
+    native = Machine(kernel, backend=backend_name).run(timeout=10)
+    assert "  rax = 0x80010039000006a0" in native.console  # CR0 with TS; CR4 0x620 with PGE
+    result = run_vmx(kernel, Vmcs(cr0_guest_host_mask=masks[0], cr4_guest_host_mask=masks[1]), backend_name)
+    assert result.console == native.console
+    assert [exit.qualification_text() for exit in result.monitor.exits] == exits

@@ -190,3 +190,8 @@ def test_bad_vmcs_fields_are_one_line_errors(fields, message):
         msr_bitmap(read=[0x4000_0000])
     with pytest.raises(ConfigError, match="not modelled"):
         Vmcs().vmread(0x681E)
+
+
+def test_lmsw_names_no_register_in_its_qualification():
+    exit = run(Vmcs(cr0_guest_host_mask=TS), "0f01f3", rbx=TS)  # lmsw bx
+    assert exit.qualification == 3 << 4 | TS << 16  # bits 11:8 are 0 for CLTS and LMSW (SDM table 28-3)

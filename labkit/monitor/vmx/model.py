@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, Any
 
 from labkit.errors import ConfigError, LabkitError
 from labkit.monitor.binary_translation import BinaryTranslator, TranslationSummary
-from labkit.monitor.vcpu import Decoded, VirtualCpu, decode, effective_address, read_register, write_register
+from labkit.monitor.vcpu import (Decoded, VirtualCpu, decode, effective_address, has_error_code, read_register,
+                                 write_register)
 from labkit.monitor.vmx.exits import ExitReason, VmExit
 from labkit.monitor.vmx.rules import (LMSW_BITS, exception_exit, instruction_exit, interrupt_exit, lmsw_source,
                                       mnemonic_of)
@@ -64,6 +65,8 @@ if TYPE_CHECKING:
 MAX_EXITS = 4096
 """Exits kept one by one (all are counted)."""
 MODEL_TRANSLATES = frozenset({"rdtsc", "rdpmc"})
+SOFTWARE_INTERRUPTS = frozenset({"int", "int3", "into", "int1"})
+"""Their vectors are decided by the instruction rules (INT3/INTO/INT1 by the exception bitmap, INT n never)."""
 """Instructions the model has binary translation hand over besides the sensitive ones (see the module docstring)."""
 DR6_INIT, DR7_INIT = 0xFFFF_0FF0, 0x400
 """Debug registers after reset (SDM vol. 3, 18.2)."""
@@ -192,8 +195,13 @@ class VmxModel(BinaryTranslator):
             return
         vcpu = self.vcpu
         pending = list(vcpu.pending) if vcpu is not None else []
+        reflected = dict(vcpu.reflected) if vcpu is not None else {}
         super()._emulate(guest_rip, code, text, trap, context)
-        if vcpu is not None and len(vcpu.pending) > len(pending):
+        if vcpu is None:
+            return
+        if mnemonic not in SOFTWARE_INTERRUPTS:
+            self._raised_by(decoded, reflected, vcpu, trap, context)
+        if len(vcpu.pending) > len(pending):
             for vector in vcpu.pending[len(pending):]:
                 interrupt = interrupt_exit(self.vmcs, vector, guest_rip)
                 if interrupt is not None:
@@ -205,6 +213,24 @@ class VmxModel(BinaryTranslator):
         if exit is not None:
             self._record(exit)  # the VMM reinjects it: the kernel's own handler runs either way
         super()._reflect(vector, error_code, trap, context)
+
+    def _raised_by(self, decoded: Decoded, before: dict[int, int], vcpu: VirtualCpu, trap: Trap,
+                   context: GuestContext) -> None:
+        """An exception the emulated instruction itself raised (a segment load's #GP, as the translator
+        reflects it straight into the kernel's IDT): through the exception bitmap like any other.  Its
+        error code is the last word the reflection pushed (``trap.regs.rsp``)."""
+        for vector, count in vcpu.reflected.items():
+            if vector >= 32 or count <= before.get(vector, 0):
+                continue
+            error_code = None
+            if has_error_code(vector):
+                try:
+                    error_code = struct.unpack("<Q", context.read(trap.regs.rsp, 8))[0] & 0xFFFF_FFFF
+                except LabkitError:
+                    error_code = 0
+            exit = exception_exit(self.vmcs, vector, error_code, decoded.address, instruction=decoded.text)
+            if exit is not None:
+                self._record(exit)
 
     # -- carrying out what differs from the virtual CPU's emulation ------------------------------
 

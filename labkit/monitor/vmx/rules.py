@@ -206,10 +206,9 @@ def _lmsw_exit(vmcs: Vmcs, decoded: Decoded, regs: Regs, read: ReadMemory,
     differs = (source ^ shadow) & mask & (CR0_MP | CR0_EM | CR0_TS)
     if not (sets_pe or differs):
         return None
-    gpr = GPR_NUMBERS.get(operand.reg, 0) if operand.kind == "reg" else 0
+    # Bits 11:8 name a register only for MOV CR; for LMSW they are 0 (SDM table 28-3).
     return exit(ExitReason.CONTROL_REGISTER_ACCESS,
-                cr_access_qualification(0, CrAccessType.LMSW, gpr, lmsw_memory=operand.kind == "mem",
-                                        lmsw_source=source))
+                cr_access_qualification(0, CrAccessType.LMSW, lmsw_memory=operand.kind == "mem", lmsw_source=source))
 
 
 def lmsw_source(operand: Operand, regs: Regs, read: ReadMemory, next_rip: int) -> int:
