@@ -22,8 +22,8 @@ qualifications are encoded bit for bit as in the SDM's tables and decoded by
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 
 class ExitReason(IntEnum):
@@ -162,9 +162,11 @@ def describe_qualification(reason: int, qualification: int) -> dict[str, object]
     return {}
 
 
-@dataclass(frozen=True)
-class VmExit:
-    """One VM exit as the model records it: the VMCS exit-information fields (SDM 28.2) and what the VMM did.
+class VmExit(NamedTuple):
+    """One VM exit as the model records it: the VMCS exit-information fields (SDM 28.2).
+
+    A named tuple rather than a frozen dataclass, as labkit records its hot exits (DECISIONS 2): the model
+    makes one per exit, and a tuple costs a fraction of a dataclass's ``__init__``.
 
     ``reason`` is the basic exit reason; ``qualification`` the exit
     qualification; ``interruption_info``/``interruption_error_code`` are set for

@@ -58,6 +58,24 @@ from labkit.x86.state import Regs
 
 ReadMemory = Callable[[int, int], bytes]
 
+# The controls as plain ints: IntFlag's & costs microseconds on every exit.
+_HLT_EXITING = int(Primary.HLT_EXITING)
+_RDTSC_EXITING = int(Primary.RDTSC_EXITING)
+_RDPMC_EXITING = int(Primary.RDPMC_EXITING)
+_INVLPG_EXITING = int(Primary.INVLPG_EXITING)
+_MOV_DR_EXITING = int(Primary.MOV_DR_EXITING)
+_CR3_LOAD_EXITING = int(Primary.CR3_LOAD_EXITING)
+_CR3_STORE_EXITING = int(Primary.CR3_STORE_EXITING)
+_CR8_LOAD_EXITING = int(Primary.CR8_LOAD_EXITING)
+_CR8_STORE_EXITING = int(Primary.CR8_STORE_EXITING)
+_USE_IO_BITMAPS = int(Primary.USE_IO_BITMAPS)
+_UNCONDITIONAL_IO_EXITING = int(Primary.UNCONDITIONAL_IO_EXITING)
+_USE_MSR_BITMAPS = int(Primary.USE_MSR_BITMAPS)
+_ACTIVATE_SECONDARY_CONTROLS = int(Primary.ACTIVATE_SECONDARY_CONTROLS)
+_WBINVD_EXITING = int(Secondary.WBINVD_EXITING)
+_DESCRIPTOR_TABLE_EXITING = int(Secondary.DESCRIPTOR_TABLE_EXITING)
+_EXTERNAL_INTERRUPT_EXITING = int(PinBased.EXTERNAL_INTERRUPT_EXITING)
+
 STRING_IO = {"insb": ("in", 1), "insw": ("in", 2), "insd": ("in", 4),
              "outsb": ("out", 1), "outsw": ("out", 2), "outsd": ("out", 4)}
 LMSW_BITS = CR0_PE | CR0_MP | CR0_EM | CR0_TS
@@ -84,7 +102,8 @@ def instruction_exit(vmcs: Vmcs, decoded: Decoded, regs: Regs, read: ReadMemory)
     ``read(address, size)`` reads guest memory (an LMSW memory operand).
     """
     mnemonic, rep = mnemonic_of(decoded)
-    primary = vmcs.primary
+    primary = int(vmcs.primary)
+    secondary = int(vmcs.secondary) if primary & _ACTIVATE_SECONDARY_CONTROLS else 0
 
     def exit(reason: ExitReason, qualification: int = 0, info: int = 0) -> VmExit:
         return VmExit(reason, qualification, decoded.address, decoded.text, decoded.length, instruction_info=info)
@@ -92,7 +111,7 @@ def instruction_exit(vmcs: Vmcs, decoded: Decoded, regs: Regs, read: ReadMemory)
     if mnemonic == "invd":
         return exit(ExitReason.INVD)
     if mnemonic == "hlt":
-        return exit(ExitReason.HLT) if primary & Primary.HLT_EXITING else None
+        return exit(ExitReason.HLT) if primary & _HLT_EXITING else None
     if mnemonic in ("in", "out") or mnemonic in STRING_IO:
         return _io_exit(vmcs, decoded, mnemonic, rep, regs, exit)
     if mnemonic == "mov" and any(op.kind == "reg" and op.reg[:2] in ("cr", "dr") for op in decoded.operands):
@@ -106,18 +125,18 @@ def instruction_exit(vmcs: Vmcs, decoded: Decoded, regs: Regs, read: ReadMemory)
     if mnemonic in ("rdmsr", "wrmsr"):
         return _msr_exit(vmcs, mnemonic, regs, exit)
     if mnemonic == "rdtsc":
-        return exit(ExitReason.RDTSC) if primary & Primary.RDTSC_EXITING else None
+        return exit(ExitReason.RDTSC) if primary & _RDTSC_EXITING else None
     if mnemonic == "rdpmc":
-        return exit(ExitReason.RDPMC) if primary & Primary.RDPMC_EXITING else None
+        return exit(ExitReason.RDPMC) if primary & _RDPMC_EXITING else None
     if mnemonic == "invlpg":
-        if not primary & Primary.INVLPG_EXITING:
+        if not primary & _INVLPG_EXITING:
             return None
         operand = decoded.operands[0]
         return exit(ExitReason.INVLPG, effective_address(operand, regs, decoded.address + decoded.length))
     if mnemonic == "wbinvd":
-        return exit(ExitReason.WBINVD) if vmcs.secondary_in_force & Secondary.WBINVD_EXITING else None
+        return exit(ExitReason.WBINVD) if secondary & _WBINVD_EXITING else None
     if mnemonic in DESCRIPTOR_TABLE_IDENTITY:
-        if not vmcs.secondary_in_force & Secondary.DESCRIPTOR_TABLE_EXITING:
+        if not secondary & _DESCRIPTOR_TABLE_EXITING:
             return None
         reason = ExitReason.GDTR_OR_IDTR_ACCESS if mnemonic[1:] in ("gdt", "idt") else ExitReason.LDTR_OR_TR_ACCESS
         table_operand = decoded.operands[0] if decoded.operands else None
@@ -153,7 +172,7 @@ def _io_exit(vmcs: Vmcs, decoded: Decoded, mnemonic: str, rep: bool, regs: Regs,
 
 def io_exits(vmcs: Vmcs, port: int, size: int) -> bool:
     """Whether an access of ``size`` bytes at ``port`` exits (SDM 26.1.3, "I/O instructions")."""
-    if vmcs.primary & Primary.USE_IO_BITMAPS:
+    if int(vmcs.primary) & _USE_IO_BITMAPS:
         if port + size > 0x10000:
             return True  # wraps around to port 0
         for each in range(port, port + size):
@@ -162,7 +181,7 @@ def io_exits(vmcs: Vmcs, port: int, size: int) -> bool:
             if bitmap[bit >> 3] >> (bit & 7) & 1:
                 return True
         return False
-    return bool(vmcs.primary & Primary.UNCONDITIONAL_IO_EXITING)
+    return bool(int(vmcs.primary) & _UNCONDITIONAL_IO_EXITING)
 
 
 def _mov_special_exit(vmcs: Vmcs, decoded: Decoded, regs: Regs, exit: Callable[..., VmExit]) -> VmExit | None:
@@ -172,7 +191,7 @@ def _mov_special_exit(vmcs: Vmcs, decoded: Decoded, regs: Regs, exit: Callable[.
     number = int(special.reg[2:])
     gpr_number = GPR_NUMBERS.get(gpr.reg, 0)
     if special.reg.startswith("dr"):
-        if not vmcs.primary & Primary.MOV_DR_EXITING:
+        if not int(vmcs.primary) & _MOV_DR_EXITING:
             return None
         return exit(ExitReason.MOV_DR, mov_dr_qualification(number, to_special, gpr_number))
     access = CrAccessType.MOV_TO_CR if to_special else CrAccessType.MOV_FROM_CR
@@ -187,13 +206,13 @@ def _mov_special_exit(vmcs: Vmcs, decoded: Decoded, regs: Regs, exit: Callable[.
     if number == 3:
         if to_special:
             targets = vmcs.cr3_target_values
-            exits = bool(vmcs.primary & Primary.CR3_LOAD_EXITING) and value not in targets
+            exits = bool(int(vmcs.primary) & _CR3_LOAD_EXITING) and value not in targets
         else:
-            exits = bool(vmcs.primary & Primary.CR3_STORE_EXITING)
+            exits = bool(int(vmcs.primary) & _CR3_STORE_EXITING)
         return exit(ExitReason.CONTROL_REGISTER_ACCESS, qualification) if exits else None
     if number == 8:
-        control = Primary.CR8_LOAD_EXITING if to_special else Primary.CR8_STORE_EXITING
-        return exit(ExitReason.CONTROL_REGISTER_ACCESS, qualification) if vmcs.primary & control else None
+        control = _CR8_LOAD_EXITING if to_special else _CR8_STORE_EXITING
+        return exit(ExitReason.CONTROL_REGISTER_ACCESS, qualification) if int(vmcs.primary) & control else None
     return None  # CR2: no control intercepts it
 
 
@@ -225,7 +244,7 @@ def _msr_exit(vmcs: Vmcs, mnemonic: str, regs: Regs, exit: Callable[..., VmExit]
 
 def msr_exits(vmcs: Vmcs, msr: int, *, write: bool) -> bool:
     """Whether RDMSR (``write=False``) or WRMSR of ``msr`` exits (SDM 26.1.3 and 25.6.9)."""
-    if not vmcs.primary & Primary.USE_MSR_BITMAPS:
+    if not int(vmcs.primary) & _USE_MSR_BITMAPS:
         return True
     bit = msr_bitmap_bit(msr)
     if bit is None:
@@ -270,6 +289,6 @@ def interrupt_exit(vmcs: Vmcs, vector: int, guest_rip: int) -> VmExit | None:
 
     The model does not set "acknowledge interrupt on exit", so the interruption information is not valid
     (the VMM finds the vector at its interrupt controller, SDM 28.2.2)."""
-    if not vmcs.pin_based & PinBased.EXTERNAL_INTERRUPT_EXITING:
+    if not int(vmcs.pin_based) & _EXTERNAL_INTERRUPT_EXITING:
         return None
     return VmExit(ExitReason.EXTERNAL_INTERRUPT, 0, guest_rip, f"external interrupt, vector {vector:#x}")
