@@ -56,7 +56,7 @@ class TechniqueRun:
     entries: int
     by_kind: dict[str, int]
     measured_by: str
-    """Who counted and where: "labkit's trace, emulator (Unicorn 2.1.4)", "the VMX model, run on KVM (kvm_pvm)"."""
+    """Who counted and where: "labkit's trace, the emulator (Unicorn 2.1.4)", "the VMX model, KVM (kvm_pvm)"."""
     backend: str
     host_ms: float
     time_means: str
@@ -92,8 +92,8 @@ class TechniqueComparison:
 
     def table(self) -> Table:
         """One row per technique: entries and their kinds, who measured them, host time, console = native."""
-        return entry_table(self.runs, f"One workload, every technique ({self.where}): hypervisor entries and host "
-                           "time", note="Workload: minikernel64 routines " + ", ".join(self.workload) + ".")
+        return entry_table(self.runs, f"One workload, every technique, run on {self.where}: hypervisor entries "
+                           "and host time", note="Workload: minikernel64 routines " + ", ".join(self.workload) + ".")
 
 
 def entry_table(runs: Sequence[TechniqueRun], title: str, note: str = "") -> Table:
@@ -123,12 +123,9 @@ def _matches(run: TechniqueRun) -> str:
 
 
 def _where(result: RunResult) -> str:
-    origin = result.origin
-    if origin is not None and origin.backend == "kvm":
-        return f"KVM ({origin.flavour or 'flavour unknown'})"
-    if origin is not None and origin.backend == "emu":
-        return f"emulator (Unicorn {origin.unicorn})"
-    return result.backend
+    from labkit.monitor.vmx.model import ran_on
+
+    return ran_on(result)
 
 
 def _differing(native: str, console: str) -> int:

@@ -110,7 +110,7 @@ VISIBLE = {
                                     "int3               ; -> monitor: emulate popfq"),
     "04-paravirtualization.ipynb": ("paravirtual console equals the native one: True",
                                     "lines where trap-and-emulate differs from native: 5"),
-    "05-hardware-assisted.ipynb": ("VM exits of a model of VMX run on", "One workload, every technique ("),
+    "05-hardware-assisted.ipynb": ("VM exits of a model of VMX run on", "One workload, every technique, run on "),
 }
 """Per notebook, text the student must be able to see (the lesson's result, not just that it ran)."""
 

@@ -65,7 +65,7 @@ def test_emulation_only_sessions_leave_kvm_out(monkeypatch):
 
 def test_the_table_names_what_measured_each_row(comparison):
     table = comparison.table()
-    assert table.title.startswith(f"One workload, every technique ({comparison.where})")
+    assert table.title.startswith(f"One workload, every technique, run on {comparison.where}: ")
     assert [row[0] for row in table.rows] == list(TECHNIQUES)
     vmx = table.rows[TECHNIQUES.index("VMX model")]
     assert "the model's cost, not VT-x's" in vmx[4] and vmx[6] == "yes"

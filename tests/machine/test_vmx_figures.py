@@ -47,6 +47,6 @@ def test_the_technique_figure_names_the_backend_and_the_console_apart():
     comparison = compare_techniques("emu", techniques=("native", "trap-and-emulate", "VMX model"))
     figure = technique_entries(comparison)
     text = titles(figure)
-    assert "measured on emulator (Unicorn 2.1.4)" in text and "emulator time, not hardware time" in text
+    assert "measured on the emulator (Unicorn 2.1.4)" in text and "emulator time, not hardware time" in text
     assert "besides the console" in text and "23" in text  # trap-and-emulate's entries besides the console
     assert readable(figure) == []

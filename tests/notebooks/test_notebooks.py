@@ -179,7 +179,7 @@ def check_hardware_assisted(run: Execution, backend: str, kvm=None) -> None:
     assert "Its console is the same as its native console" in text
     assert "The console equals the native one under **4 of 4** presets" in text
     assert "minikernel64 under a model of VMX on " in text, "the VMCS panel did not show its first run"
-    assert "One workload, every technique (" in text and "The workload under trap-and-emulate on " in text
+    assert "One workload, every technique, run on " in text and "The workload under trap-and-emulate on " in text
     assert "* **VMX model**: 1031 VM exits (model) (3 besides the console)" in text
     assert "* **paravirtual**: " in text and "hypercalls and bounces" in text
     assert "* **trap-and-emulate**: " in text and "no: 5 line(s) differ" in text

@@ -369,16 +369,19 @@ def run_vmx(kernel: Guest | str = "minikernel64", vmcs: Vmcs | None = None, back
         return machine.run(timeout)
 
 
-def where(result: RunResult) -> str:
-    """``run on KVM (kvm_pvm)`` or ``run on the emulator (Unicorn 2.1.4)``: what the model ran on, from the result."""
+def ran_on(result: RunResult) -> str:
+    """``KVM (kvm_pvm)`` or ``the emulator (Unicorn 2.1.4)``: where a run ran, from the result's own origin."""
     origin = result.origin
-    if origin is None:
-        return f"run on {result.backend}"
-    if origin.backend == "kvm":
-        return f"run on KVM ({origin.flavour or 'flavour unknown'})"
-    if origin.backend == "emu":
-        return f"run on the emulator (Unicorn {origin.unicorn})"
-    return f"run on {origin.backend}"
+    if origin is not None and origin.backend == "kvm":
+        return f"KVM ({origin.flavour or 'flavour unknown'})"
+    if origin is not None and origin.backend == "emu":
+        return f"the emulator (Unicorn {origin.unicorn})"
+    return origin.backend if origin is not None else result.backend
+
+
+def where(result: RunResult) -> str:
+    """``run on KVM (kvm_pvm)`` or ``run on the emulator (Unicorn 2.1.4)``: what the model ran on."""
+    return f"run on {ran_on(result)}"
 
 
 def exit_table(result: RunResult) -> Table:
