@@ -91,3 +91,10 @@ def test_unknown_monitor_or_preset_is_a_usage_error():
     assert "invalid choice: 'vt-x'" in done.stderr
     done = labkit("run", "minikernel64", "--monitor", "vmx", "--vmcs", "all")
     assert done.returncode == 2 and "invalid choice: 'all'" in done.stderr
+
+
+def test_a_kernel_that_never_stops_times_out_under_the_model(backend_name):
+    done = labkit("run", "forever64", "--monitor", "vmx", "--timeout", "1", "--backend", backend_name, "--json")
+    assert done.returncode == 3, done.stderr
+    report = json.loads(done.stdout)
+    assert report["status"] == "timeout" and report["monitor"]["entries"] == 0
