@@ -190,3 +190,11 @@ def test_lmsw_and_cr4_through_the_masks_read_back_as_natively(backend_name, mask
     result = run_vmx(kernel, Vmcs(cr0_guest_host_mask=masks[0], cr4_guest_host_mask=masks[1]), backend_name)
     assert result.console == native.console
     assert [exit.qualification_text() for exit in result.monitor.exits] == exits
+
+
+def test_an_operand_outside_guest_ram_ends_the_run_with_a_clear_error(backend_name):
+    guest = Guest.from_asm("mov rax, cr0\nlmsw word ptr [0x3ffffff0]\nhlt\n", name="lmsw-outside-ram")
+    result = run_vmx(guest, Vmcs(cr0_guest_host_mask=TS), backend_name, 5)
+    assert result.status.kind == StatusKind.ERROR and result.regs.rip == 0x8003
+    assert result.status.message.startswith("at RIP 0x8003: guest-physical range [0x3ffffff0, 0x3ffffff2) is not "
+                                            "inside one memory region")

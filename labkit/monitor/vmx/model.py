@@ -177,6 +177,7 @@ class VmxModel(BinaryTranslator):
             super()._emulate(guest_rip, code, text, trap, context)
             return
         started = time.perf_counter_ns()
+        trap.regs.rip = guest_rip  # the kernel's RIP, not the translation's, whatever happens next
         try:
             exit = instruction_exit(self.vmcs, decoded, trap.regs, context.read)
         except LabkitError as error:  # an LMSW operand outside guest RAM
@@ -189,7 +190,6 @@ class VmxModel(BinaryTranslator):
             name = decoded.text if mnemonic == "mov" else mnemonic  # "mov rax, cr0": which register, which way
             self.non_root[name] = self.non_root.get(name, 0) + 1
         self.model_ns += time.perf_counter_ns() - started
-        trap.regs.rip = guest_rip
         if self._carry_out(decoded, mnemonic, exit is not None, trap, context):
             trap.regs.rip = (guest_rip + decoded.length) & _MASK64
             return
