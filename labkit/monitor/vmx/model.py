@@ -36,7 +36,9 @@ are not VM exits.
 
 Not modelled: CPUID (it always exits on VT-x, but runs natively in ring 3 here,
 so the model never sees it), EPT and its violations, interrupt and NMI windows,
-the TPR shadow, VM entry checks and the default1 control bits.
+the TPR shadow, VM entry checks and the default1 control bits.  CR8 and the debug
+registers are kept as the kernel writes them, not acted on (no TPR masking of
+the virtual interrupts, no breakpoints); performance counters read 0.
 """
 
 from __future__ import annotations
