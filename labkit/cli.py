@@ -13,13 +13,14 @@ import resource
 import secrets
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 from labkit.doctor import FLAVOURS, doctor_report, trap_replay_status  # noqa: F401 (their old home)
 from labkit.errors import ConfigError, LabkitError
 
 if TYPE_CHECKING:  # imported where used: `labkit doctor` stays fast
     from labkit.guest import Guest
+    from labkit.table import Table
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -78,14 +79,73 @@ def _load_guest(spec: str, mode: int | None) -> Guest:
     return Guest.named(spec)
 
 
+VMCS_PRESETS = {"none": "nothing exits", "kvm-like": "KVM-like (EPT)", "shadow-paging": "KVM-like, shadow paging",
+                "every-exit": "every exit"}
+"""``labkit run --vmcs`` -> a name of labkit.monitor.vmx.PRESETS."""
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from labkit.vmm.machine import Machine
 
     guest = _load_guest(args.guest, args.mode)
+    if args.monitor is not None or args.vmcs is not None:
+        return _run_under_monitor(args, guest)
     with Machine(guest, backend=args.backend, memory=args.memory) as machine:
         result = machine.run(timeout=args.timeout)
         backend = machine.backend
         reason = machine.backend_reason
+    return _print_run(args, guest, result, backend, reason)
+
+
+def _run_under_monitor(args: argparse.Namespace, guest: Guest) -> int:
+    """``labkit run GUEST --monitor te|bt|pv|vmx [--vmcs PRESET]``: the run and its hypervisor entry table."""
+    from labkit.backend import choose_backend
+    from labkit.monitor.techniques import MONITORS, PARAVIRTUAL_KERNEL, entry_table, run_technique
+
+    if args.monitor is None:
+        raise ConfigError("--vmcs sets up the VMX model: give --monitor vmx with it")
+    if args.vmcs is not None and args.monitor != "vmx":
+        raise ConfigError(f"--vmcs belongs to the VMX model (--monitor vmx), not to --monitor {args.monitor}")
+    if guest.mode != 64:
+        raise ConfigError(f"--monitor runs 64-bit kernels; {guest.name} starts in {guest.mode}-bit mode")
+    if args.monitor == "pv" and guest.name != PARAVIRTUAL_KERNEL:
+        raise ConfigError(f"--monitor pv runs a kernel written for the hypercall ABI; {guest.name} is not one "
+                          f"(try: labkit run {PARAVIRTUAL_KERNEL} --monitor pv)")
+    if args.monitor != "pv" and guest.name == PARAVIRTUAL_KERNEL:
+        raise ConfigError(f"{PARAVIRTUAL_KERNEL} is paravirtual (it calls the hypervisor instead of trapping): "
+                          f"run it with --monitor pv")
+    choice = choose_backend(args.backend)
+    options: dict[str, Any] = {"memory": args.memory}
+    if args.monitor == "vmx":
+        from labkit.monitor.vmx import PRESETS
+
+        options["vmcs"] = PRESETS[VMCS_PRESETS[args.vmcs or "kvm-like"]]()
+    kernel = None if args.monitor == "pv" else guest
+    native = guest.expected.get("console")  # a shipped kernel's native console, to compare with
+    result, row = run_technique(args.monitor, kernel, choice.name, args.timeout, native=native, **options)
+    technique = MONITORS[args.monitor]
+    table = entry_table([row], f"{guest.name} under {technique}: hypervisor entries")
+    extra = None
+    if args.monitor == "vmx":
+        from labkit.monitor.vmx.model import exit_table
+
+        extra = exit_table(result)
+    if args.json:
+        monitor = {"technique": technique, "entry_kind": row.entry_kind, "entries": row.entries,
+                   "by_kind": row.by_kind, "counted_by": row.measured_by}
+        if args.monitor == "vmx":
+            report = result.monitor
+            monitor["vmcs_preset"] = args.vmcs or "kvm-like"
+            monitor["vm_exits"] = [{"reason": int(exit.reason), "name": exit.reason.sdm_name,
+                                    "qualification": exit.qualification, "fields": exit.fields,
+                                    "guest_rip": exit.guest_rip, "instruction": exit.instruction}
+                                   for exit in getattr(report, "exits", ())]
+        return _print_run(args, guest, result, choice.name, choice.reason, monitor=monitor)
+    return _print_run(args, guest, result, choice.name, choice.reason, tables=[table] + ([extra] if extra else []))
+
+
+def _print_run(args: argparse.Namespace, guest: Guest, result: Any, backend: str, reason: str, *,
+               monitor: dict[str, Any] | None = None, tables: Sequence[Table] = ()) -> int:
     dropped = getattr(result, "console_dropped", 0) or 0  # RunResult.console_dropped: bytes past the console bound
     if args.json:
         print(json.dumps({
@@ -102,7 +162,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             "exit_table": result.trace.table_json(),
             "regs": result.regs.as_dict(),
             "elapsed_s": result.elapsed_s,
-        }, indent=2))
+            **({"monitor": monitor} if monitor is not None else {}),
+        }, indent=2, default=str))
     else:
         sys.stdout.write(result.console)
         if result.console and not result.console.endswith("\n"):
@@ -110,6 +171,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if dropped:
             print(f"[console truncated: {dropped} bytes dropped]")
         print(f"--- {guest.name} on {backend} ({reason}): {result.status} in {result.elapsed_s * 1e3:.1f} ms")
+        for table in tables:
+            print(table)
+            print()
         print(result.trace.format_table())
     if result.status.kind == "halted":
         return 0
@@ -250,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=5.0, help="seconds before the guest is stopped")
     run.add_argument("--memory", type=memory_size, default=2 << 20,
                      help="guest RAM: bytes, or with a binary unit (2M, 64MiB, 1G); default 2M")
+    run.add_argument("--monitor", choices=("te", "bt", "pv", "vmx"), default=None,
+                     help="run a kernel under a technique: te trap-and-emulate, bt binary translation, "
+                          "pv paravirtual (pvkernel64), vmx a model of VMX; prints its hypervisor entries")
+    run.add_argument("--vmcs", choices=tuple(VMCS_PRESETS), default=None,
+                     help="the VMX model's VMCS set-up (with --monitor vmx; default kvm-like)")
     run.add_argument("--json", action="store_true")
     run.set_defaults(func=cmd_run)
 

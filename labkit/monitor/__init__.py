@@ -1,5 +1,5 @@
-"""Software virtualization techniques run by a monitor on the host: trap-and-emulate, binary translation,
-paravirtualization (the hypervisor of a kernel that makes hypercalls).
+"""Virtualization techniques run by a monitor on the host: trap-and-emulate, binary translation,
+paravirtualization (the hypervisor of a kernel that makes hypercalls), a model of VMX.
 
 A monitor sees the guest's exceptions through :mod:`labkit.vmm.forwarding`
 and works the same on both backends.  The monitors themselves are imported on
@@ -18,6 +18,9 @@ _LAZY = {
     "BinaryTranslator": "labkit.monitor.binary_translation",
     "run_translated": "labkit.monitor.binary_translation",
     "VirtualCpu": "labkit.monitor.vcpu",
+    "VmxModel": "labkit.monitor.vmx.model",
+    "run_vmx": "labkit.monitor.vmx.model",
+    "Vmcs": "labkit.monitor.vmx.vmcs",
     "Paravirtual": "labkit.monitor.paravirt",
     "run_paravirtual": "labkit.monitor.paravirt",
     "compare_kernels": "labkit.monitor.paravirt",

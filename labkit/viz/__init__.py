@@ -29,6 +29,8 @@ _EXPORTS = {
     "classification_table": "labkit.viz.rings",
     "trap_profile": "labkit.viz.trap_emulate",
     "monitor_comparison": "labkit.viz.translation",
+    "vmx_exits": "labkit.viz.vmx",
+    "technique_entries": "labkit.viz.vmx",
     "kernel_entries": "labkit.viz.paravirt",
     "console_paths": "labkit.viz.paravirt",
     "capability_table": "labkit.viz.report",

@@ -22,6 +22,8 @@ _EXPORTS = {
     "RoutineComparison": "labkit.widgets.monitors",
     "TranslationChoice": "labkit.widgets.monitors",
     "ExitStepper": "labkit.widgets.monitors",
+    "VmxControls": "labkit.widgets.hardware",
+    "TechniqueChoice": "labkit.widgets.hardware",
     "KernelChoice": "labkit.widgets.paravirt",
     "ConsoleBatch": "labkit.widgets.paravirt",
     "KvmControls": "labkit.widgets.kvm_controls",

@@ -187,6 +187,27 @@ def check_rings(run: Execution, backend: str, kvm=None) -> None:
         assert "does not let the guest set CR4.UMIP" in text, "the UMIP result of the emulator is not shown"
 
 
+def check_hardware_assisted(run: Execution, backend: str, kvm=None) -> None:
+    from labkit.kvm.system import probe
+
+    text = run.text()
+    where = "run on KVM (" if backend == "kvm" else "run on the emulator (Unicorn 2.1.4)"
+    assert f"VM exits of a model of VMX {where}" in text, "the model's exit table is missing or unlabelled"
+    assert "size 1, direction IN, string no, REP no, operand DX, port 0x3fd" in text, "no decoded I/O qualification"
+    assert "Its console is the same as its native console" in text
+    assert "The console equals the native one under **4 of 4** presets" in text
+    assert "minikernel64 under a model of VMX on " in text, "the VMCS panel did not show its first run"
+    assert "One workload, every technique, run on " in text and "The workload under trap-and-emulate on " in text
+    assert "* **VMX model**: 1031 VM exits (model) (3 besides the console)" in text
+    assert "* **paravirtual**: " in text and "hypercalls and bounces" in text
+    assert "* **trap-and-emulate**: " in text and "no: 5 line(s) differ" in text
+    assert len(run.images()) >= 3, f"expected the exit, VMCS-panel and technique figures, got {len(run.images())}"
+    kvm = kvm or probe()
+    if backend == "kvm":
+        assert "backends run: kvm, emu" in text and "* **KVM**: 1029 VM exits" in text
+    else:
+        assert "backends run: emu" in text and "* **KVM**: not run here (" in text
+        assert ("LABKIT_BACKEND=emu is set" if kvm.usable else kvm.problem) in text
 def check_paravirtualization(run: Execution, backend: str, kvm=None) -> None:
     from labkit.kvm.system import kvm_flavour
 
@@ -225,6 +246,7 @@ CONTENT_CHECKS = {
     "02-trap-and-emulate.ipynb": check_trap_and_emulate,
     "03-binary-translation.ipynb": check_binary_translation,
     "04-paravirtualization.ipynb": check_paravirtualization,
+    "05-hardware-assisted.ipynb": check_hardware_assisted,
 }
 
 
