@@ -164,7 +164,7 @@ CONTROLS = {
     "02-trap-and-emulate.ipynb": {"dropdown": 1, "toggle": 1},
     "03-binary-translation.ipynb": {"dropdown": 1, "select_multiple": 1, "toggle": 1, "slider": 1},
     "04-paravirtualization.ipynb": {"select_multiple": 1, "toggle": 3, "slider": 1},
-    "05-hardware-assisted.ipynb": {"dropdown": 3, "select_multiple": 2, "toggle": 2},
+    "05-hardware-assisted.ipynb": {"dropdown": 3, "select_multiple": 2, "toggle": 2, "checkbox": 4, "button": 1},
 }
 """Per notebook, the controls its panels have (in all its cells): each is changed once and must change the results."""
 SELECTORS = {
@@ -173,6 +173,7 @@ SELECTORS = {
     "toggle": ".widget-toggle-buttons",
     "slider": ".widget-slider",
     "button": "button.widget-button:not(.widget-toggle-button)",
+    "checkbox": ".widget-checkbox input",
 }
 # The results of a cell: the text and figures of its outputs that are not the control panel itself.
 RESULTS_JS = """cell => Array.from(cell.querySelectorAll('.jp-OutputArea-output'))
@@ -280,6 +281,9 @@ def _change(page, kind: str, control) -> str:
         label = inactive.first.inner_text()
         inactive.first.click()
         return f"toggle: {label}"
+    if kind == "checkbox":
+        control.click()
+        return "checkbox"
     if kind == "slider":
         readout = control.locator(".widget-readout")
         readout.click()

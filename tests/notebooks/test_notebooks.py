@@ -204,10 +204,24 @@ def check_hardware_assisted(run: Execution, backend: str, kvm=None) -> None:
     assert len(run.images()) >= 3, f"expected the exit, VMCS-panel and technique figures, got {len(run.images())}"
     kvm = kvm or probe()
     if backend == "kvm":
+        from labkit.kvm.system import kvm_flavour
+
         assert "backends run: kvm, emu" in text and "* **KVM**: 1029 VM exits" in text
+        # The section on what KVM handles itself (its counters, its exit controls).
+        assert f"This session runs on **KVM** (`{kvm_flavour()}`)" in text
+        assert "What KVM counted and what reached labkit" in text
+        assert "The exit-mix guest without and with each exit control" in text
+        assert "Console, MMIO device and notifications were the same in every run." in text
+        assert f"measured on KVM ({kvm_flavour()})" in text
+        assert "KVM exit controls:" in text and "With KVM_IOEVENTFD (notify port):" in text
+        if kvm_flavour() == "kvm_pvm":
+            assert "This host's KVM is PVM" in text and "Under PVM the HLT control is accepted" in text
+        assert len(run.images()) >= 7, "the model's, the techniques' and KVM's four figures"
     else:
         assert "backends run: emu" in text and "* **KVM**: not run here (" in text
         assert ("LABKIT_BACKEND=emu is set" if kvm.usable else kvm.problem) in text
+        assert "**No KVM in this session**" in text
+        assert "What KVM counted" not in text and "measured on KVM" not in text
 def check_paravirtualization(run: Execution, backend: str, kvm=None) -> None:
     from labkit.kvm.system import kvm_flavour
 
