@@ -65,5 +65,5 @@ class KvmControls(Experiment):
                    f"(without: {before.counters.get('exits', 0)}); {sum(after.delivered.values())} writes KVM "
                    f"kept in the kernel were delivered by labkit; output "
                    f"{'identical' if effect.same_output else 'DIFFERENT'}; status {effect.after.result.status}; "
-                   f"this run took {effect.after.result.elapsed_s * 1e3:.1f} ms of host time (run {self.runs + 1}).")
+                   f"this run took {effect.after.result.elapsed_s * 1e3:.1f} ms of host time (run {self.runs}).")
         return [note(summary), control_table([effect]), control_effects([effect])]
