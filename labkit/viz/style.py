@@ -94,12 +94,26 @@ def renderer_of(figure: Figure | SubFigure) -> RendererAgg:
     return canvas.get_renderer()
 
 
+def _undrawn_tick_labels(figure: Figure) -> set[int]:
+    """Tick labels matplotlib keeps but does not draw: their tick lies outside the axis's view."""
+    undrawn: set[int] = set()
+    for ax in figure.get_axes():
+        for axis in (ax.xaxis, ax.yaxis):
+            low, high = sorted(axis.get_view_interval())
+            span = (high - low) * 1e-9
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                if not low - span <= tick.get_loc() <= high + span:
+                    undrawn.update((id(tick.label1), id(tick.label2)))
+    return undrawn
+
+
 def _visible_texts(figure: Figure) -> list[Text]:
     from matplotlib.text import Text
 
+    undrawn = _undrawn_tick_labels(figure)
     texts = []
     for artist in figure.findobj(Text):
-        if not artist.get_visible() or not artist.get_text().strip():
+        if not artist.get_visible() or not artist.get_text().strip() or id(artist) in undrawn:
             continue
         axes = artist.axes
         if axes is not None and not axes.get_visible():
