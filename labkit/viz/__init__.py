@@ -37,6 +37,12 @@ _EXPORTS = {
     "runs_side_by_side": "labkit.viz.report",
     "backends_to_compare": "labkit.viz.report",
     "Skipped": "labkit.viz.report",
+    "notebooks_table": "labkit.viz.report",
+    "ring_runs_table": "labkit.viz.rings",
+    "kernel_entries_table": "labkit.viz.rings",
+    "entries_differ": "labkit.viz.rings",
+    "page_fault_table": "labkit.viz.rings",
+    "umip_table": "labkit.viz.rings",
 }
 
 __all__ = sorted(_EXPORTS)

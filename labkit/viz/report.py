@@ -17,7 +17,7 @@ from labkit.viz.labels import BackendHint, Measured, resolve
 from labkit.vmm.status import RunResult
 
 __all__ = ["Table", "Skipped", "ExitCosts", "capability_table", "exit_table", "exit_costs_of", "exit_cost_table",
-           "backends_to_compare", "runs_side_by_side"]
+           "backends_to_compare", "runs_side_by_side", "notebooks_table"]
 
 def capability_table(report: dict | None = None) -> Table:
     """What ``labkit doctor`` says about this machine, as a small table.
@@ -177,3 +177,25 @@ def exit_cost_table(runs: Sequence[Measured]) -> Table:
     note = (f"from one exit to the next = {TABLE_COLUMNS['since_previous']}; "
             f"labkit handling = {TABLE_COLUMNS['handling']}.")
     return Table("What the exits cost", header, rows, note)
+
+
+def notebooks_table(directory: str | os.PathLike[str] = ".") -> Table:
+    """The lab's notebooks in ``directory`` (``NN-name.ipynb``), each with the title of its first heading.
+
+    A notebook lists what comes next from this, so it names only notebooks that exist.
+    """
+    import json
+    from pathlib import Path
+
+    rows = []
+    for path in sorted(Path(directory).glob("[0-9][0-9]-*.ipynb")):
+        try:
+            cells = json.loads(path.read_text(encoding="utf-8")).get("cells", [])
+        except (OSError, ValueError) as error:
+            rows.append([path.name, f"(cannot read it: {error})"])
+            continue
+        first = next((cell for cell in cells if cell.get("cell_type") == "markdown"), None)
+        source = "".join(first["source"]) if first else ""
+        title = next((line.lstrip("#").strip() for line in source.splitlines() if line.startswith("#")), "")
+        rows.append([path.name, title])
+    return Table("The notebooks of this lab", ["notebook", "title"], rows)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from labkit.guest import Guest
     from labkit.rings import RingEvent
+    from labkit.vmm.status import RunResult
 
 ENTRY_COLOURS = {"#GP": "#d62728", "#PF": "#ff7f0e", "#UD": "#9467bd", "int 0x80": "#1f77b4",
                  "syscall": "#2ca02c", "exit": "#7f7f7f"}
@@ -193,6 +194,83 @@ def _ring_change(event: RingEvent) -> str:
     if event.kind == "return":
         return "0 → 3" if event.completed else "stays 0"
     return f"{event.from_cpl} → 0"
+
+
+def ring_runs_table(results: Mapping[str, RunResult]) -> Table:
+    """``rings64`` runs side by side: per backend its status, console, kernel events and exits."""
+    from labkit.rings import ring_events
+
+    rows = []
+    for result in results.values():
+        source = resolve(result, None)
+        vm_exits, _events = source.trace.by_kind()
+        rows.append([source.short, str(result.status), result.console.rstrip("\n"), str(len(ring_events(result))),
+                     ", ".join(f"{reason} {count}" for reason, count in vm_exits.items()) or "none"])
+    return Table("rings64 on each backend", ["measured on", "status", "console", "kernel events", "VM exits"], rows)
+
+
+def kernel_entries_table(results: Mapping[str, RunResult], guest: Guest | None = None) -> Table:
+    """How the kernel was entered, one row per instruction of the task, one column per backend.
+
+    Rows are the instructions that caused an entry (:func:`labkit.rings.instruction_of`)
+    in the order the task ran them; a cell says how that instruction entered
+    the kernel on that backend, or that it did not.
+    """
+    from labkit.rings import instruction_of, ring_events, rings_guest
+
+    guest = guest if guest is not None else rings_guest()
+    order: list[tuple[int, str]] = []
+    cells: dict[str, dict[tuple[int, str], list[str]]] = {}
+    for result in results.values():
+        column = cells.setdefault(resolve(result, None).short, {})
+        for event in ring_events(result):
+            if event.kind not in ("entry", "syscall"):
+                continue
+            found = instruction_of(event, guest.code, guest.load_address) or (event.rip, "?")
+            column.setdefault(found, []).append(event.label)
+            if found not in order:
+                order.append(found)
+    header = ["instruction (address)", *cells]
+    rows = [[f"{text} ({address:#x})", *("; ".join(cells[column].get((address, text), [])) or "no entry"
+                                         for column in cells)]
+            for address, text in order]
+    return Table("How each instruction of the task entered the kernel", header, rows)
+
+
+def entries_differ(table: Table) -> list[str]:
+    """The instructions of a :func:`kernel_entries_table` whose cells differ between backends."""
+    return [row[0] for row in table.rows if len(set(row[1:])) > 1]
+
+
+def page_fault_table(result: Measured, guest: Guest | None = None) -> Table:
+    """The #PF entries of a ``rings64`` run: the instruction, CR2 and the error code's bits decoded (SDM vol. 3, 4.7)."""
+    from labkit.rings import decode_page_fault_error, instruction_of, ring_events, rings_guest
+    from labkit.x86 import paging
+
+    guest = guest if guest is not None else rings_guest()
+    source = resolve(result, None)
+    rows = []
+    for event in ring_events(source.trace):
+        if event.kind != "entry" or event.vector != Vector.PF:
+            continue
+        found = instruction_of(event, guest.code, guest.load_address)
+        code = event.error_code
+        rows.append([found[1] if found else f"{event.rip:#x}", f"{event.cr2:#010x}", f"{code:#x}",
+                     str(int(bool(code & paging.PF_PRESENT))), str(int(bool(code & paging.PF_WRITE))),
+                     str(int(bool(code & paging.PF_USER))), decode_page_fault_error(code)])
+    return Table(f"Page faults the kernel saw ({source.label})",
+                 ["instruction", "CR2", "error code", "P (bit 0)", "W/R (bit 1)", "U/S (bit 2)", "meaning"], rows)
+
+
+def umip_table(tables: Mapping[str, Sequence[Classification]], names: Sequence[str]) -> Table:
+    """What setting CR4.UMIP did, per instruction (rows with a UMIP run) and backend (columns)."""
+    columns = list(tables)
+    rows = []
+    for index, name in enumerate(names):
+        if not any(tables[column][index].umip for column in columns):
+            continue
+        rows.append([name, *(tables[column][index].umip or "not tried" for column in columns)])
+    return Table("With CR4.UMIP = 1 (user-mode instruction prevention, CR4 bit 11)", ["instruction", *columns], rows)
 
 
 def classification_table(results: Mapping[str, Sequence[Classification]], *, names: Sequence[str] | None = None,
