@@ -242,6 +242,7 @@ def rings_guest(experiments: str | None = None) -> Guest:
     ``message``/``message_end``.  Needs GNU binutils; raises AssemblyError
     with the assembler's message.
     """
+    from labkit.assembler import splice
     from labkit.guest import Guest
 
     if experiments is None:
@@ -251,8 +252,8 @@ def rings_guest(experiments: str | None = None) -> Guest:
     source = _source()
     start, end = source.index(EXPERIMENTS_START), source.index(EXPERIMENTS_END)
     start = source.index("\n", start) + 1
-    source = source[:start] + experiments.rstrip() + "\n" + source[end:]
-    return Guest.from_asm(source, mode=64, name="rings64 (your task)")
+    spliced, insertion = splice(source, start, end, experiments, "your task")
+    return Guest.from_asm(spliced, mode=64, name="rings64 (your task)", insertion=insertion)
 
 
 def rings_machine(guest: Guest | None = None, backend: str = "auto") -> Machine:
