@@ -219,7 +219,6 @@ def kernel_entries_table(results: Mapping[str, RunResult], guest: Guest | None =
     from labkit.rings import instruction_of, ring_events, rings_guest
 
     guest = guest if guest is not None else rings_guest()
-    order: list[tuple[int, str]] = []
     cells: dict[str, dict[tuple[int, str], list[str]]] = {}
     for result in results.values():
         column = cells.setdefault(resolve(result, None).short, {})
@@ -228,8 +227,17 @@ def kernel_entries_table(results: Mapping[str, RunResult], guest: Guest | None =
                 continue
             found = instruction_of(event, guest.code, guest.load_address) or (event.rip, "?")
             column.setdefault(found, []).append(event.label)
-            if found not in order:
-                order.append(found)
+    # One order for all columns: the longest column's, with each other column's extra rows after their predecessor.
+    columns = sorted(cells.values(), key=len, reverse=True)
+    order = list(columns[0]) if columns else []
+    for column in columns[1:]:
+        previous = -1
+        for key in column:
+            if key in order:
+                previous = order.index(key)
+            else:
+                previous += 1
+                order.insert(previous, key)
     header = ["instruction (address)", *cells]
     rows = [[f"{text} ({address:#x})", *("; ".join(cells[column].get((address, text), [])) or "no entry"
                                          for column in cells)]
@@ -265,12 +273,13 @@ def page_fault_table(result: Measured, guest: Guest | None = None) -> Table:
 def umip_table(tables: Mapping[str, Sequence[Classification]], names: Sequence[str]) -> Table:
     """What setting CR4.UMIP did, per instruction (rows with a UMIP run) and backend (columns)."""
     columns = list(tables)
-    rows = []
+    groups: dict[tuple[str, ...], list[str]] = {}
     for index, name in enumerate(names):
         if not any(tables[column][index].umip for column in columns):
             continue
-        rows.append([name, *(tables[column][index].umip or "not tried" for column in columns)])
-    return Table("With CR4.UMIP = 1 (user-mode instruction prevention, CR4 bit 11)", ["instruction", *columns], rows)
+        groups.setdefault(tuple(tables[column][index].umip or "not tried" for column in columns), []).append(name)
+    rows = [[", ".join(group), *cells] for cells, group in groups.items()]  # instructions with equal results: one row
+    return Table("With CR4.UMIP = 1 (user-mode instruction prevention, CR4 bit 11)", ["instructions", *columns], rows)
 
 
 def classification_table(results: Mapping[str, Sequence[Classification]], *, names: Sequence[str] | None = None,
@@ -310,17 +319,31 @@ def classification_table(results: Mapping[str, Sequence[Classification]], *, nam
             elif paper and verdict != paper:
                 text += "  ≠ paper"
             row.append(text)
-        for column in columns:
-            row.append(_evidence(results[column][index]))
         rows.append(row)
+    notes: list[str] = []
+    for column in columns:
+        evidence = [_evidence(results[column][index]) for index in range(count)]
+        repeated = [line for line in dict.fromkeys(line for lines in evidence for line in lines[1:])
+                    if sum(line in lines for lines in evidence) > 1]
+        for row, lines in zip(rows, evidence):
+            cell = []
+            for line in lines:
+                if line in repeated:
+                    if line not in notes:
+                        notes.append(line)
+                    line = f"[{notes.index(line) + 1}]"
+                cell.append(line)
+            row.append("\n".join(cell))
+    footnotes = "".join(f" [{number}] {text}" for number, text in enumerate(notes, start=1))
     return Table("Instructions classified by running them in ring 0 and ring 3", header, rows,
-                 note="Only the 'paper' column is typed in (Robin & Irvine 2000); every verdict was measured.")
+                 note="Only the 'paper' column is typed in (Robin & Irvine 2000); every verdict was measured."
+                      + footnotes)
 
 
-def _evidence(result: Classification) -> str:
-    text = result.differences[0] if result.differences else result.reason
+def _evidence(result: Classification) -> list[str]:
+    """The evidence cell's lines: the first difference (or the reason), then UMIP and the first note."""
+    lines = [result.differences[0] if result.differences else result.reason]
     if result.umip:
-        text += f"\nUMIP: {result.umip}"
-    for note in result.notes[:1]:
-        text += f"\nnote: {note}"
-    return text
+        lines.append(f"UMIP: {result.umip}")
+    lines.extend(f"note: {note}" for note in result.notes[:1])
+    return lines

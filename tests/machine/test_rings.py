@@ -114,3 +114,14 @@ def test_the_timeline_figure_says_what_measured_it(backend_name):
     assert "measured on" in figure.get_suptitle()
     assert "µs" in lane.get_xlabel() or "ms" in lane.get_xlabel()
     assert [tick.get_text() for tick in ax.get_yticklabels()] == ["ring 0\n(kernel)", "ring 3\n(task)"]
+
+
+def test_the_entries_table_lines_up_backends_by_instruction(backend_name):
+    from labkit.viz.rings import entries_differ, kernel_entries_table
+
+    alone = kernel_entries_table({backend_name: run_rings(backend_name)})
+    assert [row[0].split(" (")[0] for row in alone.rows][:2] == ["int 0x80", "syscall"]
+    assert entries_differ(alone) == []
+    both = kernel_entries_table({"emu": run_rings("emu"), backend_name: run_rings(backend_name)})
+    differ = [name.split(" (")[0] for name in entries_differ(both)]
+    assert differ == (["int 0x80", "sysretq", "int 0x80"] if is_pvm(backend_name) else [])

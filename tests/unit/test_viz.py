@@ -316,3 +316,43 @@ def test_runs_side_by_side_does_not_count_a_timeout_as_an_exit():
                     backend="emu", elapsed_s=1.0)
     rows = {row[0]: row[1:] for row in runs_side_by_side([run]).rows}
     assert rows["exits"] == ["IO 3, HLT 1; not exits: TIMEOUT 1"]
+
+
+def test_a_note_repeated_in_rows_becomes_one_footnote():
+    from labkit.classify.rules import Classification
+    from labkit.viz.rings import classification_table, umip_table
+
+    pvm = "under PVM, ring-0 code is run by KVM's instruction emulator"
+
+    def result(instruction, notes=(), umip=""):
+        return Classification(instruction, "", 64, "kvm", "kvm_pvm", "undetermined", "ring 0 could not run", (),
+                              notes=notes, umip=umip)
+
+    table = classification_table({"KVM": [result("lar eax, ecx", (pvm,)), result("lsl eax, ecx", (pvm,)),
+                                          result("nop", ("only here",))]})
+    evidence = [row[-1] for row in table.rows]
+    assert evidence == ["ring 0 could not run\n[1]", "ring 0 could not run\n[1]",
+                        "ring 0 could not run\nnote: only here"]
+    assert table.note.endswith(f"[1] note: {pvm}") and table.note.count(pvm) == 1
+    umip = umip_table({"KVM": [result("sgdt", umip="traps"), result("sidt", umip="traps"), result("nop")],
+                       "emu": [result("sgdt", umip="refused"), result("sidt", umip="refused"), result("nop")]},
+                      ["SGDT", "SIDT", "NOP"])
+    assert umip.rows == [["SGDT, SIDT", "traps", "refused"]]
+
+
+def test_the_notebook_list_names_the_notebooks_that_exist(tmp_path):
+    import json
+
+    from labkit.viz import notebooks_table
+
+    def notebook(name, heading):
+        cells = [{"cell_type": "markdown", "source": [heading, "\n", "text"], "metadata": {}}]
+        (tmp_path / name).write_text(json.dumps({"cells": cells}))
+
+    notebook("01-rings.ipynb", "# 01 · Protection rings")
+    notebook("00-welcome.ipynb", "# 00 · Welcome")
+    (tmp_path / "notes.ipynb").write_text("{}")
+    (tmp_path / "02-broken.ipynb").write_text("not json")
+    rows = notebooks_table(tmp_path).rows
+    assert [row[0] for row in rows] == ["00-welcome.ipynb", "01-rings.ipynb", "02-broken.ipynb"]
+    assert rows[0][1] == "00 · Welcome" and rows[2][1].startswith("(cannot read it:")
