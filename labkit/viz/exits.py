@@ -77,6 +77,8 @@ def exit_timeline(data: Measured, backend: BackendHint = None, ax: Axes | None =
     run's length).  Draws into ``ax`` when given (``title=False`` leaves its
     title to the caller); returns the Figure.
     """
+    from matplotlib.ticker import MaxNLocator
+
     source = resolve(data, backend, flavour)
     if guest:
         source = Source(source.trace, source.backend, source.flavour, guest)
@@ -107,6 +109,7 @@ def exit_timeline(data: Measured, backend: BackendHint = None, ax: Axes | None =
             ax.scatter(xs, counts, s=14, color=reason_colour(reason), zorder=3, label=reason)
     ax.set_xlim(left=0, right=right)
     ax.set_ylim(bottom=0, top=max((len(xs) for xs in points.values()), default=1) * 1.12 + 0.5)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 1.25 exits
     ax.set_xlabel(f"host time since the run started ({unit})")
     ax.set_ylabel("exits so far (count)")
     if title:
@@ -135,6 +138,8 @@ def exit_counts(data: Measured, backend: BackendHint = None, ax: Axes | None = N
     source = resolve(data, backend, flavour)
     if guest:
         source = Source(source.trace, source.backend, source.flavour, guest)
+    from matplotlib.ticker import MaxNLocator
+
     counts = source.trace.by_reason()
     figure, ax = new_axes(ax, (5.0, 3.4))
     reasons = list(counts)
@@ -145,6 +150,7 @@ def exit_counts(data: Measured, backend: BackendHint = None, ax: Axes | None = N
         _plain_log_axis(ax.yaxis)
     else:
         ax.margins(y=0.2)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("exit reason")
     ax.set_ylabel("exits (count)" + (", log scale" if log else ""))
     if title:
