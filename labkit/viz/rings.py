@@ -250,6 +250,37 @@ def entries_differ(table: Table) -> list[str]:
     return [row[0] for row in table.rows if len(set(row[1:])) > 1]
 
 
+def entries_verdict(table: Table) -> str:
+    """One Markdown sentence on a :func:`kernel_entries_table`: one backend, the same entries, or where they differ."""
+    columns = table.header[1:]
+    if len(columns) < 2:
+        only = columns[0] if columns else "one backend"
+        return (f"Only {only} ran in this session, so there is no second backend to compare with; on a PVM host "
+                "the KVM column shows the #UD and the extra #GP described above.")
+    differ = entries_differ(table)
+    if not differ:
+        return "The kernel was entered the same way on every backend."
+    return (f"The kernel was entered **differently** at {len(differ)} of {len(table.rows)} instructions: "
+            + ", ".join(f"`{name}`" for name in differ) + ". These are the ones described above.")
+
+
+def verdict_sentences(results: Sequence[Classification]) -> str:
+    """A Markdown bullet per backend: the instruction, its verdict in bold, and why."""
+    return "\n".join(f"* **{result.backend_label}**: `{result.instruction}` ({result.mode}-bit) is "
+                     f"**{result.verdict.value}**: {result.reason}" for result in results)
+
+
+def paper_agreement(tables: Mapping[str, Sequence[Classification]], paper: Verdict | str) -> str:
+    """A Markdown bullet per backend: how many rows match the paper's verdict, and how many could not be decided."""
+    lines = []
+    for label, table in tables.items():
+        agree = sum(result.verdict == paper for result in table)
+        unknown = sum(result.verdict == Verdict.UNDETERMINED for result in table)
+        lines.append(f"* matches the paper on {label}: {agree} of {len(table)}"
+                     + (f"; {unknown} undetermined (their ring-0 run cannot run here)" if unknown else ""))
+    return "\n".join(lines)
+
+
 def page_fault_table(result: Measured, guest: Guest | None = None) -> Table:
     """The #PF entries of a ``rings64`` run: the instruction, CR2 and the error code's bits decoded (SDM vol. 3, 4.7)."""
     from labkit.rings import decode_page_fault_error, instruction_of, ring_events, rings_guest

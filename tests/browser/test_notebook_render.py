@@ -175,6 +175,10 @@ def test_each_lesson_shows_its_result_and_figures(name, browser, tmp_path):
         smallest = MIN_FONT_PT * DPI / 72 * shown / width
         assert not lesson.projector or smallest >= MIN_TEXT_CSS_PX, \
             f"{name}: figure {index} is shown at {shown:.0f} of {width} px: its smallest text is {smallest:.1f} CSS px"
+    if lesson.projector:  # every line of code fits its cell: nothing cut off at the right edge
+        cut = page.locator(".jp-InputArea-editor").evaluate_all(
+            "cells => cells.filter(cell => cell.scrollWidth > cell.clientWidth + 1).map(cell => cell.innerText.slice(0, 80))")
+        assert cut == [], f"{name}: code cells wider than the page at 150% zoom: {cut}"
     assert page.locator("[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
     assert "Traceback" not in page.inner_text("body")
     shots = Path(os.environ.get("LABKIT_SCREENSHOT_DIR", tmp_path))
