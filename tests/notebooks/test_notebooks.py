@@ -176,7 +176,7 @@ def check_rings(run: Execution, backend: str, kvm=None) -> None:
     else:
         assert "backends run: emu" in text and "backends run: kvm" not in text
         assert "measured on the emulator (Unicorn)" in text
-        assert "Only emu ran in this session" in text and "entered **differently**" not in text
+        assert "Only emulator (Unicorn) ran in this session" in text and "entered **differently**" not in text
         assert "does not let the guest set CR4.UMIP" in text, "the UMIP result of the emulator is not shown"
 
 
