@@ -15,9 +15,10 @@ from typing import Any
 
 FLAVOURS = {
     "kvm_intel": ("Intel VT-x: the guest runs on the CPU in VMX non-root operation, in its own rings 0-3; "
-                  "what KVM chose to intercept (port I/O, HLT, ...) causes a VM exit."),
+                  "what KVM chose to intercept (port I/O, HLT, ...) and a few instructions that always exit (CPUID) "
+                  "cause VM exits."),
     "kvm_amd": ("AMD-V (SVM): the guest runs on the CPU in guest mode, in its own rings 0-3; what KVM chose to "
-                "intercept (port I/O, HLT, ...) causes a VM exit."),
+                "intercept (port I/O, HLT, CPUID, ...) causes a VM exit."),
     "kvm_pvm": ("PVM, a software hypervisor inside KVM that needs no VT-x/AMD-V (a cloud VM without nested "
                 "virtualization). A PVM-aware guest kernel runs natively in hardware ring 3; labkit's guests are "
                 "not PVM-aware: their 64-bit ring-3 code runs natively, their ring-0 and real-mode code is run by "
