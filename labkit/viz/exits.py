@@ -46,13 +46,13 @@ def pick_time_unit(total_ns: float) -> str:
     return "s"
 
 
-def _plain_log_axis(axis: Axis) -> None:
-    """A logarithmic axis labelled 1, 2, 5, 10, 20, 50, ... rather than 10^1."""
+def _plain_log_axis(axis: Axis, subs: tuple[float, ...] = (1.0, 2.0, 5.0)) -> None:
+    """A logarithmic axis labelled 1, 2, 5, 10, 20, 50, ... (or the ``subs`` of each decade) rather than 10^1."""
     from matplotlib.axis import YAxis
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     axis.axes.set_yscale("log") if isinstance(axis, YAxis) else axis.axes.set_xscale("log")
-    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_locator(LogLocator(subs=subs))
     axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.set_minor_formatter(NullFormatter())
 
@@ -62,6 +62,8 @@ def _title(what: str, source: Source, width: int = 60) -> str:
     return f"{what}{name}\n" + textwrap.fill(source.label, width)
 
 
+LOG_COUNTS_ABOVE = 50
+"""exit_counts draws a log axis when one reason has more than this many times the exits of another."""
 MARKED_EXITS = 200
 """A reason with more exits than this is drawn as its line alone, without a dot per exit."""
 
@@ -128,11 +130,13 @@ def exit_timeline(data: Measured, backend: BackendHint = None, ax: Axes | None =
 
 
 def exit_counts(data: Measured, backend: BackendHint = None, ax: Axes | None = None, *, flavour: str | None = None,
-                guest: str | None = None, log: bool = False, title: bool = True) -> Figure | SubFigure:
+                guest: str | None = None, log: bool | None = None, title: bool = True) -> Figure | SubFigure:
     """A bar per exit reason: how many exits of each reason the run had, the count on each bar.
 
-    ``log=True`` uses a logarithmic count axis (for a run where one reason
-    dominates by orders of magnitude).  Draws into ``ax`` when given
+    ``log=True`` uses a logarithmic count axis, ``False`` a linear one; the
+    default picks log when the largest count is more than
+    :data:`LOG_COUNTS_ABOVE` times the smallest, where a bar of a few exits
+    would be too thin to see.  Draws into ``ax`` when given
     (``title=False`` leaves its title to the caller); returns the Figure.
     """
     source = resolve(data, backend, flavour)
@@ -143,13 +147,15 @@ def exit_counts(data: Measured, backend: BackendHint = None, ax: Axes | None = N
     counts = source.trace.by_reason()
     figure, ax = new_axes(ax, (5.0, 3.4))
     reasons = list(counts)
+    if log is None:
+        log = bool(counts) and max(counts.values()) > LOG_COUNTS_ABOVE * min(counts.values())
     bars = ax.bar(reasons, [counts[reason] for reason in reasons],
                   color=[reason_colour(reason) for reason in reasons])
     ax.bar_label(bars, padding=2, fontsize=TEXT_PT)
+    ax.margins(y=0.2)  # room for the counts above the bars (in log space on a log axis)
     if log:
-        _plain_log_axis(ax.yaxis)
+        _plain_log_axis(ax.yaxis, subs=(1.0,))  # 1, 10, 100, ...: counts, in a short axis
     else:
-        ax.margins(y=0.2)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("exit reason")
     ax.set_ylabel("exits (count)" + (", log scale" if log else ""))

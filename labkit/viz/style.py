@@ -40,6 +40,8 @@ TEXT_PT = 12.0
 """Tick labels, axis labels, legends and annotations."""
 TITLE_PT = 13.0
 """Axes titles and a figure's title."""
+MIN_BAR_PX = 2.0
+"""A bar or stacked segment with a value is at least this many pixels thick, or it cannot be seen."""
 OVERLAP_TOLERANCE_PX = 1.0
 """Boxes of two texts may touch by this much (glyph boxes include some empty space)."""
 
@@ -126,11 +128,13 @@ def readability_problems(figure: Figure) -> list[str]:
     """What makes ``figure`` hard to read at a projector, as sentences; ``[]`` when nothing does.
 
     Checks the figure's width (:data:`MAX_WIDTH_IN`) and resolution
-    (:data:`DPI`), every visible text's size (:data:`MIN_FONT_PT`), and that no
-    two texts overlap, nor a legend and a text outside it, after the figure is
-    drawn with its layout.
+    (:data:`DPI`), every visible text's size (:data:`MIN_FONT_PT`), that no
+    two texts overlap, nor a legend and a text outside it, and that no bar or
+    stacked segment with a value is too thin to see (:data:`MIN_BAR_PX`), after
+    the figure is drawn with its layout.
     """
     from matplotlib.legend import Legend
+    from matplotlib.patches import Rectangle
 
     problems = []
     width, _height = figure.get_size_inches()
@@ -151,6 +155,18 @@ def readability_problems(figure: Figure) -> list[str]:
             overlap_y = min(box.y1, other.y1) - max(box.y0, other.y0)
             if overlap_x > OVERLAP_TOLERANCE_PX and overlap_y > OVERLAP_TOLERANCE_PX:
                 problems.append(f"texts overlap: {first.get_text()!r} and {second.get_text()!r}")
+    for ax in figure.get_axes():
+        series = {id(patch): container.get_label() for container in ax.containers for patch in container}
+        for patch in ax.patches:
+            if not isinstance(patch, Rectangle) or not patch.get_visible() or not patch.get_width() \
+                    or not patch.get_height():
+                continue  # a bar of 0 is meant to be flat
+            box = patch.get_window_extent(renderer)
+            if min(box.width, box.height) < MIN_BAR_PX:
+                label = series.get(id(patch), "") or "a bar"
+                label = "a bar" if label.startswith("_") else label
+                problems.append(f"{label} ({patch.get_height():g}) is drawn {min(box.width, box.height):.1f} px "
+                                f"thick: invisible (a log axis or a label beside it helps)")
     for legend in figure.findobj(Legend):
         frame = legend.get_window_extent(renderer)
         own = set(map(id, legend.get_texts())) | {id(legend.get_title())}

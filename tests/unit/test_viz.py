@@ -161,6 +161,13 @@ def test_the_readability_check_finds_what_it_is_for():
     assert "the legend hides text 'hidden'" in problems
     from matplotlib.figure import Figure
 
+    stacked = new_figure(4, 3)
+    ax = stacked.add_subplot()
+    ax.bar(["T&E"], [1000], label="emulated")
+    ax.bar(["T&E"], [1], bottom=[1000], label="reflected")  # 1 on top of 1000: under a pixel
+    ax.bar(["BT"], [0], label="none")                         # a bar of 0 is flat on purpose
+    invisible = [problem for problem in readability_problems(stacked) if "invisible" in problem]
+    assert len(invisible) == 1 and invisible[0].startswith("reflected (1) is drawn 0.")
     assert readability_problems(Figure(figsize=(10, 3), dpi=100))[:2] == [
         "figure is 10.0 in wide (at most 8.0 in)", "figure is drawn at 100 dpi (at least 150)"]
 
@@ -356,3 +363,16 @@ def test_the_notebook_list_names_the_notebooks_that_exist(tmp_path):
     rows = notebooks_table(tmp_path).rows
     assert [row[0] for row in rows] == ["00-welcome.ipynb", "01-rings.ipynb", "02-broken.ipynb"]
     assert rows[0][1] == "00 · Welcome" and rows[2][1].startswith("(cannot read it:")
+
+
+def test_counts_far_apart_get_a_log_axis_so_no_bar_is_invisible():
+    from labkit.viz.style import readability_problems
+
+    trace = ExitTrace()
+    for _ in range(1000):
+        trace.add(ExitReason.IO, 0x8000, 0x3F8, 1, True, 0x41, 100)
+    trace.add(ExitReason.HLT, 0x8010, None, None, None, None, 100)
+    figure = exit_counts(trace, "emu")
+    assert figure.axes[0].get_yscale() == "log" and readability_problems(figure) == []
+    linear = exit_counts(trace, "emu", log=False)
+    assert any("invisible" in problem for problem in readability_problems(linear))
