@@ -125,3 +125,12 @@ def test_the_entries_table_lines_up_backends_by_instruction(backend_name):
     both = kernel_entries_table({"emu": run_rings("emu"), backend_name: run_rings(backend_name)})
     differ = [name.split(" (")[0] for name in entries_differ(both)]
     assert differ == (["int 0x80", "sysretq", "int 0x80"] if is_pvm(backend_name) else [])
+
+
+def test_the_timeline_draws_into_given_axes_without_its_label_lane():
+    from labkit.viz.style import new_figure
+
+    figure = new_figure(7.5, 3.5)
+    ax = figure.add_subplot()
+    assert ring_timeline(run_rings("emu"), ax=ax) is figure and figure.axes == [ax]
+    assert "measured on the emulator" in ax.get_title() and ax.get_xlabel().startswith("host time since")
