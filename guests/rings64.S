@@ -15,8 +15,12 @@
 # one with four 4-byte writes to EVENTS (MMIO, above RAM): RIP, error code,
 # CR2, then the event word  kind << 16 | from_cpl << 8 | vector  (kinds: 1
 # entry through the IDT, 2 syscall entry, 3 return to ring 3, 4 kernel start,
-# 5 task exit).  labkit.rings decodes them from the exit trace.  MMIO rather
-# than a port: under PVM the syscall entry runs where port I/O raises #GP.
+# 5 task exit).  The RIP is the one the CPU saved: for a fault (#GP, #PF, #UD)
+# the faulting instruction, for a trap (`int 0x80` through its gate, `syscall`,
+# and so the exit) the instruction after it (SDM vol. 3, 6.5), for a return
+# where the task resumes.  labkit.rings decodes the events from the exit
+# trace.  MMIO rather than a port: under PVM the syscall entry runs where
+# port I/O raises #GP.
 #
 # Under PVM (kvm_pvm) ring-3 `int 0x80` raises #UD; the #UD handler sees the
 # bytes CD 80 at the faulting RIP, reports the #UD, and does the system call
@@ -185,12 +189,13 @@ fault_common:                           # report, then resume the task at its r1
 
 # Under PVM the syscall entry runs in PVM's own supervisor mode, where sysretq
 # raises #GP (as does port I/O).  Finish the return here: iretq to RCX/R11.
+# The frame PVM pushes for that #GP holds the sysretq's RIP but the user CS
+# (0x2b), so its RPL would blame ring 3; the instruction is the kernel's own,
+# run in ring 0, and the event says so (from ring 0).  The "return to ring 3"
+# reported just before the sysretq did not happen: labkit.rings sees an entry
+# from ring 0 follow it.
 sysret_fault:
-        mov rdx, [rsp + 48]             # CS at the fault
-        and edx, 3
-        shl edx, 8
-        or edi, edx
-        or edi, 1 << 16
+        or edi, 1 << 16                 # entry, from ring 0, vector 13
         mov rdx, [rsp + 32]
         call report
         mov [rsp + 40], rcx             # RIP    = where syscall came from

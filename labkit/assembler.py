@@ -8,6 +8,12 @@ not used: it silently encodes ``mov rbx, [0x3000]`` as RIP-relative.
 
 ``python -m labkit.assembler --build-guests`` rebuilds the shipped guests'
 binaries from their sources (see :func:`build_guests`).
+
+A student's few lines spliced into a larger source (a routine of
+``minikernel64``, the task of ``rings64``) go through :func:`splice`: an
+error in them then names the student's own line and quotes it ("your
+routine, line 1: Error: no such instruction ..."), not the line of the
+generated source.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -90,16 +97,61 @@ def have_binutils() -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Insertion:
+    """Where :func:`splice` put someone's text in a larger source, so errors can point back at it."""
+
+    first_line: int
+    """Line of the whole source (1-based) where the inserted text's first line is."""
+    lines: tuple[str, ...]
+    """The inserted text, line by line."""
+    name: str
+    """What to call it in a message: ``"your routine"``."""
+
+    def locate(self, line: int) -> str:
+        """``your routine, line 2`` for a line of the whole source inside the insertion, else ``line N of the whole source``."""
+        index = line - self.first_line
+        if 0 <= index < len(self.lines):
+            return f"{self.name}, line {index + 1}"
+        return f"line {line} of the source around {self.name}"
+
+    def quote(self, line: int) -> str:
+        """The inserted line at ``line`` of the whole source, or ``""`` outside the insertion."""
+        index = line - self.first_line
+        return self.lines[index].strip() if 0 <= index < len(self.lines) else ""
+
+
+def splice(template: str, start: int, end: int, text: str, name: str) -> tuple[str, Insertion]:
+    """``template`` with ``template[start:end]`` replaced by ``text``, and where ``text`` landed.
+
+    Pass the :class:`Insertion` to :func:`assemble` (or ``Guest.from_asm``) and
+    its errors name ``name``'s own lines.  ``text`` keeps its lines as given;
+    a trailing newline is added when ``template[end:]`` does not start a line.
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"{name} must be assembly source text, not {type(text).__name__}")
+    if not 0 <= start <= end <= len(template):
+        raise ConfigError(f"cannot splice at {start}:{end} into a source of {len(template)} characters")
+    body = text.rstrip("\n")
+    if end < len(template) and template[end] != "\n":
+        body += "\n"
+    first_line = template.count("\n", 0, start) + 1
+    return template[:start] + body + template[end:], Insertion(first_line, tuple(body.split("\n")), name)
+
+
 def _prelude(mode: int) -> list[str]:
     return [".intel_syntax noprefix", f".code{mode}"]
 
 
-def assemble(source: str, mode: int, load_address: int = LOAD_ADDRESS) -> bytes:
+def assemble(source: str, mode: int, load_address: int = LOAD_ADDRESS, *, insertion: Insertion | None = None) -> bytes:
     """Assemble Intel-syntax ``source`` for ``mode`` 16/32/64 into a flat image at ``load_address``.
 
-    Runs ``as``, ``ld`` and ``objcopy`` in a temporary directory.  Raises
+    Runs ``as`` (with ``-g``, so that ``ld`` can name the line of an undefined
+    symbol; the debug sections never reach the flat image), ``ld`` and
+    ``objcopy`` in a temporary directory.  Raises
     :class:`AssemblyError` with the tool's messages, line numbers counted in
-    ``source``, or saying how to install binutils when it is missing.
+    ``source`` (or, with ``insertion`` from :func:`splice`, in the inserted
+    text, quoting its line), or saying how to install binutils when it is missing.
     """
     if not isinstance(source, str):
         raise ConfigError(f"guest source must be text (str), not {type(source).__name__}")
@@ -114,14 +166,15 @@ def assemble(source: str, mode: int, load_address: int = LOAD_ADDRESS) -> bytes:
         text += "\n"  # as warns about a last line without a newline
     as_flag, emulation = ("--64", "elf_x86_64") if mode == 64 else ("--32", "elf_i386")
     try:
-        return _assemble_in(text, load_address, as_flag, emulation, as_path, ld_path, objcopy_path, len(prelude))
+        return _assemble_in(text, load_address, as_flag, emulation, as_path, ld_path, objcopy_path, len(prelude),
+                            insertion)
     except OSError as error:  # the temporary directory, its files, starting a tool: out of fds, space, memory
         raise AssemblyError(f"cannot assemble: {strerror(error.errno or 0)}"
                             + (f": {error.filename}" if error.filename else "")) from error
 
 
 def _assemble_in(text: str, load_address: int, as_flag: str, emulation: str, as_path: str, ld_path: str,
-                 objcopy_path: str, prelude_lines: int) -> bytes:
+                 objcopy_path: str, prelude_lines: int, insertion: Insertion | None) -> bytes:
     with tempfile.TemporaryDirectory(prefix="labkit-as-") as tmp:
         directory = Path(tmp)
         try:
@@ -130,16 +183,16 @@ def _assemble_in(text: str, load_address: int, as_flag: str, emulation: str, as_
             raise AssemblyError(f"the source is not valid Unicode text: {error.reason} at character {error.start}") \
                 from None
         (directory / "guest.ld").write_text(_LINKER_SCRIPT.format(load=load_address))
-        _run([as_path, as_flag, "-o", "guest.o", "guest.S"], directory, "as", prelude_lines)
+        _run([as_path, as_flag, "-g", "-o", "guest.o", "guest.S"], directory, "as", prelude_lines, insertion)
         _run(
             [ld_path, "-m", emulation, "--build-id=none", "-nostdlib", "-e", f"{load_address:#x}", "-T", "guest.ld", "-o", "guest.elf", "guest.o"],
-            directory, "ld", prelude_lines,
+            directory, "ld", prelude_lines, insertion,
         )
-        _run([objcopy_path, "-O", "binary", "guest.elf", "guest.bin"], directory, "objcopy", prelude_lines)
+        _run([objcopy_path, "-O", "binary", "guest.elf", "guest.bin"], directory, "objcopy", prelude_lines, insertion)
         return (directory / "guest.bin").read_bytes()
 
 
-def _run(argv: list[str], directory: Path, tool: str, prelude_lines: int) -> None:
+def _run(argv: list[str], directory: Path, tool: str, prelude_lines: int, insertion: Insertion | None = None) -> None:
     try:
         result = subprocess.run(argv, cwd=directory, capture_output=True, text=True, errors="replace", timeout=_TIMEOUT_S)
     except FileNotFoundError as error:
@@ -147,22 +200,35 @@ def _run(argv: list[str], directory: Path, tool: str, prelude_lines: int) -> Non
     except subprocess.TimeoutExpired:
         raise AssemblyError(f"{tool} did not finish within {_TIMEOUT_S} s") from None
     if result.returncode != 0:
-        message = _user_messages(result.stderr + result.stdout, prelude_lines)
+        message = _user_messages(result.stderr + result.stdout, prelude_lines, insertion)
         raise AssemblyError(f"{tool} failed:\n{message}")
 
 
-def _user_messages(output: str, prelude_lines: int) -> str:
-    """Tool messages with ``guest.S:7:`` turned into ``line 5:`` of the user's source."""
+def _user_messages(output: str, prelude_lines: int, insertion: Insertion | None = None) -> str:
+    """Tool messages with ``guest.S:7:`` turned into ``line 5:`` of the user's source.
+
+    With an ``insertion``, a line inside it becomes ``your routine, line 1:``
+    followed by that line's text, and one outside it says it is in the source
+    around the insertion.
+    """
+    def where(match: re.Match[str]) -> str:
+        line = max(int(match.group(1)) - prelude_lines, 1)
+        return f"{insertion.locate(line)}: " if insertion else f"line {line}: "
+
     lines = []
     for line in output.splitlines():
-        if line.endswith("Assembler messages:"):
-            continue
-        line = re.sub(
-            r"^guest\.S:(\d+):\s*",
-            lambda m: f"line {max(int(m.group(1)) - prelude_lines, 1)}: ",
-            line,
-        )
+        if line.endswith("Assembler messages:") or "LOAD segment with RWX permissions" in line:
+            continue  # as's heading, and ld's warning about labkit's own one-segment image
+        if insertion and re.search(r"guest\.o: in function `", line):
+            continue  # a label of the surrounding source; the next line says where
+        location = re.compile(r"(?:\S*/)?guest\.S:(\d+):\s*")  # `as` names the file; `ld` (with -g) its path
+        found = location.search(line)
+        line = location.sub(where, line, count=1)
         lines.append(line.replace("guest.S", "source"))
+        if insertion and found:
+            quoted = insertion.quote(max(int(found.group(1)) - prelude_lines, 1))
+            if quoted:
+                lines.append(f"    {quoted}")
     return "\n".join(lines).strip() or "(no message)"
 
 

@@ -12,6 +12,7 @@ import re
 import resource
 import secrets
 import sys
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
@@ -37,7 +38,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if kvm.get(key) is not None:
             print(f"  {key:<12} {kvm[key]}")
     if kvm["explanation"]:
-        print(f"  {'meaning':<12} {kvm['explanation']}")
+        print(textwrap.fill(kvm["explanation"], 96, initial_indent=f"  {'meaning':<12} ", subsequent_indent=" " * 15))
     print(f"Unicorn        {report['unicorn'] or 'missing'}")
     print(f"Capstone       {report['capstone'] or 'missing'}")
     print(f"binutils       {report['binutils'] or 'missing'}")

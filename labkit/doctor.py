@@ -14,12 +14,18 @@ import subprocess
 from typing import Any
 
 FLAVOURS = {
-    "kvm_intel": "Intel VT-x: guest code runs on the CPU; privileged operations exit to KVM.",
-    "kvm_amd": "AMD-V (SVM): guest code runs on the CPU; privileged operations exit to KVM.",
+    "kvm_intel": ("Intel VT-x: the guest runs on the CPU in VMX non-root operation, in its own rings 0-3; "
+                  "what KVM chose to intercept (port I/O, HLT, ...) and a few instructions that always exit (CPUID) "
+                  "cause VM exits."),
+    "kvm_amd": ("AMD-V (SVM): the guest runs on the CPU in guest mode, in its own rings 0-3; what KVM chose to "
+                "intercept (port I/O, HLT, CPUID, ...) causes a VM exit."),
     "kvm_pvm": ("PVM, a software hypervisor inside KVM that needs no VT-x/AMD-V (a cloud VM without nested "
-                "virtualization): 64-bit ring-3 guest code runs natively, ring-0 and real-mode guest code "
-                "is run by KVM's instruction emulator (about 1 µs per instruction)."),
+                "virtualization). A PVM-aware guest kernel runs natively in hardware ring 3; labkit's guests are "
+                "not PVM-aware: their 64-bit ring-3 code runs natively, their ring-0 and real-mode code is run by "
+                "KVM's instruction emulator (about 1 µs per instruction on the PVM host labkit was measured on). "
+                "Ring-3 SGDT/SMSW are trapped by the host's UMIP and emulated by KVM with the guest's values."),
 }
+"""What ``labkit doctor`` says about each KVM module (DESIGN's PVM facts; Intel SDM vol. 3C ch. 24-25 for VMX)."""
 
 
 def doctor_report() -> dict[str, Any]:

@@ -18,10 +18,13 @@ import stat
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from labkit.errors import AssemblyError, ConfigError, GuestFileError
 from labkit.x86 import layout
+
+if TYPE_CHECKING:
+    from labkit.assembler import Insertion
 
 MODES = (16, 32, 64)
 ASSEMBLY_SUFFIXES = (".S", ".s", ".asm")
@@ -111,14 +114,17 @@ class Guest:
     def from_asm(
         cls, source: str, mode: int = 64, name: str = "asm", *,
         load_address: int = layout.LOAD_ADDRESS, entry: int | None = None,
-        user: bool = False, description: str = "",
+        user: bool = False, description: str = "", insertion: Insertion | None = None,
     ) -> Guest:
-        """Assemble Intel-syntax GNU as ``source`` (see :func:`labkit.assembler.assemble`)."""
+        """Assemble Intel-syntax GNU as ``source`` (see :func:`labkit.assembler.assemble`).
+
+        ``insertion`` (from :func:`labkit.assembler.splice`) makes errors name the inserted text's lines.
+        """
         from labkit.assembler import assemble
 
         if mode not in MODES:
             raise ConfigError(f"guest {name!r}: mode must be 16, 32 or 64, not {mode!r}")
-        code = assemble(source, mode, load_address)
+        code = assemble(source, mode, load_address, insertion=insertion)
         return cls(name, code, mode, load_address, entry, user, description)
 
     @classmethod

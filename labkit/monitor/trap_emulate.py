@@ -342,6 +342,7 @@ def minikernel(routines: Iterable[str] = DEFAULT_ROUTINES, *, student: str | Non
     to ``routines``): the kernel prints RAX after it.  It needs GNU binutils;
     without ``student`` the prebuilt binary is patched, no assembler needed.
     """
+    from labkit.assembler import splice
     from labkit.guest import Guest, guests_dir
 
     routines = tuple(routines)
@@ -351,8 +352,10 @@ def minikernel(routines: Iterable[str] = DEFAULT_ROUTINES, *, student: str | Non
         source = source_path.read_text()
         if STUDENT_MARKER not in source:
             raise ConfigError(f"{source_path} has no line {STUDENT_MARKER!r}")
-        base = Guest.from_asm(source.replace(STUDENT_MARKER, student), mode=64, name="minikernel64+student",
-                              description="minikernel64 with the student's routine")
+        start = source.index(STUDENT_MARKER)
+        spliced, insertion = splice(source, start, start + len(STUDENT_MARKER), student, "your routine")
+        base = Guest.from_asm(spliced, mode=64, name="minikernel64+student",
+                              description="minikernel64 with the student's routine", insertion=insertion)
     else:
         base = Guest.named("minikernel64")
     code = bytearray(base.code)

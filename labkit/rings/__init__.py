@@ -10,7 +10,7 @@ See :mod:`labkit.rings.events` for how the kernel reports, and
 """
 
 from labkit.rings.events import (EVENT_BASE, EVENT_SIZE, EventSink, RingEvent, decode_page_fault_error,
-                                 ring_events, rings_guest, rings_machine, run_rings)
+                                 instruction_of, ring_events, rings_guest, rings_machine, run_rings)
 
-__all__ = ["EVENT_BASE", "EVENT_SIZE", "EventSink", "RingEvent", "decode_page_fault_error", "ring_events",
+__all__ = ["EVENT_BASE", "EVENT_SIZE", "EventSink", "RingEvent", "decode_page_fault_error", "instruction_of", "ring_events",
            "rings_guest", "rings_machine", "run_rings"]

@@ -15,6 +15,15 @@ Kinds: 1 entry through the IDT (an exception or ``int n``), 2 ``syscall``,
 because under PVM (kvm_pvm) the ``syscall`` entry runs in PVM's own
 supervisor mode, where port I/O raises #GP.
 
+The RIP is the one the CPU saved (SDM vol. 3, 6.5): a fault's is the
+faulting instruction, a trap's (``int 0x80`` through its gate, ``syscall``,
+and the exit, which is an ``int 0x80``) the instruction after it; see
+:attr:`RingEvent.is_trap` and :func:`instruction_of`.  A return is reported
+just before the kernel's ``iretq`` or ``sysretq``; when the next report is an
+entry from ring 0, that return faulted and the task never ran
+(:attr:`RingEvent.completed` is False): under PVM the kernel's ``sysretq``
+raises #GP, whose frame carries the user CS although the kernel ran it.
+
 :func:`ring_events` decodes the events from any run's :class:`ExitTrace`, so
 they survive the emulation backend's worker process; :class:`EventSink` is the
 device that accepts the writes (it keeps nothing).
@@ -22,7 +31,7 @@ device that accepts the writes (it keeps nothing).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Mapping
 
@@ -43,6 +52,10 @@ EVENT_SIZE = 16
 KIND_ENTRY, KIND_SYSCALL, KIND_RETURN, KIND_START, KIND_EXIT = 1, 2, 3, 4, 5
 KINDS = {KIND_ENTRY: "entry", KIND_SYSCALL: "syscall", KIND_RETURN: "return",
          KIND_START: "start", KIND_EXIT: "exit"}
+TRAP_VECTOR = 0x80
+"""The kernel's system-call gate (``int 0x80``, DPL 3)."""
+TRAP_INSTRUCTIONS = {"syscall": bytes.fromhex("0f05"), "int 0x80": bytes.fromhex("cd80")}
+"""The encodings that make a trap event; each ends at the RIP the CPU saved."""
 EXPERIMENTS_START = "# >>> experiments"
 EXPERIMENTS_END = "# <<< experiments"
 
@@ -89,18 +102,30 @@ class RingEvent:
     """Index in the exit trace of the event word's MMIO exit."""
     host_ns: int
     """Host time from the start of the run to that exit."""
+    completed: bool = True
+    """For a return: the task ran in ring 3 after it (False when the next report is an entry from ring 0)."""
 
     @property
     def cpl_after(self) -> int:
-        """The ring the CPU is in after the event: 3 after a return, else 0."""
-        return 3 if self.kind == "return" else 0
+        """The ring the CPU is in after the event: 3 after a completed return, else 0."""
+        return 3 if self.kind == "return" and self.completed else 0
+
+    @property
+    def is_trap(self) -> bool:
+        """The saved RIP is the instruction *after* the one that caused the event (a trap, SDM vol. 3, 6.5).
+
+        True for ``int 0x80`` through its gate, ``syscall`` and the exit (an
+        ``int 0x80``); False for faults (#GP, #PF, #UD: the faulting
+        instruction) and for the kernel's own start and returns.
+        """
+        return self.kind in ("syscall", "exit") or (self.kind == "entry" and self.vector == TRAP_VECTOR)
 
     @property
     def label(self) -> str:
         if self.kind == "start":
             return "kernel start"
         if self.kind == "return":
-            return "return to ring 3"
+            return "return to ring 3" if self.completed else "return to ring 3 failed (next entry from ring 0)"
         if self.kind == "exit":
             return f"exit({self.error_code}) from ring {self.from_cpl}"
         if self.kind == "syscall":
@@ -150,7 +175,37 @@ def ring_events(run: ExitTrace | RunResult) -> list[RingEvent]:
             cr2=fields.get(8, 0), exit_seq=index, host_ns=elapsed,
         ))
         fields.clear()
+    for index, (event, following) in enumerate(zip(events, events[1:])):
+        if event.kind == "return" and following.kind == "entry" and following.from_cpl == 0:
+            events[index] = replace(event, completed=False)
     return events
+
+
+def instruction_of(event: RingEvent, code: bytes, load_address: int) -> tuple[int, str] | None:
+    """The address and text of the instruction that caused ``event``, from the guest's ``code``.
+
+    A fault's RIP is that instruction; a trap's (:attr:`RingEvent.is_trap`) is
+    the one after it, so the instruction is the ``int 0x80`` or ``syscall``
+    whose encoding ends at the RIP, checked byte for byte.  A return gives
+    where the task resumes, the kernel start its first instruction.  None when
+    the address is outside ``code`` or the bytes before a trap's RIP are not
+    an ``int 0x80`` or ``syscall``.
+    """
+    from labkit.x86.disasm import disassemble
+
+    address = event.rip
+    if event.is_trap:
+        end = event.rip - load_address
+        lengths = [len(encoding) for encoding in TRAP_INSTRUCTIONS.values()
+                   if end >= len(encoding) and code[end - len(encoding):end] == encoding]
+        if not lengths:
+            return None
+        address = event.rip - lengths[0]
+    offset = address - load_address
+    if not 0 <= offset < len(code):
+        return None
+    decoded = disassemble(code[offset:offset + 15], address, 64, count=1)
+    return (address, decoded[0][2]) if decoded else None
 
 
 def decode_page_fault_error(error_code: int) -> str:
@@ -187,6 +242,7 @@ def rings_guest(experiments: str | None = None) -> Guest:
     ``message``/``message_end``.  Needs GNU binutils; raises AssemblyError
     with the assembler's message.
     """
+    from labkit.assembler import splice
     from labkit.guest import Guest
 
     if experiments is None:
@@ -196,8 +252,8 @@ def rings_guest(experiments: str | None = None) -> Guest:
     source = _source()
     start, end = source.index(EXPERIMENTS_START), source.index(EXPERIMENTS_END)
     start = source.index("\n", start) + 1
-    source = source[:start] + experiments.rstrip() + "\n" + source[end:]
-    return Guest.from_asm(source, mode=64, name="rings64 (your task)")
+    spliced, insertion = splice(source, start, end, experiments, "your task")
+    return Guest.from_asm(spliced, mode=64, name="rings64 (your task)", insertion=insertion)
 
 
 def rings_machine(guest: Guest | None = None, backend: str = "auto") -> Machine:

@@ -47,6 +47,18 @@ _EXPORTS = {
     "control_effects": "labkit.viz.kvm_stats",
     "control_table": "labkit.viz.kvm_stats",
     "compare_controls": "labkit.viz.kvm_stats",
+    "notebooks_table": "labkit.viz.report",
+    "session_note": "labkit.viz.report",
+    "agreement": "labkit.viz.report",
+    "exit_costs_sentences": "labkit.viz.report",
+    "entries_verdict": "labkit.viz.rings",
+    "verdict_sentences": "labkit.viz.rings",
+    "paper_agreement": "labkit.viz.rings",
+    "ring_runs_table": "labkit.viz.rings",
+    "kernel_entries_table": "labkit.viz.rings",
+    "entries_differ": "labkit.viz.rings",
+    "page_fault_table": "labkit.viz.rings",
+    "umip_table": "labkit.viz.rings",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from labkit.errors import ConfigError
 from labkit.viz.labels import BackendHint, Measured, Source, resolve
+from labkit.viz.style import TEXT_PT, TITLE_PT, finish, new_axes, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -45,40 +46,41 @@ def pick_time_unit(total_ns: float) -> str:
     return "s"
 
 
-def _new_axes(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure | SubFigure, Axes]:
-    if ax is not None:
-        return ax.figure, ax
-    from matplotlib.figure import Figure  # lazy: matplotlib is heavy
-
-    figure = Figure(figsize=size, layout="constrained")
-    return figure, figure.add_subplot()
-
-
-def _plain_log_axis(axis: Axis) -> None:
-    """A logarithmic axis labelled 1, 2, 5, 10, 20, 50, ... rather than 10^1."""
+def _plain_log_axis(axis: Axis, subs: tuple[float, ...] = (1.0, 2.0, 5.0)) -> None:
+    """A logarithmic axis labelled 1, 2, 5, 10, 20, 50, ... (or the ``subs`` of each decade) rather than 10^1."""
     from matplotlib.axis import YAxis
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     axis.axes.set_yscale("log") if isinstance(axis, YAxis) else axis.axes.set_xscale("log")
-    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_locator(LogLocator(subs=subs))
     axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.set_minor_formatter(NullFormatter())
 
 
-def _title(what: str, source: Source) -> str:
+def _title(what: str, source: Source, width: int = 60) -> str:
     name = f": {source.guest}" if source.guest else ""
-    return f"{what}{name}\n" + textwrap.fill(source.label, 46)
+    return f"{what}{name}\n" + textwrap.fill(source.label, width)
+
+
+LOG_COUNTS_ABOVE = 50
+"""exit_counts draws a log axis when one reason has more than this many times the exits of another."""
+MARKED_EXITS = 200
+"""A reason with more exits than this is drawn as its line alone, without a dot per exit."""
 
 
 def exit_timeline(data: Measured, backend: BackendHint = None, ax: Axes | None = None, *, flavour: str | None = None,
-                  guest: str | None = None, unit: str | None = None) -> Figure | SubFigure:
-    """Each exit as a tick at the host time it ended, one row and colour per exit reason.
+                  guest: str | None = None, unit: str | None = None, title: bool = True) -> Figure | SubFigure:
+    """Exits so far against host time, one staircase and colour per exit reason: each step is one exit.
 
-    ``data`` is an ExitTrace or a RunResult; ``backend`` says what measured it
-    (see :func:`labkit.viz.labels.resolve`).  ``unit`` is ``ns``, ``µs``,
-    ``ms`` or ``s`` (default: picked from the run's length).  Draws into
-    ``ax`` when given; returns the Figure.
+    A burst of exits is a steep climb rather than one merged block, and the
+    height at the end is the count.  ``data`` is an ExitTrace or a RunResult;
+    ``backend`` says what measured it (see :func:`labkit.viz.labels.resolve`).
+    ``unit`` is ``ns``, ``µs``, ``ms`` or ``s`` (default: picked from the
+    run's length).  Draws into ``ax`` when given (``title=False`` leaves its
+    title to the caller); returns the Figure.
     """
+    from matplotlib.ticker import MaxNLocator
+
     source = resolve(data, backend, flavour)
     if guest:
         source = Source(source.trace, source.backend, source.flavour, guest)
@@ -94,63 +96,80 @@ def exit_timeline(data: Measured, backend: BackendHint = None, ax: Axes | None =
         raise ConfigError(f"unit must be one of {', '.join(TIME_UNITS)}, not {unit!r}")
     scale = TIME_UNITS[unit]
 
-    figure, ax = _new_axes(ax, (7.0, 2.6))
-    reasons = list(trace.by_reason())  # most frequent first: drawn top to bottom
-    rows = {reason: len(reasons) - 1 - row for row, reason in enumerate(reasons)}
+    figure, ax = new_axes(ax, (7.5, 3.4))
+    reasons = list(trace.by_reason())  # most frequent first
     points: dict[str, list[float]] = {reason: [] for reason in reasons}
     for record, end in zip(trace, ends):
         points[record.reason].append(end / scale)
+    right = max(total / scale, 1e-9) * 1.02
     for reason in reasons:
         xs = points[reason]
-        ax.scatter(xs, [rows[reason]] * len(xs), marker="|", s=220, linewidths=1.5,
-                   color=reason_colour(reason), label=reason)
-    ax.set_yticks([rows[reason] for reason in reasons],
-                  [f"{reason} ({trace.count(reason)})" for reason in reasons])
-    ax.set_ylim(-0.7, max(len(reasons), 1) - 0.3)
-    ax.set_xlim(left=0, right=max(total / scale, 1e-9) * 1.02)
+        counts = list(range(1, len(xs) + 1))
+        ax.step([0.0, *xs, right], [0, *counts, counts[-1]], where="post", color=reason_colour(reason),
+                linewidth=1.6, label=f"{reason} ({trace.count(reason)})")
+        if len(xs) <= MARKED_EXITS:
+            ax.scatter(xs, counts, s=14, color=reason_colour(reason), zorder=3, label=reason)
+    ax.set_xlim(left=0, right=right)
+    ax.set_ylim(bottom=0, top=max((len(xs) for xs in points.values()), default=1) * 1.12 + 0.5)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 1.25 exits
     ax.set_xlabel(f"host time since the run started ({unit})")
-    ax.set_ylabel("exit reason (count)")
-    ax.set_title(_title("VM exits over time", source), fontsize=10)
-    ax.grid(axis="x", alpha=0.3)
+    ax.set_ylabel("exits so far (count)")
+    if title:
+        ax.set_title(_title("VM exits over time", source), fontsize=TITLE_PT)
+    ax.grid(alpha=0.3)
     if trace.dropped:
         ax.text(0.99, 0.02, f"{trace.dropped} later exits counted, not drawn (trace limit)",
-                transform=ax.transAxes, ha="right", va="bottom", fontsize=8)
-    if not reasons:
-        ax.text(0.5, 0.5, "no exits recorded", transform=ax.transAxes, ha="center", va="center")
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=TEXT_PT)
+    if reasons:
+        ax.legend(handles=list(ax.get_lines()), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=TEXT_PT,
+                  frameon=False, borderaxespad=0.2, handlelength=1.2)
+    else:
+        ax.text(0.5, 0.5, "no exits recorded", transform=ax.transAxes, ha="center", va="center", fontsize=TEXT_PT)
+    finish(ax)
     return figure
 
 
 def exit_counts(data: Measured, backend: BackendHint = None, ax: Axes | None = None, *, flavour: str | None = None,
-                guest: str | None = None, log: bool = False) -> Figure | SubFigure:
-    """A bar per exit reason: how many exits of each reason the run had.
+                guest: str | None = None, log: bool | None = None, title: bool = True) -> Figure | SubFigure:
+    """A bar per exit reason: how many exits of each reason the run had, the count on each bar.
 
-    ``log=True`` uses a logarithmic count axis (for a run where one reason
-    dominates by orders of magnitude).  Draws into ``ax`` when given; returns the Figure.
+    ``log=True`` uses a logarithmic count axis, ``False`` a linear one; the
+    default picks log when the largest count is more than
+    :data:`LOG_COUNTS_ABOVE` times the smallest, where a bar of a few exits
+    would be too thin to see.  Draws into ``ax`` when given
+    (``title=False`` leaves its title to the caller); returns the Figure.
     """
     source = resolve(data, backend, flavour)
     if guest:
         source = Source(source.trace, source.backend, source.flavour, guest)
+    from matplotlib.ticker import MaxNLocator
+
     counts = source.trace.by_reason()
-    figure, ax = _new_axes(ax, (5.0, 3.0))
+    figure, ax = new_axes(ax, (5.0, 3.4))
     reasons = list(counts)
+    if log is None:
+        log = bool(counts) and max(counts.values()) > LOG_COUNTS_ABOVE * min(counts.values())
     bars = ax.bar(reasons, [counts[reason] for reason in reasons],
                   color=[reason_colour(reason) for reason in reasons])
-    ax.bar_label(bars, padding=2)
+    ax.bar_label(bars, padding=2, fontsize=TEXT_PT)
+    ax.margins(y=0.2)  # room for the counts above the bars (in log space on a log axis)
     if log:
-        _plain_log_axis(ax.yaxis)
+        _plain_log_axis(ax.yaxis, subs=(1.0,))  # 1, 10, 100, ...: counts, in a short axis
     else:
-        ax.margins(y=0.15)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("exit reason")
     ax.set_ylabel("exits (count)" + (", log scale" if log else ""))
-    ax.set_title(_title("VM exits by reason", source), fontsize=10)
+    if title:
+        ax.set_title(_title("VM exits by reason", source, 40), fontsize=TITLE_PT)
     if not reasons:
-        ax.text(0.5, 0.5, "no exits recorded", transform=ax.transAxes, ha="center", va="center")
+        ax.text(0.5, 0.5, "no exits recorded", transform=ax.transAxes, ha="center", va="center", fontsize=TEXT_PT)
+    finish(ax)
     return figure
 
 
 def exits_side_by_side(runs: Sequence[Measured], backends: Sequence[BackendHint] | None = None, *,
                        guest: str | None = None) -> Figure:
-    """One column per run: its exit timeline above its exit counts.
+    """One row per run: its exits over time beside its exit counts, the row titled with what measured it.
 
     ``runs`` are RunResults (or ExitTraces, with ``backends`` saying what
     measured each).  The count axes are shared, so equal bars mean the
@@ -165,21 +184,26 @@ def exits_side_by_side(runs: Sequence[Measured], backends: Sequence[BackendHint]
     backends = list(backends)
     if len(backends) != len(runs):
         raise ConfigError(f"{len(runs)} runs but {len(backends)} backends")
-    from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(5.2 * len(runs), 5.4), layout="constrained")
-    grid = figure.subplots(2, len(runs), squeeze=False, height_ratios=(1.1, 1.0))
-    for column, (run, backend) in enumerate(zip(runs, backends)):
-        exit_timeline(run, backend, ax=grid[0][column], guest=guest)
-        exit_counts(run, backend, ax=grid[1][column], guest=guest)
+    figure = new_figure(7.8, 0.5 + 3.3 * len(runs))
+    rows = figure.subfigures(len(runs), 1, squeeze=False)[:, 0]
+    count_axes = []
+    for row, run, backend in zip(rows, runs, backends):
+        source = resolve(run, backend)
+        timeline, counts = row.subplots(1, 2, width_ratios=(1.7, 1.0))
+        exit_timeline(run, backend, ax=timeline, guest=guest, title=False)
+        exit_counts(run, backend, ax=counts, guest=guest, title=False)
+        timeline.set_title("over time", fontsize=TEXT_PT)
+        counts.set_title("by reason", fontsize=TEXT_PT)
+        row.suptitle(textwrap.fill(source.label, 70), fontsize=TEXT_PT)
+        count_axes.append(counts)
     if len(runs) > 1:
-        shared = grid[1][0]
-        for ax in grid[1][1:]:
-            ax.sharey(shared)
-        top = max(ax.get_ylim()[1] for ax in grid[1])
-        shared.set_ylim(top=top)
+        top = max(ax.get_ylim()[1] for ax in count_axes)
+        for ax in count_axes:
+            ax.set_ylim(top=top)
     name = f" {guest}" if guest else " guest"
-    figure.suptitle(f"The same{name} on {len(runs)} backend{'s' if len(runs) > 1 else ''}", fontsize=12)
+    figure.suptitle(f"VM exits of the same{name} on {len(runs)} backend{'s' if len(runs) > 1 else ''}",
+                    fontsize=TITLE_PT)
     return figure
 
 
@@ -193,7 +217,8 @@ def exit_costs(runs: Sequence[Measured], backends: Sequence[BackendHint] | None 
 
     ``runs`` are RunResults (or ExitTraces with ``backends``), typically the
     same guest on KVM and on the emulator.  The time axis is logarithmic,
-    because the two can differ by orders of magnitude.  Returns the Figure.
+    because the two can differ by orders of magnitude.  The legend sits
+    above the plot, where it hides no point.  Returns the Figure.
     """
     runs = list(runs)
     if not runs:
@@ -201,23 +226,29 @@ def exit_costs(runs: Sequence[Measured], backends: Sequence[BackendHint] | None 
     backends = [None] * len(runs) if backends is None else list(backends)
     if len(backends) != len(runs):
         raise ConfigError(f"{len(runs)} runs but {len(backends)} backends")
-    figure, ax = _new_axes(ax, (7.0, 3.4))
+    figure, ax = new_axes(ax, (7.5, 4.2))
     sources = [resolve(run, backend) for run, backend in zip(runs, backends)]
     markers = ("o", "s", "^", "D")
     for index, source in enumerate(sources):
         costs = [record[6] / 1e3 for record in source.trace.records]
         colour = "#1f77b4" if source.backend == "kvm" else "#ff7f0e" if source.backend == "emu" else None
         ax.plot(range(len(costs)), costs, linestyle="none", marker=markers[index % len(markers)],
-                markersize=4, color=colour, label=source.short)
+                markersize=5, color=colour, label=source.short)
     _plain_log_axis(ax.yaxis)
     ax.set_xlabel("exit number (in the order they happened)")
-    ax.set_ylabel("host time since the previous exit\n(guest run + exit + handling; µs, log scale)")
+    ax.set_ylabel("host time since the previous exit\n(µs, log scale)")
     name = f": {guest}" if guest else ""
-    labels = "\n".join(textwrap.fill(source.label, 72) for source in sources)
-    ax.set_title(f"Host time from one exit to the next{name}\n{labels}", fontsize=10)
+    labels = "\n".join(textwrap.fill(source.label, 76) for source in sources)
     ax.grid(alpha=0.3, which="both", axis="y")
     if any(source.trace.records for source in sources):
-        ax.legend(loc="upper right", fontsize=9)
+        ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=len(sources), frameon=False,
+                  fontsize=TEXT_PT, borderaxespad=0.2)
     else:
-        ax.text(0.5, 0.5, "no exits recorded", transform=ax.transAxes, ha="center", va="center")
+        ax.text(0.5, 0.5, "no exits recorded", transform=ax.transAxes, ha="center", va="center", fontsize=TEXT_PT)
+    title = f"Host time from one exit to the next (guest run + exit + handling){name}\n{labels}"
+    if figure is ax.figure and len(figure.axes) == 1:
+        figure.suptitle(title, fontsize=TITLE_PT)
+    else:
+        ax.set_title(title, fontsize=TITLE_PT)
+    finish(ax)
     return figure

@@ -17,7 +17,8 @@ from labkit.viz.labels import BackendHint, Measured, resolve
 from labkit.vmm.status import RunResult
 
 __all__ = ["Table", "Skipped", "ExitCosts", "capability_table", "exit_table", "exit_costs_of", "exit_cost_table",
-           "backends_to_compare", "runs_side_by_side"]
+           "backends_to_compare", "runs_side_by_side", "notebooks_table", "session_note", "agreement",
+           "exit_costs_sentences"]
 
 def capability_table(report: dict | None = None) -> Table:
     """What ``labkit doctor`` says about this machine, as a small table.
@@ -177,3 +178,64 @@ def exit_cost_table(runs: Sequence[Measured]) -> Table:
     note = (f"from one exit to the next = {TABLE_COLUMNS['since_previous']}; "
             f"labkit handling = {TABLE_COLUMNS['handling']}.")
     return Table("What the exits cost", header, rows, note)
+
+
+def notebooks_table(directory: str | os.PathLike[str] = ".") -> Table:
+    """The lab's notebooks in ``directory`` (``NN-name.ipynb``), each with the title of its first heading.
+
+    A notebook lists what comes next from this, so it names only notebooks that exist.
+    """
+    import json
+    from pathlib import Path
+
+    rows = []
+    for path in sorted(Path(directory).glob("[0-9][0-9]-*.ipynb")):
+        try:
+            cells = json.loads(path.read_text(encoding="utf-8")).get("cells", [])
+        except (OSError, ValueError) as error:
+            rows.append([path.name, f"(cannot read it: {error})"])
+            continue
+        first = next((cell for cell in cells if cell.get("cell_type") == "markdown"), None)
+        source = "".join(first["source"]) if first else ""
+        title = next((line.lstrip("#").strip() for line in source.splitlines() if line.startswith("#")), "")
+        rows.append([path.name, title])
+    return Table("The notebooks of this lab", ["notebook", "title"], rows)
+
+
+def session_note(environ: Mapping[str, str] | None = None) -> str:
+    """Markdown: the backends this session runs, why any other is not run, and what ``auto`` picks."""
+    from labkit.backend import choose_backend
+
+    run, skipped = [], []
+    for backend, why_not in backends_to_compare(environ):
+        if why_not:
+            skipped.append(f"{backend} is not run here ({why_not}). ")
+        else:
+            run.append(backend)
+    choice = choose_backend()
+    return (f"backends run: {', '.join(run)}. " + "".join(skipped)
+            + f"main backend of this session: **{choice.name}** ({choice.reason}).")
+
+
+def agreement(results: Mapping[str, RunResult], columns: Sequence[RunResult | Skipped]) -> str:
+    """Markdown: which backends ran one guest, and whether console and exits agree (or why there is one only)."""
+    outputs = {backend: (result.console, result.exits) for backend, result in results.items()}
+    ran = "backends run: " + ", ".join(outputs) + "."
+    if len(outputs) > 1:
+        if len(set(map(repr, outputs.values()))) == 1:
+            return f"{ran} They agree: the same console output and the same exits."
+        return f"{ran} They **disagree**: the console output or the exits differ (see the table above)."
+    skipped = "; ".join(column.reason for column in columns if isinstance(column, Skipped))
+    return f"{ran} Only one backend ran in this session ({skipped}), so there is nothing to compare here."
+
+
+def exit_costs_sentences(runs: Sequence[Measured]) -> str:
+    """Markdown: per run, its exits, the first one's time, the median from one exit to the next and the handling."""
+    lines = []
+    for run in runs:
+        costs = exit_costs_of(run)
+        lines.append(f"* **{costs.label}**: {costs.exits} exits. The first ended {format_ns(costs.first_since_start_ns)} "
+                     f"after the start; after it, one exit followed the previous one every "
+                     f"{format_ns(costs.median_since_previous_ns)} (median), of which labkit's handling took "
+                     f"{format_ns(costs.median_handling_ns)}.")
+    return "In the run you just made:\n\n" + "\n".join(lines)

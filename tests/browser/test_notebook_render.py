@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -103,22 +104,57 @@ def test_student_sees_hello_figures_and_no_errors(rendered, browser, tmp_path):
     page.close()
 
 
-VISIBLE = {
-    "01-protection-rings.ipynb": ("hello from ring 3", "matches the paper on emulator (Unicorn)"),
-    "02-trap-and-emulate.ipynb": ("The 5 of 13 console lines that differ", "unemulated instruction at RIP 0x8003: wbinvd"),
-    "03-binary-translation.ipynb": ("binary translation gives the native console: True",
-                                    "int3               ; -> monitor: emulate popfq",
-                                    "binary translation gives the native value in 21 of 21."),
-    "04-paravirtualization.ipynb": ("paravirtual console equals the native one: True",
-                                    "lines where trap-and-emulate differs from native: 5"),
-    "05-hardware-assisted.ipynb": ("VM exits of a model of VMX run on", "One workload, every technique, run on "),
+@dataclass(frozen=True)
+class Lesson:
+    """What the browser tests check in one notebook: add a notebook with one entry in :data:`LESSONS`."""
+
+    visible: tuple[str, ...]
+    """Text the student must be able to see (the lesson's result, not just that it ran)."""
+    controls: dict[str, int] = field(default_factory=dict)
+    """The controls its widget panels have (in all its cells), by kind (:data:`SELECTORS`): each is changed once
+    in a live JupyterLab and must change the results."""
+    projector: bool = False
+    """Its figures use labkit.viz.style: at 1280x720 and 150% zoom their smallest text must be readable."""
+
+
+LESSONS = {
+    "00-welcome.ipynb": Lesson((HELLO, "This machine (labkit", "The notebooks of this lab"),
+                               {"dropdown": 1, "toggle": 1, "button": 1}, projector=True),
+    "01-protection-rings.ipynb": Lesson(("hello from ring 3", "How each instruction of the task entered the kernel",
+                                         "matches the paper on emulator (Unicorn)"),
+                                        {"dropdown": 1, "toggle": 1}, projector=True),
+    "02-trap-and-emulate.ipynb": Lesson(("The 5 of 13 console lines that differ",
+                                         "unemulated instruction at RIP 0x8003: wbinvd"),
+                                        {"dropdown": 1, "toggle": 1}),
+    "03-binary-translation.ipynb": Lesson(("binary translation gives the native console: True",
+                                           "int3               ; -> monitor: emulate popfq",
+                                           "binary translation gives the native value in 21 of 21."),
+                                          {"dropdown": 1, "select_multiple": 1, "toggle": 1, "slider": 1}),
+    "04-paravirtualization.ipynb": Lesson(("paravirtual console equals the native one: True",
+                                           "lines where trap-and-emulate differs from native: 5"),
+                                          {"select_multiple": 1, "toggle": 3, "slider": 1}),
+    "05-hardware-assisted.ipynb": Lesson(("VM exits of a model of VMX run on", "One workload, every technique, run on "),
+                                         {"dropdown": 3, "select_multiple": 2, "toggle": 2, "checkbox": 4, "button": 1}),
 }
-"""Per notebook, text the student must be able to see (the lesson's result, not just that it ran)."""
+"""One entry per notebook in notebooks/ (a test requires it)."""
+PROJECTOR = {"width": 853, "height": 480, "device_scale_factor": 1.5}
+"""A 1280x720 projector at 150% zoom: 853x480 CSS pixels, 1.5 device pixels each."""
+MIN_TEXT_CSS_PX = 11.0
+"""The smallest figure text a student at the back of the room can read, in CSS pixels."""
 
 
-@pytest.mark.parametrize("name", sorted(VISIBLE))
+def test_every_notebook_has_a_lesson_entry():
+    assert sorted(LESSONS) == sorted(path.name for path in NOTEBOOKS.glob("*.ipynb")), \
+        "add the new notebook to LESSONS in tests/browser/test_notebook_render.py"
+
+
+@pytest.mark.parametrize("name", sorted(LESSONS))
 def test_each_lesson_shows_its_result_and_figures(name, browser, tmp_path):
+    """Rendered as on a 1280x720 projector at 150% zoom: the results visible, every figure decoded and, for a
+    notebook whose figures use labkit.viz.style, shown large enough that its smallest text stays readable."""
     from nbconvert import HTMLExporter
+
+    from labkit.viz.style import DPI, MIN_FONT_PT
 
     run = execute(NOTEBOOKS / name, backend=None)
     assert not run.problems, "\n".join(run.problems)
@@ -126,11 +162,13 @@ def test_each_lesson_shows_its_result_and_figures(name, browser, tmp_path):
     html = tmp_path / name.replace(".ipynb", ".html")
     html.write_text(body, encoding="utf-8")
 
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    lesson = LESSONS[name]
+    page = browser.new_page(viewport={"width": PROJECTOR["width"], "height": PROJECTOR["height"]},
+                            device_scale_factor=PROJECTOR["device_scale_factor"])
     page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(("file://", "data:"))
                else route.abort())
     page.goto(html.as_uri(), wait_until="load")
-    for text in VISIBLE[name]:
+    for text in lesson.visible:
         shown = page.get_by_text(text).first
         shown.scroll_into_view_if_needed()
         assert shown.is_visible(), f"{name}: {text!r} is not visible"
@@ -139,8 +177,15 @@ def test_each_lesson_shows_its_result_and_figures(name, browser, tmp_path):
     for index in range(images.count()):
         image = images.nth(index)
         image.scroll_into_view_if_needed()
-        width, _ = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+        width, shown = image.evaluate("img => [img.naturalWidth, img.getBoundingClientRect().width]")
         assert width > 0, f"{name}: figure {index} did not decode"
+        smallest = MIN_FONT_PT * DPI / 72 * shown / width
+        assert not lesson.projector or smallest >= MIN_TEXT_CSS_PX, \
+            f"{name}: figure {index} is shown at {shown:.0f} of {width} px: its smallest text is {smallest:.1f} CSS px"
+    if lesson.projector:  # every line of code fits its cell: nothing cut off at the right edge
+        cut = page.locator(".jp-InputArea-editor").evaluate_all(
+            "cells => cells.filter(cell => cell.scrollWidth > cell.clientWidth + 1).map(cell => cell.innerText.slice(0, 80))")
+        assert cut == [], f"{name}: code cells wider than the page at 150% zoom: {cut}"
     assert page.locator("[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
     assert "Traceback" not in page.inner_text("body")
     shots = Path(os.environ.get("LABKIT_SCREENSHOT_DIR", tmp_path))
@@ -158,15 +203,6 @@ def test_missing_chromium_is_a_failure_not_a_skip(monkeypatch):
 
 # -- the widgets, live: JupyterLab with a token, a kernel, and every control changed once ------------------
 
-CONTROLS = {
-    "00-welcome.ipynb": {"dropdown": 1, "toggle": 1, "button": 1},
-    "01-protection-rings.ipynb": {"dropdown": 1, "toggle": 1},
-    "02-trap-and-emulate.ipynb": {"dropdown": 1, "toggle": 1},
-    "03-binary-translation.ipynb": {"dropdown": 1, "select_multiple": 1, "toggle": 1, "slider": 1},
-    "04-paravirtualization.ipynb": {"select_multiple": 1, "toggle": 3, "slider": 1},
-    "05-hardware-assisted.ipynb": {"dropdown": 3, "select_multiple": 2, "toggle": 2, "checkbox": 4, "button": 1},
-}
-"""Per notebook, the controls its panels have (in all its cells): each is changed once and must change the results."""
 SELECTORS = {
     "dropdown": ".widget-dropdown select",
     "select_multiple": ".widget-select-multiple select",
@@ -296,7 +332,7 @@ def _change(page, kind: str, control) -> str:
 
 
 @pytest.mark.kvm
-@pytest.mark.parametrize("name", sorted(CONTROLS))
+@pytest.mark.parametrize("name", sorted(name for name, lesson in LESSONS.items() if lesson.controls))
 def test_every_widget_changes_the_results(name, jupyterlab, browser, tmp_path):
     """Marked kvm: the backend buttons need a second backend to switch to (conftest skips it only without /dev/kvm)."""
     import re
@@ -344,7 +380,7 @@ def test_every_widget_changes_the_results(name, jupyterlab, browser, tmp_path):
                           CHANGE_S, f"{name}: the results to change after {done}")
                 changed.append(done)
         assert "Traceback" not in cell.inner_text(), f"{name}: a change raised"
-    expected = {kind: CONTROLS[name].get(kind, 0) for kind in SELECTORS}
+    expected = {kind: LESSONS[name].controls.get(kind, 0) for kind in SELECTORS}
     assert found == expected, f"{name}: controls found {found}, expected {expected}"
     shots = Path(os.environ.get("LABKIT_SCREENSHOT_DIR", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)

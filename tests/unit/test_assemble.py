@@ -108,3 +108,48 @@ def test_cli_assembles_a_file(tmp_path, capsys):
     bad.write_text("nope\n")
     assert assemble_module.main([str(bad)]) == 1
     assert "line 1:" in capsys.readouterr().err
+
+
+def test_an_error_in_spliced_text_names_its_own_line_and_quotes_it():
+    from labkit.assembler import assemble, splice
+
+    template = "nop\nnop\n# >>> here\nhlt\n"
+    start = template.index("# >>> here")
+    source, insertion = splice(template, start, start + len("# >>> here"), "mov eax, 1\nmovv eax, 2", "your routine")
+    assert source == "nop\nnop\nmov eax, 1\nmovv eax, 2\nhlt\n"
+    assert (insertion.first_line, insertion.lines) == (3, ("mov eax, 1", "movv eax, 2"))
+    with pytest.raises(AssemblyError) as caught:
+        assemble(source, 64, insertion=insertion)
+    assert str(caught.value).splitlines()[1:] == ["your routine, line 2: Error: no such instruction: `movv eax,2'",
+                                                  "    movv eax, 2"]
+
+
+def test_an_undefined_symbol_names_the_line_that_uses_it():
+    with pytest.raises(AssemblyError) as caught:
+        assemble("nop\njmp nowhere\n", 64)
+    message = str(caught.value)
+    assert "line 2: undefined reference to `nowhere'" in message and "RWX" not in message
+
+
+def test_a_students_routine_error_points_at_the_students_line_not_the_kernels():
+    from labkit.monitor.trap_emulate import minikernel
+    from labkit.rings import rings_guest
+
+    with pytest.raises(AssemblyError) as caught:
+        minikernel(student="movv eax, 1")
+    assert str(caught.value) == "as failed:\nyour routine, line 1: Error: no such instruction: `movv eax,1'\n    movv eax, 1"
+    with pytest.raises(AssemblyError) as caught:
+        minikernel(student="mov eax, 1\njmp nowhere")
+    assert str(caught.value) == "ld failed:\nyour routine, line 2: undefined reference to `nowhere'\n    jmp nowhere"
+    with pytest.raises(AssemblyError) as caught:
+        rings_guest("nop\nlea r15, [rip + 1f]\nmov rax, [nowhere\n1:")
+    assert "your task, line 3: Error:" in str(caught.value) and "    mov rax, [nowhere" in str(caught.value)
+
+
+def test_splice_checks_what_it_is_given():
+    from labkit.assembler import splice
+
+    with pytest.raises(ConfigError, match="your routine must be assembly source text"):
+        splice("nop\n", 0, 0, b"nop", "your routine")
+    with pytest.raises(ConfigError, match="cannot splice at 3:1"):
+        splice("nop\n", 3, 1, "nop", "x")

@@ -51,25 +51,34 @@ def test_measured_on_says_what_measured():
     assert "not a measurement" in measured_on("fake")
 
 
-def test_timeline_rows_times_and_labels():
+def test_timeline_staircases_times_and_labels():
     figure = exit_timeline(hello_trace(), backend="kvm_pvm", guest="hello")
     ax = figure.axes[0]
     assert title_text(ax) == "VM exits over time: hello measured on KVM (kvm_pvm)"
     assert ax.get_xlabel() == "host time since the run started (µs)"
-    assert ax.get_ylabel() == "exit reason (count)"
+    assert ax.get_ylabel() == "exits so far (count)"
     points = scatter_points(ax)
-    # One row per reason, most frequent on top; x is the running sum of host_ns in µs.
-    assert points["IO"] == [(10.0, 1.0), (20.0, 1.0), (30.0, 1.0)]
-    assert points["HLT"] == [(35.0, 0.0)]
-    assert [label.get_text() for label in ax.get_yticklabels()] == ["IO (3)", "HLT (1)"]
+    # One staircase per reason: x is the running sum of host_ns in µs, y the exits of that reason so far.
+    assert points["IO"] == [(10.0, 1.0), (20.0, 2.0), (30.0, 3.0)]
+    assert points["HLT"] == [(35.0, 1.0)]
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["IO (3)", "HLT (1)"]
     assert ax.collections[0].get_facecolor()[0].tolist() != ax.collections[1].get_facecolor()[0].tolist()
+
+
+def test_a_burst_of_exits_is_one_step_per_exit_not_one_block():
+    trace = ExitTrace()
+    for _ in range(48):
+        trace.add(ExitReason.IO, 0x8000, 0x3F8, 1, True, 0x41, 100)  # 48 exits 0.1 µs apart
+    line = exit_timeline(trace, "emu").axes[0].get_lines()[0]
+    xs, ys = line.get_data()
+    assert list(ys[1:-1]) == list(range(1, 49)) and len(set(xs[1:-1])) == 48
 
 
 def test_timeline_units_and_emulator_label():
     ax = exit_timeline(hello_result("emu"), unit="ms").axes[0]
     assert EMU_LABEL in title_text(ax)
     assert ax.get_xlabel() == "host time since the run started (ms)"
-    assert scatter_points(ax)["HLT"] == [(pytest.approx(0.035), 0.0)]
+    assert scatter_points(ax)["HLT"] == [(pytest.approx(0.035), 1.0)]
     long = ExitTrace()
     long.add(ExitReason.IO, 0, 0x3F8, 1, True, 0, 50_000_000)  # 50 ms: picked unit is ms
     assert exit_timeline(long, "emu").axes[0].get_xlabel().endswith("(ms)")
@@ -108,15 +117,59 @@ def test_draws_into_given_axes():
     assert len(left.patches) == 0 and len(right.patches) == 2
 
 
-def test_side_by_side_one_column_per_backend():
+def test_side_by_side_one_row_per_backend():
     figure = exits_side_by_side([hello_result("kvm"), hello_result("emu")], guest="hello")
     assert len(figure.axes) == 4
-    timeline_kvm, timeline_emu, counts_kvm, counts_emu = figure.axes
-    assert "KVM" in title_text(timeline_kvm) and EMU_LABEL in title_text(timeline_emu)
-    assert "KVM" in title_text(counts_kvm) and EMU_LABEL in title_text(counts_emu)
+    timeline_kvm, counts_kvm, timeline_emu, counts_emu = figure.axes
+    kvm_row, emu_row = figure.subfigs
+    assert "KVM" in kvm_row.get_suptitle() and EMU_LABEL in " ".join(emu_row.get_suptitle().split())
     assert counts_kvm.get_ylim() == counts_emu.get_ylim()
-    assert figure.get_suptitle() == "The same hello on 2 backends"
+    assert figure.get_suptitle() == "VM exits of the same hello on 2 backends"
     figure.savefig(__import__("io").BytesIO(), format="png")  # renders with Agg
+
+
+def test_figures_are_readable_at_a_projector():
+    """At most 8 in wide, 150 dpi, no text under 11 pt, no overlapping text, no legend over a label."""
+    from labkit.viz import exit_costs
+    from labkit.viz.style import readability_problems
+
+    burst = ExitTrace()
+    for index in range(48):
+        burst.add(ExitReason.IO, 0x8000, 0x3F8 + index % 2 * 5, 1, index % 2 == 0, 0x41, 2_000)
+    burst.add(ExitReason.HLT, 0x8010, None, None, None, None, 5_000)
+    for figure in (exit_timeline(burst, "emu", guest="hello64"), exit_counts(burst, "kvm_pvm"),
+                   exits_side_by_side([hello_result("kvm"), hello_result("emu")], guest="hello"),
+                   exits_side_by_side([hello_result("emu")]), exit_costs([hello_result("kvm"), hello_result("emu")])):
+        assert readability_problems(figure) == []
+
+
+def test_the_readability_check_finds_what_it_is_for():
+    from labkit.viz.style import new_figure, readability_problems
+
+    figure = new_figure(6, 3)
+    ax = figure.add_subplot()
+    ax.bar(["a", "b"], [1, 2])
+    ax.text(0, 1, "pile", fontsize=12)
+    ax.text(0, 1, "up", fontsize=12)
+    ax.set_xlabel("tiny", fontsize=6)
+    ax.plot([0, 1], [1, 2], label="a long legend entry")
+    ax.legend(loc="upper left")
+    ax.text(0.05, 0.97, "hidden", transform=ax.transAxes, fontsize=12, va="top")
+    problems = readability_problems(figure)
+    assert "text 'tiny' is 6 pt (at least 11 pt)" in problems
+    assert "texts overlap: 'pile' and 'up'" in problems
+    assert "the legend hides text 'hidden'" in problems
+    from matplotlib.figure import Figure
+
+    stacked = new_figure(4, 3)
+    ax = stacked.add_subplot()
+    ax.bar(["T&E"], [1000], label="emulated")
+    ax.bar(["T&E"], [1], bottom=[1000], label="reflected")  # 1 on top of 1000: under a pixel
+    ax.bar(["BT"], [0], label="none")                         # a bar of 0 is flat on purpose
+    invisible = [problem for problem in readability_problems(stacked) if "invisible" in problem]
+    assert len(invisible) == 1 and invisible[0].startswith("reflected (1) is drawn 0.")
+    assert readability_problems(Figure(figsize=(10, 3), dpi=100))[:2] == [
+        "figure is 10.0 in wide (at most 8.0 in)", "figure is drawn at 100 dpi (at least 150)"]
 
 
 def test_bare_trace_needs_a_backend():
@@ -206,8 +259,9 @@ def test_exit_costs_one_series_per_backend():
     assert kvm.get_label().startswith("KVM") and emu.get_label() == "emulator (Unicorn)"
     assert ax.get_yscale() == "log"
     assert ax.get_xlabel() == "exit number (in the order they happened)"
-    assert ax.get_ylabel() == "host time since the previous exit\n(guest run + exit + handling; µs, log scale)"
-    assert "measured on KVM" in title_text(ax) and EMU_LABEL in title_text(ax)
+    assert ax.get_ylabel() == "host time since the previous exit\n(µs, log scale)"
+    title = " ".join(ax.figure.get_suptitle().split())
+    assert "(guest run + exit + handling)" in title and "measured on KVM" in title and EMU_LABEL in title
 
 
 def test_table_plain_text_in_ipython():
@@ -269,3 +323,56 @@ def test_runs_side_by_side_does_not_count_a_timeout_as_an_exit():
                     backend="emu", elapsed_s=1.0)
     rows = {row[0]: row[1:] for row in runs_side_by_side([run]).rows}
     assert rows["exits"] == ["IO 3, HLT 1; not exits: TIMEOUT 1"]
+
+
+def test_a_note_repeated_in_rows_becomes_one_footnote():
+    from labkit.classify.rules import Classification
+    from labkit.viz.rings import classification_table, umip_table
+
+    pvm = "under PVM, ring-0 code is run by KVM's instruction emulator"
+
+    def result(instruction, notes=(), umip=""):
+        return Classification(instruction, "", 64, "kvm", "kvm_pvm", "undetermined", "ring 0 could not run", (),
+                              notes=notes, umip=umip)
+
+    table = classification_table({"KVM": [result("lar eax, ecx", (pvm,)), result("lsl eax, ecx", (pvm,)),
+                                          result("nop", ("only here",))]})
+    evidence = [row[-1] for row in table.rows]
+    assert evidence == ["ring 0 could not run\n[1]", "ring 0 could not run\n[1]",
+                        "ring 0 could not run\nnote: only here"]
+    assert table.note.endswith(f"[1] note: {pvm}") and table.note.count(pvm) == 1
+    umip = umip_table({"KVM": [result("sgdt", umip="traps"), result("sidt", umip="traps"), result("nop")],
+                       "emu": [result("sgdt", umip="refused"), result("sidt", umip="refused"), result("nop")]},
+                      ["SGDT", "SIDT", "NOP"])
+    assert umip.rows == [["SGDT, SIDT", "traps", "refused"]]
+
+
+def test_the_notebook_list_names_the_notebooks_that_exist(tmp_path):
+    import json
+
+    from labkit.viz import notebooks_table
+
+    def notebook(name, heading):
+        cells = [{"cell_type": "markdown", "source": [heading, "\n", "text"], "metadata": {}}]
+        (tmp_path / name).write_text(json.dumps({"cells": cells}))
+
+    notebook("01-rings.ipynb", "# 01 · Protection rings")
+    notebook("00-welcome.ipynb", "# 00 · Welcome")
+    (tmp_path / "notes.ipynb").write_text("{}")
+    (tmp_path / "02-broken.ipynb").write_text("not json")
+    rows = notebooks_table(tmp_path).rows
+    assert [row[0] for row in rows] == ["00-welcome.ipynb", "01-rings.ipynb", "02-broken.ipynb"]
+    assert rows[0][1] == "00 · Welcome" and rows[2][1].startswith("(cannot read it:")
+
+
+def test_counts_far_apart_get_a_log_axis_so_no_bar_is_invisible():
+    from labkit.viz.style import readability_problems
+
+    trace = ExitTrace()
+    for _ in range(1000):
+        trace.add(ExitReason.IO, 0x8000, 0x3F8, 1, True, 0x41, 100)
+    trace.add(ExitReason.HLT, 0x8010, None, None, None, None, 100)
+    figure = exit_counts(trace, "emu")
+    assert figure.axes[0].get_yscale() == "log" and readability_problems(figure) == []
+    linear = exit_counts(trace, "emu", log=False)
+    assert any("invisible" in problem for problem in readability_problems(linear))
