@@ -17,6 +17,7 @@ import pytest
 from backends import HAS_KVM, NO_KVM_REASON
 from labkit import Machine, Snapshot
 from labkit.errors import LabkitError, SnapshotError
+from labkit.snapshot.file import ENTRY, HEADER, SnapshotFile
 from labkit.vmm.devices import DeviceSpec
 from labkit.vmm.status import StatusKind
 from test_guests import (DETERMINISTIC, GUESTS, HOST_TIMED, KNOWN_DIFFERENCES, MEASURED_FLAVOUR, comparable,
@@ -240,3 +241,39 @@ def test_snapshot_of_a_finished_guest_restores_finished(backend_name):
     with Machine.from_snapshot(snapshot, backend=backend_name) as restored:
         with pytest.raises(LabkitError, match="already stopped"):
             restored.run()
+
+
+def test_a_real_machine_snapshot_rejects_flips_and_truncations(tmp_path: Path) -> None:
+    """A snapshot of hello64 stopped at its first exit: every byte of the header and the section table and
+    1,000 other offsets flipped, every cut near a section boundary and 200 other cuts: each refused with a
+    SnapshotError, never loaded as other data.  (tests/unit/test_snapshot_file.py sweeps every offset and
+    every cut of a small file of the same format.)"""
+    import random
+
+    from labkit import Machine, Snapshot
+
+    with Machine("hello64", backend="emu", memory=1 << 20) as machine:
+        steps = machine.steps()
+        next(steps)
+        steps.close()
+        machine.snapshot().save(tmp_path / "hello.snap")
+    good = (tmp_path / "hello.snap").read_bytes()
+    with SnapshotFile(tmp_path / "hello.snap") as snapshot:
+        sections = {section.name: section for section in snapshot.header.sections}
+    rng = random.Random(7)
+    table_end = HEADER.size + ENTRY.size * len(sections)
+    offsets = list(range(table_end)) + rng.sample(range(table_end, len(good)), 1000)
+    damaged = tmp_path / "damaged.snap"
+    for offset in offsets:
+        data = bytearray(good)
+        data[offset] ^= 1 << rng.randrange(8)
+        damaged.write_bytes(data)
+        with pytest.raises(SnapshotError):
+            Snapshot.load(damaged)
+    boundaries = {s.offset + delta for s in sections.values() for delta in (-1, 0, 1)} | {HEADER.size - 1}
+    cuts = sorted({cut for cut in boundaries if 0 <= cut < len(good)} | set(rng.sample(range(len(good)), 200)))
+    for cut in cuts:
+        damaged.write_bytes(good[:cut])
+        with pytest.raises(SnapshotError):
+            Snapshot.load(damaged)
+    assert Snapshot.load(tmp_path / "hello.snap").state.guest.name == "hello64"

@@ -222,3 +222,4 @@ def test_cli_info_and_check_exit_codes(reference: Path, tmp_path: Path, capsys: 
     assert "truncated" in capsys.readouterr().err
     assert main(["snapshot", "check", str(tmp_path / "missing.snap")]) == 1
     assert "no such file" in capsys.readouterr().err
+
