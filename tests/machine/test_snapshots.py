@@ -243,14 +243,13 @@ def test_snapshot_of_a_finished_guest_restores_finished(backend_name):
             restored.run()
 
 
-def test_a_real_machine_snapshot_rejects_flips_and_truncations(tmp_path: Path) -> None:
+def test_a_real_machine_snapshot_rejects_flips_and_truncations(tmp_path) -> None:
     """A snapshot of hello64 stopped at its first exit: every byte of the header and the section table and
     1,000 other offsets flipped, every cut near a section boundary and 200 other cuts: each refused with a
     SnapshotError, never loaded as other data.  (tests/unit/test_snapshot_file.py sweeps every offset and
     every cut of a small file of the same format.)"""
     import random
 
-    from labkit import Machine, Snapshot
 
     with Machine("hello64", backend="emu", memory=1 << 20) as machine:
         steps = machine.steps()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import resource
 import signal
 import struct
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from labkit.errors import SnapshotError
-from labkit.snapshot.file import (ENTRY, HEADER, MAGIC, NO_PARENT, SnapshotFile, SnapshotKind, new_snapshot_id,
+from labkit.snapshot.file import (ENTRY, HEADER, NO_PARENT, SnapshotFile, SnapshotKind, new_snapshot_id,
                                   write_snapshot_file)
 
 pytestmark = pytest.mark.unit
