@@ -31,7 +31,6 @@ from labkit.snapshot.state import PAGE
 from labkit.vmm.status import StatusKind
 
 if TYPE_CHECKING:
-    from labkit.snapshot import Snapshot
     from labkit.snapshot.state import MachineState, PageDiff
     from labkit.vmm.devices.spec import DeviceSpec
     from labkit.vmm.machine import Machine
