@@ -55,8 +55,8 @@ def monitor_comparison(trap_emulate: RunResult, binary_translation: RunResult, *
         raise ConfigError("monitor_comparison takes a trap-and-emulate run and a binary-translation run, in that order")
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(11.0, 5.6), dpi=FIGURE_DPI, layout="constrained")
-    left, right = figure.subplots(1, 2, width_ratios=(1.3, 1.0))
+    figure = Figure(figsize=(8.0, 10.0), dpi=FIGURE_DPI, layout="constrained")  # stacked: 8 in fit a projector
+    left, right = figure.subplots(2, 1, height_ratios=(1.3, 1.0))
     columns = {"trap-and-emulate": trap_emulate_kinds(te), "binary translation": bt.entries_by_kind()}
     kinds = [kind for kind in KIND_COLOURS if any(columns[name].get(kind, 0) for name in columns)]
     bottoms = [0, 0]

@@ -49,8 +49,8 @@ def trap_profile(runs: Mapping[str, tuple[RunResult, RunResult]], *, kernel: str
     if not isinstance(first, TrapEmulateReport):
         raise ConfigError("trap_profile needs runs under TrapAndEmulate as the second of each pair")
 
-    figure = Figure(figsize=(11, 4.8), dpi=DPI, layout="constrained")
-    left, right = figure.subplots(1, 2, width_ratios=(1.0, 1.1))
+    figure = Figure(figsize=(8.0, 8.6), dpi=DPI, layout="constrained")  # stacked: 8 in fit a projector
+    left, right = figure.subplots(2, 1, height_ratios=(1.0, 1.1))
     entries = entries_by_kind(first)
     names = list(entries)[::-1]
     bars = left.barh(names, [entries[name] for name in names],
