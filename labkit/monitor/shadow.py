@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from labkit.errors import ConfigError, GuestMemoryError, LabkitError
 from labkit.memory import GuestMemory
@@ -62,6 +62,7 @@ from labkit.x86.paging import ACCESSED, ADDRESS_MASK, DIRTY, PAGE_SIZE_BIT, PRES
 
 if TYPE_CHECKING:
     from labkit.guest import Guest
+    from labkit.vmm.status import RunResult
 
 PAGE = layout.PAGE_SIZE
 PAGE_MASK = PAGE - 1
@@ -294,7 +295,7 @@ class ShadowPaging:
         if consumed and self.entry is not None:
             context.write(self.entry, self._entry_byte)
             trap.regs.rip = self.entry
-        self.load_cr3(vcpu.cr3, context)
+        self._switch(vcpu.cr3, context)  # the tables the kernel booted on
         return consumed
 
     # -- the monitor's hooks ----------------------------------------------------------------------
@@ -340,13 +341,16 @@ class ShadowPaging:
             elif target == "cr0" and bool(vcpu.cr0 & CR0_WP) != self._write_protect:
                 self._write_protect = bool(vcpu.cr0 & CR0_WP)
                 self.roots.clear()  # every shadow entry was built under the other WP: build anew
-                self.load_cr3(vcpu.cr3, context)
+                self._switch(vcpu.cr3, context)
 
     def load_cr3(self, cr3: int, context: GuestContext) -> None:
         """The kernel loaded ``cr3``: the real CR3 becomes its shadow root (made empty if new)."""
-        key = cr3 & ADDRESS_MASK
         self.cr3_loads += 1
-        self._event("cr3", key)
+        self._event("cr3", cr3 & ADDRESS_MASK)
+        self._switch(cr3, context)
+
+    def _switch(self, cr3: int, context: GuestContext) -> None:
+        key = cr3 & ADDRESS_MASK
         root = self.roots.get(key)
         if root is None:
             root = self._allocate(context)
@@ -621,3 +625,35 @@ class KernelMemory:
             self._context.write(physical, data[offset:offset + length])
             if physical & ~PAGE_MASK in self._shadow.tables:
                 self._shadow._changed(physical, length)
+
+
+# -- the paging kernel ----------------------------------------------------------------------------
+
+EDITS_MAGIC = b"PTEDITS "
+EDITS_OFFSET = 16
+"""Offset in ``pagingkernel64.bin`` of the number of random page-table edits; the LCG seed follows at 24."""
+
+
+def paging_kernel(edits: int = 100, seed: int = 1) -> Guest:
+    """The shipped ``pagingkernel64`` making ``edits`` random page-table edits from ``seed`` (a :class:`labkit.Guest`)."""
+    from labkit.guest import Guest
+
+    if isinstance(edits, bool) or not isinstance(edits, int) or not 0 <= edits <= 1_000_000:
+        raise ConfigError(f"edits must be a whole number from 0 to 1,000,000, not {edits!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
+        raise ConfigError(f"seed must be a 64-bit unsigned number, not {seed!r}")
+    base = Guest.named("pagingkernel64")
+    code = bytearray(base.code)
+    if code[8:16] != EDITS_MAGIC:
+        raise ConfigError("pagingkernel64.bin does not carry its edit count at offset 16; rebuild the guests")
+    struct.pack_into("<QQ", code, EDITS_OFFSET, edits, seed)
+    return replace(base, code=bytes(code))
+
+
+def run_shadowed(kernel: Guest | str, backend: str = "auto", timeout: float = 30.0, *,
+                 pool_size: int = POOL_SIZE, **machine_options: Any) -> RunResult:
+    """Run ``kernel`` deprivileged under trap-and-emulate with shadow page tables (``result.monitor.shadow``)."""
+    from labkit.monitor.trap_emulate import TrapAndEmulate, run_deprivileged
+
+    monitor = TrapAndEmulate(shadow=ShadowPaging(pool_size=pool_size))
+    return run_deprivileged(kernel, backend, timeout, monitor=monitor, **machine_options)
