@@ -55,14 +55,14 @@ from labkit.errors import ConfigError, GuestMemoryError, LabkitError
 from labkit.memory import GuestMemory
 from labkit.monitor.vcpu import Decoded, VirtualCpu, decode, effective_address, read_register
 from labkit.vmm.forwarding import GuestContext, Trap
-from labkit.vmm.status import Status
+from labkit.vmm.status import RunResult, Status
 from labkit.x86 import layout
 from labkit.x86.arch import CR0_WP, PF_FETCH, PF_PRESENT, PF_WRITE, Vector
 from labkit.x86.paging import ACCESSED, ADDRESS_MASK, DIRTY, PAGE_SIZE_BIT, PRESENT, USER, WRITABLE
 
+
 if TYPE_CHECKING:
     from labkit.guest import Guest
-    from labkit.vmm.status import RunResult
 
 PAGE = layout.PAGE_SIZE
 PAGE_MASK = PAGE - 1
@@ -657,3 +657,67 @@ def run_shadowed(kernel: Guest | str, backend: str = "auto", timeout: float = 30
 
     monitor = TrapAndEmulate(shadow=ShadowPaging(pool_size=pool_size))
     return run_deprivileged(kernel, backend, timeout, monitor=monitor, **machine_options)
+
+
+@dataclass(frozen=True)
+class ShadowedRun:
+    """A run under shadow paging and guest RAM at its end (the kernel's tables and the monitor's shadow)."""
+
+    result: RunResult
+    ram: bytes
+
+    @property
+    def report(self) -> ShadowReport:
+        from labkit.monitor.trap_emulate import TrapEmulateReport
+
+        monitor = self.result.monitor
+        if not isinstance(monitor, TrapEmulateReport) or monitor.shadow is None:
+            raise LabkitError(f"the run did not use shadow paging: {self.result.status}")
+        return monitor.shadow
+
+    def read_entry(self, address: int) -> int:
+        if not 0 <= address <= len(self.ram) - 8:
+            raise ConfigError(f"{address:#x} lies outside the run's {len(self.ram) >> 10} KiB of RAM")
+        return int(_ENTRY.unpack_from(self.ram, address)[0])
+
+    def kernel_walk(self, cr3: int, address: int) -> KernelWalk:
+        """The kernel's own tables for a read of ``address`` under ``cr3``, as they were at the end."""
+        return walk_kernel(self.read_entry, cr3, address)
+
+    def shadow_walk(self, cr3: int, address: int) -> KernelWalk:
+        """The monitor's shadow tables for ``address`` in the address space of kernel CR3 ``cr3``."""
+        root = self.report.roots.get(cr3 & ADDRESS_MASK)
+        if root is None:
+            raise ConfigError(f"the kernel never loaded CR3 {cr3:#x}; it loaded {sorted(self.report.roots)}")
+        return walk_kernel(self.read_entry, root, address)
+
+
+def run_shadowed_with_memory(kernel: Guest | str, backend: str = "auto", timeout: float = 30.0, *,
+                             pool_size: int = POOL_SIZE) -> ShadowedRun:
+    """:func:`run_shadowed`, keeping guest RAM at the end of the run (for pictures of both sets of tables)."""
+    from labkit.guest import Guest
+    from labkit.monitor.trap_emulate import TrapAndEmulate
+    from labkit.vmm.machine import Machine
+
+    if isinstance(kernel, str):
+        kernel = Guest.named(kernel)
+    shadow = ShadowPaging(pool_size=pool_size)
+    monitor = TrapAndEmulate(shadow=shadow)
+    with Machine(replace(shadow.boot_guest(kernel), user=True), backend=backend, monitor=monitor) as machine:
+        result = machine.run(timeout)
+        ram = machine.read_memory(0, machine.memory_size)
+    return ShadowedRun(result, ram)
+
+
+def switch_costs(report: ShadowReport) -> list[tuple[int, int, int, bool]]:
+    """Per kernel CR3 load: (its number, the CR3, hidden faults until the next load, whether the root was new)."""
+    rows: list[tuple[int, int, int, bool]] = []
+    seen: set[int] = set()
+    for event in report.events:
+        if event.kind == "cr3":
+            rows.append((len(rows) + 1, event.address, 0, event.address not in seen))
+            seen.add(event.address)
+        elif event.kind == "hidden" and rows:
+            number, cr3, hidden, new = rows[-1]
+            rows[-1] = (number, cr3, hidden + 1, new)
+    return rows
