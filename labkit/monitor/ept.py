@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from labkit.errors import ConfigError
+from labkit.memory import GuestMemory
 
 EPT_READ, EPT_WRITE, EPT_EXECUTE = 1, 2, 4
 EPT_PERMISSIONS = EPT_READ | EPT_WRITE | EPT_EXECUTE
@@ -181,22 +182,27 @@ def nested_walk(read: Reader, guest_cr3: int, ept: Ept, linear: int, *, write: b
 class NestedMemory:
     """Host memory for the model: the guest's RAM at host-physical ``guest_base``, EPT tables below it.
 
-    ``build_identity_ept`` maps guest-physical [0, len(ram)) to [guest_base,
-    guest_base + len(ram)) with 4 KiB EPT pages (so every level is walked),
-    read/write/execute, write-back; ``protect`` changes one page's permissions.
+    The EPT maps every guest-physical page of ``ram`` to the same page at
+    ``guest_base`` in 4 KiB EPT pages (so every level is walked), read/write/
+    execute, write-back; ``protect`` changes one page's permissions.  Guest RAM
+    is read through a :class:`labkit.memory.GuestMemory` (bounds-checked).
     """
 
     TABLES = 0x10_0000
 
     def __init__(self, ram: bytes, *, guest_base: int = 0x4000_0000):
-        if len(ram) % PAGE or guest_base % PAGE or guest_base < self.TABLES + 0x100_0000:
+        size = len(ram)  # of the bytes given, before they become guest RAM
+        pages, partial = divmod(size, PAGE)
+        if partial or guest_base % PAGE or guest_base < self.TABLES + 0x100_0000:
             raise ConfigError("guest RAM must be whole pages, placed page-aligned above the EPT tables")
         self.ram = bytearray(ram)
+        self.memory = GuestMemory([(guest_base, memoryview(self.ram), False)])
+        """Host-physical memory holding the guest's RAM."""
         self.guest_base = guest_base
         self.tables: dict[int, bytearray] = {}
         self._next = self.TABLES
         self.eptp = self._table() | 6 | (3 << 3)  # WB, 4-level walk: as an EPTP is written (the model ignores them)
-        for page in range(0, len(ram), PAGE):
+        for page in range(0, pages * PAGE, PAGE):
             self._map(page, ept_entry(guest_base + page))
 
     @property
@@ -207,10 +213,7 @@ class NestedMemory:
         table = self.tables.get(host_physical & ~(PAGE - 1))
         if table is not None:
             return int(struct.unpack_from("<Q", table, host_physical & (PAGE - 1))[0])
-        offset = host_physical - self.guest_base
-        if 0 <= offset <= len(self.ram) - 8:
-            return int(struct.unpack_from("<Q", self.ram, offset)[0])
-        raise ConfigError(f"host-physical {host_physical:#x} is neither an EPT table nor guest RAM")
+        return int(struct.unpack("<Q", self.memory.read(host_physical, 8))[0])
 
     def protect(self, guest_page: int, *, read: bool = True, write: bool = True, execute: bool = True) -> None:
         self._map(guest_page, ept_entry(self.guest_base + guest_page, read=read, write=write, execute=execute))

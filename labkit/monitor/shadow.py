@@ -676,9 +676,8 @@ class ShadowedRun:
         return monitor.shadow
 
     def read_entry(self, address: int) -> int:
-        if not 0 <= address <= len(self.ram) - 8:
-            raise ConfigError(f"{address:#x} lies outside the run's {len(self.ram) >> 10} KiB of RAM")
-        return int(_ENTRY.unpack_from(self.ram, address)[0])
+        """The 8-byte entry at guest-physical ``address``; ``GuestMemoryError`` outside the run's RAM."""
+        return int(_ENTRY.unpack(GuestMemory([(0, memoryview(self.ram), True)]).read(address, 8))[0])
 
     def kernel_walk(self, cr3: int, address: int) -> KernelWalk:
         """The kernel's own tables for a read of ``address`` under ``cr3``, as they were at the end."""
