@@ -132,3 +132,13 @@ def test_the_minikernel_runs_the_same_with_and_without_shadow_paging(backend_nam
     shadow = _shadow(shadowed)
     assert shadow.true_faults == 1  # its read of 0x80000000, beyond the boot tables' 1 GiB
     assert shadow.pt_writes == 0
+
+
+def test_a_kernel_mapping_the_monitors_pool_is_stopped(backend_name):
+    # With 2 MiB of RAM the pool is its top 256 KiB: map virtual 0x100000 onto its first page, then read.
+    kernel = Guest.from_asm("mov rax, 0x1C0003\nmov [0x7800], rax\ninvlpg [0x100000]\nmov rax, [0x100000]\nhlt\n",
+                            mode=64, name="maps-the-pool")
+    result = run_shadowed(kernel, backend_name, timeout=10)
+    assert result.status.kind == StatusKind.ERROR
+    assert "the kernel maps virtual 0x100000 to 0x1c0000, memory the monitor keeps for itself" in result.status.message
+    assert _shadow(result).pt_writes == 1
