@@ -24,6 +24,7 @@ _LAZY = {
     "Paravirtual": "labkit.monitor.paravirt",
     "run_paravirtual": "labkit.monitor.paravirt",
     "compare_kernels": "labkit.monitor.paravirt",
+    "ShadowPaging": "labkit.monitor.shadow",
 }
 
 __all__ = sorted(["Monitor", "MonitorContext", "Trap", *_LAZY])

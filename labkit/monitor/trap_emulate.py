@@ -19,11 +19,13 @@ monitor never sees them, so the kernel observes the difference:
 :func:`run_deprivileged` next to a native run of the same binary shows it
 line by line (:func:`compare_consoles`).
 
-What the monitor does not virtualize: memory.  A ``mov cr3`` only sets the
-virtual CPU's CR3; nothing shadows the kernel's page tables, and the kernel
-keeps running on labkit's identity map whatever it loads (shadow page tables,
-which would, are a later lesson).  The shipped kernel reloads the CR3 it
-found, so its console does not show this.
+Memory: by default the monitor does not virtualize it.  A ``mov cr3`` only
+sets the virtual CPU's CR3, and the kernel keeps running on labkit's identity
+map whatever it loads (the shipped minikernel reloads the CR3 it found, so its
+console does not show this).  ``TrapAndEmulate(shadow=ShadowPaging())`` makes
+the kernel's CR3 and page tables virtual with shadow page tables
+(:mod:`labkit.monitor.shadow`): run it with :func:`run_deprivileged`, which
+lets the monitor take over before the kernel's first instruction.
 
 Backends: the monitor runs the same on the emulator and on KVM.  Measured
 on this project's PVM host (``kvm_pvm``): ring-3 ``cli``, ``hlt``, ``mov crN``,
@@ -53,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from labkit.errors import ConfigError, LabkitError
 from labkit.monitor.vcpu import (PF_USER, Decoded, VirtualCpu, VirtualTripleFault, after_emulation, decode, emulate,
                                  has_error_code, reflect, traps_when_deprivileged)
+from labkit.monitor.shadow import KernelMemory, ShadowPaging, ShadowReport
 from labkit.vmm.forwarding import GuestContext, Trap
 from labkit.vmm.status import RunResult, Status, StatusKind, exception_name
 from labkit.x86 import layout
@@ -105,6 +108,8 @@ class TrapEmulateReport:
     """What the backend made of the run where it cannot trap everything (filled by :func:`run_deprivileged`)."""
     kvm: KvmCounts | None = None
     """What KVM counted during the run (filled by :func:`run_deprivileged` on KVM; None on the emulator)."""
+    shadow: ShadowReport | None = None
+    """What shadow paging counted (hidden and true page faults, page-table writes), if the monitor used it."""
 
     @property
     def trap_count(self) -> int:
@@ -167,8 +172,10 @@ class TrapAndEmulate:
     ``popfq`` or ``hlt``, never after a ``popf`` the monitor did not see.
     """
 
-    def __init__(self, *, timer: bool = False, max_events: int = MAX_EVENTS):
+    def __init__(self, *, timer: bool = False, max_events: int = MAX_EVENTS, shadow: ShadowPaging | None = None):
         self.vcpu = VirtualCpu()
+        self.shadow = shadow
+        """Shadow page tables, if the kernel's paging is virtualized (see :mod:`labkit.monitor.shadow`)."""
         if timer:
             self.vcpu.ports[TIMER_PORT] = VirtualTimer(self.vcpu)
         self.traps: dict[int, int] = {}
@@ -186,7 +193,10 @@ class TrapAndEmulate:
         rip = trap.regs.rip
         self.traps[trap.vector] = self.traps.get(trap.vector, 0) + 1
         try:
-            action, text = self._handle(trap, context)
+            if self.shadow is not None:
+                action, text = self._handle_shadowed(self.shadow, trap, context)
+            else:
+                action, text = self._handle(trap, context)
         except VirtualTripleFault as fault:
             action, text = "stopped", f"virtual triple fault: {fault}"
             self._stop(context, Status(StatusKind.SHUTDOWN, message=text))
@@ -203,7 +213,20 @@ class TrapAndEmulate:
     def summary(self) -> TrapEmulateReport:
         return TrapEmulateReport(dict(self.traps), dict(self.vcpu.emulated), dict(self.vcpu.reflected),
                                  dict(self.delivered), self.vcpu.snapshot(), list(self.events),
-                                 self.events_dropped, self.monitor_ns, self.stopped)
+                                 self.events_dropped, self.monitor_ns, self.stopped,
+                                 shadow=self.shadow.summary() if self.shadow is not None else None)
+
+    def _handle_shadowed(self, shadow: ShadowPaging, trap: Trap, context: GuestContext) -> tuple[str, str]:
+        """:meth:`_handle` with shadow paging: its page faults first, the kernel's virtual addresses, then resume."""
+        if not shadow.started and shadow.start(trap, context, self.vcpu):
+            action, text = "started", "shadow paging set up at the kernel's first instruction"
+        elif trap.vector == Vector.PF and (absorbed := shadow.page_fault(trap, context, self.vcpu)) is not None:
+            action, text = absorbed
+        else:
+            action, text = self._handle(trap, shadow.view(context, self.vcpu))
+        if not self.stopped:
+            shadow.resume(trap, context)
+        return action, text
 
     # -- handling ------------------------------------------------------------------------------
 
@@ -222,6 +245,8 @@ class TrapAndEmulate:
         decoded = decode(code, rip)
         text = emulate(vcpu, trap, context, code) if decoded is not None else None
         if decoded is not None and text is not None:
+            if self.shadow is not None:
+                self.shadow.emulated(decoded, trap, context, self.vcpu)
             return self._after_emulation(trap, context, decoded.mnemonic, text)
         if decoded is not None and traps_when_deprivileged(decoded):
             message = f"unemulated instruction at RIP {rip:#x}: {decoded.text}"
@@ -245,9 +270,10 @@ class TrapAndEmulate:
         self.stopped = status.message
         context.stop(status)
 
-    @staticmethod
-    def _code(context: GuestContext, rip: int) -> bytes:
-        """The (up to 15) bytes of the instruction at ``rip``: fewer where guest memory ends."""
+    def _code(self, context: GuestContext, rip: int) -> bytes:
+        """The (up to 15) bytes of the instruction at ``rip``: fewer where guest memory (or its mapping) ends."""
+        if isinstance(context, KernelMemory):
+            return context.read_at_most(rip, MAX_INSTRUCTION)
         return context.memory.read_at_most(rip, MAX_INSTRUCTION)
 
 
@@ -276,6 +302,8 @@ def run_deprivileged(guest: Guest | str, backend: str = "auto", timeout: float =
     if guest.mode != 64:
         raise ConfigError(f"trap-and-emulate runs 64-bit kernels; {guest.name!r} starts in {guest.mode}-bit mode")
     monitor = TrapAndEmulate() if monitor is None else monitor
+    if monitor.shadow is not None:
+        guest = monitor.shadow.boot_guest(guest)
     with Machine(replace(guest, user=True), backend=backend, monitor=monitor, **machine_options) as machine:
         result = machine.run(timeout)
         counts = kvm_counts(result)

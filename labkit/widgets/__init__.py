@@ -27,6 +27,7 @@ _EXPORTS = {
     "KernelChoice": "labkit.widgets.paravirt",
     "ConsoleBatch": "labkit.widgets.paravirt",
     "KvmControls": "labkit.widgets.kvm_controls",
+    "AddressWalk": "labkit.widgets.memory",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -135,6 +135,9 @@ LESSONS = {
                                           {"select_multiple": 1, "toggle": 3, "slider": 1}),
     "05-hardware-assisted.ipynb": Lesson(("VM exits of a model of VMX run on", "One workload, every technique, run on "),
                                          {"dropdown": 3, "select_multiple": 2, "toggle": 2, "checkbox": 4, "button": 1}),
+    "06-memory-virtualization.ipynb": Lesson(("shadow paging gives the native console: True",
+                                              "under nested paging (4 guest levels x (4 EPT levels + 1) + 4"),
+                                             {"dropdown": 1, "toggle": 1, "slider": 1}),
 }
 """One entry per notebook in notebooks/ (a test requires it)."""
 PROJECTOR = {"width": 853, "height": 480, "device_scale_factor": 1.5}

@@ -265,6 +265,28 @@ def check_paravirtualization(run: Execution, backend: str, kvm=None) -> None:
         assert "KVM did not run in this session" in text
 
 
+def check_memory_virtualization(run: Execution, backend: str, kvm=None) -> None:
+    text = run.text()
+    for ran in (["kvm", "emu"] if backend == "kvm" else ["emu"]):
+        assert f"{ran}: shadow paging gives the native console: True; without it: False" in text
+    assert "0 of 11 lines differ" in text, "the shadowed console is not shown beside the native one"
+    assert "the kernel's last line: `paging: unexpected #PF at 0x40000000`" in text
+    assert "**60 hidden** and **71 true** page faults, **108** trapped page-table stores (the kernel counted 108 " \
+           "of its own: every one seen)" in text, "the fault counts filled from the run are missing"
+    assert "A TLB miss on 0x40000000: **4** references under shadow paging" in text
+    assert "**24** under nested paging" in text, "the EPT model's walk count is missing"
+    assert "EPT violation: write of guest-physical 0x110000 (the final access), EPT allows r-x" in text
+    assert "The kernel's CR3 loads under shadow paging" in text and "no (kept)" in text
+    assert "shadow paging: virtual 0x40000000 under kernel CR3 0x100000 takes 4 memory references" in text, \
+        "the address-walk widget did not show its first walk"
+    assert "kernel's PT [0] = 0x110063 (P RW A D), never walked by the CPU" in text
+    assert len(run.images()) >= 3, "expected the side-by-side tables, the fault timeline and the walk costs"
+    if backend == "kvm":
+        assert "backends run: kvm, emu" in text
+    else:
+        assert "backends run: emu" in text and "backends run: kvm" not in text
+
+
 CONTENT_CHECKS = {
     "00-welcome.ipynb": check_welcome,
     "01-protection-rings.ipynb": check_rings,
@@ -272,6 +294,7 @@ CONTENT_CHECKS = {
     "03-binary-translation.ipynb": check_binary_translation,
     "04-paravirtualization.ipynb": check_paravirtualization,
     "05-hardware-assisted.ipynb": check_hardware_assisted,
+    "06-memory-virtualization.ipynb": check_memory_virtualization,
 }
 
 
