@@ -43,12 +43,29 @@ CONSTANT_CONTEXTS = {
     r"\b(?:Unicorn|unicorn) \d+\.\d+\.\d+": "the pinned emulator version",
     r"\bsteps \d+ to \d+": "steps of the numbered list above it",
     r"\bSOSP \d{4}": "a conference year",
+    r"\b\d+(?:, \d+)*(?:,? and \d+)? (?:KiB|MiB|GiB)\b": "sizes an experiment asks for, or the machine's",
+    r"\bLinux \d+\.\d+": "a Linux version",
+    r"\bexit reason \d+": "basic exit reasons (Intel SDM vol. 3C, appendix C)",
+    r"\bqueue \d+": "a virtqueue's index (virtio 1.x, 5.3.2)",
+    r"\b1:1\b": "an identity mapping",
 }
 """Where a number is a constant, whatever the run: a regular expression for its context, and why."""
 
 CONSTANTS: dict[str, dict[str, str]] = {
     "02-trap-and-emulate.ipynb": {"16": "the size of the kernel's data structure in bytes (a constant of the guest)"},
     "03-binary-translation.ipynb": {"8": "the size of a translation slot in bytes (a constant of the translator)"},
+    "04-paravirtualization.ipynb": {
+        "3": "int 3 and int 4: the vectors PVM lets ring 3 raise (DECISIONS)",
+        "4": "int 3 and int 4: the vectors PVM lets ring 3 raise (DECISIONS)",
+        "1": "a batch size named as an example (the control's smallest)",
+        "64": "a batch size named as an example (the control's largest)",
+    },
+    "06-memory-virtualization.ipynb": {
+        "100": "how many random page-table edits the notebook asks the kernel for (its parameter)",
+        "24": "the nested walk's references for 4-level paging under 4-level EPT, 4 x (4 + 1) + 4 (a formula; "
+              "the model's count is printed by a code cell)",
+        "4": "the references of a 4-level walk, and the levels of one",
+    },
 }
 """Numbers that are constants of one notebook's guest or machinery, with the reason."""
 
