@@ -1,0 +1,166 @@
+"""A datastore that fills: the write that does not fit is refused before anything of it lands, nothing
+acknowledged is lost, and writes resume when space is freed (commit, delete, a larger capacity, ENOSPC)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import threading
+
+import pytest
+
+from labkit.errors import ConfigError, DatastoreFull
+from labkit.storage import Datastore, check_image
+
+pytestmark = pytest.mark.unit
+
+MIB = 1 << 20
+KIB = 1 << 10
+
+
+def fill_until_full(disk, rng: random.Random, acknowledged: dict[int, bytes], size: int, block: int = 64 * KIB) -> DatastoreFull:
+    """Random block writes until the datastore refuses one; every write that returned is recorded."""
+    for _ in range(20_000):
+        offset = rng.randrange(size // block) * block
+        data = rng.randbytes(block)
+        try:
+            disk.write(offset, data)
+        except DatastoreFull as error:
+            return error
+        acknowledged[offset] = data
+    raise AssertionError("the datastore never filled")
+
+
+def assert_acknowledged(disk, acknowledged: dict[int, bytes]) -> None:
+    for offset, data in acknowledged.items():
+        assert disk.read(offset, len(data)) == data, f"acknowledged write at {offset:#x} lost"
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_full_datastore_loses_nothing_and_resumes(tmp_path, seed):
+    rng = random.Random(seed)
+    store = Datastore(tmp_path / "lun", capacity=10 * MIB)
+    store.create_raw("base.raw", 4 * MIB)
+    disks = {}
+    for vm in ("vm1", "vm2", "vm3"):
+        store.create_overlay(f"{vm}.qcow2", "base.raw", cluster_size=rng.choice([4096, 65536]))
+        disks[vm] = store.open(f"{vm}.qcow2")
+    acknowledged: dict[str, dict[int, bytes]] = {vm: {} for vm in disks}
+    # The VMs write in turn; a refused VM is paused (writes no more); the deltas together fill the datastore.
+    refused: dict[str, DatastoreFull] = {}
+    for _ in range(10_000):
+        running = [vm for vm in disks if vm not in refused]
+        if not running:
+            break
+        vm = rng.choice(running)
+        offset = rng.randrange(4 * MIB // (64 * KIB)) * 64 * KIB
+        data = rng.randbytes(64 * KIB)
+        try:
+            disks[vm].write(offset, data)
+        except DatastoreFull as error:
+            refused[vm] = error
+        else:
+            acknowledged[vm][offset] = data
+    assert sorted(refused) == sorted(disks)
+    assert store.used() <= store.capacity
+    for vm, error in refused.items():
+        assert error.datastore is store and error.needed > 0
+        assert "is full" in str(error)
+        assert_acknowledged(disks[vm], acknowledged[vm])
+    # Waiting writers (the paused VMs) are resumed when the capacity is raised.
+    resumed = []
+    waiters = [store.when_space(refused[vm].needed, lambda vm=vm: resumed.append(vm)) for vm in disks]
+    assert store.waiting == 3 and not resumed
+    store.set_capacity(16 * MIB)
+    assert sorted(resumed) == sorted(disks) and store.waiting == 0 and all(w.done.is_set() for w in waiters)
+    for vm, disk in disks.items():
+        data = rng.randbytes(64 * KIB)
+        disk.write(0, data)
+        acknowledged[vm][0] = data
+        assert_acknowledged(disk, acknowledged[vm])
+    for vm, disk in disks.items():
+        disk.close()
+        assert check_image(store.file(f"{vm}.qcow2")).exit_code == 0
+
+
+def test_commit_and_delete_free_space_for_a_waiting_writer(tmp_path):
+    store = Datastore(tmp_path / "lun", capacity=6 * MIB)
+    store.create_raw("base.raw", 2 * MIB)
+    store.create_overlay("a.qcow2", "base.raw")
+    store.create_overlay("b.qcow2", "base.raw")
+    a, b = store.open("a.qcow2"), store.open("b.qcow2")
+    a.write(0, b"a" * 2 * MIB)
+    rng = random.Random(0)
+    acknowledged: dict[int, bytes] = {}
+    error = fill_until_full(b, rng, acknowledged, 2 * MIB, block=4 * KIB)
+    woken = threading.Event()
+    store.when_space(error.needed, woken.set)
+    a.close()
+    store.commit("a.qcow2")   # a's clusters move into the thick base (no growth) and a's file shrinks
+    assert woken.is_set()
+    b.write(0, b"b" * 4 * KIB)
+    assert_acknowledged(b, {k: v for k, v in acknowledged.items() if k != 0})
+    acknowledged[0] = b"b" * 4 * KIB
+    store.set_capacity(store.used() + 8 * KIB)  # nearly full again: b is refused soon
+    error = fill_until_full(b, rng, acknowledged, 2 * MIB, block=4 * KIB)
+    assert not store.wait_for_space(error.needed, timeout=0.05)
+    deleter = threading.Thread(target=store.delete, args=("a.qcow2",))
+    deleter.start()
+    assert store.wait_for_space(error.needed, timeout=5)
+    deleter.join()
+    assert_acknowledged(b, acknowledged)
+    b.close()
+    assert check_image(store.file("b.qcow2")).exit_code == 0
+    with store.open("base.raw", writable=False) as base:  # type: ignore[attr-defined]
+        assert base.read(0, 2 * MIB) == b"a" * 2 * MIB
+
+
+def test_names_and_capacity_are_checked(tmp_path):
+    with pytest.raises(ConfigError):
+        Datastore(tmp_path / "x", capacity=0)
+    store = Datastore(tmp_path / "x", capacity=MIB)
+    for name in ("../escape", "a/b", ".hidden", ""):
+        with pytest.raises(ConfigError):
+            store.file(name)
+    with pytest.raises(DatastoreFull):
+        store.create_raw("too-big.raw", 2 * MIB)
+    assert not os.path.exists(store.file("too-big.raw"))
+
+
+@pytest.fixture
+def small_file_system(tmp_path):
+    """A 3 MiB tmpfs: writes into it end in ENOSPC (needs root to mount, which the test machines have)."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        if os.geteuid() != 0:
+            pytest.skip(f"mounting a small tmpfs needs root: {result.stderr.strip()}")
+        pytest.fail(f"mount tmpfs failed as root: {result.stderr}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_enospc_from_the_file_system_is_a_full_datastore(small_file_system):
+    store = Datastore(small_file_system / "lun", capacity=1 << 40)  # the capacity never binds: the disk does
+    store.create_qcow2("disk.qcow2", 64 * MIB, cluster_size=4096)
+    disk = store.open("disk.qcow2")
+    rng = random.Random(5)
+    acknowledged: dict[int, bytes] = {}
+    error = fill_until_full(disk, rng, acknowledged, 64 * MIB, block=16 * KIB)
+    assert "ENOSPC" in str(error)
+    assert_acknowledged(disk, acknowledged)
+    with open(store.path + "/filler", "wb"):
+        pass
+    assert check_image(store.file("disk.qcow2")).exit_code in (0, 3)
+    disk.discard(0, 64 * MIB // 2)  # frees clusters inside the image: later writes reuse them
+    for offset in [o for o in acknowledged if o < 32 * MIB]:
+        del acknowledged[offset]
+    data = rng.randbytes(16 * KIB)
+    disk.write(0, data)
+    acknowledged[0] = data
+    assert_acknowledged(disk, acknowledged)
+    disk.close()
+    assert check_image(store.file("disk.qcow2")).exit_code == 0
