@@ -466,8 +466,8 @@ class Qcow2Image:
     def discard(self, offset: int, length: int) -> None:
         """Free this image's clusters wholly inside the range (partial clusters are left as they are).
 
-        A freed cluster reads as zeros afterwards (over a backing file it becomes a zero cluster, so the
-        backing's old data does not come back); a range this image never wrote is left to the chain below.
+        The whole clusters read as zeros afterwards: over a backing file they become zero clusters (an L2
+        table is allocated for them if need be, as QEMU does), so the backing's old data does not come back.
         """
         check_range(self.filename, self.size, offset, length)
         if not self.writable:
@@ -480,10 +480,37 @@ class Qcow2Image:
         freed: list[int] = []
         cleared = fmt.ZERO if self._backing is not None else 0  # over a backing file: zeros, not the old data
         for guest in range(first, end):
-            host = self._entry(guest) & fmt.OFFSET_MASK
+            entry = self._entry(guest)
+            if entry == cleared:
+                continue
+            host = entry & fmt.OFFSET_MASK
             if host:
                 freed.append(host >> self._bits)
-                changes[guest] = cleared
+            changes[guest] = cleared
+        missing = sorted({g // self._l2_entries for g in changes if not self._l1[g // self._l2_entries]})
+        if missing:  # zero clusters over a backing file need an L2 table to be written in
+            txn = _Transaction()
+            try:
+                tables = {index: self._allocate(1, txn) for index in missing}
+                self.file.grow(txn.end)
+                self._commit_refcounts(txn)
+            except BaseException:
+                self._rollback(txn)
+                raise
+            if self.barriers:
+                self.file.sync()
+            for index, cluster in tables.items():
+                table = [0] * self._l2_entries
+                for guest in changes:
+                    if guest // self._l2_entries == index:
+                        table[guest % self._l2_entries] = cleared
+                self.file.pwrite(cluster << self._bits, fmt.pack_be64(table))
+                self._l2[index] = table
+            if self.barriers:
+                self.file.sync()
+            for index, cluster in tables.items():
+                self._set_l1(index, (cluster << self._bits) | fmt.COPIED)
+            changes = {g: e for g, e in changes.items() if g // self._l2_entries not in tables}
         self._update_l2(changes)                       # references first ...
         if freed:
             if self.barriers:

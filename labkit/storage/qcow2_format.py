@@ -128,7 +128,9 @@ def encode_header(header: Header) -> bytes:
     if header.backing_format is not None:
         extensions += _extension(EXT_BACKING_FORMAT, header.backing_format.encode())
     table = b"".join(struct.pack(">BB46s", kind, bit, name.encode()) for kind, bit, name in FEATURE_NAMES)
-    extensions += _extension(EXT_FEATURE_TABLE, table) + _extension(EXT_END, b"")
+    if HEADER_LENGTH + len(extensions) + len(table) + 16 + len(backing) <= cluster:
+        extensions += _extension(EXT_FEATURE_TABLE, table)  # optional: left out where it does not fit (512 B)
+    extensions += _extension(EXT_END, b"")
     backing_offset = HEADER_LENGTH + len(extensions) if backing else 0
     fields = _HEADER.pack(
         MAGIC, VERSION, backing_offset, len(backing), header.cluster_bits, header.size, 0, header.l1_size,
