@@ -192,7 +192,7 @@ def cmd_disk_create(args: argparse.Namespace) -> int:
 def cmd_disk_info(args: argparse.Namespace) -> int:
     from labkit.storage import info
 
-    report = info(args.file)
+    report = info(args.file, format=args.format)
     if args.output == "json":
         print(json.dumps(report, indent=4))
         return 0
@@ -212,7 +212,7 @@ def cmd_disk_check(args: argparse.Namespace) -> int:
     """Exit codes as ``qemu-img check``: 0 clean, 1 not completed, 2 corrupt, 3 leaked clusters only."""
     from labkit.storage import check_image
 
-    report = check_image(args.file, repair=args.repair == "leaks")
+    report = check_image(args.file, repair=args.repair == "leaks", format=args.format)
     if args.output == "json":
         print(json.dumps(report.as_json(), indent=4))
         return report.exit_code
@@ -251,7 +251,7 @@ def cmd_disk_commit(args: argparse.Namespace) -> int:
 def cmd_disk_map(args: argparse.Namespace) -> int:
     from labkit.storage import open_image
 
-    image = open_image(args.file)
+    image = open_image(args.file, format=args.format)
     try:
         extents = image.extents()
     finally:
@@ -280,6 +280,7 @@ def _add_disk_parser(sub: Any) -> None:
     create.set_defaults(func=cmd_disk_create)
     info = verbs.add_parser("info", help="what qemu-img info says (--output json: the same keys)")
     info.add_argument("--output", choices=("human", "json"), default="human")
+    info.add_argument("-f", "--format", choices=("qcow2", "raw"), help="the image's format (default: probed)")
     info.add_argument("file")
     info.set_defaults(func=cmd_disk_info)
     check = verbs.add_parser("check", help="check the metadata",
@@ -287,6 +288,7 @@ def _add_disk_parser(sub: Any) -> None:
                                          "2 corruptions, 3 leaked clusters only.")
     check.add_argument("--output", choices=("human", "json"), default="human")
     check.add_argument("-r", "--repair", choices=("leaks",), help="repair leaked clusters")
+    check.add_argument("-f", "--format", choices=("qcow2", "raw"), help="the image's format (default: probed)")
     check.add_argument("file")
     check.set_defaults(func=cmd_disk_check)
     commit = verbs.add_parser("commit", help="copy an overlay into its backing file and empty it")
@@ -295,6 +297,7 @@ def _add_disk_parser(sub: Any) -> None:
     commit.set_defaults(func=cmd_disk_commit)
     map_ = verbs.add_parser("map", help="where each range of the virtual disk is stored, down the chain")
     map_.add_argument("--output", choices=("human", "json"), default="human")
+    map_.add_argument("-f", "--format", choices=("qcow2", "raw"), help="the image's format (default: probed)")
     map_.add_argument("file")
     map_.set_defaults(func=cmd_disk_map)
 

@@ -55,9 +55,7 @@ def _open(path: str, writable: bool, space: Space | None, format: str | None, ba
     if len(seen) >= MAX_CHAIN:
         raise ImageFormatError(f"{seen[0]}: the backing chain is deeper than {MAX_CHAIN} images")
     kind = format or probe_format(path)
-    if kind == "raw":
-        if format is None and seen:
-            pass  # a backing file without a format extension: probed, as QEMU does
+    if kind == "raw":  # given, or probed (a backing file without a format extension is probed, as in QEMU)
         return RawImage.open(path, writable=writable, space=space)
     if kind != "qcow2":
         raise ConfigError(f"format {kind!r}: labkit reads raw and qcow2")
@@ -147,10 +145,10 @@ def commit(path: str | os.PathLike[str], space: Space | None = None, empty: bool
         overlay.close()
 
 
-def info(path: str | os.PathLike[str]) -> dict[str, Any]:
+def info(path: str | os.PathLike[str], format: str | None = None) -> dict[str, Any]:
     """What ``qemu-img info --output json`` reports, with its key names, for a raw or qcow2 image."""
     path = os.fspath(path)
-    image = open_image(path)
+    image = open_image(path, format=format)
     try:
         report: dict[str, Any] = {
             "virtual-size": image.size,

@@ -66,11 +66,15 @@ class CheckReport:
         return report
 
 
-def check_image(path: str | os.PathLike[str], repair: bool = False) -> CheckReport:
-    """Check one image file (``qemu-img check``); ``repair`` fixes leaked refcounts (``-r leaks``)."""
+def check_image(path: str | os.PathLike[str], repair: bool = False, format: str | None = None) -> CheckReport:
+    """Check one image file (``qemu-img check``); ``repair`` fixes leaked refcounts (``-r leaks``).
+
+    ``format`` is probed unless given (``-f qcow2``): a qcow2 file whose magic is damaged probes as raw,
+    as with ``qemu-img``, so give the format where it is known.
+    """
     path = os.fspath(path)
     try:
-        kind = probe_format(path)
+        kind = format or probe_format(path)
     except StorageError as error:
         return CheckReport(path, "unknown", error=str(error))
     if kind == "raw":
@@ -97,7 +101,7 @@ def check_image(path: str | os.PathLike[str], repair: bool = False) -> CheckRepo
             image = Qcow2Image.open(path, writable=True)
             fixed = image.repair_leaks()
             image.close()
-            return dataclasses.replace(check_image(path), leaks_fixed=fixed)
+            return dataclasses.replace(check_image(path, format=kind), leaks_fixed=fixed)
         used = [c for c in range(len(result.refcounts)) if result.refcounts[c] or result.references[c]]
         end = max(((used[-1] + 1) * cs if used else 0), min(file.length, header.l1_table_offset + 8 * header.l1_size))
         return CheckReport(path, kind, corruptions=tuple(result.corruptions), leaks=leaks,

@@ -354,8 +354,7 @@ class Qcow2Image:
             file.grow(l1_offset + l1_size * 8)
             file.pwrite(0, first)
             file.pwrite(rt_offset, fmt.pack_be64(table))
-            file.pwrite(2 * cluster_size if rt_clusters == 1 else (1 + rt_clusters) * cluster_size,
-                        _to_be16(refcounts))
+            file.pwrite((1 + rt_clusters) * cluster_size, _to_be16(refcounts))
             file.sync()
             os.rename(temporary, path)
         except BaseException:

@@ -29,6 +29,7 @@ def test_byte_flips_are_refused_or_harmless(references, tmp_path):
             assert not outcome.startswith("WRONG"), f"{describe(reference, offset)} flipped: {outcome}"
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
     assert outcomes.get("refused", 0) > 300  # most flips of live metadata are caught
+    assert set(outcomes) <= {"refused", "check", "same", "size"}
 
 
 def test_truncations_are_refused(references, tmp_path):
