@@ -164,3 +164,51 @@ def test_enospc_from_the_file_system_is_a_full_datastore(small_file_system):
     assert_acknowledged(disk, acknowledged)
     disk.close()
     assert check_image(store.file("disk.qcow2")).exit_code == 0
+
+
+def test_writers_in_threads_pause_on_a_full_datastore_and_resume(tmp_path):
+    """Three VMs' writers, one thread each: each pauses (waits) when refused, and all resume when a commit
+    and a larger capacity free space; every acknowledged write reads back at the end."""
+    store = Datastore(tmp_path / "lun", capacity=7 * MIB)
+    store.create_raw("base.raw", 2 * MIB)
+    for vm in ("vm1", "vm2", "vm3"):
+        store.create_overlay(f"{vm}.qcow2", "base.raw", cluster_size=4096)
+    disks = {vm: store.open(f"{vm}.qcow2") for vm in ("vm1", "vm2", "vm3")}
+    acknowledged: dict[str, dict[int, bytes]] = {vm: {} for vm in disks}
+    pauses = {vm: 0 for vm in disks}
+    errors: list[BaseException] = []
+
+    def writer(vm: str) -> None:
+        rng = random.Random(vm)
+        try:
+            for _ in range(600):
+                offset = rng.randrange(2 * MIB // (16 * KIB)) * 16 * KIB
+                data = rng.randbytes(16 * KIB)
+                while True:
+                    try:
+                        disks[vm].write(offset, data)
+                        break
+                    except DatastoreFull as error:
+                        pauses[vm] += 1
+                        if not store.wait_for_space(error.needed, timeout=20):
+                            raise AssertionError(f"{vm} was never resumed") from error
+                acknowledged[vm][offset] = data
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(vm,)) for vm in disks]
+    for thread in threads:
+        thread.start()
+    for _ in range(2000):  # until all three wait
+        if store.waiting == 3 or not any(t.is_alive() for t in threads):
+            break
+        threading.Event().wait(0.01)
+    assert store.waiting == 3 and all(pauses.values()), (store.waiting, pauses)
+    store.set_capacity(16 * MIB)
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    for vm, disk in disks.items():
+        assert_acknowledged(disk, acknowledged[vm])
+        disk.close()
+        assert check_image(store.file(f"{vm}.qcow2")).exit_code == 0

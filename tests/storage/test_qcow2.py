@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import random
 
 import pytest
@@ -212,3 +213,46 @@ def test_backing_chain_loops_and_missing_backing_are_refused(tmp_path):
     Qcow2Image.create(tmp_path / "c.qcow2", 65536, backing_file="gone.raw", backing_format="raw")
     with pytest.raises(StorageError, match="does not exist"):
         open_image(tmp_path / "c.qcow2")
+
+
+@pytest.mark.parametrize("bit, error, words", [
+    (0, "UnsupportedImage", "dirty bit"),
+    (1, "ImageFormatError", "marked corrupt"),
+    (2, "UnsupportedImage", "external data file"),
+    (3, "UnsupportedImage", "compression type"),
+    (4, "UnsupportedImage", "extended L2"),
+    (9, "UnsupportedImage", "bit 9 (unknown feature)"),
+])
+def test_incompatible_feature_bits_are_refused_by_name(tmp_path, bit, error, words):
+    import labkit.errors
+    path = tmp_path / "disk.qcow2"
+    Qcow2Image.create(path, 1 << 20)
+    raw = bytearray(path.read_bytes())
+    raw[72:80] = (1 << bit).to_bytes(8, "big")
+    path.write_bytes(raw)
+    with pytest.raises(getattr(labkit.errors, error), match=re.escape(words)):
+        open_image(path)
+
+
+def test_an_unknown_feature_is_named_from_the_feature_name_table(tmp_path):
+    path = tmp_path / "disk.qcow2"
+    Qcow2Image.create(path, 1 << 20)
+    raw = bytearray(path.read_bytes())
+    raw[72:80] = (1 << 7).to_bytes(8, "big")
+    table = raw.find(b"dirty bit") - 2  # the first entry: (type 0, bit 0, "dirty bit")
+    raw[table:table + 48] = bytes([0, 7]) + b"time travel".ljust(46, b"\0")
+    path.write_bytes(raw)
+    with pytest.raises(Exception, match=r"bit 7 \(time travel\)"):
+        open_image(path)
+
+
+def test_unknown_autoclear_bits_are_cleared_by_a_writer(tmp_path):
+    path = tmp_path / "disk.qcow2"
+    Qcow2Image.create(path, 1 << 20)
+    raw = bytearray(path.read_bytes())
+    raw[88:96] = (1 << 40).to_bytes(8, "big")
+    path.write_bytes(raw)
+    open_image(path).close()
+    assert path.read_bytes()[88:96] == (1 << 40).to_bytes(8, "big")  # a reader leaves them
+    open_image(path, writable=True).close()
+    assert path.read_bytes()[88:96] == bytes(8)
