@@ -179,7 +179,7 @@ def scan(file: ImageFile, header: fmt.Header) -> Scan:
     l1 = fmt.be64_array(file.pread(header.l1_table_offset, header.l1_size * 8))
     refer(header.l1_table_offset, "the L1 table", -(-header.l1_size * 8 // cs))
     l2_tables: dict[int, list[int]] = {}
-    copied: list[tuple[int, int, str]] = []   # (host cluster, copied flag, what)
+    copied: list[tuple[int, int, int, int]] = []   # COPIED flags that disagree: (host cluster, flag, L1 index, slot)
     allocated = fragmented = 0
     previous = -1
     for index, entry in enumerate(l1):
@@ -195,32 +195,36 @@ def scan(file: ImageFile, header: fmt.Header) -> Scan:
         if not table_in_file(offset, cs, f"the L2 table of L1 entry {index}"):
             continue
         refer(offset, f"the L2 table of L1 entry {index}")
-        copied.append((offset >> bits, entry & fmt.COPIED, f"L1 entry {index}"))
+        if (entry >> 63) != (refcounts[offset >> bits] == 1):
+            copied.append((offset >> bits, entry >> 63, index, -1))
         table = fmt.be64_array(file.pread(offset, cs))
         l2_tables[index] = table
+        unusual = fmt.COMPRESSED | fmt.L2_RESERVED | (cs - 1) & ~fmt.ZERO
         for slot, l2 in enumerate(table):
             if not l2:
                 continue
-            where = f"L2 entry {slot} of L1 entry {index} (guest offset {(index * (cs // 8) + slot) * cs:#x})"
-            if l2 & fmt.COMPRESSED:
-                raise UnsupportedImage(f"{name}: {where} is a compressed cluster; labkit does not implement "
-                                       "compressed clusters (decompress: qemu-img convert -O qcow2)")
-            if l2 & fmt.L2_RESERVED:
-                problems.append(f"{where} ({l2:#x}) has reserved bits set")
-                continue
             host = l2 & fmt.OFFSET_MASK
-            if not host:
-                if l2 & fmt.COPIED:
-                    problems.append(f"{where} ({l2:#x}) has the COPIED flag but no offset")
+            if l2 & unusual or not host or host + cs > length:  # the rare cases, named (this loop is hot)
+                where = f"L2 entry {slot} of L1 entry {index} (guest offset {(index * (cs // 8) + slot) * cs:#x})"
+                if l2 & fmt.COMPRESSED:
+                    raise UnsupportedImage(f"{name}: {where} is a compressed cluster; labkit does not implement "
+                                           "compressed clusters (decompress: qemu-img convert -O qcow2)")
+                if l2 & fmt.L2_RESERVED:
+                    problems.append(f"{where} ({l2:#x}) has reserved bits set")
+                elif not host:
+                    if l2 & fmt.COPIED:
+                        problems.append(f"{where} ({l2:#x}) has the COPIED flag but no offset")
+                elif host % cs:
+                    problems.append(f"{where}: data cluster offset {host:#x} is not cluster-aligned")
+                else:
+                    problems.append(f"{where}: data cluster at {host:#x} runs past the end of the file "
+                                    f"({length} bytes)")
                 continue
-            if host % cs:
-                problems.append(f"{where}: data cluster offset {host:#x} is not cluster-aligned")
-                continue
-            if host + cs > length:
-                problems.append(f"{where}: data cluster at {host:#x} runs past the end of the file ({length} bytes)")
-                continue
-            refer(host, where)
-            copied.append((host >> bits, l2 & fmt.COPIED, where))
+            cluster = host >> bits
+            if references[cluster] < 0xFFFF:
+                references[cluster] += 1
+            if (l2 >> 63) != (refcounts[cluster] == 1):
+                copied.append((cluster, l2 >> 63, index, slot))
             if not l2 & fmt.ZERO:
                 allocated += 1
                 if previous >= 0 and host != previous + cs:
@@ -228,14 +232,15 @@ def scan(file: ImageFile, header: fmt.Header) -> Scan:
                 previous = host
     # Refcounts against references.
     leaks: list[int] = []
-    for cluster in range(nclusters):
+    for cluster in range(nclusters) if refcounts != references else ():
         stored, counted = refcounts[cluster], references[cluster]
         if stored < counted:
             problems.append(f"cluster {cluster} (at {cluster * cs:#x}): refcount={stored} reference={counted}")
         elif stored > counted:
             leaks.append(cluster)
-    for cluster, flag, what in copied:
-        if cluster < nclusters and references[cluster] <= refcounts[cluster] and bool(flag) != (refcounts[cluster] == 1):
+    for cluster, flag, index, slot in copied:
+        if references[cluster] <= refcounts[cluster]:  # else reported above
+            what = f"L1 entry {index}" if slot < 0 else f"L2 entry {slot} of L1 entry {index}"
             problems.append(f"{what}: COPIED flag {'set' if flag else 'clear'} but refcount={refcounts[cluster]}")
     return Scan(header=header, file_length=length, l1=l1, l2=l2_tables, refcount_table=refcount_table,
                 refcounts=refcounts, references=references, corruptions=problems, leaks=leaks,
