@@ -114,7 +114,9 @@ def chain_of(image: DiskImage) -> list[DiskImage]:
 def commit(path: str | os.PathLike[str], space: Space | None = None, empty: bool = True) -> int:
     """Copy every cluster the overlay at ``path`` holds into its backing image, then empty the overlay.
 
-    Returns the bytes copied. The parent is opened writable (its own backing chain read-only).
+    Returns the bytes copied. The parent is opened writable (its own backing chain read-only), so it must not
+    be open anywhere else: a base that other open overlays (linked clones) read is refused (it is in use),
+    since committing into it would change what they read.
     A :class:`~labkit.errors.DatastoreFull` while the parent grows leaves both images valid and
     the overlay untouched: commit again when space is free.
     """
@@ -126,6 +128,7 @@ def commit(path: str | os.PathLike[str], space: Space | None = None, empty: bool
         below = overlay.backing
         parent_path = below.filename
         parent_format = below.format
+        below.close()  # its shared lock would keep the writer's lock from being taken
         parent = open_image(parent_path, writable=True, space=space, format=parent_format)
         overlay.replace_backing(parent)
         copied = 0

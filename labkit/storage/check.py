@@ -70,7 +70,8 @@ def check_image(path: str | os.PathLike[str], repair: bool = False, format: str 
     """Check one image file (``qemu-img check``); ``repair`` fixes leaked refcounts (``-r leaks``).
 
     ``format`` is probed unless given (``-f qcow2``): a qcow2 file whose magic is damaged probes as raw,
-    as with ``qemu-img``, so give the format where it is known.
+    as with ``qemu-img``, so give the format where it is known. A check takes no lock: an image being
+    written while it is checked may show leaks (a repair takes the writer's lock).
     """
     path = os.fspath(path)
     try:
@@ -80,7 +81,7 @@ def check_image(path: str | os.PathLike[str], repair: bool = False, format: str 
     if kind == "raw":
         return CheckReport(path, "raw")
     try:
-        file = ImageFile(path, writable=repair)
+        file = ImageFile(path, writable=repair, lock=repair)  # a check only reads: no lock (qemu-img check -U)
     except StorageError as error:
         return CheckReport(path, kind, error=str(error))
     try:

@@ -184,15 +184,22 @@ class Datastore:
         return chain.open_image(self.file(name), writable=writable, space=self, barriers=barriers)
 
     def delete(self, name: str) -> None:
-        """Delete image ``name`` (close it first); waiting writers are woken."""
+        """Delete image ``name``; waiting writers are woken. An image that is open (its lock held) is refused."""
+        held = ImageFile(self.file(name), writable=True)  # the writer's lock: nobody else has it open
         try:
-            os.unlink(self.file(name))
+            os.unlink(held.path)
         except OSError as error:
-            raise StorageError(f"cannot delete {self.file(name)}: {error.strerror}") from None
+            raise StorageError(f"cannot delete {held.path}: {error.strerror}") from None
+        finally:
+            held.close()
         self._wake()
 
     def commit(self, name: str) -> int:
-        """Commit overlay ``name`` into its parent and empty it (``qemu-img commit``); returns bytes copied."""
+        """Commit overlay ``name`` into its parent and empty it (``qemu-img commit``); returns bytes copied.
+
+        Both must be closed elsewhere (the parent's writer lock is taken): a base other open overlays read is
+        refused, since the commit would change what they read.
+        """
         copied = chain.commit(self.file(name), space=self)
         self._wake()
         return copied

@@ -18,6 +18,7 @@ before they trust a table entry.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import weakref
 from typing import Protocol
@@ -66,10 +67,16 @@ FILE_SYSTEM = FileSystemSpace()
 
 
 class ImageFile:
-    """An open image file: exact positioned reads and writes, growth through its :class:`Space`, ``fdatasync``."""
+    """An open image file: exact positioned reads and writes, growth through its :class:`Space`, ``fdatasync``.
+
+    ``lock`` takes an ``flock`` on the file: exclusive for a writer, shared for a reader, so two labkit
+    writers (or a writer and a reader, e.g. a commit into a base another VM's overlay reads) cannot
+    open one image at once, as QEMU's image locking forbids. ``lock=False`` reads without one, as
+    ``qemu-img check -U`` does.
+    """
 
     def __init__(self, path: str | os.PathLike[str], writable: bool = False, space: Space | None = None,
-                 create: bool = False):
+                 create: bool = False, lock: bool = True):
         self.path = os.fspath(path)
         self.writable = writable or create
         self.space: Space = space if space is not None else FILE_SYSTEM
@@ -80,8 +87,18 @@ class ImageFile:
             self.fd = os.open(self.path, flags, 0o644)
         except OSError as error:
             raise StorageError(f"{self.path}: cannot open: {strerror(error.errno)}") from None
-        self.length = os.fstat(self.fd).st_size
         self._finalizer = weakref.finalize(self, os.close, self.fd)
+        if lock:
+            try:
+                fcntl.flock(self.fd, (fcntl.LOCK_EX if self.writable else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except OSError as error:
+                self.close()
+                if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise StorageError(f"{self.path} is in use: another labkit image has it open "
+                                       f"{'(a writer may not share it)' if self.writable else 'for writing'}; "
+                                       "close it first") from None
+                raise StorageError(f"{self.path}: cannot lock: {strerror(error.errno)}") from None
+        self.length = os.fstat(self.fd).st_size
 
     def pread(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``; bytes past the end of the file read as zeros."""

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from labkit.errors import ConfigError, DatastoreFull
+from labkit.errors import ConfigError, DatastoreFull, StorageError
 from labkit.storage import Datastore, check_image
 
 pytestmark = pytest.mark.unit
@@ -86,24 +86,29 @@ def test_full_datastore_loses_nothing_and_resumes(tmp_path, seed):
 
 def test_commit_and_delete_free_space_for_a_waiting_writer(tmp_path):
     store = Datastore(tmp_path / "lun", capacity=6 * MIB)
-    store.create_raw("base.raw", 2 * MIB)
-    store.create_overlay("a.qcow2", "base.raw")
-    store.create_overlay("b.qcow2", "base.raw")
+    store.create_raw("a-base.raw", MIB)
+    store.create_raw("b-base.raw", MIB)
+    store.create_overlay("a.qcow2", "a-base.raw")
+    store.create_overlay("b.qcow2", "b-base.raw")
     a, b = store.open("a.qcow2"), store.open("b.qcow2")
-    a.write(0, b"a" * 2 * MIB)
+    a.write(0, b"a" * MIB)
     rng = random.Random(0)
     acknowledged: dict[int, bytes] = {}
-    error = fill_until_full(b, rng, acknowledged, 2 * MIB, block=4 * KIB)
+    store.set_capacity(store.used() + 256 * KIB)
+    error = fill_until_full(b, rng, acknowledged, MIB, block=4 * KIB)
     woken = threading.Event()
     store.when_space(error.needed, woken.set)
+    with pytest.raises(StorageError, match="in use"):
+        store.commit("a.qcow2")   # a is still open (its writer holds the lock)
+    assert not woken.is_set()
     a.close()
-    store.commit("a.qcow2")   # a's clusters move into the thick base (no growth) and a's file shrinks
+    store.commit("a.qcow2")   # a's clusters move into its thick base (no growth) and a's file shrinks
     assert woken.is_set()
     b.write(0, b"b" * 4 * KIB)
-    assert_acknowledged(b, {k: v for k, v in acknowledged.items() if k != 0})
     acknowledged[0] = b"b" * 4 * KIB
+    assert_acknowledged(b, acknowledged)
     store.set_capacity(store.used() + 8 * KIB)  # nearly full again: b is refused soon
-    error = fill_until_full(b, rng, acknowledged, 2 * MIB, block=4 * KIB)
+    error = fill_until_full(b, rng, acknowledged, MIB, block=4 * KIB)
     assert not store.wait_for_space(error.needed, timeout=0.05)
     deleter = threading.Thread(target=store.delete, args=("a.qcow2",))
     deleter.start()
@@ -112,8 +117,26 @@ def test_commit_and_delete_free_space_for_a_waiting_writer(tmp_path):
     assert_acknowledged(b, acknowledged)
     b.close()
     assert check_image(store.file("b.qcow2")).exit_code == 0
-    with store.open("base.raw", writable=False) as base:  # type: ignore[attr-defined]
-        assert base.read(0, 2 * MIB) == b"a" * 2 * MIB
+    with store.open("a-base.raw", writable=False) as base:  # type: ignore[attr-defined]
+        assert base.read(0, MIB) == b"a" * MIB
+
+
+def test_a_shared_base_is_not_committed_into_while_another_overlay_reads_it(tmp_path):
+    store = Datastore(tmp_path / "lun", capacity=8 * MIB)
+    store.create_raw("base.raw", MIB)
+    store.create_overlay("clone1.qcow2", "base.raw")
+    store.create_overlay("clone2.qcow2", "base.raw")
+    clone2 = store.open("clone2.qcow2")
+    with store.open("clone1.qcow2") as clone1:  # type: ignore[attr-defined]
+        clone1.write(0, b"1" * 4096)
+    with pytest.raises(StorageError, match="in use"):
+        store.commit("clone1.qcow2")
+    with pytest.raises(StorageError, match="in use"):
+        store.delete("clone2.qcow2")
+    assert clone2.read(0, 4096) == bytes(4096)
+    clone2.close()
+    store.delete("clone2.qcow2")
+    assert "clone2.qcow2" not in store.names()
 
 
 def test_names_and_capacity_are_checked(tmp_path):
@@ -173,7 +196,7 @@ def test_writers_in_threads_pause_on_a_full_datastore_and_resume(tmp_path):
     store.create_raw("base.raw", 2 * MIB)
     for vm in ("vm1", "vm2", "vm3"):
         store.create_overlay(f"{vm}.qcow2", "base.raw", cluster_size=4096)
-    disks = {vm: store.open(f"{vm}.qcow2") for vm in ("vm1", "vm2", "vm3")}
+    disks = {vm: store.open(f"{vm}.qcow2", barriers=False) for vm in ("vm1", "vm2", "vm3")}  # pausing, not fsync
     acknowledged: dict[str, dict[int, bytes]] = {vm: {} for vm in disks}
     pauses = {vm: 0 for vm in disks}
     errors: list[BaseException] = []
@@ -199,10 +222,11 @@ def test_writers_in_threads_pause_on_a_full_datastore_and_resume(tmp_path):
     threads = [threading.Thread(target=writer, args=(vm,)) for vm in disks]
     for thread in threads:
         thread.start()
-    for _ in range(2000):  # until all three wait
+    for _ in range(6000):  # until all three wait
         if store.waiting == 3 or not any(t.is_alive() for t in threads):
             break
         threading.Event().wait(0.01)
+    assert not errors, errors
     assert store.waiting == 3 and all(pauses.values()), (store.waiting, pauses)
     store.set_capacity(16 * MIB)
     for thread in threads:

@@ -256,3 +256,22 @@ def test_unknown_autoclear_bits_are_cleared_by_a_writer(tmp_path):
     assert path.read_bytes()[88:96] == (1 << 40).to_bytes(8, "big")  # a reader leaves them
     open_image(path, writable=True).close()
     assert path.read_bytes()[88:96] == bytes(8)
+
+
+def test_an_image_has_one_writer_or_any_number_of_readers(tmp_path):
+    from labkit.errors import StorageError
+    path = tmp_path / "disk.qcow2"
+    Qcow2Image.create(path, 1 << 20)
+    writer = open_image(path, writable=True)
+    with pytest.raises(StorageError, match="in use"):
+        open_image(path, writable=True)
+    with pytest.raises(StorageError, match="in use"):
+        open_image(path)
+    assert check_image(path).exit_code == 0  # a check reads without a lock (qemu-img check -U)
+    writer.close()
+    readers = [open_image(path), open_image(path)]
+    with pytest.raises(StorageError, match="in use"):
+        open_image(path, writable=True)
+    for reader in readers:
+        reader.close()
+    open_image(path, writable=True).close()
