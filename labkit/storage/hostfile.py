@@ -114,6 +114,20 @@ class ImageFile:
                                f"{strerror(error.errno)}") from None
         return data
 
+    def preadinto(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` from ``offset`` (``preadv``, no copy); bytes past the end of the file read as zeros."""
+        done = 0
+        try:
+            while done < len(view):
+                count = os.preadv(self.fd, [view[done:]], offset + done)
+                if count == 0:
+                    view[done:] = bytes(len(view) - done)
+                    return
+                done += count
+        except OSError as error:
+            raise StorageError(f"{self.path}: read of {len(view)} bytes at {offset:#x} failed: "
+                               f"{strerror(error.errno)}") from None
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data`` at ``offset``; ENOSPC becomes :class:`DatastoreFull`."""
         view = memoryview(data)

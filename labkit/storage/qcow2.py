@@ -390,17 +390,21 @@ class Qcow2Image:
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes of the virtual disk at ``offset``, through the backing chain where unallocated."""
         check_range(self.filename, self.size, offset, length)
-        if length == 0:
-            return b""
-        pieces: list[bytes] = []
-        for kind, start, count, host in self._runs(offset, length):
+        buffer = bytearray(length)
+        self.readinto(offset, memoryview(buffer))
+        return bytes(buffer)
+
+    def readinto(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` from ``offset``: each run read straight into its slice, down the chain (no copies)."""
+        check_range(self.filename, self.size, offset, len(view))
+        for kind, start, count, host in self._runs(offset, len(view)):
+            piece = view[start - offset:start - offset + count]
             if kind == "data":
-                pieces.append(self.file.pread(host, count))
+                self.file.preadinto(host, piece)
             elif kind == "zero":
-                pieces.append(bytes(count))
+                piece[:] = bytes(count)
             else:
-                pieces.append(self._read_below(start, count))
-        return b"".join(pieces)
+                self._read_below_into(start, piece)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``offset``: in place where the cluster is this image's own, else allocate (see the order)."""
@@ -641,13 +645,14 @@ class Qcow2Image:
         if kind:
             yield kind, run_start, end - run_start, run_host
 
-    def _read_below(self, offset: int, length: int) -> bytes:
+    def _read_below_into(self, offset: int, view: memoryview) -> None:
         backing = self._backing
-        if backing is None or offset >= backing.size:
-            return bytes(length)
-        inside = min(length, backing.size - offset)
-        data = backing.read(offset, inside)
-        return data + bytes(length - inside) if inside < length else data
+        inside = 0 if backing is None else max(0, min(len(view), backing.size - offset))
+        if inside:
+            assert backing is not None
+            backing.readinto(offset, view[:inside])
+        if inside < len(view):
+            view[inside:] = bytes(len(view) - inside)
 
     def _old_cluster(self, guest: int) -> bytes:
         """The current contents of guest cluster ``guest`` (for copy-on-write of a partial write)."""
@@ -656,9 +661,10 @@ class Qcow2Image:
             return bytes(self.cluster_size)
         if entry & fmt.OFFSET_MASK:
             return self.file.pread(entry & fmt.OFFSET_MASK, self.cluster_size)
+        buffer = bytearray(self.cluster_size)  # past the virtual size: zeros
         start = guest * self.cluster_size
-        data = self._read_below(start, min(self.cluster_size, self.size - start))
-        return data + bytes(self.cluster_size - len(data))
+        self._read_below_into(start, memoryview(buffer)[:min(self.cluster_size, self.size - start)])
+        return bytes(buffer)
 
     def _write_runs(self, runs: list[tuple[int, int, int]], view: memoryview) -> None:
         for host, start, count in runs:

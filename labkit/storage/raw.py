@@ -52,6 +52,11 @@ class RawImage:
         check_range(self.filename, self.size, offset, length)
         return self.file.pread(offset, length)
 
+    def readinto(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the disk's bytes from ``offset`` (no copy: an overlay above reads through this)."""
+        check_range(self.filename, self.size, offset, len(view))
+        self.file.preadinto(offset, view)
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         check_range(self.filename, self.size, offset, len(data))
         if not self.writable:
