@@ -54,6 +54,7 @@ def main() -> None:
                     if outcome.startswith("WRONG"):
                         failures.append(f"{describe(reference, offset)} ^ {mask:#x}: {outcome}")
                 results[f"{name} flips ^{mask:#04x}"] = dict(outcomes)
+                print(f"{name} flips ^{mask:#04x}: {dict(outcomes)} ({time.monotonic() - start:.0f} s)", flush=True)
             outcomes = collections.Counter()
             work = folder / "work.qcow2"
             shutil.copyfile(reference.path, work)
@@ -64,6 +65,7 @@ def main() -> None:
                 if outcome not in ("refused", "check"):
                     failures.append(f"{name} truncated to {length}: {outcome}")
             results[f"{name} truncations"] = dict(outcomes)
+            print(f"{name} truncations: {dict(outcomes)} ({time.monotonic() - start:.0f} s)", flush=True)
     finally:
         shutil.rmtree(folder)
     results["seconds"] = time.monotonic() - start
@@ -71,9 +73,6 @@ def main() -> None:
     results["failure_count"] = len(failures)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    for key, value in results.items():
-        if "flips" in key or "truncations" in key:
-            print(f"{key}: {value}")
     print(f"{len(failures)} failures in {results['seconds']:.0f} s")
     if failures:
         raise SystemExit(1)
