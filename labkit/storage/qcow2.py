@@ -38,8 +38,8 @@ instant leaves an image whose only defect can be leaked clusters:
 3. refcounts: new refcount blocks are written whole before the refcount table entry that
    links them; a refcount table that must grow is written to new clusters, then the header's
    two table fields are rewritten in one 12-byte write, then the old table is freed;
-4. L2: a new L2 table is written whole before ... 
-5. ... the L1 entry that points at it; existing L2 tables get their changed entries.
+4. L2: new L2 tables are written whole, and existing tables get their changed entries;
+5. L1: the entries that point at the new L2 tables.
 
 Freeing runs the other way (L2/L1 entries first, then refcounts), so a freed cluster is never
 reused while a table on disk still points at it. A crash after step 3 leaves clusters with a
@@ -47,8 +47,12 @@ refcount and no reference (leaks); before it, unreferenced clusters with refcoun
 ``barriers=True`` (the default) adds an ``fdatasync`` after step 3 and after a new L2 table,
 so a power failure, which may reorder writes the page cache holds, cannot put a reference on
 disk before its refcount. ``flush()`` is an ``fdatasync``: what was written before it survives
-a power failure. ``benchmarks/killsweep_qcow2.py`` kills writers at random moments and runs
-``qemu-img check`` on what they leave.
+a power failure. Metadata is written through, never held dirty in memory, so every write that
+returned is in the page cache and survives a killed process. ``tests/storage/test_crash_points.py``
+stops an operation after each of its writes (and tears the last one at a sector boundary);
+``benchmarks/killsweep_qcow2.py`` kills writers at random moments; ``qemu-img check`` and
+:mod:`labkit.storage.check` judge what they leave. An image object is used by one thread at a time
+(a block device serializes its requests); several images may grow in one datastore from several threads.
 """
 
 from __future__ import annotations
