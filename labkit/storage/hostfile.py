@@ -39,6 +39,8 @@ class Space(Protocol):
 def extend(fd: int, old_length: int, new_length: int, path: str, datastore: object = None) -> None:
     """``posix_fallocate`` the bytes from ``old_length`` to ``new_length``; ENOSPC leaves the file as it was."""
     try:
+        if not hasattr(os, "posix_fallocate"):  # not on macOS: extend sparsely
+            raise OSError(errno.EOPNOTSUPP, "no posix_fallocate")
         os.posix_fallocate(fd, old_length, new_length - old_length)
     except OSError as error:
         if error.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
