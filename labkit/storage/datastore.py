@@ -16,9 +16,10 @@ waiting in :meth:`when_space` / :meth:`wait_for_space`.
 How a block device pauses its VM on a full datastore (QEMU's ``werror=enospc``, vSphere's
 "no more space for virtual disk"): it catches :class:`DatastoreFull` from ``image.write``,
 keeps the request unanswered (no status, nothing in the used ring), pauses the VM, and calls
-``datastore.when_space(error.needed, resume)``; ``resume`` (called from the thread that freed
-the space) retries the same write and, once it succeeds, completes the request and lets the VM
-run again. Every VM whose writes need new space pauses the same way; a VM that only overwrites
+``datastore.when_space(error.needed, resume)``. ``resume`` is called from the thread that freed
+the space, perhaps inside another image's commit, so it only signals the VM's own thread, which
+retries the same write (a retry refused again pauses again: another VM may have taken the space
+first) and, once it succeeds, completes the request and lets the VM run. Every VM whose writes need new space pauses the same way; a VM that only overwrites
 its own clusters keeps running.
 """
 
@@ -111,7 +112,11 @@ class Datastore:
         self._wake()
 
     def when_space(self, needed: int, callback: Callable[[], None]) -> Waiter:
-        """Call ``callback()`` once (from the thread that frees space) when ``needed`` bytes are free."""
+        """Call ``callback()`` once when ``needed`` bytes are free (now, if they are).
+
+        It runs in the thread that freed the space (a commit, a delete, ``set_capacity``): it should only
+        signal the waiting writer's own thread, not write itself.
+        """
         waiter = Waiter(self, needed, callback)
         with self._lock:
             self._waiters.append(waiter)
