@@ -87,7 +87,7 @@ def test_labkit_reads_what_qemu_writes(tmp_path):
 PATTERNS = {
     # name: list of (offset, length) writes into a 32 MiB overlay
     "sequential": [(i * 256 * 1024, 256 * 1024) for i in range(64)],
-    "random": [(random.Random(11).randrange(0, 32 * MIB // 4096) * 4096, 4096) for _ in range(400)],
+    "random": [(offset * 4096, 4096) for offset in random.Random(11).sample(range(32 * MIB // 4096), 400)],
     "rewrite": [((i % 16) * 65536, 65536) for i in range(400)],
 }
 
