@@ -451,7 +451,7 @@ class Qcow2Image:
                 if lo > guest * cs or hi < (guest + 1) * cs:
                     buffer[i * cs:(i + 1) * cs] = self._old_cluster(guest)
                 buffer[i * cs + lo - guest * cs:i * cs + hi - guest * cs] = view[lo - offset:hi - offset]
-            self._write_contiguous(data_start, fresh, buffer)
+            self.file.pwrite(data_start << self._bits, buffer)
             self._commit_refcounts(txn)                                # 3. refcounts
         except BaseException:
             self._rollback(txn)
@@ -472,7 +472,9 @@ class Qcow2Image:
                 self.file.sync()
             for index, cluster in table_clusters.items():             # 5. L1 entries
                 self._set_l1(index, (cluster << self._bits) | fmt.COPIED)
-        if replaced:
+        if replaced:  # zero clusters that had a host cluster: freed after the entries that pointed at them
+            if self.barriers:
+                self.file.sync()
             self._free(replaced)
 
     def discard(self, offset: int, length: int) -> None:
@@ -673,9 +675,6 @@ class Qcow2Image:
     def _write_runs(self, runs: list[tuple[int, int, int]], view: memoryview) -> None:
         for host, start, count in runs:
             self.file.pwrite(host, view[start:start + count])
-
-    def _write_contiguous(self, data_start: int, fresh: list[int], buffer: bytearray) -> None:
-        self.file.pwrite(data_start << self._bits, buffer)
 
     def _update_l2(self, changes: dict[int, int]) -> None:
         """Write changed entries of existing L2 tables, one write per contiguous run."""

@@ -146,3 +146,25 @@ def test_features_labkit_does_not_write_are_refused_by_name(tmp_path, feature):
         open_image(tmp_path / "x.qcow2")
     report = check_image(tmp_path / "x.qcow2")
     assert report.exit_code == 1 and words in (report.error or ""), report
+
+
+def test_writing_into_qemus_zero_clusters(tmp_path):
+    """``write -z`` over allocated clusters leaves zero clusters that keep their host cluster (bit 0 set, an
+    offset): labkit reads them as zeros, and a partial write gets a fresh cluster (zeros around the data)."""
+    base = tmp_path / "base.raw"
+    make_base(base, MIB)
+    qemu_img("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "-o", "cluster_size=4096",
+             str(tmp_path / "top.qcow2"))
+    qemu_io(str(tmp_path / "top.qcow2"), "write -P 1 0 64k", "write -z 0 32k")
+    with open_image(tmp_path / "top.qcow2") as image:  # type: ignore[attr-defined]
+        zero_kept = [e for e in image.extents() if e.zero and e.depth == 0]
+    assert zero_kept, "qemu-io left no zero clusters"
+    top = open_image(tmp_path / "top.qcow2", writable=True)
+    top.write(5000, b"labkit")
+    expected = bytearray(32768) + b"\x01" * 32768
+    expected[5000:5006] = b"labkit"
+    assert top.read(0, 65536) == expected
+    top.close()
+    assert check_image(tmp_path / "top.qcow2").exit_code == 0
+    assert qemu_check(str(tmp_path / "top.qcow2"))[0] == 0
+    qemu_io(str(tmp_path / "top.qcow2"), "read -P 0 0 4k", "read -P 1 32k 32k")
