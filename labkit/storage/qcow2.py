@@ -44,9 +44,11 @@ instant leaves an image whose only defect can be leaked clusters:
 Freeing runs the other way (L2/L1 entries first, then refcounts), so a freed cluster is never
 reused while a table on disk still points at it. A crash after step 3 leaves clusters with a
 refcount and no reference (leaks); before it, unreferenced clusters with refcount 0 (free).
-``barriers=True`` (the default) adds an ``fdatasync`` after step 3 and after a new L2 table,
-so a power failure, which may reorder writes the page cache holds, cannot put a reference on
-disk before its refcount. ``flush()`` is an ``fdatasync``: what was written before it survives
+``barriers=True`` (the default) adds an ``fdatasync`` wherever a later write depends on an earlier
+one (after step 3; after new L2 tables; before a new refcount block or table is linked, and after
+the header switches tables; between clearing entries and lowering refcounts), so a power failure,
+which may reorder the writes the page cache holds, cannot put a reference on disk before what it
+refers to, as QEMU's cache dependencies and synchronous refcount-table updates do. ``flush()`` is an ``fdatasync``: what was written before it survives
 a power failure. Metadata is written through, never held dirty in memory, so every write that
 returned is in the page cache and survives a killed process. ``tests/storage/test_crash_points.py``
 stops an operation after each of its writes (and tears the last one at a sector boundary);
@@ -777,7 +779,11 @@ class Qcow2Image:
             self.file.pwrite(start << bits, fmt.pack_be64(self._rt))
             old_offset = self.header.refcount_table_offset
             old_clusters = self.header.refcount_table_clusters
+            if self.barriers:
+                self.file.sync()  # the new blocks and table are on disk before the header points at them
             self.file.pwrite(48, struct.pack(">QI", start << bits, clusters))  # one write: offset and size
+            if self.barriers:
+                self.file.sync()  # ... and the header before the old table is freed
             self.header = dataclasses.replace(self.header, refcount_table_offset=start << bits,
                                               refcount_table_clusters=clusters)
             txn.new_table = None
@@ -787,6 +793,8 @@ class Qcow2Image:
             self._write_refcount_entries(old)
             self._free_hint = min(self._free_hint, old[0])
         else:
+            if txn.new_blocks and self.barriers:
+                self.file.sync()  # a new block is on disk before the table entry that links it
             for block in sorted(txn.new_blocks):
                 self.file.pwrite(self.header.refcount_table_offset + 8 * block,
                                  struct.pack(">Q", self._rt[block]))
