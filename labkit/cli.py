@@ -123,7 +123,7 @@ def cmd_run_many(args: argparse.Namespace) -> int:
     from labkit.errors import LimitError
     from labkit.fleet import FleetLimits, VmSpec, run_many
 
-    specs = []
+    specs: list[VmSpec] = []
     for item in args.guests:
         spec, _, count_text = item.rpartition("*") if "*" in item else (item, "", "1")
         if not count_text.isdigit() or int(count_text) < 1:
@@ -138,7 +138,7 @@ def cmd_run_many(args: argparse.Namespace) -> int:
     except LimitError as error:
         raise LimitError(f"{error} (here: --max-vms, --memory-total, --max-parallel)") from None
     failed = 0
-    rows = []
+    rows: list[dict[str, Any]] = []
     for outcome in outcomes:
         failed += outcome.status.value not in ("halted", "exited")
         row = {"name": outcome.name, "backend": outcome.backend, "status": outcome.status.value,
