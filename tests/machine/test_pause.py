@@ -55,6 +55,7 @@ def test_pause_then_resume_equals_an_uninterrupted_run(name, backend_name):
 
     exits = len(reference.trace)
     points_tested = 0
+    ended_within_a_step = False
     for point in sorted({1, exits // 3, 2 * exits // 3} & set(range(1, exits))):  # paused after that many exits
         with machine_for(name, backend_name) as machine:
             stepped = machine.steps(timeout=10)
@@ -62,6 +63,7 @@ def test_pause_then_resume_equals_an_uninterrupted_run(name, backend_name):
                 next(stepped)
             stepped.close()
             if machine.last_result.status.kind is not StatusKind.RUNNING:
+                ended_within_a_step = True
                 continue  # the step went past MMIO exits to the guest's end: nothing left to pause
             reached = len(machine.last_result.trace)  # a step may go past an MMIO exit to the next one
             assert reached >= point
@@ -76,7 +78,7 @@ def test_pause_then_resume_equals_an_uninterrupted_run(name, backend_name):
             assert (result.console, str(result.status), result.regs, sregs) == \
                    (reference.console, str(reference.status), reference.regs, reference_sregs), f"paused at {point}"
 
-    assert points_tested >= 1 or exits == 1
+    assert points_tested >= 1 or exits == 1 or ended_within_a_step  # e.g. a guest of two exits, one MMIO
     for interval in PAUSE_EVERY_S:  # and at whatever points a thread pausing every few ms hits
         with machine_for(name, backend_name) as machine:
             done = threading.Event()
