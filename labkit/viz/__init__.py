@@ -45,6 +45,12 @@ _EXPORTS = {
     "control_effects": "labkit.viz.kvm_stats",
     "control_table": "labkit.viz.kvm_stats",
     "compare_controls": "labkit.viz.kvm_stats",
+    "dirty_page_map": "labkit.viz.snapshots",
+    "dirty_heatmap": "labkit.viz.snapshots",
+    "snapshot_costs": "labkit.viz.snapshots",
+    "snapshot_cost_figure": "labkit.viz.snapshots",
+    "migration_rounds": "labkit.viz.snapshots",
+    "migration_table": "labkit.viz.snapshots",
 }
 
 __all__ = sorted(_EXPORTS)

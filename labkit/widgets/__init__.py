@@ -25,6 +25,7 @@ _EXPORTS = {
     "KernelChoice": "labkit.widgets.paravirt",
     "ConsoleBatch": "labkit.widgets.paravirt",
     "KvmControls": "labkit.widgets.kvm_controls",
+    "DirtyPages": "labkit.widgets.snapshots",
 }
 
 __all__ = sorted(_EXPORTS)
