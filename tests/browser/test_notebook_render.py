@@ -111,6 +111,7 @@ VISIBLE = {
                                     "binary translation gives the native value in 21 of 21."),
     "04-paravirtualization.ipynb": ("paravirtual console equals the native one: True",
                                     "lines where trap-and-emulate differs from native: 5"),
+    "08-snapshots.ipynb": ("rejected: 7 of 7 damaged files", "migrated output equals an unmigrated run: True"),
 }
 """Per notebook, text the student must be able to see (the lesson's result, not just that it ran)."""
 
@@ -163,6 +164,7 @@ CONTROLS = {
     "02-trap-and-emulate.ipynb": {"dropdown": 1, "toggle": 1},
     "03-binary-translation.ipynb": {"dropdown": 1, "select_multiple": 1, "toggle": 1, "slider": 1},
     "04-paravirtualization.ipynb": {"select_multiple": 1, "toggle": 3, "slider": 1},
+    "08-snapshots.ipynb": {"dropdown": 2, "toggle": 1},
 }
 """Per notebook, the controls its panels have (in all its cells): each is changed once and must change the results."""
 SELECTORS = {

@@ -219,12 +219,46 @@ def check_paravirtualization(run: Execution, backend: str, kvm=None) -> None:
         assert "KVM did not run in this session" in text
 
 
+def check_snapshots(run: Execution, backend: str, kvm=None) -> None:
+    from labkit.kvm.system import kvm_flavour
+
+    text = run.text()
+    assert f"restored on emu equals the uninterrupted run on {backend}: console True, general registers True" \
+        in text, "restore-and-continue did not equal the uninterrupted run"
+    assert "the changed run's checksum differs: True" in text
+    assert "memtouch: c2e50fb1d7af0100" in text and "memtouch: c2e50fb1d7af00ff" in text
+    assert "labkit snapshot info: full snapshot, format version 1" in text, "the file's sections are not shown"
+    assert "rejected: 7 of 7 damaged files" in text and "LOADED (not caught)" not in text
+    assert "exit status 2: labkit: corrupt snapshot: damaged.snap: section 'ram' checksum mismatch" in text
+    assert "not a labkit snapshot (magic b'MABKSNAP'" in text
+    held = re.search(r"\*\*memtouch64, 64 pages\*\* \(measured on [^)]*\)+: after the first slice each diff held "
+                     r"(\d+)(?: to (\d+))? pages of 4096", text)
+    assert held and 64 <= int(held.group(1)) <= 66, "the small working set's diffs are not about its 64 pages"
+    label = "KVM" if backend == "kvm" else "emulator (Unicorn)"
+    assert f"memtouch64, 1024 pages, spin 200 on {label}, 16 MiB RAM: the full snapshot (4096 pages)" in text, \
+        "the dirty-pages widget did not show its first run"
+    assert "extrapolated, not measured" in text, "the 1 GiB value is not labelled as extrapolated"
+    assert text.count("migrated output equals an unmigrated run: True") == 2, "a migrated guest's output differs"
+    assert "converging" in text and "reached the round limit (3)" in text
+    assert len(run.images()) >= 5, f"expected heat maps, widget figure, cost and migration figures, got {len(run.images())}"
+    if backend == "kvm":
+        assert "backends run: kvm, emu" in text
+        assert "converging (kvm -> emu)" in text and "not converging (emu -> kvm)" in text
+        assert f"measured on KVM ({kvm_flavour()})" in text
+        assert "no migration between backends" not in text
+    else:
+        assert "backends run: emu" in text and "backends run: kvm" not in text
+        assert "no migration between backends" in text and "converging (emu -> emu)" in text
+        assert "measured on the emulator (Unicorn)" in text and "KVM (" not in text
+
+
 CONTENT_CHECKS = {
     "00-welcome.ipynb": check_welcome,
     "01-protection-rings.ipynb": check_rings,
     "02-trap-and-emulate.ipynb": check_trap_and_emulate,
     "03-binary-translation.ipynb": check_binary_translation,
     "04-paravirtualization.ipynb": check_paravirtualization,
+    "08-snapshots.ipynb": check_snapshots,
 }
 
 
