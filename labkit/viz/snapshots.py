@@ -324,7 +324,7 @@ def snapshot_cost_figure(costs: Mapping[str, Sequence[SnapshotCost]], extrapolat
         raise ConfigError("snapshot_cost_figure needs at least one backend's measurements")
     styles = {"kvm": ("#1f77b4", "o"), "emu": ("#ff7f0e", "s")}
     with _readable():
-        figure = Figure(figsize=(13, 7), dpi=DPI, layout="constrained")
+        figure = Figure(figsize=(12, 6.4), dpi=DPI, layout="constrained")
         times, sizes = figure.subplots(1, 2)
         for backend, rows in measured.items():
             colour, marker = styles.get(backend, ("#2ca02c", "^"))
