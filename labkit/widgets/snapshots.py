@@ -28,7 +28,7 @@ class DirtyPages(Experiment):
         self.workload = dropdown("workload", [(w.label, name) for name, w in WORKLOADS.items()], workload)
         self.memory = dropdown("RAM", [(f"{size} MiB", size) for size in RAM_SIZES], memory_mib)
         self.backend = backend_picker(backends, backend or choose_backend().name)
-        super().__init__([self.workload, self.memory, self.backend], title="Dirty pages of a running guest:")
+        super().__init__([self.workload, self.memory, self.backend], title="Dirty pages over time:")
         self.last: Any = None
         """The last :class:`labkit.viz.snapshots.DirtyPageMap`."""
 
