@@ -12,16 +12,21 @@ from labkit.viz.snapshots import (MIB, WORKLOADS, SnapshotCost, dirty_heatmap, d
 
 
 def test_a_small_working_set_dirties_exactly_its_pages_in_every_slice(backend_name):
-    dirty = dirty_page_map(WORKLOADS["small"], backend_name, 4 * MIB, slices=6, slice_s=0.01)
+    """Each later slice holds working-set pages only; a slice in which the guest made a whole pass holds
+    all 64 (a loaded host may hardly run the vCPU in some slice: that slice holds fewer, never others)."""
+    dirty = dirty_page_map(WORKLOADS["small"], backend_name, 4 * MIB, slices=6, slice_s=0.03)
     first_page = 0x100000 // 4096
     working_set = set(range(first_page, first_page + 64))
     assert dirty.status == "timeout" and len(dirty.pages) == 6 and dirty.backend == backend_name
     for pages in dirty.pages[1:]:
-        assert set(pages) == working_set, sorted(set(pages) ^ working_set)[:8]
+        assert set(pages) <= working_set, sorted(set(pages) - working_set)[:8]
+    whole = [index for index, pages in enumerate(dirty.pages) if index and set(pages) == working_set]
+    assert whole, dirty.counts
     assert dirty.touched >= 64 and dirty.total_pages == 1024
     grid, per_row = dirty.matrix(64)
     assert per_row == 16 and len(grid) == 64
-    assert grid[first_page // 16][1:] == [1.0] * 5 and grid[40][1:] == [0.0] * 5
+    assert all(grid[first_page // 16 + row][whole[0]] == 1.0 for row in range(4))
+    assert grid[40][1:] == [0.0] * 5
 
 
 def test_a_compute_bound_guest_dirties_almost_nothing(backend_name):
