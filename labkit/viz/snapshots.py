@@ -359,7 +359,7 @@ def snapshot_cost_figure(costs: Mapping[str, Sequence[SnapshotCost]], extrapolat
         times.set_ylim(low, high * 6)
         times.set_ylabel("seconds (log)")
         times.set_title("Time (dashed: extrapolated, not measured)", fontsize=FONT_SIZE)
-        times.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=FONT_SIZE - 1)
+        times.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=FONT_SIZE)
         sizes.set_ylabel("file size (MiB, log)")
         sizes.set_title("Size of the snapshot file: full against diff", fontsize=FONT_SIZE)
         sizes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
@@ -383,7 +383,7 @@ def migration_rounds(migrations: Mapping[str, Migration], origins: Mapping[str, 
             values = [r.pages for r in migration.rounds] + [migration.stop_copy_pages]
             colours = ["#1f77b4"] * len(migration.rounds) + ["#d62728"]
             bars = axis.bar(labels, values, color=colours)
-            axis.bar_label(bars, labels=[str(v) for v in values], padding=2, fontsize=FONT_SIZE - 1)
+            axis.bar_label(bars, labels=[str(v) for v in values], padding=2, fontsize=FONT_SIZE)
             axis.set_ylim(0, max(values) * 1.18 + 1)
             axis.set_xlabel("pre-copy round (stop: stop-and-copy)")
             axis.set_ylabel("pages copied (4 KiB)")
