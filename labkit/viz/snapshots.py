@@ -307,7 +307,7 @@ def dirty_heatmap(maps: Sequence[DirtyPageMap], rows: int = 128) -> Figure:
             figure.colorbar(image, ax=[grid[0][c] for c in range(len(maps))], label="share of pages written",
                             shrink=0.9)
         origins = sorted({dirty.label for dirty in maps})
-        figure.suptitle(f"Dirty pages per {maps[0].slice_s * 1e3:g} ms slice (one diff snapshot each), "
+        figure.suptitle(f"Dirty pages per slice (a {maps[0].slice_s * 1e3:g} ms run budget, then a diff snapshot)\n"
                         f"{'; '.join(origins)}")
     return figure
 
