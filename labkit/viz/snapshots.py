@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from labkit.migration import Migration
-    from labkit.snapshot import Snapshot
     from labkit.vmm.machine import Machine
 
 DPI = 150
