@@ -59,6 +59,12 @@ _EXPORTS = {
     "entries_differ": "labkit.viz.rings",
     "page_fault_table": "labkit.viz.rings",
     "umip_table": "labkit.viz.rings",
+    "dirty_page_map": "labkit.viz.snapshots",
+    "dirty_heatmap": "labkit.viz.snapshots",
+    "snapshot_costs": "labkit.viz.snapshots",
+    "snapshot_cost_figure": "labkit.viz.snapshots",
+    "migration_rounds": "labkit.viz.snapshots",
+    "migration_table": "labkit.viz.snapshots",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -28,6 +28,7 @@ _EXPORTS = {
     "ConsoleBatch": "labkit.widgets.paravirt",
     "KvmControls": "labkit.widgets.kvm_controls",
     "AddressWalk": "labkit.widgets.memory",
+    "DirtyPages": "labkit.widgets.snapshots",
 }
 
 __all__ = sorted(_EXPORTS)

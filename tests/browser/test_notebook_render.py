@@ -138,6 +138,8 @@ LESSONS = {
     "06-memory-virtualization.ipynb": Lesson(("shadow paging gives the native console: True",
                                               "under nested paging (4 guest levels x (4 EPT levels + 1) + 4"),
                                              {"dropdown": 1, "toggle": 1, "slider": 1}),
+    "08-snapshots.ipynb": Lesson(("rejected: 7 of 7 damaged files", "migrated output equals an unmigrated run: True"),
+        {"dropdown": 2, "toggle": 1}),
 }
 """One entry per notebook in notebooks/ (a test requires it)."""
 PROJECTOR = {"width": 853, "height": 480, "device_scale_factor": 1.5}

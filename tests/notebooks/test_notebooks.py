@@ -285,6 +285,38 @@ def check_memory_virtualization(run: Execution, backend: str, kvm=None) -> None:
         assert "backends run: kvm, emu" in text
     else:
         assert "backends run: emu" in text and "backends run: kvm" not in text
+def check_snapshots(run: Execution, backend: str, kvm=None) -> None:
+    from labkit.kvm.system import kvm_flavour
+
+    text = run.text()
+    assert f"restored on emu equals the uninterrupted run on {backend}: console True, general registers True" \
+        in text, "restore-and-continue did not equal the uninterrupted run"
+    assert "the changed run's checksum differs: True" in text
+    assert "memtouch: c2e50fb1d7af0100" in text and "memtouch: c2e50fb1d7af00ff" in text
+    assert "labkit snapshot info: full snapshot, format version 1" in text, "the file's sections are not shown"
+    assert "rejected: 7 of 7 damaged files" in text and "LOADED (not caught)" not in text
+    assert "exit status 2: labkit: corrupt snapshot: damaged.snap: section 'ram' checksum mismatch" in text
+    assert "not a labkit snapshot (magic b'MABKSNAP'" in text
+    held = re.findall(r"after the first slice each diff held (\d+)(?: to (\d+))? pages of 4096", text)
+    # (a slice in which this shared host hardly ran the vCPU may hold fewer: the largest is the working set)
+    assert len(held) == 2 and 64 <= int(held[0][1] or held[0][0]) <= 66, \
+        f"the small working set's diffs are not its 64 pages: {held}"
+    label = "KVM" if backend == "kvm" else "emulator (Unicorn)"
+    assert f"memtouch64, 1024 pages, spin 200 on {label}, 16 MiB RAM: the full snapshot (4096 pages)" in text, \
+        "the dirty-pages widget did not show its first run"
+    assert "extrapolated, not measured" in text, "the 1 GiB value is not labelled as extrapolated"
+    assert text.count("migrated output equals an unmigrated run: True") == 2, "a migrated guest's output differs"
+    assert "converging" in text and "reached the round limit (3)" in text
+    assert len(run.images()) >= 4, f"expected the heat maps, the widget's, cost and migration figures, got {len(run.images())}"
+    if backend == "kvm":
+        assert "backends run: kvm, emu" in text
+        assert "converging (kvm -> emu)" in text and "not converging (emu -> kvm)" in text
+        assert f"measured on KVM ({kvm_flavour()})" in text
+        assert "no migration between backends" not in text
+    else:
+        assert "backends run: emu" in text and "backends run: kvm" not in text
+        assert "no migration between backends" in text and "converging (emu -> emu)" in text
+        assert "measured on the emulator (Unicorn)" in text and "KVM (" not in text
 
 
 CONTENT_CHECKS = {
@@ -295,6 +327,7 @@ CONTENT_CHECKS = {
     "04-paravirtualization.ipynb": check_paravirtualization,
     "05-hardware-assisted.ipynb": check_hardware_assisted,
     "06-memory-virtualization.ipynb": check_memory_virtualization,
+    "08-snapshots.ipynb": check_snapshots,
 }
 
 
