@@ -6,20 +6,21 @@
 #      with all ones), one qword every STRIDE bytes up to LIMIT (labkit's page tables map
 #      [0, 1 GiB) identity; reading every qword there would be 2^27 exits, so it samples);
 # prints what it found through labkit's ring-0 services (int 4), then
-#   3. reads LIMIT itself, which the page tables do not map: a #PF (error code 0x4: user
-#      read, not present; CR2 = LIMIT) that labkit's default handler reports, ending the run.
+#   3. reads 1 GiB, which the page tables do not map: a #PF (error code 0x4: user read, not
+#      present; CR2 = 0x40000000) that labkit's default handler reports, ending the run.
 # Parameter block, written by the host before the run (0: the default):
 #   [0x80000] complement of the qword to look for (default ~"TOPSECRT")
 #   [0x80008] RAM size in bytes (default 0x200000)
 #   [0x80010] STRIDE above RAM (default 0x100000)
-#   [0x80018] LIMIT (default 0x40000000: labkit.x86.layout.MAPPED_LIMIT)
+#   [0x80018] LIMIT (default and at most 0x40000000: labkit.x86.layout.MAPPED_LIMIT)
 # Console: "scan: RAM [0x0, SIZE): Q qwords, M matches\n", "scan: above RAM [SIZE, LIMIT) every
 # STRIDE: R reads (MMIO exits), A all ones, M matches\n", "scan: first match at ADDRESS\n" or
-# "scan: no match\n", "scan: reading LIMIT, which the page tables do not map\n" (counts decimal).
+# "scan: no match\n", "scan: reading 0x40000000, which the page tables do not map\n" (counts decimal).
 
         .equ PARAMS, 0x80000
         .equ NOT_SECRET, 0xabadbcbaacafb0ab   # ~0x5452434553504f54 ("TOPSECRT")
         .equ SYS_WRITE, 1
+        .equ UNMAPPED, 0x40000000       # labkit.x86.layout.MAPPED_LIMIT
 
         mov rbx, [PARAMS]               # rbx = the pattern (complement in memory)
         test rbx, rbx
@@ -35,10 +36,12 @@
         jnz 1f
         mov r13d, 0x100000
 1:      mov r14, [PARAMS + 24]          # r14 = limit
+        mov eax, UNMAPPED
         test r14, r14
-        jnz 1f
-        mov r14d, 0x40000000
-1:      mov rbp, -1                     # rbp = first match
+        cmovz r14, rax
+        cmp r14, rax
+        cmova r14, rax
+        mov rbp, -1                     # rbp = first match
 
         xor r8d, r8d                    # r8 = matches in RAM
         xor esi, esi
@@ -134,7 +137,7 @@ scanned:
         call put_str
 6:      lea rsi, [s_reading]
         call put_str
-        mov rax, r14
+        mov eax, UNMAPPED
         call put_hex
         lea rsi, [s_unmapped]
         call put_str
@@ -144,7 +147,8 @@ scanned:
         sub rsi, rdi
         mov eax, SYS_WRITE
         int 4
-        mov rax, [r14]                  # #PF: not mapped
+        mov eax, UNMAPPED
+        mov rax, [rax]                  # #PF: not mapped
         hlt                             # not reached
 
 put_str:                                # append the zero-terminated string at rsi to rdi

@@ -184,7 +184,12 @@ def test_steps_end_within_the_timeout_with_the_same_exits_as_run(name, backend_n
         elapsed = time.monotonic() - started
         last = machine.last_result
     assert elapsed < timeout + 2.0, f"steps() took {elapsed:.1f} s on a {timeout} s budget"
-    assert last.status.kind is ran.status.kind and last.console == ran.console
+    assert last.status.kind is ran.status.kind
+    if ran.status.kind is StatusKind.TIMEOUT:  # how far a guest that writes forever (flood64) got is timing
+        shorter, longer = sorted((last.console, ran.console), key=len)
+        assert longer.startswith(shorter)
+    else:
+        assert last.console == ran.console
     assert [record.seq for record in stepped] == list(range(len(stepped)))
     assert [exit_key(record) for record in stepped] == [exit_key(record) for record in last.trace]
     stepped, ran_records = comparable(name, stepped), comparable(name, list(ran.trace))
