@@ -17,6 +17,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Machine": "labkit.vmm.machine",
+    "run_many": "labkit.fleet",
+    "Fleet": "labkit.fleet",
+    "VmSpec": "labkit.fleet",
+    "LimitError": "labkit.errors",
     "RunResult": "labkit.vmm.status",
     "Status": "labkit.vmm.status",
     "Fault": "labkit.vmm.status",
@@ -55,3 +59,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from labkit.trace import ExitRecord, ExitTrace
     from labkit.vmm.machine import Machine
     from labkit.vmm.status import Fault, RunResult, Status
+    from labkit.errors import LimitError
+    from labkit.fleet import Fleet, VmSpec, run_many

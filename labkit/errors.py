@@ -6,6 +6,7 @@ where they happen, so callers catch labkit errors only::
 
     LabkitError
      ├── ConfigError            bad arguments: memory size, mode, backend name, device args
+     │    └── LimitError        over a resource limit (VMs, RAM per VM or in total); names it and how to raise it
      ├── GuestError             a guest that cannot be loaded
      │    ├── AssemblyError     GNU as/ld rejected the source, or binutils is missing
      │    └── GuestFileError    a malformed guest file or metadata
@@ -31,6 +32,11 @@ class LabkitError(Exception):
 
 class ConfigError(LabkitError, ValueError):
     """An argument is out of range or inconsistent (memory size, mode, device arguments)."""
+
+
+class LimitError(ConfigError):
+    """A request is over one of labkit's resource limits (``labkit.fleet.FleetLimits``); the message names
+    the limit and how to raise it."""
 
 
 class GuestError(LabkitError):
