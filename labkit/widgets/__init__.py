@@ -25,6 +25,7 @@ _EXPORTS = {
     "KernelChoice": "labkit.widgets.paravirt",
     "ConsoleBatch": "labkit.widgets.paravirt",
     "KvmControls": "labkit.widgets.kvm_controls",
+    "FaultInjection": "labkit.widgets.isolation",
 }
 
 __all__ = sorted(_EXPORTS)

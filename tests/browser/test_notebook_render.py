@@ -111,6 +111,8 @@ VISIBLE = {
                                     "binary translation gives the native value in 21 of 21."),
     "04-paravirtualization.ipynb": ("paravirtual console equals the native one: True",
                                     "lines where trap-and-emulate differs from native: 5"),
+    "07-isolation.ipynb": ("found the secret 0 times", "kernel: 8 tasks run, 6 killed, still running",
+                           "so the guest made the host call host_debug_dump"),
 }
 """Per notebook, text the student must be able to see (the lesson's result, not just that it ran)."""
 
@@ -163,6 +165,7 @@ CONTROLS = {
     "02-trap-and-emulate.ipynb": {"dropdown": 1, "toggle": 1},
     "03-binary-translation.ipynb": {"dropdown": 1, "select_multiple": 1, "toggle": 1, "slider": 1},
     "04-paravirtualization.ipynb": {"select_multiple": 1, "toggle": 3, "slider": 1},
+    "07-isolation.ipynb": {"select_multiple": 1, "toggle": 1, "slider": 1},
 }
 """Per notebook, the controls its panels have (in all its cells): each is changed once and must change the results."""
 SELECTORS = {
