@@ -219,9 +219,9 @@ def scan_figure(isolation: MemoryIsolation) -> Figure:
         right.set_ylim(-0.6, len(mappings) - 0.1)
         right.margins(x=0.15)
         pids = {m.pid for _, m in mappings}
-        where = "one process (KVM: each VM its own memory slot)" if len(pids) == 1 else \
-            f"{len(pids)} processes (one worker per VM)"
+        where = "one process,\neach VM its own KVM memory slot" if len(pids) == 1 else \
+            f"{len(pids)} processes,\none worker per VM"
         right.set_xlabel("host virtual address above the lowest VM RAM in the same process (MiB)")
-        right.set_title(f"Host side: separate mappings in {where}")
+        right.set_title(f"Host side: separate RAM mappings in {where}")
         figure.suptitle(f"VM B looks for VM A's secret: {scan.matches} matches\n{label(isolation.scanner)}")
     return figure
