@@ -82,7 +82,7 @@ def status_grid(run: ContainmentRun, columns: int = 4) -> Figure:
             grid.add_patch(Rectangle((x + 0.04, y + 0.06), 0.92, 0.88, color=STATUS_COLOURS[status]))
             kind = "healthy" if not row.faulty else row.kind
             grid.text(x + 0.5, y + 0.5, f"{row.name}\n{kind}\n{status.value}", ha="center", va="center",
-                      fontsize=FONT_SIZE - 0.5 if columns <= 4 else FONT_SIZE - 1)
+                      fontsize=FONT_SIZE)
         grid.set_xlim(0, columns)
         grid.set_ylim(0, lines)
         grid.set_aspect("auto")
@@ -140,7 +140,7 @@ def memory_maps(run: ContainmentRun, memory: int = layout.DEFAULT_MEMORY) -> Fig
         raise ConfigError("memory_maps needs a run with at least one VM")
     top = 1 << 48
     with _readable():
-        figure = Figure(figsize=(13, 5.8), dpi=DPI, layout="constrained")
+        figure = Figure(figsize=(max(13.0, 0.7 * len(rows)), 5.8), dpi=DPI, layout="constrained")
         axes = figure.subplots()
         for index, row in enumerate(rows):
             axes.bar(index, memory - (1 << 8), bottom=1 << 8, width=0.7, color="#c7e9c0", edgecolor="#2ca02c")
@@ -155,7 +155,7 @@ def memory_maps(run: ContainmentRun, memory: int = layout.DEFAULT_MEMORY) -> Fig
                 axes.scatter(index, shown, s=140, marker="X" if what == "cr2" else "o",
                              color=STATUS_COLOURS[row.outcome.status], edgecolor="black", zorder=3)
         axes.set_xticks(range(len(rows)), [f"{r.name}\n{'ok' if not r.faulty else r.kind.split()[0]}" for r in rows],
-                        fontsize=FONT_SIZE - 0.5)
+                        fontsize=FONT_SIZE)
         _address_axis(axes, top)
         axes.axhline(layout.MAPPED_LIMIT, color="black", linewidth=1)
         axes.text(len(rows) - 0.5, layout.MAPPED_LIMIT * 1.3, "1 GiB: the page tables end (#PF above)",

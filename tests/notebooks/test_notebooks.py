@@ -233,7 +233,11 @@ def check_isolation(run: Execution, backend: str, kvm=None) -> None:
     assert "same console on every backend run: True" in text
     healthy = re.search(r"In this run \*\*(\d+) of (\d+)\*\* healthy VMs ended exactly as they do alone", text)
     assert healthy and healthy[1] == healthy[2] == "10", "the containment summary is missing or a healthy VM differed"
-    assert re.search(r"counted \*\*\d+\*\* as dropped", text), "the console flood's bound is not shown"
+    assert re.search(r"wrote \*\*\d+ console bytes\*\* in its budget. A machine's console keeps its first "
+                     r"1048576 bytes and only counts the rest \(here \*\*\d+\*\* dropped\)", text), \
+        "the console flood's bound is not shown"
+    assert re.search(r"ran \*\*\d+\.\d\d s\*\* beside the others and \*\*\d+\.\d{3} s\*\* alone", text), \
+        "the noisy-neighbour sentence is missing"
     label = "KVM" if backend == "kvm" else "emulator (Unicorn)"
     assert f"16 VMs on {label} in " in text, "the fault-injection widget did not show its first run"
     assert "so the guest made the host call **host_debug_dump**" in text
