@@ -129,10 +129,19 @@ def _ended_at(row: ContainmentRow) -> tuple[int, str] | None:
     return result.regs.rip, "rip"
 
 
+def _mmio_addresses(row: ContainmentRow) -> list[int]:
+    """The guest-physical addresses of the MMIO exits kept in a VM's trace (its accesses above RAM)."""
+    result = row.outcome.result
+    if result is None:
+        return []
+    return [record.address for record in result.trace if record.reason == "MMIO" and record.address is not None]
+
+
 def memory_maps(run: ContainmentRun, memory: int = layout.DEFAULT_MEMORY) -> Figure:
     """Each VM's guest-physical address space side by side: RAM, the MMIO hole above it (mapped, no RAM:
-    every access an exit), what the page tables do not map; and where the VM ended (x: CR2 of a #PF,
-    dot: the RIP it stopped at), coloured by its status."""
+    every access an exit), what the page tables do not map; the MMIO exits its trace kept (blue ticks: the
+    wild writer's stores above RAM); and where the VM ended (X: CR2 of a #PF, dot: the RIP it stopped at),
+    coloured by its status."""
     from matplotlib.figure import Figure
 
     rows = list(run.rows)
@@ -140,7 +149,7 @@ def memory_maps(run: ContainmentRun, memory: int = layout.DEFAULT_MEMORY) -> Fig
         raise ConfigError("memory_maps needs a run with at least one VM")
     top = 1 << 48
     with _readable():
-        figure = Figure(figsize=(max(13.0, 0.7 * len(rows)), 5.8), dpi=DPI, layout="constrained")
+        figure = Figure(figsize=(max(13.0, 0.7 * len(rows)), 6.0), dpi=DPI, layout="constrained")
         axes = figure.subplots()
         for index, row in enumerate(rows):
             axes.bar(index, memory - (1 << 8), bottom=1 << 8, width=0.7, color="#c7e9c0", edgecolor="#2ca02c")
@@ -148,6 +157,10 @@ def memory_maps(run: ContainmentRun, memory: int = layout.DEFAULT_MEMORY) -> Fig
                      edgecolor="#999999", hatch="//")
             axes.bar(index, top - layout.MAPPED_LIMIT, bottom=layout.MAPPED_LIMIT, width=0.7, color="white",
                      edgecolor="#cccccc")
+            accesses = _mmio_addresses(row)
+            if accesses:
+                axes.scatter([index] * len(accesses), accesses, s=6, marker="_", color="#1f77b4", alpha=0.6,
+                             zorder=2)
             ended = _ended_at(row)
             if ended is not None:
                 address, what = ended
@@ -169,9 +182,10 @@ def memory_maps(run: ContainmentRun, memory: int = layout.DEFAULT_MEMORY) -> Fig
                                Patch(facecolor="#eeeeee", edgecolor="#999999", hatch="//",
                                      label="mapped, no RAM: MMIO exit"),
                                Patch(facecolor="white", edgecolor="#cccccc", label="not mapped: #PF"),
+                               Patch(color="#1f77b4", label="MMIO exits in its trace"),
                                *[Patch(color=STATUS_COLOURS[k], label=k.value) for k in STATUS_COLOURS
                                  if any(r.outcome.status is k for r in rows)]],
-                      loc="outside lower center", ncol=5)
+                      loc="outside lower center", ncol=6)
         figure.suptitle(f"Guest-physical memory maps of {len(rows)} VMs\n{_measured(run)}")
     return figure
 
