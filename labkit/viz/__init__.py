@@ -27,6 +27,7 @@ _EXPORTS = {
     "status_grid": "labkit.viz.isolation",
     "memory_maps": "labkit.viz.isolation",
     "scan_figure": "labkit.viz.isolation",
+    "device_state_figure": "labkit.viz.isolation",
     "ring_timeline": "labkit.viz.rings",
     "ring_event_table": "labkit.viz.rings",
     "classification_table": "labkit.viz.rings",

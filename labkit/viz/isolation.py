@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Iterator
 from labkit.errors import ConfigError
 from labkit.isolation import ContainmentRow, ContainmentRun, MemoryIsolation
 from labkit.viz.labels import label
-from labkit.vmm.status import StatusKind
+from labkit.vmm.status import RunResult, StatusKind
 from labkit.x86 import layout
 
 if TYPE_CHECKING:
@@ -238,4 +238,52 @@ def scan_figure(isolation: MemoryIsolation) -> Figure:
         right.set_xlabel("host virtual address above the lowest VM RAM in the same process (MiB)")
         right.set_title(f"Host side: separate RAM mappings in {where}")
         figure.suptitle(f"VM B looks for VM A's secret: {scan.matches} matches\n{label(isolation.scanner)}")
+    return figure
+
+
+FIELD_COLOURS = {"fifo": "#c6dbef", "handler": "#fdae6b", "result_len": "#d9d9d9", "padding": "#ffffff",
+                 "owner": "#bcbddc"}
+
+
+def device_state_figure(states: dict[str, dict], result: RunResult) -> Figure:
+    """The FIFO device's host-side state buffer after an attack, one row per device, one cell per byte:
+    coloured by the field it belongs to (:data:`labkit.vmm.devices.vulnerable.STATE_LAYOUT`), the byte's
+    value in hex, a thick red edge on every byte the guest's writes reached.  ``states`` maps a label to
+    ``Machine.device_state(...)`` of a FIFO device; ``result`` is one of the runs (it labels the figure)."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    from labkit.vmm.devices.vulnerable import STATE_LAYOUT, STATE_SIZE
+
+    if not states:
+        raise ConfigError("device_state_figure needs at least one device's state")
+    field_of = {offset + i: name for name, offset, size in STATE_LAYOUT for i in range(size)}
+    with _readable():
+        figure = Figure(figsize=(14, 1.3 * len(states) + 2.2), dpi=DPI, layout="constrained")
+        axes = figure.subplots()
+        for row, (name, state) in enumerate(states.items()):
+            raw = bytes(state["state"])
+            if len(raw) != STATE_SIZE:
+                raise ConfigError(f"{name}: a FIFO device's state has {STATE_SIZE} bytes, not {len(raw)}")
+            y = len(states) - 1 - row
+            for offset, value in enumerate(raw):
+                written = offset < state["data_pos"]
+                axes.add_patch(Rectangle((offset, y + 0.1), 1, 0.8, facecolor=FIELD_COLOURS[field_of[offset]],
+                                         edgecolor="#d62728" if written and offset >= 16 else "#555555",
+                                         linewidth=3 if written and offset >= 16 else 0.8))
+                axes.text(offset + 0.5, y + 0.5, f"{value:02x}", ha="center", va="center", fontsize=FONT_SIZE)
+        axes.set_xlim(0, STATE_SIZE)
+        axes.set_ylim(0, len(states))
+        axes.set_yticks([len(states) - 1 - row + 0.5 for row in range(len(states))], list(states))
+        axes.set_xticks([offset + 0.5 for _, offset, _ in STATE_LAYOUT], [str(offset) for _, offset, _ in STATE_LAYOUT])
+        axes.set_xlabel("byte offset in the device's host-side state (a C struct)")
+        axes.tick_params(length=0)
+        for spine in axes.spines.values():
+            spine.set_visible(False)
+        figure.legend(handles=[Patch(facecolor=colour, edgecolor="#555555", label=field)
+                               for field, colour in FIELD_COLOURS.items()]
+                      + [Patch(facecolor="white", edgecolor="#d62728", linewidth=3,
+                               label="written by the guest past the FIFO")],
+                      loc="outside lower center", ncol=6)
+        figure.suptitle(f"The FIFO device's state after the guest's writes\n{label(result)}")
     return figure

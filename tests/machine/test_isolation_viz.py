@@ -67,3 +67,24 @@ def test_the_memory_maps_mark_the_wild_writer_at_its_cr2(runs):
         offsets = [tuple(collection.get_offsets()[0]) for collection in axes.collections]
         index = [row.name for row in run.rows].index(wild.name)
         assert (index, wild.outcome.result.status.fault.cr2) in [(int(x), int(y)) for x, y in offsets]
+
+
+def test_the_device_state_figure_marks_the_handler_byte_the_guest_overwrote(backend_name):
+    from labkit import Machine
+    from labkit.viz.isolation import device_state_figure
+    from labkit.vmm.devices import vulnerable
+
+    states, result = {}, None
+    for name, specs in (("vulnerable", vulnerable.vulnerable_fifo_device(i_know_it_is_vulnerable=True)),
+                        ("bounded", vulnerable.bounded_fifo_device())):
+        with Machine("venom64", backend=backend_name, isolate=True, devices=specs) as machine:
+            result = machine.run(timeout=10)
+            states[name] = machine.device_state(specs[0].name)
+    figure = device_state_figure(states, result)
+    texts(figure)
+    axes = figure.axes[0]
+    thick = [patch for patch in axes.patches if patch.get_linewidth() == 3]
+    assert [(patch.get_x(), patch.get_y()) for patch in thick] == [(16, 1.1)]  # the vulnerable row's handler
+    cells = [text.get_text() for text in axes.texts]
+    assert cells[16] == "02" and cells[24 + 16] == "00"
+    assert "measured on" in figure.get_suptitle()

@@ -242,7 +242,7 @@ def check_isolation(run: Execution, backend: str, kvm=None) -> None:
     assert f"16 VMs on {label} in " in text, "the fault-injection widget did not show its first run"
     assert "so the guest made the host call **host_debug_dump**" in text
     assert "refused **1** byte(s) and kept handler **0**" in text
-    assert len(run.images()) >= 3, "expected the scan figure, the status grid and the memory maps"
+    assert len(run.images()) >= 4, "expected the scan figure, the status grid, the memory maps and the device state"
 
 
 CONTENT_CHECKS = {
