@@ -162,7 +162,8 @@ def memory_isolation(backend: str = "auto", memory: int = layout.DEFAULT_MEMORY,
 
 
 def _count_secret(ram: bytes) -> int:
-    return sum(1 for offset in range(0, len(ram) - 7, 8) if ram[offset:offset + 8] == SECRET)
+    """How many aligned qwords of a copy of guest RAM (whole pages) hold the secret."""
+    return memoryview(ram).cast("Q").tolist().count(SECRET_QWORD)
 
 
 # --- fault containment ------------------------------------------------------------------------
