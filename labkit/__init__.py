@@ -60,4 +60,3 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from labkit.vmm.machine import Machine
     from labkit.vmm.status import Fault, RunResult, Status
     from labkit.errors import LimitError
-    from labkit.fleet import Fleet, VmSpec, run_many

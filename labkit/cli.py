@@ -118,6 +118,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 3
 
 
+def cmd_run_many(args: argparse.Namespace) -> int:
+    """Run several guests at once (``labkit.fleet.run_many``) and print each one's outcome as it ends."""
+    from labkit.errors import LimitError
+    from labkit.fleet import FleetLimits, VmSpec, run_many
+
+    specs: list[VmSpec] = []
+    for item in args.guests:
+        spec, _, count_text = item.rpartition("*") if "*" in item else (item, "", "1")
+        if not count_text.isdigit() or int(count_text) < 1:
+            raise ConfigError(f"{item!r}: write GUEST or GUEST*COUNT with a positive COUNT")
+        guest = _load_guest(spec, args.mode)
+        for _ in range(int(count_text)):
+            specs.append(VmSpec(f"{guest.name}-{len(specs)}", guest, backend=args.backend, memory=args.memory))
+    limits = FleetLimits(**{name: value for name, value in (("max_vms", args.max_vms),
+                                                            ("memory_total", args.memory_total)) if value})
+    try:
+        outcomes = run_many(specs, max_parallel=args.max_parallel, timeout=args.timeout, limits=limits)
+    except LimitError as error:
+        raise LimitError(f"{error} (here: --max-vms, --memory-total, --max-parallel)") from None
+    failed = 0
+    rows: list[dict[str, Any]] = []
+    for outcome in outcomes:
+        failed += outcome.status.value not in ("halted", "exited")
+        row = {"name": outcome.name, "backend": outcome.backend, "status": outcome.status.value,
+               "reason": outcome.reason, "started_s": round(outcome.started_s, 4),
+               "ended_s": round(outcome.ended_s, 4), "console": outcome.console,
+               "console_dropped": outcome.console_dropped, "trace_dropped": outcome.trace_dropped,
+               "exit_code": outcome.result.status.code if outcome.result is not None else None}
+        rows.append(row)
+        if not args.json:
+            console = outcome.console.strip().replace("\n", " | ")
+            print(f"{outcome.name:24} {outcome.backend:4} {outcome.status.value:9} "
+                  f"{outcome.started_s:7.3f}-{outcome.ended_s:7.3f} s  {outcome.reason:.60}"
+                  + (f"  [{console:.40}]" if console else ""), flush=True)
+    if args.json:
+        print(json.dumps({"vms": rows}, indent=2))
+    else:
+        print(f"--- {len(rows)} VMs, {len(rows) - failed} halted or exited, {failed} did not")
+    return 0 if failed == 0 else 3
+
+
 TOKEN_OPTIONS = ("--IdentityProvider.token", "--ServerApp.token", "--NotebookApp.token")
 
 
@@ -252,6 +293,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="guest RAM: bytes, or with a binary unit (2M, 64MiB, 1G); default 2M")
     run.add_argument("--json", action="store_true")
     run.set_defaults(func=cmd_run)
+
+    many = sub.add_parser("run-many", help="run several guests at once and show each one's outcome as it ends",
+                          description="GUEST is a shipped guest's name or a FILE, GUEST*N runs N copies. "
+                                      "Exit status: 0 when every VM halted or exited, 3 otherwise.")
+    many.add_argument("guests", nargs="+", metavar="GUEST[*N]")
+    many.add_argument("--backend", choices=("auto", "kvm", "emu"), default="auto")
+    many.add_argument("--mode", type=int, choices=(16, 32, 64), default=None,
+                      help="the mode a FILE starts in (default: from its metadata, else 64)")
+    many.add_argument("--timeout", type=float, default=5.0, help="each VM's run budget in seconds")
+    many.add_argument("--max-parallel", type=int, default=None, help="VMs running at once (default: all, up to 64)")
+    many.add_argument("--memory", type=memory_size, default=2 << 20, help="each VM's RAM (default 2M)")
+    many.add_argument("--max-vms", type=int, default=None, help="raise the limit on VMs (default 256)")
+    many.add_argument("--memory-total", type=memory_size, default=None,
+                      help="raise the limit on the RAM of the VMs running at once (default 2G)")
+    many.add_argument("--json", action="store_true")
+    many.set_defaults(func=cmd_run_many)
 
     lab = sub.add_parser("lab", help="start JupyterLab on the notebooks (other options go to jupyter lab)")
     lab.add_argument("--notebooks", default=str(Path(__file__).resolve().parents[1] / "notebooks"))

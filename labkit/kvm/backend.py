@@ -51,7 +51,7 @@ from labkit.kvm.ioctl import get_errno, kvm_run_ioctl
 from labkit.kvm.stats import KvmRunStats, counters_delta, cumulative_counters
 from labkit.kvm.system import Kvm, kvm_flavour
 from labkit.kvm.vm import dirty_page_numbers
-from labkit.watchdog import KICK_SIGNAL, WATCHDOG
+from labkit.watchdog import KICK_SIGNAL, WATCHDOG, ThreadTimer
 from labkit.x86 import layout
 from labkit.x86.state import DebugRegs, DescriptorTable, FpuState, Regs, Segment, SRegs
 
@@ -621,12 +621,17 @@ class KvmBackend:
                 self._vcpu_thread = threading.get_ident()
             deadline = time.monotonic() + timeout
             token = None
+            timer = None
             if math.isfinite(timeout):
                 token = WATCHDOG.arm(deadline, partial(_kick, run, threading.get_ident()))
+                timer = ThreadTimer(deadline, threading.get_native_id(), signum)  # the kick without the GIL
             try:
                 return self._loop(run, dispatcher, deadline, timeout)
             finally:
                 fired = token is not None and WATCHDOG.disarm(token)  # after this the watchdog cannot fire
+                if timer is not None:
+                    timer.close()  # after this the kernel's timer cannot fire either
+                    fired = True  # drain its signal if it was sent
                 with self._kick_lock:
                     self._vcpu_thread = None
                     signalled, self._kick_signalled = self._kick_signalled or fired, False

@@ -104,7 +104,9 @@ DS/ES/FS/GS are USER_DS from the start so the switch keeps them usable.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field, replace
+from copy import copy
+from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
 from typing import Mapping, Protocol
 
 from labkit.errors import ConfigError
@@ -306,8 +308,21 @@ def boot_state(
     user: bool = False,
     stack_top: int = layout.STACK_TOP,
 ) -> BootState:
-    """The start state for a guest whose code is at ``entry`` (see the module docstring)."""
+    """The start state for a guest whose code is at ``entry`` (see the module docstring).
+
+    Built once per argument set and process (a pure function of them; building the page
+    tables and the IDT in Python took ~3 ms, a third of a KVM VM's whole life with hello64,
+    ``benchmarks/bench_fleet.py``); each call gets its own copies of the registers.
+    """
     _check(mode, entry, memory_size, user, stack_top)
+    built = _built_boot_state(mode, entry, memory_size, user, stack_top)
+    sregs = built.sregs
+    return replace(built, regs=copy(built.regs), msrs=dict(built.msrs),
+                   sregs=SRegs(**{name.name: copy(getattr(sregs, name.name)) for name in fields(SRegs)}))
+
+
+@lru_cache(maxsize=64)
+def _built_boot_state(mode: int, entry: int, memory_size: int, user: bool, stack_top: int) -> BootState:
     segments = gdt_segments()
     memory: list[tuple[int, bytes]] = [(layout.GDT_ADDRESS, build_gdt())]
     stubs = b"".join(fault_stub(vector).code for vector in range(VECTORS))
