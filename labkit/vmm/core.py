@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # lazily imported where used
     from labkit.guest import Guest
     from labkit.kvm.controls import KvmExitControls, MsrHandler
     from labkit.kvm.stats import KvmRunStats
+    from labkit.vmm.host_memory import HostMapping
     from labkit.vmm.forwarding import Monitor
     from labkit.x86.boot import BootState
 
@@ -520,6 +521,12 @@ class MachineCore:
         """The KVM backend's :meth:`~labkit.kvm.KvmBackend.run_stats`; ``None`` on any other backend."""
         run_stats = getattr(self.backend, "run_stats", None)
         return run_stats() if run_stats is not None else None
+
+    def host_mappings(self) -> tuple[HostMapping, ...]:
+        """Each memory region's host mapping, in the process that runs this core (:mod:`labkit.vmm.host_memory`)."""
+        from labkit.vmm.host_memory import host_mappings
+
+        return host_mappings(self.backend.regions())
 
     def kvm_stats(self) -> KvmRunStats:
         """The vCPU's counters beside the exits labkit saw; :class:`ConfigError` off KVM."""

@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # imported where used: guest pulls in the assembler, forwardi
     from labkit.kvm.controls import KvmExitControls
     from labkit.kvm.stats import KvmRunStats
     from labkit.vmm.forwarding import Monitor
+    from labkit.vmm.host_memory import HostMapping
 
 MAX_TIMEOUT_S = 3600.0
 
@@ -265,6 +266,14 @@ class Machine:
         ``RunResult.kvm_stats`` holds the same at the end of each run (``None`` on the emulator).
         """
         return self._call("kvm_stats")
+
+    def host_mappings(self) -> tuple[HostMapping, ...]:
+        """Where this VM's RAM lives on the host: one :class:`labkit.vmm.host_memory.HostMapping` per memory
+        region (the process holding it, the host address range, its ``/proc/<pid>/maps`` line).
+
+        On KVM without ``isolate`` that is the calling process; otherwise the machine's worker.
+        """
+        return self._call("host_mappings")
 
     def device_state(self, name: str) -> Any:
         """The named device's saved state (its ``save()``: plain data), read where the device lives."""

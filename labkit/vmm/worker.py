@@ -198,8 +198,18 @@ def _close_all(items: Iterable[Connection | int]) -> None:
             pass
 
 
+_in_worker = False
+
+
+def in_worker() -> bool:
+    """Whether this process is a machine's worker (a device that must never run in the caller asks)."""
+    return _in_worker
+
+
 def _become_worker(parent: int, keep: tuple[Connection, Connection, int], drop: tuple[Connection, Connection, int]) -> None:
     """Tie the new process to its caller and shed everything of the caller's it does not need."""
+    global _in_worker
+    _in_worker = True
     if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         os._exit(1)
     if os.getppid() != parent:  # the caller died before prctl: nobody would ever kill us

@@ -29,6 +29,7 @@ _EXPORTS = {
     "KvmControls": "labkit.widgets.kvm_controls",
     "AddressWalk": "labkit.widgets.memory",
     "DirtyPages": "labkit.widgets.snapshots",
+    "FaultInjection": "labkit.widgets.isolation",
 }
 
 __all__ = sorted(_EXPORTS)

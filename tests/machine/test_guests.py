@@ -35,7 +35,7 @@ def test_shipped_guest_behaves_as_its_manifest_says(name, backend_name):
     assert len(result.trace) >= 1
 
 
-HOST_TIMED = {"timer64", "preempt64"}
+HOST_TIMED = {"timer64", "preempt64", "usertasks64"}
 """Guests driven by the 8254 on host time: whether a tick is already pending when the guest executes
 ``hlt`` (no HLT exit then), and where a kick lands, depend on the host's timing.  Their HLT and INTR
 exits are left out of exit comparisons; the INTERRUPT records, the console and the state are exact."""
@@ -142,6 +142,17 @@ KNOWN_DIFFERENCES = {
             "sregs.ss.unusable": (0, 1),
         },
     },
+    # usertasks64 returns to ring 3 eight times and its looping task is interrupted by the
+    # timer: the same segment differences as preempt64.
+    "usertasks64": {
+        **flat_data_vs_null("ds"), **flat_data_vs_null("es"), **flat_data_vs_null("fs"), **flat_data_vs_null("gs"),
+        "sregs.ss.unusable": (0, 1),
+    },
+    "secret64": {"sregs.ss.unusable": (0, 1)},
+    # An 8-byte access above RAM is one KVM_EXIT_MMIO of length 8 on KVM, but two 4-byte MMIO
+    # callbacks on Unicorn 2.1.4 (scan64 reads 1022 qwords there, wildwrite64 writes 5640).
+    "scan64": {"sregs.ss.unusable": (0, 1), "exits.MMIO": (1022, 2044)},
+    "wildwrite64": {"exits.MMIO": (5640, 11280)},
 }
 MEASURED_FLAVOUR = "kvm_pvm"
 
@@ -228,7 +239,12 @@ def test_steps_end_within_the_timeout_with_the_same_exits_as_run(name, backend_n
         elapsed = time.monotonic() - started
         last = machine.last_result
     assert elapsed < timeout + 2.0, f"steps() took {elapsed:.1f} s on a {timeout} s budget"
-    assert last.status.kind is ran.status.kind and last.console == ran.console
+    assert last.status.kind is ran.status.kind
+    if ran.status.kind is StatusKind.TIMEOUT:  # how far a guest that writes forever (flood64) got is timing
+        shorter, longer = sorted((last.console, ran.console), key=len)
+        assert longer.startswith(shorter)
+    else:
+        assert last.console == ran.console
     assert [record.seq for record in stepped] == list(range(len(stepped)))
     assert [exit_key(record) for record in stepped] == [exit_key(record) for record in last.trace]
     stepped, ran_records = comparable(name, stepped), comparable(name, list(ran.trace))

@@ -317,6 +317,30 @@ def check_snapshots(run: Execution, backend: str, kvm=None) -> None:
         assert "backends run: emu" in text and "backends run: kvm" not in text
         assert "no migration between backends" in text and "converging (emu -> emu)" in text
         assert "measured on the emulator (Unicorn)" in text and "KVM (" not in text
+def check_isolation(run: Execution, backend: str, kvm=None) -> None:
+    text = run.text()
+    assert re.search(r"VM B read \*\*262144 qwords\*\* of its RAM and made \*\*1022 reads\*\* above it", text), \
+        "the scan's counts are missing"
+    assert "found the secret **0 times**" in text and "**131072 qwords** of A's RAM held it" in text
+    assert "counted **0** copies of the secret in B's RAM" in text
+    assert "Host mappings overlap: **False**" in text
+    assert ("**1 process(es)**" if backend == "kvm" else "**2 process(es)**") in text
+    assert "B's scan finds it at **0x123458**" in text, "the positive control did not find the planted secret"
+    assert "0x5" in text and "P=1 W/R=0 U/S=1" in text and "P=0 W/R=1 U/S=1" in text, "usertasks64's table"
+    assert "kernel: 8 tasks run, 6 killed, still running" in text
+    assert "same console on every backend run: True" in text
+    healthy = re.search(r"In this run \*\*(\d+) of (\d+)\*\* healthy VMs ended exactly as they do alone", text)
+    assert healthy and healthy[1] == healthy[2] == "10", "the containment summary is missing or a healthy VM differed"
+    assert re.search(r"wrote \*\*\d+ console bytes\*\* in its budget. A machine's console keeps its first "
+                     r"1048576 bytes and only counts the rest \(here \*\*\d+\*\* dropped\)", text), \
+        "the console flood's bound is not shown"
+    assert re.search(r"ran \*\*\d+\.\d\d s\*\* beside the others and \*\*\d+\.\d{3} s\*\* alone", text), \
+        "the noisy-neighbour sentence is missing"
+    label = "KVM" if backend == "kvm" else "emulator (Unicorn)"
+    assert f"16 VMs on {label} in " in text, "the fault-injection widget did not show its first run"
+    assert "so the guest made the host call **host_debug_dump**" in text
+    assert "refused **1** byte(s) and kept handler **0**" in text
+    assert len(run.images()) >= 4, "expected the scan figure, the status grid, the memory maps and the device state"
 
 
 CONTENT_CHECKS = {
@@ -328,6 +352,7 @@ CONTENT_CHECKS = {
     "05-hardware-assisted.ipynb": check_hardware_assisted,
     "06-memory-virtualization.ipynb": check_memory_virtualization,
     "08-snapshots.ipynb": check_snapshots,
+    "07-isolation.ipynb": check_isolation,
 }
 
 
