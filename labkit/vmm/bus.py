@@ -29,6 +29,8 @@ def all_ones(size: int) -> int:
 
 
 _ALL_ONES = {size: all_ones(size) for size in SIZES}
+MAX_UNCLAIMED = 4096
+"""Distinct unclaimed addresses a bus keeps counts for (the port bus has 65,536 at most anyway)."""
 
 
 class Bus:
@@ -40,7 +42,17 @@ class Bus:
         self._bases: list[int] = []
         self._ranges: list[tuple[int, int, Device]] = []
         self.unclaimed: dict[int, int] = {}
-        """Accesses nothing claimed, by address."""
+        """Accesses nothing claimed, by address: the first :data:`MAX_UNCLAIMED` distinct addresses."""
+        self.unclaimed_elsewhere = 0
+        """Accesses to unclaimed addresses past the first :data:`MAX_UNCLAIMED` (counted, not kept by address:
+        a guest writing to random addresses must not grow the host's memory)."""
+
+    def _unclaimed(self, address: int) -> None:
+        counts = self.unclaimed
+        if address in counts or len(counts) < MAX_UNCLAIMED:
+            counts[address] = counts.get(address, 0) + 1
+        else:
+            self.unclaimed_elsewhere += 1
 
     def register(self, base: int, length: int, device: Device) -> None:
         """Place ``device`` at ``[base, base + length)``; overlapping an existing device is an error."""
@@ -79,7 +91,7 @@ class Bus:
     def read(self, address: int, size: int) -> int:
         hit = self.find(address)
         if hit is None:
-            self.unclaimed[address] = self.unclaimed.get(address, 0) + 1
+            self._unclaimed(address)
             return all_ones(size)
         base, device = hit
         return device.read(address - base, size) & all_ones(size)
@@ -87,7 +99,7 @@ class Bus:
     def write(self, address: int, size: int, value: int) -> None:
         hit = self.find(address)
         if hit is None:
-            self.unclaimed[address] = self.unclaimed.get(address, 0) + 1
+            self._unclaimed(address)
             return
         base, device = hit
         device.write(address - base, size, value & all_ones(size))

@@ -277,3 +277,15 @@ def test_a_device_spec_is_checked_when_made():
         DeviceSpec("d", "pio", 0x100, 1, object())
     with pytest.raises(ConfigError, match="name"):
         DeviceSpec("", "pio", 0x100, 1, lambda context: None)
+
+
+def test_unclaimed_accesses_to_random_addresses_do_not_grow_without_bound():
+    """A guest writing to random MMIO addresses (wildwrite64) must not grow the host's memory."""
+    from labkit.vmm.bus import MAX_UNCLAIMED, Bus
+
+    bus = Bus("mmio", 1 << 30)
+    for address in range(0, 3 * MAX_UNCLAIMED * 8, 8):
+        bus.write(address, 4, 1)
+    bus.read(0, 4)
+    assert len(bus.unclaimed) == MAX_UNCLAIMED and bus.unclaimed[0] == 2
+    assert bus.unclaimed_elsewhere == 2 * MAX_UNCLAIMED
