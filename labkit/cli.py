@@ -1,4 +1,4 @@
-"""The ``labkit`` command: ``doctor``, ``guests``, ``run``, ``lab``, ``snapshot``."""
+"""The ``labkit`` command: ``doctor``, ``guests``, ``run``, ``lab``, ``snapshot``, ``disk``."""
 
 from __future__ import annotations
 
@@ -172,6 +172,136 @@ _SIZE = re.compile(r"(0x[0-9a-f]+|[0-9]+)\s*(?:([kmg])(?:i?b)?|b)?", re.IGNORECA
 _UNITS = {None: 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
+def cmd_disk_create(args: argparse.Namespace) -> int:
+    from labkit.storage import Qcow2Image, RawImage, create_overlay
+
+    if args.format == "raw":
+        if args.backing or args.size is None:
+            raise ConfigError("a raw image takes a size and no backing file")
+        RawImage.create(args.file, args.size).close()
+    elif args.backing:
+        create_overlay(args.file, args.backing, cluster_size=args.cluster_size, size=args.size)
+    else:
+        if args.size is None:
+            raise ConfigError("give a size (64M, 1G, ...) or a backing file (-b)")
+        Qcow2Image.create(args.file, args.size, cluster_size=args.cluster_size)
+    print(f"Formatting '{args.file}', fmt={args.format} size={args.size if args.size is not None else 'of the backing file'}")
+    return 0
+
+
+def cmd_disk_info(args: argparse.Namespace) -> int:
+    from labkit.storage import info
+
+    report = info(args.file, format=args.format)
+    if args.output == "json":
+        print(json.dumps(report, indent=4))
+        return 0
+    print(f"image: {report['filename']}")
+    print(f"file format: {report['format']}")
+    print(f"virtual size: {report['virtual-size']} bytes")
+    print(f"disk size: {report['actual-size']} bytes")
+    if "cluster-size" in report:
+        print(f"cluster_size: {report['cluster-size']}")
+    if "backing-filename" in report:
+        print(f"backing file: {report['backing-filename']}")
+        print(f"backing file format: {report.get('backing-filename-format', 'probed')}")
+    return 0
+
+
+def cmd_disk_check(args: argparse.Namespace) -> int:
+    """Exit codes as ``qemu-img check``: 0 clean, 1 not completed, 2 corrupt, 3 leaked clusters only."""
+    from labkit.storage import check_image
+
+    report = check_image(args.file, repair=args.repair == "leaks", format=args.format)
+    if args.output == "json":
+        print(json.dumps(report.as_json(), indent=4))
+        return report.exit_code
+    if report.error is not None:
+        print(f"labkit: error: {report.error}", file=sys.stderr)
+        return report.exit_code
+    for line in report.corruptions:
+        print(f"ERROR {line}")
+    for line in report.leaks:
+        print(f"Leaked cluster: {line}")
+    if report.leaks_fixed:
+        print(f"{report.leaks_fixed} leaked clusters were repaired.")
+    if report.corruptions:
+        print(f"\n{len(report.corruptions)} errors were found on the image.\n"
+              "Data may be corrupted, or further writes to the image may corrupt it.")
+    if report.leaks:
+        print(f"\n{len(report.leaks)} leaked clusters were found on the image.\n"
+              "This means waste of disk space, but no harm to data (repair: labkit disk check -r leaks).")
+    if not report.corruptions and not report.leaks:
+        print("No errors were found on the image.")
+    if report.format == "qcow2" and report.total_clusters:
+        print(f"{report.allocated_clusters}/{report.total_clusters} = "
+              f"{100 * report.allocated_clusters / report.total_clusters:.2f}% allocated")
+        print(f"Image end offset: {report.image_end_offset}")
+    return report.exit_code
+
+
+def cmd_disk_commit(args: argparse.Namespace) -> int:
+    from labkit.storage import commit
+
+    copied = commit(args.file, empty=not args.keep)
+    print(f"Image committed ({copied} bytes copied into its backing file).")
+    return 0
+
+
+def cmd_disk_map(args: argparse.Namespace) -> int:
+    from labkit.storage import open_image
+
+    image = open_image(args.file, format=args.format)
+    try:
+        extents = image.extents()
+    finally:
+        image.close()
+    if args.output == "json":
+        rows = [{"start": e.start, "length": e.length, "depth": e.depth, "present": e.present, "zero": e.zero,
+                 "data": e.data, **({"offset": e.offset} if e.offset is not None else {})} for e in extents]
+        print(json.dumps(rows, indent=4))
+        return 0
+    print(f"{'Offset':<20}{'Length':<20}{'Mapped to':<20}File")
+    for e in extents:
+        if e.data and e.offset is not None:
+            print(f"{e.start:<#20x}{e.length:<#20x}{e.offset:<#20x}{e.filename}")
+    return 0
+
+
+def _add_disk_parser(sub: Any) -> None:
+    disk = sub.add_parser("disk", help="disk images: create, info, check, commit, map (raw and qcow2)")
+    verbs = disk.add_subparsers(dest="verb", required=True)
+    create = verbs.add_parser("create", help="a new raw or qcow2 image, or a qcow2 overlay (-b)")
+    create.add_argument("-f", "--format", choices=("qcow2", "raw"), default="qcow2")
+    create.add_argument("-b", "--backing", help="backing file (its name is stored relative to the new image)")
+    create.add_argument("--cluster-size", type=memory_size, default=65536, help="qcow2 cluster size (default 64K)")
+    create.add_argument("file")
+    create.add_argument("size", type=memory_size, nargs="?", help="virtual size (64M, 1G; default: the backing's)")
+    create.set_defaults(func=cmd_disk_create)
+    info = verbs.add_parser("info", help="what qemu-img info says (--output json: the same keys)")
+    info.add_argument("--output", choices=("human", "json"), default="human")
+    info.add_argument("-f", "--format", choices=("qcow2", "raw"), help="the image's format (default: probed)")
+    info.add_argument("file")
+    info.set_defaults(func=cmd_disk_info)
+    check = verbs.add_parser("check", help="check the metadata",
+                             description="Exit status as qemu-img check: 0 clean, 1 check not completed, "
+                                         "2 corruptions, 3 leaked clusters only.")
+    check.add_argument("--output", choices=("human", "json"), default="human")
+    check.add_argument("-r", "--repair", choices=("leaks",), help="repair leaked clusters")
+    check.add_argument("-f", "--format", choices=("qcow2", "raw"), help="the image's format (default: probed)")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_disk_check)
+    commit = verbs.add_parser("commit", help="copy an overlay into its backing file and empty it")
+    commit.add_argument("-d", "--keep", action="store_true", help="do not empty the overlay")
+    commit.add_argument("file")
+    commit.set_defaults(func=cmd_disk_commit)
+    map_ = verbs.add_parser("map", help="where each range of the virtual disk is stored, down the chain")
+    map_.add_argument("--output", choices=("human", "json"), default="human")
+    map_.add_argument("-f", "--format", choices=("qcow2", "raw"), help="the image's format (default: probed)")
+    map_.add_argument("file")
+    map_.set_defaults(func=cmd_disk_map)
+
+
 def memory_size(text: str) -> int:
     """``--memory``: bytes (``2097152``, ``0x200000``) or binary units (``2M``, ``64MiB``, ``512K``, ``1G``)."""
     match = _SIZE.fullmatch(text.strip())
@@ -264,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot.add_argument("file")
     snapshot.add_argument("--json", action="store_true")
     snapshot.set_defaults(func=cmd_snapshot)
+    _add_disk_parser(sub)
     return parser
 
 

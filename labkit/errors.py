@@ -16,7 +16,12 @@ where they happen, so callers catch labkit errors only::
      ├── NotModelled            the guest asked a device for a feature labkit does not model (ends the run, not raised)
      ├── GuestMemoryError       a host-side access to guest memory outside every memory region
      ├── VirtqueueError         a virtqueue in guest memory breaks the virtio rules (the device needs a reset)
-     └── SnapshotError          a snapshot cannot be saved, or a snapshot file is corrupt, truncated or mismatched
+     ├── SnapshotError          a snapshot cannot be saved, or a snapshot file is corrupt, truncated or mismatched
+     └── StorageError           a disk image or datastore operation failed (labkit.storage)
+          ├── ImageFormatError  a file is not a valid image: bad header, corrupt or truncated metadata
+          ├── UnsupportedImage  a valid qcow2 using a feature labkit does not implement (named)
+          ├── ImageRangeError   a read/write/discard outside the virtual disk (offset, length)
+          └── DatastoreFull     a write cannot be stored: the datastore's capacity or ENOSPC; nothing acknowledged
 """
 
 from __future__ import annotations
@@ -99,6 +104,39 @@ class VirtqueueError(LabkitError):
 
 class SnapshotError(LabkitError):
     """A snapshot file is corrupt, truncated, of another version or kind, or cannot be written; the message says which."""
+class StorageError(LabkitError):
+    """A disk image or datastore operation failed (``labkit.storage``)."""
+
+
+class ImageFormatError(StorageError):
+    """A file is not a valid image: its header, tables or length contradict the format.
+
+    The message names the file, the structure and the offset; the image is refused rather than read as wrong data.
+    """
+
+
+class UnsupportedImage(StorageError):
+    """A valid qcow2 file uses a feature labkit does not implement (compression, encryption, ...); named in the message."""
+
+
+class ImageRangeError(StorageError, ValueError):
+    """A read, write or discard reaches outside the virtual disk (or has a negative offset or length)."""
+
+
+class DatastoreFull(StorageError):
+    """A write needs space the datastore (or the file system, ENOSPC) cannot give.
+
+    Raised before anything of the write is acknowledged or linked into the image: every earlier
+    write stays readable, and the same write succeeds once space is freed. ``needed`` and
+    ``available`` are bytes; ``datastore`` is the :class:`labkit.storage.Datastore` (or ``None`` for
+    a plain file system), whose ``when_space`` a caller uses to resume.
+    """
+
+    def __init__(self, message: str, needed: int, available: int, datastore: object = None):
+        super().__init__(message)
+        self.needed = needed
+        self.available = available
+        self.datastore = datastore
 
 
 def strerror(errno: int | None) -> str:

@@ -1,0 +1,210 @@
+"""``Datastore``: a folder with a capacity, shared by several VMs' disks and overlays (a LUN in vSphere).
+
+Every image opened or created through a datastore grows its file only through
+:meth:`Datastore.grow` (it is the images' :class:`~labkit.storage.hostfile.Space`). Under the
+datastore's lock, that checks the bytes in use (the lengths of all files in the folder, as a
+thick LUN counts them) plus the growth against the capacity, then reserves the blocks with
+``posix_fallocate``. A write that does not fit raises :class:`~labkit.errors.DatastoreFull`
+*before* anything of it is written or linked into the image (see the order in
+:mod:`labkit.storage.qcow2`): no earlier write is lost, and the same write succeeds later.
+A full file system (ENOSPC) raises the same error.
+
+Space is freed by :meth:`commit` (the overlay is emptied and its file trimmed), :meth:`delete`,
+a discard that frees the end of a file, and :meth:`set_capacity`; each wakes the writers
+waiting in :meth:`when_space` / :meth:`wait_for_space`.
+
+How a block device pauses its VM on a full datastore (QEMU's ``werror=enospc``, vSphere's
+"no more space for virtual disk"): it catches :class:`DatastoreFull` from ``image.write``,
+keeps the request unanswered (no status, nothing in the used ring), pauses the VM, and calls
+``datastore.when_space(error.needed, resume)``. ``resume`` is called from the thread that freed
+the space, perhaps inside another image's commit, so it only signals the VM's own thread, which
+retries the same write (a retry refused again pauses again: another VM may have taken the space
+first) and, once it succeeds, completes the request and lets the VM run. Every VM whose writes need new space pauses the same way; a VM that only overwrites
+its own clusters keeps running.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Callable
+
+from labkit.errors import ConfigError, DatastoreFull, StorageError
+from labkit.storage import chain
+from labkit.storage.hostfile import ImageFile, extend
+from labkit.storage.image import DiskImage
+from labkit.storage.qcow2 import Qcow2Image
+from labkit.storage.raw import RawImage
+
+
+class Waiter:
+    """A writer waiting for ``needed`` free bytes; :meth:`cancel` stops waiting."""
+
+    def __init__(self, datastore: "Datastore", needed: int, callback: Callable[[], None]):
+        self.datastore = datastore
+        self.needed = needed
+        self.callback = callback
+        self.done = threading.Event()
+
+    def cancel(self) -> None:
+        self.datastore._forget(self)
+
+
+class Datastore:
+    """A folder of images with ``capacity`` bytes (created if missing)."""
+
+    def __init__(self, path: str | os.PathLike[str], capacity: int):
+        self.path = os.path.abspath(os.fspath(path))
+        self._check_capacity(capacity)
+        os.makedirs(self.path, exist_ok=True)
+        self._capacity = capacity
+        self._lock = threading.RLock()
+        self._waiters: list[Waiter] = []
+        self.refusals = 0  # writes refused for want of space (a counter for figures)
+
+    # -- space ----------------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def set_capacity(self, capacity: int) -> None:
+        """Raise (or lower) the capacity; writers waiting for space are woken if it now suffices."""
+        self._check_capacity(capacity)
+        with self._lock:
+            self._capacity = capacity
+        self._wake()
+
+    def used(self) -> int:
+        """Bytes in use: the lengths of the regular files in the folder."""
+        total = 0
+        with os.scandir(self.path) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+        return total
+
+    def free(self) -> int:
+        """Bytes a write may still add: what the capacity leaves, at most what the file system has."""
+        stat = os.statvfs(self.path)
+        return max(0, min(self._capacity - self.used(), stat.f_bavail * stat.f_frsize))
+
+    def grow(self, file: ImageFile, new_length: int) -> None:
+        """Extend ``file`` (in this folder) to ``new_length`` if the capacity allows, else raise :class:`DatastoreFull`."""
+        with self._lock:
+            extra = new_length - file.length
+            used = self.used()
+            if used + extra > self._capacity:
+                self.refusals += 1
+                raise DatastoreFull(
+                    f"datastore {self.path} is full: {os.path.basename(file.path)} needs {extra} more bytes, "
+                    f"{max(0, self._capacity - used)} of its {self._capacity} are free; free space (commit or "
+                    "delete an overlay, or raise the capacity) and retry", needed=extra,
+                    available=max(0, self._capacity - used), datastore=self)
+            try:
+                extend(file.fd, file.length, new_length, file.path, datastore=self)
+            except DatastoreFull:
+                self.refusals += 1
+                raise
+            file.length = new_length
+
+    def released(self, file: ImageFile) -> None:
+        self._wake()
+
+    def when_space(self, needed: int, callback: Callable[[], None]) -> Waiter:
+        """Call ``callback()`` once when ``needed`` bytes are free (now, if they are).
+
+        It runs in the thread that freed the space (a commit, a delete, ``set_capacity``): it should only
+        signal the waiting writer's own thread, not write itself.
+        """
+        waiter = Waiter(self, needed, callback)
+        with self._lock:
+            self._waiters.append(waiter)
+        self._wake()
+        return waiter
+
+    def wait_for_space(self, needed: int, timeout: float | None = None) -> bool:
+        """Block until ``needed`` bytes are free (True) or ``timeout`` seconds pass (False)."""
+        waiter = self.when_space(needed, lambda: None)
+        if waiter.done.wait(timeout):
+            return True
+        waiter.cancel()
+        return waiter.done.is_set()
+
+    @property
+    def waiting(self) -> int:
+        """How many writers wait for space."""
+        with self._lock:
+            return len(self._waiters)
+
+    def _forget(self, waiter: Waiter) -> None:
+        with self._lock:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        with self._lock:
+            if not self._waiters:
+                return
+            free = self.free()
+            ready = [w for w in self._waiters if w.needed <= free]
+            self._waiters = [w for w in self._waiters if w.needed > free]
+        for waiter in ready:
+            waiter.done.set()
+            waiter.callback()
+
+    @staticmethod
+    def _check_capacity(capacity: object) -> None:
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity <= 0:
+            raise ConfigError(f"a datastore capacity is a positive number of bytes, not {capacity!r}")
+
+    # -- images ---------------------------------------------------------------------------------
+
+    def file(self, name: str) -> str:
+        """The path of image ``name`` in this folder (a plain file name: no folders, not hidden)."""
+        if not isinstance(name, str) or not name or name.startswith(".") or os.sep in name or \
+                (os.altsep and os.altsep in name):
+            raise ConfigError(f"{name!r} is not an image name in a datastore (a plain file name)")
+        return os.path.join(self.path, name)
+
+    def names(self) -> list[str]:
+        return sorted(e.name for e in os.scandir(self.path) if e.is_file() and not e.name.startswith("."))
+
+    def create_raw(self, name: str, size: int) -> str:
+        """A thick raw base image of ``size`` bytes (its whole size is taken from the capacity)."""
+        RawImage.create(self.file(name), size, space=self).close()
+        return self.file(name)
+
+    def create_qcow2(self, name: str, size: int, cluster_size: int = 65536) -> str:
+        Qcow2Image.create(self.file(name), size, cluster_size=cluster_size, space=self)
+        return self.file(name)
+
+    def create_overlay(self, name: str, backing: str, cluster_size: int = 65536) -> str:
+        """A qcow2 overlay (a "snapshot" in vSphere's words) over image ``backing`` of this datastore."""
+        chain.create_overlay(self.file(name), self.file(backing), cluster_size=cluster_size, space=self)
+        return self.file(name)
+
+    def open(self, name: str, writable: bool = True, barriers: bool = True) -> DiskImage:
+        """Open image ``name`` and its backing chain; its file grows through this datastore."""
+        return chain.open_image(self.file(name), writable=writable, space=self, barriers=barriers)
+
+    def delete(self, name: str) -> None:
+        """Delete image ``name``; waiting writers are woken. An image that is open (its lock held) is refused."""
+        held = ImageFile(self.file(name), writable=True)  # the writer's lock: nobody else has it open
+        try:
+            os.unlink(held.path)
+        except OSError as error:
+            raise StorageError(f"cannot delete {held.path}: {error.strerror}") from None
+        finally:
+            held.close()
+        self._wake()
+
+    def commit(self, name: str) -> int:
+        """Commit overlay ``name`` into its parent and empty it (``qemu-img commit``); returns bytes copied.
+
+        Both must be closed elsewhere (the parent's writer lock is taken): a base other open overlays read is
+        refused, since the commit would change what they read.
+        """
+        copied = chain.commit(self.file(name), space=self)
+        self._wake()
+        return copied
