@@ -328,3 +328,54 @@ def block_devices(disk: Any, name: str = DEVICE_NAME, *, base: int = layout.VIRT
 
     return [DeviceSpec(name, "mmio", base, t.MMIO_SIZE, build),
             DeviceSpec(f"{name}-notify", "pio", notify_port, 2, build_port)]
+
+
+# -- the guest driver's parameters and answer (guests/blk64.S) ------------------------------
+
+PARAMS_ADDRESS = 0x80000
+"""Where ``blk64`` reads its parameter block (``Machine.write_memory`` before the run)."""
+PARAMS_MAGIC = 0x42504B42  # "BKPB"
+PATTERNS = ("sequential", "random", "rewrite")
+_MIX = 0x9E3779B97F4A7C15
+_MASK = (1 << 64) - 1
+
+
+def blk64_parameters(pattern: str = "sequential", sectors: int = 8, requests: int = 8, seed: int = 1) -> bytes:
+    """The parameter block of ``blk64``: ``requests`` writes of ``sectors`` sectors each, where ``pattern`` says."""
+    if pattern not in PATTERNS:
+        raise ConfigError(f"the write pattern is one of {', '.join(PATTERNS)}, not {pattern!r}")
+    if not 1 <= sectors <= 128 or not 1 <= requests < 1 << 32 or not 1 <= seed < 1 << 32:
+        raise ConfigError(f"blk64 takes 1-128 sectors per request, at least one request and a seed from 1 to "
+                          f"2**32-1; got {sectors}, {requests}, {seed}")
+    return struct.pack("<5I", PARAMS_MAGIC, PATTERNS.index(pattern), sectors, requests, seed)
+
+
+def blk64_sectors(pattern: str, sectors: int, requests: int, seed: int, capacity: int) -> list[int]:
+    """The first sector of each of ``blk64``'s requests (the same computation as the guest's ``pick``)."""
+    extents = capacity // sectors
+    state, firsts = seed, []
+    for number in range(requests):
+        if pattern == "random":
+            state ^= (state << 13) & _MASK
+            state ^= state >> 7
+            state ^= (state << 17) & _MASK
+            extent = state % extents
+        else:
+            extent = number % 4 if pattern == "rewrite" else number
+        firsts.append(extent * sectors)
+    return firsts
+
+
+def blk64_qword(index: int, seed: int) -> int:
+    """What ``blk64`` writes as the ``index``-th 64-bit word of the disk."""
+    return ((index * _MIX) & _MASK) ^ seed
+
+
+def blk64_console(pattern: str = "sequential", sectors: int = 8, requests: int = 8, seed: int = 1, *,
+                  capacity: int) -> str:
+    """The console of a ``blk64`` run that verified everything, computed here without running it."""
+    checksum = 0
+    for first in blk64_sectors(pattern, sectors, requests, seed, capacity):
+        for index in range(64 * first, 64 * (first + sectors)):
+            checksum = (((checksum << 1) | (checksum >> 63)) & _MASK) + blk64_qword(index, seed) & _MASK
+    return f"blk64 checksum {checksum:016x}\n"
