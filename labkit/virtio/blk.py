@@ -118,6 +118,14 @@ class VirtioBlock(VirtioMmioDevice):
     COUNTERS = ("notifications", "ignored", "resets", "requests", "reads", "writes", "bytes_read",
                 "bytes_written", "flushes", "errors", "stalls")
     KIND = "virtio block device"
+    requests: int
+    reads: int
+    writes: int
+    bytes_read: int
+    bytes_written: int
+    flushes: int
+    errors: int
+    stalls: int
 
     def __init__(self, memory: GuestMemory, disk: Disk, *, name: str = DEVICE_NAME, serial: bytes = b"",
                  pause: Callable[[str], None], on_resume: Callable[[Callable[[], None]], None]):
@@ -169,7 +177,7 @@ class VirtioBlock(VirtioMmioDevice):
             waiting = queue.pending()
             while waiting:
                 position = queue.last_avail
-                chain = queue.pop()
+                chain = queue.pop(gather=False)  # the data is written to the disk from guest memory directly
                 try:
                     written = self._answer(chain)
                 except DatastoreFull as error:
@@ -217,7 +225,7 @@ class VirtioBlock(VirtioMmioDevice):
                                  f"{HEADER.size}-byte header (type, reserved, sector)")
         if writable < 1:
             raise VirtqueueError(f"request {chain.head}: no device-writable byte for the status")
-        kind, _reserved, sector = HEADER.unpack_from(chain.data, 0)
+        kind, _reserved, sector = HEADER.unpack(self._gather(chain, HEADER.size))
         out_bytes = readable - HEADER.size  # data the driver gave
         in_bytes = writable - 1  # room for data the device returns
         if kind == VIRTIO_BLK_T_IN:
@@ -227,7 +235,7 @@ class VirtioBlock(VirtioMmioDevice):
         elif kind == VIRTIO_BLK_T_OUT:
             status = self._check_io(sector, out_bytes, in_bytes == 0 and not self.read_only)
             if status == VIRTIO_BLK_S_OK:
-                status = self._disk_io(lambda: self._write(sector * SECTOR_SIZE, chain.data, out_bytes))
+                status = self._disk_io(lambda: self._write(sector * SECTOR_SIZE, chain, out_bytes))
             in_bytes = 0
         elif kind == VIRTIO_BLK_T_FLUSH:
             status = self._disk_io(self._flush) if out_bytes == 0 and in_bytes == 0 else VIRTIO_BLK_S_IOERR
@@ -278,9 +286,28 @@ class VirtioBlock(VirtioMmioDevice):
             self.memory.view(address, piece)[:] = data[done:done + piece]
             done += piece
 
-    def _write(self, offset: int, data: bytes | memoryview, length: int) -> None:
-        if length:
-            self.disk.write(offset, memoryview(data)[HEADER.size:HEADER.size + length])
+    def _gather(self, chain: Chain, length: int) -> bytes:
+        """The first ``length`` device-readable bytes of the chain (the header)."""
+        if chain.data:
+            return bytes(chain.data[:length])
+        pieces, left = [], length
+        for address, size in chain.readable:
+            if not left:
+                break
+            pieces.append(self.memory.read(address, min(size, left)))
+            left -= len(pieces[-1])
+        return b"".join(pieces)
+
+    def _write(self, offset: int, chain: Chain, length: int) -> None:
+        """The device-readable bytes after the header to the disk from ``offset``, buffer by buffer, no copy."""
+        skip = HEADER.size
+        for address, size in chain.readable:
+            if skip >= size:
+                skip -= size
+                continue
+            self.disk.write(offset, self.memory.view(address + skip, size - skip))
+            offset += size - skip
+            skip = 0
         self.writes += 1
         self.bytes_written += length
 

@@ -34,6 +34,7 @@ raised into the machine's run, and the device writes only the used ring.
 
 from __future__ import annotations
 
+import builtins
 from typing import Any, Callable
 
 from labkit.errors import GuestMemoryError, VirtqueueError
@@ -73,8 +74,10 @@ class VirtioConsole(VirtioMmioDevice):
     QUEUE_WRITABLE = (True, False)  # receiveq (never given a buffer back), transmitq (device reads only)
     COUNTERS = ("notifications", "ignored", "chains", "bytes", "resets")
     KIND = "virtio console"
+    chains: int
+    bytes: int
 
-    def __init__(self, memory: GuestMemory, console: Callable[[bytes | memoryview], None]):
+    def __init__(self, memory: GuestMemory, console: Callable[[builtins.bytes | memoryview], None]):
         self.console = console
         super().__init__(memory)
 

@@ -121,6 +121,9 @@ class VirtioMmioDevice:
     QUEUE_WRITABLE: tuple[bool, ...] = ()
     COUNTERS: tuple[str, ...] = ("notifications", "ignored", "resets")
     KIND = "virtio device"
+    notifications: int
+    ignored: int
+    resets: int
 
     def __init__(self, memory: GuestMemory):
         self.memory = memory
