@@ -76,7 +76,9 @@ def test_pause_then_resume_equals_an_uninterrupted_run(name, backend_name):
             assert (result.console, str(result.status), result.regs, sregs) == \
                    (reference.console, str(reference.status), reference.regs, reference_sregs), f"paused at {point}"
 
-    assert points_tested >= 1 or exits == 1
+    # a step never ends inside an MMIO access: a guest whose exits before its last are all MMIO (a virtio
+    # driver finding no device) has no point to pause at
+    assert points_tested >= 1 or all(record.reason == "MMIO" for record in list(reference.trace)[:-1])
     for interval in PAUSE_EVERY_S:  # and at whatever points a thread pausing every few ms hits
         with machine_for(name, backend_name) as machine:
             done = threading.Event()
