@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from backends import HAS_KVM
 
 from labkit import Machine
 from labkit.storage import Datastore, RawImage, open_image
@@ -82,3 +83,24 @@ def test_a_full_datastore_pauses_the_vm_and_it_resumes_losing_nothing(backend_na
     assert len(messages) >= 2
     assert all("virtio-blk: a guest write to vm.qcow2 cannot be stored" in m and "datastore" in m
                and "free space and run it again" in m for m in messages)
+
+
+def test_a_vm_paused_on_a_full_datastore_moves_to_the_other_backend_and_retries_there(backend_name, tmp_path):
+    store = Datastore(tmp_path / "lun", capacity=64 << 20)
+    store.create_raw("base.raw", DISK)
+    store.create_overlay("vm.qcow2", "base.raw", cluster_size=4096)
+    with open(store.file("filler"), "wb") as filler:
+        filler.write(bytes(256 << 10))
+    store.set_capacity(store.used() + (32 << 10))
+    devices = block_devices(lambda: store.open("vm.qcow2"))
+    with Machine("blk64", backend=backend_name, devices=devices) as machine:
+        machine.write_memory(PARAMS_ADDRESS, blk64_parameters("sequential", 8, 24, 5))
+        paused = machine.run(timeout=60)
+        assert paused.status.kind is StatusKind.PAUSED and "vm.qcow2" in paused.status.message
+        snapshot = machine.snapshot()
+    os.unlink(store.file("filler"))
+    other = {"kvm": "emu", "emu": "kvm" if HAS_KVM else "emu"}[backend_name]
+    with Machine.from_snapshot(snapshot, backend=other, devices=devices) as moved:
+        result = moved.run(timeout=60)
+    assert (result.status.kind, result.status.code) == (StatusKind.EXITED, 0), result.status
+    assert result.console == blk64_console("sequential", 8, 24, 5, capacity=CAPACITY)
