@@ -11,9 +11,11 @@ or WRONG (a failure). tests/storage/test_corruption.py runs a sample.
 
     python benchmarks/corruption_sweep_qcow2.py [--step 1] [--mask 0xff ...] [--no-truncations] [--results FILE]
 
-With ``--mask 0x01`` some flips read wrong data that no checker can see: bit 0 of an L2 entry is the
-zero flag, and a zero cluster that keeps its host cluster is a valid state (QEMU writes it too); qcow2
-has no checksums. The issue's sweep is the byte flip (0xff), which always sets reserved bits there.
+With ``--mask 0x01`` the flips of bit 0 of each L2 entry read wrong data that no checker can see: it is
+the zero flag, and a zero cluster (with or without its host cluster) is a valid state that QEMU writes too;
+qcow2 has no checksums (results/corruption_sweep_qcow2_mask01.json: exactly those 256 entries per
+reference, every other flip refused or harmless). The issue's byte flip (0xff) always sets reserved bits
+there as well, and is refused.
 
 Results go to benchmarks/results/corruption_sweep_qcow2.json.
 """

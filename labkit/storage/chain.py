@@ -59,7 +59,7 @@ def _open(path: str, writable: bool, space: Space | None, format: str | None, ba
         return RawImage.open(path, writable=writable, space=space)
     if kind != "qcow2":
         raise ConfigError(f"format {kind!r}: labkit reads raw and qcow2")
-    file = ImageFile(path, writable=writable, space=space)
+    file = ImageFile(path, lock=False)  # a look at the header for the backing file; the image opens below
     try:
         header = read_header(file)
     finally:

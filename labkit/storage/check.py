@@ -55,8 +55,9 @@ class CheckReport:
                                   "check-errors": 1 if self.error else 0}
         if self.format == "qcow2" and self.error is None:
             report.update({"image-end-offset": self.image_end_offset, "total-clusters": self.total_clusters,
-                           "allocated-clusters": self.allocated_clusters,
-                           "fragmented-clusters": self.fragmented_clusters})
+                           "allocated-clusters": self.allocated_clusters})
+            if self.fragmented_clusters:
+                report["fragmented-clusters"] = self.fragmented_clusters
         if self.corruptions:
             report["corruptions"] = len(self.corruptions)
         if self.leaks:

@@ -231,11 +231,10 @@ def scan(file: ImageFile, header: fmt.Header) -> Scan:
                 references[cluster] += 1
             if (l2 >> 63) != (refcounts[cluster] == 1):
                 copied.append((cluster, l2 >> 63, index, slot))
-            if not l2 & fmt.ZERO:
-                allocated += 1
-                if previous >= 0 and host != previous + cs:
-                    fragmented += 1
-                previous = host
+            allocated += 1  # as qemu-img check counts: every entry with a host cluster, zero clusters too
+            if previous >= 0 and host != previous + cs:
+                fragmented += 1
+            previous = host
     # Refcounts against references.
     leaks: list[int] = []
     for cluster in range(nclusters) if refcounts != references else ():

@@ -174,6 +174,9 @@ def decode_header(first: bytes, file_length: int, filename: str = "image") -> He
         raise _fail(filename, f"the header cluster is cut off: {len(first)} of {cluster} bytes")
     if header_length < HEADER_LENGTH or header_length % 8 or header_length > cluster:
         raise _fail(filename, f"header_length {header_length} (must be >= 104, a multiple of 8, within the cluster)")
+    if header_length + 8 > len(first):
+        raise _fail(filename, f"the header ({header_length} bytes) and its extensions' end marker run past the end "
+                              f"of the file ({file_length} bytes)")
     # Features labkit does not implement: refused by name ("Header", incompatible/autoclear bits).
     names = _feature_names(first, header_length, cluster, filename)
     unknown_incompat = incompat & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)

@@ -84,3 +84,21 @@ def test_bad_input_is_one_line(tmp_path):
     (tmp_path / "junk.qcow2").write_bytes(b"QFI\xfb" + bytes(100))
     done = labkit("info", "junk.qcow2", cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.startswith("labkit: error: ") and done.stderr.count("\n") == 1
+
+
+def test_check_json_matches_qemu_img(tmp_path):
+    assert labkit("create", "disk.qcow2", "4M", cwd=tmp_path).returncode == 0
+    qemu_io(str(tmp_path / "disk.qcow2"), "write -P 1 0 300k", "write -P 2 2M 64k")
+    ours = json.loads(labkit("check", "--output", "json", "disk.qcow2", cwd=tmp_path).stdout)
+    theirs = json.loads(qemu_img("check", "--output", "json", str(tmp_path / "disk.qcow2")).stdout)
+    theirs["filename"] = "disk.qcow2"
+    assert ours == theirs
+
+
+def test_check_json_counts_zero_clusters_with_a_host_cluster_as_qemu_does(tmp_path):
+    assert labkit("create", "disk.qcow2", "1M", "--cluster-size", "4K", cwd=tmp_path).returncode == 0
+    qemu_io(str(tmp_path / "disk.qcow2"), "write -P 1 0 64k", "write -z 0 32k", "write -P 3 200k 12k")
+    ours = json.loads(labkit("check", "--output", "json", "disk.qcow2", cwd=tmp_path).stdout)
+    theirs = json.loads(qemu_img("check", "--output", "json", str(tmp_path / "disk.qcow2")).stdout)
+    theirs["filename"] = "disk.qcow2"
+    assert ours == theirs
