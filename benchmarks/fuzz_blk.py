@@ -1,4 +1,4 @@
-"""N random virtio-blk requests and chains against the block device (tests/unit/test_virtio_blk.py's fuzz, which runs 100).
+"""N random virtio-blk requests and chains against the block device (tests/unit/test_virtio_blk_requests.py's fuzz, which runs 100).
 
 Each case: a fresh device over 2 MiB of host RAM and a 32 KiB in-memory disk, one random request (random type,
 sector near the capacity or near 2**64, length, buffer address inside, across or outside RAM, data on either
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "unit")]
 
-import test_virtio_blk  # noqa: E402
+import test_virtio_blk_requests as test_virtio_blk  # noqa: E402
 
 
 def main() -> None:
