@@ -188,8 +188,12 @@ class DeviceQueue:
                                  f"{self.last_avail}: more than the queue size {self.size}")
         return waiting
 
-    def pop(self) -> Chain:
-        """Take and validate the chain at the device's next available slot (call only while :meth:`pending`)."""
+    def pop(self, gather: bool = True) -> Chain:
+        """Take and validate the chain at the device's next available slot (call only while :meth:`pending`).
+
+        With ``gather`` False a chain of several buffers comes without ``data`` (``b""``): a device that
+        reads its buffers itself (the block device's megabyte writes) saves the copy.
+        """
         slot = self.last_avail % self.size
         head = _U16.unpack_from(self._avail, 4 + 2 * slot)[0]
         if head >= self.size:
@@ -198,7 +202,7 @@ class DeviceQueue:
         if flags == 0 and length:  # the common case, one device-readable buffer: the same checks, less work
             chain = Chain(head, ((addr, length),), (), self._view("descriptor", head, addr, length))
         else:
-            chain = self._walk(head)
+            chain = self._walk(head, gather)
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return chain
 
@@ -214,7 +218,7 @@ class DeviceQueue:
             raise VirtqueueError(f"{where} {index}: buffer [{addr:#x}, {addr + length:#x}) "
                                  f"is not inside guest memory") from None
 
-    def _walk(self, head: int) -> Chain:
+    def _walk(self, head: int, gather: bool = True) -> Chain:
         pieces: list[bytes] = []
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
@@ -268,7 +272,11 @@ class DeviceQueue:
             elif writable:
                 raise VirtqueueError(f"{where} {index} is device-readable after a device-writable one (2.7.4.2)")
             else:
-                pieces.append(self._read(where, index, addr, length))
+                if gather:
+                    pieces.append(self._read(where, index, addr, length))
+                elif not self.memory.contains(addr, length):
+                    raise VirtqueueError(f"{where} {index}: buffer [{addr:#x}, {addr + length:#x}) "
+                                         f"is not inside guest memory")
                 readable.append((addr, length))
             if not flags & VIRTQ_DESC_F_NEXT:
                 return Chain(head, tuple(readable), tuple(writable), b"".join(pieces))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from time import perf_counter_ns
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from labkit import exits
 from labkit.backend import Backend, create_backend
@@ -32,7 +32,7 @@ from labkit.trace import ExitRecord, ExitTrace
 from labkit.vmm.bus import Bus, Buses, PortBus
 from labkit.vmm.devices import Console, DebugExit, HypercallPort, Uart16550
 from labkit.vmm.devices.spec import DeviceContext, DeviceSpec, no_armed_lines
-from labkit.vmm.exit_handling import Action, Situation, decide
+from labkit.vmm.exit_handling import Action, Situation, decide, paused
 from labkit.vmm.fault import FaultReporter
 from labkit.vmm.status import Origin, RunResult, Status, StatusKind
 from labkit.x86 import layout
@@ -141,6 +141,9 @@ class MachineCore:
         self._device_status: Status | None = None
         self._stop_regs: Regs | None = None
         self._pause_requested = False
+        self._pause_message = ""
+        self._resume_callbacks: list[Callable[[], None]] = []
+        self._closing: list[Callable[[], None]] = []  # close() of devices built from specs that have one
         self._halted_waiting = False
         self._carried_vector: int | None = None
         self.monitor = monitor
@@ -192,11 +195,15 @@ class MachineCore:
         context = DeviceContext(memory=self.memory, regs=self.backend.get_regs,
                                 raise_irq=self.interrupts.raise_irq, lower_irq=self.interrupts.lower_irq,
                                 kick=self.kick, set_armed=getattr(self.interrupts, "set_armed", no_armed_lines),
-                                console=self.console.extend, device=self._built_device)
+                                console=self.console.extend, device=self._built_device,
+                                pause=self.request_pause, on_resume=self._resume_callbacks.append)
         for spec in extra:
             if isinstance(spec, DeviceSpec):
                 device = spec.factory(context)
                 self._add(spec.name, spec.bus, spec.base, spec.length, device)
+                close = getattr(device, "close", None)
+                if callable(close):
+                    self._closing.append(close)
             elif isinstance(spec, tuple) and len(spec) == 4:
                 bus, base, length, device = spec
                 self._add(f"{type(device).__name__}@{bus}:{base:#x}", bus, base, length, device)
@@ -385,8 +392,13 @@ class MachineCore:
         """Make a run in progress leave the guest at the next instruction boundary (any thread)."""
         self.backend.kick()
 
-    def request_pause(self) -> None:
-        """Make the run in progress (or else the next one) return with status ``paused`` (any thread)."""
+    def request_pause(self, message: str = "") -> None:
+        """Make the run in progress (or else the next one) return with status ``paused`` (any thread).
+
+        ``message`` is the status's message: why a device paused the machine (``DeviceContext.pause``).
+        """
+        if message:
+            self._pause_message = message
         self._pause_requested = True
         self.stop = True
         self.kick()
@@ -441,10 +453,13 @@ class MachineCore:
         self._stop_regs = None
         self._resumed_ns = perf_counter_ns()
         status: Status | None = None
+        callbacks, self._resume_callbacks[:] = list(self._resume_callbacks), []
+        for callback in callbacks:  # devices retry what stopped them (DeviceContext.on_resume) before the guest runs
+            callback()
         try:
             while status is None:
                 if self._pause_requested:
-                    status = Status(StatusKind.PAUSED)
+                    status = paused(self._pause_message)
                     break
                 remaining = deadline - time.monotonic()
                 if self._halted_waiting and self._carried_vector is not None:
@@ -462,7 +477,7 @@ class MachineCore:
                 returned_ns = perf_counter_ns()  # the backend handed the exit over: labkit's handling starts
                 decision = decide(exit, Situation(
                     device_status=self._device_status, pause_requested=self._pause_requested,
-                    stepping=stepping and bool(self._step_out),
+                    pause_message=self._pause_message, stepping=stepping and bool(self._step_out),
                     halt_can_wait=self._halt_can_wait, where=self._where))
                 if decision.record:
                     self._record(int(exit.reason), self._rip(), None, None, None, None, returned_ns)
@@ -477,6 +492,7 @@ class MachineCore:
         finally:
             self._stepping = False
         if status.kind is StatusKind.PAUSED or not status.kind.resumable:
+            self._pause_message = ""
             self._pause_requested = False  # consumed (a pause that lands in a step's end waits for the next)
         self.status = status
 
@@ -660,4 +676,6 @@ class MachineCore:
     def close(self) -> None:
         if self.pit is not None:
             self.pit.close()
+        for close in self._closing:  # a disk's file and lock go with the machine
+            close()
         self.backend.close()

@@ -59,6 +59,8 @@ class Situation:
     device_status: Status | None = None
     """The status a device set while the guest waited (``exited``, ``fault``, ``error``, ...)."""
     pause_requested: bool = False
+    pause_message: str = ""
+    """Why the machine pauses, when a device asked (``DeviceContext.pause``); empty for ``Machine.pause()``."""
     stepping: bool = False
     """The run returns after each recorded exit (``Machine.steps``)."""
     halt_can_wait: Callable[[], bool] = lambda: False
@@ -86,13 +88,18 @@ PAUSED = Status(StatusKind.PAUSED)
 STEPPED = Status(StatusKind.RUNNING)
 
 
+def paused(message: str = "") -> Status:
+    """The status of a pause, with the device's reason if one asked for it."""
+    return Status(StatusKind.PAUSED, message=message) if message else PAUSED
+
+
 def decide(exit: exits.Exit, situation: Situation = Situation()) -> Decision:
     """What the core does after the backend returned ``exit``."""
     if isinstance(exit, (exits.Io, exits.Mmio)):  # already dispatched and recorded
         if situation.device_status is not None:
             return Decision(Action.STOP, situation.device_status)
         if situation.pause_requested:
-            return Decision(Action.STOP, PAUSED)
+            return Decision(Action.STOP, paused(situation.pause_message))
         if situation.stepping:
             return Decision(Action.STOP, STEPPED)
         return Decision(Action.RESUME)
@@ -100,7 +107,7 @@ def decide(exit: exits.Exit, situation: Situation = Situation()) -> Decision:
         if situation.device_status is not None:
             return Decision(Action.STOP, situation.device_status)
         if situation.pause_requested:
-            return Decision(Action.STOP, PAUSED)
+            return Decision(Action.STOP, paused(situation.pause_message))
         return Decision(Action.RESUME)
     if isinstance(exit, exits.Hlt) and situation.halt_can_wait():
         return Decision(Action.WAIT, record=True)

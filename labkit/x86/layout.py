@@ -89,5 +89,9 @@ VIRTIO_NOTIFY_PORT = 0xF6
 """Virtqueue notification: a 16-bit write of the queue index (``labkit.virtio``; a KVM_IOEVENTFD can take it)."""
 VIRTIO_MMIO_BASE = 0x3FFF_F000
 """The virtio console's virtio-mmio register block (one page, the last below MAPPED_LIMIT; above any RAM < 1 GiB)."""
+VIRTIO_BLK_MMIO_BASE = 0x3FFF_E000
+"""The virtio block device's virtio-mmio register block (the page below the console's)."""
+VIRTIO_BLK_NOTIFY_PORT = 0xF8
+"""The virtio block device's queue notification: a 16-bit write of the queue index (0xf6-0xf7 are the console's)."""
 FORWARDING_STUBS = 0x0000
 """Under a monitor (long mode only), the per-vector trap-forwarding stubs; the IVT is unused there."""

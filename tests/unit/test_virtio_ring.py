@@ -294,5 +294,5 @@ def test_the_device_specs_share_one_device():
     built[registers.name] = device = registers.factory(context)
     port = notify.factory(context)
     assert port.device is device
-    with pytest.raises(ConfigError, match="needs a VirtioConsole"):
+    with pytest.raises(ConfigError, match="needs a virtio device"):
         NotifyPort(object())

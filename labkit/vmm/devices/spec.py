@@ -39,6 +39,16 @@ def no_devices(name: str) -> Any:
     raise ConfigError(f"this device context has no machine whose device {name!r} could be looked up")
 
 
+def no_pause(message: str) -> None:
+    """``pause`` of a context without a machine (a test's stand-in)."""
+    raise ConfigError(f"this device context has no machine to pause ({message})")
+
+
+def no_resume(callback: Callable[[], None]) -> None:
+    """``on_resume`` of a context without a machine (a test's stand-in)."""
+    raise ConfigError("this device context has no machine whose next run could call back")
+
+
 @dataclass(frozen=True)
 class DeviceContext:
     """What a device may use: guest memory, the vCPU's registers, interrupt lines, and a kick.
@@ -54,7 +64,11 @@ class DeviceContext:
     ``console(data)`` appends bytes to the machine's console (what ``RunResult.console``
     shows, beside the UART's); ``device(name)`` is a device built before this one
     (a spec listed earlier), for a device that sits on two buses (a register block
-    and a notify port).
+    and a notify port).  ``pause(message)`` ends the run in progress with status
+    ``paused`` and that message (a device that cannot go on: a disk whose
+    datastore is full), and ``on_resume(callback)`` has the machine call
+    ``callback()`` at the start of its next run, before the guest runs (the
+    device retries what it could not do).
     """
 
     memory: GuestMemory
@@ -65,6 +79,8 @@ class DeviceContext:
     set_armed: Callable[[int, bool], None] = no_armed_lines
     console: Callable[[bytes | memoryview], None] = no_console
     device: Callable[[str], Any] = no_devices
+    pause: Callable[[str], None] = no_pause
+    on_resume: Callable[[Callable[[], None]], None] = no_resume
 
 
 @runtime_checkable
