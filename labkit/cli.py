@@ -1,4 +1,4 @@
-"""The ``labkit`` command: ``doctor``, ``guests``, ``run``, ``lab``, ``snapshot``, ``disk``."""
+"""The ``labkit`` command: ``doctor``, ``guests``, ``run``, ``run-many``, ``lab``, ``demo``, ``snapshot``, ``disk``."""
 
 from __future__ import annotations
 
@@ -262,6 +262,37 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return 1  # not reached: exec does not return
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Become Voila (``exec``) serving the instructor's live view (``labkit/widgets/live.ipynb``) as a page.
+
+    Bound to 127.0.0.1 unless ``--ip`` says otherwise, and always behind a token
+    (``--token``: Voila's login takes the one labkit makes and hands over in
+    ``JUPYTER_TOKEN``, never on the command line, which other users can read with
+    ``ps``).  As with ``labkit lab``, labkit becomes the server: stopping it stops its kernel.
+    """
+    from labkit.guest import Guest
+
+    if importlib.util.find_spec("voila") is None:
+        raise LabkitError("Voila is not installed: pip install 'labkit[classroom]' (or run scripts/setup classroom)")
+    Guest.named(args.guest)  # an unknown guest is a one-line error here, not a traceback on the page
+    if args.bytes <= 0:
+        raise ConfigError(f"--bytes must be positive, not {args.bytes}")
+    page = Path(__file__).resolve().parent / "widgets" / "live.ipynb"
+    env = dict(os.environ)
+    token = env.get("JUPYTER_TOKEN") or secrets.token_urlsafe(24)
+    env.update(JUPYTER_TOKEN=token, LABKIT_DEMO_GUEST=args.guest, LABKIT_DEMO_BACKEND=args.backend,
+               LABKIT_DEMO_BYTES=str(args.bytes))
+    command = [sys.executable, "-m", "voila", str(page), "--no-browser", "--token", f"--port={args.port}",
+               f"--Voila.ip={args.ip}"]
+    print(f"labkit: the live view of {args.guest}: http://{args.ip}:{args.port}/?token={token}", flush=True)
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, command, env)
+    except OSError as error:
+        raise LabkitError(f"cannot start Voila ({sys.executable} -m voila): {error.strerror}") from None
+    return 1  # not reached: exec does not return
+
+
 def _option_value(options: list[str], names: tuple[str, ...]) -> str | None:
     """The value of the last of ``names`` in ``options`` (``--name=value`` or ``--name value``), or None."""
     value = None
@@ -513,6 +544,14 @@ def build_parser() -> argparse.ArgumentParser:
     lab = sub.add_parser("lab", help="start JupyterLab on the notebooks (other options go to jupyter lab)")
     lab.add_argument("--notebooks", default=str(Path(__file__).resolve().parents[1] / "notebooks"))
     lab.set_defaults(func=cmd_lab, extra=[])
+
+    demo = sub.add_parser("demo", help="serve the instructor's live view as a page (Voila), for a projector")
+    demo.add_argument("--guest", default="uart_console64", help="the guest to run (default: uart_console64)")
+    demo.add_argument("--backend", default="auto", choices=("auto", "kvm", "emu"))
+    demo.add_argument("--bytes", type=int, default=64 * 1024, help="what uart_console64 writes (default 64 KiB)")
+    demo.add_argument("--port", type=int, default=8866)
+    demo.add_argument("--ip", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    demo.set_defaults(func=cmd_demo)
 
     snapshot = sub.add_parser("snapshot", help="show or check a snapshot file",
                               description="Exit status: 0 good, 2 corrupt, 1 cannot be read.")

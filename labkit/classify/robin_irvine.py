@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from labkit.classify.rules import Classification, Verdict
 from labkit.classify.runner import classify
+from labkit.progress import tracked
 
 @dataclass(frozen=True)
 class Experiment:
@@ -83,4 +84,4 @@ def robin_irvine_table(backend: str = "auto", *, umip: bool = True) -> list[Clas
     """
     return [classify(exp.instruction, backend=backend, mode=exp.mode, setup=exp.setup,
                      umip=umip and exp.umip)
-            for exp in ROBIN_IRVINE]
+            for exp in tracked(ROBIN_IRVINE, f"classifying on {backend}")]

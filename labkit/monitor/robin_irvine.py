@@ -30,6 +30,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from labkit.errors import ConfigError
+from labkit.progress import tracked
 from labkit.table import Table
 from labkit.vmm.status import RunResult, StatusKind, exception_name
 
@@ -241,7 +242,7 @@ def run_probes(backend: str, probes: tuple[Probe, ...] = ALL_PROBES, timeout: fl
     comes from the emulator and the row's ``reference`` says ``"emu"``.
     """
     rows = []
-    for probe in probes:
+    for probe in tracked(probes, f"probes on {backend}"):
         native_here = observation(run_probe(probe, "native", backend, timeout))
         native, reference = native_here, backend
         if not native_here.printed and backend != "emu" and native_here.kind == StatusKind.ERROR:

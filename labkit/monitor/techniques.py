@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 from labkit.errors import ConfigError, LabkitError
+from labkit.progress import tracked
 from labkit.table import Table
 from labkit.vmm.status import RunResult, exception_name
 
@@ -290,7 +291,7 @@ def compare_techniques(backend: str = "auto", *, timeout: float = 20.0, vmcs: An
     native_result, native_run = run_technique("native", None, chosen, timeout)
     native = native_result.console
     runs = []
-    for technique in TECHNIQUES:
+    for technique in tracked(TECHNIQUES, "comparing the techniques"):
         if technique not in techniques:
             continue
         if technique == "native":
