@@ -33,6 +33,10 @@ class ConfigError(LabkitError, ValueError):
     """An argument is out of range or inconsistent (memory size, mode, device arguments)."""
 
 
+class ExerciseFailed(LabkitError, AssertionError):
+    """An exercise's answer did not do what the exercise asks (:mod:`labkit.exercises`); the message says how."""
+
+
 class GuestError(LabkitError):
     """A guest cannot be loaded."""
 
