@@ -101,8 +101,9 @@ def _backend_name(backend: str) -> str:
 def _refused(exercise: str, expected: str, error: LabkitError, backend: str) -> Verdict:
     """A verdict for an answer labkit could not even run (it does not assemble, a bad parameter)."""
     first = str(error).strip().splitlines()
+    where = {"kvm": "KVM", "emu": "the emulator"}.get(backend, backend)
     return Verdict(exercise, False, expected, f"could not run: {type(error).__name__}: {' / '.join(first[:3])}",
-                   backend)
+                   where)
 
 
 def _status(result: RunResult) -> str:
@@ -369,6 +370,8 @@ def check_translation_set(translate: Collection[str], backend: str = "auto") -> 
         translated = run_translated(kernel, backend=backend, translate=chosen, timeout=TIMEOUT)
         where = _where(translated.origin, backend)
         difference = _first_difference(native.console, translated.console)
+        if translated.status.kind != StatusKind.HALTED:
+            difference = "; ".join(filter(None, (difference, f"the run ended {_status(translated)}")))
         if difference:
             return Verdict(exercise, False, expected, f"with {{{', '.join(sorted(chosen))}}}: {difference}", where)
         for name in sorted(chosen):

@@ -1,0 +1,180 @@
+"""labkit.exercises: every reference answer passes and plausible wrong ones fail, with the same verdict on both
+backends and a message that names the difference; the notebooks' nbgrader round trip (release, fill in, autograde).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from labkit import exercises
+from labkit.errors import ExerciseFailed
+from labkit.monitor.trap_emulate import TrapAndEmulate
+from labkit.monitor.vmx import Primary, Vmcs
+from labkit.monitor.vmx.vmcs import io_bitmaps, kvm_like
+
+OK_BY_HAND = "mov dx, 0x3f8\nmov al, 'O'\nout dx, al\nmov al, 'K'\nout dx, al\nmov al, 10\nout dx, al\nhlt"
+OK_BY_LOOP = """
+    lea rsi, [rip + text]
+    mov ecx, 3
+    mov dx, 0x3f8
+1:  lodsb
+    out dx, al
+    loop 1b
+    hlt
+text: .ascii "OK\\n"
+"""
+WRITE = "mov eax, 1\nlea rdi, [rip + message]\nmov esi, message_end - message\nint 0x80"
+WRITE_TWICE_HALF = """
+    mov eax, 1
+    lea rdi, [rip + message]
+    mov esi, 9
+    int 0x80
+    mov eax, 1
+    lea rdi, [rip + message + 9]
+    mov esi, message_end - message - 9
+    int 0x80
+"""
+
+
+class SkipWbinvd(TrapAndEmulate):
+    def on_trap(self, trap, context):
+        if trap.vector == 13 and context.read(trap.regs.rip, 2) == b"\x0f\x09":
+            trap.regs.rip += 2
+            return
+        super().on_trap(trap, context)
+
+
+class SkipAnyWbinvdByDecoding(TrapAndEmulate):
+    """Another correct answer: decode the instruction with labkit's decoder and skip its length."""
+
+    def on_trap(self, trap, context):
+        from labkit.monitor.vcpu import decode
+
+        decoded = decode(context.read(trap.regs.rip, 15), trap.regs.rip)
+        if trap.vector == 13 and decoded is not None and decoded.mnemonic == "wbinvd":
+            trap.regs.rip += decoded.length
+            return
+        super().on_trap(trap, context)
+
+
+class SkipOneByte(TrapAndEmulate):
+    def on_trap(self, trap, context):
+        if trap.vector == 13 and context.read(trap.regs.rip, 2) == b"\x0f\x09":
+            trap.regs.rip += 1
+            return
+        super().on_trap(trap, context)
+
+
+class HaltAtWbinvd(TrapAndEmulate):
+    """Wrong: treats wbinvd as the end of the kernel."""
+
+    def on_trap(self, trap, context):
+        from labkit.vmm.status import Status, StatusKind
+
+        if trap.vector == 13 and context.read(trap.regs.rip, 2) == b"\x0f\x09":
+            context.stop(Status(StatusKind.HALTED, message="wbinvd"))
+            return
+        super().on_trap(trap, context)
+
+
+BITMAP_A, BITMAP_B = io_bitmaps([0x3F8])
+ONLY_UART = Vmcs(primary=Primary.USE_IO_BITMAPS, io_bitmap_a=BITMAP_A, io_bitmap_b=BITMAP_B)
+ONLY_UART_FROM_KVM = kvm_like().with_controls(primary=Primary.USE_IO_BITMAPS, exception_bitmap=0,
+                                              io_bitmap_a=BITMAP_A, io_bitmap_b=BITMAP_B,
+                                              cr0_guest_host_mask=0, cr4_guest_host_mask=0)
+
+# exercise: (check, [right answers], [(wrong answer, words its message must contain)])
+CASES = {
+    "print_ok": (exercises.check_print_ok, [OK_BY_HAND, OK_BY_LOOP], [
+        (OK_BY_HAND.replace("mov al, 10\nout dx, al\n", ""), "printed 'OK'"),
+        (OK_BY_HAND.replace("'O'", "'o'").replace("'K'", "'k'"), "printed 'ok\\n'"),
+        (OK_BY_HAND.replace("0x3f8", "0x2f8"), "printed ''"),
+    ]),
+    "five_exits": (exercises.check_five_exits, ["mov dx, 0x3fd\nmov ecx, 5\n1: in al, dx\nloop 1b\nhlt",
+                                                "in al, 0x80\n" * 5 + "hlt"], [
+        ("mov dx, 0x3f8\nmov ecx, 5\n1: out dx, al\nloop 1b\nhlt", "printed '\\x00"),
+        ("mov dx, 0x3fd\nmov ecx, 4\n1: in al, dx\nloop 1b\nhlt", "made 4 IO exit(s)"),
+        ("mov dx, 0x3fd\nmov ecx, 5\n1: in al, dx\nout 0x80, al\nloop 1b\nhlt", "made 10 IO exit(s)"),
+    ]),
+    "write_without_fault": (exercises.check_write_without_fault, [WRITE, WRITE_TWICE_HALF], [
+        (WRITE.replace("int 0x80", "syscall"), "printed ''"),
+        ("lea r15, [rip + 1f]\nmov dx, 0x3f8\nmov al, 'h'\nout dx, al\n1:", "#GP (error 0x0) from ring 3"),
+        (WRITE.replace("message_end - message", "5"), "printed 'hello'"),
+    ]),
+    "page_fault": (exercises.check_page_fault, ["lea r15, [rip + 1f]\nmov byte ptr [0x40000000], 1\n1:",
+                                                "lea r15, [rip + 1f]\nmov qword ptr [0x7fff0000], rax\n1:"], [
+        ("lea r15, [rip + 1f]\nmov byte ptr [SECRET], 1\n1:", "error 0x7"),
+        ("lea r15, [rip + 1f]\nmov al, byte ptr [0x40000000]\n1:", "error 0x4"),
+        ("lea r15, [rip + 1f]\nmov byte ptr [0x40000000], 1\n1: lea r15, [rip + 1f]\nmov rax, cr3\n1:",
+         "#GP (error 0x0) from ring 3"),
+    ]),
+    "wbinvd_monitor": (exercises.check_wbinvd_monitor, [SkipWbinvd, SkipAnyWbinvdByDecoding], [
+        (TrapAndEmulate, "unemulated instruction at RIP"),
+        (HaltAtWbinvd, "the console stops after line 2"),
+        (SkipWbinvd(), "not a subclass of TrapAndEmulate"),
+    ]),
+    "sensitive_routine": (exercises.check_sensitive_routine, ["mov eax, cs", "cli\npushfq\npop rax",
+                                                              "sgdt [rip + scratch]\nmov rax, [rip + scratch + 2]"], [
+        ("rdtsc\nshl rdx, 32\nor rax, rdx", "nondeterminism"),
+        ("mov rax, cr0", "both natively and under the monitor"),
+        ("str ax\nmovzx rax, ax", "both natively and under the monitor"),
+    ]),
+    "translation_set": (exercises.check_translation_set, [{"pushfq", "popfq", "sgdt", "smsw", "iretq"}], [
+        ({"pushfq", "popfq", "sgdt", "smsw", "iretq", "cli"}, "native without 'cli' too"),
+        ({"pushfq", "sgdt", "smsw", "iretq"}, "IF in the interrupted code"),
+        ({"pushfq", "popfq", "sgdt", "smsw"}, "unemulated instruction at RIP"),
+    ]),
+    "one_notification": (exercises.check_one_notification, [lambda kib: (4096, kib // 4), lambda kib: (4096, 16),
+                                                           lambda kib: (1024, kib)], [
+        (lambda kib: (256, 16), "16 KiB: 4 notification(s)"),
+        (lambda kib: (kib * 1024, 1), "more than a page"),
+        (lambda kib: (2048, max(1, kib // 4)), "4 KiB: 2 notification(s)"),
+    ]),
+    "output_exits_only": (exercises.check_output_exits_only, [ONLY_UART, ONLY_UART_FROM_KVM], [
+        (Vmcs(primary=Primary.UNCONDITIONAL_IO_EXITING), "not an out to 0x3f8"),
+        (kvm_like(), "also exits"),
+        (Vmcs(), "0 out exits"),
+    ]),
+}
+
+
+def _cases(right: bool):
+    for name, (check, good, bad) in CASES.items():
+        for index, answer in enumerate(good if right else [answer for answer, _ in bad]):
+            words = None if right else bad[index][1]
+            yield pytest.param(check, answer, words, id=f"{name}-{'right' if right else 'wrong'}{index}")
+
+
+@pytest.mark.parametrize("check, answer, words", list(_cases(True)))
+def test_reference_answers_pass(backend_name, check, answer, words):
+    verdict = check(answer, backend=backend_name)
+    assert verdict.passed, str(verdict)
+    assert verdict.require() is verdict
+    assert ("KVM" if backend_name == "kvm" else "emulator") in verdict.where
+
+
+@pytest.mark.parametrize("check, answer, words", list(_cases(False)))
+def test_wrong_answers_fail_naming_the_difference(backend_name, check, answer, words):
+    verdict = check(answer, backend=backend_name)
+    assert not verdict.passed, str(verdict)
+    assert words in verdict.observed, str(verdict)
+    with pytest.raises(ExerciseFailed, match="not yet"):
+        verdict.require()
+    with pytest.raises(AssertionError):  # nbgrader counts a failed test cell by its exception
+        verdict.require()
+
+
+def test_every_exercise_has_two_wrong_answers():
+    for name, (_, good, bad) in CASES.items():
+        assert good and len(bad) >= 2, name
+
+
+def test_an_answer_that_does_not_assemble_is_refused_with_the_assembler_message():
+    verdict = exercises.check_print_ok("mov dx, 0x3f8\nmvo al, 1\nhlt", backend="emu")
+    assert not verdict.passed
+    assert "could not run: AssemblyError" in verdict.observed and "mvo" in verdict.observed
+
+
+def test_a_guest_that_never_stops_is_stopped_and_named():
+    verdict = exercises.check_print_ok("jmp .", backend="emu")
+    assert not verdict.passed and "timeout" in verdict.observed
