@@ -474,7 +474,7 @@ def current_backend() -> str:
     return _backend_name(os.environ.get("LABKIT_BACKEND", "auto") or "auto")
 
 
-__all__ = ["OK_TEXT", "TIMEOUT", "Verdict", "check_five_exits", "check_one_notification", "check_output_exits_only",
-           "check_page_fault", "check_print_ok", "check_sensitive_routine", "check_translation_set",
-           "check_wbinvd_monitor", "check_write_without_fault", "current_backend"]
-
+__all__ = ["MESSAGE", "OK_TEXT", "PAGE", "TIMEOUT", "TRANSLATION_ROUTINES", "WANTED_PF", "WBINVD_ROUTINE", "WRITES_KIB",
+           "Verdict", "check_five_exits", "check_one_notification", "check_output_exits_only", "check_page_fault",
+           "check_print_ok", "check_sensitive_routine", "check_translation_set", "check_wbinvd_monitor",
+           "check_write_without_fault", "current_backend"]
