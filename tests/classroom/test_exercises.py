@@ -178,3 +178,63 @@ def test_an_answer_that_does_not_assemble_is_refused_with_the_assembler_message(
 def test_a_guest_that_never_stops_is_stopped_and_named():
     verdict = exercises.check_print_ok("jmp .", backend="emu")
     assert not verdict.passed and "timeout" in verdict.observed
+
+
+# -- the nbgrader round trip -----------------------------------------------------------------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+ROUND_TRIP = "00-welcome"
+WRONG_FIVE_EXITS = "FIVE_EXITS = 'mov dx, 0x3f8\\nmov ecx, 5\\n1: out dx, al\\nloop 1b\\nhlt'"
+
+
+def _exercises(*arguments, env=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "exercises"), *map(str, arguments)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def _answered(released, source, replace=None):
+    """The released notebook with each solution cell filled in from the instructor's notebook (or ``replace``)."""
+    by_id = {cell["metadata"].get("nbgrader", {}).get("grade_id"): cell for cell in source["cells"]}
+    notebook = __import__("copy").deepcopy(released)
+    for cell in notebook["cells"]:
+        grade_id = cell["metadata"].get("nbgrader", {}).get("grade_id")
+        if cell["metadata"].get("nbgrader", {}).get("solution"):
+            cell["source"] = (replace or {}).get(grade_id, by_id[grade_id]["source"])
+    return notebook
+
+
+@pytest.mark.slow
+@pytest.mark.emu
+def test_release_and_autograde_give_full_marks_to_the_reference_and_partial_to_a_wrong_answer(tmp_path):
+    import json
+    import os
+
+    pytest.importorskip("nbgrader", reason="the classroom extra is not installed (scripts/setup classroom)")
+    course, submissions = tmp_path / "course", tmp_path / "submitted"
+    done = _exercises("release", course, ROUND_TRIP)
+    assert done.returncode == 0, done.stdout + done.stderr
+    released = json.loads((course / "release" / ROUND_TRIP / f"{ROUND_TRIP}.ipynb").read_text())
+    text = json.dumps(released)
+    assert "BEGIN SOLUTION" not in text and "mov al, 'O'" not in text, "the release still holds a reference answer"
+    assert text.count("raise NotImplementedError()") == 2
+    source = json.loads((ROOT / "notebooks" / f"{ROUND_TRIP}.ipynb").read_text())
+    for student, notebook in (("reference", _answered(released, source)),
+                              ("wrong", _answered(released, source, {"exercises-00-five-answer": WRONG_FIVE_EXITS})),
+                              ("blank", released)):
+        (submissions / student).mkdir(parents=True)
+        (submissions / student / f"{ROUND_TRIP}.ipynb").write_text(json.dumps(notebook))
+    done = _exercises("autograde", course, submissions, env=dict(os.environ, LABKIT_BACKEND="emu"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    grades = {line.split(",")[0]: line.split(",")[2:] for line in (course / "grades.csv").read_text().splitlines()[1:]}
+    assert grades == {"reference": ["4", "4"], "wrong": ["2", "4"], "blank": ["0", "4"]}, done.stdout
+    graded = json.loads((course / "autograded" / "wrong" / ROUND_TRIP / f"{ROUND_TRIP}.ipynb").read_text())
+    failed = [cell for cell in graded["cells"] if any(output.get("ename") for output in cell.get("outputs", []))]
+    assert len(failed) == 1 and "five silent exits: not yet" in json.dumps(failed[0])
+
+
+def test_autograde_without_a_release_says_what_to_do(tmp_path):
+    done = _exercises("autograde", tmp_path / "course", tmp_path)
+    assert done.returncode == 2 and "run 'scripts/exercises release" in done.stderr
