@@ -28,6 +28,7 @@ notebook   check                                   the student writes
 03         :func:`check_translation_set`           the instructions binary translation must replace
 04         :func:`check_one_notification`          virtqueue buffer sizes: one notification per write
 05         :func:`check_output_exits_only`         a VMCS under which only the console's ``out``s exit
+05         :func:`check_cr3_loads_only`            a VMCS under which only the CR3 loads exit
 =========  =====================================  ==================================
 """
 
@@ -75,11 +76,10 @@ class Verdict:
         return (f"{mark}: {self.exercise} (run on {self.where})\n\n* expected: {self.expected}\n"
                 f"* the guest: {self.observed}")
 
-    def require(self) -> Verdict:
-        """This verdict when it passed; else raises :class:`ExerciseFailed` with its message (for nbgrader)."""
+    def require(self) -> None:
+        """Nothing when it passed; else raises :class:`ExerciseFailed` with its message (for nbgrader's test cells)."""
         if not self.passed:
             raise ExerciseFailed(str(self))
-        return self
 
 
 def _where(origin: Origin | None, backend: str) -> str:
@@ -469,6 +469,48 @@ def check_output_exits_only(vmcs: Vmcs, backend: str = "auto") -> Verdict:
     return Verdict(exercise, not problems, expected, observed, where)
 
 
+def check_cr3_loads_only(vmcs: Vmcs, backend: str = "auto") -> Verdict:
+    """Notebook 05: a VMCS under which ``minikernel64`` exits at every load of CR3 and at nothing else.
+
+    Read from each exit's qualification (Intel SDM vol. 3C, 28.2.1, table 28-3): bits 3:0 the control register,
+    bits 5:4 the access type (0 = MOV to CR); a CR3 load that ran in non-root operation is in the report's
+    ``non_root`` by its text (``mov cr3, rax``).
+    """
+    from labkit.monitor.vmx.exits import ExitReason
+    from labkit.monitor.vmx.model import VmxReport, run_vmx
+
+    exercise = "exit at CR3 loads only"
+    expected = "a VM exit at every mov to CR3 and at nothing else"
+    backend = _backend_name(backend)
+    try:
+        result = run_vmx("minikernel64", vmcs, backend, timeout=TIMEOUT)
+    except LabkitError as error:
+        return _refused(exercise, expected, error, backend)
+    where = _where(result.origin, backend)
+    report = result.monitor
+    if not isinstance(report, VmxReport):
+        return Verdict(exercise, False, expected, f"the run ended {_status(result)} with no VMX report", where)
+    problems = []
+    others = {ExitReason(reason).name: count for reason, count in report.exit_counts.items()
+              if reason != ExitReason.CONTROL_REGISTER_ACCESS}
+    if others:
+        problems.append("also exits: " + ", ".join(f"{name} x {count}" for name, count in sorted(others.items())))
+    cr_exits = [exit_ for exit_ in report.exits if exit_.reason == ExitReason.CONTROL_REGISTER_ACCESS]
+    not_loads = [exit_.instruction for exit_ in cr_exits if exit_.qualification & 0xF != 3 or exit_.qualification >> 4 & 3]
+    if not_loads:
+        problems.append(f"{len(not_loads)} control-register exit(s) that are not a CR3 load (the first: {not_loads[0]!r})")
+    unseen = sum(count for text, count in report.non_root.items() if text.startswith("mov cr3"))
+    if unseen:
+        problems.append(f"{unseen} CR3 load(s) ran with no exit")
+    loads = len(cr_exits) - len(not_loads)
+    if not loads and not unseen:
+        problems.append("no CR3 load at all")
+    if result.status.kind != StatusKind.HALTED:
+        problems.append(f"the run ended {_status(result)}")
+    observed = "; ".join(problems) or f"{loads} exit(s), each a load of CR3"
+    return Verdict(exercise, not problems, expected, observed, where)
+
+
 def current_backend() -> str:
     """The backend the checks use when not told: ``LABKIT_BACKEND`` or ``auto``'s choice."""
     return _backend_name(os.environ.get("LABKIT_BACKEND", "auto") or "auto")
@@ -476,5 +518,5 @@ def current_backend() -> str:
 
 __all__ = ["MESSAGE", "OK_TEXT", "PAGE", "TIMEOUT", "TRANSLATION_ROUTINES", "WANTED_PF", "WBINVD_ROUTINE", "WRITES_KIB",
            "Verdict", "check_five_exits", "check_one_notification", "check_output_exits_only", "check_page_fault",
-           "check_print_ok", "check_sensitive_routine", "check_translation_set", "check_wbinvd_monitor",
+           "check_cr3_loads_only", "check_print_ok", "check_sensitive_routine", "check_translation_set", "check_wbinvd_monitor",
            "check_write_without_fault", "current_backend"]

@@ -11,6 +11,7 @@ from labkit.errors import ExerciseFailed
 from labkit.monitor.trap_emulate import TrapAndEmulate
 from labkit.monitor.vmx import Primary, Vmcs
 from labkit.monitor.vmx.vmcs import io_bitmaps, kvm_like
+from labkit.x86.layout import PML4_ADDRESS
 
 OK_BY_HAND = "mov dx, 0x3f8\nmov al, 'O'\nout dx, al\nmov al, 'K'\nout dx, al\nmov al, 10\nout dx, al\nhlt"
 OK_BY_LOOP = """
@@ -135,6 +136,12 @@ CASES = {
         (kvm_like(), "also exits"),
         (Vmcs(), "0 out exits"),
     ]),
+    "cr3_loads_only": (exercises.check_cr3_loads_only, [Vmcs(primary=Primary.CR3_LOAD_EXITING),
+                                                        Vmcs(primary=Primary.CR3_LOAD_EXITING, cr3_target_values=(0x1000,))], [
+        (Vmcs(primary=Primary.CR3_LOAD_EXITING | Primary.CR3_STORE_EXITING), "not a CR3 load (the first: 'mov rax, cr3')"),
+        (Vmcs(primary=Primary.CR3_LOAD_EXITING, cr3_target_values=(PML4_ADDRESS,)), "1 CR3 load(s) ran with no exit"),
+        (Vmcs(cr0_guest_host_mask=(1 << 64) - 1), "'mov cr0, rax'"),
+    ]),
 }
 
 
@@ -149,7 +156,7 @@ def _cases(right: bool):
 def test_reference_answers_pass(backend_name, check, answer, words):
     verdict = check(answer, backend=backend_name)
     assert verdict.passed, str(verdict)
-    assert verdict.require() is verdict
+    verdict.require()
     assert ("KVM" if backend_name == "kvm" else "emulator") in verdict.where
 
 
