@@ -34,7 +34,6 @@ notebook   check                                   the student writes
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Collection
 
@@ -511,12 +510,7 @@ def check_cr3_loads_only(vmcs: Vmcs, backend: str = "auto") -> Verdict:
     return Verdict(exercise, not problems, expected, observed, where)
 
 
-def current_backend() -> str:
-    """The backend the checks use when not told: ``LABKIT_BACKEND`` or ``auto``'s choice."""
-    return _backend_name(os.environ.get("LABKIT_BACKEND", "auto") or "auto")
-
-
 __all__ = ["MESSAGE", "OK_TEXT", "PAGE", "TIMEOUT", "TRANSLATION_ROUTINES", "WANTED_PF", "WBINVD_ROUTINE", "WRITES_KIB",
            "Verdict", "check_five_exits", "check_one_notification", "check_output_exits_only", "check_page_fault",
            "check_cr3_loads_only", "check_print_ok", "check_sensitive_routine", "check_translation_set", "check_wbinvd_monitor",
-           "check_write_without_fault", "current_backend"]
+           "check_write_without_fault"]
