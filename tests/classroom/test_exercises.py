@@ -171,6 +171,7 @@ def test_wrong_answers_fail_naming_the_difference(backend_name, check, answer, w
         verdict.require()
 
 
+@pytest.mark.unit
 def test_every_exercise_has_two_wrong_answers():
     for name, (_, good, bad) in CASES.items():
         assert good and len(bad) >= 2, name
