@@ -44,6 +44,10 @@ class LimitError(ConfigError):
     the limit and how to raise it."""
 
 
+class ExerciseFailed(LabkitError, AssertionError):
+    """An exercise's answer did not do what the exercise asks (:mod:`labkit.exercises`); the message says how."""
+
+
 class GuestError(LabkitError):
     """A guest cannot be loaded."""
 

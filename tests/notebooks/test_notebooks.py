@@ -343,6 +343,15 @@ def check_isolation(run: Execution, backend: str, kvm=None) -> None:
     assert len(run.images()) >= 4, "expected the scan figure, the status grid, the memory maps and the device state"
 
 
+def check_exercises(run: Execution, backend: str) -> None:
+    """Every autograded exercise cell shows its verdict, passed with the reference answer, run on this backend."""
+    graded = [cell for cell in run.notebook.cells if cell.metadata.get("nbgrader", {}).get("grade")]
+    text = run.text()
+    where = "(run on KVM (" if backend == "kvm" else "(run on the emulator (Unicorn"
+    assert text.count("✅ **passed**") == len(graded) and "not yet" not in text, "an exercise's reference answer fails"
+    assert text.count(where) == len(graded), f"the exercise verdicts do not say they ran on {backend}"
+
+
 CONTENT_CHECKS = {
     "00-welcome.ipynb": check_welcome,
     "01-protection-rings.ipynb": check_rings,
@@ -381,6 +390,7 @@ def test_runs_clean(path, backend_name, record_property):
     check = CONTENT_CHECKS.get(path.name)
     if check is not None:
         check(run, backend_name)
+    check_exercises(run, backend_name)
 
 
 @pytest.mark.slow
@@ -397,3 +407,4 @@ def test_runs_clean_without_kvm(path):
     check = CONTENT_CHECKS.get(path.name)
     if check is not None:
         check(run, "emu", KvmStatus(False, NO_KVM, None, "unknown", "/dev/kvm", None))
+    check_exercises(run, "emu")

@@ -1,0 +1,248 @@
+"""labkit.exercises: every reference answer passes and plausible wrong ones fail, with the same verdict on both
+backends and a message that names the difference; the notebooks' nbgrader round trip (release, fill in, autograde).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from labkit import exercises
+from labkit.errors import ExerciseFailed
+from labkit.monitor.trap_emulate import TrapAndEmulate
+from labkit.monitor.vmx import Primary, Vmcs
+from labkit.monitor.vmx.vmcs import io_bitmaps, kvm_like
+from labkit.x86.layout import PML4_ADDRESS
+
+OK_BY_HAND = "mov dx, 0x3f8\nmov al, 'O'\nout dx, al\nmov al, 'K'\nout dx, al\nmov al, 10\nout dx, al\nhlt"
+OK_BY_LOOP = """
+    lea rsi, [rip + text]
+    mov ecx, 3
+    mov dx, 0x3f8
+1:  lodsb
+    out dx, al
+    loop 1b
+    hlt
+text: .ascii "OK\\n"
+"""
+WRITE = "mov eax, 1\nlea rdi, [rip + message]\nmov esi, message_end - message\nint 0x80"
+WRITE_TWICE_HALF = """
+    mov eax, 1
+    lea rdi, [rip + message]
+    mov esi, 9
+    int 0x80
+    mov eax, 1
+    lea rdi, [rip + message + 9]
+    mov esi, message_end - message - 9
+    int 0x80
+"""
+
+
+class SkipWbinvd(TrapAndEmulate):
+    def on_trap(self, trap, context):
+        if trap.vector == 13 and context.read(trap.regs.rip, 2) == b"\x0f\x09":
+            trap.regs.rip += 2
+            return
+        super().on_trap(trap, context)
+
+
+class SkipAnyWbinvdByDecoding(TrapAndEmulate):
+    """Another correct answer: decode the instruction with labkit's decoder and skip its length."""
+
+    def on_trap(self, trap, context):
+        from labkit.monitor.vcpu import decode
+
+        decoded = decode(context.read(trap.regs.rip, 15), trap.regs.rip)
+        if trap.vector == 13 and decoded is not None and decoded.mnemonic == "wbinvd":
+            trap.regs.rip += decoded.length
+            return
+        super().on_trap(trap, context)
+
+
+class SkipOneByte(TrapAndEmulate):
+    def on_trap(self, trap, context):
+        if trap.vector == 13 and context.read(trap.regs.rip, 2) == b"\x0f\x09":
+            trap.regs.rip += 1
+            return
+        super().on_trap(trap, context)
+
+
+class HaltAtWbinvd(TrapAndEmulate):
+    """Wrong: treats wbinvd as the end of the kernel."""
+
+    def on_trap(self, trap, context):
+        from labkit.vmm.status import Status, StatusKind
+
+        if trap.vector == 13 and context.read(trap.regs.rip, 2) == b"\x0f\x09":
+            context.stop(Status(StatusKind.HALTED, message="wbinvd"))
+            return
+        super().on_trap(trap, context)
+
+
+BITMAP_A, BITMAP_B = io_bitmaps([0x3F8])
+ONLY_UART = Vmcs(primary=Primary.USE_IO_BITMAPS, io_bitmap_a=BITMAP_A, io_bitmap_b=BITMAP_B)
+ONLY_UART_FROM_KVM = kvm_like().with_controls(primary=Primary.USE_IO_BITMAPS, exception_bitmap=0,
+                                              io_bitmap_a=BITMAP_A, io_bitmap_b=BITMAP_B,
+                                              cr0_guest_host_mask=0, cr4_guest_host_mask=0)
+
+# exercise: (check, [right answers], [(wrong answer, words its message must contain)])
+CASES = {
+    "print_ok": (exercises.check_print_ok, [OK_BY_HAND, OK_BY_LOOP], [
+        (OK_BY_HAND.replace("mov al, 10\nout dx, al\n", ""), "printed 'OK'"),
+        (OK_BY_HAND.replace("'O'", "'o'").replace("'K'", "'k'"), "printed 'ok\\n'"),
+        (OK_BY_HAND.replace("0x3f8", "0x2f8"), "printed ''"),
+    ]),
+    "five_exits": (exercises.check_five_exits, ["mov dx, 0x3fd\nmov ecx, 5\n1: in al, dx\nloop 1b\nhlt",
+                                                "in al, 0x80\n" * 5 + "hlt"], [
+        ("mov dx, 0x3f8\nmov ecx, 5\n1: out dx, al\nloop 1b\nhlt", "printed '\\x00"),
+        ("mov dx, 0x3fd\nmov ecx, 4\n1: in al, dx\nloop 1b\nhlt", "made 4 IO exit(s)"),
+        ("mov dx, 0x3fd\nmov ecx, 5\n1: in al, dx\nout 0x80, al\nloop 1b\nhlt", "made 10 IO exit(s)"),
+    ]),
+    "write_without_fault": (exercises.check_write_without_fault, [WRITE, WRITE_TWICE_HALF], [
+        (WRITE.replace("int 0x80", "syscall"), "printed ''"),
+        ("lea r15, [rip + 1f]\nmov dx, 0x3f8\nmov al, 'h'\nout dx, al\n1:", "#GP (error 0x0) from ring 3"),
+        (WRITE.replace("message_end - message", "5"), "printed 'hello'"),
+    ]),
+    "page_fault": (exercises.check_page_fault, ["lea r15, [rip + 1f]\nmov byte ptr [0x40000000], 1\n1:",
+                                                "lea r15, [rip + 1f]\nmov qword ptr [0x7fff0000], rax\n1:"], [
+        ("lea r15, [rip + 1f]\nmov byte ptr [SECRET], 1\n1:", "error 0x7"),
+        ("lea r15, [rip + 1f]\nmov al, byte ptr [0x40000000]\n1:", "error 0x4"),
+        ("lea r15, [rip + 1f]\nmov byte ptr [0x40000000], 1\n1: lea r15, [rip + 1f]\nmov rax, cr3\n1:",
+         "#GP (error 0x0) from ring 3"),
+    ]),
+    "wbinvd_monitor": (exercises.check_wbinvd_monitor, [SkipWbinvd, SkipAnyWbinvdByDecoding], [
+        (TrapAndEmulate, "unemulated instruction at RIP"),
+        (HaltAtWbinvd, "the console stops after line 2"),
+        (SkipWbinvd(), "not a subclass of TrapAndEmulate"),
+    ]),
+    "sensitive_routine": (exercises.check_sensitive_routine, ["mov eax, cs", "cli\npushfq\npop rax",
+                                                              "sgdt [rip + scratch]\nmov rax, [rip + scratch + 2]"], [
+        ("rdtsc\nshl rdx, 32\nor rax, rdx", "nondeterminism"),
+        ("mov rax, cr0", "both natively and under the monitor"),
+        ("str ax\nmovzx rax, ax", "both natively and under the monitor"),
+    ]),
+    "translation_set": (exercises.check_translation_set, [{"pushfq", "popfq", "sgdt", "smsw", "iretq"}], [
+        ({"pushfq", "popfq", "sgdt", "smsw", "iretq", "cli"}, "native without 'cli' too"),
+        ({"pushfq", "sgdt", "smsw", "iretq"}, "IF in the interrupted code"),
+        ({"pushfq", "popfq", "sgdt", "smsw"}, "unemulated instruction at RIP"),
+    ]),
+    "one_notification": (exercises.check_one_notification, [lambda kib: (4096, kib // 4), lambda kib: (4096, 16),
+                                                           lambda kib: (1024, kib)], [
+        (lambda kib: (256, 16), "16 KiB: 4 notification(s)"),
+        (lambda kib: (kib * 1024, 1), "more than a page"),
+        (lambda kib: (2048, max(1, kib // 4)), "4 KiB: 2 notification(s)"),
+    ]),
+    "output_exits_only": (exercises.check_output_exits_only, [ONLY_UART, ONLY_UART_FROM_KVM], [
+        (Vmcs(primary=Primary.UNCONDITIONAL_IO_EXITING), "not an out to 0x3f8"),
+        (kvm_like(), "also exits"),
+        (Vmcs(), "0 out exits"),
+    ]),
+    "cr3_loads_only": (exercises.check_cr3_loads_only, [Vmcs(primary=Primary.CR3_LOAD_EXITING),
+                                                        Vmcs(primary=Primary.CR3_LOAD_EXITING, cr3_target_values=(0x1000,))], [
+        (Vmcs(primary=Primary.CR3_LOAD_EXITING | Primary.CR3_STORE_EXITING), "not a CR3 load (the first: 'mov rax, cr3')"),
+        (Vmcs(primary=Primary.CR3_LOAD_EXITING, cr3_target_values=(PML4_ADDRESS,)), "1 CR3 load(s) ran with no exit"),
+        (Vmcs(cr0_guest_host_mask=(1 << 64) - 1), "'mov cr0, rax'"),
+    ]),
+}
+
+
+def _cases(right: bool):
+    for name, (check, good, bad) in CASES.items():
+        for index, answer in enumerate(good if right else [answer for answer, _ in bad]):
+            words = None if right else bad[index][1]
+            yield pytest.param(check, answer, words, id=f"{name}-{'right' if right else 'wrong'}{index}")
+
+
+@pytest.mark.parametrize("check, answer, words", list(_cases(True)))
+def test_reference_answers_pass(backend_name, check, answer, words):
+    verdict = check(answer, backend=backend_name)
+    assert verdict.passed, str(verdict)
+    verdict.require()
+    assert ("KVM" if backend_name == "kvm" else "emulator") in verdict.where
+
+
+@pytest.mark.parametrize("check, answer, words", list(_cases(False)))
+def test_wrong_answers_fail_naming_the_difference(backend_name, check, answer, words):
+    verdict = check(answer, backend=backend_name)
+    assert not verdict.passed, str(verdict)
+    assert words in verdict.observed, str(verdict)
+    with pytest.raises(ExerciseFailed, match="not yet"):
+        verdict.require()
+    with pytest.raises(AssertionError):  # nbgrader counts a failed test cell by its exception
+        verdict.require()
+
+
+@pytest.mark.unit
+def test_every_exercise_has_two_wrong_answers():
+    for name, (_, good, bad) in CASES.items():
+        assert good and len(bad) >= 2, name
+
+
+def test_an_answer_that_does_not_assemble_is_refused_with_the_assembler_message():
+    verdict = exercises.check_print_ok("mov dx, 0x3f8\nmvo al, 1\nhlt", backend="emu")
+    assert not verdict.passed
+    assert "could not run: AssemblyError" in verdict.observed and "mvo" in verdict.observed
+
+
+def test_a_guest_that_never_stops_is_stopped_and_named():
+    verdict = exercises.check_print_ok("jmp .", backend="emu")
+    assert not verdict.passed and "timeout" in verdict.observed
+
+
+# -- the nbgrader round trip -----------------------------------------------------------------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+ROUND_TRIP = "00-welcome"
+WRONG_FIVE_EXITS = "FIVE_EXITS = 'mov dx, 0x3f8\\nmov ecx, 5\\n1: out dx, al\\nloop 1b\\nhlt'"
+
+
+def _exercises(*arguments, env=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "exercises"), *map(str, arguments)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def _answered(released, source, replace=None):
+    """The released notebook with each solution cell filled in from the instructor's notebook (or ``replace``)."""
+    by_id = {cell["metadata"].get("nbgrader", {}).get("grade_id"): cell for cell in source["cells"]}
+    notebook = __import__("copy").deepcopy(released)
+    for cell in notebook["cells"]:
+        grade_id = cell["metadata"].get("nbgrader", {}).get("grade_id")
+        if cell["metadata"].get("nbgrader", {}).get("solution"):
+            cell["source"] = (replace or {}).get(grade_id, by_id[grade_id]["source"])
+    return notebook
+
+
+@pytest.mark.slow
+@pytest.mark.emu
+def test_release_and_autograde_give_full_marks_to_the_reference_and_partial_to_a_wrong_answer(tmp_path):
+    import json
+    import os
+
+    # No skip: nbgrader is in the test extra (scripts/test installs it); without it the script says how to install.
+    course, submissions = tmp_path / "course", tmp_path / "submitted"
+    done = _exercises("release", course, ROUND_TRIP)
+    assert done.returncode == 0, done.stdout + done.stderr
+    released = json.loads((course / "release" / ROUND_TRIP / f"{ROUND_TRIP}.ipynb").read_text())
+    text = json.dumps(released)
+    assert "BEGIN SOLUTION" not in text and "mov al, 'O'" not in text, "the release still holds a reference answer"
+    assert text.count("raise NotImplementedError()") == 2
+    source = json.loads((ROOT / "notebooks" / f"{ROUND_TRIP}.ipynb").read_text())
+    for student, notebook in (("reference", _answered(released, source)),
+                              ("wrong", _answered(released, source, {"exercises-00-five-answer": WRONG_FIVE_EXITS})),
+                              ("blank", released)):
+        (submissions / student).mkdir(parents=True)
+        (submissions / student / f"{ROUND_TRIP}.ipynb").write_text(json.dumps(notebook))
+    done = _exercises("autograde", course, submissions, env=dict(os.environ, LABKIT_BACKEND="emu"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    grades = {line.split(",")[0]: line.split(",")[2:] for line in (course / "grades.csv").read_text().splitlines()[1:]}
+    assert grades == {"reference": ["4", "4"], "wrong": ["2", "4"], "blank": ["0", "4"]}, done.stdout
+    graded = json.loads((course / "autograded" / "wrong" / ROUND_TRIP / f"{ROUND_TRIP}.ipynb").read_text())
+    failed = [cell for cell in graded["cells"] if any(output.get("ename") for output in cell.get("outputs", []))]
+    assert len(failed) == 1 and "five silent exits: not yet" in json.dumps(failed[0])
+
+
+def test_autograde_without_a_release_says_what_to_do(tmp_path):
+    done = _exercises("autograde", tmp_path / "course", tmp_path)
+    assert done.returncode == 2 and "run 'scripts/exercises release" in done.stderr
