@@ -217,7 +217,11 @@ def check_hardware_assisted(run: Execution, backend: str, kvm=None) -> None:
     if backend == "kvm":
         from labkit.kvm.system import kvm_flavour
 
-        assert "backends run: kvm, emu" in text and "* **KVM**: 1029 VM exits" in text
+        assert "backends run: kvm, emu" in text
+        # KVM's own exit counter: the 1,029 exits labkit saw plus any KVM handled itself (a host preemption of
+        # the vCPU thread is one more now and then), so at least 1,029.
+        kvm_row = re.search(r"\* \*\*KVM\*\*: (\d+) VM exits", text)
+        assert kvm_row is not None and int(kvm_row.group(1)) >= 1029, "the KVM row is missing or short of exits"
         # The section on what KVM handles itself (its counters, its exit controls).
         assert f"This session runs on **KVM** (`{kvm_flavour()}`)" in text
         assert "What KVM counted and what reached labkit" in text
