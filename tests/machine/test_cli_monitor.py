@@ -15,7 +15,7 @@ def labkit(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("monitor, technique, entries", [
     ("te", "trap-and-emulate", "1051 traps"),
-    ("bt", "binary translation", "1178 monitor calls"),
+    ("bt", "binary translation", "1496 monitor calls"),
     ("vmx", "VMX model", "1031 VM exits (model)"),
 ])
 def test_a_kernel_under_each_technique_prints_its_entry_table(backend_name, monitor, technique, entries):

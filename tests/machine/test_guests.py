@@ -141,18 +141,19 @@ KNOWN_DIFFERENCES = {
             **flat_data_vs_null("gs"),
             "sregs.ss.unusable": (0, 1),
         },
+        # usertasks64 returns to ring 3 eight times and its looping task is interrupted by the
+        # timer: the same segment differences as preempt64.
+        "usertasks64": {
+            **flat_data_vs_null("ds"), **flat_data_vs_null("es"), **flat_data_vs_null("fs"),
+            **flat_data_vs_null("gs"),
+            "sregs.ss.unusable": (0, 1),
+        },
+        "secret64": {"sregs.ss.unusable": (0, 1)},
+        # An 8-byte access above RAM is one KVM_EXIT_MMIO of length 8 on KVM, but two 4-byte MMIO
+        # callbacks on Unicorn 2.1.4 (scan64 reads 1022 qwords there, wildwrite64 writes 5640).
+        "scan64": {"sregs.ss.unusable": (0, 1), "exits.MMIO": (1022, 2044)},
+        "wildwrite64": {"exits.MMIO": (5640, 11280)},
     },
-    # usertasks64 returns to ring 3 eight times and its looping task is interrupted by the
-    # timer: the same segment differences as preempt64.
-    "usertasks64": {
-        **flat_data_vs_null("ds"), **flat_data_vs_null("es"), **flat_data_vs_null("fs"), **flat_data_vs_null("gs"),
-        "sregs.ss.unusable": (0, 1),
-    },
-    "secret64": {"sregs.ss.unusable": (0, 1)},
-    # An 8-byte access above RAM is one KVM_EXIT_MMIO of length 8 on KVM, but two 4-byte MMIO
-    # callbacks on Unicorn 2.1.4 (scan64 reads 1022 qwords there, wildwrite64 writes 5640).
-    "scan64": {"sregs.ss.unusable": (0, 1), "exits.MMIO": (1022, 2044)},
-    "wildwrite64": {"exits.MMIO": (5640, 11280)},
 }
 MEASURED_FLAVOUR = "kvm_pvm"
 
