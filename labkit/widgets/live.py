@@ -136,8 +136,16 @@ class LiveView:
                 return
             started = time.perf_counter()
             try:
-                for _ in machine.steps(timeout=5.0):
-                    break
+                # A pause that reached the machine after its last slice had already ended is still
+                # pending: the first step only consumes it (status paused, no exit), so step again.
+                for _attempt in range(2):
+                    stepped = False
+                    for _ in machine.steps(timeout=5.0):
+                        stepped = True
+                        break
+                    last = machine.last_result
+                    if stepped or last is None or last.status.kind is not StatusKind.PAUSED:
+                        break
             except LabkitError as error:
                 self._failed(error)
                 return
