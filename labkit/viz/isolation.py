@@ -11,11 +11,11 @@ Every figure says what measured it (KVM and its flavour, or the emulator), at 15
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from labkit.errors import ConfigError
 from labkit.isolation import ContainmentRow, ContainmentRun, MemoryIsolation
+from labkit.viz.style import readable_fonts as _readable
 from labkit.viz.labels import label
 from labkit.vmm.status import RunResult, StatusKind
 from labkit.x86 import layout
@@ -35,15 +35,6 @@ STATUS_COLOURS = {
 ADDRESS_TICKS = ((1 << 8, "256 B"), (1 << 12, "4 KiB"), (1 << 20, "1 MiB"), (1 << 30, "1 GiB"), (1 << 40, "1 TiB"), (1 << 47, "128 TiB"))
 
 
-@contextmanager
-def _readable() -> Iterator[None]:
-    import matplotlib
-
-    with matplotlib.rc_context({"font.size": FONT_SIZE, "axes.titlesize": FONT_SIZE + 1,
-                                "axes.labelsize": FONT_SIZE, "xtick.labelsize": FONT_SIZE,
-                                "ytick.labelsize": FONT_SIZE, "legend.fontsize": FONT_SIZE,
-                                "figure.titlesize": FONT_SIZE + 2}):
-        yield
 
 
 def _measured(run: ContainmentRun) -> str:

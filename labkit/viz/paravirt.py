@@ -11,11 +11,11 @@ is drawn at 150 dpi with 11-point text or larger, readable on a projector.
 from __future__ import annotations
 
 import textwrap
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from labkit.errors import ConfigError
 from labkit.monitor.paravirt import CATEGORIES, KERNELS, KernelComparison
+from labkit.viz.style import readable_fonts as _readable
 from labkit.viz.labels import label, measured_on, short_label
 
 if TYPE_CHECKING:
@@ -29,15 +29,6 @@ PATH_COLOURS = {"uart": "#d62728", "ring": "#1f77b4"}
 BACKEND_STYLES = {"kvm": "-", "emu": "--"}
 
 
-@contextmanager
-def _readable() -> Iterator[None]:
-    import matplotlib
-
-    with matplotlib.rc_context({"font.size": FONT_SIZE, "axes.titlesize": FONT_SIZE + 1,
-                                "axes.labelsize": FONT_SIZE, "xtick.labelsize": FONT_SIZE,
-                                "ytick.labelsize": FONT_SIZE, "legend.fontsize": FONT_SIZE,
-                                "figure.titlesize": FONT_SIZE + 2}):
-        yield
 
 
 def kernel_entries(comparisons: Mapping[str, KernelComparison]) -> Figure:

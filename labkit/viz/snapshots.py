@@ -17,13 +17,13 @@ from __future__ import annotations
 import statistics
 import struct
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from labkit.errors import ConfigError
 from labkit.snapshot.state import PAGE
 from labkit.table import Table
+from labkit.viz.style import readable_fonts as _readable
 from labkit.viz.labels import measured_on
 
 if TYPE_CHECKING:
@@ -261,15 +261,6 @@ def extrapolate(costs: Sequence[SnapshotCost], memory: int = 1 << 30, field: str
 
 # --- figures ------------------------------------------------------------------------------------------
 
-@contextmanager
-def _readable() -> Iterator[None]:
-    import matplotlib
-
-    with matplotlib.rc_context({"font.size": FONT_SIZE, "axes.titlesize": FONT_SIZE + 1,
-                                "axes.labelsize": FONT_SIZE, "xtick.labelsize": FONT_SIZE,
-                                "ytick.labelsize": FONT_SIZE, "legend.fontsize": FONT_SIZE,
-                                "figure.titlesize": FONT_SIZE + 2}):
-        yield
 
 
 def dirty_heatmap(maps: Sequence[DirtyPageMap], rows: int = 128) -> Figure:

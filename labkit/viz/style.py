@@ -22,7 +22,8 @@ for every figure labkit draws.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -44,6 +45,17 @@ MIN_BAR_PX = 2.0
 """A bar or stacked segment with a value is at least this many pixels thick, or it cannot be seen."""
 OVERLAP_TOLERANCE_PX = 1.0
 """Boxes of two texts may touch by this much (glyph boxes include some empty space)."""
+
+
+@contextmanager
+def readable_fonts(size: float = MIN_FONT_PT) -> Iterator[None]:
+    """matplotlib settings for figures drawn inside: every text at least ``size`` pt, titles a little larger."""
+    import matplotlib
+
+    with matplotlib.rc_context({"font.size": size, "axes.titlesize": size + 1, "axes.labelsize": size,
+                                "xtick.labelsize": size, "ytick.labelsize": size, "legend.fontsize": size,
+                                "figure.titlesize": size + 2}):
+        yield
 
 
 def new_figure(width_in: float, height_in: float) -> Figure:
