@@ -76,12 +76,16 @@ class Datastore:
         self._wake()
 
     def used(self) -> int:
-        """Bytes in use: the lengths of the regular files in the folder."""
+        """Bytes in use: the lengths of the regular files in the folder.  A file deleted while the folder is
+        listed (another VM's delete or commit, in another thread) counts as gone."""
         total = 0
         with os.scandir(self.path) as entries:
             for entry in entries:
-                if entry.is_file(follow_symlinks=False):
-                    total += entry.stat(follow_symlinks=False).st_size
+                try:
+                    if entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue
         return total
 
     def free(self) -> int:

@@ -83,7 +83,7 @@ def monitor_comparison(trap_emulate: RunResult, binary_translation: RunResult, *
             placed = at
     left.set_ylabel("monitor entries (count)", fontsize=FONT)
     left.set_xlabel("technique", fontsize=FONT)
-    left.tick_params(labelsize=FONT)
+    left.tick_params(which="both", labelsize=FONT)
     left.set_title("Entries into the monitor (stacked by kind)", fontsize=FONT + 1)
     # The legend goes below the axes, never over a bar or its label.
     left.legend(fontsize=FONT, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
@@ -95,7 +95,7 @@ def monitor_comparison(trap_emulate: RunResult, binary_translation: RunResult, *
     right.margins(y=0.15)
     right.set_ylabel("count (blocks or lookups)", fontsize=FONT)
     right.set_xlabel("binary translation's cache", fontsize=FONT)
-    right.tick_params(labelsize=FONT)
+    right.tick_params(which="both", labelsize=FONT)
     right.set_title(f"Translation cache: {bt.guest_bytes} guest bytes\n-> {bt.cache_bytes} bytes of translation",
                     fontsize=FONT + 1)
 

@@ -59,7 +59,7 @@ def trap_profile(runs: Mapping[str, tuple[RunResult, RunResult]], *, kernel: str
     left.set_xscale("log")
     left.set_xlabel("monitor entries (count, log scale)", fontsize=FONT)
     left.set_title(f"What the monitor did: {first.trap_count} traps", fontsize=FONT + 1)
-    left.tick_params(labelsize=FONT)
+    left.tick_params(which="both", labelsize=FONT)
     left.margins(x=0.25)
 
     labels = ("native port exit", "trap round trip", "monitor's share")
@@ -75,7 +75,7 @@ def trap_profile(runs: Mapping[str, tuple[RunResult, RunResult]], *, kernel: str
     right.set_yscale("log")
     right.set_ylabel("host time per event\n(µs, median, log scale)", fontsize=FONT)
     right.set_title("What one trap costs", fontsize=FONT + 1)
-    right.tick_params(labelsize=FONT)
+    right.tick_params(which="both", labelsize=FONT)
     # The legend goes below the bars, where it can hide none of their labels.
     right.legend(fontsize=FONT, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(labels), frameon=False)
     right.margins(y=0.3)

@@ -68,7 +68,7 @@ class Hub:
                                          data=None if body is None else json.dumps(body).encode(),
                                          headers={"Authorization": f"token {token or self.token}",
                                                   "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as answer:
+        with urllib.request.urlopen(request, timeout=180) as answer:
             text = answer.read().decode()
         return json.loads(text) if text else None
 
@@ -81,7 +81,10 @@ async def run_notebook(hub: Hub, user: str, token: str, notebook: nbformat.Noteb
     base = f"{hub.url}/user/{user}/api"
     kernel = await asyncio.to_thread(hub.api, "POST", f"/user/{user}/api/kernels", {"name": "python3"}, token)
     socket_url = base.replace("http://", "ws://") + f"/kernels/{kernel['id']}/channels"
-    connection = await websocket_connect(HTTPRequest(socket_url, headers={"Authorization": f"token {token}"}))
+    # The server answers the websocket's upgrade only once the new kernel is ready: ten kernels importing
+    # labkit at once on two cores take longer than tornado's 20 s default.
+    connection = await websocket_connect(HTTPRequest(socket_url, headers={"Authorization": f"token {token}"},
+                                                     connect_timeout=240, request_timeout=240))
     texts: list[str] = []
     session = uuid.uuid4().hex
     try:

@@ -201,3 +201,23 @@ def test_writers_in_threads_pause_on_a_full_datastore_and_resume(tmp_path):
         assert_acknowledged(disk, acknowledged[vm])
         disk.close()
         assert check_image(store.file(f"{vm}.qcow2")).exit_code == 0
+
+
+def test_used_space_counts_a_file_deleted_while_it_is_listed_as_gone(tmp_path):
+    """used() lists the folder, then measures each file: a delete in another thread between the two is normal."""
+    store = Datastore(tmp_path / "lun", capacity=64 * MIB)
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            store.create_raw("churn.raw", 4 * KIB)
+            store.delete("churn.raw")
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    try:
+        sizes = {store.used() for _ in range(3000)}
+    finally:
+        stop.set()
+        churner.join()
+    assert sizes <= {0, 4 * KIB}
