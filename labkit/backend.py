@@ -175,15 +175,20 @@ def choose_backend(name: str = "auto") -> Choice:
     return Choice("kvm", "/dev/kvm is present and usable")
 
 
-def create_backend(name: str, memory_size: int, mode: int, kvm_controls: KvmExitControls | None = None) -> Backend:
+def create_backend(name: str, memory_size: int, mode: int, kvm_controls: KvmExitControls | None = None, *,
+                   ram_fd: int | None = None) -> Backend:
     """Create a backend by resolved name (``kvm`` or ``emu``) for a guest starting in ``mode``.
 
     ``kvm_controls`` (:class:`labkit.kvm.controls.KvmExitControls`) go to the KVM
     backend; the emulator has no KVM exit controls and refuses them with :class:`ConfigError`.
+    ``ram_fd`` (emulator only) is a file of ``memory_size`` bytes mapped shared as the guest's RAM
+    (a machine in a worker process and its caller see the same pages).
     """
     if name == "kvm":
         from labkit.kvm import KvmBackend
 
+        if ram_fd is not None:
+            raise ConfigError("KVM's guest RAM is an anonymous mapping of its own; ram_fd is for the emulator")
         return KvmBackend(memory_size=memory_size, mode=mode, controls=kvm_controls)
     if kvm_controls is not None:
         raise ConfigError(f"KVM exit controls ({', '.join(kvm_controls.describe()) or 'none set'}) need the KVM "
@@ -191,5 +196,5 @@ def create_backend(name: str, memory_size: int, mode: int, kvm_controls: KvmExit
     if name == "emu":
         from labkit.emu import EmuBackend
 
-        return EmuBackend(memory_size=memory_size, mode=mode)
+        return EmuBackend(memory_size=memory_size, mode=mode, ram_fd=ram_fd)
     raise ConfigError(f"cannot create backend {name!r}")

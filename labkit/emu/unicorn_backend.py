@@ -165,10 +165,13 @@ class _Engine:
     backend runs its finalizer without waiting for the cycle collector.
     """
 
-    def __init__(self, memory_size: int, mode: int):
+    def __init__(self, memory_size: int, mode: int, ram_fd: int | None = None):
         self.memory_size = memory_size
-        self.ram_map = mmap.mmap(-1, memory_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        if ram_fd is None:
+            self.ram_map = mmap.mmap(-1, memory_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        else:  # the caller's memfd (a machine in a worker process): the caller maps the same pages
+            self.ram_map = mmap.mmap(ram_fd, memory_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._anchor = ctypes.c_char.from_buffer(self.ram_map)
         self.ram_address = ctypes.addressof(self._anchor)
         self.ram = memoryview(self.ram_map)
@@ -977,12 +980,12 @@ class EmuBackend:
 
     kind = "emu"
 
-    def __init__(self, memory_size: int = layout.DEFAULT_MEMORY, mode: int = 64):
+    def __init__(self, memory_size: int = layout.DEFAULT_MEMORY, mode: int = 64, *, ram_fd: int | None = None):
         if mode not in _UC_MODES:
             raise ConfigError(f"mode must be 16, 32 or 64, not {mode!r}")
         layout.check_memory_size(memory_size)
         self.mode = mode
-        self._engine = _Engine(memory_size, mode)
+        self._engine = _Engine(memory_size, mode, ram_fd)
         self.memory = self._engine.ram
         self._finalizer = weakref.finalize(self, self._engine.close)
         # Unicorn starts with FCW = 0 and MXCSR = 0 (every x87 and SIMD exception unmasked); KVM's vCPU

@@ -109,12 +109,12 @@ class MachineCore:
     def __init__(self, guest: Guest, backend: str | Backend, memory_size: int, *,
                  devices: Sequence[DeviceSpec | LegacyDeviceSpec] = (), trace_limit: int | None = None,
                  monitor: Monitor | None = None, interrupts: InterruptLines | None = None,
-                 kvm_controls: KvmExitControls | None = None):
+                 kvm_controls: KvmExitControls | None = None, ram_fd: int | None = None):
         from labkit.x86.boot import boot_state, load_boot_state  # the boot builder pulls in the table builders
 
         self.guest = guest
         if isinstance(backend, str):
-            self.backend = create_backend(backend, memory_size, guest.mode, kvm_controls)
+            self.backend = create_backend(backend, memory_size, guest.mode, kvm_controls, ram_fd=ram_fd)
         elif kvm_controls is not None:
             raise ConfigError("kvm_controls are applied when the core creates its KVM backend, not to a given one")
         else:
@@ -581,11 +581,12 @@ class MachineCore:
 
     # -- snapshots ------------------------------------------------------------------
 
-    def capture_state(self, memory: bool = True) -> MachineState:
+    def capture_state(self, memory: bool = True, shared_ram: bool = False) -> MachineState:
         """Everything the stopped vCPU, its memory and its devices are (:class:`labkit.snapshot.state.MachineState`).
 
         Call between runs.  With ``memory=False`` the regions' bytes are left out (a diff
-        snapshot takes only the written pages: :meth:`written_pages_data`).  A machine with a monitor is refused: the monitor's own state (the
+        snapshot takes only the written pages: :meth:`written_pages_data`); with ``shared_ram`` only RAM's
+        (the caller maps the same pages and copies them itself).  A machine with a monitor is refused: the monitor's own state (the
         kernel's virtual CPU, translations) lives outside the VM and is not saved.
         """
         if self.monitor is not None:
@@ -609,22 +610,25 @@ class MachineCore:
                                                         "unicorn": self.origin.unicorn, "labkit": self.origin.labkit},
             regs=regs, sregs=self.backend.get_sregs(), msrs=self.backend.get_msrs(SAVED_MSRS),
             fpu=self.backend.get_fpu(), debug=self.backend.get_debug_regs(), devices=devices,
-            regions=tuple(Region(address, len(view), read_only, bytes(view) if memory else b"")
-                          for address, view, read_only in self.backend.regions()),
+            regions=tuple(Region(address, len(view), read_only,
+                                 bytes(view) if memory and not (shared_ram and index == 0) else b"")
+                          for index, (address, view, read_only) in enumerate(self.backend.regions())),
             status=self.status,
             halted_waiting=self._halted_waiting,
             pending_interrupt=self._carried_vector if self._carried_vector is not None
             else self.backend.pending_interrupt())
 
-    def restore_state(self, state: MachineState) -> None:
+    def restore_state(self, state: MachineState, ram_in_place: bool = False) -> None:
         """Make this (new, not yet run) machine the one ``state`` was captured from: memory, vCPU, devices.
 
-        The next :meth:`run` continues the guest where the captured one stopped.
+        The next :meth:`run` continues the guest where the captured one stopped.  With
+        ``ram_in_place`` the state's RAM (region 0) is left out and the caller writes it through its
+        own mapping of the same pages once this has returned.
         """
         if self.status is not None:
             raise SnapshotError("restore into a machine that has not run yet (create a new one)")
         ours = [(address, len(view), read_only) for address, view, read_only in self.backend.regions()]
-        if not state.has_memory:
+        if not (state.has_memory or ram_in_place and all(len(r.data) == r.size for r in state.regions[1:])):
             raise SnapshotError("this state has no memory (a diff snapshot's): restore its full state")
         theirs = state.layout()
         for address, size, read_only in theirs[len(ours):]:
@@ -635,8 +639,9 @@ class MachineCore:
         if missing:
             raise SnapshotError(f"the snapshot has state for devices this machine lacks: {', '.join(missing)} "
                                 "(give the same DeviceSpecs as the machine it was taken of)")
-        for (_, view, _), region in zip(self.backend.regions(), state.regions):
-            view[:] = region.data
+        for index, ((_, view, _), region) in enumerate(zip(self.backend.regions(), state.regions)):
+            if not (ram_in_place and index == 0):
+                view[:] = region.data
         self.backend.set_sregs(state.sregs)
         self.backend.set_msrs(state.msrs)
         self.backend.set_regs(state.regs)

@@ -1,8 +1,9 @@
-"""Where a machine's guest RAM lives on the host: one anonymous mapping per VM, read from ``/proc/self/maps``.
+"""Where a machine's guest RAM lives on the host: one mapping per VM, read from ``/proc/self/maps``.
 
-Every labkit machine's RAM is a private anonymous ``mmap`` of its own (KVM: memory slot 0,
-``KVM_SET_USER_MEMORY_REGION``'s ``userspace_addr``; the emulator: the mapping given to
-``uc_mem_map_ptr``).  :func:`host_mappings` turns a backend's regions into
+Every labkit machine's RAM is a mapping of its own (KVM: a private anonymous ``mmap``, memory slot 0,
+``KVM_SET_USER_MEMORY_REGION``'s ``userspace_addr``; the emulator in its worker process: a shared
+mapping of a ``memfd`` of its own, given to ``uc_mem_map_ptr``, which the caller maps too so that a
+snapshot copies the pages without sending them through a socket).  :func:`host_mappings` turns a backend's regions into
 :class:`HostMapping` rows: the process that holds the mapping (the caller on KVM, the
 worker on emulation), the host virtual address range, and the ``/proc/<pid>/maps`` line
 that contains it.  Two VMs' ranges never overlap, and a VM reaches only the guest-physical

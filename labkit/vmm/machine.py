@@ -18,13 +18,15 @@ A run that returns ``paused`` (:meth:`Machine.pause`, from another thread) or
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import time
 import weakref
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from labkit.backend import choose_backend
-from labkit.errors import ConfigError, DeviceError, SnapshotError
+from labkit.errors import ConfigError, DeviceError, EmulatorError, SnapshotError, strerror
 from labkit.trace import ExitRecord, ExitTrace
 from labkit.vmm.core import LegacyDeviceSpec, MachineCore
 from labkit.vmm.devices.spec import DeviceSpec
@@ -36,6 +38,7 @@ from labkit.x86.state import Regs, SRegs
 if TYPE_CHECKING:  # imported where used: guest pulls in the assembler, forwarding the trap stubs
     from labkit.guest import Guest
     from labkit.snapshot import Snapshot
+    from labkit.snapshot.state import PageDiff
     from labkit.kvm.controls import KvmExitControls
     from labkit.kvm.stats import KvmRunStats
     from labkit.vmm.forwarding import Monitor
@@ -103,21 +106,36 @@ class Machine:
                         "the guest never touches: pass labkit.vmm.devices.DeviceSpec(name, bus, base, length, "
                         f"factory) instead of {type(spec).__name__} {spec!r:.60}")
 
+        # An emulated machine's RAM is a memfd that its worker maps and this process keeps open: a
+        # snapshot or a restore reads or writes the file here (pread/pwrite: no page faults on our side)
+        # instead of sending the pages through the worker's socket.
+        ram_fd = _ram_file(self.memory_size) if self.isolated and choice.name == "emu" else None
+        self._ram_fd = ram_fd
+
         def make_core() -> MachineCore:
-            return MachineCore(guest, choice.name, self.memory_size, devices=devices, trace_limit=trace_limit,
-                               monitor=monitor, kvm_controls=kvm_controls)
+            try:
+                return MachineCore(guest, choice.name, self.memory_size, devices=devices, trace_limit=trace_limit,
+                                   monitor=monitor, kvm_controls=kvm_controls, ram_fd=ram_fd)
+            finally:
+                if ram_fd is not None:
+                    os.close(ram_fd)  # in the worker: its mapping (and the mmap object's own descriptor) keeps it
 
         if self.isolated:
             if choice.name == "emu":
                 from labkit.emu import prepare
 
                 prepare()
-            self._worker: Worker | None = Worker(make_core)
+            try:
+                self._worker: Worker | None = Worker(make_core, (ram_fd,) if ram_fd is not None else ())
+            except BaseException:
+                if ram_fd is not None:
+                    os.close(ram_fd)
+                raise
             self._core: MachineCore | None = None
             # The caller's copy of the worker's trace and console: each run sends only what is new.
             self._trace = ExitTrace() if trace_limit is None else ExitTrace(trace_limit)
             self._console = bytearray()
-            self._finalizer = weakref.finalize(self, self._worker.close)
+            self._finalizer: weakref.finalize[Any, Any] = weakref.finalize(self, _close_worker, self._worker, ram_fd)
         else:
             self._worker = None
             self._core = make_core()
@@ -219,14 +237,36 @@ class Machine:
                 raise SnapshotError("a diff snapshot's parent must be this machine's latest snapshot "
                                     "(the written pages are counted from that one)")
             state = self._call("capture_state", False)
-            diff = self._call("written_pages_data")
+            diff = self._call("written_pages_data") if self._ram_fd is None else self._written_pages_here()
             snapshot = Snapshot(state, parent=parent, diff=diff)
         else:
-            state = self._call("capture_state", True)
+            if self._ram_fd is None:
+                state = self._call("capture_state", True)
+            else:
+                state = self._call("capture_state", True, True)
+                ram = dataclasses.replace(state.regions[0], data=_read_all(self._ram_fd, self.memory_size))
+                state = dataclasses.replace(state, regions=(ram,) + state.regions[1:])
             self._call("start_page_tracking")
             snapshot = Snapshot(state)
         self._latest_snapshot = snapshot.id
         return snapshot
+
+    def _written_pages_here(self) -> PageDiff:
+        """The worker's written pages, their bytes read here from the RAM's file (pages of other regions,
+        if any, from the worker)."""
+        from labkit.snapshot.state import PageDiff
+
+        fd = self._ram_fd
+        assert fd is not None
+        pages = self._call("take_written_pages")
+        ram_pages = self.memory_size >> 12
+        pieces = []
+        for first, count in _runs(pages, ram_pages):  # one read per run of consecutive pages
+            if first < ram_pages:
+                pieces.append(_read_all(fd, count << 12, first << 12))
+            else:
+                pieces.append(self._call("read_memory", first << 12, count << 12))
+        return PageDiff(tuple(pages), b"".join(pieces))
 
     def stop_page_tracking(self) -> None:
         """Stop counting written pages (the next snapshot must be a full one)."""
@@ -257,7 +297,15 @@ class Machine:
         :meth:`from_snapshot` creates the machine and calls this; a live migration creates the
         target machine first and restores into it once the source has stopped.
         """
-        self._call("restore_state", snapshot.state)
+        state = snapshot.state
+        ram = state.regions[0] if state.regions else None
+        size = self.memory_size
+        if self._ram_fd is None or ram is None or (ram.address, ram.size, len(ram.data)) != (0, size, size):
+            self._call("restore_state", state)  # in the core (which also names what does not fit)
+            return
+        self._call("restore_state", dataclasses.replace(state, regions=(dataclasses.replace(ram, data=b""),)
+                                                        + state.regions[1:]), True)
+        _write_all(self._ram_fd, ram.data)
     def kvm_stats(self) -> KvmRunStats:
         """KVM's own counters for this machine's vCPU (binary stats fd, ``KVM_GET_STATS_FD``) since it was
         made, beside the exits labkit's run loop saw (:class:`labkit.kvm.stats.KvmRunStats`).
@@ -333,3 +381,52 @@ class Machine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _ram_file(size: int) -> int:
+    """A memfd of ``size`` bytes for an emulated machine's RAM (its pages are allocated as they are touched)."""
+    try:
+        fd = os.memfd_create("labkit-guest-ram", os.MFD_CLOEXEC)
+    except OSError as error:
+        raise EmulatorError(f"cannot make the emulated machine's RAM: {strerror(error.errno or 0)}") from None
+    try:
+        os.ftruncate(fd, size)
+    except OSError as error:
+        os.close(fd)
+        raise EmulatorError(f"cannot make {size >> 20} MiB of RAM for the emulated machine: "
+                            f"{strerror(error.errno or 0)}") from None
+    return fd
+
+
+def _runs(pages: Sequence[int], split: int) -> Iterator[tuple[int, int]]:
+    """(first page, count) of each run of consecutive pages in the sorted ``pages``; no run crosses page
+    ``split`` (where RAM ends and a region may begin)."""
+    start = previous = None
+    for page in pages:
+        if previous is not None and page == previous + 1 and page != split:
+            previous = page
+            continue
+        if start is not None and previous is not None:
+            yield start, previous - start + 1
+        start = previous = page
+    if start is not None and previous is not None:
+        yield start, previous - start + 1
+
+
+def _read_all(fd: int, size: int, offset: int = 0) -> bytes:
+    data = os.pread(fd, size, offset)
+    if len(data) != size:  # a memfd of the machine's size: never short, but never trust a count
+        raise EmulatorError(f"the emulated machine's RAM file gave {len(data)} of {size} bytes at {offset:#x}")
+    return data
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view, offset = memoryview(data), 0
+    while offset < len(view):
+        offset += os.pwrite(fd, view[offset:], offset)
+
+
+def _close_worker(worker: Worker, ram_fd: int | None) -> None:
+    worker.close()
+    if ram_fd is not None:
+        os.close(ram_fd)

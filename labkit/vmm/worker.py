@@ -159,11 +159,12 @@ class _Child:
 def _fork_and_wait(child: _Child, handed: list) -> None:
     """The body of a worker's own thread: fork the worker, hand its pid over, reap it when it exits.
 
-    ``handed`` is ``[make_core, keep, drop]``, emptied at once: this thread lives
+    ``handed`` is ``[make_core, keep, drop, shared]``, emptied at once: this thread lives
     as long as the worker and must not keep the caller's ``Machine`` (which
-    ``make_core`` refers to) or its sockets alive.
+    ``make_core`` refers to) or its sockets alive.  ``shared`` are the caller's
+    descriptors the worker keeps open too (the caller closes its own copies).
     """
-    make_core, keep, drop = handed
+    make_core, keep, drop, shared = handed
     handed.clear()
     parent = os.getpid()
     try:
@@ -178,14 +179,14 @@ def _fork_and_wait(child: _Child, handed: list) -> None:
     if pid == 0:  # the worker: never return into the caller's code
         code = 0
         try:
-            _become_worker(parent, keep, drop)
+            _become_worker(parent, keep, drop, shared)
             _serve(keep[0], keep[1], make_core)  # the core is made after the caller's descriptors are closed
         except BaseException:  # noqa: BLE001
             code = 1
         finally:
             os._exit(code)
     _close_all(keep)  # the worker's ends, in the caller
-    del make_core, keep, drop
+    del make_core, keep, drop, shared
     child.announce(pid)
     child.wait()
 
@@ -206,7 +207,8 @@ def in_worker() -> bool:
     return _in_worker
 
 
-def _become_worker(parent: int, keep: tuple[Connection, Connection, int], drop: tuple[Connection, Connection, int]) -> None:
+def _become_worker(parent: int, keep: tuple[Connection, Connection, int], drop: tuple[Connection, Connection, int],
+                   shared: tuple[int, ...] = ()) -> None:
     """Tie the new process to its caller and shed everything of the caller's it does not need."""
     global _in_worker
     _in_worker = True
@@ -223,7 +225,7 @@ def _become_worker(parent: int, keep: tuple[Connection, Connection, int], drop: 
     for fd in (0, 1, 2):
         if fd != null:
             os.dup2(null, fd)
-    kept = sorted({0, 1, 2, keep[0].fileno(), keep[1].fileno(), keep[2]})
+    kept = sorted({0, 1, 2, keep[0].fileno(), keep[1].fileno(), keep[2], *shared})
     highest = max(int(name) for name in os.listdir("/proc/self/fd")) + 1
     for low, high in zip(kept, kept[1:] + [max(highest, kept[-1] + 1)]):
         os.closerange(low + 1, high)
@@ -329,9 +331,11 @@ class Worker:
 
     ``make_core`` is called in the worker (after the caller's descriptors are
     closed there), so the core and its devices live in the worker only.
+    ``shared_fds`` stay open in the worker (the guest RAM's memfd, which
+    ``make_core`` maps); the caller may close its copies once this returns.
     """
 
-    def __init__(self, make_core: Callable[[], Any]):
+    def __init__(self, make_core: Callable[[], Any], shared_fds: tuple[int, ...] = ()):
         created: list = []
         try:
             here, there = Pipe(duplex=True)
@@ -346,7 +350,7 @@ class Worker:
                 from error
         os.set_blocking(report_read, False)
         child = _Child()
-        handed = [make_core, (there, control_there, report_write), (here, control, report_read)]
+        handed = [make_core, (there, control_there, report_write), (here, control, report_read), tuple(shared_fds)]
         thread = threading.Thread(target=_fork_and_wait, args=(child, handed), daemon=True, name="labkit-worker")
         try:
             thread.start()

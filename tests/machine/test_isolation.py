@@ -20,12 +20,15 @@ def test_vm_b_never_finds_vm_a_secret_and_their_ram_is_apart(backend_name):
     assert isolation.scanner.status.fault.cr2 == 0x40000000
     (a,), (b,) = isolation.mappings["A"], isolation.mappings["B"]
     assert not a.overlaps(b) and a.size == b.size == 0x200000
-    assert a.maps_line and b.maps_line and " rw-p " in a.maps_line
-    if backend_name == "kvm":  # one process, two memory slots into separate host ranges
+    assert a.maps_line and b.maps_line
+    if backend_name == "kvm":  # one process, two memory slots into separate anonymous host ranges
+        assert " rw-p " in a.maps_line and " rw-p " in b.maps_line
         assert a.pid == b.pid and (a.host_end <= b.host_address or b.host_end <= a.host_address)
         assert isolation.mmio_exits == 1022
-    else:  # one worker process per VM
+    else:  # one worker process per VM, each VM's RAM a memory file of its own (its inode in the maps line)
         assert a.pid != b.pid
+        assert all(" rw-s " in m.maps_line and "/memfd:labkit-guest-ram" in m.maps_line for m in (a, b))
+        assert a.maps_line.split()[4] != b.maps_line.split()[4]
         assert isolation.mmio_exits == 2 * 1022  # Unicorn splits an 8-byte MMIO read in two
 
 
