@@ -218,8 +218,9 @@ def list_guests() -> list[GuestInfo]:
     ]
 
 
+@lru_cache(maxsize=1)
 def guests_dir() -> Path:
-    """Where the shipped guests live: ``labkit/_guests`` in a wheel, else ``<repo>/guests``."""
+    """Where the shipped guests live: ``labkit/_guests`` in a wheel, else ``<repo>/guests`` (found once)."""
     package = Path(__file__).resolve().parent
     for candidate in (package / "_guests", package.parent / "guests"):
         if (candidate / MANIFEST).is_file():

@@ -14,6 +14,8 @@ as in the kernel documentation (Documentation/virt/kvm/api.rst).
 from __future__ import annotations
 
 import ctypes
+import functools
+from typing import Any
 from ctypes import (
     Structure, Union, c_char, c_int16, c_uint8, c_uint16, c_uint32, c_uint64, c_void_p, sizeof,
 )
@@ -564,35 +566,30 @@ class kvm_run(Structure):
 # --- variable-length structures ----------------------------------------------
 
 
+@functools.lru_cache(maxsize=64)
+def _sized(name: str, head: tuple[tuple[str, Any], ...], tail: str, element: Any, count: int) -> type[Structure]:
+    """The ``Structure`` class ``head`` + ``element[count]`` (made once per size: a ctypes class costs about
+    a millisecond to build, and every machine asks for the same few)."""
+    return type(name, (Structure,), {"_fields_": [*head, (tail, element * count)]})
+
+
 def kvm_msrs_with(count: int) -> Structure:
     """A ``struct kvm_msrs`` followed by ``count`` ``kvm_msr_entry`` (``nmsrs`` set)."""
-
-    class kvm_msrs_n(Structure):
-        _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32), ("entries", kvm_msr_entry * count)]
-
-    value = kvm_msrs_n()
+    value = _sized("kvm_msrs_n", (("nmsrs", c_uint32), ("pad", c_uint32)), "entries", kvm_msr_entry, count)()
     value.nmsrs = count
     return value
 
 
 def kvm_cpuid2_with(count: int) -> Structure:
     """A ``struct kvm_cpuid2`` with room for ``count`` entries (``nent`` set)."""
-
-    class kvm_cpuid2_n(Structure):
-        _fields_ = [("nent", c_uint32), ("padding", c_uint32), ("entries", kvm_cpuid_entry2 * count)]
-
-    value = kvm_cpuid2_n()
+    value = _sized("kvm_cpuid2_n", (("nent", c_uint32), ("padding", c_uint32)), "entries", kvm_cpuid_entry2, count)()
     value.nent = count
     return value
 
 
 def kvm_signal_mask_with(sigset: bytes) -> Structure:
     """A ``struct kvm_signal_mask`` carrying the kernel sigset ``sigset`` (8 bytes on x86-64)."""
-
-    class kvm_signal_mask_n(Structure):
-        _fields_ = [("len", c_uint32), ("sigset", c_uint8 * len(sigset))]
-
-    value = kvm_signal_mask_n()
+    value = _sized("kvm_signal_mask_n", (("len", c_uint32),), "sigset", c_uint8, len(sigset))()
     value.len = len(sigset)
     ctypes.memmove(value.sigset, sigset, len(sigset))
     return value

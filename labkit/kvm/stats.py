@@ -9,10 +9,11 @@ descriptors never change, so :class:`BinaryStats` reads them once and each
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import struct
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from labkit.kvm import bindings as kb
@@ -29,17 +30,7 @@ class BinaryStats:
         desc_size = ctypes.sizeof(kb.kvm_stats_desc) + header.name_size
         descs = os.pread(fd, desc_size * header.num_desc, header.desc_offset)
         self._data_offset = header.data_offset
-        layout = []  # (name, first u64 index, count, flags)
-        end = 0
-        for i in range(header.num_desc):
-            raw = descs[i * desc_size:(i + 1) * desc_size]
-            desc = kb.kvm_stats_desc.from_buffer_copy(raw)
-            name = raw[ctypes.sizeof(kb.kvm_stats_desc):].split(b"\0", 1)[0].decode()
-            layout.append((name, desc.offset // 8, desc.size, desc.flags))
-            end = max(end, desc.offset + 8 * desc.size)
-        self._layout = tuple(layout)
-        self._data_size = end
-        self._unpack = struct.Struct(f"<{end // 8}Q").unpack
+        self._layout, self._data_size, self._unpack = _parse_descriptors(descs, desc_size)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -59,6 +50,22 @@ class BinaryStats:
 
     def close(self) -> None:
         self._finalizer()
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_descriptors(descs: bytes, desc_size: int) -> tuple[tuple[tuple[str, int, int, int], ...], int,
+                                                             Callable[[bytes], tuple[int, ...]]]:
+    """The layout ((name, first u64 index, count, flags), ...), the data block's size and its unpacker, from
+    the descriptors' bytes: the same for every vCPU of this kernel, so parsed once."""
+    layout = []
+    end = 0
+    for i in range(len(descs) // desc_size):
+        raw = descs[i * desc_size:(i + 1) * desc_size]
+        desc = kb.kvm_stats_desc.from_buffer_copy(raw)
+        name = raw[ctypes.sizeof(kb.kvm_stats_desc):].split(b"\0", 1)[0].decode()
+        layout.append((name, desc.offset // 8, desc.size, desc.flags))
+        end = max(end, desc.offset + 8 * desc.size)
+    return tuple(layout), end, struct.Struct(f"<{end // 8}Q").unpack
 
 
 def cumulative_counters(stats: BinaryStats) -> tuple[str, ...]:
