@@ -799,8 +799,13 @@ class BinaryTranslator:
         shadow = self.shadow
         if shadow is None:
             raise LabkitError("instruction fetch faults are shadow paging's")
+        from labkit.x86.arch import CR4_PAE, CR4_SMEP, EFER_NXE, MSR_EFER
+
         vcpu = self._started()[1]
         kernel = _KernelWrites(self._kernel_view(context), self.cache_region, self._written)
+        # I/D is set only with SMEP, or PAE paging with EFER.NXE (SDM vol. 3A, 4.7): the kernel's own settings.
+        fetch = PF_FETCH if vcpu.cr4 & CR4_SMEP or (vcpu.cr4 & CR4_PAE
+                                                    and vcpu.msrs.get(MSR_EFER, 0) & EFER_NXE) else 0
         for _ in range(3):
             address = fault.address
             walk = shadow._walk(context, vcpu.cr3, address, False)
@@ -809,7 +814,7 @@ class BinaryTranslator:
             self._count("fault: #PF")
             trap.regs.rip, trap.cr2 = address, address
             try:
-                self._reflect(Vector.PF, (walk.error_code or 0) | PF_FETCH, trap, kernel)
+                self._reflect(Vector.PF, (walk.error_code or 0) | fetch, trap, kernel)
                 return
             except _FetchFault as again:
                 fault = again

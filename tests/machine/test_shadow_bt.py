@@ -1,0 +1,142 @@
+"""Shadow page tables under binary translation: pagingkernel64 translated, its paging virtualized.
+
+As in test_shadow.py (trap-and-emulate), the kernel's console is the differential check: it holds every
+value read through a remapped page, every fault's address and error code and a hash of the random edits'
+outcomes.  Here the kernel's code never runs: the translator reads it through the kernel's own page tables
+and translated code takes the page faults.  One run per backend is shared by the tests that only read it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import pytest
+
+from labkit import Guest
+from labkit.monitor.binary_translation import TranslationSummary
+from labkit.monitor.shadow import ShadowReport, paging_kernel, run_shadowed
+from labkit.monitor.trap_emulate import run_native
+from labkit.vmm.status import RunResult, StatusKind
+
+from shadow_guests import REMAPPED_CODE
+
+BT = "binary translation"
+EDITS_IN_TEST = 150
+"""Random edits in the sampled run; benchmarks/bench_shadow.py makes 1,000 per seed under both monitors."""
+SEED = 2024
+
+
+def _number(console: str, label: str) -> int:
+    match = re.search(re.escape(label) + r"(0x[0-9a-f]+)", console)
+    assert match is not None, f"{label!r} not in the console:\n{console}"
+    return int(match.group(1), 16)
+
+
+def _summary(result: RunResult) -> TranslationSummary:
+    assert isinstance(result.monitor, TranslationSummary), result.status
+    return result.monitor
+
+
+def _shadow(result: RunResult) -> ShadowReport:
+    shadow = _summary(result).shadow
+    assert shadow is not None
+    return shadow
+
+
+@pytest.fixture(scope="module")
+def runs() -> Callable[..., RunResult]:
+    """Each run made once per module: ``runs(key, make)``."""
+    made: dict[tuple, RunResult] = {}
+
+    def run(key: tuple, make: Callable[[], RunResult]) -> RunResult:
+        if key not in made:
+            made[key] = make()
+        return made[key]
+
+    return run
+
+
+def _paging(runs, backend: str) -> RunResult:
+    return runs(("paging", backend), lambda: run_shadowed("pagingkernel64", backend, monitor=BT))
+
+
+def test_paging_kernel_console_equals_native_under_binary_translation(backend_name, runs):
+    native_console = Guest.named("pagingkernel64").expected["console"]
+    result = _paging(runs, backend_name)
+    assert result.status.kind == StatusKind.HALTED, str(result.status)
+    assert result.console == native_console
+    summary = _summary(result)
+    assert summary.blocks_translated > 0 and summary.protected_pages > 0
+    # Every #PF of translated code went to shadow paging first: the ones it absorbed are counted as its entries.
+    assert summary.entries["shadow: hidden #PF"] == _shadow(result).hidden_faults > 0
+
+
+def test_every_page_table_store_is_trapped_under_binary_translation(backend_name, runs):
+    result = _paging(runs, backend_name)
+    shadow = _shadow(result)
+    stores = _number(result.console, "page-table stores while paging: ")
+    assert stores == 8 + 100  # remap, map back, unmap, read-only, 4 pages in; one per random edit
+    assert shadow.pt_writes == stores == _summary(result).entries["shadow: page-table write"]
+    assert [event.kind for event in shadow.events].count("pt-write") == stores
+
+
+def test_no_stale_shadow_entry_survives_invlpg_or_a_cr3_load_under_binary_translation(backend_name, runs):
+    result = _paging(runs, backend_name)
+    lines = result.console.splitlines()
+    assert "remap 0x40001000 to B's page, invlpg, read: 0xb2" in lines
+    assert "map it back, reload CR3, read: 0xc3" in lines
+    assert "unmap 0x40001000, invlpg, read: #PF cr2 0x40001000, error code 0x0" in lines
+    shadow = _shadow(result)
+    assert shadow.invlpgs == 7 + 100 == _summary(result).entries["emulate: invlpg"]
+    assert shadow.entries_zapped >= 3
+    assert shadow.roots_built == 3 and shadow.cr3_loads == 6  # A, B, A, B, A, then a reload of A
+    assert set(shadow.roots) == {0x4000, 0x100000, 0x105000}
+
+
+def test_hidden_and_true_page_faults_are_counted_apart_under_binary_translation(backend_name, runs):
+    result = _paging(runs, backend_name)
+    shadow = _shadow(result)
+    probes = _number(result.console, ", faults ")
+    paged_in = _number(result.console, "demand paging: pages brought in ")
+    assert shadow.true_faults == probes + paged_in
+    summary = _summary(result)
+    assert summary.entries["fault: #PF"] == shadow.true_faults  # each one reflected to the kernel's handler
+    kinds = [event.kind for event in shadow.events]
+    assert kinds.count("hidden") == shadow.hidden_faults and kinds.count("true") == shadow.true_faults
+
+
+def test_random_page_table_edits_fault_or_succeed_as_natively_under_binary_translation(backend_name, runs):
+    kernel = paging_kernel(edits=EDITS_IN_TEST, seed=SEED)
+    native = runs(("native edits", "emu"), lambda: run_native(kernel, "emu")[0])
+    translated = runs(("edits", backend_name), lambda: run_shadowed(kernel, backend_name, monitor=BT))
+    assert native.status.kind == StatusKind.HALTED
+    assert 0 < _number(native.console, ", faults ") < EDITS_IN_TEST  # both outcomes occur
+    assert translated.status.kind == StatusKind.HALTED, str(translated.status)
+    assert translated.console == native.console
+    assert _shadow(translated).pt_writes == _number(native.console, "page-table stores while paging: ")
+
+
+def test_translations_follow_the_code_pages_mapping_and_contents(backend_name):
+    # Code at one virtual address: remapped (invlpg), rewritten through another address, remapped (CR3
+    # reload), unmapped (the fetch is a true #PF). A translation kept past any of them prints a stale digit.
+    kernel = Guest.from_asm(REMAPPED_CODE, mode=64, name="remapped-code")
+    native = run_native(kernel, backend_name)[0]
+    trapped = run_shadowed(kernel, backend_name, timeout=10)
+    translated = run_shadowed(kernel, backend_name, timeout=10, monitor=BT)
+    assert native.console == trapped.console == translated.console == "1231F01"
+    summary = _summary(translated)
+    assert summary.invalidated == 4  # one translation of the code at 0x120000 per change
+    assert summary.entries["write: store"] > 0  # the rewrite went through the monitor (its page is protected)
+    assert trapped.monitor.shadow is not None
+    assert _shadow(translated).true_faults == trapped.monitor.shadow.true_faults == 1
+
+
+def test_a_translated_kernel_touching_the_monitors_memory_is_stopped(backend_name):
+    # 2 MiB of RAM: the translation cache is its top 256 KiB, the shadow pool the 256 KiB below.
+    for address, kind in ((0x1D0000, "translation cache"), (0x180000, "shadow pool")):
+        kernel = Guest.from_asm(f"mov qword ptr [{address:#x}], 1\nhlt\n", mode=64, name=f"writes-the-{kind}")
+        result = run_shadowed(kernel, backend_name, timeout=10, monitor=BT)
+        assert result.status.kind == StatusKind.ERROR, kind
+        assert f"the kernel uses virtual address {address:#x}, which the monitor keeps for itself" \
+            in result.status.message, kind
