@@ -21,12 +21,35 @@ x86 instructions that are sensitive but do not trap (see
 until the monitor chains it to its translated successor; then the jump runs
 natively.
 
-What binary translation does not cover: it virtualizes the CPU, not memory.
-A ``mov cr3`` only changes the virtual CR3 (no shadow page tables: the kernel
-keeps running on labkit's identity map), and guest-linear addresses are
-guest-physical, as in trap-and-emulate (:mod:`labkit.monitor.vcpu`).
+Memory: by default binary translation virtualizes the CPU, not memory.  A
+``mov cr3`` only changes the virtual CR3 (the kernel keeps running on
+labkit's identity map), and guest-linear addresses are guest-physical, as in
+trap-and-emulate (:mod:`labkit.monitor.vcpu`).  ``BinaryTranslator(kernel,
+shadow=ShadowPaging())`` makes the kernel's CR3 and page tables virtual with
+shadow page tables (:mod:`labkit.monitor.shadow`), as trap-and-emulate does:
 
-Memory while a kernel runs under binary translation (identity-mapped, RAM of ``memory`` bytes)::
+- The translator reads the kernel's code at its virtual addresses, through
+  the kernel's own tables (setting A as its CPU's fetch would); a branch to
+  code they do not map is a true #PF at that address (I/D as SDM 4.7 gives it:
+  only with SMEP, or NXE).
+- Every shadow root maps the translation cache where it is, for ring 3, read
+  only but for the hit counter's page; the shadow pool lies right below it.
+- A #PF of translated code goes to :meth:`ShadowPaging.page_fault` first:
+  hidden faults and page-table stores (the guest instruction the translation
+  stands for, carried out) are absorbed there and counted apart from true
+  faults, which are reflected to the kernel's handler with its CR2 and error
+  code.
+- "Translated code is read-only" holds for the *physical* pages behind it:
+  :meth:`ShadowPaging.protect` keeps every shadow leaf mapping them read-only,
+  whatever virtual address the kernel writes through.  A translation is valid
+  for the bytes its virtual addresses map now: after a page-table store,
+  ``invlpg`` or a CR3 load, each virtual page of translated code that maps
+  another physical page (or none) has its translations compared with what it
+  maps now, and the changed ones are dropped.
+
+Memory while a kernel runs under binary translation (identity-mapped, RAM of ``memory`` bytes; under
+shadow paging the cache region is mapped as here in every shadow root, the shadow pool lies below it,
+and labkit's page tables are left to the kernel as its boot tables)::
 
     0x0000_0000  forwarding stubs (int3 -> ring 0 stub -> TRAP_PORT -> on_trap)
     0x0000_1000  GDT, IDT, TSS, page tables (labkit's, not the guest kernel's)

@@ -5,7 +5,10 @@ monitor that lets a kernel believe it controls paging keeps *shadow* tables
 the CPU really walks: guest-virtual to host-physical (here labkit's
 guest-physical RAM, which the monitor hands the kernel unchanged).  A
 :class:`ShadowPaging` does that for :class:`~labkit.monitor.trap_emulate.TrapAndEmulate`
-(``TrapAndEmulate(shadow=ShadowPaging())``):
+(``TrapAndEmulate(shadow=ShadowPaging())``) and for
+:class:`~labkit.monitor.binary_translation.BinaryTranslator`
+(``BinaryTranslator(kernel, shadow=ShadowPaging())``, whose translated code takes
+the page faults: see that module); :func:`run_shadowed` runs a kernel under either:
 
 - The kernel's ``mov cr3`` sets its *virtual* CR3; the monitor loads the
   real CR3 with the shadow root it keeps for that value (one per address
