@@ -332,6 +332,7 @@ class BinaryTranslator:
         self._code_pages: dict[int, int] = {}  # under shadow paging: virtual page with translated code -> its physical page
         self._mapping_seen = 0  # shadow.mapping_changes when the code pages were last checked
         self._context: MonitorContext | None = None  # the trap's own context (guest-physical addresses)
+        self._open_bytes: dict[int, bytes] = {}  # under shadow paging: an open page's bytes before its one-shot
 
     def __repr__(self) -> str:
         return f"<BinaryTranslator of {self.kernel.name!r}>"
@@ -632,14 +633,13 @@ class BinaryTranslator:
             context = self._context
             if context is None:
                 raise LabkitError("code is translated during a trap only")
-            walk = self.shadow._walk(context, self._started()[1].cr3, page, False)
-            self.shadow._set_accessed(walk, False, context)
-            if walk.page is None:
+            physical = self.shadow.fetch(context, self._started()[1].cr3, page)
+            if physical is None:
                 return  # the code was read through this mapping a moment ago: it cannot fault
-            self._code_pages[page] = walk.page
-            if walk.page not in self.protected:
-                self.protected.add(walk.page)
-                self.shadow.protect(walk.page)
+            self._code_pages[page] = physical
+            if physical not in self.protected:
+                self.protected.add(physical)
+                self.shadow.protect(physical)
             return
         if page in self.protected:
             return
@@ -699,6 +699,7 @@ class BinaryTranslator:
             if physical is None:
                 raise LabkitError(f"the kernel's write to translated code at {trap.cr2:#x} lost its mapping")
             self.shadow.unprotect(physical)  # its leaf turns writable at the one-shot's write (a hidden #PF)
+            self._open_bytes[physical] = self._ram().read_at_most(physical, layout.PAGE_SIZE)
             page = physical
         else:
             self._set_writable(page, True)
@@ -712,12 +713,18 @@ class BinaryTranslator:
         if self.shadow is not None:  # open pages are physical: check the virtual code pages on them
             for page, physical in sorted(self._code_pages.items()):
                 if physical in self._open:
-                    self._drop_stale(page, page + layout.PAGE_SIZE)
+                    # Only what the instruction changed: the page's bytes before it ran against now.
+                    before = self._open_bytes.get(physical, b"")
+                    now = self._ram().read_at_most(physical, layout.PAGE_SIZE)
+                    changed = [at for at in range(len(now)) if at >= len(before) or now[at] != before[at]]
+                    if changed:
+                        self._drop_stale(page + changed[0], page + changed[-1] + 1)
                     if cache.translated_in(page, page + layout.PAGE_SIZE):
                         self._protect(page)
                     else:
                         del self._code_pages[page]
             self._open.clear()
+            self._open_bytes.clear()
             return
         for page in sorted(self._open):
             self._drop_stale(page, page + layout.PAGE_SIZE)
@@ -730,11 +737,15 @@ class BinaryTranslator:
         if self.shadow is not None:  # ``address`` is virtual: translated code may lie behind another address
             if self.cache is None or not (self.protected or self._open):
                 return
-            written = {self._physical_page(page) for page in range(address & ~PAGE_MASK, address + size,
-                                                                   layout.PAGE_SIZE)}
-            for page, physical in sorted(self._code_pages.items()):
-                if physical in written:
-                    self._drop_stale(page, page + layout.PAGE_SIZE)
+            here = address
+            while here < address + size:  # one look-up per page written
+                length = min(address + size - here, layout.PAGE_SIZE - (here & PAGE_MASK))
+                physical = self._physical_page(here)
+                for page, backing in sorted(self._code_pages.items()):
+                    if backing == physical:  # the same bytes, seen through ``page``
+                        start = page | here & PAGE_MASK
+                        self._drop_stale(start, start + length)
+                here += length
             return
         if self.cache is not None and any(page in self.protected or page in self._open
                                           for page in range(address & ~PAGE_MASK, address + size, layout.PAGE_SIZE)):
@@ -779,6 +790,12 @@ class BinaryTranslator:
             else:
                 trap.regs.rip = after
         return kind
+
+    def _ram(self) -> GuestMemory:
+        """Guest-physical memory (the trap's context's), whatever addresses the translator reads."""
+        if self._context is None:
+            raise LabkitError("guest memory is reached during a trap only")
+        return self._context.memory
 
     def _physical_page(self, page: int) -> int | None:
         """The guest-physical page behind the kernel's virtual ``page`` under its CR3 now; None if unmapped."""

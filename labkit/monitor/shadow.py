@@ -266,6 +266,7 @@ class ShadowPaging:
         """Grows whenever the kernel's mappings may have changed: a page-table store, ``invlpg``, a CR3 load."""
         self._pending: dict[int, tuple[int, int]] = {}  # shadow entry address -> (value, linear address to invlpg)
         self._load_cr3 = 0
+        self._cut: list[tuple[int, int, int]] = []  # (root, shift, prefix) of dropped subtrees that held monitor pages
         self._write_protect = True
         self.hidden_faults = self.true_faults = self.pt_writes = self.invlpgs = self.cr3_loads = 0
         self.entries_zapped = self.stub_runs = 0
@@ -363,6 +364,16 @@ class ShadowPaging:
         for root, virtual in sorted(self._by_physical.get(page, ())):
             self._zap(root, virtual, 3)
 
+    def fetch(self, context: GuestContext, cr3: int, address: int) -> int | None:
+        """The kernel's CPU fetches at virtual ``address``: walk its tables from ``cr3``, set A, write-protect
+        the tables used (so a store that remaps the code traps); the physical page, or None if it faults."""
+        walk = self._walk(context, cr3, address, False)
+        self._set_accessed(walk, False, context)
+        if walk.page is not None:
+            for step in walk.steps:
+                self._track(step.table)
+        return walk.page
+
     def physical(self, memory: GuestContext | GuestMemory, cr3: int, address: int) -> int | None:
         """Guest-physical address of the kernel's virtual ``address`` under ``cr3`` for a read, or None if it faults.
 
@@ -406,19 +417,28 @@ class ShadowPaging:
             root = self._allocate(context)
             self.roots[key] = root
             self.live_root = root
-            for start, end in (MONITOR_LOW, MONITOR_STACK, self.pool):
-                for page in range(start, end, PAGE):
-                    self._write_leaf(root, page, page | _SUPERVISOR, context)
-            for start, end, writable in self.shared:  # run by ring 3: user, read-only but for ``writable``
-                for page in range(start, end, PAGE):
-                    flags = _SUPERVISOR | USER if page in writable else (_SUPERVISOR | USER) & ~WRITABLE
-                    self._write_leaf(root, page, page | flags, context, kernel=False)
+            self._map_monitor(root, context)
         self.live_root = root
         self._track(key)
         self._load_cr3 = root
 
+    def _map_monitor(self, root: int, context: GuestContext, shift: int = 64, prefix: int = 0) -> None:
+        """Map the monitor's own memory in ``root`` (identity), the pages whose address ``>> shift`` is ``prefix``."""
+        for start, end in (MONITOR_LOW, MONITOR_STACK, self.pool):
+            for page in range(start, end, PAGE):
+                if page >> shift == prefix:
+                    self._write_leaf(root, page, page | _SUPERVISOR, context)
+        for start, end, writable in self.shared:  # run by ring 3: user, read-only but for ``writable``
+            for page in range(start, end, PAGE):
+                if page >> shift == prefix:
+                    flags = _SUPERVISOR | USER if page in writable else (_SUPERVISOR | USER) & ~WRITABLE
+                    self._write_leaf(root, page, page | flags, context, kernel=False)
+
     def resume(self, trap: Trap, context: GuestContext) -> None:
         """If shadow entries or CR3 must change, resume the kernel through the stub that makes them as the guest."""
+        for root, shift, prefix in self._cut:  # a dropped subtree took monitor pages with it: map them again
+            self._map_monitor(root, context, shift, prefix)
+        self._cut.clear()
         if not self._pending and not self._load_cr3:
             self._fresh.clear()
             return
@@ -564,6 +584,8 @@ class ShadowPaging:
         for leaf in [leaf for leaf in self.leaves if leaf[0] == root and leaf[1] >> shift == prefix]:
             value = self.leaves.pop(leaf)
             self._by_physical.get(value & ADDRESS_MASK, set()).discard(leaf)
+        if any(start >> shift <= prefix <= (end - 1) >> shift for start, end in self._monitor_ranges()):
+            self._cut.append((root, shift, prefix))
         if root == self.live_root:
             self._load_cr3 = root  # the TLB may hold any page below it: flush it all
 

@@ -2,7 +2,7 @@
 
 REMAPPED_CODE = r"""
 # A kernel that calls the code at one virtual address while it changes what is there: remapped to another
-# page with invlpg, rewritten through another virtual address, remapped with a CR3 reload, then unmapped
+# page with invlpg, rewritten twice through another virtual address, remapped with a CR3 reload, then unmapped
 # (the call's instruction fetch faults: its #PF handler returns to the caller). Each call prints the digit
 # the code returns; the handler makes it 'F', then the error code and whether CR2 held the address.
 # It edits labkit's boot page table (4 KiB pages for the first 2 MiB at 0x7000).
@@ -41,7 +41,10 @@ start:
         call print                        # 2: remapped, invlpg
         mov byte ptr [P2 + 1], 3
         call rbx
-        call print                        # 3: rewritten through P2's own address
+        call print                        # 3: rewritten through P2's own address (a mov)
+        inc byte ptr [P2 + 1]
+        call rbx
+        call print                        # 4: rewritten again (not a mov: run with its page open)
         mov rax, P1 | 3
         mov [X_ENTRY], rax
         mov rax, cr3
@@ -80,4 +83,4 @@ idt_pointer:
 idt:
         .fill 32 * 16, 1, 0
 """
-"""Its console natively and under either monitor with shadow paging: ``1231F01``."""
+"""Its console natively and under either monitor with shadow paging: ``12341F01``."""
