@@ -30,8 +30,9 @@ shadow page tables (:mod:`labkit.monitor.shadow`), as trap-and-emulate does:
 
 - The translator reads the kernel's code at its virtual addresses, through
   the kernel's own tables (setting A as its CPU's fetch would); a branch to
-  code they do not map is a true #PF at that address (I/D as SDM 4.7 gives it:
-  only with SMEP, or NXE).
+  code they do not map, or an instruction whose bytes run into such a page,
+  is a true #PF at the first unmapped address (I/D as SDM 4.7 gives it: only
+  with SMEP, or NXE), not a #UD.
 - Every shadow root maps the translation cache where it is, for ring 3, read
   only but for the hit counter's page; the shadow pool lies right below it.
 - A #PF of translated code goes to :meth:`ShadowPaging.page_fault` first:
@@ -128,6 +129,7 @@ from labkit.vmm.status import RunResult, Status, StatusKind, exception_name
 from labkit.x86 import layout
 from labkit.x86.arch import PF_FETCH, PF_PRESENT, Vector
 from labkit.x86.paging import LARGE_PAGE, PF_WRITE, WRITABLE, pt_entry_address, write_protect
+from labkit.x86.disasm import MAX_INSTRUCTION
 from labkit.x86.readable import Readable
 
 if TYPE_CHECKING:
@@ -489,8 +491,11 @@ class BinaryTranslator:
             else:
                 self._resume(trap)  # iretq, int n, a delivered interrupt: somewhere else
         else:  # "invalid": what the CPU does with bytes that do not decode
-            self._count("fault: #UD")
             trap.regs.rip = site.guest_rip
+            unmapped = self._fetch_crosses_into_unmapped(site.guest_rip)
+            if unmapped is not None:
+                raise _FetchFault(unmapped, site.guest_rip)
+            self._count("fault: #UD")
             self._reflect(6, None, trap, context)
 
     def _fault(self, trap: Trap, context: GuestContext, protected_write: bool | None = None) -> None:
@@ -797,6 +802,20 @@ class BinaryTranslator:
             raise LabkitError("guest memory is reached during a trap only")
         return self._context.memory
 
+    def _fetch_crosses_into_unmapped(self, rip: int) -> int | None:
+        """Under shadow paging: if the instruction at ``rip`` did not decode only because its bytes run into a page
+        the kernel's tables do not map, the first address there (its fetch faults: #PF, not #UD); else None."""
+        if self.shadow is None:
+            return None
+        cache = self._started()[0]
+        code = cache.peek(rip, MAX_INSTRUCTION)
+        boundary = (rip | PAGE_MASK) + 1
+        if len(code) == MAX_INSTRUCTION or rip + len(code) != boundary or self._physical_page(boundary) is not None:
+            return None
+        # Undecodable from its own bytes (an invalid opcode) is #UD; needing bytes from the next page is #PF.
+        padded = cache.disassemble(code + bytes(MAX_INSTRUCTION), rip)
+        return boundary if padded is not None and padded.size > len(code) else None
+
     def _physical_page(self, page: int) -> int | None:
         """The guest-physical page behind the kernel's virtual ``page`` under its CR3 now; None if unmapped."""
         cache, vcpu = self._started()
@@ -848,11 +867,11 @@ class BinaryTranslator:
                                                     and vcpu.msrs.get(MSR_EFER, 0) & EFER_NXE) else 0
         for _ in range(3):
             address = fault.address
-            walk = shadow._walk(context, vcpu.cr3, address, False)
+            walk = shadow._walk(context, vcpu.cr3, address & ~PAGE_MASK, False)
             shadow.true_faults += 1
             shadow._event("true", address)
             self._count("fault: #PF")
-            trap.regs.rip, trap.cr2 = address, address
+            trap.regs.rip, trap.cr2 = fault.rip, address
             try:
                 self._reflect(Vector.PF, (walk.error_code or 0) | fetch, trap, kernel)
                 return
@@ -938,11 +957,13 @@ class BinaryTranslator:
 
 
 class _FetchFault(Exception):
-    """Under shadow paging: the kernel's next instruction lies at a virtual address its tables do not map."""
+    """Under shadow paging: the kernel's next instruction lies at a virtual address its tables do not map
+    (``address``; ``rip``, where the instruction starts, if it began on a mapped page)."""
 
-    def __init__(self, address: int):
+    def __init__(self, address: int, rip: int | None = None):
         super().__init__(address)
         self.address = address
+        self.rip = address if rip is None else rip
 
 
 class _KernelCode:

@@ -3,8 +3,9 @@
 REMAPPED_CODE = r"""
 # A kernel that calls the code at one virtual address while it changes what is there: remapped to another
 # page with invlpg, rewritten twice through another virtual address, remapped with a CR3 reload, then unmapped
-# (the call's instruction fetch faults: its #PF handler returns to the caller). Each call prints the digit
-# the code returns; the handler makes it 'F', then the error code and whether CR2 held the address.
+# (the call's instruction fetch faults: its #PF handler returns to the caller), then calls an instruction whose
+# last bytes would lie on an unmapped page. Each call prints the digit the code returns; the handler makes it
+# 'F', then come the error code and whether CR2 (and the fault's RIP) were right.
 # It edits labkit's boot page table (4 KiB pages for the first 2 MiB at 0x7000).
         .equ PT, 0x7000
         .equ X, 0x120000
@@ -61,6 +62,26 @@ start:
         cmp r14, rbx
         sete al
         call print                        # 1: CR2 held the address
+        mov rax, P1 | 3
+        mov [X_ENTRY], rax                # X -> P1 again, the page after it unmapped
+        mov qword ptr [X_ENTRY + 8], 0
+        invlpg [rbx]
+        lea rcx, [rbx + 0x1000]
+        invlpg [rcx]
+        mov word ptr [P1 + 0xFFE], 0x05B8 # mov eax, 5: its last three bytes would lie on the unmapped page
+        lea rcx, [rbx + 0xFFE]
+        call rcx
+        call print                        # F: the fetch of its bytes on the next page faulted
+        xor eax, eax
+        lea rcx, [rbx + 0x1000]
+        cmp r14, rcx
+        sete al
+        call print                        # 1: CR2 is the first address of the unmapped page
+        xor eax, eax
+        lea rcx, [rbx + 0xFFE]
+        cmp r15, rcx
+        sete al
+        call print                        # 1: the fault's RIP is where the instruction starts
         hlt
 print:
         add al, '0'
@@ -70,6 +91,7 @@ print:
 pf_handler:
         pop r13                           # the error code
         mov r14, cr2
+        mov r15, [rsp]                    # the faulting RIP
         mov rax, [rsp + 24]               # return to the caller: the frame's RIP := [its RSP], RSP += 8
         mov rcx, [rax]
         mov [rsp], rcx
@@ -83,4 +105,4 @@ idt_pointer:
 idt:
         .fill 32 * 16, 1, 0
 """
-"""Its console natively and under either monitor with shadow paging: ``12341F01``."""
+"""Its console natively and under either monitor with shadow paging: ``12341F01F11``."""

@@ -119,18 +119,19 @@ def test_random_page_table_edits_fault_or_succeed_as_natively_under_binary_trans
 
 def test_translations_follow_the_code_pages_mapping_and_contents(backend_name):
     # Code at one virtual address: remapped (invlpg), rewritten twice through another address, remapped (CR3
-    # reload), unmapped (the fetch is a true #PF). A translation kept past any of them prints a stale digit.
+    # reload), unmapped (the fetch is a true #PF); then an instruction running into an unmapped page (#PF, not
+    # #UD). A translation kept past any change prints a stale digit.
     kernel = Guest.from_asm(REMAPPED_CODE, mode=64, name="remapped-code")
     native = run_native(kernel, backend_name)[0]
     trapped = run_shadowed(kernel, backend_name, timeout=10)
     translated = run_shadowed(kernel, backend_name, timeout=10, monitor=BT)
-    assert native.console == trapped.console == translated.console == "12341F01"
+    assert native.console == trapped.console == translated.console == "12341F01F11"
     summary = _summary(translated)
     assert summary.invalidated == 5  # one translation of the code at 0x120000 per change
     # The rewrites went through the monitor (the page is protected): the mov carried out, the inc run once.
     assert summary.entries["write: store"] > 0 and summary.entries["write: one-shot"] > 0
     assert trapped.monitor.shadow is not None
-    assert _shadow(translated).true_faults == trapped.monitor.shadow.true_faults == 1
+    assert _shadow(translated).true_faults == trapped.monitor.shadow.true_faults == 2
 
 
 def test_a_translated_kernel_touching_the_monitors_memory_is_stopped(backend_name):
