@@ -709,8 +709,14 @@ class KernelMemory:
         return out
 
     def write(self, address: int, data: bytes) -> None:
+        """Store for the kernel (a pushed frame, an emulated ``sgdt``); never into the monitor's own memory."""
+        shadow = self._shadow
         for here, offset, length in self._pieces(address, len(data)):
             physical = self._physical(here, True)
+            if shadow._reserved(here):
+                raise LabkitError(f"the kernel uses virtual address {here:#x}, which the monitor keeps for itself: "
+                                  "the monitor will not store there for it")
+            shadow._check_physical(physical & ~PAGE_MASK, here)
             self._context.write(physical, data[offset:offset + length])
             if physical & ~PAGE_MASK in self._shadow.tables:
                 self._shadow._changed(physical, length)

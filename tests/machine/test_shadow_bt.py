@@ -155,3 +155,15 @@ def test_a_store_to_a_top_level_entry_keeps_the_monitors_own_mappings(backend_na
     assert result.status.kind == StatusKind.HALTED, str(result.status)
     assert result.console == "ok"
     assert result.monitor.shadow.pt_writes == 1 and result.monitor.shadow.entries_zapped >= 1
+
+
+@pytest.mark.parametrize("monitor", ["trap-and-emulate", BT])
+def test_the_monitor_does_not_store_into_its_own_memory_for_the_kernel(backend_name, monitor):
+    # The kernel's stack in the shadow pool (2 MiB of RAM: its top 256 KiB under trap-and-emulate, the 256 KiB
+    # below the translation cache under binary translation): the #UD frame the monitor would push lands there.
+    stack = 0x1E0000 if monitor == "trap-and-emulate" else 0x1A0000
+    kernel = Guest.from_asm(f"mov rsp, {stack:#x}\nud2\n", mode=64, name="stack-in-the-pool")
+    result = run_shadowed(kernel, backend_name, timeout=10, monitor=monitor)
+    assert result.status.kind == StatusKind.SHUTDOWN, str(result.status)  # the frame cannot be delivered
+    assert f"the guest's stack at {stack:#x} cannot take the frame: the kernel uses virtual address " \
+           f"{stack - 8:#x}, which the monitor keeps for itself" in result.status.message
