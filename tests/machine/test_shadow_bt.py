@@ -167,3 +167,25 @@ def test_the_monitor_does_not_store_into_its_own_memory_for_the_kernel(backend_n
     assert result.status.kind == StatusKind.SHUTDOWN, str(result.status)  # the frame cannot be delivered
     assert f"the guest's stack at {stack:#x} cannot take the frame: the kernel uses virtual address " \
            f"{stack - 8:#x}, which the monitor keeps for itself" in result.status.message
+
+
+def test_the_translator_does_the_same_with_and_without_shadow_paging(backend_name):
+    # The minikernel's every routine (segments, int n, the virtual timer, its page fault) and a kernel that
+    # patches its own translated code (a plain store, a one-shot, the running block, an emulated store): the
+    # same console and registers, the same monitor entries but for shadow paging's own.
+    from labkit.monitor.binary_translation import run_translated
+    from labkit.monitor.shadow import ShadowPaging
+    from labkit.monitor.trap_emulate import ROUTINES, minikernel
+
+    from test_binary_translation import PATCHING
+
+    for kernel, timer in ((minikernel([name for name in ROUTINES if name != "student"]), True),
+                          (Guest.from_asm(PATCHING, mode=64, name="patching"), False)):
+        plain = run_translated(kernel, backend_name, timer=timer)
+        shadowed = run_translated(kernel, backend_name, timer=timer, shadow=ShadowPaging())
+        assert shadowed.status.kind == plain.status.kind == StatusKind.HALTED, str(shadowed.status)
+        assert shadowed.console == plain.console and shadowed.regs.gprs() == plain.regs.gprs(), kernel.name
+        entries = {reason: count for reason, count in _summary(shadowed).entries.items()
+                   if not reason.startswith("shadow:")}
+        assert entries == _summary(plain).entries, kernel.name
+        assert _summary(shadowed).invalidated == _summary(plain).invalidated
