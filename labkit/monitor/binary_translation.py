@@ -703,7 +703,7 @@ class BinaryTranslator:
             physical = self._physical_page(page)
             if physical is None:
                 raise LabkitError(f"the kernel's write to translated code at {trap.cr2:#x} lost its mapping")
-            self.shadow.unprotect(physical)  # its leaf turns writable at the one-shot's write (a hidden #PF)
+            self.shadow.unprotect(physical, self._ram_context())
             self._open_bytes[physical] = self._ram().read_at_most(physical, layout.PAGE_SIZE)
             page = physical
         else:
@@ -796,11 +796,15 @@ class BinaryTranslator:
                 trap.regs.rip = after
         return kind
 
-    def _ram(self) -> GuestMemory:
-        """Guest-physical memory (the trap's context's), whatever addresses the translator reads."""
+    def _ram_context(self) -> MonitorContext:
+        """The trap's own context: guest-physical addresses."""
         if self._context is None:
             raise LabkitError("guest memory is reached during a trap only")
-        return self._context.memory
+        return self._context
+
+    def _ram(self) -> GuestMemory:
+        """Guest-physical memory (the trap's context's), whatever addresses the translator reads."""
+        return self._ram_context().memory
 
     def _fetch_crosses_into_unmapped(self, rip: int) -> int | None:
         """Under shadow paging: if the instruction at ``rip`` did not decode only because its bytes run into a page
@@ -849,7 +853,7 @@ class BinaryTranslator:
                 del self._code_pages[page]
         for physical in sorted(self.protected - set(self._code_pages.values())):
             self.protected.discard(physical)
-            shadow.unprotect(physical)
+            shadow.unprotect(physical, self._ram_context())
 
     def _fetch_fault(self, fault: _FetchFault, trap: Trap, context: MonitorContext) -> None:
         """The kernel goes to code its tables do not map: a true #PF (I/D set) at that address, as its CPU

@@ -355,14 +355,23 @@ class ShadowPaging:
         self.protected.add(page)
         self._read_only(page)
 
-    def unprotect(self, page: int) -> None:
-        """Stop keeping ``page`` read-only: the shadow leaves mapping it are dropped, the next access refills them
-        (a hidden #PF) with what the kernel's tables allow."""
+    def unprotect(self, page: int, context: GuestContext) -> None:
+        """Stop keeping ``page`` read-only: each shadow leaf mapping it becomes writable where the kernel's
+        tables allow the write and its leaf is already dirty; the others stay read-only, and a write through
+        them is a hidden #PF that sets D, as for any clean page."""
         if page not in self.protected:
             return
         self.protected.discard(page)
+        if page in self.tables:
+            return
+        kernel_cr3 = {root: cr3 for cr3, root in self.roots.items()}
         for root, virtual in sorted(self._by_physical.get(page, ())):
-            self._zap(root, virtual, 3)
+            value, cr3 = self.leaves.get((root, virtual)), kernel_cr3.get(root)
+            if value is None or cr3 is None or value & WRITABLE:
+                continue
+            walk = self._walk(context, cr3, virtual, True)
+            if walk.page == page and walk.error_code is None and walk.steps[-1].entry & DIRTY:
+                self._write_leaf(root, virtual, value | WRITABLE, None)
 
     def fetch(self, context: GuestContext, cr3: int, address: int) -> int | None:
         """The kernel's CPU fetches at virtual ``address``: walk its tables from ``cr3``, set A, write-protect
