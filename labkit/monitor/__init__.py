@@ -25,6 +25,7 @@ _LAZY = {
     "run_paravirtual": "labkit.monitor.paravirt",
     "compare_kernels": "labkit.monitor.paravirt",
     "ShadowPaging": "labkit.monitor.shadow",
+    "run_shadowed": "labkit.monitor.shadow",
 }
 
 __all__ = sorted(["Monitor", "MonitorContext", "Trap", *_LAZY])

@@ -21,12 +21,36 @@ x86 instructions that are sensitive but do not trap (see
 until the monitor chains it to its translated successor; then the jump runs
 natively.
 
-What binary translation does not cover: it virtualizes the CPU, not memory.
-A ``mov cr3`` only changes the virtual CR3 (no shadow page tables: the kernel
-keeps running on labkit's identity map), and guest-linear addresses are
-guest-physical, as in trap-and-emulate (:mod:`labkit.monitor.vcpu`).
+Memory: by default binary translation virtualizes the CPU, not memory.  A
+``mov cr3`` only changes the virtual CR3 (the kernel keeps running on
+labkit's identity map), and guest-linear addresses are guest-physical, as in
+trap-and-emulate (:mod:`labkit.monitor.vcpu`).  ``BinaryTranslator(kernel,
+shadow=ShadowPaging())`` makes the kernel's CR3 and page tables virtual with
+shadow page tables (:mod:`labkit.monitor.shadow`), as trap-and-emulate does:
 
-Memory while a kernel runs under binary translation (identity-mapped, RAM of ``memory`` bytes)::
+- The translator reads the kernel's code at its virtual addresses, through
+  the kernel's own tables (setting A as its CPU's fetch would); a branch to
+  code they do not map, or an instruction whose bytes run into such a page,
+  is a true #PF at the first unmapped address (I/D as SDM 4.7 gives it: only
+  with SMEP, or NXE), not a #UD.
+- Every shadow root maps the translation cache where it is, for ring 3, read
+  only but for the hit counter's page; the shadow pool lies right below it.
+- A #PF of translated code goes to :meth:`ShadowPaging.page_fault` first:
+  hidden faults and page-table stores (the guest instruction the translation
+  stands for, carried out) are absorbed there and counted apart from true
+  faults, which are reflected to the kernel's handler with its CR2 and error
+  code.
+- "Translated code is read-only" holds for the *physical* pages behind it:
+  :meth:`ShadowPaging.protect` keeps every shadow leaf mapping them read-only,
+  whatever virtual address the kernel writes through.  A translation is valid
+  for the bytes its virtual addresses map now: after a page-table store,
+  ``invlpg`` or a CR3 load, each virtual page of translated code that maps
+  another physical page (or none) has its translations compared with what it
+  maps now, and the changed ones are dropped.
+
+Memory while a kernel runs under binary translation (identity-mapped, RAM of ``memory`` bytes; under
+shadow paging the cache region is mapped as here in every shadow root, the shadow pool lies below it,
+and labkit's page tables are left to the kernel as its boot tables)::
 
     0x0000_0000  forwarding stubs (int3 -> ring 0 stub -> TRAP_PORT -> on_trap)
     0x0000_1000  GDT, IDT, TSS, page tables (labkit's, not the guest kernel's)
@@ -97,13 +121,16 @@ from labkit.memory import GuestMemory
 from labkit.monitor.translation_cache import (CACHE_SIZE, INDIRECT, INLINE_RETURN_SAVED, OPERAND_CLASSES, SENSITIVE,
                                               Block, CacheFull, Site, TranslationCache)
 from labkit.monitor.segments import SegmentFault, Unmodelled, VirtualSegments, emulate_segment, segment_operation
+from labkit.monitor.shadow import ShadowFull, ShadowPaging, ShadowReport
 from labkit.monitor.vcpu import Decoded, VirtualCpu
 from labkit.table import Table
 from labkit.vmm.forwarding import GuestContext, MonitorContext, Trap
 from labkit.vmm.status import RunResult, Status, StatusKind, exception_name
 from labkit.x86 import layout
-from labkit.x86.arch import PF_PRESENT, Vector
+from labkit.x86.arch import PF_FETCH, PF_PRESENT, Vector
 from labkit.x86.paging import LARGE_PAGE, PF_WRITE, WRITABLE, pt_entry_address, write_protect
+from labkit.x86.disasm import MAX_INSTRUCTION
+from labkit.x86.readable import Readable
 
 if TYPE_CHECKING:
     from labkit.guest import Guest
@@ -185,6 +212,9 @@ class TranslationSummary:
     cache_base: int = 0
     vcpu: object = field(default=None, repr=False)
     """The virtual CPU's state at the end (IF, GDTR, ...), as the vcpu module reports it."""
+    shadow: ShadowReport | None = None
+    """What shadow paging counted (hidden and true page faults, page-table writes), if the kernel's paging was
+    virtualized (``BinaryTranslator(..., shadow=ShadowPaging())``)."""
 
     @property
     def monitor_entries(self) -> int:
@@ -197,7 +227,8 @@ class TranslationSummary:
             kind = {"emulate": "emulated instructions", "block exit": "block exits",
                     "indirect": "indirect branches", "trap": "traps (untranslated)",
                     "write": "writes to translated code",
-                    "fault": "faults and interrupts reflected", "start": "block exits"}.get(reason.split(":")[0], reason)
+                    "fault": "faults and interrupts reflected", "start": "block exits",
+                    "shadow": "shadow paging (#PF)"}.get(reason.split(":")[0], reason)
             groups[kind] = groups.get(kind, 0) + count
         return groups
 
@@ -251,7 +282,7 @@ class BinaryTranslator:
     name = "binary translation"
 
     def __init__(self, kernel: Guest | str, *, translate: Iterable[str] | None = None, cache_size: int = CACHE_SIZE,
-                 timer: bool = False) -> None:
+                 timer: bool = False, shadow: ShadowPaging | None = None) -> None:
         from labkit.guest import Guest
 
         if isinstance(kernel, str):
@@ -296,6 +327,14 @@ class BinaryTranslator:
         self.cache_hits = 0
         self.chained = 0
         self._stopped = False
+        self.shadow = shadow
+        """Shadow page tables, if the kernel's paging is virtualized (see :mod:`labkit.monitor.shadow`): then
+        :attr:`protected` holds guest-physical pages and the translator reads code at the kernel's virtual
+        addresses, through its page tables."""
+        self._code_pages: dict[int, int] = {}  # under shadow paging: virtual page with translated code -> its physical page
+        self._mapping_seen = 0  # shadow.mapping_changes when the code pages were last checked
+        self._context: MonitorContext | None = None  # the trap's own context (guest-physical addresses)
+        self._open_bytes: dict[int, bytes] = {}  # under shadow paging: an open page's bytes before its one-shot
 
     def __repr__(self) -> str:
         return f"<BinaryTranslator of {self.kernel.name!r}>"
@@ -304,34 +343,58 @@ class BinaryTranslator:
 
     def on_trap(self, trap: Trap, context: MonitorContext) -> None:
         self._stopped = False
+        self._context = context
         try:
-            if self.cache is None:
-                self._start(trap, context)
-                if self._flush and not self._stopped:
-                    self._flush_on_resume(trap, context)
-                return
-            rip = trap.regs.rip
-            site = self.cache.sites.get(rip - 1) if trap.vector == Vector.BP else None
-            # What the monitor writes on the kernel's behalf (an emulated sgdt, a pushed frame)
-            # meets the same read-only cache as the kernel's own stores, and invalidates the
-            # translations of any code it overwrites.
-            kernel = _KernelWrites(context, self.cache_region, self._written)
-            if self._open:
-                self._close_pages(context)
-            if site is not None:
-                self._entered_at(site, trap, kernel)
-            elif self.cache.contains(rip):
-                self._fault(trap, kernel)
-            else:
-                self._count(f"fault: {_short(trap.vector)}")
-                self._stop(context, StatusKind.ERROR, f"{exception_name(trap.vector)} at rip {rip:#x}, outside the "
-                           "translation cache: the monitor never runs the kernel's own code")
+            try:
+                if self.cache is None:
+                    self._start(trap, context)
+                else:
+                    self._handle(trap, context)
+            except _FetchFault as fault:
+                self._fetch_fault(fault, trap, context)
             if self._flush and not self._stopped:
                 self._flush_on_resume(trap, context)
-        except (CacheFull, _Unsupported) as full:
+            if self.shadow is not None and self.shadow.started and not self._stopped:
+                self._sync_code()
+                self.shadow.resume(trap, context)
+        except (CacheFull, _Unsupported, ShadowFull) as full:
             self._stop(context, StatusKind.ERROR, str(full))
         except _CacheWrite as write:
             self._stop_cache_write(context, write.address, trap.regs.rip)
+        except LabkitError as error:  # under shadow paging: the kernel's tables or addresses the monitor refuses
+            if self.shadow is None:
+                raise
+            self._stop(context, StatusKind.ERROR, f"at rip {trap.regs.rip:#x}: {error}")
+
+    def _handle(self, trap: Trap, context: MonitorContext) -> None:
+        cache = self._started()[0]
+        rip = trap.regs.rip
+        site = cache.sites.get(rip - 1) if trap.vector == Vector.BP else None
+        # What the monitor writes on the kernel's behalf (an emulated sgdt, a pushed frame)
+        # meets the same read-only cache as the kernel's own stores, and invalidates the
+        # translations of any code it overwrites.
+        kernel = _KernelWrites(self._kernel_view(context), self.cache_region, self._written)
+        protected_write = None
+        if self.shadow is not None and trap.vector == Vector.PF and site is None and cache.contains(rip):
+            # First: a hidden fault (a one-shot's write to its open page among them) changes nothing the kernel sees.
+            absorbed = self._shadow_fault(trap, context)
+            if absorbed == "hidden":
+                return
+            if absorbed == "pt-write":
+                if self._open:
+                    self._close_pages(context)
+                return
+            protected_write = absorbed == "protected"
+        if self._open:
+            self._close_pages(context)
+        if site is not None:
+            self._entered_at(site, trap, kernel)
+        elif cache.contains(rip):
+            self._fault(trap, kernel, protected_write)
+        else:
+            self._count(f"fault: {_short(trap.vector)}")
+            self._stop(context, StatusKind.ERROR, f"{exception_name(trap.vector)} at rip {rip:#x}, outside the "
+                       "translation cache: the monitor never runs the kernel's own code")
 
     def summary(self) -> TranslationSummary:
         cache = self.cache
@@ -343,7 +406,8 @@ class BinaryTranslator:
             entries=dict(self.entries), translated=tuple(sorted(self.translated)),
             invalidated=cache.invalidated if cache else 0, protected_pages=len(self.protected), flushes=self.flushes,
             blocks=dict(cache.blocks) if cache else {}, cache_base=cache.base if cache else 0,
-            vcpu=self.vcpu.snapshot() if self.vcpu is not None else None)
+            vcpu=self.vcpu.snapshot() if self.vcpu is not None else None,
+            shadow=self.shadow.summary() if self.shadow is not None else None)
 
     # -- entries --------------------------------------------------------------------
 
@@ -370,20 +434,28 @@ class BinaryTranslator:
         self._flush_stub = base + layout.PAGE_SIZE * len(tables)
         context.write(self._flush_stub, page_table_stub(self._flush_stub))
         start = self._flush_stub + layout.PAGE_SIZE
-        self.cache = TranslationCache(start, ram - start, context.memory,
+        code: Readable = context.memory if self.shadow is None else _KernelCode(context.memory, self, (base, ram))
+        self.cache = TranslationCache(start, ram - start, code,
                                       context.write, self.translated, returns=(self.kernel.load_address, len(self.kernel.code)))
-        # Read-only for the kernel from here on.  No TLB holds these pages: the kernel has not
-        # run yet (the monitor takes over at its first instruction) and nothing else touches them.
-        edits = write_protect(lambda at: struct.unpack("<Q", context.read(at, 8))[0], base, ram,
-                              keep_writable=self.cache.writable_pages, spare_tables=tables)
-        for address, data in edits:
-            context.write(address, data)
+        if self.shadow is None:
+            # Read-only for the kernel from here on.  No TLB holds these pages: the kernel has not
+            # run yet (the monitor takes over at its first instruction) and nothing else touches them.
+            edits = write_protect(lambda at: struct.unpack("<Q", context.read(at, 8))[0], base, ram,
+                                  keep_writable=self.cache.writable_pages, spare_tables=tables)
+            for address, data in edits:
+                context.write(address, data)
         self.cache_region = (base, ram)
         self.vcpu = VirtualCpu()
         if self.timer:
             from labkit.monitor.trap_emulate import TIMER_PORT, VirtualTimer
 
             self.vcpu.ports[TIMER_PORT] = VirtualTimer(self.vcpu)
+        if self.shadow is not None:
+            # Every shadow root maps the cache where it is, for ring 3, read-only but for the hit counter's
+            # page; the shadow pool lies right below it.  The kernel's own tables are left as they are.
+            self.shadow.shared = [(base, ram, frozenset(self.cache.writable_pages))]
+            self.shadow.start(trap, context, self.vcpu, top=base)
+            self._mapping_seen = self.shadow.mapping_changes
         self._count("start")
         trap.regs.rip = entry
         self._resume(trap)
@@ -412,18 +484,26 @@ class BinaryTranslator:
             self._emulate(site.guest_rip, site.code, site.text, trap, context)
             if self._stopped:
                 return
+            self._sync_code()  # an emulated invlpg or mov cr3 may have remapped translated code
             block = self._started()[0].site_blocks[site.address]
             if trap.regs.rip == site.guest_next and block.valid and site.address + 1 < block.cache_end:
                 trap.regs.rip = site.address + 1  # the translation goes on right after the site
             else:
                 self._resume(trap)  # iretq, int n, a delivered interrupt: somewhere else
         else:  # "invalid": what the CPU does with bytes that do not decode
-            self._count("fault: #UD")
             trap.regs.rip = site.guest_rip
+            unmapped = self._fetch_crosses_into_unmapped(site.guest_rip)
+            if unmapped is not None:
+                raise _FetchFault(unmapped, site.guest_rip)
+            self._count("fault: #UD")
             self._reflect(6, None, trap, context)
 
-    def _fault(self, trap: Trap, context: GuestContext) -> None:
-        """A fault raised by translated code: emulate an untranslated privileged instruction, or reflect."""
+    def _fault(self, trap: Trap, context: GuestContext, protected_write: bool | None = None) -> None:
+        """A fault raised by translated code: emulate an untranslated privileged instruction, or reflect.
+
+        ``protected_write``: the fault is a write to a page of translated code (under shadow paging,
+        :class:`ShadowPaging` says so; without it, the fault's address does).
+        """
         from labkit.monitor.vcpu import PF_USER, decode, has_error_code
         from labkit.x86.instructions import InstructionClass, instruction_class
 
@@ -446,12 +526,14 @@ class BinaryTranslator:
             if not self._stopped:
                 self._resume(trap)
             return
-        if (trap.vector == Vector.PF and trap.error_code & PF_WRITE and trap.error_code & PF_PRESENT
-                and trap.cr2 & ~PAGE_MASK in self.protected):
+        if protected_write is None:
+            protected_write = bool(trap.vector == Vector.PF and trap.error_code & PF_WRITE
+                                   and trap.error_code & PF_PRESENT and trap.cr2 & ~PAGE_MASK in self.protected)
+        if protected_write:
             self._write_fault(trap, context, block, code)
             return
         base, end = self.cache_region
-        if trap.vector == Vector.PF and trap.error_code & PF_WRITE and base <= trap.cr2 < end:
+        if self.shadow is None and trap.vector == Vector.PF and trap.error_code & PF_WRITE and base <= trap.cr2 < end:
             self._count("fault: #PF")
             self._stop_cache_write(context, trap.cr2, guest)
             return
@@ -489,6 +571,10 @@ class BinaryTranslator:
             if virtual.emulate(vcpu, trap, context, code) is None:
                 self._stop(context, StatusKind.ERROR, f"unemulated instruction at RIP {guest_rip:#x}: {text}")
                 return
+            if self.shadow is not None and self._context is not None:
+                decoded = virtual.decode(bytes(code[:15]), guest_rip)
+                if decoded is not None:  # invlpg, mov cr3, a change of CR0.WP
+                    self.shadow.emulated(decoded, trap, self._context, vcpu)
             _, halt = virtual.after_emulation(vcpu, trap, context, text.split(" ", 1)[0])
         except virtual.VirtualTripleFault as fault:
             self._stop(context, StatusKind.SHUTDOWN, f"virtual triple fault: {fault}")
@@ -528,10 +614,13 @@ class BinaryTranslator:
 
     def _find(self, guest: int) -> int:
         cache = self._started()[0]
+        self._sync_code()
         found = cache.lookup(guest)
         if found is not None:
             self.cache_hits += 1
             return found
+        if self.shadow is not None and self._physical_page(guest) is None:
+            raise _FetchFault(guest)
         block = cache.translate(guest)
         for page in block.pages():
             self._protect(page)
@@ -540,7 +629,23 @@ class BinaryTranslator:
     # -- self-modifying code ------------------------------------------------------------
 
     def _protect(self, page: int) -> None:
-        """Map guest ``page`` read-only (it holds translated code) before the kernel runs again."""
+        """Map guest ``page`` read-only (it holds translated code) before the kernel runs again.
+
+        Under shadow paging ``page`` is virtual: the physical page behind it (walked as the kernel's CPU
+        fetches, setting A) is kept read-only in every shadow leaf that maps it.
+        """
+        if self.shadow is not None:
+            context = self._context
+            if context is None:
+                raise LabkitError("code is translated during a trap only")
+            physical = self.shadow.fetch(context, self._started()[1].cr3, page)
+            if physical is None:
+                return  # the code was read through this mapping a moment ago: it cannot fault
+            self._code_pages[page] = physical
+            if physical not in self.protected:
+                self.protected.add(physical)
+                self.shadow.protect(physical)
+            return
         if page in self.protected:
             return
         self._set_writable(page, False)
@@ -594,7 +699,15 @@ class BinaryTranslator:
             return
         self._count("write: one-shot")
         page = trap.cr2 & ~PAGE_MASK
-        self._set_writable(page, True)
+        if self.shadow is not None:
+            physical = self._physical_page(page)
+            if physical is None:
+                raise LabkitError(f"the kernel's write to translated code at {trap.cr2:#x} lost its mapping")
+            self.shadow.unprotect(physical, self._ram_context())
+            self._open_bytes[physical] = self._ram().read_at_most(physical, layout.PAGE_SIZE)
+            page = physical
+        else:
+            self._set_writable(page, True)
         self.protected.discard(page)
         self._open.add(page)
         trap.regs.rip = cache.one_shot(guest).cache_start
@@ -602,6 +715,22 @@ class BinaryTranslator:
     def _close_pages(self, context: GuestContext) -> None:
         """After a one-shot write: drop the translations whose guest bytes changed, protect the pages again."""
         cache = self._started()[0]
+        if self.shadow is not None:  # open pages are physical: check the virtual code pages on them
+            for page, physical in sorted(self._code_pages.items()):
+                if physical in self._open:
+                    # Only what the instruction changed: the page's bytes before it ran against now.
+                    before = self._open_bytes.get(physical, b"")
+                    now = self._ram().read_at_most(physical, layout.PAGE_SIZE)
+                    changed = [at for at in range(len(now)) if at >= len(before) or now[at] != before[at]]
+                    if changed:
+                        self._drop_stale(page + changed[0], page + changed[-1] + 1)
+                    if cache.translated_in(page, page + layout.PAGE_SIZE):
+                        self._protect(page)
+                    else:
+                        del self._code_pages[page]
+            self._open.clear()
+            self._open_bytes.clear()
+            return
         for page in sorted(self._open):
             self._drop_stale(page, page + layout.PAGE_SIZE)
             if cache.translated_in(page, page + layout.PAGE_SIZE):
@@ -610,9 +739,150 @@ class BinaryTranslator:
 
     def _written(self, address: int, size: int) -> None:
         """The monitor wrote guest memory for the kernel: drop the translations of code it changed."""
+        if self.shadow is not None:  # ``address`` is virtual: translated code may lie behind another address
+            if self.cache is None or not (self.protected or self._open):
+                return
+            here = address
+            while here < address + size:  # one look-up per page written
+                length = min(address + size - here, layout.PAGE_SIZE - (here & PAGE_MASK))
+                physical = self._physical_page(here)
+                for page, backing in sorted(self._code_pages.items()):
+                    if backing == physical:  # the same bytes, seen through ``page``
+                        start = page | here & PAGE_MASK
+                        self._drop_stale(start, start + length)
+                here += length
+            return
         if self.cache is not None and any(page in self.protected or page in self._open
                                           for page in range(address & ~PAGE_MASK, address + size, layout.PAGE_SIZE)):
             self._drop_stale(address, address + size)
+
+    # -- shadow paging ----------------------------------------------------------------
+
+    def _kernel_view(self, context: MonitorContext) -> GuestContext:
+        """What the monitor reads and writes for the kernel: at its virtual addresses under shadow paging."""
+        if self.shadow is None:
+            return context
+        return self.shadow.view(context, self._started()[1])
+
+    def _shadow_fault(self, trap: Trap, context: MonitorContext) -> str | None:
+        """A #PF of translated code under shadow paging: ``"hidden"`` or ``"pt-write"`` (handled: the kernel
+        goes on), ``"protected"`` (a write to translated code), or None: a true fault, the kernel's to handle."""
+        shadow = self.shadow
+        if shadow is None:
+            raise LabkitError("no shadow paging")
+        cache, vcpu = self._started()
+        at = trap.regs.rip
+        block = cache.block_at(at)
+        guest = cache.guest_address(at)
+
+        def instruction() -> tuple[int, bytes]:  # the guest instruction the faulting translation stands for
+            if block is None or guest is None:
+                raise LabkitError(f"rip {at:#x} stands for no guest instruction in the translation cache")
+            return guest, next(code for address, code, _ in block.original if address == guest)
+
+        outcome = shadow.page_fault(trap, context, vcpu, instruction=instruction)
+        if outcome is None:
+            return None
+        kind = outcome[0]
+        if kind == "hidden":
+            self._count("shadow: hidden #PF")  # the same translated instruction runs again
+        elif kind == "pt-write":  # carried out by shadow paging; trap.regs.rip is the guest's next instruction
+            self._count("shadow: page-table write")
+            self._sync_code()
+            after = cache.resume_point(block, trap.regs.rip) if block is not None else None
+            if after is None:
+                self._resume(trap)
+            else:
+                trap.regs.rip = after
+        return kind
+
+    def _ram_context(self) -> MonitorContext:
+        """The trap's own context: guest-physical addresses."""
+        if self._context is None:
+            raise LabkitError("guest memory is reached during a trap only")
+        return self._context
+
+    def _ram(self) -> GuestMemory:
+        """Guest-physical memory (the trap's context's), whatever addresses the translator reads."""
+        return self._ram_context().memory
+
+    def _fetch_crosses_into_unmapped(self, rip: int) -> int | None:
+        """Under shadow paging: if the instruction at ``rip`` did not decode only because its bytes run into a page
+        the kernel's tables do not map, the first address there (its fetch faults: #PF, not #UD); else None."""
+        if self.shadow is None:
+            return None
+        cache = self._started()[0]
+        code = cache.peek(rip, MAX_INSTRUCTION)
+        boundary = (rip | PAGE_MASK) + 1
+        if len(code) == MAX_INSTRUCTION or rip + len(code) != boundary or self._physical_page(boundary) is not None:
+            return None
+        # Undecodable from its own bytes (an invalid opcode) is #UD; needing bytes from the next page is #PF.
+        padded = cache.disassemble(code + bytes(MAX_INSTRUCTION), rip)
+        return boundary if padded is not None and padded.size > len(code) else None
+
+    def _physical_page(self, page: int) -> int | None:
+        """The guest-physical page behind the kernel's virtual ``page`` under its CR3 now; None if unmapped."""
+        cache, vcpu = self._started()
+        memory = cache.memory
+        if self.shadow is None or not isinstance(memory, _KernelCode):
+            return page & ~PAGE_MASK
+        physical = self.shadow.physical(memory.ram, vcpu.cr3, page)
+        return None if physical is None else physical & ~PAGE_MASK
+
+    def _sync_code(self) -> None:
+        """After the kernel's mappings may have changed (a page-table store, ``invlpg``, a CR3 load): every
+        virtual page of translated code that now maps another physical page (or none) has its translations
+        compared with the bytes it maps now, and the changed ones dropped; the pages behind the ones that stay
+        are protected, pages no translation stands on any more are released."""
+        shadow = self.shadow
+        if shadow is None or self.cache is None or shadow.mapping_changes == self._mapping_seen:
+            return
+        self._mapping_seen = shadow.mapping_changes
+        cache = self.cache
+        for page, physical in sorted(self._code_pages.items()):
+            now = self._physical_page(page)
+            if now == physical:
+                continue
+            self._drop_stale(page, page + layout.PAGE_SIZE)  # an unmapped page reads short: every block differs
+            if now is not None and cache.translated_in(page, page + layout.PAGE_SIZE):
+                self._code_pages[page] = now
+                if now not in self.protected:
+                    self.protected.add(now)
+                    shadow.protect(now)
+            else:
+                del self._code_pages[page]
+        for physical in sorted(self.protected - set(self._code_pages.values())):
+            self.protected.discard(physical)
+            shadow.unprotect(physical, self._ram_context())
+
+    def _fetch_fault(self, fault: _FetchFault, trap: Trap, context: MonitorContext) -> None:
+        """The kernel goes to code its tables do not map: a true #PF (I/D set) at that address, as its CPU
+        would take fetching it.  A handler that is not mapped either faults again; the third time in one
+        trap ends the run as a triple fault."""
+        shadow = self.shadow
+        if shadow is None:
+            raise LabkitError("instruction fetch faults are shadow paging's")
+        from labkit.x86.arch import CR4_PAE, CR4_SMEP, EFER_NXE, MSR_EFER
+
+        vcpu = self._started()[1]
+        kernel = _KernelWrites(self._kernel_view(context), self.cache_region, self._written)
+        # I/D is set only with SMEP, or PAE paging with EFER.NXE (SDM vol. 3A, 4.7): the kernel's own settings.
+        fetch = PF_FETCH if vcpu.cr4 & CR4_SMEP or (vcpu.cr4 & CR4_PAE
+                                                    and vcpu.msrs.get(MSR_EFER, 0) & EFER_NXE) else 0
+        for _ in range(3):
+            address = fault.address
+            walk = shadow._walk(context, vcpu.cr3, address & ~PAGE_MASK, False)
+            shadow.true_faults += 1
+            shadow._event("true", address)
+            self._count("fault: #PF")
+            trap.regs.rip, trap.cr2 = fault.rip, address
+            try:
+                self._reflect(Vector.PF, (walk.error_code or 0) | fetch, trap, kernel)
+                return
+            except _FetchFault as again:
+                fault = again
+        self._stop(context, StatusKind.SHUTDOWN, f"virtual triple fault: instruction fetches at {fault.address:#x} "
+                   "keep faulting")
 
     def _drop_stale(self, start: int, end: int) -> None:
         cache = self._started()[0]
@@ -690,6 +960,49 @@ class BinaryTranslator:
         self.entries[reason] = self.entries.get(reason, 0) + 1
 
 
+class _FetchFault(Exception):
+    """Under shadow paging: the kernel's next instruction lies at a virtual address its tables do not map
+    (``address``; ``rip``, where the instruction starts, if it began on a mapped page)."""
+
+    def __init__(self, address: int, rip: int | None = None):
+        super().__init__(address)
+        self.address = address
+        self.rip = address if rip is None else rip
+
+
+class _KernelCode:
+    """Guest memory as the translator reads it under shadow paging (a :class:`Readable`): the kernel's code at
+    its virtual addresses, through the kernel's page tables; the translation cache at its own addresses."""
+
+    def __init__(self, ram: GuestMemory, translator: BinaryTranslator, region: tuple[int, int]):
+        self.ram = ram
+        self._translator = translator
+        self._region = region
+
+    def read(self, address: int, size: int) -> bytes:
+        data = self.read_at_most(address, size)
+        if len(data) != size:
+            raise LabkitError(f"the kernel's tables do not map all {size} bytes at virtual {address:#x}")
+        return data
+
+    def read_at_most(self, address: int, size: int) -> bytes:
+        start, end = self._region
+        if start <= address < end:
+            return self.ram.read_at_most(address, min(size, end - address))
+        out = b""
+        while len(out) < size:
+            here = address + len(out)
+            physical = self._translator._physical_page(here)
+            if physical is None:
+                break
+            length = min(size - len(out), layout.PAGE_SIZE - (here & PAGE_MASK))
+            piece = self.ram.read_at_most(physical | here & PAGE_MASK, length)
+            out += piece
+            if len(piece) < length:
+                break
+        return out
+
+
 class _CacheWrite(Exception):
     def __init__(self, address: int):
         super().__init__(address)
@@ -704,7 +1017,7 @@ class _KernelWrites:
     """A MonitorContext whose ``write`` refuses the monitor's region (raises :class:`_CacheWrite`)
     and reports every write it lets through to ``written(address, size)``."""
 
-    def __init__(self, context: MonitorContext, region: tuple[int, int], written: Callable[[int, int], None]):
+    def __init__(self, context: GuestContext, region: tuple[int, int], written: Callable[[int, int], None]):
         self._context = context
         self._region = region
         self._written = written
@@ -765,15 +1078,16 @@ def _short(vector: int) -> str:
 
 
 def run_translated(kernel: Guest | str, backend: str = "auto", timeout: float = 10.0, *,
-                   translate: Iterable[str] | None = None, timer: bool = False, **machine_options: Any) -> RunResult:
+                   translate: Iterable[str] | None = None, timer: bool = False, shadow: ShadowPaging | None = None,
+                   **machine_options: Any) -> RunResult:
     """Run ``kernel`` (written for ring 0) by binary translation in ring 3; a ``RunResult``.
 
-    ``result.monitor`` is the :class:`TranslationSummary`.  ``translate`` and
-    ``timer`` go to :class:`BinaryTranslator`, ``machine_options`` to the Machine.
+    ``result.monitor`` is the :class:`TranslationSummary`.  ``translate``,
+    ``timer`` and ``shadow`` go to :class:`BinaryTranslator`, ``machine_options`` to the Machine.
     """
     from labkit.vmm.machine import Machine
 
-    translator = BinaryTranslator(kernel, translate=translate, timer=timer)
+    translator = BinaryTranslator(kernel, translate=translate, timer=timer, shadow=shadow)
     with Machine(translator.guest, backend=backend, monitor=translator, **machine_options) as machine:
         return machine.run(timeout)
 

@@ -5,7 +5,10 @@ monitor that lets a kernel believe it controls paging keeps *shadow* tables
 the CPU really walks: guest-virtual to host-physical (here labkit's
 guest-physical RAM, which the monitor hands the kernel unchanged).  A
 :class:`ShadowPaging` does that for :class:`~labkit.monitor.trap_emulate.TrapAndEmulate`
-(``TrapAndEmulate(shadow=ShadowPaging())``):
+(``TrapAndEmulate(shadow=ShadowPaging())``) and for
+:class:`~labkit.monitor.binary_translation.BinaryTranslator`
+(``BinaryTranslator(kernel, shadow=ShadowPaging())``, whose translated code takes
+the page faults: see that module); :func:`run_shadowed` runs a kernel under either:
 
 - The kernel's ``mov cr3`` sets its *virtual* CR3; the monitor loads the
   real CR3 with the shadow root it keeps for that value (one per address
@@ -255,8 +258,15 @@ class ShadowPaging:
         self._by_physical: dict[int, set[tuple[int, int]]] = {}  # kernel page -> (root, virtual page) mapping it
         self._derived: dict[int, set[tuple[int, int, int]]] = {}  # kernel entry -> (root, virtual page, depth)
         self.tables: set[int] = set()
+        self.protected: set[int] = set()
+        """Kernel pages another part of the monitor keeps read-only (binary translation's code pages)."""
+        self.shared: list[tuple[int, int, frozenset[int]]] = []
+        """Monitor memory mapped identity *for ring 3* in every root: ``(start, end, writable pages)``."""
+        self.mapping_changes = 0
+        """Grows whenever the kernel's mappings may have changed: a page-table store, ``invlpg``, a CR3 load."""
         self._pending: dict[int, tuple[int, int]] = {}  # shadow entry address -> (value, linear address to invlpg)
         self._load_cr3 = 0
+        self._cut: list[tuple[int, int, int]] = []  # (root, shift, prefix) of dropped subtrees that held monitor pages
         self._write_protect = True
         self.hidden_faults = self.true_faults = self.pt_writes = self.invlpgs = self.cr3_loads = 0
         self.entries_zapped = self.stub_runs = 0
@@ -274,14 +284,17 @@ class ShadowPaging:
         self.entry, self._entry_byte = entry, kernel.code[offset:offset + 1]
         return replace(kernel, code=kernel.code[:offset] + BOOT_BREAKPOINT + kernel.code[offset + 1:])
 
-    def start(self, trap: Trap, context: GuestContext, vcpu: VirtualCpu) -> bool:
+    def start(self, trap: Trap, context: GuestContext, vcpu: VirtualCpu, *, top: int | None = None) -> bool:
         """Set up at the kernel's first trap: the pool, the stub, the root for its CR3. True if the trap was
-        the boot breakpoint (consumed: the kernel resumes at its first instruction)."""
+        the boot breakpoint (consumed: the kernel resumes at its first instruction).
+
+        The pool ends at ``top`` (default: the end of RAM; binary translation keeps its cache above it).
+        """
         memory = context.memory
-        ram = memory.ram_size
+        ram = memory.ram_size if top is None else top
         base = ram - self.pool_size
         if base <= layout.STACK_TOP:
-            raise ConfigError(f"shadow paging keeps the top {self.pool_size >> 10} KiB of RAM; with {ram >> 10} KiB "
+            raise ConfigError(f"shadow paging keeps {self.pool_size >> 10} KiB below {ram:#x} for its pool; "
                               f"that reaches below the kernel's stack top {layout.STACK_TOP:#x}: give the Machine more memory")
         self.started = True
         self.pool = (base, ram)
@@ -300,9 +313,16 @@ class ShadowPaging:
 
     # -- the monitor's hooks ----------------------------------------------------------------------
 
-    def page_fault(self, trap: Trap, context: GuestContext, vcpu: VirtualCpu) -> tuple[str, str] | None:
+    def page_fault(self, trap: Trap, context: GuestContext, vcpu: VirtualCpu, *,
+                   instruction: Callable[[], tuple[int, bytes]] | None = None) -> tuple[str, str] | None:
         """A #PF of the kernel: absorb it (hidden, a page-table store) and say what was done, or None: a true
-        fault, for the monitor to reflect with ``trap.error_code`` (now the kernel's) and ``trap.cr2``."""
+        fault, for the monitor to reflect with ``trap.error_code`` (now the kernel's) and ``trap.cr2``.
+
+        ``instruction`` gives the kernel's faulting instruction as ``(its RIP, its bytes)`` where the CPU
+        did not run it at its own address (binary translation); by default it is read at ``trap.regs.rip``.
+        A page-table store leaves ``trap.regs.rip`` after that instruction.  A write the kernel's tables
+        allow to a page in :attr:`protected` is left to the caller: ``("protected", ...)``.
+        """
         address = trap.cr2
         write = bool(trap.error_code & PF_WRITE)
         walk = self._walk(context, vcpu.cr3, address, write)
@@ -313,17 +333,64 @@ class ShadowPaging:
             self._event("true", address)
             return None
         if self._reserved(address):
+            ranges = ", ".join(f"{start:#x}-{end:#x}" for start, end, _ in self.shared)
             raise LabkitError(f"the kernel uses virtual address {address:#x}, which the monitor keeps for itself "
                               f"(below {MONITOR_LOW[1]:#x}, {MONITOR_STACK[0]:#x}-{MONITOR_STACK[1]:#x}, and "
-                              f"{self.pool[0]:#x}-{self.pool[1]:#x})")
+                              f"{self.pool[0]:#x}-{self.pool[1]:#x}{', ' + ranges if ranges else ''})")
         self._check_physical(walk.page, address)
         if write and walk.page in self.tables:
-            self._page_table_store(walk, trap, context, vcpu)
+            self._page_table_store(walk, trap, context, vcpu, instruction)
             return "pt-write", f"page-table store at {address:#x}"
+        if write and walk.page in self.protected:
+            return "protected", f"write to protected page {walk.page:#x} at {address:#x}"
         self._fill(walk, write)
         self.hidden_faults += 1
         self._event("hidden", address)
         return "hidden", f"shadow entry filled for {address:#x}"
+
+    def protect(self, page: int) -> None:
+        """Keep kernel page ``page`` (guest-physical) read-only in every shadow leaf mapping it, from now on."""
+        if page in self.protected:
+            return
+        self.protected.add(page)
+        self._read_only(page)
+
+    def unprotect(self, page: int, context: GuestContext) -> None:
+        """Stop keeping ``page`` read-only: each shadow leaf mapping it becomes writable where the kernel's
+        tables allow the write and its leaf is already dirty; the others stay read-only, and a write through
+        them is a hidden #PF that sets D, as for any clean page."""
+        if page not in self.protected:
+            return
+        self.protected.discard(page)
+        if page in self.tables:
+            return
+        kernel_cr3 = {root: cr3 for cr3, root in self.roots.items()}
+        for root, virtual in sorted(self._by_physical.get(page, ())):
+            value, cr3 = self.leaves.get((root, virtual)), kernel_cr3.get(root)
+            if value is None or cr3 is None or value & WRITABLE:
+                continue
+            walk = self._walk(context, cr3, virtual, True)
+            if walk.page == page and walk.error_code is None and walk.steps[-1].entry & DIRTY:
+                self._write_leaf(root, virtual, value | WRITABLE, None)
+
+    def fetch(self, context: GuestContext, cr3: int, address: int) -> int | None:
+        """The kernel's CPU fetches at virtual ``address``: walk its tables from ``cr3``, set A, write-protect
+        the tables used (so a store that remaps the code traps); the physical page, or None if it faults."""
+        walk = self._walk(context, cr3, address, False)
+        self._set_accessed(walk, False, context)
+        if walk.page is not None:
+            for step in walk.steps:
+                self._track(step.table)
+        return walk.page
+
+    def physical(self, memory: GuestContext | GuestMemory, cr3: int, address: int) -> int | None:
+        """Guest-physical address of the kernel's virtual ``address`` under ``cr3`` for a read, or None if it faults.
+
+        A pure look-up: no accessed bit is set.
+        """
+        walk = walk_kernel(lambda at: int(_ENTRY.unpack(memory.read(at, 8))[0]), cr3, address,
+                           write_protect=self._write_protect)
+        return walk.physical
 
     def emulated(self, decoded: Decoded, trap: Trap, context: GuestContext, vcpu: VirtualCpu) -> None:
         """After the monitor emulated ``decoded``: honour ``invlpg``, a CR3 load, a change of CR0.WP."""
@@ -332,6 +399,7 @@ class ShadowPaging:
         if decoded.mnemonic == "invlpg" and decoded.operands and decoded.operands[0].kind == "mem":
             address = effective_address(decoded.operands[0], trap.regs, trap.regs.rip)
             self.invlpgs += 1
+            self.mapping_changes += 1
             self._event("invlpg", address)
             self._zap(self.live_root, address & ~PAGE_MASK, 3)
         elif decoded.mnemonic == "mov" and decoded.operands and decoded.operands[0].kind == "reg":
@@ -340,12 +408,14 @@ class ShadowPaging:
                 self.load_cr3(vcpu.cr3, context)
             elif target == "cr0" and bool(vcpu.cr0 & CR0_WP) != self._write_protect:
                 self._write_protect = bool(vcpu.cr0 & CR0_WP)
+                self.mapping_changes += 1
                 self.roots.clear()  # every shadow entry was built under the other WP: build anew
                 self._switch(vcpu.cr3, context)
 
     def load_cr3(self, cr3: int, context: GuestContext) -> None:
         """The kernel loaded ``cr3``: the real CR3 becomes its shadow root (made empty if new)."""
         self.cr3_loads += 1
+        self.mapping_changes += 1
         self._event("cr3", cr3 & ADDRESS_MASK)
         self._switch(cr3, context)
 
@@ -356,15 +426,28 @@ class ShadowPaging:
             root = self._allocate(context)
             self.roots[key] = root
             self.live_root = root
-            for start, end in (MONITOR_LOW, MONITOR_STACK, self.pool):
-                for page in range(start, end, PAGE):
-                    self._write_leaf(root, page, page | _SUPERVISOR, context)
+            self._map_monitor(root, context)
         self.live_root = root
         self._track(key)
         self._load_cr3 = root
 
+    def _map_monitor(self, root: int, context: GuestContext, shift: int = 64, prefix: int = 0) -> None:
+        """Map the monitor's own memory in ``root`` (identity), the pages whose address ``>> shift`` is ``prefix``."""
+        for start, end in (MONITOR_LOW, MONITOR_STACK, self.pool):
+            for page in range(start, end, PAGE):
+                if page >> shift == prefix:
+                    self._write_leaf(root, page, page | _SUPERVISOR, context)
+        for start, end, writable in self.shared:  # run by ring 3: user, read-only but for ``writable``
+            for page in range(start, end, PAGE):
+                if page >> shift == prefix:
+                    flags = _SUPERVISOR | USER if page in writable else (_SUPERVISOR | USER) & ~WRITABLE
+                    self._write_leaf(root, page, page | flags, context, kernel=False)
+
     def resume(self, trap: Trap, context: GuestContext) -> None:
         """If shadow entries or CR3 must change, resume the kernel through the stub that makes them as the guest."""
+        for root, shift, prefix in self._cut:  # a dropped subtree took monitor pages with it: map them again
+            self._map_monitor(root, context, shift, prefix)
+        self._cut.clear()
         if not self._pending and not self._load_cr3:
             self._fresh.clear()
             return
@@ -431,7 +514,8 @@ class ShadowPaging:
         for step in walk.steps:
             self._track(step.table)
         leaf_entry = walk.steps[-1].entry | ACCESSED | (DIRTY if write else 0)
-        writable = walk.writable and leaf_entry & DIRTY and walk.page not in self.tables
+        writable = (walk.writable and leaf_entry & DIRTY and walk.page not in self.tables
+                    and walk.page not in self.protected)
         value = walk.page | PRESENT | USER | ACCESSED | DIRTY | (WRITABLE if writable else 0)
         self._write_leaf(root, page, value, None)
         self._by_physical.setdefault(walk.page, set()).add((root, page))
@@ -443,16 +527,23 @@ class ShadowPaging:
         if table in self.tables:
             return
         self.tables.add(table)
-        for root, page in sorted(self._by_physical.get(table, ())):
+        self._read_only(table)
+
+    def _read_only(self, physical: int) -> None:
+        """Make every shadow leaf that maps kernel page ``physical`` read-only."""
+        for root, page in sorted(self._by_physical.get(physical, ())):
             value = self.leaves.get((root, page))
             if value is not None and value & WRITABLE:
                 self._write_leaf(root, page, value & ~WRITABLE, None)
 
-    def _page_table_store(self, walk: KernelWalk, trap: Trap, context: GuestContext, vcpu: VirtualCpu) -> None:
+    def _page_table_store(self, walk: KernelWalk, trap: Trap, context: GuestContext, vcpu: VirtualCpu,
+                          instruction: Callable[[], tuple[int, bytes]] | None) -> None:
         """Carry out the kernel's store into its page table (a plain ``mov``), then drop what derived from it."""
-        rip = trap.regs.rip
-        view = self.view(context, vcpu)
-        code = view.read_at_most(rip, 15)
+        if instruction is None:
+            rip = trap.regs.rip
+            code = self.view(context, vcpu).read_at_most(rip, 15)
+        else:
+            rip, code = instruction()
         decoded = decode(code, rip)
         if decoded is None or not _plain_store(decoded):
             raise LabkitError(f"the kernel wrote to its page table at {walk.address:#x} with "
@@ -473,6 +564,7 @@ class ShadowPaging:
 
     def _changed(self, physical: int, size: int) -> None:
         """Kernel page-table bytes at ``physical`` changed: drop every shadow entry built from them."""
+        self.mapping_changes += 1
         for entry in range(physical & ~7, physical + size, 8):
             for root, page, depth in sorted(self._derived.pop(entry, ())):
                 self._zap(root, page, depth)
@@ -501,11 +593,15 @@ class ShadowPaging:
         for leaf in [leaf for leaf in self.leaves if leaf[0] == root and leaf[1] >> shift == prefix]:
             value = self.leaves.pop(leaf)
             self._by_physical.get(value & ADDRESS_MASK, set()).discard(leaf)
+        if any(start >> shift <= prefix <= (end - 1) >> shift for start, end in self._monitor_ranges()):
+            self._cut.append((root, shift, prefix))
         if root == self.live_root:
             self._load_cr3 = root  # the TLB may hold any page below it: flush it all
 
-    def _write_leaf(self, root: int, page: int, value: int, context: GuestContext | None) -> None:
-        """Set the shadow leaf for ``page`` under ``root``, making the tables on the way (from the pool)."""
+    def _write_leaf(self, root: int, page: int, value: int, context: GuestContext | None, *,
+                    kernel: bool = True) -> None:
+        """Set the shadow leaf for ``page`` under ``root``, making the tables on the way (from the pool);
+        ``kernel``: the leaf comes from the kernel's tables (not the monitor's own memory)."""
         table = root
         for depth in (1, 2, 3):
             shift = SHIFTS[depth - 1]
@@ -517,7 +613,7 @@ class ShadowPaging:
                 self._set(table + (page >> shift & 0x1FF) * 8, child | _POINTER, page, context)
             table = child
         self._set(table + (page >> 12 & 0x1FF) * 8, value, page, context)
-        if value & PRESENT and value & USER:
+        if kernel and value & PRESENT and value & USER:
             self.leaves[(root, page)] = value
 
     def _set(self, entry: int, value: int, page: int, context: GuestContext | None) -> None:
@@ -539,12 +635,14 @@ class ShadowPaging:
             self._fresh.add(page)
         return page
 
+    def _monitor_ranges(self) -> list[tuple[int, int]]:
+        return [MONITOR_LOW, MONITOR_STACK, self.pool] + [(start, end) for start, end, _ in self.shared]
+
     def _reserved(self, address: int) -> bool:
-        return any(start <= address < end for start, end in (MONITOR_LOW, MONITOR_STACK, self.pool))
+        return any(start <= address < end for start, end in self._monitor_ranges())
 
     def _check_physical(self, page: int, address: int) -> None:
-        if self.pool[0] <= page < self.pool[1] or MONITOR_LOW[0] <= page < MONITOR_LOW[1] \
-                or MONITOR_STACK[0] <= page < MONITOR_STACK[1]:
+        if any(start <= page < end for start, end in self._monitor_ranges()):
             raise LabkitError(f"the kernel maps virtual {address:#x} to {page:#x}, memory the monitor keeps for "
                               "itself; the run stops rather than let it in")
 
@@ -620,8 +718,14 @@ class KernelMemory:
         return out
 
     def write(self, address: int, data: bytes) -> None:
+        """Store for the kernel (a pushed frame, an emulated ``sgdt``); never into the monitor's own memory."""
+        shadow = self._shadow
         for here, offset, length in self._pieces(address, len(data)):
             physical = self._physical(here, True)
+            if shadow._reserved(here):
+                raise LabkitError(f"the kernel uses virtual address {here:#x}, which the monitor keeps for itself: "
+                                  "the monitor will not store there for it")
+            shadow._check_physical(physical & ~PAGE_MASK, here)
             self._context.write(physical, data[offset:offset + length])
             if physical & ~PAGE_MASK in self._shadow.tables:
                 self._shadow._changed(physical, length)
@@ -650,13 +754,27 @@ def paging_kernel(edits: int = 100, seed: int = 1) -> Guest:
     return replace(base, code=bytes(code))
 
 
+MONITORS = ("trap-and-emulate", "binary translation")
+"""The monitors that can keep shadow page tables (``monitor=`` of :func:`run_shadowed`)."""
+
+
 def run_shadowed(kernel: Guest | str, backend: str = "auto", timeout: float = 30.0, *,
-                 pool_size: int = POOL_SIZE, **machine_options: Any) -> RunResult:
-    """Run ``kernel`` deprivileged under trap-and-emulate with shadow page tables (``result.monitor.shadow``)."""
+                 pool_size: int = POOL_SIZE, monitor: str = "trap-and-emulate", **machine_options: Any) -> RunResult:
+    """Run ``kernel`` deprivileged with shadow page tables (``result.monitor.shadow``) under ``monitor``:
+    trap-and-emulate or binary translation (one of :data:`MONITORS`)."""
+    from labkit.monitor.binary_translation import run_translated
     from labkit.monitor.trap_emulate import TrapAndEmulate, run_deprivileged
 
-    monitor = TrapAndEmulate(shadow=ShadowPaging(pool_size=pool_size))
-    return run_deprivileged(kernel, backend, timeout, monitor=monitor, **machine_options)
+    _check_monitor(monitor)
+    shadow = ShadowPaging(pool_size=pool_size)
+    if monitor == "binary translation":
+        return run_translated(kernel, backend, timeout, shadow=shadow, **machine_options)
+    return run_deprivileged(kernel, backend, timeout, monitor=TrapAndEmulate(shadow=shadow), **machine_options)
+
+
+def _check_monitor(monitor: str) -> None:
+    if monitor not in MONITORS:
+        raise ConfigError(f"shadow paging runs under {' or '.join(repr(name) for name in MONITORS)}, not {monitor!r}")
 
 
 @dataclass(frozen=True)
@@ -668,10 +786,11 @@ class ShadowedRun:
 
     @property
     def report(self) -> ShadowReport:
+        from labkit.monitor.binary_translation import TranslationSummary
         from labkit.monitor.trap_emulate import TrapEmulateReport
 
         monitor = self.result.monitor
-        if not isinstance(monitor, TrapEmulateReport) or monitor.shadow is None:
+        if not isinstance(monitor, (TrapEmulateReport, TranslationSummary)) or monitor.shadow is None:
             raise LabkitError(f"the run did not use shadow paging: {self.result.status}")
         return monitor.shadow
 
@@ -692,17 +811,25 @@ class ShadowedRun:
 
 
 def run_shadowed_with_memory(kernel: Guest | str, backend: str = "auto", timeout: float = 30.0, *,
-                             pool_size: int = POOL_SIZE) -> ShadowedRun:
+                             pool_size: int = POOL_SIZE, monitor: str = "trap-and-emulate") -> ShadowedRun:
     """:func:`run_shadowed`, keeping guest RAM at the end of the run (for pictures of both sets of tables)."""
     from labkit.guest import Guest
+    from labkit.monitor.binary_translation import BinaryTranslator
     from labkit.monitor.trap_emulate import TrapAndEmulate
     from labkit.vmm.machine import Machine
 
+    _check_monitor(monitor)
     if isinstance(kernel, str):
         kernel = Guest.named(kernel)
     shadow = ShadowPaging(pool_size=pool_size)
-    monitor = TrapAndEmulate(shadow=shadow)
-    with Machine(replace(shadow.boot_guest(kernel), user=True), backend=backend, monitor=monitor) as machine:
+    chosen: TrapAndEmulate | BinaryTranslator
+    if monitor == "binary translation":
+        chosen = BinaryTranslator(kernel, shadow=shadow)
+        guest = chosen.guest
+    else:
+        chosen = TrapAndEmulate(shadow=shadow)
+        guest = replace(shadow.boot_guest(kernel), user=True)
+    with Machine(guest, backend=backend, monitor=chosen) as machine:
         result = machine.run(timeout)
         ram = machine.read_memory(0, machine.memory_size)
     return ShadowedRun(result, ram)

@@ -272,7 +272,8 @@ def check_paravirtualization(run: Execution, backend: str, kvm=None) -> None:
 def check_memory_virtualization(run: Execution, backend: str, kvm=None) -> None:
     text = run.text()
     for ran in (["kvm", "emu"] if backend == "kvm" else ["emu"]):
-        assert f"{ran}: shadow paging gives the native console: True; without it: False" in text
+        assert f"{ran}: shadow paging gives the native console: True; without it: False; under binary " \
+               "translation: True" in text
     assert "0 of 11 lines differ" in text, "the shadowed console is not shown beside the native one"
     assert "the kernel's last line: `paging: unexpected #PF at 0x40000000`" in text
     assert "**60 hidden** and **71 true** page faults, **108** trapped page-table stores (the kernel counted 108 " \

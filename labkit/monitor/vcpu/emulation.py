@@ -313,8 +313,8 @@ def reflect(vcpu: VirtualCpu, trap: Trap, context: GuestContext, vector: int, er
         frame += (error_code,)
     try:
         _push(trap, context, frame)
-    except LabkitError:
-        raise VirtualTripleFault(f"the guest's stack at {old_rsp:#x} is outside guest RAM") from None
+    except LabkitError as error:  # outside guest RAM, or (shadow paging) memory the monitor keeps for itself
+        raise VirtualTripleFault(f"the guest's stack at {old_rsp:#x} cannot take the frame: {error}") from None
     vcpu.cs = selector & ~3
     if gate_type == INTERRUPT_GATE:
         vcpu.interrupts_enabled = False
