@@ -15,7 +15,7 @@
 # command (1 backup, 2 work), 0x80008 u32 count (work), 0x80010 u32 acknowledged writes (the guest's answer).
 # Without a parameter block: a backup. Devices: virtio-blk at 0x3FFFE000 (notify port 0xF8, queue 0 with 16
 # entries), virtio console at 0x3FFFF000 (notify port 0xF6, transmitq 1 with 16 entries); one request in
-# flight on each, the guest polls used.idx. Exit code (debug-exit port): 0 done, 1 bad parameters, 2 no
+# flight on each, the guest polls used.idx; the workload needs no console. Exit code (debug-exit port): 0 done, 1 bad parameters, 2 no
 # usable virtio-blk or console, 3 a device set DEVICE_NEEDS_RESET, 4 a disk request failed, 6 the disk's
 # superblock or directory is not LKFS version 1 or names sectors past the disk. Ring 0, long mode.
 
@@ -104,13 +104,7 @@ start:
         mov [capacity], rax
         cmp rax, META_SECTORS
         jb bad_fs
-        mov ebp, CON                                    # the console, transmitq
-        mov ebx, 3
-        mov r12d, TRANSMITQ
-        mov r13d, CDESC
-        call init_device
         xor r14d, r14d                                  # the block queue's avail.idx
-        xor r15d, r15d                                  # the console's
 
         mov eax, T_IN                                   # superblock and directory
         xor edx, edx
@@ -130,6 +124,12 @@ start:
         je work
 
         # -- command 1: the metadata, then each file, over the console --
+        mov ebp, CON                                    # the console, transmitq
+        mov ebx, 3
+        mov r12d, TRANSMITQ
+        mov r13d, CDESC
+        call init_device
+        xor r15d, r15d                                  # the console's avail.idx
         mov esi, META
         mov ecx, META_SECTORS * 512
         call send
@@ -177,7 +177,7 @@ file_done:
 backup_done:
         lea rsi, [msg_backup]
         call puts
-        jmp finish
+        jmp backup_finish
 
         # -- command 2: count one-sector writes round the scratch area --
 work:
@@ -220,11 +220,13 @@ next_write:
         call request
         lea rsi, [msg_work]
         call puts
-finish:
-        mov ebp, BLK
+        jmp finish
+backup_finish:
+        mov ebp, CON
         test dword ptr [rbp + R_STATUS], NEEDS_RESET
         jnz needs_reset
-        mov ebp, CON
+finish:
+        mov ebp, BLK
         test dword ptr [rbp + R_STATUS], NEEDS_RESET
         jnz needs_reset
         xor eax, eax
