@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 from labkit.backup.agent import AgentBackup, agent_backup, restore_agent_backup
 from labkit.backup.files import SECTOR, FilesReport, Layout, check_files, format_files, read_layout
@@ -28,6 +28,7 @@ from labkit.backup.host import DiskVM, HostBackup, cold_copy_backup, restore_ima
 from labkit.errors import ConfigError, FilesDamaged, StorageError
 from labkit.storage import Datastore, open_image
 from labkit.storage.image import DiskImage
+from labkit.table import Table
 from labkit.vmm.status import Origin
 
 DAMAGES = ("delete", "corrupt", "truncate")
@@ -120,7 +121,12 @@ class BackupLesson:
     origin: Origin | None
 
     def backup(self, kind: str) -> AgentBackup | HostBackup:
-        return {"agent": self.agent, "vadp": self.vadp, "cold copy": self.cold}[kind]
+        """The backup of ``kind`` (one of :data:`KINDS`)."""
+        if kind == "agent":
+            return self.agent
+        if kind in ("vadp", "cold copy"):
+            return self.vadp if kind == "vadp" else self.cold
+        raise ConfigError(f"the backup kind is one of {', '.join(KINDS)}, not {kind!r}")
 
 
 def run_backup_lesson(folder: str | os.PathLike[str], *, damage: str = "delete", backend: str = "auto",
@@ -183,16 +189,59 @@ def run_backup_lesson(folder: str | os.PathLike[str], *, damage: str = "delete",
                         agent.origin)
 
 
-def lesson_table(lesson: BackupLesson) -> list[dict[str, Any]]:
+def lesson_table(lesson: BackupLesson) -> Table:
     """One row per backup kind: what it copied, how long the VM stood still, and whether its restore checks out."""
     rows = []
     for item in lesson.restored:
         backup = lesson.backup(item.kind)
         if isinstance(backup, AgentBackup):
-            copied, stopped, during = backup.stream_bytes, 0.0, None
+            copied, stopped, during = backup.stream_bytes, "0 (the guest sends)", "-"
         else:
-            copied, stopped, during = backup.bytes_copied, backup.stopped_s, backup.writes_during_copy
-        rows.append({"kind": item.kind, "bytes copied": copied, "VM stopped (ms)": round(stopped * 1000, 1),
-                     "VM writes during the copy": during, "restored files": item.host_check.summary(),
-                     "restored VM's agent": item.vm_check.summary()})
-    return rows
+            copied, stopped = backup.bytes_copied, f"{backup.stopped_s * 1e3:.1f}"
+            during = str(backup.writes_during_copy)
+        rows.append([item.kind, f"{copied:,}", stopped, during, item.host_check.summary(), item.vm_check.summary()])
+    where = f"{lesson.origin}" if lesson.origin is not None else "?"
+    return Table(f"Restores after the base was damaged ({lesson.damage_done}); runs on {where}",
+                 ["backup", "bytes copied", "VM stopped (ms)", "VM writes during the copy", "restored files (host)",
+                  "restored VM's agent"], rows,
+                 note=f"The snapshot's chain: {lesson.refusal}")
+
+
+@dataclass(frozen=True)
+class StopTimes:
+    """For one disk size: a VADP backup and a cold copy of the same running VM's disk."""
+
+    disk_bytes: int
+    vadp: HostBackup
+    cold: HostBackup
+
+
+def stop_times(folder: str | os.PathLike[str], sizes: tuple[int, ...] = (16 << 20, 128 << 20, 256 << 20), *,
+               backend: str = "auto", writes: int = 1_000_000) -> tuple[StopTimes, ...]:
+    """How long each host-level backup stops a VM whose disk is each of ``sizes`` bytes (measured, in
+    ``folder``: made empty; the backups are deleted after each size)."""
+    folder = os.path.abspath(os.fspath(folder))
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise ConfigError(f"{folder} is not empty: the measurement makes its own datastores there")
+    found = []
+    for size in sizes:
+        store = Datastore(os.path.join(folder, f"disk-{size >> 20}MiB"), capacity=3 * size)
+        store.create_raw(BASE, size)
+        disk = store.open(BASE)
+        try:
+            format_files(disk, sample_files({"notes.txt": 3000, "data.bin": 60_000}))
+        finally:
+            disk.close()
+        vm = DiskVM(store, BASE, writes, backend=backend)
+        targets = [os.path.join(folder, f"{kind}-{size >> 20}MiB.raw") for kind in ("vadp", "cold")]
+        try:
+            vm.start()
+            vadp = vadp_backup(vm, targets[0])
+            cold = cold_copy_backup(vm, targets[1])
+        finally:
+            vm.close()
+            for target in targets:
+                if os.path.exists(target):
+                    os.unlink(target)
+        found.append(StopTimes(size, vadp, cold))
+    return tuple(found)
