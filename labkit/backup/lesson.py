@@ -216,7 +216,7 @@ class StopTimes:
     cold: HostBackup
 
 
-def stop_times(folder: str | os.PathLike[str], sizes: tuple[int, ...] = (16 << 20, 128 << 20, 256 << 20), *,
+def stop_times(folder: str | os.PathLike[str], sizes: tuple[int, ...] = (16 << 20, 64 << 20, 128 << 20), *,
                backend: str = "auto", writes: int = 1_000_000) -> tuple[StopTimes, ...]:
     """How long each host-level backup stops a VM whose disk is each of ``sizes`` bytes (measured, in
     ``folder``: made empty; the backups are deleted after each size)."""

@@ -57,7 +57,7 @@ def backup_figure(lesson: BackupLesson, stops: Sequence[StopTimes]) -> Figure:
         right.bar(range(3), copied, color=[COLOURS[k] for k in kinds], width=0.6)
         right.set_xticks(range(3), ["agent\n(files)", "VADP\n(disk)", "cold\n(disk)"])
         right.set_ylabel("copied (MiB)")
-        right.set_title("Bytes copied")
+        right.set_title(f"Copied from a {lesson.layout.disk_sectors * 512 // MIB} MiB disk")
         for axis in (left, right):
             finish(axis)
         origins = sorted({origin_label(stop.vadp.origin) for stop in stops} | {origin_label(lesson.origin)})

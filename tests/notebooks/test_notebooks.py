@@ -363,7 +363,7 @@ def check_backups(run: Execution, backend: str, kvm=None) -> None:
     assert "**3 of 3** backups restore to files that check out" in text
     assert "bytes flipped in base.raw's file data" in text, "the widget's first run (corrupt) is not shown"
     assert "SHA-256 differs from the directory's" in text
-    assert re.search(r"16 MiB: VADP stopped the VM \*\*\d+ ms\*\*, the cold copy \*\*\d+ ms\*\*; 128 MiB", text)
+    assert re.search(r"16 MiB: VADP stopped the VM \*\*\d+ ms\*\*, the cold copy \*\*\d+ ms\*\*; 64 MiB", text)
     assert len(run.images()) >= 1, "the backup figure is missing"
     assert (f"measured on KVM ({kvm_flavour()})" if backend == "kvm" else "measured on the emulator (Unicorn)") in text
 
