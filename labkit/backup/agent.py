@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from labkit.backup.files import FilesReport, Layout, parse_stream, restore_files
+from labkit.backup.files import METADATA_BYTES, FilesReport, Layout, parse_stream, restore_files
 from labkit.errors import ConfigError, FilesDamaged, StorageError
 from labkit.memory import GuestMemory
 from labkit.vmm.devices.spec import DeviceContext, DeviceSpec
@@ -43,30 +43,49 @@ EXIT_MEANINGS = {1: "bad parameters", 2: "no usable virtio-blk or virtio console
 
 
 class ChannelFile(VirtioConsole):
-    """A virtio console whose host end is the file ``path`` (created empty; every transmitted byte appended)."""
+    """A virtio console whose host end is the file ``path`` (created empty; every transmitted byte appended).
+
+    The guest decides how much it sends: past ``limit`` bytes nothing more is written (the host's disk is not the
+    guest's to fill) and ``dropped`` counts what was refused; the chains still come back used.
+    """
 
     KIND = "virtio console to a file"
+    COUNTERS = (*VirtioConsole.COUNTERS, "dropped")
+    dropped: int
 
-    def __init__(self, memory: GuestMemory, path: str):
+    def __init__(self, memory: GuestMemory, path: str, limit: int):
         self.path = path
-        self._file = open(path, "wb")
+        self.limit = limit
+        self._written = 0
+        try:
+            self._file = open(path, "wb")
+        except OSError as error:
+            raise StorageError(f"{path}: cannot create the channel's file: {error.strerror}") from None
         super().__init__(memory, self._append)
 
     def _append(self, data: bytes | memoryview) -> None:
+        room = max(0, self.limit - self._written)
+        if len(data) > room:
+            self.dropped += len(data) - room
+            data = data[:room]
         self._file.write(data)
         self._file.flush()
+        self._written += len(data)
 
     def close(self) -> None:
         self._file.close()
 
 
-def channel_devices(path: str | os.PathLike[str]) -> list[DeviceSpec]:
+def channel_devices(path: str | os.PathLike[str], limit: int) -> list[DeviceSpec]:
     """The paravirtual channel for ``Machine(devices=...)``: a virtio console at the usual console address
-    and notify port, whose transmitted bytes go to the file ``path`` (opened where the machine's core runs)."""
+    and notify port, whose transmitted bytes (at most ``limit``) go to the file ``path`` (opened where the
+    machine's core runs)."""
     target = os.path.abspath(os.fspath(path))
+    if not isinstance(limit, int) or limit < 0:
+        raise ConfigError(f"the channel's limit is a number of bytes, not {limit!r}")
 
     def build(context: DeviceContext) -> ChannelFile:
-        return ChannelFile(context.memory, target)
+        return ChannelFile(context.memory, target, limit)
 
     def build_port(context: DeviceContext) -> NotifyPort:
         return NotifyPort(context.device(CHANNEL_NAME))
@@ -110,7 +129,12 @@ def agent_backup(disk: str | os.PathLike[str] | Callable[[], Any], target: str |
 
     opener = disk if callable(disk) else _read_only(os.fspath(disk), open_image)
     target = os.fspath(target)
-    with Machine(GUEST, backend, devices=[*block_devices(opener), *channel_devices(target)]) as machine:
+    probe = opener()
+    try:
+        limit = METADATA_BYTES + probe.size  # an agent sends the metadata and files that fit on its disk
+    finally:
+        probe.close()
+    with Machine(GUEST, backend, devices=[*block_devices(opener), *channel_devices(target, limit)]) as machine:
         machine.write_memory(PARAMS_ADDRESS, agent_parameters(COMMAND_BACKUP))
         started = time.perf_counter()
         result = machine.run(timeout=timeout)
@@ -122,6 +146,9 @@ def agent_backup(disk: str | os.PathLike[str] | Callable[[], Any], target: str |
             if result.status.kind is StatusKind.EXITED else str(result.status)
         raise StorageError(f"the backup agent did not finish on {os.fspath(disk) if not callable(disk) else 'the disk'}: "
                            f"{why}")
+    if channel["dropped"]:
+        raise StorageError(f"the backup agent sent more than its disk holds ({limit} bytes kept, "
+                           f"{channel['dropped']} refused): not a backup")
     with open(target, "rb") as handle:
         stream = handle.read()
     layout_, _files, report = parse_stream(stream)

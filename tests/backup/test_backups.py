@@ -115,6 +115,20 @@ def test_the_agent_refuses_a_disk_without_files_and_a_directory_past_the_disk(ba
         agent_backup(tmp_path / "small.raw", tmp_path / "small.lkfs", backend=backend_name)
 
 
+def test_a_guest_cannot_fill_the_host_through_the_channel(backend_name, tmp_path):
+    from labkit.backup.agent import CHANNEL_NAME, channel_devices
+    from labkit.virtio.measure import PARAMS_ADDRESS, expected_console, parameter_block
+
+    target = tmp_path / "channel"
+    with Machine("ring_console64", backend=backend_name, devices=channel_devices(target, 1000)) as machine:
+        machine.write_memory(PARAMS_ADDRESS, parameter_block(4096, 256, 4))
+        result = machine.run(timeout=30)
+        state = machine.device_state(CHANNEL_NAME)
+    assert (result.status.kind, result.status.code) == (StatusKind.EXITED, 0)  # every chain still came back used
+    assert (state["bytes"], state["dropped"]) == (4096, 4096 - 1000)
+    assert target.read_bytes() == expected_console(4096).encode()[:1000]
+
+
 def test_without_its_devices_backup64_says_so(backend_name):
     with Machine("backup64", backend=backend_name) as machine:
         result = machine.run(timeout=10)
