@@ -50,7 +50,7 @@ class ChannelFile(VirtioConsole):
     """
 
     KIND = "virtio console to a file"
-    COUNTERS = (*VirtioConsole.COUNTERS, "dropped")
+    COUNTERS: tuple[str, ...] = (*VirtioConsole.COUNTERS, "dropped")
     dropped: int
 
     def __init__(self, memory: GuestMemory, path: str, limit: int):
