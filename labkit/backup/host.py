@@ -133,7 +133,8 @@ class DiskVM:
             return self.result
         self._join()
         self.acknowledged = int.from_bytes(self.machine.read_memory(ACKED_ADDRESS, 4), "little")
-        assert self.result is not None
+        if self.result is None:
+            raise ConfigError("this VM was not started")
         self.origin = self.result.origin
         return self.result
 
@@ -197,9 +198,20 @@ def _check(path: str) -> FilesReport:
         image.close()
 
 
+def _free_target(target: str) -> None:
+    if os.path.exists(target):
+        raise ConfigError(f"{target} exists: a backup goes into a new file")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(target))):
+        raise ConfigError(f"{target}: its folder does not exist")
+
+
 def vadp_backup(vm: DiskVM, target: str | os.PathLike[str]) -> HostBackup:
-    """Back up ``vm``'s disk into the raw file ``target`` while it runs on a delta (see the module's steps)."""
+    """Back up ``vm``'s disk into the raw file ``target`` while it runs on a delta (see the module's steps).
+
+    If the copy fails, the delta is still committed and deleted and the VM goes on on its own disk (as a backup
+    application deletes its snapshot after a failed job); then the error is raised."""
     target = os.fspath(target)
+    _free_target(target)
     store, disk = vm.store, vm.disk
     delta = f"{disk}.backup-delta.qcow2"
     if os.path.exists(store.file(delta)):
@@ -207,34 +219,44 @@ def vadp_backup(vm: DiskVM, target: str | os.PathLike[str]) -> HostBackup:
     started = time.perf_counter()
     state = vm.stun()
     frozen_writes = vm.acknowledged
-    store.create_overlay(delta, disk)
+    try:
+        store.create_overlay(delta, disk)
+    except BaseException:
+        vm.resume(disk, state)
+        raise
     vm.resume(delta, state)
     first_stun = time.perf_counter() - started
     started = time.perf_counter()
-    copied = copy_image(store.file(disk), target)
-    copy_s = time.perf_counter() - started
-    started = time.perf_counter()
-    state = vm.stun()
-    during = vm.acknowledged - frozen_writes
-    delta_bytes = os.path.getsize(store.file(delta))
-    store.commit(delta)
-    store.delete(delta)
-    vm.resume(disk, state)
-    second_stun = time.perf_counter() - started
+    try:
+        copied = copy_image(store.file(disk), target)
+    finally:
+        copy_s = time.perf_counter() - started
+        started = time.perf_counter()
+        state = vm.stun()
+        during = vm.acknowledged - frozen_writes
+        delta_bytes = os.path.getsize(store.file(delta))
+        store.commit(delta)
+        store.delete(delta)
+        vm.resume(disk, state)
+        second_stun = time.perf_counter() - started
     return HostBackup("vadp", target, copied, (first_stun, second_stun), copy_s, frozen_writes, during,
                       delta_bytes, _check(target), vm.origin)
 
 
 def cold_copy_backup(vm: DiskVM, target: str | os.PathLike[str]) -> HostBackup:
-    """Stop ``vm`` for the whole copy of its disk into the raw file ``target`` (the host file system's backup)."""
+    """Stop ``vm`` for the whole copy of its disk into the raw file ``target`` (the host file system's backup);
+    the VM goes on afterwards, also when the copy failed."""
     target = os.fspath(target)
+    _free_target(target)
     started = time.perf_counter()
     state = vm.stun()
     frozen_writes = vm.acknowledged
     copy_started = time.perf_counter()
-    copied = copy_image(vm.store.file(vm.disk), target)
-    copy_s = time.perf_counter() - copy_started
-    vm.resume(vm.disk, state)
+    try:
+        copied = copy_image(vm.store.file(vm.disk), target)
+    finally:
+        copy_s = time.perf_counter() - copy_started
+        vm.resume(vm.disk, state)
     stopped = time.perf_counter() - started
     return HostBackup("cold copy", target, copied, (stopped,), copy_s, frozen_writes, 0, 0, _check(target),
                       vm.origin)

@@ -149,3 +149,27 @@ def test_the_backup_figure_is_readable_and_says_what_measured_it(lessons, tmp_pa
     assert origin_label(lesson.origin) in figure.get_suptitle()
     assert "emulator" in figure.get_suptitle()
     assert [name for name in os.listdir(tmp_path / "stops") if name.endswith(".raw")] == []  # backups deleted
+
+
+def test_a_failed_copy_still_commits_the_delta_and_the_vm_goes_on(backend_name, tmp_path):
+    from labkit.backup.host import DiskVM, vadp_backup
+    from labkit.errors import ConfigError
+
+    store = Datastore(tmp_path / "store", capacity=8 << 20)
+    store.create_raw("base.raw", 1 << 20)
+    with store.open("base.raw") as base:
+        layout = format_files(base, sample_files({"a": 5000}), scratch_sectors=8)
+    (tmp_path / "taken.raw").write_bytes(b"")
+    vm = DiskVM(store, "base.raw", 1_000_000, backend=backend_name)
+    try:
+        vm.start()
+        with pytest.raises(ConfigError, match="exists: a backup goes into a new file"):
+            vadp_backup(vm, tmp_path / "taken.raw")  # refused before the VM is touched
+        with pytest.raises(StorageError, match="cannot open"):
+            vadp_backup(vm, "/proc/labkit-backup.raw")  # /proc takes no new file, not even from root: fails mid-way
+        assert store.names() == ["base.raw"] and vm.disk == "base.raw" and vm.running
+    finally:
+        vm.close()
+    with store.open("base.raw", writable=False) as base:  # every acknowledged write reached the base
+        assert scratch_numbers(base, layout) in (expected_scratch(vm.acknowledged, 8),
+                                                 expected_scratch(vm.acknowledged + 1, 8))
