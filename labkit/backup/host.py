@@ -85,6 +85,17 @@ class DiskVM:
         self._thread = threading.Thread(target=run, name=f"vm on {self.disk}", daemon=True)
         self._thread.start()
 
+    def run_for(self, seconds: float) -> RunResult:
+        """Run the VM in this thread for ``seconds`` (its run's time budget), then leave it stopped where it is:
+        a workload that has written before a backup starts. :meth:`start` continues it."""
+        machine = self.machine
+        if machine is None or self._thread is not None:
+            raise ConfigError("this VM is not stopped, or it has ended")
+        self.result = machine.run(timeout=seconds)
+        self.acknowledged = int.from_bytes(machine.read_memory(ACKED_ADDRESS, 4), "little")
+        self.origin = self.result.origin
+        return self.result
+
     def _join(self) -> None:
         if self._thread is not None:
             self._thread.join()

@@ -35,6 +35,8 @@ DAMAGES = ("delete", "corrupt", "truncate")
 KINDS = ("agent", "vadp", "cold copy")
 BASE = "base.raw"
 SNAPSHOT = "vm-snapshot.qcow2"
+WARM_UP_S = 0.1
+"""How long the workload runs before the first backup (its writes are then in every backup)."""
 DEFAULT_FILES = {"notes.txt": 3000, "thesis.tex": 90_000, "photo.jpg": 250_000, "ledger.csv": 40_000,
                  "mail.mbox": 130_000}
 
@@ -152,6 +154,7 @@ def run_backup_lesson(folder: str | os.PathLike[str], *, damage: str = "delete",
     agent = agent_backup(store.file(BASE), os.path.join(backups, "agent.lkfs"), backend=backend)
     vm = DiskVM(store, BASE, writes, backend=backend)
     try:
+        vm.run_for(WARM_UP_S)  # the workload has written before the first backup
         vm.start()
         vadp = vadp_backup(vm, os.path.join(backups, "vadp.raw"))
         cold = cold_copy_backup(vm, os.path.join(backups, "cold.raw"))
@@ -233,6 +236,7 @@ def stop_times(folder: str | os.PathLike[str], sizes: tuple[int, ...] = (16 << 2
         finally:
             disk.close()
         vm = DiskVM(store, BASE, writes, backend=backend)
+        vm.run_for(WARM_UP_S)
         targets = [os.path.join(folder, f"{kind}-{size >> 20}MiB.raw") for kind in ("vadp", "cold")]
         try:
             vm.start()
