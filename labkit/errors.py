@@ -22,7 +22,8 @@ where they happen, so callers catch labkit errors only::
           ├── ImageFormatError  a file is not a valid image: bad header, corrupt or truncated metadata
           ├── UnsupportedImage  a valid qcow2 using a feature labkit does not implement (named)
           ├── ImageRangeError   a read/write/discard outside the virtual disk (offset, length)
-          └── DatastoreFull     a write cannot be stored: the datastore's capacity or ENOSPC; nothing acknowledged
+          ├── DatastoreFull     a write cannot be stored: the datastore's capacity or ENOSPC; nothing acknowledged
+          └── FilesDamaged      a disk's files (labkit.backup's LKFS layout) fail their checks; names each one
 """
 
 from __future__ import annotations
@@ -156,3 +157,8 @@ def strerror(errno: int | None) -> str:
     if errno is None:
         return "unknown error (no errno)"
     return f"errno {errno} ({_errno.errorcode.get(errno, '?')}): {os.strerror(errno)}"
+
+
+class FilesDamaged(StorageError):
+    """A disk's files (:mod:`labkit.backup.files`, the LKFS layout) fail their checks: a bad superblock or
+    directory, a file past the disk's end, or a file whose SHA-256 differs; the message names each one."""

@@ -72,7 +72,7 @@ class VirtioConsole(VirtioMmioDevice):
     DEVICE_ID = DEVICE_ID_CONSOLE
     FEATURES = DEVICE_FEATURES
     QUEUE_WRITABLE = (True, False)  # receiveq (never given a buffer back), transmitq (device reads only)
-    COUNTERS = ("notifications", "ignored", "chains", "bytes", "resets")
+    COUNTERS: tuple[str, ...] = ("notifications", "ignored", "chains", "bytes", "resets")
     KIND = "virtio console"
     chains: int
     bytes: int

@@ -30,6 +30,7 @@ _EXPORTS = {
     "AddressWalk": "labkit.widgets.memory",
     "DirtyPages": "labkit.widgets.snapshots",
     "FaultInjection": "labkit.widgets.isolation",
+    "BackupRestore": "labkit.widgets.backups",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -348,6 +348,27 @@ def check_isolation(run: Execution, backend: str, kvm=None) -> None:
     assert len(run.images()) >= 4, "expected the scan figure, the status grid, the memory maps and the device state"
 
 
+def check_backups(run: Execution, backend: str, kvm=None) -> None:
+    """Notebook 09's "Backups" section (notebooks/_09-backups-section.ipynb until the lead splices it in)."""
+    from labkit.kvm.system import kvm_flavour
+
+    text = run.text()
+    label = "KVM (" if backend == "kvm" else "the emulator (Unicorn)"
+    assert f"Backend for this section: **{backend}** (measured on {label}" in text
+    assert re.search(r"The agent sent \*\*[\d,]+ bytes\*\* \(the metadata and 5 files\) in \*\*11 console chains\*\* "
+                     r"after \*\*11 disk reads\*\*", text), "the agent's transfer is not shown"
+    assert text.count("all 5 files check out (SHA-256)") >= 2 * 3 + 3, "a backup or a restore did not check out"
+    assert re.search(r"and none after: \*\*True\*\*", text), "the VADP backup is not the disk as frozen"
+    assert "After **base.raw deleted**, opening the snapshot gives" in text
+    assert "does not exist: without it the overlay is useless (a snapshot is not a backup)" in text
+    assert "**3 of 3** backups restore to files that check out" in text
+    assert "bytes flipped in base.raw's file data" in text, "the widget's first run (corrupt) is not shown"
+    assert "SHA-256 differs from the directory's" in text
+    assert re.search(r"16 MiB: VADP stopped the VM \*\*\d+ ms\*\*, the cold copy \*\*\d+ ms\*\*; 64 MiB", text)
+    assert len(run.images()) >= 1, "the backup figure is missing"
+    assert (f"measured on KVM ({kvm_flavour()})" if backend == "kvm" else "measured on the emulator (Unicorn)") in text
+
+
 def check_exercises(run: Execution, backend: str) -> None:
     """Every autograded exercise cell shows its verdict, passed with the reference answer, run on this backend."""
     graded = [cell for cell in run.notebook.cells if cell.metadata.get("nbgrader", {}).get("grade")]
@@ -367,6 +388,7 @@ CONTENT_CHECKS = {
     "06-memory-virtualization.ipynb": check_memory_virtualization,
     "08-snapshots.ipynb": check_snapshots,
     "07-isolation.ipynb": check_isolation,
+    "_09-backups-section.ipynb": check_backups,
 }
 
 
