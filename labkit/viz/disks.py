@@ -184,7 +184,7 @@ class ChainRead:
         return self.seconds * 1e3 / (self.disk / (1 << 20))
 
 
-CHAIN_LABEL = "measured on this host: CPU time of labkit.storage (Python) reading, no VM"
+CHAIN_LABEL = "measured on this host (no VM): CPU time of labkit.storage (Python)"
 
 
 def _read_pass(image: DiskImage, disk: int, piece: int) -> float:

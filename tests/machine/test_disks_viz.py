@@ -69,7 +69,7 @@ def test_chain_reads_measure_each_depth_both_ways_and_the_figure_is_readable():
     assert [(r.depth, r.where) for r in rows] == [(0, "base"), (3, "base"), (3, "top")]
     assert all(r.seconds > 0 and r.disk == 256 * KIB for r in rows)
     figure = chain_figure(rows)
-    assert len(figure.axes[0].get_lines()) == 2 and "no VM" in figure.axes[0].get_title()
+    assert len(figure.axes[0].get_lines()) == 2 and "measured on this host (no VM)" in figure.axes[0].get_title()
     assert readability_problems(figure) == []
 
 
