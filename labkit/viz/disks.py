@@ -19,13 +19,14 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from labkit.errors import ConfigError, LabkitError
+from labkit.errors import ConfigError, LabkitError, StorageError
 from labkit.storage import Datastore, DiskImage, check_image, open_image
 from labkit.virtio.blk import (PARAMS_ADDRESS, PATTERNS, SECTOR_SIZE, blk64_console, blk64_parameters, blk64_qword,
                                blk64_sectors, block_devices)
@@ -93,6 +94,7 @@ class GrowthPoint:
     flavour: str | None
     verified: bool
     """The guest read everything back and printed the expected checksum."""
+    seed: int = 1
 
     @property
     def label(self) -> str:
@@ -139,8 +141,33 @@ def delta_growth(backend: str = "auto", patterns: Sequence[str] = PATTERNS, step
                     delta.close()
                 found_backend, flavour = _origin(result, backend)
                 points.append(GrowthPoint(pattern, requests, sectors, written, os.path.getsize(store.file("delta.qcow2")),
-                                          clusters, disk, found_backend, flavour, verified))
+                                          clusters, disk, found_backend, flavour, verified, seed))
     return points
+
+
+def qemu_delta_bytes(point: GrowthPoint, cluster: int = CLUSTER) -> int | None:
+    """The overlay size QEMU gives for ``point``'s writes: ``qemu-img create -b`` an overlay of the same cluster size,
+    ``qemu-io`` writes the sectors ``blk64`` wrote, in its order.  ``None`` where QEMU's tools are not installed."""
+    qemu_img, qemu_io = shutil.which("qemu-img"), shutil.which("qemu-io")
+    if qemu_img is None or qemu_io is None:
+        return None
+    firsts = blk64_sectors(point.pattern, point.sectors, point.requests, point.seed, point.base_bytes // SECTOR_SIZE)
+    commands = [f"write -P 0x5a {first * SECTOR_SIZE} {point.sectors * SECTOR_SIZE}" for first in firsts]
+    with tempfile.TemporaryDirectory(prefix="labkit-09-qemu-") as folder:
+        base, overlay = os.path.join(folder, "base.raw"), os.path.join(folder, "qemu.qcow2")
+        with open(base, "wb") as handle:
+            handle.truncate(point.base_bytes)
+        for command in ([qemu_img, "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "-o",
+                         f"cluster_size={cluster}", overlay],
+                        [qemu_io, "-f", "qcow2", *(part for c in commands for part in ("-c", c)), overlay]):
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=folder)
+            except (OSError, subprocess.TimeoutExpired) as error:
+                raise StorageError(f"{os.path.basename(command[0])} did not run: {error}") from None
+            if done.returncode != 0:
+                raise StorageError(f"{os.path.basename(command[0])} failed (exit status {done.returncode}): "
+                                   f"{done.stderr.strip()[:200]}")
+        return os.path.getsize(overlay)
 
 
 def growth_figure(points: Sequence[GrowthPoint], empty_bytes: int | None = None) -> Figure:

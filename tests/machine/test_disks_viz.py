@@ -7,7 +7,7 @@ import pytest
 from labkit.errors import ConfigError
 from labkit.virtio.blk import SECTOR_SIZE, blk64_sectors
 from labkit.viz.disks import (CLUSTER, KIB, chain_figure, chain_reads, delta_growth, empty_overlay_bytes,
-                              fill_datastore, fill_figure, growth_figure)
+                              fill_datastore, fill_figure, growth_figure, qemu_delta_bytes)
 from labkit.viz.labels import measured_on
 from labkit.viz.style import readability_problems
 
@@ -59,6 +59,7 @@ def test_delta_growth_counts_the_clusters_each_pattern_touches(backend_name):
         assert point.data_clusters == len(touched), (point, touched)
         # the file: the empty overlay (its L1 table ends it) to a whole cluster, the data clusters, one L2 table
         assert point.delta_bytes == -(-empty // CLUSTER) * CLUSTER + (len(touched) + 1) * CLUSTER, point
+        assert qemu_delta_bytes(point) == point.delta_bytes, point  # QEMU's overlay for the same writes
     assert points[0].label == measured_on(backend_name, points[0].flavour)
     assert readability_problems(growth_figure(points, empty)) == []
 

@@ -369,6 +369,7 @@ def check_disks(run: Execution, backend: str, kvm=None) -> None:
     assert re.search(r"\*\*random\*\*: after only \d+ KiB of 512-byte writes the delta is already \*\*\d+ KiB\*\*, "
                      r"past the base", text), "the random writes' delta did not pass its base"
     assert "the delta stays at **24 KiB** (1 data cluster)" in text
+    assert "labkit's delta files have the size of QEMU's: **True**" in text, "labkit's deltas differ from QEMU's"
     times = re.search(r"Through 8 empty overlays a read took \*\*(\d+) times\*\*", text)
     assert times and int(times[1]) >= 2, "reading through the chain did not cost more than the base"
     label = "KVM" if backend == "kvm" else "emulator (Unicorn)"
