@@ -16,7 +16,7 @@ waiting in :meth:`when_space` / :meth:`wait_for_space`.
 Several processes share one datastore, as several ESXi hosts share a LUN (VMFS keeps its locks on the
 LUN itself): a VM on the emulator opens its disk in its worker process, through that process's copy
 of the ``Datastore``.  So what all of them must agree on lives in the folder, not in one process's
-memory (``qemu-img``-style tools ignore both hidden files)::
+memory, in two hidden files that :meth:`Datastore.names` and :meth:`Datastore.used` skip::
 
     .labkit-datastore        {"capacity": N}  (JSON; replaced atomically: temp file, fsync, rename)
     .labkit-datastore.lock   empty; flock(2)ed exclusively while a file grows or the capacity changes
