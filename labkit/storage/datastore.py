@@ -28,13 +28,14 @@ the parent would share the parent's lock).  A space freed in another process (or
 by hand) wakes nobody here: :meth:`wait_for_space` also looks again every :data:`POLL_S` seconds.
 
 How a block device pauses its VM on a full datastore (QEMU's ``werror=enospc``, vSphere's
-"no more space for virtual disk"): it catches :class:`DatastoreFull` from ``image.write``,
-keeps the request unanswered (no status, nothing in the used ring), pauses the VM, and calls
-``datastore.when_space(error.needed, resume)``. ``resume`` is called from the thread that freed
-the space, perhaps inside another image's commit, so it only signals the VM's own thread, which
-retries the same write (a retry refused again pauses again: another VM may have taken the space
-first) and, once it succeeds, completes the request and lets the VM run. Every VM whose writes need new space pauses the same way; a VM that only overwrites
-its own clusters keeps running.
+"no more space for virtual disk"; :mod:`labkit.virtio.blk`): it catches :class:`DatastoreFull` from
+``image.write``, keeps the request unanswered (no status, nothing in the used ring), pauses the VM
+(the run ends ``paused`` with a message naming the disk) and retries the same write when the VM is run
+again (a retry refused again pauses again: another VM may have taken the space first).  Whoever runs
+the VM decides when: after freeing space, or after :meth:`wait_for_space` (``error.needed`` bytes) in
+the VM's own thread; :meth:`when_space`'s callback runs in the thread that freed the space (perhaps
+inside another image's commit), so it should only signal.  Every VM whose writes need new space pauses
+the same way; a VM that only overwrites its own clusters keeps running.
 """
 
 from __future__ import annotations
