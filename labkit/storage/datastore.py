@@ -13,21 +13,41 @@ Space is freed by :meth:`commit` (the overlay is emptied and its file trimmed), 
 a discard that frees the end of a file, and :meth:`set_capacity`; each wakes the writers
 waiting in :meth:`when_space` / :meth:`wait_for_space`.
 
+Several processes share one datastore, as several ESXi hosts share a LUN (VMFS keeps its locks on the
+LUN itself): a VM on the emulator opens its disk in its worker process, through that process's copy
+of the ``Datastore``.  So what all of them must agree on lives in the folder, not in one process's
+memory, in two hidden files that :meth:`Datastore.names` and :meth:`Datastore.used` skip::
+
+    .labkit-datastore        {"capacity": N}  (JSON; replaced atomically: temp file, fsync, rename)
+    .labkit-datastore.lock   empty; flock(2)ed exclusively while a file grows or the capacity changes
+
+Every process reads the capacity from the folder, so :meth:`set_capacity` in the notebook's process
+reaches a VM whose disk grows in a worker, and the lock makes the check-then-grow of :meth:`grow`
+atomic across processes (after a ``fork`` the child opens its own lock: a descriptor inherited from
+the parent would share the parent's lock).  A space freed in another process (or by deleting a file
+by hand) wakes nobody here: :meth:`wait_for_space` also looks again every :data:`POLL_S` seconds.
+
 How a block device pauses its VM on a full datastore (QEMU's ``werror=enospc``, vSphere's
-"no more space for virtual disk"): it catches :class:`DatastoreFull` from ``image.write``,
-keeps the request unanswered (no status, nothing in the used ring), pauses the VM, and calls
-``datastore.when_space(error.needed, resume)``. ``resume`` is called from the thread that freed
-the space, perhaps inside another image's commit, so it only signals the VM's own thread, which
-retries the same write (a retry refused again pauses again: another VM may have taken the space
-first) and, once it succeeds, completes the request and lets the VM run. Every VM whose writes need new space pauses the same way; a VM that only overwrites
-its own clusters keeps running.
+"no more space for virtual disk"; :mod:`labkit.virtio.blk`): it catches :class:`DatastoreFull` from
+``image.write``, keeps the request unanswered (no status, nothing in the used ring), pauses the VM
+(the run ends ``paused`` with a message naming the disk) and retries the same write when the VM is run
+again (a retry refused again pauses again: another VM may have taken the space first).  Whoever runs
+the VM decides when: after freeing space, or after :meth:`wait_for_space` (``error.needed`` bytes) in
+the VM's own thread; :meth:`when_space`'s callback runs in the thread that freed the space (perhaps
+inside another image's commit), so it should only signal.  Every VM whose writes need new space pauses
+the same way; a VM that only overwrites its own clusters keeps running.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import threading
-from typing import Callable
+import time
+import weakref
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from labkit.errors import ConfigError, DatastoreFull, StorageError
 from labkit.storage import chain
@@ -35,6 +55,20 @@ from labkit.storage.hostfile import ImageFile, extend
 from labkit.storage.image import DiskImage
 from labkit.storage.qcow2 import Qcow2Image
 from labkit.storage.raw import RawImage
+
+DESCRIPTOR = ".labkit-datastore"
+"""The datastore's own files start with this name (the capacity, its lock); :meth:`Datastore.used` skips them."""
+POLL_S = 0.05
+"""How often :meth:`Datastore.wait_for_space` looks at the folder again (for space freed by another process)."""
+
+
+def _close_in(pid: int, fd: int) -> None:
+    """Close a datastore's lock descriptor, in the process that opened it only (a fork's number may be reused)."""
+    if os.getpid() == pid:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class Waiter:
@@ -51,28 +85,87 @@ class Waiter:
 
 
 class Datastore:
-    """A folder of images with ``capacity`` bytes (created if missing)."""
+    """A folder of images with ``capacity`` bytes (created if missing), shared by every process that opens it."""
 
-    def __init__(self, path: str | os.PathLike[str], capacity: int):
+    def __init__(self, path: str | os.PathLike[str], capacity: int | None = None):
+        """Make the folder a datastore of ``capacity`` bytes, or open the one there (``capacity=None``)."""
         self.path = os.path.abspath(os.fspath(path))
-        self._check_capacity(capacity)
-        os.makedirs(self.path, exist_ok=True)
-        self._capacity = capacity
+        if capacity is not None:
+            self._check_capacity(capacity)
+            os.makedirs(self.path, exist_ok=True)
+        elif not os.path.exists(self._descriptor):
+            raise ConfigError(f"{self.path} is not a datastore (no {DESCRIPTOR} in it); give a capacity to make one")
+        self._pid = -1
         self._lock = threading.RLock()
+        self._lock_fd = -1
+        self._lock_depth = 0
         self._waiters: list[Waiter] = []
-        self.refusals = 0  # writes refused for want of space (a counter for figures)
+        self.refusals = 0  # writes refused for want of space in this process (a counter for figures)
+        if capacity is not None:
+            self.set_capacity(capacity)
+        else:
+            _ = self.capacity  # a clear error now for a damaged descriptor
+
+    # -- state shared by every process that opens the folder ---------------------------------------
+
+    @property
+    def _descriptor(self) -> str:
+        return os.path.join(self.path, DESCRIPTOR)
+
+    def _own(self) -> None:
+        """Per-process state: a forked child (an emulator worker) gets a fresh thread lock, file lock and waiters."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._lock = threading.RLock()  # the parent's may have been held by a thread the child does not have
+            self._lock_fd = -1  # the parent's descriptor (closed in a worker, or shared with the parent) is not ours
+            self._lock_depth = 0
+            self._waiters = []
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This process's threads one at a time, and then every process's (``flock`` on the lock file)."""
+        self._own()
+        with self._lock:
+            if self._lock_fd < 0:
+                self._lock_fd = os.open(self._descriptor + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                weakref.finalize(self, _close_in, os.getpid(), self._lock_fd)
+            if self._lock_depth == 0:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+                if self._lock_depth == 0:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     # -- space ----------------------------------------------------------------------------------
 
     @property
     def capacity(self) -> int:
-        return self._capacity
+        """The capacity in bytes, as the folder says now (another process may have changed it)."""
+        try:
+            with open(self._descriptor, "rb") as handle:
+                capacity = json.loads(handle.read(4096))["capacity"]
+        except FileNotFoundError:
+            raise StorageError(f"{self.path}: its {DESCRIPTOR} is gone: the folder is no longer a datastore") from None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise StorageError(f"{self._descriptor}: not a datastore descriptor ({error})") from None
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity <= 0:
+            raise StorageError(f"{self._descriptor}: the capacity {capacity!r} is not a positive number of bytes")
+        return capacity
 
     def set_capacity(self, capacity: int) -> None:
-        """Raise (or lower) the capacity; writers waiting for space are woken if it now suffices."""
+        """Raise (or lower) the capacity, for every process using the folder; writers waiting here are woken if it
+        now suffices (a VM paused on it resumes at its next run, on either backend)."""
         self._check_capacity(capacity)
-        with self._lock:
-            self._capacity = capacity
+        with self._locked():
+            temporary = f"{self._descriptor}.{os.getpid()}.tmp"
+            with open(temporary, "w") as handle:
+                json.dump({"capacity": capacity}, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, self._descriptor)
         self._wake()
 
     def used(self) -> int:
@@ -82,7 +175,7 @@ class Datastore:
         with os.scandir(self.path) as entries:
             for entry in entries:
                 try:
-                    if entry.is_file(follow_symlinks=False):
+                    if entry.is_file(follow_symlinks=False) and not entry.name.startswith(DESCRIPTOR):
                         total += entry.stat(follow_symlinks=False).st_size
                 except FileNotFoundError:
                     continue
@@ -91,20 +184,21 @@ class Datastore:
     def free(self) -> int:
         """Bytes a write may still add: what the capacity leaves, at most what the file system has."""
         stat = os.statvfs(self.path)
-        return max(0, min(self._capacity - self.used(), stat.f_bavail * stat.f_frsize))
+        return max(0, min(self.capacity - self.used(), stat.f_bavail * stat.f_frsize))
 
     def grow(self, file: ImageFile, new_length: int) -> None:
         """Extend ``file`` (in this folder) to ``new_length`` if the capacity allows, else raise :class:`DatastoreFull`."""
-        with self._lock:
+        with self._locked():
             extra = new_length - file.length
             used = self.used()
-            if used + extra > self._capacity:
+            capacity = self.capacity
+            if used + extra > capacity:
                 self.refusals += 1
                 raise DatastoreFull(
                     f"datastore {self.path} is full: {os.path.basename(file.path)} needs {extra} more bytes, "
-                    f"{max(0, self._capacity - used)} of its {self._capacity} are free; free space (commit or "
+                    f"{max(0, capacity - used)} of its {capacity} are free; free space (commit or "
                     "delete an overlay, or raise the capacity) and retry", needed=extra,
-                    available=max(0, self._capacity - used), datastore=self)
+                    available=max(0, capacity - used), datastore=self)
             try:
                 extend(file.fd, file.length, new_length, file.path, datastore=self)
             except DatastoreFull:
@@ -122,31 +216,44 @@ class Datastore:
         signal the waiting writer's own thread, not write itself.
         """
         waiter = Waiter(self, needed, callback)
+        self._own()
         with self._lock:
             self._waiters.append(waiter)
         self._wake()
         return waiter
 
     def wait_for_space(self, needed: int, timeout: float | None = None) -> bool:
-        """Block until ``needed`` bytes are free (True) or ``timeout`` seconds pass (False)."""
+        """Block until ``needed`` bytes are free (True) or ``timeout`` seconds pass (False).
+
+        Woken at once by a commit, delete or ``set_capacity`` of this process; space freed elsewhere (another
+        process, a file deleted by hand) is seen within :data:`POLL_S` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         waiter = self.when_space(needed, lambda: None)
-        if waiter.done.wait(timeout):
-            return True
-        waiter.cancel()
-        return waiter.done.is_set()
+        while True:
+            left = POLL_S if deadline is None else min(POLL_S, deadline - time.monotonic())
+            if waiter.done.wait(max(0.0, left)) or self.free() >= needed:
+                waiter.cancel()
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                waiter.cancel()
+                return waiter.done.is_set()
 
     @property
     def waiting(self) -> int:
-        """How many writers wait for space."""
+        """How many writers of this process wait for space."""
+        self._own()
         with self._lock:
             return len(self._waiters)
 
     def _forget(self, waiter: Waiter) -> None:
+        self._own()
         with self._lock:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
 
     def _wake(self) -> None:
+        self._own()
         with self._lock:
             if not self._waiters:
                 return

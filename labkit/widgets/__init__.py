@@ -29,6 +29,7 @@ _EXPORTS = {
     "KvmControls": "labkit.widgets.kvm_controls",
     "AddressWalk": "labkit.widgets.memory",
     "DirtyPages": "labkit.widgets.snapshots",
+    "DatastoreFill": "labkit.widgets.disks",
     "FaultInjection": "labkit.widgets.isolation",
     "BackupRestore": "labkit.widgets.backups",
 }

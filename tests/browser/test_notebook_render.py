@@ -142,8 +142,10 @@ LESSONS = {
         {"dropdown": 2, "toggle": 1}),
     "07-isolation.ipynb": Lesson(("found the secret 0 times", "kernel: 8 tasks run, 6 killed, still running", "so the guest made the host call host_debug_dump"),
         {"select_multiple": 1, "toggle": 1, "slider": 1}),
-    "_09-backups-section.ipynb": Lesson(("3 of 3 backups restore to files that check out",
-                                         "a snapshot is not a backup"), {"dropdown": 1, "toggle": 1}),
+    "09-disks-and-backups.ipynb": Lesson(("3 of 3 VMs read back everything they wrote, 0 acknowledged sectors lost",
+                                          "larger than its 128 KiB base", "3 of 3 backups restore to files that check out",
+                                          "a snapshot is not a backup"),
+                                         {"dropdown": 3, "slider": 1, "toggle": 2}, projector=True),
 }
 """One entry per notebook in notebooks/ (a test requires it)."""
 PROJECTOR = {"width": 853, "height": 480, "device_scale_factor": 1.5}

@@ -41,7 +41,8 @@ get_ipython().events.register("pre_run_cell", _wrap)
 get_ipython().events.register("post_run_cell", _wrap)
 """
 REPORT = f"import json as _json\nprint({MARK!r}, _json.dumps(_seen))"
-LABELS = ("measured on KVM (", "measured on the emulator", "emulator (Unicorn)", "on the emulator (Unicorn", "KVM (kvm_")
+LABELS = ("measured on KVM (", "measured on the emulator", "emulator (Unicorn)", "on the emulator (Unicorn", "KVM (kvm_",
+          "measured on this host (no VM)")  # host work only: notebook 09's chain reads
 # Figures drawn before labkit.viz.style (DECISIONS 48) that do not pass yet, as measured on 2026-11-30;
 # strict: the test fails once one passes, so the entry goes.
 NOT_YET_READABLE = {

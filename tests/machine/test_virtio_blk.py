@@ -104,3 +104,27 @@ def test_a_vm_paused_on_a_full_datastore_moves_to_the_other_backend_and_retries_
         result = moved.run(timeout=60)
     assert (result.status.kind, result.status.code) == (StatusKind.EXITED, 0), result.status
     assert result.console == blk64_console("sequential", 8, 24, 5, capacity=CAPACITY)
+
+
+def test_capacity_raised_after_the_machine_exists_reaches_its_disk_on_every_backend(backend_name, tmp_path):
+    """The emulator opens the disk in its worker process: the capacity lives in the datastore's folder, so a
+    ``set_capacity`` (and a delete) in the caller's process is what the worker's writes are checked against."""
+    store = Datastore(tmp_path / "lun", capacity=64 << 20)
+    store.create_raw("base.raw", DISK)
+    store.create_overlay("vm.qcow2", "base.raw", cluster_size=4096)
+    with open(store.file("filler"), "wb") as filler:
+        filler.write(bytes(64 << 10))
+    store.set_capacity(store.used() + (32 << 10))
+    with Machine("blk64", backend=backend_name, devices=block_devices(lambda: store.open("vm.qcow2"))) as machine:
+        machine.write_memory(PARAMS_ADDRESS, blk64_parameters("sequential", 8, 40, 9))
+        first = machine.run(timeout=60)
+        assert first.status.kind is StatusKind.PAUSED, first.status
+        store.delete("filler")  # 64 KiB freed: the VM gets further, then stops again
+        second = machine.run(timeout=60)
+        assert second.status.kind is StatusKind.PAUSED, second.status
+        assert machine.device_state("virtio-blk")["requests"] > 0
+        store.set_capacity(store.capacity + (1 << 20))  # after the machine (and its worker) exists
+        assert store.wait_for_space(4096, timeout=1)
+        result = machine.run(timeout=60)
+    assert (result.status.kind, result.status.code) == (StatusKind.EXITED, 0), result.status
+    assert result.console == blk64_console("sequential", 8, 40, 9, capacity=CAPACITY)

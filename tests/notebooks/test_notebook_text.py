@@ -86,6 +86,11 @@ CONSTANTS: dict[str, dict[str, str]] = {
               "the model's count is printed by a code cell)",
         "4": "the references of a 4-level walk, and the levels of one",
     },
+    "09-disks-and-backups.ipynb": {
+        "1": "the virtio standard's version (virtio 1.x)",
+        "5.2": "the virtio 1.x section of the block device",
+        "3": "the qcow2 format version labkit writes",
+    },
 }
 """Numbers that are constants of one notebook's guest or machinery, with the reason."""
 

@@ -349,7 +349,7 @@ def check_isolation(run: Execution, backend: str, kvm=None) -> None:
 
 
 def check_backups(run: Execution, backend: str, kvm=None) -> None:
-    """Notebook 09's "Backups" section (notebooks/_09-backups-section.ipynb until the lead splices it in)."""
+    """Notebook 09's "Backups" section."""
     from labkit.kvm.system import kvm_flavour
 
     text = run.text()
@@ -378,6 +378,42 @@ def check_exercises(run: Execution, backend: str) -> None:
     assert text.count(where) == len(graded), f"the exercise verdicts do not say they ran on {backend}"
 
 
+def check_disks(run: Execution, backend: str, kvm=None) -> None:
+    from labkit.kvm.system import kvm_flavour
+
+    text = run.text()
+    assert re.search(r"console is the expected checksum\s+True", text), "blk64 did not read back what it wrote"
+    assert re.search(r"labkit disk check\s+exit status 0", text) and \
+        re.search(r"qemu-img check\s+exit status 0: No errors were found", text), "the overlay does not check clean"
+    assert "Every run's guest read back what it wrote: **True**" in text
+    grown = re.search(r"the delta is \*\*(\d+) KiB, larger than its (\d+) KiB base\*\*", text)
+    assert grown and int(grown[1]) > int(grown[2]), "the sequential delta did not grow past its base"
+    assert re.search(r"\*\*random\*\*: after only \d+ KiB of 512-byte writes the delta is already \*\*\d+ KiB\*\*, "
+                     r"past the base", text), "the random writes' delta did not pass its base"
+    assert "the delta stays at **24 KiB** (1 data cluster)" in text
+    assert "labkit's delta files have the size of QEMU's: **True**" in text, "labkit's deltas differ from QEMU's"
+    times = re.search(r"Through 8 empty overlays a read took \*\*(\d+) times\*\*", text)
+    assert times and int(times[1]) >= 2, "reading through the chain did not cost more than the base"
+    label = "KVM" if backend == "kvm" else "emulator (Unicorn)"
+    panel = re.search(rf"3 VMs, random writes, 256 KiB free on {re.escape(label)}: (\d+) pause\(s\)", text)
+    assert panel and int(panel[1]) >= 1, "the datastore panel's first run did not pause a VM"
+    assert "3 of 3 VMs read back everything they wrote, 0 acknowledged sectors lost, every delta checks clean" in text
+    assert "committed the stopped VM&#x27;s snapshot" in text and "raised the capacity to" in text
+    assert re.search(r"rewrite\s+0\s+none\s+24, 24, 24\s+3 of 3\s+0\s+True", text), "the pattern table is wrong"
+    assert "With rewrite the VMs paused **0 times**" in text
+    assert len(run.images()) >= 3, f"expected the growth, chain and datastore figures, got {len(run.images())}"
+    assert any(cell.cell_type == "markdown" and cell.source.startswith("## Backups") for cell in run.notebook.cells)
+    if backend == "kvm":
+        assert f"measured on KVM ({kvm_flavour()})" in text
+    else:
+        assert "measured on the emulator (Unicorn)" in text and "KVM (" not in text
+
+
+def check_disks_and_backups(run: Execution, backend: str, kvm=None) -> None:
+    check_disks(run, backend, kvm)
+    check_backups(run, backend, kvm)
+
+
 CONTENT_CHECKS = {
     "00-welcome.ipynb": check_welcome,
     "01-protection-rings.ipynb": check_rings,
@@ -388,7 +424,7 @@ CONTENT_CHECKS = {
     "06-memory-virtualization.ipynb": check_memory_virtualization,
     "08-snapshots.ipynb": check_snapshots,
     "07-isolation.ipynb": check_isolation,
-    "_09-backups-section.ipynb": check_backups,
+    "09-disks-and-backups.ipynb": check_disks_and_backups,
 }
 
 

@@ -221,3 +221,43 @@ def test_used_space_counts_a_file_deleted_while_it_is_listed_as_gone(tmp_path):
         stop.set()
         churner.join()
     assert sizes <= {0, 4 * KIB}
+
+
+def test_processes_sharing_a_datastore_see_one_capacity_and_never_overfill_it(tmp_path):
+    """Forked writers (as emulator workers are) grow files in one datastore at once: the capacity set in the
+    parent after the fork is the one they are held to, and together they never pass it (the lock is the folder's)."""
+    store = Datastore(tmp_path / "lun", capacity=MIB)
+    reader, writer = os.pipe()
+    children = []
+    for number in range(3):
+        pid = os.fork()
+        if pid == 0:  # a writer: wait for the go, then grow its file 4 KiB at a time until refused
+            code = 1
+            try:
+                os.close(writer)
+                os.read(reader, 1)
+                from labkit.storage.hostfile import ImageFile
+
+                file = ImageFile(store.file(f"disk{number}"), writable=True, create=True)
+                try:
+                    while True:
+                        store.grow(file, file.length + 4 * KIB)
+                except DatastoreFull:
+                    code = 0
+            finally:
+                os._exit(code)
+        children.append(pid)
+    os.close(reader)
+    store.set_capacity(3 * MIB)  # after the fork: the children read it from the folder
+    os.write(writer, b"go!")
+    os.close(writer)
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+    assert codes == [0, 0, 0]
+    assert store.used() == 3 * MIB  # every 4 KiB step that fit was taken, none past the capacity
+    assert sorted(store.names()) == ["disk0", "disk1", "disk2"]
+    assert Datastore(tmp_path / "lun").capacity == 3 * MIB  # opened again from the folder alone
+
+
+def test_a_folder_without_a_descriptor_is_not_a_datastore(tmp_path):
+    with pytest.raises(ConfigError, match="is not a datastore"):
+        Datastore(tmp_path)
