@@ -57,9 +57,6 @@ def check_apt_packages(copy: Path) -> None:
     assert not missing, f"binder/apt.txt names packages this machine lacks (apt-get install {' '.join(missing)})"
 
 
-@pytest.mark.xfail(strict=True, reason="since notebooks 06-08 landed the heaviest single notebook peaks at about "
-                   "2.0 GB on the emulator (one kernel at a time; 2.44 GB with every kernel alive), over the "
-                   "1.5 GB budget; notebooks 00-05 peaked at 0.99 GB (measured 2026-11-30). Open in issue 14.")
 def test_binder_environment_runs_every_notebook_within_limits(tmp_path, record_property):
     copy = repository_copy(tmp_path / "repo")
     check_apt_packages(copy)
@@ -99,8 +96,23 @@ def test_binder_environment_runs_every_notebook_within_limits(tmp_path, record_p
         check = CONTENT_CHECKS.get(name)
         if check is not None:
             check(run, "emu")
-    peak = report["peak_bytes"]
-    record_property("peak_memory_bytes", peak)
-    print(f"\nBinder environment: peak {peak / 1e9:.2f} GB in {report['processes_at_peak']} kernel and worker "
-          f"processes, {len(names)} notebooks one kernel at a time (limit {LIMIT_BYTES / 1e9:.1f} GB)")
-    assert peak <= LIMIT_BYTES, f"the notebooks' kernels and workers peaked at {peak / 1e9:.2f} GB"
+    peak = report["pss_bytes"]
+    unique, pss_then = report["unique_bytes"], report["pss_bytes_then"]
+    assert None not in unique.values(), "run as root: counting distinct pages needs /proc/PID/pagemap's frame numbers"
+    # Pss divides a page also among processes outside the run (another Python's libpython); a cgroup would charge
+    # it to the container whole.  That difference, measured after each notebook, is added to the peak.
+    outside = max(0, *(unique[name] - pss_then[name] for name in names))
+    charged = peak + outside
+    record_property("peak_pss_bytes", peak)
+    record_property("peak_charged_bytes", charged)
+    record_property("peak_rss_sum_bytes", report["rss_bytes"])
+    print(f"\nBinder environment, {len(names)} notebooks, every kernel kept alive: peak {charged / 1e9:.2f} GB "
+          f"(summed Pss {peak / 1e9:.2f} GB of {report['processes_at_peak']} kernel and worker processes + "
+          f"{outside / 1e6:.0f} MB shared with processes outside; summed VmRSS {report['rss_bytes'] / 1e9:.2f} GB); "
+          f"limit {LIMIT_BYTES / 1e9:.1f} GB")
+    for name in names:
+        own = report["notebooks"][name]
+        print(f"  {name}: own peak {own['pss_bytes'] / 1e6:.0f} MB Pss ({own['rss_bytes'] / 1e6:.0f} MB summed "
+              f"VmRSS); all kernels after it: {unique[name] / 1e6:.0f} MB distinct pages")
+    assert charged <= LIMIT_BYTES, (f"the notebooks' kernels and workers peaked at {charged / 1e9:.2f} GB "
+                                    f"(summed Pss {peak / 1e9:.2f} GB + {outside / 1e6:.0f} MB shared outside)")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
@@ -37,3 +39,18 @@ def test_intercept_fields_are_verified_by_provoking_intercepts(monkeypatch):
         intercepts.find_intercept_fields()
     monkeypatch.setattr(intercepts.S, "find_deep_fields", lambda: real)
     assert intercepts.find_intercept_fields().vm_vmcb == (real.old_exception + 4 + 7) & ~7
+
+
+def test_prepare_leaves_no_scratch_engine_for_a_worker_to_inherit():
+    """The probes' engines live in reference cycles; prepare() collects them before any worker is forked.
+
+    In a fresh process with the cycle collector off (so it cannot happen to run in between), every
+    Unicorn engine the probes made must be gone after prepare(): a worker forked then inherits none.
+    """
+    code = ("import gc, unicorn, labkit.emu\n"
+            "gc.disable()\n"
+            "labkit.emu.prepare()\n"
+            "print(sum(isinstance(o, unicorn.Uc) for o in gc.get_objects()))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0", f"{done.stdout.strip()} scratch engines still alive after prepare()"
