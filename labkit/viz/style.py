@@ -247,6 +247,8 @@ def readability_problems(figure: Figure) -> list[str]:
                 problems.append(f"texts overlap: {first.get_text()!r} and {second.get_text()!r}")
     for ax in figure.get_axes():
         series = {id(patch): container.get_label() for container in ax.containers for patch in container}
+        across = {id(patch): getattr(container, "orientation", "vertical") == "horizontal"
+                  for container in ax.containers for patch in container}
         for patch in ax.patches:
             if not isinstance(patch, Rectangle) or not patch.get_visible() or not patch.get_width() \
                     or not patch.get_height():
@@ -255,7 +257,8 @@ def readability_problems(figure: Figure) -> list[str]:
             if min(box.width, box.height) < MIN_BAR_PX:
                 label = series.get(id(patch), "") or "a bar"
                 label = "a bar" if label.startswith("_") else label
-                problems.append(f"{label} ({patch.get_height():g}) is drawn {min(box.width, box.height):.1f} px "
+                value = patch.get_width() if across.get(id(patch)) else patch.get_height()
+                problems.append(f"{label} ({value:g}) is drawn {min(box.width, box.height):.1f} px "
                                 f"thick: invisible (a log axis or a label beside it helps)")
     for legend in figure.findobj(Legend):
         frame = legend.get_window_extent(renderer)
