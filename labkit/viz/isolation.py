@@ -86,7 +86,7 @@ def status_grid(run: ContainmentRun, columns: int = 4) -> Figure:
         shortest = max([run.timeout] + [r.outcome.ended_s for r in rows]) / 150
         for position, row in enumerate(order):
             o = row.outcome
-            if o.created_s and o.created_s < o.started_s:
+            if o.created_s and o.started_s - o.created_s >= shortest:  # shorter: not drawn, as it could not be seen
                 timeline.barh(position, o.started_s - o.created_s, left=o.created_s, color="#dddddd", height=0.7)
             timeline.barh(position, max(o.ended_s - o.started_s, shortest), left=o.started_s, height=0.7,
                           color=STATUS_COLOURS[o.status])
