@@ -18,15 +18,16 @@ from typing import TYPE_CHECKING
 from labkit.errors import ConfigError
 from labkit.isolation import ContainmentRow, ContainmentRun, MemoryIsolation
 from labkit.viz.labels import label
-from labkit.viz.style import MAX_WIDTH_IN, new_figure, readable_fonts
+from labkit.viz.style import MAX_WIDTH_IN, MIN_FONT_PT, new_figure, readable_fonts
 from labkit.vmm.status import RunResult, StatusKind
 from labkit.x86 import layout
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.axis import Axis
     from matplotlib.figure import Figure
 
-FONT_SIZE = 11
+FONT_SIZE = MIN_FONT_PT
 ROW_IN = 0.34
 """Height of one VM's row (a bar and its 11-pt label) in the timeline and the memory maps."""
 STATUS_COLOURS = {
@@ -104,6 +105,7 @@ def status_grid(run: ContainmentRun, columns: int = 4) -> Figure:
 
 def _address_axis(axes: Axes, top: int, along: str = "y") -> None:
     """Guest-physical addresses from 256 B to ``top`` on a log axis (``along`` the x or the y axis)."""
+    axis: Axis
     if along == "x":
         axis = axes.xaxis
         axes.set_xscale("log", base=2)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from labkit.monitor.shadow import LEVELS, KernelWalk, ShadowedRun, ShadowReport
 from labkit.viz.labels import label
-from labkit.viz.style import MAX_WIDTH_IN, new_figure, readable_fonts
+from labkit.viz.style import MAX_WIDTH_IN, MIN_FONT_PT, new_figure, readable_fonts
 from labkit.vmm.status import RunResult
 from labkit.x86.paging import describe_flags
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-FONT_SIZE = 11
+FONT_SIZE = MIN_FONT_PT
 KIND_COLOURS = {"hidden": "#1f77b4", "true": "#d62728", "pt-write": "#2ca02c"}
 KIND_NAMES = {"hidden": "hidden #PF (monitor fills the shadow)", "true": "true #PF (reflected to the kernel)",
               "pt-write": "page-table store (trapped)"}

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from labkit.errors import ConfigError
 from labkit.monitor.paravirt import CATEGORIES, KERNELS, KernelComparison
 from labkit.viz.labels import label, measured_on, short_label
-from labkit.viz.style import MAX_WIDTH_IN, new_figure, readable_fonts
+from labkit.viz.style import MAX_WIDTH_IN, MIN_FONT_PT, new_figure, readable_fonts
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-FONT_SIZE = 11
+FONT_SIZE = MIN_FONT_PT
 KERNEL_COLOURS = {"native": "#7f7f7f", "trap-and-emulate": "#d62728", "paravirtual": "#2ca02c"}
 PATH_NAMES = {"uart": "UART, byte by byte", "ring": "virtqueue ring"}
 PATH_COLOURS = {"uart": "#d62728", "ring": "#1f77b4"}

@@ -26,7 +26,7 @@ from labkit.errors import ConfigError
 from labkit.snapshot.state import PAGE
 from labkit.table import Table
 from labkit.viz.labels import measured_on
-from labkit.viz.style import MAX_WIDTH_IN, new_figure, readable_fonts
+from labkit.viz.style import MAX_WIDTH_IN, MIN_FONT_PT, new_figure, readable_fonts
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from labkit.migration import Migration
     from labkit.vmm.machine import Machine
 
-FONT_SIZE = 11
+FONT_SIZE = MIN_FONT_PT
 MIB = 1 << 20
 PARAMETERS = 0x80000
 """memtouch64's parameter block (pages, passes, spin), see ``guests/memtouch64.S``."""

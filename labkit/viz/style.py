@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from functools import cache
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -69,7 +69,7 @@ def readable_fonts(size: float = MIN_FONT_PT) -> Iterator[None]:
     import matplotlib
 
     sizes = (size, size + 1, size, size, size, size, size + 2)
-    with matplotlib.rc_context(dict(zip(FONT_SETTINGS, sizes))):
+    with matplotlib.rc_context(cast(Any, dict(zip(FONT_SETTINGS, sizes)))):  # matplotlib types rc keys as literals
         yield
 
 
@@ -80,10 +80,18 @@ def _figure_class() -> type[Figure]:
     from matplotlib.figure import Figure
 
     class LabkitFigure(Figure):
-        """A matplotlib Figure whose draws make new text (tick labels made at draw time) at labkit's sizes."""
+        """A matplotlib Figure whose tick labels are never under :data:`MIN_FONT_PT`: each draw raises a group
+        of tick labels that is smaller (ticks made with matplotlib's 10 pt before anyone set their size) to
+        :data:`TEXT_PT`, and makes new text (tick labels made at draw time) at labkit's sizes."""
 
         def draw(self, renderer: Any) -> None:
             with readable_fonts(TEXT_PT):
+                for ax in self.get_axes():
+                    for axis in (ax.xaxis, ax.yaxis):
+                        for which, ticks in (("major", axis.majorTicks), ("minor", axis.minorTicks)):
+                            if any(float(label.get_fontsize()) < MIN_FONT_PT for tick in ticks
+                                   for label in (tick.label1, tick.label2)):
+                                axis.set_tick_params(which=cast(Any, which), labelsize=TEXT_PT)
                 super().draw(renderer)
 
     return LabkitFigure
@@ -182,7 +190,8 @@ def _tick_label_problems(figure: Figure) -> list[str]:
 def _visible_texts(figure: Figure) -> list[Text]:
     from matplotlib.text import Text
 
-    ticks, drawn = set(), set()
+    ticks: set[int] = set()
+    drawn: set[int] = set()
     for ax in figure.get_axes():
         for axis in (ax.xaxis, ax.yaxis):
             for tick in axis.get_major_ticks() + axis.get_minor_ticks():
@@ -227,7 +236,8 @@ def readability_problems(figure: Figure) -> list[str]:
     # How many ticks an axis has room for depends on the tick label size in matplotlib's settings, so the
     # ticks drawn are found under the settings the figure was drawn with.
     root = figure.get_figure(root=True)
-    with matplotlib.rc_context({key: matplotlib.rcParamsDefault[key] for key in FONT_SETTINGS}), \
+    defaults = cast(Any, matplotlib.rcParamsDefault)
+    with matplotlib.rc_context(cast(Any, {key: defaults[key] for key in FONT_SETTINGS})), \
             (readable_fonts(TEXT_PT) if isinstance(root, _figure_class()) else nullcontext()):
         renderer = renderer_of(figure)
         problems += _tick_label_problems(figure)

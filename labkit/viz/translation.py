@@ -21,13 +21,13 @@ from labkit.errors import ConfigError
 from labkit.monitor.binary_translation import TranslationSummary
 from labkit.monitor.trap_emulate import TrapEmulateReport
 from labkit.viz.labels import label
-from labkit.viz.style import MAX_WIDTH_IN, new_figure
+from labkit.viz.style import MAX_WIDTH_IN, TEXT_PT, new_figure
 from labkit.vmm.status import RunResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-FONT = 12
+FONT = TEXT_PT
 TECHNIQUE_COLOURS = {"trap-and-emulate": "#d62728", "binary translation": "#1f77b4"}
 
 KINDS = ("emulated instructions", "block exits", "indirect branches", "traps (untranslated)",
