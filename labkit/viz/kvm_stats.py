@@ -19,14 +19,14 @@ here invents numbers for it.
 from __future__ import annotations
 
 import textwrap
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, cast
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from labkit.errors import ConfigError
 from labkit.table import Table
 from labkit.trace import LABKIT_EVENTS
 from labkit.exits import reason_name
+from labkit.viz.style import MAX_WIDTH_IN, new_figure, readable_fonts
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -35,12 +35,6 @@ if TYPE_CHECKING:
     from labkit.kvm.controls import KvmExitControls
     from labkit.kvm.stats import KvmRunStats
     from labkit.vmm.status import RunResult
-
-DPI = 150
-FONT_PT = 12
-STYLE = {"font.size": FONT_PT, "axes.titlesize": FONT_PT + 1, "axes.labelsize": FONT_PT,
-         "xtick.labelsize": 11, "ytick.labelsize": 11, "legend.fontsize": 11, "figure.titlesize": FONT_PT + 2}
-"""Readable at 1280x720 and 150 % zoom: every text at least 11 pt, figures at 150 dpi."""
 
 USERSPACE_COLOUR = "#1f77b4"
 KERNEL_COLOUR = "#ff7f0e"
@@ -93,20 +87,6 @@ EXIT_MIX_CODE = bytes.fromhex(
 EXIT_MIX_MESSAGE = "exit controls: the same guest, the same output\n"
 
 
-@contextmanager
-def _style() -> Iterator[None]:
-    import matplotlib
-
-    with matplotlib.rc_context(cast(Any, STYLE)):  # matplotlib types rc keys as literals
-        yield
-
-
-def _figure(width: float, height: float) -> Figure:
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-
-
 def _stats_of(result: RunResult) -> KvmRunStats:
     if result.kvm_stats is None:
         raise ConfigError(kvm_absent_reason(result.backend))
@@ -157,8 +137,8 @@ def kernel_vs_userspace(result: RunResult, title: str = "") -> Figure:
 
     stats = _stats_of(result)
     rows = [row for row in stats.rows() if row.userspace or row.kernel]
-    with _style():
-        figure = _figure(7.6, 0.55 * max(len(rows), 3) + 1.6)
+    with readable_fonts():
+        figure = new_figure(7.6, 0.55 * max(len(rows), 3) + 1.6)
         ax = figure.add_subplot()
         labels = [f"{row.what}\n({row.counter or 'no vCPU stat'})" for row in rows]
         positions = range(len(rows))
@@ -208,8 +188,8 @@ def exit_latency(result: RunResult, title: str = "") -> Figure:
 
     latencies = exit_latencies(_stats_result(result))
     reasons = sorted(latencies, key=lambda reason: -len(latencies[reason]))
-    with _style():
-        figure = _figure(7.6, 1.5 * max(len(reasons), 1) + 1.4)
+    with readable_fonts():
+        figure = new_figure(7.6, 1.5 * max(len(reasons), 1) + 1.4)
         axes = figure.subplots(max(len(reasons), 1), 1, sharex=True, squeeze=False)[:, 0]
         values = [value for reason in reasons for value in latencies[reason]]
         low, high = (min(values), max(values)) if values else (1.0, 10.0)
@@ -408,9 +388,12 @@ def control_effects(effects: Sequence[ControlEffect], title: str = "") -> Figure
     if not effects:
         raise ConfigError("control_effects needs at least one ControlEffect")
     flavour = effects[0].after.stats.flavour
-    with _style():
-        figure = _figure(3.3 * min(len(effects), 4), 4.6)
-        axes = figure.subplots(1, len(effects), squeeze=False, sharey=True)[0]
+    columns = min(len(effects), 2)
+    lines = -(-len(effects) // columns)
+    with readable_fonts():
+        figure = new_figure(MAX_WIDTH_IN if columns > 1 else 5.0, 3.9 * lines + 1.6)
+        grid = figure.subplots(lines, columns, squeeze=False, sharey=True)
+        axes = [ax for line in grid for ax in line]
         keys = ("userspace exits", "KVM exits (stat)", "delivered from the kernel")
         colours = (USERSPACE_COLOUR, KERNEL_COLOUR, DELIVERED_COLOUR)
         width = 0.26
@@ -422,11 +405,17 @@ def control_effects(effects: Sequence[ControlEffect], title: str = "") -> Figure
                               label=key)
                 ax.bar_label(bars, padding=2, fontsize=11)
             ax.set_xticks([0, 1], ["without", "with"])
-            ax.set_title(textwrap.fill(effect.title, 22))
+            ax.set_title(textwrap.fill(effect.title, 30))
             ax.margins(y=0.18)
-        axes[0].set_ylabel("count over the run")
-        axes[0].legend(loc="upper left", fontsize=11)
-        figure.suptitle(title or f"The same guest without and with each exit control, measured on KVM ({flavour})")
+        for ax in axes[len(effects):]:
+            ax.set_visible(False)  # an odd number of controls leaves one cell of the grid empty
+        for line in grid:
+            line[0].set_ylabel("count over the run")
+        # The legend goes below the panels, where it hides no bar's count.
+        figure.legend(handles=axes[0].get_legend_handles_labels()[0], loc="outside lower center",
+                      ncol=3 if columns > 1 else 1, fontsize=11, frameon=False)
+        figure.suptitle(title or (textwrap.fill("The same guest without and with each exit control,", 40)
+                                  + f"\nmeasured on KVM ({flavour})"))
     return figure
 
 

@@ -5,7 +5,8 @@
     >>> console_paths([measure_console(4, "uart"), measure_console(4, "ring"), ...])
 
 Every figure says what measured it (KVM and its flavour, or the emulator) and
-is drawn at 150 dpi with 11-point text or larger, readable on a projector.
+follows :mod:`labkit.viz.style` (8 in wide at most, 150 dpi, 11-point text or
+larger): each figure's two panels are stacked, readable on a projector.
 """
 
 from __future__ import annotations
@@ -15,28 +16,25 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from labkit.errors import ConfigError
 from labkit.monitor.paravirt import CATEGORIES, KERNELS, KernelComparison
-from labkit.viz.style import readable_fonts as _readable
 from labkit.viz.labels import label, measured_on, short_label
+from labkit.viz.style import MAX_WIDTH_IN, MIN_FONT_PT, new_figure, readable_fonts
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-DPI = 150
-FONT_SIZE = 11
+FONT_SIZE = MIN_FONT_PT
 KERNEL_COLOURS = {"native": "#7f7f7f", "trap-and-emulate": "#d62728", "paravirtual": "#2ca02c"}
 PATH_NAMES = {"uart": "UART, byte by byte", "ring": "virtqueue ring"}
 PATH_COLOURS = {"uart": "#d62728", "ring": "#1f77b4"}
 BACKEND_STYLES = {"kvm": "-", "emu": "--"}
-
-
+SLOT_IN = 0.8
+"""Height of one category's group of bars: three bars whose count labels (11 pt) do not touch."""
 
 
 def kernel_entries(comparisons: Mapping[str, KernelComparison]) -> Figure:
-    """Left: hypervisor entries by kind for the three kernels (one backend's counts; a note says whether
-    every backend counted the same).  Right: host time of each kernel's run per backend.  ``comparisons``
+    """Top: hypervisor entries by kind for the three kernels (one backend's counts; a note says whether
+    every backend counted the same).  Below: host time of each kernel's run per backend.  ``comparisons``
     maps a backend name to :func:`labkit.monitor.paravirt.compare_kernels` on it."""
-    from matplotlib.figure import Figure
-
     if not comparisons:
         raise ConfigError("kernel_entries needs at least one backend's comparison")
     first = next(iter(comparisons.values()))
@@ -44,18 +42,19 @@ def kernel_entries(comparisons: Mapping[str, KernelComparison]) -> Figure:
     same = all({k: c.runs[k].entries for k in kernels} == {k: first.runs[k].entries for k in kernels}
                for c in comparisons.values())
     categories = [name for name in CATEGORIES if any(first.runs[k].by_category()[name] for k in kernels)]
-    with _readable():
-        figure = Figure(figsize=(12, 5.6), dpi=DPI, layout="constrained")
-        left, right = figure.subplots(1, 2, width_ratios=(1.5, 1.0))
+    entries_in = SLOT_IN * len(categories) + 1.0
+    with readable_fonts(FONT_SIZE):
+        figure = new_figure(MAX_WIDTH_IN, entries_in + 4.4)
+        left, right = figure.subplots(2, 1, height_ratios=(entries_in, 2.6))
         height = 0.8 / len(kernels)
         for index, kernel in enumerate(kernels):
             counts = first.runs[kernel].by_category()
             values = [counts[name] for name in categories]
             positions = [c + (index - (len(kernels) - 1) / 2) * height for c in range(len(categories))]
             bars = left.barh(positions, [v if v else float("nan") for v in values], height,
-                             label=f"{kernel}: {first.runs[kernel].total} entries", color=KERNEL_COLOURS[kernel])
+                             label=f"{kernel}:\n{first.runs[kernel].total} entries", color=KERNEL_COLOURS[kernel])
             left.bar_label(bars, labels=[str(v) if v else "" for v in values], padding=3, fontsize=FONT_SIZE)
-        left.set_yticks(range(len(categories)), [textwrap.fill(name, 16) for name in categories])
+        left.set_yticks(range(len(categories)), [textwrap.fill(name, 20) for name in categories])
         left.invert_yaxis()
         left.set_xscale("log")
         largest = max(max(first.runs[k].by_category().values()) for k in kernels)
@@ -80,16 +79,16 @@ def kernel_entries(comparisons: Mapping[str, KernelComparison]) -> Figure:
         right.set_title("Time of each kernel's run")
         figure.legend(loc="outside lower center", ncol=len(kernels))
         measured = "; ".join(dict.fromkeys(label(c.runs[kernels[0]].result) for c in comparisons.values()))
-        figure.suptitle(f"Native, trap-and-emulate and paravirtual kernels, same routines\n{measured}")
+        figure.suptitle("Native, trap-and-emulate and paravirtual kernels, same routines\n"
+                        + textwrap.fill(measured, 80))
     return figure
 
 
 def console_paths(measurements: Sequence[Any], *, flavour: str | None = None) -> Figure:
-    """Exits per KiB (left) and host time per KiB (right) against the amount written, for the byte-wise
+    """Exits per KiB (top) and host time per KiB (below) against the amount written, for the byte-wise
     UART and the virtqueue ring, one line per path and backend.  ``measurements`` are
     :class:`labkit.virtio.ConsoleMeasurement` objects (fields ``path``, ``kib``, ``exits``,
     ``host_seconds``, ``backend``, ``batch``); ``flavour`` names the KVM module that measured the KVM ones."""
-    from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
 
     if not measurements:
@@ -98,9 +97,9 @@ def console_paths(measurements: Sequence[Any], *, flavour: str | None = None) ->
     for measurement in measurements:
         series.setdefault((measurement.backend, measurement.path), []).append(measurement)
     batches = sorted({m.batch for m in measurements if m.path == "ring"})
-    with _readable():
-        figure = Figure(figsize=(12, 5.0), dpi=DPI, layout="constrained")
-        left, right = figure.subplots(1, 2)
+    with readable_fonts(FONT_SIZE):
+        figure = new_figure(MAX_WIDTH_IN, 9.0)
+        left, right = figure.subplots(2, 1)
         for (backend, path), points in sorted(series.items()):
             points = sorted(points, key=lambda m: m.kib)
             kib = [m.kib for m in points]
@@ -125,12 +124,12 @@ def console_paths(measurements: Sequence[Any], *, flavour: str | None = None) ->
         left.set_title("Exits per KiB" + (" (equal on every backend: lines coincide)" if same else ""))
         right.set_ylabel("host time per KiB (µs, log)")
         right.set_title("Host time per KiB")
-        left.legend(loc="center right", fontsize=FONT_SIZE)
+        figure.legend(handles=left.get_lines(), loc="outside lower center", ncol=2, fontsize=FONT_SIZE)
         measured = "; ".join(dict.fromkeys(measured_on(m.backend, flavour if m.backend == "kvm" else None)
                                            for m in measurements))
         batch = f"ring batch: {', '.join(map(str, batches))} buffer(s) per notification" if batches else ""
-        figure.suptitle(f"Console output: UART port exits against one virtqueue notification per batch\n"
-                        f"{batch}; {measured}")
+        figure.suptitle("Console output: UART port exits against one virtqueue notification per batch\n"
+                        + textwrap.fill(f"{batch}; {measured}", 80))
     return figure
 
 

@@ -9,13 +9,15 @@ The measurements run real machines (this module sits above ``labkit.vmm`` and
 ``labkit.migration``): :func:`dirty_page_map` runs a guest in slices and takes a diff
 snapshot after each, :func:`snapshot_costs` times full snapshots, diffs and restores at
 several RAM sizes.  Every figure says what measured it (from the snapshots' and runs' own
-origin), is drawn at 150 dpi with 11-point text, and marks an extrapolated value as such.
+origin), follows :mod:`labkit.viz.style` (8 in wide at most, 150 dpi, 11-point text), and marks an
+extrapolated value as such.
 """
 
 from __future__ import annotations
 
 import statistics
 import struct
+import textwrap
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -23,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from labkit.errors import ConfigError
 from labkit.snapshot.state import PAGE
 from labkit.table import Table
-from labkit.viz.style import readable_fonts as _readable
 from labkit.viz.labels import measured_on
+from labkit.viz.style import MAX_WIDTH_IN, MIN_FONT_PT, new_figure, readable_fonts
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -32,8 +34,7 @@ if TYPE_CHECKING:
     from labkit.migration import Migration
     from labkit.vmm.machine import Machine
 
-DPI = 150
-FONT_SIZE = 11
+FONT_SIZE = MIN_FONT_PT
 MIB = 1 << 20
 PARAMETERS = 0x80000
 """memtouch64's parameter block (pages, passes, spin), see ``guests/memtouch64.S``."""
@@ -261,19 +262,21 @@ def extrapolate(costs: Sequence[SnapshotCost], memory: int = 1 << 30, field: str
 
 # --- figures ------------------------------------------------------------------------------------------
 
+MAPS_SIDE_BY_SIDE = 2
+""":func:`dirty_heatmap` draws at most this many maps next to each other in 8 inches."""
 
 
 def dirty_heatmap(maps: Sequence[DirtyPageMap], rows: int = 128) -> Figure:
-    """Pages x time for each map side by side: the share of each band of pages written in each slice,
-    and below it the number of pages per slice."""
+    """Pages x time for each map side by side (one or two): the share of each band of pages written in
+    each slice, and below it the number of pages per slice."""
     from matplotlib.colors import LinearSegmentedColormap
-    from matplotlib.figure import Figure
 
-    if not maps:
-        raise ConfigError("dirty_heatmap needs at least one DirtyPageMap")
+    if not 1 <= len(maps) <= MAPS_SIDE_BY_SIDE:
+        raise ConfigError(f"dirty_heatmap draws 1 to {MAPS_SIDE_BY_SIDE} DirtyPageMaps side by side, "
+                          f"not {len(maps)}")
     colours = LinearSegmentedColormap.from_list("dirty", ["#ffffff", "#fdae61", "#d7191c", "#67001f"])
-    with _readable():
-        figure = Figure(figsize=(6.2 * len(maps), 6.8), dpi=DPI, layout="constrained")
+    with readable_fonts(FONT_SIZE):
+        figure = new_figure(MAX_WIDTH_IN, 7.2)
         grid = figure.subplots(2, len(maps), height_ratios=(3, 1), squeeze=False, sharex="col")
         image = None
         for column, dirty in enumerate(maps):
@@ -285,37 +288,36 @@ def dirty_heatmap(maps: Sequence[DirtyPageMap], rows: int = 128) -> Figure:
             image = top.pcolormesh(edges, [i * per_row * PAGE / MIB for i in range(len(matrix) + 1)], matrix,
                                    cmap=colours, vmin=0, vmax=1, shading="flat")
             top.set_ylim(0, extent_mib)
-            top.set_ylabel("guest-physical address (MiB)")
-            top.set_title(f"{dirty.workload.label}\n{dirty.memory // MIB} MiB RAM, {dirty.touched} distinct "
-                          f"pages written", fontsize=FONT_SIZE)
+            top.set_title(f"{textwrap.fill(dirty.workload.label, 24)}\n{dirty.memory // MIB} MiB RAM,\n"
+                          f"{dirty.touched} distinct pages written", fontsize=FONT_SIZE)
             bottom.bar(edges[:-1], dirty.counts, width=[b - a for a, b in zip(edges, edges[1:])], align="edge",
                        color="#d7191c")
             bottom.set_xlabel("guest run time (ms)")
-            bottom.set_ylabel("pages / slice")
+            if column == 0:
+                top.set_ylabel("guest-physical address (MiB)")
+                bottom.set_ylabel("pages / slice")
             bottom.set_ylim(0, max(max(dirty.counts, default=0) * 1.15, 1))
         if image is not None:
             figure.colorbar(image, ax=[grid[0][c] for c in range(len(maps))], label="share of pages written",
                             shrink=0.9)
         origins = sorted({dirty.label for dirty in maps})
         figure.suptitle(f"Dirty pages per slice (a {maps[0].slice_s * 1e3:g} ms run budget, then a diff snapshot)\n"
-                        f"{'; '.join(origins)}")
+                        + textwrap.fill("; ".join(origins), 80))
     return figure
 
 
 def snapshot_cost_figure(costs: Mapping[str, Sequence[SnapshotCost]], extrapolate_to: int = 1 << 30,
                          claim_s: float = 1.0) -> Figure:
-    """Left: seconds for a full snapshot, its restore and a diff against RAM size, per backend, with the
+    """Top: seconds for a full snapshot, its restore and a diff against RAM size, per backend, with the
     full snapshot's straight-line extrapolation to ``extrapolate_to`` drawn dashed and labelled as such,
-    and the FAQ's "within seconds" as a line at ``claim_s``.  Right: file sizes, full against diff."""
-    from matplotlib.figure import Figure
-
+    and the FAQ's "within seconds" as a line at ``claim_s``.  Below: file sizes, full against diff."""
     measured = {backend: list(rows) for backend, rows in costs.items() if rows}
     if not measured:
         raise ConfigError("snapshot_cost_figure needs at least one backend's measurements")
     styles = {"kvm": ("#1f77b4", "o"), "emu": ("#ff7f0e", "s")}
-    with _readable():
-        figure = Figure(figsize=(12, 6.4), dpi=DPI, layout="constrained")
-        times, sizes = figure.subplots(1, 2)
+    with readable_fonts(FONT_SIZE):
+        figure = new_figure(MAX_WIDTH_IN, 11.0)
+        times, sizes = figure.subplots(2, 1, height_ratios=(1.25, 1.0))
         for backend, rows in measured.items():
             colour, marker = styles.get(backend, ("#2ca02c", "^"))
             name = "KVM" if backend == "kvm" else "emulator" if backend == "emu" else backend
@@ -349,25 +351,23 @@ def snapshot_cost_figure(costs: Mapping[str, Sequence[SnapshotCost]], extrapolat
         times.set_ylim(low, high * 6)
         times.set_ylabel("seconds (log)")
         times.set_title("Time (dashed: extrapolated, not measured)", fontsize=FONT_SIZE)
-        times.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=FONT_SIZE)
+        times.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=FONT_SIZE)
         sizes.set_ylabel("file size (MiB, log)")
         sizes.set_title("Size of the snapshot file: full against diff", fontsize=FONT_SIZE)
-        sizes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+        sizes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
         origins = sorted({row.label for rows in measured.values() for row in rows})
-        figure.suptitle("Snapshot cost against RAM size\n" + "; ".join(origins))
+        figure.suptitle("Snapshot cost against RAM size\n" + textwrap.fill("; ".join(origins), 80))
     return figure
 
 
 def migration_rounds(migrations: Mapping[str, Migration], origins: Mapping[str, str]) -> Figure:
     """Pages copied per pre-copy round and in the stop-and-copy, one panel per migration (named by the
-    mapping's keys); ``origins`` maps each key to what measured the source's run (``measured_on``)."""
-    from matplotlib.figure import Figure
-
+    mapping's keys, stacked); ``origins`` maps each key to what measured the source's run (``measured_on``)."""
     if not migrations:
         raise ConfigError("migration_rounds needs at least one migration")
-    with _readable():
-        figure = Figure(figsize=(6.2 * len(migrations), 5.4), dpi=DPI, layout="constrained")
-        axes = figure.subplots(1, len(migrations), squeeze=False)[0]
+    with readable_fonts(FONT_SIZE):
+        figure = new_figure(MAX_WIDTH_IN, 4.4 * len(migrations) + 0.8)
+        axes = figure.subplots(len(migrations), 1, squeeze=False)[:, 0]
         for axis, (name, migration) in zip(axes, migrations.items()):
             labels = [str(r.index) for r in migration.rounds] + ["stop"]
             values = [r.pages for r in migration.rounds] + [migration.stop_copy_pages]
@@ -381,8 +381,8 @@ def migration_rounds(migrations: Mapping[str, Migration], origins: Mapping[str, 
                 "finished on the source" if migration.finished_on_source else "did not converge")
             axis.set_title(f"{name}: {migration.source} -> {migration.destination}, {verdict}\n"
                            f"downtime {migration.downtime_measured_s * 1e3:.1f} ms measured + "
-                           f"{migration.downtime_link_s * 1e3:.1f} ms modelled link\n{origins.get(name, '')}",
-                           fontsize=FONT_SIZE)
+                           f"{migration.downtime_link_s * 1e3:.1f} ms modelled link\n"
+                           + textwrap.fill(origins.get(name, ""), 80), fontsize=FONT_SIZE)
         bandwidths = sorted({m.bandwidth for m in migrations.values()})
         figure.suptitle("Pre-copy live migration: pages per round (link modelled at "
                         + ", ".join(f"{b / 1e6:g} MB/s" for b in bandwidths) + ")")

@@ -14,19 +14,29 @@ so the scaled-down image stays sharp.
     >>> readability_problems(figure)                 # [] when nothing is too small, too wide or overlapping
     []
 
+Every labkit figure is made by :func:`new_figure` (or :func:`new_axes`), and
+such a figure draws itself inside :func:`readable_fonts`: text matplotlib makes
+while drawing (a log axis's minor tick labels, ticks added when the layout
+changes) takes labkit's sizes instead of matplotlib's default 10 pt, whether or
+not the figure's code remembered ``tick_params(which="both", ...)``.
+
 :func:`readability_problems` draws the figure and reports text below the
-minimum size, text that overlaps other text (piled-up labels, a legend over a
-bar's label) and a figure too wide for the projector; the figure tests call it
-for every figure labkit draws.
+minimum size, tick labels that would be drawn below it (even those empty now:
+a log axis labels its minor ticks only when its data spans less than a decade),
+text that overlaps other text (piled-up labels, a legend over a bar's label),
+bars too thin to see, and a figure too wide for the projector; the figure tests
+call it for every figure labkit draws.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from contextlib import contextmanager, nullcontext
+from functools import cache
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.axis import Axis, Tick
     from matplotlib.backends.backend_agg import RendererAgg
     from matplotlib.figure import Figure, SubFigure
     from matplotlib.text import Text
@@ -47,29 +57,58 @@ OVERLAP_TOLERANCE_PX = 1.0
 """Boxes of two texts may touch by this much (glyph boxes include some empty space)."""
 
 
+FONT_SETTINGS = ("font.size", "axes.titlesize", "axes.labelsize", "xtick.labelsize", "ytick.labelsize",
+                 "legend.fontsize", "figure.titlesize")
+"""The matplotlib settings :func:`readable_fonts` sets (and :func:`readability_problems` resets to
+matplotlib's defaults, as a notebook draws a figure outside any ``rc_context`` its code used)."""
+
+
 @contextmanager
 def readable_fonts(size: float = MIN_FONT_PT) -> Iterator[None]:
     """matplotlib settings for figures drawn inside: every text at least ``size`` pt, titles a little larger."""
     import matplotlib
 
-    with matplotlib.rc_context({"font.size": size, "axes.titlesize": size + 1, "axes.labelsize": size,
-                                "xtick.labelsize": size, "ytick.labelsize": size, "legend.fontsize": size,
-                                "figure.titlesize": size + 2}):
+    sizes = (size, size + 1, size, size, size, size, size + 2)
+    with matplotlib.rc_context(cast(Any, dict(zip(FONT_SETTINGS, sizes)))):  # matplotlib types rc keys as literals
         yield
+
+
+@cache
+def _figure_class() -> type[Figure]:
+    """The Figure every labkit figure is: it draws inside :func:`readable_fonts`.  Made on first use, so
+    that ``import labkit.viz`` does not import matplotlib."""
+    from matplotlib.figure import Figure
+
+    class LabkitFigure(Figure):
+        """A matplotlib Figure whose tick labels are never under :data:`MIN_FONT_PT`: each draw raises a group
+        of tick labels that is smaller (ticks made with matplotlib's 10 pt before anyone set their size) to
+        :data:`TEXT_PT`, and makes new text (tick labels made at draw time) at labkit's sizes."""
+
+        def draw(self, renderer: Any) -> None:
+            with readable_fonts(TEXT_PT):
+                for ax in self.get_axes():
+                    for axis in (ax.xaxis, ax.yaxis):
+                        for which, ticks in (("major", axis.majorTicks), ("minor", axis.minorTicks)):
+                            if any(float(label.get_fontsize()) < MIN_FONT_PT for tick in ticks
+                                   for label in (tick.label1, tick.label2)):
+                                axis.set_tick_params(which=cast(Any, which), labelsize=TEXT_PT)
+                super().draw(renderer)
+
+    return LabkitFigure
 
 
 def new_figure(width_in: float, height_in: float) -> Figure:
     """An empty labkit figure: ``width_in`` x ``height_in`` inches at :data:`DPI`, constrained layout.
 
-    Made without pyplot, so no global figure state is kept.  A width above
+    Made without pyplot, so no global figure state is kept.  The figure draws
+    itself inside :func:`readable_fonts`, so tick labels matplotlib makes at
+    draw time are :data:`TEXT_PT`, never its default 10 pt.  A width above
     :data:`MAX_WIDTH_IN` is a programming error (the figure would be scaled
     down in a notebook): it raises ValueError.
     """
-    from matplotlib.figure import Figure
-
     if width_in > MAX_WIDTH_IN:
         raise ValueError(f"a labkit figure is at most {MAX_WIDTH_IN} in wide, not {width_in}")
-    return Figure(figsize=(width_in, height_in), dpi=DPI, layout="constrained")
+    return _figure_class()(figsize=(width_in, height_in), dpi=DPI, layout="constrained")
 
 
 def new_axes(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure | SubFigure, Axes]:
@@ -108,26 +147,62 @@ def renderer_of(figure: Figure | SubFigure) -> RendererAgg:
     return canvas.get_renderer()
 
 
-def _undrawn_tick_labels(figure: Figure) -> set[int]:
-    """Tick labels matplotlib keeps but does not draw: their tick lies outside the axis's view."""
-    undrawn: set[int] = set()
+def _drawn_ticks(axis: Axis, major: bool) -> list[Tick]:
+    """The major or minor ticks of ``axis`` its last draw drew: one per locator position inside the view
+    (matplotlib keeps more Tick objects than it draws, with stale positions and texts)."""
+    from matplotlib.ticker import NullLocator
+
+    if isinstance(axis.get_major_locator() if major else axis.get_minor_locator(), NullLocator):
+        return []
+    locations = axis.get_majorticklocs() if major else axis.get_minorticklocs()
+    ticks = axis.get_major_ticks(len(locations)) if major else axis.get_minor_ticks(len(locations))
+    low, high = sorted(axis.get_view_interval())
+    span = (high - low) * 1e-9
+    return [tick for tick in ticks if low - span <= tick.get_loc() <= high + span]
+
+
+def _tick_label_problems(figure: Figure) -> list[str]:
+    """Tick labels drawn below :data:`MIN_FONT_PT`, one sentence per axis and kind of tick, counting labels
+    empty now: whether a log axis labels its minor ticks depends on the data (it does when the data spans
+    less than a decade), so a figure whose minor labels are 10 pt would fail on the next run's numbers."""
+    from matplotlib.ticker import NullFormatter
+
+    problems = []
     for ax in figure.get_axes():
-        for axis in (ax.xaxis, ax.yaxis):
-            low, high = sorted(axis.get_view_interval())
-            span = (high - low) * 1e-9
-            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
-                if not low - span <= tick.get_loc() <= high + span:
-                    undrawn.update((id(tick.label1), id(tick.label2)))
-    return undrawn
+        if not ax.get_visible() or not ax.axison:
+            continue
+        for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+            if not axis.get_visible():
+                continue
+            for major in (True, False):
+                if isinstance(axis.get_major_formatter() if major else axis.get_minor_formatter(), NullFormatter):
+                    continue  # never labelled
+                sizes = [float(label.get_fontsize()) for tick in _drawn_ticks(axis, major)
+                         for label in (tick.label1, tick.label2) if label.get_visible()]
+                if sizes and min(sizes) < MIN_FONT_PT:
+                    title = f" of {ax.get_title()!r}" if ax.get_title() else ""
+                    problems.append(f"the {name} axis{title} draws its {'major' if major else 'minor'} tick "
+                                    f"labels at {min(sizes):g} pt (at least {MIN_FONT_PT:g} pt; "
+                                    "tick_params(which='both', labelsize=...) or labkit.viz.style.new_figure)")
+    return problems
 
 
 def _visible_texts(figure: Figure) -> list[Text]:
     from matplotlib.text import Text
 
-    undrawn = _undrawn_tick_labels(figure)
+    ticks: set[int] = set()
+    drawn: set[int] = set()
+    for ax in figure.get_axes():
+        for axis in (ax.xaxis, ax.yaxis):
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                ticks.update((id(tick.label1), id(tick.label2)))
+            for major in (True, False):
+                for tick in _drawn_ticks(axis, major):
+                    drawn.update((id(tick.label1), id(tick.label2)))
     texts = []
     for artist in figure.findobj(Text):
-        if not artist.get_visible() or not artist.get_text().strip() or id(artist) in undrawn:
+        if not artist.get_visible() or not artist.get_text().strip() or (id(artist) in ticks
+                                                                         and id(artist) not in drawn):
             continue
         axes = artist.axes
         if axes is not None and not axes.get_visible():
@@ -143,8 +218,12 @@ def readability_problems(figure: Figure) -> list[str]:
     (:data:`DPI`), every visible text's size (:data:`MIN_FONT_PT`), that no
     two texts overlap, nor a legend and a text outside it, and that no bar or
     stacked segment with a value is too thin to see (:data:`MIN_BAR_PX`), after
-    the figure is drawn with its layout.
+    the figure is drawn with its layout.  It is drawn with matplotlib's default
+    font settings, as a notebook draws it (outside any ``rc_context`` the
+    figure's code used), and the tick labels that draw made are checked, the
+    empty ones too (:func:`_tick_label_problems`).
     """
+    import matplotlib
     from matplotlib.legend import Legend
     from matplotlib.patches import Rectangle
 
@@ -154,11 +233,20 @@ def readability_problems(figure: Figure) -> list[str]:
         problems.append(f"figure is {width:.1f} in wide (at most {MAX_WIDTH_IN} in)")
     if figure.dpi < DPI:
         problems.append(f"figure is drawn at {figure.dpi:g} dpi (at least {DPI})")
-    renderer = renderer_of(figure)
-    texts = _visible_texts(figure)
+    # How many ticks an axis has room for depends on the tick label size in matplotlib's settings, so the
+    # ticks drawn are found under the settings the figure was drawn with.
+    root = figure.get_figure(root=True)
+    defaults = cast(Any, matplotlib.rcParamsDefault)
+    with matplotlib.rc_context(cast(Any, {key: defaults[key] for key in FONT_SETTINGS})), \
+            (readable_fonts(TEXT_PT) if isinstance(root, _figure_class()) else nullcontext()):
+        renderer = renderer_of(figure)
+        problems += _tick_label_problems(figure)
+        texts = _visible_texts(figure)
+    tick_labels = {id(label) for ax in figure.get_axes() for axis in (ax.xaxis, ax.yaxis)
+                   for tick in axis.get_major_ticks() + axis.get_minor_ticks() for label in (tick.label1, tick.label2)}
     for text in texts:
         size = float(text.get_fontsize())
-        if size < MIN_FONT_PT:
+        if size < MIN_FONT_PT and id(text) not in tick_labels:  # tick labels: _tick_label_problems
             problems.append(f"text {text.get_text()!r} is {size:g} pt (at least {MIN_FONT_PT:g} pt)")
     boxes = [(text, text.get_window_extent(renderer).expanded(1.0, 1.0)) for text in texts]
     for index, (first, box) in enumerate(boxes):
@@ -169,6 +257,8 @@ def readability_problems(figure: Figure) -> list[str]:
                 problems.append(f"texts overlap: {first.get_text()!r} and {second.get_text()!r}")
     for ax in figure.get_axes():
         series = {id(patch): container.get_label() for container in ax.containers for patch in container}
+        across = {id(patch): getattr(container, "orientation", "vertical") == "horizontal"
+                  for container in ax.containers for patch in container}
         for patch in ax.patches:
             if not isinstance(patch, Rectangle) or not patch.get_visible() or not patch.get_width() \
                     or not patch.get_height():
@@ -177,7 +267,8 @@ def readability_problems(figure: Figure) -> list[str]:
             if min(box.width, box.height) < MIN_BAR_PX:
                 label = series.get(id(patch), "") or "a bar"
                 label = "a bar" if label.startswith("_") else label
-                problems.append(f"{label} ({patch.get_height():g}) is drawn {min(box.width, box.height):.1f} px "
+                value = patch.get_width() if across.get(id(patch)) else patch.get_height()
+                problems.append(f"{label} ({value:g}) is drawn {min(box.width, box.height):.1f} px "
                                 f"thick: invisible (a log axis or a label beside it helps)")
     for legend in figure.findobj(Legend):
         frame = legend.get_window_extent(renderer)

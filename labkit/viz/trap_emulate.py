@@ -19,13 +19,13 @@ from labkit.errors import ConfigError
 from labkit.viz.labels import label, short_label
 from labkit.monitor.trap_emulate import ConsoleComparison, KvmCounts, TrapEmulateReport, trap_costs
 from labkit.table import Table
+from labkit.viz.style import MAX_WIDTH_IN, MIN_FONT_PT, new_figure
 from labkit.vmm.status import RunResult, exception_name
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-DPI = 150
-FONT = 11
+FONT = MIN_FONT_PT
 """Points: the smallest text in the figure."""
 
 
@@ -40,8 +40,6 @@ def entries_by_kind(report: TrapEmulateReport) -> dict[str, int]:
 def trap_profile(runs: Mapping[str, tuple[RunResult, RunResult]], *, kernel: str = "minikernel64") -> Figure:
     """Monitor entries by kind, and the cost of one trap per backend; ``runs`` maps a backend name to
     ``(native RunResult, deprivileged RunResult)`` of the same kernel.  Returns the Figure."""
-    from matplotlib.figure import Figure
-
     if not runs:
         raise ConfigError("trap_profile needs at least one backend's (native, deprivileged) runs")
     costs = {backend: trap_costs(native, deprivileged) for backend, (native, deprivileged) in runs.items()}
@@ -49,7 +47,7 @@ def trap_profile(runs: Mapping[str, tuple[RunResult, RunResult]], *, kernel: str
     if not isinstance(first, TrapEmulateReport):
         raise ConfigError("trap_profile needs runs under TrapAndEmulate as the second of each pair")
 
-    figure = Figure(figsize=(8.0, 8.6), dpi=DPI, layout="constrained")  # stacked: 8 in fit a projector
+    figure = new_figure(MAX_WIDTH_IN, 8.6)  # stacked: 8 in fit a projector
     left, right = figure.subplots(2, 1, height_ratios=(1.0, 1.1))
     entries = entries_by_kind(first)
     names = list(entries)[::-1]

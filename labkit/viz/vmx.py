@@ -8,7 +8,7 @@ Both say what measured them: the VMX model's figure "a model of VMX, run on
 KVM (kvm_pvm)" or "... run on the emulator (Unicorn 2.1.4)", never VT-x; the
 techniques figure names the backend and what each time means.  Sizes follow
 labkit's projector rules (at most 8 in wide, 150 dpi, text of 12 pt, titles
-13 pt; ``labkit.viz.style`` where it exists).
+13 pt: :mod:`labkit.viz.style`).
 """
 
 from __future__ import annotations
@@ -20,16 +20,12 @@ from labkit.errors import ConfigError
 from labkit.monitor.techniques import TechniqueComparison
 from labkit.monitor.vmx.exits import ExitReason
 from labkit.monitor.vmx.model import VmxReport, where
+from labkit.viz.style import MAX_WIDTH_IN, TEXT_PT, TITLE_PT, finish, new_figure
 from labkit.vmm.status import RunResult
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
-
-DPI = 150
-TEXT_PT = 12.0
-TITLE_PT = 13.0
-WIDTH_IN = 8.0
 
 KIND_COLOURS = {
     "VM exits": "#1f77b4",
@@ -41,18 +37,21 @@ KIND_COLOURS = {
 
 
 def _figure(height: float, columns: int = 1, width_ratios: tuple[float, ...] | None = None) -> tuple[Figure, list[Axes]]:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(WIDTH_IN, height), dpi=DPI, layout="constrained")
+    figure = new_figure(MAX_WIDTH_IN, height)
     axes = figure.subplots(1, columns, width_ratios=width_ratios) if columns > 1 else [figure.add_subplot()]
     return figure, list(axes)
 
 
-def _finish(ax: Axes) -> None:
-    ax.tick_params(axis="both", which="both", labelsize=TEXT_PT)
-    ax.xaxis.label.set_fontsize(TEXT_PT)
-    ax.yaxis.label.set_fontsize(TEXT_PT)
-    ax.title.set_fontsize(TITLE_PT)
+def _log_bars(ax: Axes, names: list[str], values: list[int | None], colours: list[str]) -> None:
+    """Horizontal bars on a log axis, each labelled with its value; a 0 or an unknown value (None, "?")
+    has no bar there, so its label stands at the axis's start."""
+    bars = ax.barh(names, [value if value else float("nan") for value in values], color=colours, height=0.6)
+    ax.bar_label(bars, labels=[str(value) if value else "" for value in values], padding=3, fontsize=TEXT_PT)
+    for row, value in enumerate(values):
+        if not value:
+            ax.annotate("?" if value is None else "0", (0, row), xycoords=("axes fraction", "data"),
+                        xytext=(3, 0), textcoords="offset points", va="center", fontsize=TEXT_PT)
+    ax.set_xscale("log")
 
 
 def vmx_exits(result: RunResult) -> Figure:
@@ -76,7 +75,7 @@ def vmx_exits(result: RunResult) -> Figure:
                 ha="center", va="center", fontsize=TEXT_PT, transform=ax.transAxes)
         ax.set_axis_off()
     ax.set_title(f"VM exits by basic exit reason ({report.exit_count} in all)")
-    _finish(ax)
+    finish(ax)
     figure.suptitle(f"A model of VMX {where(result)}: not VT-x", fontsize=TITLE_PT)
     return figure
 
@@ -102,23 +101,23 @@ def technique_entries(comparison: TechniqueComparison) -> Figure:
     every.set_xlabel("all (log scale)")
     every.set_title("Hypervisor entries")
     others = [None if run.console_entries is None else run.entries - run.console_entries for run in runs]
-    bars = besides.barh(names, [value or 0 for value in others], color=colours, height=0.6)
-    besides.bar_label(bars, labels=["?" if value is None else str(value) for value in others], padding=3,
-                      fontsize=TEXT_PT)
-    besides.set_xlim(0, max([value or 0 for value in others] + [1]) * 1.4)
-    besides.set_xlabel("besides the console")
+    _log_bars(besides, names, others, colours)
+    besides.set_xlim(0.5, max([value or 0 for value in others] + [1]) * 30)
+    besides.set_xlabel("besides the console\n(log scale)")
     besides.set_title("Without the console")
     mixed = len({run.backend for run in runs}) > 1
     times = [run.host_ms for run in runs]
     bars = time.barh(names, times, color="#8c8c8c", height=0.6)
     time.bar_label(bars, labels=[f"{value:.0f}" + (" (KVM)" if mixed and run.backend == "kvm" else "")
                                  for value, run in zip(times, runs)], padding=3, fontsize=TEXT_PT)
-    time.set_xlim(0, max(times + [1]) * (1.9 if mixed else 1.45))
-    time.set_xlabel("host time (ms)")
+    time.set_xscale("log")
+    low = min([value for value in times if value > 0] + [1.0])
+    time.set_xlim(low / 2, max(times + [1]) * (60 if mixed else 20))
+    time.set_xlabel("host time\n(ms, log scale)")
     time.set_title("Run time")
     for ax in (every, besides, time):
         ax.invert_yaxis()
-        _finish(ax)
+        finish(ax)
     for ax in (besides, time):
         ax.set_yticks(range(len(names)), labels=[""] * len(names))
     kinds = list(dict.fromkeys(run.entry_kind for run in runs))

@@ -43,16 +43,9 @@ get_ipython().events.register("post_run_cell", _wrap)
 REPORT = f"import json as _json\nprint({MARK!r}, _json.dumps(_seen))"
 LABELS = ("measured on KVM (", "measured on the emulator", "emulator (Unicorn)", "on the emulator (Unicorn", "KVM (kvm_",
           "measured on this host (no VM)")  # host work only: notebook 09's chain reads
-# Figures drawn before labkit.viz.style (DECISIONS 48) that do not pass yet, as measured on 2026-11-30;
-# strict: the test fails once one passes, so the entry goes.
-NOT_YET_READABLE = {
-    "03-binary-translation.ipynb": "monitor_comparison is 11 in wide, 3 reflected faults drawn 0.8 px",
-    "04-paravirtualization.ipynb": "kernel_entries and console_paths are 12 in wide, overlapping bar labels",
-    "05-hardware-assisted.ipynb": "the technique comparison draws 0.6-wide bars 0.5 px thick",
-    "06-memory-virtualization.ipynb": "its three figures are 12 in wide",
-    "07-isolation.ipynb": "its four figures are 13-14 in wide",
-    "08-snapshots.ipynb": "three of its figures are 12-12.4 in wide",
-}
+# Notebooks whose figures do not pass yet, each with what is wrong (a strict xfail: the test fails once
+# one passes, so the entry goes).  Empty since 2026-11-30: notebooks 03-08's figures were redrawn.
+NOT_YET_READABLE: dict[str, str] = {}
 
 pytestmark = [pytest.mark.slow, pytest.mark.notebooks, pytest.mark.emu]
 

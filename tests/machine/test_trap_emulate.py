@@ -191,13 +191,15 @@ def test_mov_cr3_only_changes_the_virtual_cr3(backend_name):
 
 def test_the_figure_and_tables_read_on_a_projector(backend_name):
     """150 dpi, no text under 11 pt, no overlapping labels; exceptions by name, never by number."""
-    from labkit.viz.trap_emulate import (DPI, FONT, costs_table, divergence_table, events_table, monitor_table,
+    from labkit.viz.style import readability_problems
+    from labkit.viz.trap_emulate import (FONT, costs_table, divergence_table, events_table, monitor_table,
                                          trap_profile)
 
     native = Machine("minikernel64", backend=backend_name).run(timeout=10)
     monitored = run_deprivileged("minikernel64", backend_name)
     figure = trap_profile({backend_name: (native, monitored)})
-    assert figure.dpi >= 150 and DPI >= 150 and FONT >= 11
+    assert figure.dpi >= 150 and FONT >= 11
+    assert readability_problems(figure) == []
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(figure).draw()

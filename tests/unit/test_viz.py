@@ -376,3 +376,48 @@ def test_counts_far_apart_get_a_log_axis_so_no_bar_is_invisible():
     assert figure.axes[0].get_yscale() == "log" and readability_problems(figure) == []
     linear = exit_counts(trace, "emu", log=False)
     assert any("invisible" in problem for problem in readability_problems(linear))
+
+
+def test_a_lazily_drawn_minor_tick_label_under_11_pt_is_found_before_a_run_shows_it():
+    """A log axis labels its minor ticks only when its data spans less than a decade; made at draw time at
+    matplotlib's 10 pt they are found whatever the data (even drawn empty), also when the check runs inside
+    readable_fonts() (a notebook draws the figure outside it)."""
+    from matplotlib.figure import Figure
+
+    from labkit.viz.style import new_figure, readability_problems, readable_fonts
+
+    def log_plot(figure, span: float, which: str | None = "major"):
+        ax = figure.add_subplot()
+        ax.plot([1, 2], [20, 20 * span])
+        ax.set_yscale("log")
+        ax.set_xlabel("x", fontsize=12)
+        ax.set_ylabel("y", fontsize=12)
+        if which:
+            ax.tick_params(which=which, labelsize=12)
+        return figure
+
+    minor = "the y axis draws its minor tick labels at 10 pt"
+    for span in (3.0, 1000.0):  # minor labels shown (2x10^1, 3x10^1, ...), then drawn empty
+        problems = readability_problems(log_plot(Figure(figsize=(6, 3), dpi=150), span))
+        assert any(problem.startswith(minor) for problem in problems), (span, problems)
+        assert readability_problems(log_plot(Figure(figsize=(6, 3), dpi=150), span, "both")) == []
+        figure = log_plot(Figure(figsize=(6, 3), dpi=150), span)
+        with readable_fonts():  # the check draws with matplotlib's defaults, as a notebook does, even in here
+            problems = readability_problems(figure)
+        assert any(problem.startswith(minor) for problem in problems), (span, problems)
+        # A labkit figure draws at labkit's sizes: nothing to remember.
+        assert readability_problems(log_plot(new_figure(6, 3), span, None)) == []
+
+
+def test_every_labkit_figure_is_made_by_labkit_viz_style():
+    """No module but labkit.viz.style makes a matplotlib Figure: every figure draws at labkit's sizes."""
+    import re
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[2] / "labkit"
+    making = re.compile(r"\bFigure\(|\bplt\.(figure|subplots)\(|pyplot\.(figure|subplots)\(")
+    found = [f"{path.relative_to(package)}:{number}: {line.strip()}"
+             for path in sorted(package.rglob("*.py")) if path.name != "style.py"
+             for number, line in enumerate(path.read_text().splitlines(), 1)
+             if making.search(line) and not line.lstrip().startswith(("#", ">>>"))]
+    assert found == [], "make figures with labkit.viz.style.new_figure:\n" + "\n".join(found)
