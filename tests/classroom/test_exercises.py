@@ -13,7 +13,7 @@ from labkit.monitor.vmx import Primary, Vmcs
 from labkit.monitor.vmx.vmcs import io_bitmaps, kvm_like
 from labkit.vmm.devices.vulnerable import FIFO, FIFO_SIZE, FifoDevice
 from labkit.x86.layout import PML4_ADDRESS
-from labkit.x86.paging import ADDRESS_MASK, PAGE_SIZE_BIT, PRESENT, USER, WRITABLE
+from labkit.x86.paging import ACCESSED, ADDRESS_MASK, DIRTY, PAGE_SIZE_BIT, PRESENT, USER, WRITABLE
 
 OK_BY_HAND = "mov dx, 0x3f8\nmov al, 'O'\nout dx, al\nmov al, 'K'\nout dx, al\nmov al, 10\nout dx, al\nhlt"
 OK_BY_LOOP = """
@@ -165,6 +165,12 @@ def walk_without_offset(read_entry, cr3, address):
 
 def shadow_leaf(page, writable, dirty, page_table):
     return page | PRESENT | USER | (WRITABLE if writable and dirty and not page_table else 0)
+
+
+def shadow_leaf_with_accessed_and_dirty(page, writable, dirty, page_table):
+    """Also right: A and D set in the shadow entry itself (the CPU would set them; the monitor tracks the kernel's)."""
+    value = page | PRESENT | USER | ACCESSED | DIRTY
+    return value | WRITABLE if writable and dirty and not page_table else value
 
 
 def shadow_leaf_ignoring_dirty(page, writable, dirty, page_table):
@@ -343,7 +349,7 @@ CASES = {
         (walk_without_large_pages, "for 0x0 under CR3 0x100000 your walk gives None, the kernel's tables 0x0"),
         (walk_without_offset, "for 0x8123 under CR3 0x100000 your walk gives 0x8000"),
     ]),
-    "shadow_leaf": (exercises.check_shadow_leaf, [shadow_leaf], [
+    "shadow_leaf": (exercises.check_shadow_leaf, [shadow_leaf, shadow_leaf_with_accessed_and_dirty], [
         (shadow_leaf_ignoring_dirty, "line 9 is 'random edits"),
         (shadow_leaf_ignoring_tables, "page-table store(s), the kernel made 38"),
         (shadow_leaf_supervisor, "without U/S"),
@@ -437,6 +443,21 @@ def _answered(released, source, replace=None):
     return notebook
 
 
+def _exercise_section(notebook):
+    """The notebook from its "## Exercises" cell on: what a student may hand in to be graded (nbgrader grades the
+    solution and test cells it finds; the lesson's cells above need not run again)."""
+    cells = notebook["cells"]
+    start = next(index for index, cell in enumerate(cells)
+                 if cell["cell_type"] == "markdown" and "".join(cell["source"]).startswith("## Exercises"))
+    return dict(notebook, cells=cells[start:])
+
+
+ROUND_TRIP_SECTION = "06-memory-virtualization"
+"""Handed in as its Exercises section only (the lesson above it takes most of a minute to run)."""
+WRONG_SHADOW_LEAF = ("def shadow_leaf(page, writable, dirty, page_table):\n"
+                     "    return page | PRESENT | USER | (WRITABLE if writable and dirty else 0)")
+
+
 @pytest.mark.slow
 @pytest.mark.emu
 def test_release_and_autograde_give_full_marks_to_the_reference_and_partial_to_a_wrong_answer(tmp_path):
@@ -445,27 +466,65 @@ def test_release_and_autograde_give_full_marks_to_the_reference_and_partial_to_a
 
     # No skip: nbgrader is in the test extra (scripts/test installs it); without it the script says how to install.
     course, submissions = tmp_path / "course", tmp_path / "submitted"
-    done = _exercises("release", course, ROUND_TRIP)
+    done = _exercises("release", course, ROUND_TRIP, ROUND_TRIP_SECTION)
     assert done.returncode == 0, done.stdout + done.stderr
-    released = json.loads((course / "release" / ROUND_TRIP / f"{ROUND_TRIP}.ipynb").read_text())
-    text = json.dumps(released)
+    released = {name: json.loads((course / "release" / name / f"{name}.ipynb").read_text())
+                for name in (ROUND_TRIP, ROUND_TRIP_SECTION)}
+    text = json.dumps(released[ROUND_TRIP])
     assert "BEGIN SOLUTION" not in text and "mov al, 'O'" not in text, "the release still holds a reference answer"
     assert text.count("raise NotImplementedError()") == 2
-    source = json.loads((ROOT / "notebooks" / f"{ROUND_TRIP}.ipynb").read_text())
-    for student, notebook in (("reference", _answered(released, source)),
-                              ("wrong", _answered(released, source, {"exercises-00-five-answer": WRONG_FIVE_EXITS})),
-                              ("blank", released)):
+    text = json.dumps(released[ROUND_TRIP_SECTION])
+    assert "BEGIN SOLUTION" not in text and "value |= WRITABLE" not in text and "def walk(" not in text
+    assert text.count("raise NotImplementedError()") == 2
+    sources = {name: json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
+               for name in (ROUND_TRIP, ROUND_TRIP_SECTION)}
+    wrong = {"exercises-00-five-answer": WRONG_FIVE_EXITS, "exercises-06-leaf-answer": WRONG_SHADOW_LEAF}
+    for student, replace in (("reference", None), ("wrong", wrong), ("blank", False)):
         (submissions / student).mkdir(parents=True)
-        (submissions / student / f"{ROUND_TRIP}.ipynb").write_text(json.dumps(notebook))
+        for name, source in sources.items():
+            notebook = released[name] if replace is False else _answered(released[name], source, replace)
+            if name == ROUND_TRIP_SECTION:
+                notebook = _exercise_section(notebook)
+            (submissions / student / f"{name}.ipynb").write_text(json.dumps(notebook))
     done = _exercises("autograde", course, submissions, env=dict(os.environ, LABKIT_BACKEND="emu"))
     assert done.returncode == 0, done.stdout + done.stderr
-    grades = {line.split(",")[0]: line.split(",")[2:] for line in (course / "grades.csv").read_text().splitlines()[1:]}
-    assert grades == {"reference": ["4", "4"], "wrong": ["2", "4"], "blank": ["0", "4"]}, done.stdout
-    graded = json.loads((course / "autograded" / "wrong" / ROUND_TRIP / f"{ROUND_TRIP}.ipynb").read_text())
-    failed = [cell for cell in graded["cells"] if any(output.get("ename") for output in cell.get("outputs", []))]
-    assert len(failed) == 1 and "five silent exits: not yet" in json.dumps(failed[0])
+    grades = {tuple(line.split(",")[:2]): line.split(",")[2:]
+              for line in (course / "grades.csv").read_text().splitlines()[1:]}
+    assert grades == {(student, name): [score, "4"] for student, scores in
+                      (("reference", ("4", "4")), ("wrong", ("2", "2")), ("blank", ("0", "0")))
+                      for name, score in zip((ROUND_TRIP, ROUND_TRIP_SECTION), scores)}, done.stdout
+    for name, message in ((ROUND_TRIP, "five silent exits: not yet"),
+                          (ROUND_TRIP_SECTION, "the shadow page-table entry: not yet")):
+        graded = json.loads((course / "autograded" / "wrong" / name / f"{name}.ipynb").read_text())
+        failed = [cell for cell in graded["cells"] if any(output.get("ename") for output in cell.get("outputs", []))]
+        assert len(failed) == 1 and message in json.dumps(failed[0]), name
+    assert "page-table store(s), the kernel made" in json.dumps(failed[0])
+
+
+@pytest.mark.unit
+def test_every_notebook_with_exercises_has_nbgrader_cells_that_release_cleanly():
+    """What ``scripts/exercises release`` needs of each notebook (00-08; the round trip above releases two of them):
+    unique grade ids, each solution region marked, and each answer followed by its graded check with points."""
+    import json
+
+    names = sorted(path.stem for path in (ROOT / "notebooks").glob("0[0-8]-*.ipynb"))
+    assert len(names) == 9
+    for name in names:
+        cells = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+        graded = [(index, cell["metadata"]["nbgrader"]) for index, cell in enumerate(cells)
+                  if "nbgrader" in cell["metadata"]]
+        ids = [meta["grade_id"] for _, meta in graded]
+        assert len(ids) == len(set(ids)), f"{name}: grade ids repeat"
+        answers = [index for index, meta in graded if meta["solution"]]
+        for index in answers:
+            source = "".join(cells[index]["source"])
+            assert source.startswith("### BEGIN SOLUTION\n") and source.rstrip().endswith("### END SOLUTION"), name
+            check = cells[index + 1]["metadata"].get("nbgrader", {})
+            assert check.get("grade") and check.get("points", 0) > 0 and check.get("locked"), f"{name} cell {index + 1}"
+        assert len(answers) >= 2, f"{name} has {len(answers)} exercise(s); every notebook ends with two or more"
 
 
 def test_autograde_without_a_release_says_what_to_do(tmp_path):
     done = _exercises("autograde", tmp_path / "course", tmp_path)
     assert done.returncode == 2 and "run 'scripts/exercises release" in done.stderr
+
