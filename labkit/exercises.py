@@ -732,9 +732,8 @@ def check_shadow_leaf(shadow_leaf: Callable[[int, bool, bool, bool], int], backe
     Run with shadow paging that uses it, pagingkernel64 must print its native console and the monitor must have
     trapped every page-table store the kernel counted (Intel SDM vol. 3A, 4.8: D set on the first write).
     """
-    from labkit.monitor.trap_emulate import TrapAndEmulate, run_deprivileged, run_native
-    from labkit.monitor.trap_emulate import TrapEmulateReport
     from labkit.monitor.shadow import paging_kernel
+    from labkit.monitor.trap_emulate import TrapAndEmulate, TrapEmulateReport, run_deprivileged, run_native
 
     exercise = "the shadow page-table entry"
     expected = ("pagingkernel64's native console under shadow paging with your entries, every page-table store "
