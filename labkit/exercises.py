@@ -57,6 +57,9 @@ if TYPE_CHECKING:
 
 TIMEOUT = 5.0
 """Seconds each run of an answer may take: a guest that never stops is stopped and the verdict says so."""
+LONG_TIMEOUT = 30.0
+"""For the runs that take a second or two on an idle host (pagingkernel64 under shadow paging, a scan of every
+byte of RAM on the emulator), so that a loaded host does not turn a right answer into a timeout."""
 
 
 @dataclass(frozen=True)
@@ -625,7 +628,7 @@ def _paging_ram(backend: str) -> tuple[bytes, RunResult]:
     from labkit.vmm.machine import Machine
 
     with Machine(paging_kernel(PAGING_EDITS, PAGING_SEED), backend=backend) as machine:
-        result = machine.run(timeout=TIMEOUT)
+        result = machine.run(timeout=LONG_TIMEOUT)
         return machine.read_memory(0, machine.memory_size), result
 
 
@@ -688,7 +691,7 @@ SHADOW_LEAF_HELP = "shadow_leaf(page, writable, dirty, page_table) -> the shadow
 def _student_shadow(shadow_leaf: Callable[[int, bool, bool, bool], int]) -> Any:
     """A :class:`~labkit.monitor.shadow.ShadowPaging` whose leaf entries are ``shadow_leaf``'s."""
     from labkit.monitor.shadow import KernelWalk, ShadowPaging
-    from labkit.x86.paging import ACCESSED, DIRTY, PRESENT, USER
+    from labkit.x86.paging import ACCESSED, DIRTY, PRESENT, USER, WRITABLE
 
     class StudentShadow(ShadowPaging):
         """ShadowPaging with the leaf value the student computes (the rest of the fill as labkit's own)."""
@@ -708,6 +711,10 @@ def _student_shadow(shadow_leaf: Callable[[int, bool, bool, bool], int]) -> Any:
                 raise LabkitError(f"shadow_leaf({walk.page:#x}, ...) returned {value:#x}, without "
                                   f"{' and '.join(n for n, b in (('P', PRESENT), ('U/S', USER)) if not value & b)}: "
                                   "the kernel runs in ring 3, so it faults on that entry again and again")
+            if write and walk.writable and walk.page not in self.tables and not value & WRITABLE:
+                raise LabkitError(f"shadow_leaf({walk.page:#x}, writable=True, dirty=True, page_table=False) "
+                                  f"returned {value:#x}, without R/W: the kernel's store, which its own tables "
+                                  "allow, faults on that entry again and again")
             self._write_leaf(root, page, value | ACCESSED, None)
             self._by_physical.setdefault(walk.page, set()).add((root, page))
             for depth, step in enumerate(walk.steps):
@@ -730,7 +737,9 @@ def check_shadow_leaf(shadow_leaf: Callable[[int, bool, bool, bool], int], backe
     page holds one of the kernel's page tables.  The kernel runs in ring 3 under the monitor.
 
     Run with shadow paging that uses it, pagingkernel64 must print its native console and the monitor must have
-    trapped every page-table store the kernel counted (Intel SDM vol. 3A, 4.8: D set on the first write).
+    trapped every page-table store the kernel counted (Intel SDM vol. 3A, 4.8: D set on the first write).  An
+    entry the kernel would fault on for ever (no P or U/S; no R/W for a store its tables allow) is refused when
+    the monitor fills it, with the entry named.
     """
     from labkit.monitor.shadow import paging_kernel
     from labkit.monitor.trap_emulate import TrapAndEmulate, TrapEmulateReport, run_deprivileged, run_native
@@ -744,8 +753,8 @@ def check_shadow_leaf(shadow_leaf: Callable[[int, bool, bool, bool], int], backe
                        f"{SHADOW_LEAF_HELP}", backend)
     try:
         kernel = paging_kernel(PAGING_EDITS, PAGING_SEED)
-        native, _ = run_native(kernel, backend, timeout=TIMEOUT)
-        shadowed = run_deprivileged(kernel, backend, TIMEOUT, monitor=TrapAndEmulate(shadow=_student_shadow(
+        native, _ = run_native(kernel, backend, timeout=LONG_TIMEOUT)
+        shadowed = run_deprivileged(kernel, backend, LONG_TIMEOUT, monitor=TrapAndEmulate(shadow=_student_shadow(
             shadow_leaf)))
     except LabkitError as error:
         return _refused(exercise, expected, error, backend)
@@ -854,11 +863,11 @@ def check_secret_scanner(source: str, backend: str = "auto") -> Verdict:
         guest = Guest.from_asm(source, mode=64, name="your scanner", user=True)
         with Machine(guest, backend=backend, memory=SCAN_RAM) as planted:
             planted.write_memory(SECRET_AT, SECRET)
-            runs = {"planted": planted.run(timeout=TIMEOUT)}
+            runs = {"planted": planted.run(timeout=LONG_TIMEOUT)}
         with Machine(guest, backend=backend, memory=SCAN_RAM) as other:
             other.write_memory(SECRET_AT, SECRET)  # the neighbour holds the secret; the scanner's VM does not
             with Machine(guest, backend=backend, memory=SCAN_RAM) as alone:
-                runs["beside"] = alone.run(timeout=TIMEOUT)
+                runs["beside"] = alone.run(timeout=LONG_TIMEOUT)
     except LabkitError as error:
         return _refused(exercise, expected, error, backend)
     where = _where(runs["planted"].origin, backend)
@@ -992,7 +1001,7 @@ def check_changed_pages(changed_pages: Callable[[bytes, bytes], Collection[int]]
     return Verdict(exercise, not problems, expected, observed, where)
 
 
-__all__ = ["CHANGING_GUEST", "DIRTY_WANTED", "MESSAGE", "OK_TEXT", "PAGE", "PAGING_EDITS", "PAGING_ROOTS",
+__all__ = ["CHANGING_GUEST", "DIRTY_WANTED", "LONG_TIMEOUT", "MESSAGE", "OK_TEXT", "PAGE", "PAGING_EDITS", "PAGING_ROOTS",
            "PAGING_SEED", "PV_MOST_ENTRIES", "PV_TEXT", "SCAN_RAM", "SECRET", "SECRET_AT", "TIMEOUT",
            "TRANSLATION_ROUTINES", "WALK_ADDRESSES", "WANTED_PF", "WBINVD_ROUTINE", "WRITES_KIB", "Verdict",
            "check_bounded_fifo", "check_changed_pages", "check_cr3_loads_only", "check_dirty_pages",

@@ -181,6 +181,10 @@ def shadow_leaf_ignoring_tables(page, writable, dirty, page_table):
     return page | PRESENT | USER | (WRITABLE if writable and dirty else 0)
 
 
+def shadow_leaf_read_only(page, writable, dirty, page_table):
+    return page | PRESENT | USER
+
+
 def shadow_leaf_supervisor(page, writable, dirty, page_table):
     return page | PRESENT | (WRITABLE if writable and dirty and not page_table else 0)
 
@@ -353,6 +357,7 @@ CASES = {
         (shadow_leaf_ignoring_dirty, "line 9 is 'random edits"),
         (shadow_leaf_ignoring_tables, "page-table store(s), the kernel made 38"),
         (shadow_leaf_supervisor, "without U/S"),
+        (shadow_leaf_read_only, "without R/W: the kernel's store"),
     ]),
     "bounded_fifo": (exercises.check_bounded_fifo, [BoundedStore, BoundedAndCounted], [
         (OffByOne, "the device called host_debug_dump, the bounded one checksum"),
