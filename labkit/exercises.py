@@ -642,6 +642,7 @@ def check_page_walk(walk: Callable[[Callable[[int], int], int, int], int | None]
     """
     import struct
 
+    from labkit.memory import GuestMemory
     from labkit.monitor.shadow import walk_kernel
 
     exercise = "walk the kernel's page tables"
@@ -656,10 +657,11 @@ def check_page_walk(walk: Callable[[Callable[[int], int], int, int], int | None]
     if result.status.kind != StatusKind.HALTED:
         return Verdict(exercise, False, expected, f"pagingkernel64 ended {_status(result)}", where)
 
+    memory = GuestMemory([(0, memoryview(ram), True)])
+
     def read_entry(at: int) -> int:
-        if not 0 <= at <= len(ram) - 8:
-            raise ExerciseFailed(f"read_entry({at:#x}) is outside the guest's {len(ram) >> 10} KiB of RAM")
-        return int(struct.unpack_from("<Q", ram, at)[0])
+        """The entry at guest-physical ``at``; GuestMemoryError (which the verdict reports) outside RAM."""
+        return int(struct.unpack("<Q", memory.read(at, 8))[0])
 
     wrong, first = 0, ""
     for cr3 in PAGING_ROOTS:

@@ -352,6 +352,7 @@ CASES = {
     "page_walk": (exercises.check_page_walk, [walk, walk_recursive], [
         (walk_without_large_pages, "for 0x0 under CR3 0x100000 your walk gives None, the kernel's tables 0x0"),
         (walk_without_offset, "for 0x8123 under CR3 0x100000 your walk gives 0x8000"),
+        (lambda read_entry, cr3, address: read_entry(address), "raised GuestMemoryError"),
     ]),
     "shadow_leaf": (exercises.check_shadow_leaf, [shadow_leaf, shadow_leaf_with_accessed_and_dirty], [
         (shadow_leaf_ignoring_dirty, "line 9 is 'random edits"),
