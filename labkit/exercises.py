@@ -1,6 +1,6 @@
 """Exercises with automatic feedback: run the student's answer on a real backend and compare.
 
-Each notebook from 00 to 05 ends with tasks that make the student write or
+Each notebook from 00 to 08 ends with tasks that make the student write or
 change guest code or monitor code.  Each ``check_*`` function here runs the
 answer on ``backend`` (``"auto"``: the session's backend; ``LABKIT_BACKEND``
 can force one) and returns a :class:`Verdict`: whether it passed, what was
@@ -26,16 +26,24 @@ notebook   check                                   the student writes
 02         :func:`check_wbinvd_monitor`            a monitor subclass that emulates ``wbinvd``
 02         :func:`check_sensitive_routine`         a kernel routine that tells ring 0 from ring 3
 03         :func:`check_translation_set`           the instructions binary translation must replace
+03         :func:`check_self_modifying`            a kernel routine that changes code it already ran
 04         :func:`check_one_notification`          virtqueue buffer sizes: one notification per write
+04         :func:`check_paravirtual_port`          a kernel fragment ported to hypercalls
 05         :func:`check_output_exits_only`         a VMCS under which only the console's ``out``s exit
 05         :func:`check_cr3_loads_only`            a VMCS under which only the CR3 loads exit
+06         :func:`check_page_walk`                 the monitor's walk of the kernel's page tables
+06         :func:`check_shadow_leaf`               the shadow page-table entry the monitor writes
+07         :func:`check_bounded_fifo`              a device model that bounds the guest's FIFO index
+07         :func:`check_secret_scanner`            a guest that finds a secret in its own RAM only
+08         :func:`check_dirty_pages`               a guest whose diff snapshot holds exactly three pages
+08         :func:`check_changed_pages`             a VMM's page comparison that builds a diff snapshot
 =========  =====================================  ==================================
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Collection
+from typing import TYPE_CHECKING, Any, Callable, Collection
 
 from labkit.errors import ExerciseFailed, LabkitError
 from labkit.vmm.status import RunResult, StatusKind
@@ -49,6 +57,9 @@ if TYPE_CHECKING:
 
 TIMEOUT = 5.0
 """Seconds each run of an answer may take: a guest that never stops is stopped and the verdict says so."""
+LONG_TIMEOUT = 30.0
+"""For the runs that take a second or two on an idle host (pagingkernel64 under shadow paging, a scan of every
+byte of RAM on the emulator), so that a loaded host does not turn a right answer into a timeout."""
 
 
 @dataclass(frozen=True)
@@ -510,7 +521,493 @@ def check_cr3_loads_only(vmcs: Vmcs, backend: str = "auto") -> Verdict:
     return Verdict(exercise, not problems, expected, observed, where)
 
 
-__all__ = ["MESSAGE", "OK_TEXT", "PAGE", "TIMEOUT", "TRANSLATION_ROUTINES", "WANTED_PF", "WBINVD_ROUTINE", "WRITES_KIB",
-           "Verdict", "check_five_exits", "check_one_notification", "check_output_exits_only", "check_page_fault",
-           "check_cr3_loads_only", "check_print_ok", "check_sensitive_routine", "check_translation_set", "check_wbinvd_monitor",
-           "check_write_without_fault"]
+
+
+# -- 03 binary translation: code that changes itself ------------------------------------------------
+
+def check_self_modifying(routine: str, backend: str = "auto") -> Verdict:
+    """Notebook 03: a kernel routine (assembly, its result in RAX) that changes code it has already run and runs
+    it again: under binary translation RAX must be the native one, and the translator must have dropped at least
+    one translation (``TranslationSummary.invalidated``) because the routine's store changed the code it came from.
+
+    A routine that changes no code, or only code that has not run yet (nothing translated from it), passes
+    natively and under translation alike but shows nothing about the translation cache: the check says so.
+    """
+    from labkit.monitor.binary_translation import TranslationSummary, run_translated
+    from labkit.monitor.trap_emulate import minikernel, run_native
+
+    exercise = "self-modifying code under binary translation"
+    expected = ("RAX under binary translation equals native RAX, and the translator dropped at least one "
+                "translation because your routine changed code that had run")
+    backend = _backend_name(backend)
+    try:
+        kernel = minikernel([], student=routine)
+        native, _ = run_native(kernel, backend, timeout=TIMEOUT)
+        translated = run_translated(kernel, backend=backend, timeout=TIMEOUT)
+    except LabkitError as error:
+        return _refused(exercise, expected, error, backend)
+    where = _where(translated.origin, backend)
+    for name, run in (("natively", native), ("under binary translation", translated)):
+        if run.status.kind != StatusKind.HALTED:
+            return Verdict(exercise, False, expected, f"the run {name} ended {_status(run)}", where)
+    native_rax, translated_rax = _rax_line(native.console), _rax_line(translated.console)
+    if native_rax is None or translated_rax is None:
+        return Verdict(exercise, False, expected, "the kernel did not print RAX after your routine", where)
+    if native_rax != translated_rax:
+        return Verdict(exercise, False, expected, f"natively {native_rax}, under binary translation "
+                       f"{translated_rax}", where)
+    summary = translated.monitor
+    dropped = summary.invalidated if isinstance(summary, TranslationSummary) else 0
+    if not dropped:
+        return Verdict(exercise, False, expected, f"{native_rax} both ways, but the translator dropped no "
+                       "translation: your routine changed no code that had already run (code changed before it "
+                       "first runs is translated as changed)", where)
+    return Verdict(exercise, True, expected, f"{native_rax} natively and under binary translation; {dropped} "
+                   "translation(s) dropped when your routine changed its code", where)
+
+
+# -- 04 paravirtualization: port a kernel fragment to hypercalls --------------------------------------
+
+PV_TEXT = "pv ok\n"
+PV_MOST_ENTRIES = 2
+"""A paravirtual port of the fragment may enter the hypervisor at most this often (the line, the power-off)."""
+
+
+def check_paravirtual_port(source: str, backend: str = "auto") -> Verdict:
+    """Notebook 04: a paravirtual kernel (Intel-syntax assembly, started in ring 3 under
+    :class:`~labkit.monitor.paravirt.Paravirtual`) that prints ``PV_TEXT`` and powers the VM off
+    (``sched_op(shutdown, poweroff)``: status exited with code 0), with no privileged instruction and at most
+    ``PV_MOST_ENTRIES`` entries into the hypervisor."""
+    from labkit.guest import Guest
+    from labkit.monitor.paravirt import run_paravirtual
+
+    exercise = "a paravirtual port"
+    expected = (f"console {PV_TEXT!r}, powered off (exited 0), no privileged-instruction trap, at most "
+                f"{PV_MOST_ENTRIES} entries into the hypervisor")
+    backend = _backend_name(backend)
+    try:
+        report = run_paravirtual(guest=Guest.from_asm(source, mode=64, name="your paravirtual kernel"),
+                                 backend=backend, timeout=TIMEOUT)
+    except LabkitError as error:
+        return _refused(exercise, expected, error, backend)
+    result = report.result
+    problems = []
+    if report.traps:
+        problems.append(f"{report.traps} privileged instruction(s) trapped ({result.status.message})")
+    if result.console != PV_TEXT:
+        problems.append(f"printed {result.console!r}")
+    if report.entries > PV_MOST_ENTRIES:
+        calls = ", ".join(f"{name} x {count}" for name, count in sorted(report.hypercalls.items()))
+        problems.append(f"{report.entries} entries into the hypervisor ({calls})")
+    if report.errors:
+        problems.append("refused: " + ", ".join(sorted(report.errors)))
+    if not report.traps and (result.status.kind != StatusKind.EXITED or result.status.code != 0):
+        problems.append(f"ended {_status(result)}, not powered off")
+    observed = "; ".join(problems) or (f"printed {result.console!r} in {report.entries} hypervisor entries and "
+                                       "powered off")
+    return Verdict(exercise, not problems, expected, observed, _where(result.origin, backend))
+
+
+# -- 06 memory virtualization: the monitor's walk and its shadow entries -------------------------------
+
+PAGING_EDITS, PAGING_SEED = 30, 5
+"""The ``pagingkernel64`` both checks of notebook 06 run: 30 random page-table edits from seed 5 (among them a
+write to a page first mapped by a read, whose D bit the kernel then reads back)."""
+PAGING_ROOTS = (0x100000, 0x105000)
+"""pagingkernel64's two address spaces: the PML4s of processes A and B (guests/pagingkernel64.S)."""
+WALK_ADDRESSES = ((0x0, 0x8123, 0x123456, 0x1FFFF8)
+                  + tuple(0x40000000 + page * 0x1000 + 0x123 for page in range(0x40))
+                  + (0x40200000, 0x80000000, 0x7F0000001000, 0xFFFF800000000000))
+"""Where :func:`check_page_walk` compares walks: the kernel half (one 2 MiB page), the window with its
+remapped, read-only, demand-paged and randomly edited pages, and addresses no table maps."""
+
+
+def _paging_ram(backend: str) -> tuple[bytes, RunResult]:
+    """pagingkernel64 (``PAGING_EDITS``, ``PAGING_SEED``) run natively to its end: its RAM and the run."""
+    from labkit.monitor.shadow import paging_kernel
+    from labkit.vmm.machine import Machine
+
+    with Machine(paging_kernel(PAGING_EDITS, PAGING_SEED), backend=backend) as machine:
+        result = machine.run(timeout=LONG_TIMEOUT)
+        return machine.read_memory(0, machine.memory_size), result
+
+
+def check_page_walk(walk: Callable[[Callable[[int], int], int, int], int | None],
+                    backend: str = "auto") -> Verdict:
+    """Notebook 06: ``walk(read_entry, cr3, address)``, the monitor's walk of the kernel's own page tables
+    (Intel SDM vol. 3A, 4.5: four levels, 2 MiB and 1 GiB pages): the guest-physical address a read of
+    ``address`` reaches, or None when the read faults.  ``read_entry(at)`` is the 8-byte entry at guest-physical
+    ``at``.  Compared with :func:`labkit.monitor.shadow.walk_kernel` on pagingkernel64's tables as the kernel left
+    them, under both of its CR3s, at every address of ``WALK_ADDRESSES``.
+    """
+    import struct
+
+    from labkit.memory import GuestMemory
+    from labkit.monitor.shadow import walk_kernel
+
+    exercise = "walk the kernel's page tables"
+    expected = (f"the address the kernel's tables give (or None) for {len(WALK_ADDRESSES)} addresses under each "
+                f"of its CR3s {', '.join(f'{root:#x}' for root in PAGING_ROOTS)}")
+    backend = _backend_name(backend)
+    try:
+        ram, result = _paging_ram(backend)
+    except LabkitError as error:
+        return _refused(exercise, expected, error, backend)
+    where = _where(result.origin, backend)
+    if result.status.kind != StatusKind.HALTED:
+        return Verdict(exercise, False, expected, f"pagingkernel64 ended {_status(result)}", where)
+
+    memory = GuestMemory([(0, memoryview(ram), True)])
+
+    def read_entry(at: int) -> int:
+        """The entry at guest-physical ``at``; GuestMemoryError (which the verdict reports) outside RAM."""
+        return int(struct.unpack("<Q", memory.read(at, 8))[0])
+
+    wrong, first = 0, ""
+    for cr3 in PAGING_ROOTS:
+        for address in WALK_ADDRESSES:
+            truth = walk_kernel(read_entry, cr3, address)
+            try:
+                answer = walk(read_entry, cr3, address)
+            except Exception as error:  # the student's code: any exception is an answer to report
+                return Verdict(exercise, False, expected, f"walk(read_entry, {cr3:#x}, {address:#x}) raised "
+                               f"{type(error).__name__}: {error}", where)
+            if answer == truth.physical and (answer is None) == (truth.physical is None):
+                continue
+            wrong += 1
+            if not first:
+                last = truth.steps[-1]
+                gave = "None" if answer is None else f"{answer:#x}" if isinstance(answer, int) else repr(answer)
+                should = "None (the read faults)" if truth.physical is None else f"{truth.physical:#x}"
+                first = (f"for {address:#x} under CR3 {cr3:#x} your walk gives {gave}, the kernel's tables "
+                         f"{should} (its last step: {last.level} entry {last.entry:#x} at {last.address:#x})")
+    total = len(PAGING_ROOTS) * len(WALK_ADDRESSES)
+    if wrong:
+        return Verdict(exercise, False, expected, f"{wrong} of {total} walks differ; {first}", where)
+    return Verdict(exercise, True, expected, f"all {total} walks agree with the kernel's tables", where)
+
+
+SHADOW_LEAF_HELP = "shadow_leaf(page, writable, dirty, page_table) -> the shadow PTE"
+
+
+def _student_shadow(shadow_leaf: Callable[[int, bool, bool, bool], int]) -> Any:
+    """A :class:`~labkit.monitor.shadow.ShadowPaging` whose leaf entries are ``shadow_leaf``'s."""
+    from labkit.monitor.shadow import KernelWalk, ShadowPaging
+    from labkit.x86.paging import ACCESSED, DIRTY, PRESENT, USER, WRITABLE
+
+    class StudentShadow(ShadowPaging):
+        """ShadowPaging with the leaf value the student computes (the rest of the fill as labkit's own)."""
+
+        def _fill(self, walk: KernelWalk, write: bool) -> None:
+            page, root = walk.address & ~(PAGE - 1), self.live_root
+            if walk.page is None:
+                raise AssertionError("filling a faulting walk")
+            for step in walk.steps:
+                self._track(step.table)
+            dirty = bool((walk.steps[-1].entry | (DIRTY if write else 0)) & DIRTY)
+            value = shadow_leaf(walk.page, walk.writable, dirty, walk.page in self.tables)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
+                raise LabkitError(f"shadow_leaf({walk.page:#x}, ...) returned {value!r}, not a 64-bit entry")
+            if value & (PRESENT | USER) != PRESENT | USER:
+                # The kernel runs in ring 3: without P and U/S every access faults again, for ever.
+                raise LabkitError(f"shadow_leaf({walk.page:#x}, ...) returned {value:#x}, without "
+                                  f"{' and '.join(n for n, b in (('P', PRESENT), ('U/S', USER)) if not value & b)}: "
+                                  "the kernel runs in ring 3, so it faults on that entry again and again")
+            if write and walk.writable and walk.page not in self.tables and not value & WRITABLE:
+                raise LabkitError(f"shadow_leaf({walk.page:#x}, writable=True, dirty=True, page_table=False) "
+                                  f"returned {value:#x}, without R/W: the kernel's store, which its own tables "
+                                  "allow, faults on that entry again and again")
+            self._write_leaf(root, page, value | ACCESSED, None)
+            self._by_physical.setdefault(walk.page, set()).add((root, page))
+            for depth, step in enumerate(walk.steps):
+                self._derived.setdefault(step.address, set()).add((root, page, depth))
+
+    return StudentShadow()
+
+
+def _kernel_pt_stores(console: str) -> int | None:
+    marker = "page-table stores while paging: "
+    if marker not in console:
+        return None
+    return int(console.split(marker)[1].split()[0], 16)
+
+
+def check_shadow_leaf(shadow_leaf: Callable[[int, bool, bool, bool], int], backend: str = "auto") -> Verdict:
+    """Notebook 06: ``shadow_leaf(page, writable, dirty, page_table)``, the shadow page-table entry the monitor
+    writes for a kernel page: ``page`` the guest-physical page the kernel's tables map, ``writable`` whether they
+    allow writes, ``dirty`` whether the kernel's leaf has D set (after this access), ``page_table`` whether the
+    page holds one of the kernel's page tables.  The kernel runs in ring 3 under the monitor.
+
+    Run with shadow paging that uses it, pagingkernel64 must print its native console and the monitor must have
+    trapped every page-table store the kernel counted (Intel SDM vol. 3A, 4.8: D set on the first write).  An
+    entry the kernel would fault on for ever (no P or U/S; no R/W for a store its tables allow) is refused when
+    the monitor fills it, with the entry named.
+    """
+    from labkit.monitor.shadow import paging_kernel
+    from labkit.monitor.trap_emulate import TrapAndEmulate, TrapEmulateReport, run_deprivileged, run_native
+
+    exercise = "the shadow page-table entry"
+    expected = ("pagingkernel64's native console under shadow paging with your entries, every page-table store "
+                "trapped, and the run halts")
+    backend = _backend_name(backend)
+    if not callable(shadow_leaf):
+        return Verdict(exercise, False, expected, f"the answer is {shadow_leaf!r}, not a function "
+                       f"{SHADOW_LEAF_HELP}", backend)
+    try:
+        kernel = paging_kernel(PAGING_EDITS, PAGING_SEED)
+        native, _ = run_native(kernel, backend, timeout=LONG_TIMEOUT)
+        shadowed = run_deprivileged(kernel, backend, LONG_TIMEOUT, monitor=TrapAndEmulate(shadow=_student_shadow(
+            shadow_leaf)))
+    except LabkitError as error:
+        return _refused(exercise, expected, error, backend)
+    where = _where(shadowed.origin, backend)
+    problems = []
+    difference = _first_difference(native.console, shadowed.console)
+    if difference:
+        problems.append(difference)
+    report = shadowed.monitor
+    trapped = report.shadow.pt_writes if isinstance(report, TrapEmulateReport) and report.shadow else 0
+    counted = _kernel_pt_stores(native.console)
+    if counted is not None and trapped != counted:
+        problems.append(f"the monitor trapped {trapped} page-table store(s), the kernel made {counted}")
+    if shadowed.status.kind != StatusKind.HALTED:
+        problems.append(f"the run ended {_status(shadowed)}")
+    observed = "; ".join(problems) or (f"the native console line for line, {trapped} page-table stores trapped, "
+                                       "and halted")
+    return Verdict(exercise, not problems, expected, observed, where)
+
+
+# -- 07 isolation: a device model that bounds the guest's index, a scanner that finds only its own ------
+
+def _fifo_run(device_class: type, backend: str) -> tuple[RunResult, dict[str, Any]]:
+    """venom64 (17 bytes into a 16-byte FIFO) against ``device_class`` in a worker process: the run and the
+    device's state after it."""
+    from labkit.vmm.devices import vulnerable
+    from labkit.vmm.devices.spec import DeviceContext, DeviceSpec
+    from labkit.vmm.machine import Machine
+    from labkit.vmm.worker import in_worker
+
+    def build(context: DeviceContext) -> Any:
+        if not in_worker():  # as vulnerable.py's own factories: what the guest corrupts stays in the worker
+            raise LabkitError("the exercise's FIFO device runs only in a machine's worker process")
+        return device_class()
+
+    spec = DeviceSpec("your FIFO device", "pio", vulnerable.BASE_PORT, vulnerable.PORTS, build)
+    with Machine("venom64", backend=backend, isolate=True, devices=[spec]) as machine:
+        result = machine.run(timeout=TIMEOUT)
+        return result, machine.device_state(spec.name)
+
+
+def check_bounded_fifo(device_class: type, backend: str = "auto") -> Verdict:
+    """Notebook 07: a subclass of :class:`labkit.vmm.devices.vulnerable.FifoDevice` whose ``store(value)`` keeps
+    the guest's data bytes inside the 16-byte FIFO.  venom64 writes 17 bytes and asks the device to execute its
+    command: the device's state after it (every field of ``STATE_LAYOUT``), the handlers it called and what the
+    guest read back must be those of the VENOM fix (a byte past the FIFO is dropped), and the run must end as the
+    guest ends it (exit 0), not with an error in the device.
+    """
+    from labkit.vmm.devices import vulnerable
+
+    exercise = "bound the FIFO index"
+    expected = ("after venom64's 17 bytes: the first 16 in the FIFO, handler, result_len and owner untouched, "
+                "only the checksum handler called, and the guest exits 0")
+    backend = _backend_name(backend)
+    if not (isinstance(device_class, type) and issubclass(device_class, vulnerable.FifoDevice)):
+        return Verdict(exercise, False, expected, f"the answer is {device_class!r}, not a subclass of FifoDevice",
+                       backend)
+    try:
+        reference, fixed = _fifo_run(vulnerable.BoundedFifo, backend)
+        result, state = _fifo_run(device_class, backend)
+    except LabkitError as error:
+        return _refused(exercise, expected, error, backend)
+    where = _where(result.origin, backend)
+    problems = []
+    for name, offset, size in vulnerable.STATE_LAYOUT:
+        theirs, ours = state["state"][offset:offset + size], fixed["state"][offset:offset + size]
+        if theirs != ours:
+            problems.append(f"{name} holds {theirs.hex(' ')} after the attack, the bounded device's {ours.hex(' ')}")
+    if state["calls"] != fixed["calls"]:
+        problems.append(f"the device called {', '.join(state['calls']) or 'no handler'}, the bounded one "
+                        f"{', '.join(fixed['calls'])}")
+    if result.status.kind != StatusKind.EXITED or result.status.code != 0:
+        problems.append(f"the run ended {_status(result)}")
+    elif result.console != reference.console:
+        problems.append(f"the guest printed {result.console.strip()!r}")
+    observed = "; ".join(problems) or (f"the 17th byte was dropped, handler stayed {state['state'][vulnerable.HANDLER]}"
+                                       f" and the guest read back {result.console.split('answered: ')[-1].strip()!r}")
+    return Verdict(exercise, not problems, expected, observed, where)
+
+
+SECRET = b"TOPSECRT"
+SECRET_AT = 0x1C3A5D
+"""Where the check plants ``SECRET`` in the scanner's own RAM: not 8-byte aligned, above 1 MiB."""
+SCAN_RAM = 2 << 20
+"""The scanner VM's RAM (labkit's default): the scan covers every byte of [0, SCAN_RAM)."""
+
+
+def check_secret_scanner(source: str, backend: str = "auto") -> Verdict:
+    """Notebook 07: a 64-bit guest, run in ring 3 as scan64 is (under PVM ring-0 code is emulated instruction by
+    instruction, ring-3 code runs natively), that searches every byte of its RAM (``SCAN_RAM``, which labkit's page
+    tables map for ring 3 too) for ``SECRET`` and ends through labkit's exit service (``xor eax, eax; int 4``) with
+    the address of the first match in RDI, or 0.  Run twice: with ``SECRET`` planted by the host at
+    ``SECRET_AT`` (RDI must be it: the scanner *can* find a secret), and without it beside a second VM that holds
+    ``SECRET`` at the same guest-physical address (RDI must be 0: one VM's RAM is not another's, and the scanner
+    does not count its own copy of the pattern).
+    """
+    from labkit.guest import Guest
+    from labkit.vmm.machine import Machine
+
+    exercise = "a scanner that finds only its own VM's secret"
+    expected = (f"RDI = {SECRET_AT:#x} at the exit with {SECRET!r} planted there, RDI = 0 in a VM without it "
+                "beside a VM holding it")
+    backend = _backend_name(backend)
+    found: dict[str, int] = {}
+    try:
+        guest = Guest.from_asm(source, mode=64, name="your scanner", user=True)
+        with Machine(guest, backend=backend, memory=SCAN_RAM) as planted:
+            planted.write_memory(SECRET_AT, SECRET)
+            runs = {"planted": planted.run(timeout=LONG_TIMEOUT)}
+        with Machine(guest, backend=backend, memory=SCAN_RAM) as other:
+            other.write_memory(SECRET_AT, SECRET)  # the neighbour holds the secret; the scanner's VM does not
+            with Machine(guest, backend=backend, memory=SCAN_RAM) as alone:
+                runs["beside"] = alone.run(timeout=LONG_TIMEOUT)
+    except LabkitError as error:
+        return _refused(exercise, expected, error, backend)
+    where = _where(runs["planted"].origin, backend)
+    for name, run in runs.items():
+        if run.status.kind != StatusKind.EXITED:
+            return Verdict(exercise, False, expected, f"the run {name} ended {_status(run)}, not through the exit "
+                           "service", where)
+        found[name] = run.regs.rdi
+    own = guest.load_address <= found["beside"] < guest.load_address + len(guest.code)
+    if found["beside"]:
+        return Verdict(exercise, False, expected, f"RDI = {found['beside']:#x} in a VM without the secret"
+                       + (": that is your own code's copy of the pattern" if own else ""), where)
+    if found["planted"] != SECRET_AT:
+        return Verdict(exercise, False, expected, f"RDI = {found['planted']:#x} with the secret planted at "
+                       f"{SECRET_AT:#x}", where)
+    return Verdict(exercise, True, expected, f"RDI = {SECRET_AT:#x} with the secret planted, 0 beside the VM "
+                   "holding it", where)
+
+
+# -- 08 snapshots: what a diff holds, and how to find it without dirty logging ------------------------
+
+DIRTY_WANTED = 3
+"""Pages :func:`check_dirty_pages` wants written between the two snapshots."""
+
+
+def _snapshot_pair(guest: Guest, backend: str) -> tuple[RunResult, Any, Any]:
+    """A full snapshot before ``guest`` runs, the run (to its end), and a diff snapshot after it."""
+    from labkit.vmm.machine import Machine
+
+    with Machine(guest, backend=backend) as machine:
+        first = machine.snapshot()
+        result = machine.run(timeout=TIMEOUT)
+        return result, first, machine.snapshot(parent=first)
+
+
+def check_dirty_pages(source: str, backend: str = "auto") -> Verdict:
+    """Notebook 08: a 64-bit ring-0 guest that changes guest RAM so that the diff snapshot taken after it halts
+    holds exactly ``DIRTY_WANTED`` pages (the snapshot before it ran is the parent), and that prints nothing.
+
+    A diff holds whole 4 KiB pages, those the guest wrote since the parent (KVM's dirty log, the emulator's write
+    hooks): three bytes in one page are one page, a quadword across a page boundary two.
+    """
+    from labkit.guest import Guest
+
+    exercise = "dirty exactly three pages"
+    expected = f"a diff snapshot of exactly {DIRTY_WANTED} pages after the guest halts, and an empty console"
+    backend = _backend_name(backend)
+    try:
+        result, _, diff = _snapshot_pair(Guest.from_asm(source, mode=64, name="your guest"), backend)
+    except LabkitError as error:
+        return _refused(exercise, expected, error, backend)
+    pages = sorted(diff.diff.pages) if diff.diff is not None else []
+    problems = []
+    if len(pages) != DIRTY_WANTED:
+        listed = ", ".join(f"{page * PAGE:#x}" for page in pages[:8]) + (" ..." if len(pages) > 8 else "")
+        problems.append(f"the diff holds {len(pages)} page(s)" + (f" (at {listed})" if pages else ""))
+    if result.console:
+        problems.append(f"printed {result.console[:40]!r}")
+    if result.status.kind != StatusKind.HALTED:
+        problems.append(f"ended {_status(result)}")
+    observed = "; ".join(problems) or ("the diff holds the pages at " + ", ".join(f"{page * PAGE:#x}" for page in pages))
+    return Verdict(exercise, not problems, expected, observed, _where(result.origin, backend))
+
+
+CHANGING_GUEST = """
+    mov byte ptr [0x100000], 0x11       # the first byte of a page
+    mov word ptr [0x101ffe], 0x2222     # the last two bytes of the next one
+    mov dword ptr [0x104800], 0x33333333
+    mov rcx, 0x120000                   # one byte in each of eight pages, at a different offset each
+    mov rdx, 0x100
+1:  mov byte ptr [rcx + rdx], 0x44
+    add rcx, 0x1000
+    add rdx, 0x1f0
+    cmp rcx, 0x128000
+    jb 1b
+    mov qword ptr [0x130000], 0         # written, but with the bytes it held: no change
+    hlt
+"""
+"""The guest :func:`check_changed_pages` snapshots: it changes eleven pages at the start, the end and the middle."""
+
+
+def check_changed_pages(changed_pages: Callable[[bytes, bytes], Collection[int]], backend: str = "auto") -> Verdict:
+    """Notebook 08: ``changed_pages(before, after)``, the page numbers (address // 4096) where two copies of guest
+    RAM differ: how a VMM builds a diff snapshot where it has no dirty log.  Checked on ``CHANGING_GUEST``'s RAM
+    before and after it ran: the answer must be exactly the changed pages, and writing those pages of ``after``
+    into a machine restored from the first snapshot must give the second snapshot's RAM.
+    """
+    from labkit.guest import Guest
+    from labkit.vmm.machine import Machine
+
+    exercise = "find the changed pages"
+    expected = "exactly the pages whose bytes changed, and the first snapshot plus those pages equals the second"
+    backend = _backend_name(backend)
+    try:
+        result, first, second = _snapshot_pair(Guest.from_asm(CHANGING_GUEST, mode=64, name="changing guest"),
+                                               backend)
+        with Machine.from_snapshot(first, backend=backend) as restored:
+            size = restored.memory_size
+            before = restored.read_memory(0, size)
+            with Machine.from_snapshot(second, backend=backend) as later:
+                after = later.read_memory(0, size)
+            where = _where(result.origin, backend)
+            truth = sorted(page for page in range(size // PAGE)
+                           if before[page * PAGE:(page + 1) * PAGE] != after[page * PAGE:(page + 1) * PAGE])
+            try:
+                answer = sorted(changed_pages(before, after))
+            except Exception as error:  # the student's code: any exception is an answer to report
+                return Verdict(exercise, False, expected, f"changed_pages raised {type(error).__name__}: {error}",
+                               where)
+            if any(isinstance(page, bool) or not isinstance(page, int) for page in answer):
+                return Verdict(exercise, False, expected, f"changed_pages gave {answer[:4]!r}..., not page numbers",
+                               where)
+            for page in answer:
+                if not 0 <= page < size // PAGE:
+                    return Verdict(exercise, False, expected, f"page {page} (address {page * PAGE:#x}) is outside "
+                                   f"the guest's {size >> 10} KiB", where)
+                restored.write_memory(page * PAGE, after[page * PAGE:(page + 1) * PAGE])
+            rebuilt = restored.read_memory(0, size) == after
+    except LabkitError as error:
+        return _refused(exercise, expected, error, backend)
+    missing, extra = sorted(set(truth) - set(answer)), sorted(set(answer) - set(truth))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} changed page(s) missing (the first at {missing[0] * PAGE:#x})")
+    if extra:
+        problems.append(f"{len(extra)} page(s) that did not change (the first at {extra[0] * PAGE:#x})")
+    if not rebuilt:
+        problems.append("the first snapshot with your pages is not the second")
+    observed = "; ".join(problems) or (f"the {len(truth)} changed pages, and the first snapshot with them is the "
+                                       "second")
+    return Verdict(exercise, not problems, expected, observed, where)
+
+
+__all__ = ["CHANGING_GUEST", "DIRTY_WANTED", "LONG_TIMEOUT", "MESSAGE", "OK_TEXT", "PAGE", "PAGING_EDITS", "PAGING_ROOTS",
+           "PAGING_SEED", "PV_MOST_ENTRIES", "PV_TEXT", "SCAN_RAM", "SECRET", "SECRET_AT", "TIMEOUT",
+           "TRANSLATION_ROUTINES", "WALK_ADDRESSES", "WANTED_PF", "WBINVD_ROUTINE", "WRITES_KIB", "Verdict",
+           "check_bounded_fifo", "check_changed_pages", "check_cr3_loads_only", "check_dirty_pages",
+           "check_five_exits", "check_one_notification", "check_output_exits_only", "check_page_fault",
+           "check_page_walk", "check_paravirtual_port", "check_print_ok", "check_secret_scanner",
+           "check_self_modifying", "check_sensitive_routine", "check_shadow_leaf", "check_translation_set",
+           "check_wbinvd_monitor", "check_write_without_fault"]

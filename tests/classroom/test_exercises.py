@@ -11,7 +11,9 @@ from labkit.errors import ExerciseFailed
 from labkit.monitor.trap_emulate import TrapAndEmulate
 from labkit.monitor.vmx import Primary, Vmcs
 from labkit.monitor.vmx.vmcs import io_bitmaps, kvm_like
+from labkit.vmm.devices.vulnerable import FIFO, FIFO_SIZE, FifoDevice
 from labkit.x86.layout import PML4_ADDRESS
+from labkit.x86.paging import ACCESSED, ADDRESS_MASK, DIRTY, PAGE_SIZE_BIT, PRESENT, USER, WRITABLE
 
 OK_BY_HAND = "mov dx, 0x3f8\nmov al, 'O'\nout dx, al\nmov al, 'K'\nout dx, al\nmov al, 10\nout dx, al\nhlt"
 OK_BY_LOOP = """
@@ -84,6 +86,202 @@ ONLY_UART_FROM_KVM = kvm_like().with_controls(primary=Primary.USE_IO_BITMAPS, ex
                                               io_bitmap_a=BITMAP_A, io_bitmap_b=BITMAP_B,
                                               cr0_guest_host_mask=0, cr4_guest_host_mask=0)
 
+# 03: change code that already ran (the patched immediate of `add rax, 1`), or let the monitor's one-shot path do it
+SMC_STORE = "mov ecx, 2\nxor eax, eax\n1: add rax, 1\nmov byte ptr [rip + 1b + 3], 0x10\nloop 1b"
+SMC_INC = "lea rdx, [rip + 1f + 3]\nmov ecx, 2\nxor eax, eax\n1: add rax, 1\ninc byte ptr [rdx]\nloop 1b"
+SMC_NOT_YET_RUN = "xor eax, eax\nmov byte ptr [rip + 2f + 3], 0x10\njmp 2f\n2: add rax, 1"
+
+PV_LINE = """
+    mov edi, 0                  # console_io(write, 6, text)
+    mov esi, 6
+    lea rdx, [rip + text]
+    mov eax, 18
+    int 4
+    mov edi, 2                  # sched_op(shutdown, poweroff)
+    xor esi, esi
+    mov eax, 29
+    int 4
+text: .ascii "pv ok\\n"
+"""
+PV_MULTICALL = """
+    lea rdi, [rip + calls]      # multicall(calls, 2): the line and the power-off in one entry
+    lea rax, [rip + text]
+    mov [rdi + 32], rax
+    mov esi, 2
+    mov eax, 13
+    int 4
+    .balign 8
+calls: .quad 18, 0, 0, 6, 0, 0, 0, 0
+       .quad 29, 0, 2, 0, 0, 0, 0, 0
+text: .ascii "pv ok\\n"
+"""
+PV_BYTE_BY_BYTE = PV_LINE.replace("mov esi, 6\n    lea rdx, [rip + text]\n    mov eax, 18\n    int 4", """lea rbx, [rip + text]
+    mov r12d, 6
+1:  mov edi, 0
+    mov esi, 1
+    mov rdx, rbx
+    mov eax, 18
+    int 4
+    inc rbx
+    dec r12d
+    jnz 1b""")
+
+
+def walk(read_entry, cr3, address):
+    table = cr3 & ADDRESS_MASK
+    for level, shift in enumerate((39, 30, 21, 12)):
+        entry = read_entry(table + (address >> shift & 0x1FF) * 8)
+        if not entry & PRESENT:
+            return None
+        if level == 3 or (level in (1, 2) and entry & PAGE_SIZE_BIT):
+            size = 1 << shift
+            return (entry & ADDRESS_MASK & ~(size - 1)) | (address & (size - 1))
+        table = entry & ADDRESS_MASK
+
+
+def walk_recursive(read_entry, cr3, address, shift=39):
+    entry = read_entry((cr3 & ADDRESS_MASK) + (address >> shift & 0x1FF) * 8)
+    if not entry & PRESENT:
+        return None
+    if shift == 12 or (shift in (30, 21) and entry & PAGE_SIZE_BIT):
+        return (entry & ADDRESS_MASK) & ~((1 << shift) - 1) | address & ((1 << shift) - 1)
+    return walk_recursive(read_entry, entry, address, shift - 9)
+
+
+def walk_without_large_pages(read_entry, cr3, address):
+    table = cr3 & ADDRESS_MASK
+    for shift in (39, 30, 21, 12):
+        entry = read_entry(table + (address >> shift & 0x1FF) * 8)
+        if not entry & PRESENT:
+            return None
+        table = entry & ADDRESS_MASK
+    return table | address & 0xFFF
+
+
+def walk_without_offset(read_entry, cr3, address):
+    physical = walk(read_entry, cr3, address)
+    return None if physical is None else physical & ~0xFFF
+
+
+def shadow_leaf(page, writable, dirty, page_table):
+    return page | PRESENT | USER | (WRITABLE if writable and dirty and not page_table else 0)
+
+
+def shadow_leaf_with_accessed_and_dirty(page, writable, dirty, page_table):
+    """Also right: A and D set in the shadow entry itself (the CPU would set them; the monitor tracks the kernel's)."""
+    value = page | PRESENT | USER | ACCESSED | DIRTY
+    return value | WRITABLE if writable and dirty and not page_table else value
+
+
+def shadow_leaf_ignoring_dirty(page, writable, dirty, page_table):
+    return page | PRESENT | USER | (WRITABLE if writable and not page_table else 0)
+
+
+def shadow_leaf_ignoring_tables(page, writable, dirty, page_table):
+    return page | PRESENT | USER | (WRITABLE if writable and dirty else 0)
+
+
+def shadow_leaf_read_only(page, writable, dirty, page_table):
+    return page | PRESENT | USER
+
+
+def shadow_leaf_supervisor(page, writable, dirty, page_table):
+    return page | PRESENT | (WRITABLE if writable and dirty and not page_table else 0)
+
+
+class BoundedStore(FifoDevice):
+    def store(self, value):
+        if self.data_pos < FIFO_SIZE:
+            self.state[FIFO + self.data_pos] = value
+            self.data_pos += 1
+
+
+class BoundedAndCounted(FifoDevice):
+    def store(self, value):
+        if self.data_pos >= FIFO_SIZE:
+            self.rejected += 1
+        else:
+            self.state[FIFO + self.data_pos] = value
+            self.data_pos += 1
+
+
+class OffByOne(FifoDevice):
+    def store(self, value):
+        if self.data_pos <= FIFO_SIZE:
+            self.state[FIFO + self.data_pos] = value
+            self.data_pos += 1
+
+
+class WrapsAround(FifoDevice):
+    def store(self, value):
+        self.state[FIFO + self.data_pos % FIFO_SIZE] = value
+        self.data_pos += 1
+
+
+SCAN = """
+    mov rbx, ~0x5452434553504f54    # the pattern's complement: the code holds no copy of it
+    not rbx
+    xor ecx, ecx
+1:  cmp [rcx], rbx
+    je 2f
+    inc rcx
+    cmp rcx, 0x200000 - 7
+    jb 1b
+    xor ecx, ecx
+2:  mov rdi, rcx
+    xor eax, eax
+    int 4
+"""
+SCAN_BY_BYTES = """
+    lea rsi, [rip + pattern]
+    xor ecx, ecx
+1:  xor edx, edx
+2:  mov al, [rcx + rdx]
+    mov bl, [rsi + rdx]
+    xor bl, 0xff                    # the pattern is stored inverted
+    cmp al, bl
+    jne 3f
+    inc edx
+    cmp edx, 8
+    jb 2b
+    jmp 4f
+3:  inc rcx
+    cmp rcx, 0x200000 - 7
+    jb 1b
+    xor ecx, ecx
+4:  mov rdi, rcx
+    xor eax, eax
+    int 4
+pattern: .byte ~0x54 & 0xff, ~0x4f & 0xff, ~0x50 & 0xff, ~0x53 & 0xff, ~0x45 & 0xff, ~0x43 & 0xff, ~0x52 & 0xff, ~0x54 & 0xff
+"""
+SCAN_ALIGNED = SCAN.replace("inc rcx", "add rcx, 8").replace("0x200000 - 7", "0x200000")
+SCAN_OWN_COPY = SCAN.replace("mov rbx, ~0x5452434553504f54    # the pattern's complement: the code holds no copy of it\n"
+                             "    not rbx", "mov rbx, 0x5452434553504f54")
+
+DIRTY_THREE = "mov byte ptr [0x100000], 1\nmov byte ptr [0x101000], 1\nmov byte ptr [0x102000], 1\nhlt"
+DIRTY_STRADDLING = "mov qword ptr [0x100ffc], -1\nmov byte ptr [0x105000], 1\nhlt"
+DIRTY_ONE_PAGE = "mov byte ptr [0x100000], 1\nmov byte ptr [0x100800], 1\nmov byte ptr [0x100fff], 1\nhlt"
+DIRTY_TWO_STRADDLES = "mov qword ptr [0x100ffc], -1\nmov qword ptr [0x102ffc], -1\nhlt"
+
+
+def changed_pages(before, after):
+    return [page for page in range(len(before) // 4096)
+            if before[page * 4096:(page + 1) * 4096] != after[page * 4096:(page + 1) * 4096]]
+
+
+def changed_pages_by_view(before, after):
+    old, new = memoryview(before).cast("Q"), memoryview(after).cast("Q")
+    return sorted({index // 512 for index in range(len(old)) if old[index] != new[index]})
+
+
+def changed_pages_first_byte(before, after):
+    return [page for page in range(len(before) // 4096) if before[page * 4096] != after[page * 4096]]
+
+
+def changed_addresses(before, after):
+    return [page * 4096 for page in changed_pages(before, after)]
+
+
 # exercise: (check, [right answers], [(wrong answer, words its message must contain)])
 CASES = {
     "print_ok": (exercises.check_print_ok, [OK_BY_HAND, OK_BY_LOOP], [
@@ -141,6 +339,43 @@ CASES = {
         (Vmcs(primary=Primary.CR3_LOAD_EXITING | Primary.CR3_STORE_EXITING), "not a CR3 load (the first: 'mov rax, cr3')"),
         (Vmcs(primary=Primary.CR3_LOAD_EXITING, cr3_target_values=(PML4_ADDRESS,)), "1 CR3 load(s) ran with no exit"),
         (Vmcs(cr0_guest_host_mask=(1 << 64) - 1), "'mov cr0, rax'"),
+    ]),
+    "self_modifying": (exercises.check_self_modifying, [SMC_STORE, SMC_INC], [
+        (SMC_NOT_YET_RUN, "dropped no translation"),
+        ("mov ecx, 3\nxor eax, eax\n1: add rax, 1\nmov byte ptr [rip + scratch], 0x10\nloop 1b", "rax = 0x3 both ways"),
+    ]),
+    "paravirtual_port": (exercises.check_paravirtual_port, [PV_LINE, PV_MULTICALL], [
+        ("cli\nmov dx, 0x3f8\nmov al, 'p'\nout dx, al\nhlt", "privileged instruction(s) trapped"),
+        (PV_BYTE_BY_BYTE, "7 entries into the hypervisor (console_io x 6, sched_op x 1)"),
+        (PV_LINE.replace("mov edi, 2 ", "mov edi, 1 "), "not powered off"),
+    ]),
+    "page_walk": (exercises.check_page_walk, [walk, walk_recursive], [
+        (walk_without_large_pages, "for 0x0 under CR3 0x100000 your walk gives None, the kernel's tables 0x0"),
+        (walk_without_offset, "for 0x8123 under CR3 0x100000 your walk gives 0x8000"),
+        (lambda read_entry, cr3, address: read_entry(address), "raised GuestMemoryError"),
+    ]),
+    "shadow_leaf": (exercises.check_shadow_leaf, [shadow_leaf, shadow_leaf_with_accessed_and_dirty], [
+        (shadow_leaf_ignoring_dirty, "line 9 is 'random edits"),
+        (shadow_leaf_ignoring_tables, "page-table store(s), the kernel made 38"),
+        (shadow_leaf_supervisor, "without U/S"),
+        (shadow_leaf_read_only, "without R/W: the kernel's store"),
+    ]),
+    "bounded_fifo": (exercises.check_bounded_fifo, [BoundedStore, BoundedAndCounted], [
+        (OffByOne, "the device called host_debug_dump, the bounded one checksum"),
+        (WrapsAround, "fifo holds 02 41"),
+        (BoundedStore(), "not a subclass of FifoDevice"),
+    ]),
+    "secret_scanner": (exercises.check_secret_scanner, [SCAN, SCAN_BY_BYTES], [
+        (SCAN_ALIGNED, "RDI = 0x0 with the secret planted at 0x1c3a5d"),
+        (SCAN_OWN_COPY, "your own code's copy of the pattern"),
+    ]),
+    "dirty_pages": (exercises.check_dirty_pages, [DIRTY_THREE, DIRTY_STRADDLING], [
+        (DIRTY_ONE_PAGE, "the diff holds 1 page(s) (at 0x100000)"),
+        (DIRTY_TWO_STRADDLES, "the diff holds 4 page(s)"),
+    ]),
+    "changed_pages": (exercises.check_changed_pages, [changed_pages, changed_pages_by_view], [
+        (changed_pages_first_byte, "10 changed page(s) missing (the first at 0x101000)"),
+        (changed_addresses, "page 1048576 (address 0x100000000) is outside"),
     ]),
 }
 
@@ -214,6 +449,21 @@ def _answered(released, source, replace=None):
     return notebook
 
 
+def _exercise_section(notebook):
+    """The notebook from its "## Exercises" cell on: what a student may hand in to be graded (nbgrader grades the
+    solution and test cells it finds; the lesson's cells above need not run again)."""
+    cells = notebook["cells"]
+    start = next(index for index, cell in enumerate(cells)
+                 if cell["cell_type"] == "markdown" and "".join(cell["source"]).startswith("## Exercises"))
+    return dict(notebook, cells=cells[start:])
+
+
+ROUND_TRIP_SECTION = "06-memory-virtualization"
+"""Handed in as its Exercises section only (the lesson above it takes most of a minute to run)."""
+WRONG_SHADOW_LEAF = ("def shadow_leaf(page, writable, dirty, page_table):\n"
+                     "    return page | PRESENT | USER | (WRITABLE if writable and dirty else 0)")
+
+
 @pytest.mark.slow
 @pytest.mark.emu
 def test_release_and_autograde_give_full_marks_to_the_reference_and_partial_to_a_wrong_answer(tmp_path):
@@ -222,27 +472,65 @@ def test_release_and_autograde_give_full_marks_to_the_reference_and_partial_to_a
 
     # No skip: nbgrader is in the test extra (scripts/test installs it); without it the script says how to install.
     course, submissions = tmp_path / "course", tmp_path / "submitted"
-    done = _exercises("release", course, ROUND_TRIP)
+    done = _exercises("release", course, ROUND_TRIP, ROUND_TRIP_SECTION)
     assert done.returncode == 0, done.stdout + done.stderr
-    released = json.loads((course / "release" / ROUND_TRIP / f"{ROUND_TRIP}.ipynb").read_text())
-    text = json.dumps(released)
+    released = {name: json.loads((course / "release" / name / f"{name}.ipynb").read_text())
+                for name in (ROUND_TRIP, ROUND_TRIP_SECTION)}
+    text = json.dumps(released[ROUND_TRIP])
     assert "BEGIN SOLUTION" not in text and "mov al, 'O'" not in text, "the release still holds a reference answer"
     assert text.count("raise NotImplementedError()") == 2
-    source = json.loads((ROOT / "notebooks" / f"{ROUND_TRIP}.ipynb").read_text())
-    for student, notebook in (("reference", _answered(released, source)),
-                              ("wrong", _answered(released, source, {"exercises-00-five-answer": WRONG_FIVE_EXITS})),
-                              ("blank", released)):
+    text = json.dumps(released[ROUND_TRIP_SECTION])
+    assert "BEGIN SOLUTION" not in text and "value |= WRITABLE" not in text and "def walk(" not in text
+    assert text.count("raise NotImplementedError()") == 2
+    sources = {name: json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
+               for name in (ROUND_TRIP, ROUND_TRIP_SECTION)}
+    wrong = {"exercises-00-five-answer": WRONG_FIVE_EXITS, "exercises-06-leaf-answer": WRONG_SHADOW_LEAF}
+    for student, replace in (("reference", None), ("wrong", wrong), ("blank", False)):
         (submissions / student).mkdir(parents=True)
-        (submissions / student / f"{ROUND_TRIP}.ipynb").write_text(json.dumps(notebook))
+        for name, source in sources.items():
+            notebook = released[name] if replace is False else _answered(released[name], source, replace)
+            if name == ROUND_TRIP_SECTION:
+                notebook = _exercise_section(notebook)
+            (submissions / student / f"{name}.ipynb").write_text(json.dumps(notebook))
     done = _exercises("autograde", course, submissions, env=dict(os.environ, LABKIT_BACKEND="emu"))
     assert done.returncode == 0, done.stdout + done.stderr
-    grades = {line.split(",")[0]: line.split(",")[2:] for line in (course / "grades.csv").read_text().splitlines()[1:]}
-    assert grades == {"reference": ["4", "4"], "wrong": ["2", "4"], "blank": ["0", "4"]}, done.stdout
-    graded = json.loads((course / "autograded" / "wrong" / ROUND_TRIP / f"{ROUND_TRIP}.ipynb").read_text())
-    failed = [cell for cell in graded["cells"] if any(output.get("ename") for output in cell.get("outputs", []))]
-    assert len(failed) == 1 and "five silent exits: not yet" in json.dumps(failed[0])
+    grades = {tuple(line.split(",")[:2]): line.split(",")[2:]
+              for line in (course / "grades.csv").read_text().splitlines()[1:]}
+    assert grades == {(student, name): [score, "4"] for student, scores in
+                      (("reference", ("4", "4")), ("wrong", ("2", "2")), ("blank", ("0", "0")))
+                      for name, score in zip((ROUND_TRIP, ROUND_TRIP_SECTION), scores)}, done.stdout
+    for name, message in ((ROUND_TRIP, "five silent exits: not yet"),
+                          (ROUND_TRIP_SECTION, "the shadow page-table entry: not yet")):
+        graded = json.loads((course / "autograded" / "wrong" / name / f"{name}.ipynb").read_text())
+        failed = [cell for cell in graded["cells"] if any(output.get("ename") for output in cell.get("outputs", []))]
+        assert len(failed) == 1 and message in json.dumps(failed[0]), name
+    assert "page-table store(s), the kernel made" in json.dumps(failed[0])
+
+
+@pytest.mark.unit
+def test_every_notebook_with_exercises_has_nbgrader_cells_that_release_cleanly():
+    """What ``scripts/exercises release`` needs of each notebook (00-08; the round trip above releases two of them):
+    unique grade ids, each solution region marked, and each answer followed by its graded check with points."""
+    import json
+
+    names = sorted(path.stem for path in (ROOT / "notebooks").glob("0[0-8]-*.ipynb"))
+    assert len(names) == 9
+    for name in names:
+        cells = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+        graded = [(index, cell["metadata"]["nbgrader"]) for index, cell in enumerate(cells)
+                  if "nbgrader" in cell["metadata"]]
+        ids = [meta["grade_id"] for _, meta in graded]
+        assert len(ids) == len(set(ids)), f"{name}: grade ids repeat"
+        answers = [index for index, meta in graded if meta["solution"]]
+        for index in answers:
+            source = "".join(cells[index]["source"])
+            assert source.startswith("### BEGIN SOLUTION\n") and source.rstrip().endswith("### END SOLUTION"), name
+            check = cells[index + 1]["metadata"].get("nbgrader", {})
+            assert check.get("grade") and check.get("points", 0) > 0 and check.get("locked"), f"{name} cell {index + 1}"
+        assert len(answers) >= 2, f"{name} has {len(answers)} exercise(s); every notebook ends with two or more"
 
 
 def test_autograde_without_a_release_says_what_to_do(tmp_path):
     done = _exercises("autograde", tmp_path / "course", tmp_path)
     assert done.returncode == 2 and "run 'scripts/exercises release" in done.stderr
+
