@@ -1,6 +1,6 @@
 """Exercises with automatic feedback: run the student's answer on a real backend and compare.
 
-Each notebook from 00 to 08 ends with tasks that make the student write or
+Each notebook from 00 to 09 ends with tasks that make the student write or
 change guest code or monitor code.  Each ``check_*`` function here runs the
 answer on ``backend`` (``"auto"``: the session's backend; ``LABKIT_BACKEND``
 can force one) and returns a :class:`Verdict`: whether it passed, what was
@@ -37,11 +37,14 @@ notebook   check                                   the student writes
 07         :func:`check_secret_scanner`            a guest that finds a secret in its own RAM only
 08         :func:`check_dirty_pages`               a guest whose diff snapshot holds exactly three pages
 08         :func:`check_changed_pages`             a VMM's page comparison that builds a diff snapshot
+09         :func:`check_cluster_lookup`            the qcow2 lookup from a guest offset to the delta file's
+09         :func:`check_damaged_files`             the check a restore runs: which files are damaged
 =========  =====================================  ==================================
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Collection
 
@@ -1003,10 +1006,150 @@ def check_changed_pages(changed_pages: Callable[[bytes, bytes], Collection[int]]
     return Verdict(exercise, not problems, expected, observed, where)
 
 
-__all__ = ["CHANGING_GUEST", "DIRTY_WANTED", "LONG_TIMEOUT", "MESSAGE", "OK_TEXT", "PAGE", "PAGING_EDITS", "PAGING_ROOTS",
+# --- notebook 09: where a delta keeps the guest's bytes, and the check a restore needs ----------------------
+
+LOOKUP_DISK = 4 << 20
+"""The base disk of the cluster-lookup exercise: two L2 tables' worth at 4 KiB clusters."""
+LOOKUP_CLUSTER = 4096
+LOOKUP_WRITES = 24
+"""blk64's one-sector writes at random sectors into the exercise's overlay (pattern ``random``, seed 3)."""
+
+
+def check_cluster_lookup(lookup: Callable[[Any, int], int | None], backend: str = "auto") -> Verdict:
+    """Notebook 09: ``lookup(file, offset)``, the host offset in a qcow2 overlay's file (``file`` open for binary
+    reading) that holds the guest's disk byte at ``offset``, or ``None`` where the overlay has no cluster for it
+    (the read falls through to the backing file).  ``blk64`` writes :data:`LOOKUP_WRITES` sectors through
+    virtio-blk into a new overlay of :data:`LOOKUP_CLUSTER`-byte clusters over a :data:`LOOKUP_DISK`-byte base;
+    the answer must find every written sector's bytes and say ``None`` for every cluster nobody wrote.
+    """
+    import random
+    import tempfile
+
+    from labkit.storage import Datastore, open_image
+    from labkit.virtio.blk import PARAMS_ADDRESS, SECTOR_SIZE, blk64_parameters, blk64_sectors, block_devices
+    from labkit.vmm.machine import Machine
+
+    exercise = "find a guest byte in the delta file"
+    expected = (f"for each of the {LOOKUP_WRITES} sectors blk64 wrote, the file offset holding its bytes; None for "
+                "every cluster the overlay does not hold")
+    backend = _backend_name(backend)
+    with tempfile.TemporaryDirectory(prefix="labkit-exercise-09-") as folder:
+        try:
+            store = Datastore(folder, capacity=1 << 30)
+            store.create_raw("base.raw", LOOKUP_DISK)
+            store.create_overlay("delta.qcow2", "base.raw", cluster_size=LOOKUP_CLUSTER)
+            with Machine("blk64", backend=backend, devices=block_devices(lambda: store.open("delta.qcow2"))) as vm:
+                vm.write_memory(PARAMS_ADDRESS, blk64_parameters("random", 1, LOOKUP_WRITES, 3))
+                result = vm.run(timeout=LONG_TIMEOUT)
+            where = _where(result.origin, backend)
+            if result.status.kind is not StatusKind.EXITED or result.status.code != 0:
+                return Verdict(exercise, False, expected, f"blk64 did not finish its writes: {_status(result)}", where)
+            with open_image(store.file("delta.qcow2")) as image:  # type: ignore[attr-defined]
+                held = [(e.start, e.length, e.offset) for e in image.extents() if e.depth == 0 and e.data]
+                written = sorted(set(blk64_sectors("random", 1, LOOKUP_WRITES, 3, LOOKUP_DISK // SECTOR_SIZE)))
+                rng = random.Random(9)
+                probes = [(sector * SECTOR_SIZE + rng.randrange(SECTOR_SIZE), True) for sector in written]
+                free = [c for c in range(LOOKUP_DISK // LOOKUP_CLUSTER)
+                        if not any(start <= c * LOOKUP_CLUSTER < start + length for start, length, _ in held)]
+                probes += [(c * LOOKUP_CLUSTER + rng.randrange(LOOKUP_CLUSTER), False) for c in rng.sample(free, 24)]
+                truth = {offset: image.read(offset, 1) for offset, _ in probes}
+            path = store.file("delta.qcow2")
+            size = os.path.getsize(path)
+            with open(path, "rb") as file:
+                for offset, stored in probes:
+                    try:
+                        answer = lookup(file, offset)
+                    except Exception as error:  # the student's code: any exception is an answer to report
+                        return Verdict(exercise, False, expected,
+                                       f"lookup(file, {offset:#x}) raised {type(error).__name__}: {error}", where)
+                    if not stored:
+                        if answer is not None:
+                            return Verdict(exercise, False, expected, f"at {offset:#x}, a cluster nobody wrote, "
+                                           f"lookup gave {answer!r}, not None", where)
+                        continue
+                    if isinstance(answer, bool) or not isinstance(answer, int):
+                        return Verdict(exercise, False, expected, f"at {offset:#x}, which blk64 wrote, lookup gave "
+                                       f"{answer!r}, not a file offset", where)
+                    if not 0 <= answer < size:
+                        return Verdict(exercise, False, expected, f"at {offset:#x} lookup gave {answer:#x}, past the "
+                                       f"end of the {size:,}-byte file", where)
+                    file.seek(answer)
+                    if file.read(1) != truth[offset]:
+                        file.seek(answer)
+                        return Verdict(exercise, False, expected, f"at {offset:#x} lookup gave {answer:#x}, where the "
+                                       f"file holds {file.read(1).hex()}, not the guest's byte "
+                                       f"{truth[offset].hex()}", where)
+        except LabkitError as error:
+            return _refused(exercise, expected, error, backend)
+    return Verdict(exercise, True, expected, f"all {len(written)} written sectors found and all 24 unwritten clusters "
+                   "None", where)
+
+
+DAMAGED_FILES = {"notes.txt": 700, "photo.raw": 3000, "thesis.tex": 1100, "data.bin": 512, "log.txt": 1500}
+"""The files of the damaged-files exercise: name -> length in bytes (most end inside a sector)."""
+DAMAGE = (("thesis.tex", 600), ("log.txt", 1499), ("notes.txt", 900), ("photo.raw", 3050))
+"""Bytes flipped on the restored disk, as (file, offset from the file's first byte): thesis.tex in its
+middle, log.txt in its last byte, notes.txt and photo.raw past their ends, in their last sectors' slack."""
+DAMAGED_WANTED = ("log.txt", "thesis.tex")
+
+
+def check_damaged_files(find_damaged: Callable[[Any], Collection[str]], backend: str = "auto") -> Verdict:
+    """Notebook 09: ``find_damaged(disk)``, the names of the files on an LKFS disk whose bytes do not match the
+    SHA-256 in their directory entry (``disk.read(offset, length)``; ``labkit.backup.files.read_layout`` gives the
+    directory).  The disk is made as a restore makes it: ``backup64`` (the agent in the guest) sends the files of
+    :data:`DAMAGED_FILES` over the virtio console on this backend, the backup is written onto a new disk, and
+    :data:`DAMAGE` is done to it: the answer must name exactly :data:`DAMAGED_WANTED`.
+    """
+    import tempfile
+
+    from labkit.backup.agent import agent_backup, restore_agent_backup
+    from labkit.backup.files import SECTOR, format_files, read_layout
+    from labkit.storage import Datastore
+
+    exercise = "find the damaged files"
+    expected = f"exactly {', '.join(DAMAGED_WANTED)}: the files whose bytes differ from their SHA-256"
+    backend = _backend_name(backend)
+    where = _where(None, backend)
+    with tempfile.TemporaryDirectory(prefix="labkit-exercise-09-") as folder:
+        try:
+            store = Datastore(folder, capacity=1 << 30)
+            store.create_raw("vm.raw", 1 << 20)
+            with store.open("vm.raw") as disk:  # type: ignore[attr-defined]
+                format_files(disk, {name: bytes((7 * i + len(name)) & 0xFF for i in range(length))
+                                    for name, length in DAMAGED_FILES.items()})
+            backup = agent_backup(store.file("vm.raw"), os.path.join(folder, "agent.lkfs"), backend=backend)
+            where = _where(backup.origin, backend)
+            store.create_raw("restored.raw", 1 << 20)
+            with store.open("restored.raw") as disk:  # type: ignore[attr-defined]
+                restore_agent_backup(backup.path, disk)
+                entries = {entry.name: entry for entry in read_layout(disk).files}
+                for name, offset in DAMAGE:
+                    at = entries[name].first_sector * SECTOR + offset
+                    disk.write(at, bytes([disk.read(at, 1)[0] ^ 0x20]))
+                try:
+                    answer = find_damaged(disk)
+                except Exception as error:  # the student's code: any exception is an answer to report
+                    return Verdict(exercise, False, expected, f"find_damaged raised {type(error).__name__}: {error}",
+                                   where)
+        except LabkitError as error:
+            return _refused(exercise, expected, error, backend)
+    if isinstance(answer, str) or any(not isinstance(name, str) for name in answer):
+        return Verdict(exercise, False, expected, f"find_damaged gave {answer!r:.80}, not a collection of names", where)
+    missing, extra = sorted(set(DAMAGED_WANTED) - set(answer)), sorted(set(answer) - set(DAMAGED_WANTED))
+    problems = []
+    if missing:
+        problems.append(f"damaged but not named: {', '.join(missing)}")
+    if extra:
+        problems.append(f"named but intact (what changed is past the file's end, or nothing): {', '.join(extra)}")
+    return Verdict(exercise, not problems, expected, "; ".join(problems) or f"named {', '.join(sorted(answer))}",
+                   where)
+
+
+__all__ = ["CHANGING_GUEST", "DAMAGE", "DAMAGED_FILES", "DAMAGED_WANTED", "DIRTY_WANTED", "LOOKUP_CLUSTER",
+           "LOOKUP_DISK", "LOOKUP_WRITES", "LONG_TIMEOUT", "MESSAGE", "OK_TEXT", "PAGE", "PAGING_EDITS", "PAGING_ROOTS",
            "PAGING_SEED", "PV_MOST_ENTRIES", "PV_TEXT", "SCAN_RAM", "SECRET", "SECRET_AT", "TIMEOUT",
            "TRANSLATION_ROUTINES", "WALK_ADDRESSES", "WANTED_PF", "WBINVD_ROUTINE", "WRITES_KIB", "Verdict",
-           "check_bounded_fifo", "check_changed_pages", "check_cr3_loads_only", "check_dirty_pages",
+           "check_bounded_fifo", "check_changed_pages", "check_cluster_lookup", "check_damaged_files", "check_cr3_loads_only", "check_dirty_pages",
            "check_five_exits", "check_one_notification", "check_output_exits_only", "check_page_fault",
            "check_page_walk", "check_paravirtual_port", "check_print_ok", "check_secret_scanner",
            "check_self_modifying", "check_sensitive_routine", "check_shadow_leaf", "check_translation_set",

@@ -4,6 +4,9 @@ backends and a message that names the difference; the notebooks' nbgrader round 
 
 from __future__ import annotations
 
+import hashlib
+import struct
+
 import pytest
 
 from labkit import exercises
@@ -282,6 +285,85 @@ def changed_addresses(before, after):
     return [page * 4096 for page in changed_pages(before, after)]
 
 
+# notebook 09: the qcow2 lookup (header fields from qcow2.rst "Header"; L1/L2 entries' offset bits 9-55)
+def cluster_lookup(file, offset):
+    file.seek(0)
+    header = file.read(48)
+    cluster_bits, = struct.unpack_from(">I", header, 20)
+    l1_size, = struct.unpack_from(">I", header, 36)
+    l1_offset, = struct.unpack_from(">Q", header, 40)
+    cluster = 1 << cluster_bits
+    l1_index, l2_index = divmod(offset // cluster, cluster // 8)
+    if l1_index >= l1_size:
+        return None
+    file.seek(l1_offset + 8 * l1_index)
+    table = struct.unpack(">Q", file.read(8))[0] & 0x00FF_FFFF_FFFF_FE00
+    if not table:
+        return None
+    file.seek(table + 8 * l2_index)
+    host = struct.unpack(">Q", file.read(8))[0] & 0x00FF_FFFF_FFFF_FE00
+    return host + offset % cluster if host else None
+
+
+def cluster_lookup_unmasked(file, offset):
+    """Takes the L2 entry as it is: bit 63 (COPIED) is part of the offset."""
+    file.seek(0)
+    header = file.read(48)
+    cluster = 1 << struct.unpack_from(">I", header, 20)[0]
+    l1_index, l2_index = divmod(offset // cluster, cluster // 8)
+    file.seek(struct.unpack_from(">Q", header, 40)[0] + 8 * l1_index)
+    table = struct.unpack(">Q", file.read(8))[0] & 0x00FF_FFFF_FFFF_FE00
+    if not table:
+        return None
+    file.seek(table + 8 * l2_index)
+    host = struct.unpack(">Q", file.read(8))[0]
+    return host + offset % cluster if host else None
+
+
+def cluster_lookup_64k(file, offset):
+    """QEMU's default cluster size, not the header's."""
+    file.seek(0)
+    header = file.read(48)
+    cluster = 65536
+    l1_index, l2_index = divmod(offset // cluster, cluster // 8)
+    file.seek(struct.unpack_from(">Q", header, 40)[0] + 8 * l1_index)
+    table = struct.unpack(">Q", file.read(8))[0] & 0x00FF_FFFF_FFFF_FE00
+    if not table:
+        return None
+    file.seek(table + 8 * l2_index)
+    host = struct.unpack(">Q", file.read(8))[0] & 0x00FF_FFFF_FFFF_FE00
+    return host + offset % cluster if host else None
+
+
+def cluster_lookup_cluster_start(file, offset):
+    """The cluster, not the byte in it."""
+    found = cluster_lookup(file, offset)
+    return None if found is None else found - offset % exercises.LOOKUP_CLUSTER
+
+
+def damaged_files(disk):
+    from labkit.backup.files import SECTOR, read_layout
+
+    return [entry.name for entry in read_layout(disk).files
+            if hashlib.sha256(disk.read(entry.first_sector * SECTOR, entry.length)).digest() != entry.sha256]
+
+
+def damaged_files_whole_sectors(disk):
+    """Hashes every sector the file occupies, slack included."""
+    from labkit.backup.files import SECTOR, read_layout
+
+    return [entry.name for entry in read_layout(disk).files
+            if hashlib.sha256(disk.read(entry.first_sector * SECTOR, entry.sectors * SECTOR)).digest() != entry.sha256]
+
+
+def damaged_files_directory_only(disk):
+    """Trusts the directory's checksum: the files' own bytes are never read."""
+    from labkit.backup.files import read_layout
+
+    read_layout(disk)
+    return []
+
+
 # exercise: (check, [right answers], [(wrong answer, words its message must contain)])
 CASES = {
     "print_ok": (exercises.check_print_ok, [OK_BY_HAND, OK_BY_LOOP], [
@@ -376,6 +458,16 @@ CASES = {
     "changed_pages": (exercises.check_changed_pages, [changed_pages, changed_pages_by_view], [
         (changed_pages_first_byte, "10 changed page(s) missing (the first at 0x101000)"),
         (changed_addresses, "page 1048576 (address 0x100000000) is outside"),
+    ]),
+    "cluster_lookup": (exercises.check_cluster_lookup, [cluster_lookup], [
+        (cluster_lookup_unmasked, "past the end of the"),
+        (cluster_lookup_64k, "lookup gave None, not a file offset"),
+        (cluster_lookup_cluster_start, "not the guest's byte"),
+    ]),
+    "damaged_files": (exercises.check_damaged_files, [damaged_files], [
+        (damaged_files_whole_sectors, "named but intact (what changed is past the file's end, or nothing): "
+                                      "notes.txt, photo.raw"),
+        (damaged_files_directory_only, "damaged but not named: log.txt, thesis.tex"),
     ]),
 }
 
