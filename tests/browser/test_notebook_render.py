@@ -9,7 +9,7 @@ The screenshot goes to pytest's temp dir, or to ``LABKIT_SCREENSHOT_DIR``.
 Both backends: the default (``auto``) and ``LABKIT_BACKEND=emu``.  Every notebook is
 rendered from both runs; the emulator's run is the very one tests/notebooks checks
 (:func:`execute_shared`: executed once per session).  In a live JupyterLab every
-notebook's widgets are changed on the default backend, and a rotating quarter of them
+notebook's widgets are changed on the default backend, and one of them per run, in turn
 (:func:`emu_widget_notebooks`) under ``LABKIT_BACKEND=emu``: ``scripts/browser-all``
 changes every notebook's widgets on both.
 """
@@ -198,7 +198,11 @@ def test_each_lesson_shows_its_result_and_figures(name, backend, browser, tmp_pa
     assert "Traceback" not in page.inner_text("body")
     shots = Path(os.environ.get("LABKIT_SCREENSHOT_DIR", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(shots / name.replace(".ipynb", f"-{backend}-full.png")), full_page=True)
+    if backend == "default":
+        page.screenshot(path=str(shots / name.replace(".ipynb", f"-{backend}-full.png")), full_page=True)
+    else:  # the same page's other run: JPEG at CSS pixels takes a third of the time of a 1.5x PNG
+        page.screenshot(path=str(shots / name.replace(".ipynb", f"-{backend}-full.jpg")), full_page=True,
+                        type="jpeg", quality=70, scale="css")
     page.close()
 
 
@@ -234,18 +238,19 @@ CHANGE_S = 60
 
 
 WIDGET_NOTEBOOKS = sorted(name for name, lesson in LESSONS.items() if lesson.controls)
-EMU_GROUPS = 4
-"""The emulator's widget pass changes a quarter of the notebooks per run, in turn (the default backend's: all)."""
+EMU_PER_RUN = 1
+"""How many notebooks' widgets the emulator's pass changes per run, in turn (the default backend's: all).
+One keeps the pass under a minute (a JupyterLab with LABKIT_BACKEND=emu and one notebook run in it)."""
 
 
 def emu_widget_notebooks(environ=os.environ, turn: int | None = None) -> list[str]:
     """The notebooks whose widgets are changed under ``LABKIT_BACKEND=emu`` in this run.
 
     ``LABKIT_BROWSER_EMU=all`` (what ``scripts/browser-all`` sets) or a comma-separated list of notebooks
-    chooses; otherwise group ``commits % EMU_GROUPS`` of :data:`WIDGET_NOTEBOOKS` (every 4th from the
-    group's number), where ``commits`` is the checkout's number of commits: consecutive commits cover every
-    notebook within four runs, and a rerun of one commit checks the same ones.  Without git: the day's number.
-    ``turn`` replaces the count (for the test of the rotation).
+    chooses; otherwise :data:`EMU_PER_RUN` of :data:`WIDGET_NOTEBOOKS` in turn, the turn being the checkout's
+    number of commits: consecutive commits cover every notebook (9 commits for 9 notebooks), and a rerun of
+    one commit checks the same ones.  Without git the turn is the day's number.  ``turn`` replaces the count
+    (for the test of the rotation).
     """
     import datetime
     import subprocess
@@ -260,14 +265,19 @@ def emu_widget_notebooks(environ=os.environ, turn: int | None = None) -> list[st
             raise pytest.UsageError(f"LABKIT_BROWSER_EMU names {unknown}: not among {WIDGET_NOTEBOOKS}")
         return names
     if turn is not None:
-        return WIDGET_NOTEBOOKS[turn % EMU_GROUPS::EMU_GROUPS]
+        return _in_turn(turn)
     try:
         counted = subprocess.run(["git", "-C", str(NOTEBOOKS.parent), "rev-list", "--count", "HEAD"],
                                  capture_output=True, text=True, timeout=30)
         turn = int(counted.stdout) if counted.returncode == 0 else datetime.date.today().toordinal()
     except (OSError, ValueError, subprocess.TimeoutExpired):
         turn = datetime.date.today().toordinal()
-    return WIDGET_NOTEBOOKS[turn % EMU_GROUPS::EMU_GROUPS]
+    return _in_turn(turn)
+
+
+def _in_turn(turn: int) -> list[str]:
+    count = len(WIDGET_NOTEBOOKS)
+    return [WIDGET_NOTEBOOKS[(turn * EMU_PER_RUN + offset) % count] for offset in range(min(EMU_PER_RUN, count))]
 
 
 WIDGET_CASES = [pytest.param(name, "default", marks=pytest.mark.kvm, id=f"{name}-default") for name in WIDGET_NOTEBOOKS]
@@ -275,9 +285,11 @@ WIDGET_CASES += [pytest.param(name, "emu", marks=pytest.mark.emu, id=f"{name}-em
 
 
 def test_the_emulators_widget_pass_covers_every_notebook_in_turn():
-    turns = [emu_widget_notebooks({}, turn) for turn in range(100, 100 + EMU_GROUPS)]
-    assert sorted(name for names in turns for name in names) == WIDGET_NOTEBOOKS, turns
-    assert all(names for names in turns) and emu_widget_notebooks({}, 7) == emu_widget_notebooks({}, 7 + EMU_GROUPS)
+    runs = -(-len(WIDGET_NOTEBOOKS) // EMU_PER_RUN)
+    turns = [emu_widget_notebooks({}, turn) for turn in range(100, 100 + runs)]
+    assert sorted({name for names in turns for name in names}) == WIDGET_NOTEBOOKS, turns
+    assert all(len(names) == EMU_PER_RUN for names in turns)
+    assert emu_widget_notebooks({}, 7) == emu_widget_notebooks({}, 7) != emu_widget_notebooks({}, 8)
     assert emu_widget_notebooks({"LABKIT_BROWSER_EMU": "all"}) == WIDGET_NOTEBOOKS
     assert emu_widget_notebooks({"LABKIT_BROWSER_EMU": "00-welcome.ipynb"}) == ["00-welcome.ipynb"]
     with pytest.raises(pytest.UsageError, match="no-such.ipynb"):

@@ -43,7 +43,11 @@ def culler_of(config):
 
 def parsed(command: list[str]):
     """The culler's settings from ``command``, parsed by the culler's own application (a wrong flag fails)."""
-    from jupyterhub_idle_culler import IdleCuller
+    try:
+        from jupyterhub_idle_culler import IdleCuller
+    except ImportError:
+        pytest.fail("jupyterhub-idle-culler is not installed: pip install -e '.[classroom]' (scripts/setup classroom)",
+                    pytrace=False)
 
     assert command[:3] == [sys.executable, "-m", "jupyterhub_idle_culler"], command
     culler = IdleCuller()
