@@ -280,8 +280,10 @@ def _in_turn(turn: int) -> list[str]:
     return [WIDGET_NOTEBOOKS[(turn * EMU_PER_RUN + offset) % count] for offset in range(min(EMU_PER_RUN, count))]
 
 
-WIDGET_CASES = [pytest.param(name, "default", marks=pytest.mark.kvm, id=f"{name}-default") for name in WIDGET_NOTEBOOKS]
-WIDGET_CASES += [pytest.param(name, "emu", marks=pytest.mark.emu, id=f"{name}-emu") for name in emu_widget_notebooks()]
+WIDGET_CASES = [pytest.param(name, "default", marks=pytest.mark.kvm, id=f"{name}-default")
+                for name in WIDGET_NOTEBOOKS]
+WIDGET_CASES += [pytest.param(name, "emu", marks=pytest.mark.emu, id=f"{name}-emu")
+                 for name in emu_widget_notebooks()]
 
 
 def test_the_emulators_widget_pass_covers_every_notebook_in_turn():
@@ -413,9 +415,9 @@ def _change(page, kind: str, control, backend: str) -> str | None:
 
 @pytest.mark.parametrize(("name", "backend"), WIDGET_CASES)
 def test_every_widget_changes_the_results(name, backend, browser, tmp_path, request):
-    """The default backend's cases are marked kvm: there the backend buttons need a second backend to switch to (conftest skips
-    it only without /dev/kvm).  Under LABKIT_BACKEND=emu a backend picker offers the emulator alone: it is
-    found and checked to say so, and every other control is changed."""
+    """The default backend's cases are marked kvm: there the backend buttons need a second backend to switch
+    to (conftest skips them only without /dev/kvm).  Under LABKIT_BACKEND=emu a control with nothing else to
+    choose is found and checked (:func:`_change`), and every other control is changed."""
     import re
 
     base, token, server, _ = request.getfixturevalue(f"lab_{backend}")
