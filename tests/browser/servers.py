@@ -8,6 +8,7 @@ labkit workers are its children: a server's session alone does not name them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -27,6 +28,40 @@ def require_chromium(path: str | None = None) -> None:
     if not (os.path.isfile(path) and os.access(path, os.X_OK)):
         pytest.fail(f"{path} is missing: install Debian's Chromium (sudo apt-get install -y chromium, "
                     "or scripts/setup test); the browser tests never download a browser", pytrace=False)
+
+
+@contextlib.contextmanager
+def chromium():
+    """Headless Debian Chromium through Playwright; afterwards no browser or driver process of this test is left."""
+    require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+    deadline = time.monotonic() + 10
+    while (left := _browser_processes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        os.kill(pid, 9)
+    assert left == [], f"Chromium or Playwright's driver outlived the browser: {left}"
+
+
+def _browser_processes() -> list[int]:
+    """This process's descendants that are Chromium or Playwright's driver."""
+    found = []
+    for pid in descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                command = cmdline.read().split(b"\0")[0]
+        except OSError:
+            continue
+        if b"chromium" in command or command.endswith(b"playwright/driver/node"):
+            found.append(pid)
+    return found
 
 
 def free_port() -> int:

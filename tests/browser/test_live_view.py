@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import CHROMIUM, CHROMIUM_ARGS, Server, free_port, require_chromium
+from servers import Server, chromium, free_port
 
 from labkit.virtio.measure import LINE_TEMPLATE
 
@@ -38,16 +38,9 @@ EXITS = re.compile(r"(\d+) VM exits")
 
 
 @pytest.fixture(scope="module")
-def chromium():
-    require_chromium()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
+def browser():
+    with chromium() as launched:
+        yield launched
 
 
 def _wait_for(condition, seconds: float, what: str):
@@ -91,7 +84,7 @@ class Page:
         return int(found.group(1)) if found else None
 
 
-def test_the_live_view_in_the_browser_starts_pauses_steps_and_resets(backend_name, chromium, tmp_path):
+def test_the_live_view_in_the_browser_starts_pauses_steps_and_resets(backend_name, browser, tmp_path):
     repo = Path(__file__).resolve().parents[2]
     total = TOTAL_BYTES
     port = free_port()
@@ -108,7 +101,7 @@ def test_the_live_view_in_the_browser_starts_pauses_steps_and_resets(backend_nam
         assert f"http://127.0.0.1:{port}/?token=" in line, f"{line!r}\n{server.tail()}"
         base = f"http://127.0.0.1:{port}"
         server.wait_until_listening(port, PAGE_S)
-        page = chromium.new_page(viewport={"width": 1280, "height": 720})
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
         page.route("**/*", lambda route: route.continue_() if route.request.url.startswith((base, "data:", "blob:"))
                    else route.abort())
         page.goto(line.split()[-1], wait_until="domcontentloaded", timeout=PAGE_S * 1000)

@@ -26,7 +26,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "notebooks"))
 from notebook_execution import NOTEBOOKS, execute_shared  # noqa: E402
-from servers import CHROMIUM, CHROMIUM_ARGS, Server, free_port, require_chromium  # noqa: E402
+from servers import Server, chromium, free_port, require_chromium  # noqa: E402
 
 HELLO = "Hello from 64-bit mode!"
 BACKENDS = {"default": None, "emu": "emu"}
@@ -50,15 +50,8 @@ def rendered(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def browser():
-    require_chromium()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 def test_student_sees_hello_figures_and_no_errors(rendered, browser, tmp_path):
