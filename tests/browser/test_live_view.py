@@ -8,6 +8,11 @@ page with no VM.  Assertions are on counts and states, never on wall time: the
 guest is asked for 256 MiB (uart_console64: two port-I/O exits per byte), which
 no backend finishes before the pause, and reset ends it early.
 Nothing may outlive the test: Voila, its kernel and the kernel's labkit worker.
+
+The suite drives the page once, on the backend ``labkit demo`` picks by default
+(``auto``: KVM where usable); tests/classroom/test_live.py checks the view itself on
+both backends.  ``scripts/browser-all`` (``LABKIT_BROWSER_EMU=all``) drives the page on
+the emulator too.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ CHANGE_S = 60
 RUNNING_CHANGES = 3
 """Distinct values of the chart, the table and the console to be seen while the guest runs."""
 EXITS = re.compile(r"(\d+) VM exits")
+BACKENDS = ["auto", "emu"] if os.environ.get("LABKIT_BROWSER_EMU") == "all" else ["auto"]
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +90,15 @@ class Page:
         return int(found.group(1)) if found else None
 
 
-def test_the_live_view_in_the_browser_starts_pauses_steps_and_resets(backend_name, browser, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_live_view_in_the_browser_starts_pauses_steps_and_resets(backend, browser, tmp_path):
     repo = Path(__file__).resolve().parents[2]
     total = TOTAL_BYTES
     port = free_port()
     env = {key: value for key, value in os.environ.items() if key not in ("JUPYTER_TOKEN", "LABKIT_BACKEND")}
     env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
-    server = Server([sys.executable, "-m", "labkit.cli", "demo", "--backend", backend_name, "--bytes", str(total),
+    server = Server([sys.executable, "-m", "labkit.cli", "demo", "--backend", backend, "--bytes", str(total),
                      f"--port={port}"], env, tmp_path / "voila.log")
     shots = Path(os.environ.get("LABKIT_SCREENSHOT_DIR", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
@@ -131,7 +138,7 @@ def test_the_live_view_in_the_browser_starts_pauses_steps_and_resets(backend_nam
         _wait_for(changing, CHANGE_S, f"the chart, table and console to change {RUNNING_CHANGES} times while "
                                       f"running (distinct values seen: {[len(values) for values in seen]})")
         server.seen()  # the kernel and its VM's worker (emulator) are up now
-        page.screenshot(path=str(shots / f"live-{backend_name}-running.png"))
+        page.screenshot(path=str(shots / f"live-{backend}-running.png"))
 
         # pause: stopped at an exit boundary; the status and the table agree on the count, and it stays
         view.button("pause").click()
@@ -145,7 +152,7 @@ def test_the_live_view_in_the_browser_starts_pauses_steps_and_resets(backend_nam
         written = [f"line {(int(first.group(1)) + index) % 100000:05d} {LINE_TEMPLATE}" for index in range(len(shown))]
         assert shown[:-1] == written[:-1] and written[-1].startswith(shown[-1]), \
             f"the console shows lines the guest did not write in that order: {shown[-3:]}"
-        page.screenshot(path=str(shots / f"live-{backend_name}-paused.png"))
+        page.screenshot(path=str(shots / f"live-{backend}-paused.png"))
 
         # step: exactly one more VM exit, still paused
         view.button("step").click()
@@ -163,7 +170,7 @@ def test_the_live_view_in_the_browser_starts_pauses_steps_and_resets(backend_nam
         view.button("reset").click()
         _wait_for(lambda: "not started" in view.status.inner_text() and view.console.inner_text().strip()
                   == "(not started)" and view.table_exits() is None, CHANGE_S, "reset to clear the view")
-        page.screenshot(path=str(shots / f"live-{backend_name}-reset.png"))
+        page.screenshot(path=str(shots / f"live-{backend}-reset.png"))
         errors = page.locator("[data-mime-type='application/vnd.jupyter.stderr']")
         assert "Traceback" not in page.inner_text("body") and "Error" not in view.status.inner_text()
         assert errors.count() == 0, f"the page shows error output: {errors.first.inner_text()[:300]}"
