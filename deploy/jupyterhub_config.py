@@ -35,4 +35,31 @@ c.Spawner.env_keep = ["PATH", "LANG", "LC_ALL", "LABKIT_BACKEND"]
 c.Spawner.mem_limit = "1536M"
 c.Spawner.start_timeout = 120
 c.Spawner.http_timeout = 120
-# Idle servers: stopped by jupyterhub-idle-culler where installed (Binder does the same).
+
+# Idle servers: jupyterhub-idle-culler (in labkit[classroom]) runs as a service the hub starts and stops with
+# itself.  It stops a student's server (its kernels, their VMs and emulator workers) after LABKIT_HUB_IDLE_S
+# seconds without activity (default an hour: a lab session's pause, not a lunch break), checking every
+# LABKIT_HUB_CULL_EVERY_S seconds; the student's files stay, the next login starts a fresh server.  Every
+# message from a kernel (a cell's output) counts as activity.  Its role has only the scopes the culler's
+# documentation lists (no admin).
+IDLE_CULLER = "jupyterhub-idle-culler"
+
+
+def seconds_from(variable: str, default: int) -> int:
+    text = os.environ.get(variable, str(default))
+    if not text.isdigit() or int(text) == 0:
+        raise SystemExit(f"deploy/jupyterhub_config.py: {variable} must be a whole number of seconds, not {text!r}")
+    return int(text)
+
+
+c.JupyterHub.services = [{
+    "name": IDLE_CULLER,
+    "command": [sys.executable, "-m", "jupyterhub_idle_culler",
+                f"--timeout={seconds_from('LABKIT_HUB_IDLE_S', 3600)}",
+                f"--cull-every={seconds_from('LABKIT_HUB_CULL_EVERY_S', 300)}"],
+}]
+c.JupyterHub.load_roles = [{
+    "name": IDLE_CULLER,
+    "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
+    "services": [IDLE_CULLER],
+}]

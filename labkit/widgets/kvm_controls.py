@@ -41,6 +41,7 @@ class KvmControls(Experiment):
                                              layout=widgets.Layout(width="auto"))
                       for name in CONTROL_NAMES}
         super().__init__(list(self.boxes.values()), title="KVM exit controls:", run_button=True)
+        self.controls[-1].disabled = not self.kvm  # "run again" without KVM would only repeat the note
         self._baseline: Any = None
         self.last: Any = None
         """The last :class:`labkit.viz.kvm_stats.ControlEffect` (``None`` without KVM)."""

@@ -252,7 +252,8 @@ class LiveView:
             state = f"paused after {self.run_s:.2f} s"
         origin = result.origin if result is not None else None
         where = f" ({origin})" if origin is not None else f" (backend {self.backend})"
-        self.status.value = self._text(state + where)
+        exits = f", {result.trace.exit_count()} VM exits" if result is not None else ""
+        self.status.value = self._text(state + exits + where)
         figure = exit_rate(self.samples, origin, self.guest_name)
         png = io.BytesIO()
         figure.savefig(png, format="png")

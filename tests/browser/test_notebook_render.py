@@ -5,6 +5,13 @@ browser); every request that is not for the local file is blocked, so the page
 must render offline.  Missing Chromium fails the test with how to install it:
 CI installs it (``scripts/setup test``), so a skip would hide a broken set-up.
 The screenshot goes to pytest's temp dir, or to ``LABKIT_SCREENSHOT_DIR``.
+
+Both backends: the default (``auto``) and ``LABKIT_BACKEND=emu``.  Every notebook is
+rendered from both runs; the emulator's run is the very one tests/notebooks checks
+(:func:`execute_shared`: executed once per session).  In a live JupyterLab every
+notebook's widgets are changed on the default backend, and one of them per run, in turn
+(:func:`emu_widget_notebooks`) under ``LABKIT_BACKEND=emu``: ``scripts/browser-all``
+changes every notebook's widgets on both.
 """
 
 from __future__ import annotations
@@ -18,21 +25,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "notebooks"))
-from notebook_execution import NOTEBOOKS, execute  # noqa: E402
-from processes import session_processes  # noqa: E402
+from notebook_execution import NOTEBOOKS, execute_shared  # noqa: E402
+from servers import Server, chromium, free_port, require_chromium  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 HELLO = "Hello from 64-bit mode!"
+BACKENDS = {"default": None, "emu": "emu"}
+"""How each backend is asked for: no LABKIT_BACKEND (``auto``), or LABKIT_BACKEND=emu."""
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-def require_chromium() -> None:
-    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's Chromium (sudo apt-get install -y chromium, "
-                    "or scripts/setup test); the browser tests never download a browser", pytrace=False)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def rendered(tmp_path_factory) -> Path:
     """Notebook 00 executed on the default backend choice (``auto``) and converted to HTML."""
     from nbconvert import HTMLExporter
 
-    run = execute(NOTEBOOKS / "00-welcome.ipynb", backend=None)
+    run = execute_shared(NOTEBOOKS / "00-welcome.ipynb", None)
     assert not run.problems, "\n".join(run.problems)
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(run.notebook)
     page = tmp_path_factory.mktemp("render") / "00-welcome.html"
@@ -50,15 +50,8 @@ def rendered(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def browser():
-    require_chromium()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 def test_student_sees_hello_figures_and_no_errors(rendered, browser, tmp_path):
@@ -159,18 +152,19 @@ def test_every_notebook_has_a_lesson_entry():
         "add the new notebook to LESSONS in tests/browser/test_notebook_render.py"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", sorted(LESSONS))
-def test_each_lesson_shows_its_result_and_figures(name, browser, tmp_path):
+def test_each_lesson_shows_its_result_and_figures(name, backend, browser, tmp_path):
     """Rendered as on a 1280x720 projector at 150% zoom: the results visible, every figure decoded and, for a
     notebook whose figures use labkit.viz.style, shown large enough that its smallest text stays readable."""
     from nbconvert import HTMLExporter
 
     from labkit.viz.style import DPI, MIN_FONT_PT
 
-    run = execute(NOTEBOOKS / name, backend=None)
+    run = execute_shared(NOTEBOOKS / name, BACKENDS[backend])
     assert not run.problems, "\n".join(run.problems)
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(run.notebook)
-    html = tmp_path / name.replace(".ipynb", ".html")
+    html = tmp_path / name.replace(".ipynb", f"-{backend}.html")
     html.write_text(body, encoding="utf-8")
 
     lesson = LESSONS[name]
@@ -201,14 +195,17 @@ def test_each_lesson_shows_its_result_and_figures(name, browser, tmp_path):
     assert "Traceback" not in page.inner_text("body")
     shots = Path(os.environ.get("LABKIT_SCREENSHOT_DIR", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(shots / name.replace(".ipynb", "-full.png")), full_page=True)
+    if backend == "default":
+        page.screenshot(path=str(shots / name.replace(".ipynb", f"-{backend}-full.png")), full_page=True)
+    else:  # the same page's other run: JPEG at CSS pixels takes a third of the time of a 1.5x PNG
+        page.screenshot(path=str(shots / name.replace(".ipynb", f"-{backend}-full.jpg")), full_page=True,
+                        type="jpeg", quality=70, scale="css")
     page.close()
 
 
-def test_missing_chromium_is_a_failure_not_a_skip(monkeypatch):
-    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", "/nonexistent/chromium")
+def test_missing_chromium_is_a_failure_not_a_skip():
     with pytest.raises(pytest.fail.Exception, match="apt-get install -y chromium"):
-        require_chromium()
+        require_chromium("/nonexistent/chromium")
 
 
 
@@ -237,68 +234,122 @@ SETTINGS = {
 CHANGE_S = 60
 
 
-@pytest.fixture(scope="module")
-def jupyterlab(tmp_path_factory):
-    """``labkit lab`` on a copy of the notebooks (JupyterLab saves what it runs), with its token; nothing left after."""
-    import shutil
-    import socket
+WIDGET_NOTEBOOKS = sorted(name for name, lesson in LESSONS.items() if lesson.controls)
+EMU_PER_RUN = 1
+"""How many notebooks' widgets the emulator's pass changes per run, in turn (the default backend's: all).
+One keeps the pass under a minute (a JupyterLab with LABKIT_BACKEND=emu and one notebook run in it)."""
+
+
+def emu_widget_notebooks(environ=os.environ, turn: int | None = None) -> list[str]:
+    """The notebooks whose widgets are changed under ``LABKIT_BACKEND=emu`` in this run.
+
+    ``LABKIT_BROWSER_EMU=all`` (what ``scripts/browser-all`` sets) or a comma-separated list of notebooks
+    chooses; otherwise :data:`EMU_PER_RUN` of :data:`WIDGET_NOTEBOOKS` in turn, the turn being the checkout's
+    number of commits: consecutive commits cover every notebook (9 commits for 9 notebooks), and a rerun of
+    one commit checks the same ones.  Without git the turn is the day's number.  ``turn`` replaces the count
+    (for the test of the rotation).
+    """
+    import datetime
     import subprocess
-    import time
-    import urllib.error
+
+    chosen = environ.get("LABKIT_BROWSER_EMU", "")
+    if chosen == "all":
+        return list(WIDGET_NOTEBOOKS)
+    if chosen:
+        names = [name.strip() for name in chosen.split(",") if name.strip()]
+        unknown = sorted(set(names) - set(WIDGET_NOTEBOOKS))
+        if unknown:
+            raise pytest.UsageError(f"LABKIT_BROWSER_EMU names {unknown}: not among {WIDGET_NOTEBOOKS}")
+        return names
+    if turn is not None:
+        return _in_turn(turn)
+    try:
+        counted = subprocess.run(["git", "-C", str(NOTEBOOKS.parent), "rev-list", "--count", "HEAD"],
+                                 capture_output=True, text=True, timeout=30)
+        turn = int(counted.stdout) if counted.returncode == 0 else datetime.date.today().toordinal()
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        turn = datetime.date.today().toordinal()
+    return _in_turn(turn)
+
+
+def _in_turn(turn: int) -> list[str]:
+    count = len(WIDGET_NOTEBOOKS)
+    return [WIDGET_NOTEBOOKS[(turn * EMU_PER_RUN + offset) % count] for offset in range(min(EMU_PER_RUN, count))]
+
+
+WIDGET_CASES = [pytest.param(name, "default", marks=pytest.mark.kvm, id=f"{name}-default")
+                for name in WIDGET_NOTEBOOKS]
+WIDGET_CASES += [pytest.param(name, "emu", marks=pytest.mark.emu, id=f"{name}-emu")
+                 for name in emu_widget_notebooks()]
+
+
+def test_the_emulators_widget_pass_covers_every_notebook_in_turn():
+    runs = -(-len(WIDGET_NOTEBOOKS) // EMU_PER_RUN)
+    turns = [emu_widget_notebooks({}, turn) for turn in range(100, 100 + runs)]
+    assert sorted({name for names in turns for name in names}) == WIDGET_NOTEBOOKS, turns
+    assert all(len(names) == EMU_PER_RUN for names in turns)
+    assert emu_widget_notebooks({}, 7) == emu_widget_notebooks({}, 7) != emu_widget_notebooks({}, 8)
+    assert emu_widget_notebooks({"LABKIT_BROWSER_EMU": "all"}) == WIDGET_NOTEBOOKS
+    assert emu_widget_notebooks({"LABKIT_BROWSER_EMU": "00-welcome.ipynb"}) == ["00-welcome.ipynb"]
+    with pytest.raises(pytest.UsageError, match="no-such.ipynb"):
+        emu_widget_notebooks({"LABKIT_BROWSER_EMU": "no-such.ipynb"})
+
+
+@pytest.fixture(scope="module")
+def lab_default(tmp_path_factory):
+    yield from _jupyterlab("default", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def lab_emu(tmp_path_factory):
+    yield from _jupyterlab("emu", tmp_path_factory)
+
+
+def _jupyterlab(backend: str, tmp_path_factory):
+    """``labkit lab`` on a copy of the notebooks (JupyterLab saves what it runs), with its token, on ``backend``
+    (:data:`BACKENDS`), one per module; nothing left after: the server, its kernels, their workers."""
+    import shutil
     import urllib.request
 
-    root = tmp_path_factory.mktemp("lab")
+    root = tmp_path_factory.mktemp(f"lab-{backend}")
     notebooks = root / "notebooks"
     shutil.copytree(NOTEBOOKS, notebooks, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     for plugin, values in SETTINGS.items():
         path = root / "settings" / f"{plugin.replace(':', '/')}.jupyterlab-settings"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(values))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     repo = str(NOTEBOOKS.parent)
-    env = {key: value for key, value in os.environ.items() if key != "JUPYTER_TOKEN"}
+    env = {key: value for key, value in os.environ.items() if key not in ("JUPYTER_TOKEN", "LABKIT_BACKEND")}
+    if BACKENDS[backend] is not None:
+        env["LABKIT_BACKEND"] = BACKENDS[backend]  # the kernels inherit it
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))  # the kernel imports this tree
-    log = open(root / "jupyter.log", "w+")
-    server = subprocess.Popen([sys.executable, "-m", "labkit.cli", "lab", "--notebooks", str(notebooks),
-                               "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
-                               f"--ServerApp.runtime_dir={root / 'runtime'}",
-                               f"--LabApp.workspaces_dir={root / 'workspaces'}",
-                               f"--LabApp.user_settings_dir={root / 'settings'}"],
-                              stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
+    server = Server([sys.executable, "-m", "labkit.cli", "lab", "--notebooks", str(notebooks),
+                     "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+                     f"--ServerApp.runtime_dir={root / 'runtime'}",
+                     f"--LabApp.workspaces_dir={root / 'workspaces'}",
+                     f"--LabApp.user_settings_dir={root / 'settings'}"], env, root / "jupyter.log")
+    left: list[int] = []
     try:
-        line = server.stdout.readline()
-        assert f"http://127.0.0.1:{port}/lab?token=" in line, line
+        line = server.first_line()
+        assert f"http://127.0.0.1:{port}/lab?token=" in line, f"{line!r}\n{server.tail()}"
         token = line.split("token=", 1)[1].split()[0]
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
+
+        def status() -> bool:
+            request = urllib.request.Request(f"{base}/api/status", headers={"Authorization": f"token {token}"})
             try:
-                request = urllib.request.Request(f"{base}/api/status", headers={"Authorization": f"token {token}"})
                 urllib.request.urlopen(request, timeout=5).close()
-                break
+                return True
             except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise AssertionError(f"JupyterLab did not come up:\n{log.read()[-2000:]}")
-                time.sleep(0.5)
-        yield base, token
+                assert server.process.poll() is None, f"JupyterLab ended:\n{server.tail()}"
+                return False
+
+        _wait_for(status, 90, "JupyterLab to come up")
+        yield base, token, server, backend
     finally:
-        if server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(timeout=30)
-        time.sleep(0.5)
-        left = session_processes(server.pid)
-        for pid in left:
-            os.kill(pid, 9)
-        server.stdout.close()
-        log.close()
-        assert left == [], f"JupyterLab left processes behind: {left}"
+        left = server.stop()
+    assert left == [], f"JupyterLab left processes behind: {left}"
 
 
 def _wait_for(condition, seconds: float, what: str) -> None:
@@ -311,8 +362,15 @@ def _wait_for(condition, seconds: float, what: str) -> None:
         time.sleep(0.25)
 
 
-def _change(page, kind: str, control) -> str:
-    """Change one control as a student would; returns what was done."""
+def _change(page, kind: str, control, backend: str) -> str | None:
+    """Change one control as a student would; returns what was done (None: it offers nothing else to choose).
+
+    Under LABKIT_BACKEND=emu a control may offer nothing: a backend picker with the emulator alone, or KVM's
+    exit controls, disabled without KVM (the caller checks that the panel says so).
+    """
+    if control.is_disabled():
+        assert backend == "emu", f"a disabled {kind} on the default backend"
+        return None
     if kind == "dropdown":
         index = control.evaluate("select => select.selectedIndex")
         count = control.evaluate("select => select.options.length")
@@ -328,6 +386,12 @@ def _change(page, kind: str, control) -> str:
         return "select multiple: all"
     if kind == "toggle":
         inactive = control.locator("button:not(.mod-active)")
+        if inactive.count() == 0 and backend == "emu":  # the backend picker under LABKIT_BACKEND=emu
+            from labkit.widgets.experiment import BACKEND_NAMES
+
+            only = control.locator("button").all_inner_texts()
+            assert only == [BACKEND_NAMES["emu"]], f"a toggle with one choice that is not the emulator: {only}"
+            return None
         assert inactive.count() >= 1, "only one backend button: this test runs where KVM is usable"
         label = inactive.first.inner_text()
         inactive.first.click()
@@ -346,13 +410,14 @@ def _change(page, kind: str, control) -> str:
     return "button"
 
 
-@pytest.mark.kvm
-@pytest.mark.parametrize("name", sorted(name for name, lesson in LESSONS.items() if lesson.controls))
-def test_every_widget_changes_the_results(name, jupyterlab, browser, tmp_path):
-    """Marked kvm: the backend buttons need a second backend to switch to (conftest skips it only without /dev/kvm)."""
+@pytest.mark.parametrize(("name", "backend"), WIDGET_CASES)
+def test_every_widget_changes_the_results(name, backend, browser, tmp_path, request):
+    """The default backend's cases are marked kvm: there the backend buttons need a second backend to switch
+    to (conftest skips them only without /dev/kvm).  Under LABKIT_BACKEND=emu a control with nothing else to
+    choose is found and checked (:func:`_change`), and every other control is changed."""
     import re
 
-    base, token = jupyterlab
+    base, token, server, _ = request.getfixturevalue(f"lab_{backend}")
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.route("**/*", lambda route: route.continue_() if route.request.url.startswith((base, "data:", "blob:"))
                else route.abort())
@@ -374,6 +439,7 @@ def test_every_widget_changes_the_results(name, jupyterlab, browser, tmp_path):
         return bool(texts) and all(re.fullmatch(r"\[\d+\]:", text.strip()) for text in texts)
 
     _wait_for(all_ran, RUN_ALL_S, f"{name} to run to the end")
+    server.seen()  # its kernel and the kernel's workers, to be found if they outlive the server
     errors = notebook.locator("[data-mime-type='application/vnd.jupyter.stderr']")
     assert errors.count() == 0, f"{name}: error output: {errors.first.inner_text()[:500]}"
 
@@ -389,7 +455,12 @@ def test_every_widget_changes_the_results(name, jupyterlab, browser, tmp_path):
                 found[kind] += 1
                 before = cell.evaluate(RESULTS_JS)
                 assert before.strip(), f"{name}: a panel shows no results"
-                done = _change(page, kind, controls.nth(number))
+                done = _change(page, kind, controls.nth(number), backend)
+                if done is None:
+                    assert kind == "toggle" or "No KVM in this session" in before, \
+                        f"{name}: a disabled {kind} in a panel that does not say why"
+                    changed.append(f"{kind}: nothing else to choose on the emulator")
+                    continue
                 _wait_for(lambda: cell.evaluate(RESULTS_JS) != before
                           and "running" not in cell.locator(".jupyter-widgets").first.inner_text(),
                           CHANGE_S, f"{name}: the results to change after {done}")
@@ -399,8 +470,8 @@ def test_every_widget_changes_the_results(name, jupyterlab, browser, tmp_path):
     assert found == expected, f"{name}: controls found {found}, expected {expected}"
     shots = Path(os.environ.get("LABKIT_SCREENSHOT_DIR", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(shots / name.replace(".ipynb", "-widgets.png")))
-    print(f"{name}: changed {changed}")
+    page.screenshot(path=str(shots / name.replace(".ipynb", f"-{backend}-widgets.png")))
+    print(f"{name} ({backend}): changed {changed}")
     page.close()
     _shut_down_kernels(base, token)
 

@@ -145,9 +145,10 @@ c.JupyterHub.authenticator_class = "dummy"
 c.JupyterHub.spawner_class = "simple"
 c.Spawner.notebook_dir = ""
 c.SimpleLocalProcessSpawner.home_dir_template = {str(tmp_path / 'home' / '{username}')!r}
-c.JupyterHub.services = [{{"name": "labkit-test", "api_token": {token!r}}}]
-c.JupyterHub.load_roles = [{{"name": "labkit-test", "services": ["labkit-test"],
-                             "scopes": ["admin:users", "admin:servers", "tokens", "access:servers"]}}]
+c.JupyterHub.services.append({{"name": "labkit-test", "api_token": {token!r}}})  # beside the idle culler
+c.JupyterHub.load_roles.append({{"name": "labkit-test", "services": ["labkit-test"],
+                                "scopes": ["admin:users", "admin:servers", "tokens", "access:servers",
+                                           "read:services"]}})
 c.JupyterHub.hub_port = {free_port()}
 c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{free_port()}"
 # This machine runs the test as root: every student's server then runs as root too.
@@ -173,6 +174,9 @@ c.Spawner.args = {["--ServerApp.allow_root=True"] if os.geteuid() == 0 else []!r
                     log.seek(0)
                     raise AssertionError(f"JupyterHub did not come up:\n{log.read()[-3000:]}")
                 time.sleep(0.5)
+        culler = hub.api("GET", "/hub/api/services/jupyterhub-idle-culler")
+        assert culler["pid"] and "jupyterhub_idle_culler" in Path(f"/proc/{culler['pid']}/cmdline").read_text(), \
+            f"the hub did not start the idle culler: {culler}"
         hub.api("POST", "/hub/api/users", {"usernames": STUDENTS})
         tokens = {user: hub.api("POST", f"/hub/api/users/{user}/tokens", {"note": "labkit test"})["token"]
                   for user in STUDENTS}
@@ -231,6 +235,9 @@ c.Spawner.args = {["--ServerApp.allow_root=True"] if os.geteuid() == 0 else []!r
         record_property("memory_per_student_mb", {user: round(peak / 1e6) for user, peak in meter.peak.items()})
         assert all(peak > 0 for peak in meter.peak.values())
 
+        log.seek(0)
+        culled = [line for line in log.read().splitlines() if "GET /hub/api/users" in line and "idle-culler" in line]
+        assert culled and all(" 200 GET " in line for line in culled), f"the culler cannot list the users: {culled}"
         for user in STUDENTS:
             try:
                 hub.api("DELETE", f"/hub/api/users/{user}/server")

@@ -48,6 +48,7 @@ def test_live_view_runs_pauses_steps_and_resets(backend_name):
 
         view.step()
         assert view.result.trace.by_reason()["IO"] == exits + 1, "step did not run exactly one exit"
+        assert f", {view.result.trace.exit_count()} VM exits" in view.status.value, view.status.value
 
         view.start()
         assert view.wait(120), "the guest did not finish within 120 s"

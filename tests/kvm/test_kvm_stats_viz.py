@@ -99,3 +99,13 @@ def test_emulator_results_are_refused_with_the_reason():
         kvm_stats.counter_table(result)
     with pytest.raises(ConfigError, match="not KVM"):
         kvm_stats.exit_latency(result)
+
+
+def test_the_widget_without_kvm_offers_nothing_to_click(monkeypatch):
+    """Under LABKIT_BACKEND=emu the boxes and "run again" are disabled and the panel says why."""
+    from labkit.widgets.kvm_controls import KvmControls
+
+    monkeypatch.setenv("LABKIT_BACKEND", "emu")
+    panel = KvmControls()
+    assert panel.controls and all(control.disabled for control in panel.controls)
+    assert "No KVM in this session" in panel.results()[0].data

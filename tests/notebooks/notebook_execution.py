@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
 KERNEL = "python3"
 CELL_TIMEOUT_S = 120
+SHARED: dict[tuple[str, str | None], Execution] = {}
+"""Runs kept by :func:`execute_shared`, by (notebook path, backend)."""
 RUN_TIMES: dict[tuple[str, str | None], float] = {}
 """Seconds per (notebook file name, backend) executed in this test session."""
 # A line a student would read as a failure: "ValueError: ...", "RuntimeWarning: ..."
@@ -98,3 +100,18 @@ def execute(path: Path, backend: str | None, *, prelude: str | None = None) -> E
     if prelude is not None:
         notebook.cells.pop(0)
     return Execution(notebook, seconds, problems)
+
+
+def execute_shared(path: Path, backend: str | None) -> Execution:
+    """:func:`execute`, once per test session: the browser tests render the very run the notebook tests check.
+
+    Each caller gets its own copy of the notebook (rendering must not change what
+    another test reads).  A whole-suite run thus executes each notebook once per
+    backend for both tests/notebooks and tests/browser.
+    """
+    import copy
+
+    key = (str(path), backend)
+    if key not in SHARED:
+        SHARED[key] = execute(path, backend)
+    return copy.deepcopy(SHARED[key])

@@ -14,7 +14,7 @@ import re
 
 import nbformat
 import pytest
-from notebook_execution import NOTEBOOKS, RUN_TIMES, Execution, execute
+from notebook_execution import NOTEBOOKS, RUN_TIMES, Execution, execute, execute_shared
 
 MAX_SECONDS = 60.0
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
@@ -446,7 +446,7 @@ def test_stored_without_outputs(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS, ids=[path.name for path in PATHS])
 def test_runs_clean(path, backend_name, record_property):
-    run = execute(path, backend_name)
+    run = execute_shared(path, backend_name)
     record_property("run_time_s", round(run.seconds, 2))
     assert not run.problems, f"{path.name} on {backend_name}:\n" + "\n".join(run.problems)
     assert run.seconds < MAX_SECONDS, f"{path.name} took {run.seconds:.1f} s on {backend_name} (limit {MAX_SECONDS:g} s)"
