@@ -48,6 +48,7 @@ CONSTANT_CONTEXTS = {
     r"\bexit reason \d+": "basic exit reasons (Intel SDM vol. 3C, appendix C)",
     r"\bqueue \d+": "a virtqueue's index (virtio 1.x, 5.3.2)",
     r"\b1:1\b": "an identity mapping",
+    r"\bat byte \d+": "a field's offset in a file format's header (qcow2.rst)",
 }
 """Where a number is a constant, whatever the run: a regular expression for its context, and why."""
 
