@@ -43,36 +43,15 @@ import numpy  # matplotlib's dependency: in the lab's environment
 from nbclient import NotebookClient
 from nbclient.util import run_sync
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script too
+from processes import children_of, descendants  # noqa: E402
+
 SAMPLE_S = 0.05
 IDLE_SAMPLE_S = 1.0
 PAGE = 4096
 PRESENT = numpy.uint64(1 << 63)
 PFN_MASK = numpy.uint64((1 << 55) - 1)
 VSYSCALL = 0xFFFFFFFFFF600000
-
-
-def children_of() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as stat_file:
-                    stat = stat_file.read()
-            except OSError:
-                continue
-            parent = int(stat[stat.rindex(")") + 2:].split()[1])
-            children.setdefault(parent, []).append(int(name))
-    return children
-
-
-def descendants(root: int, children: dict[int, list[int]] | None = None) -> list[int]:
-    children = children_of() if children is None else children
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _field_bytes(path: str, field: str) -> int:

@@ -286,53 +286,37 @@ def changed_addresses(before, after):
 
 
 # notebook 09: the qcow2 lookup (header fields from qcow2.rst "Header"; L1/L2 entries' offset bits 9-55)
-def cluster_lookup(file, offset):
+OFFSET_BITS = 0x00FF_FFFF_FFFF_FE00
+
+
+def _lookup(file, offset, *, cluster=None, l2_mask=OFFSET_BITS):
     file.seek(0)
     header = file.read(48)
-    cluster_bits, = struct.unpack_from(">I", header, 20)
-    l1_size, = struct.unpack_from(">I", header, 36)
-    l1_offset, = struct.unpack_from(">Q", header, 40)
-    cluster = 1 << cluster_bits
+    cluster = cluster or 1 << struct.unpack_from(">I", header, 20)[0]
     l1_index, l2_index = divmod(offset // cluster, cluster // 8)
-    if l1_index >= l1_size:
+    if l1_index >= struct.unpack_from(">I", header, 36)[0]:
         return None
-    file.seek(l1_offset + 8 * l1_index)
-    table = struct.unpack(">Q", file.read(8))[0] & 0x00FF_FFFF_FFFF_FE00
+    file.seek(struct.unpack_from(">Q", header, 40)[0] + 8 * l1_index)
+    table = struct.unpack(">Q", file.read(8))[0] & OFFSET_BITS
     if not table:
         return None
     file.seek(table + 8 * l2_index)
-    host = struct.unpack(">Q", file.read(8))[0] & 0x00FF_FFFF_FFFF_FE00
+    host = struct.unpack(">Q", file.read(8))[0] & l2_mask
     return host + offset % cluster if host else None
+
+
+def cluster_lookup(file, offset):
+    return _lookup(file, offset)
 
 
 def cluster_lookup_unmasked(file, offset):
     """Takes the L2 entry as it is: bit 63 (COPIED) is part of the offset."""
-    file.seek(0)
-    header = file.read(48)
-    cluster = 1 << struct.unpack_from(">I", header, 20)[0]
-    l1_index, l2_index = divmod(offset // cluster, cluster // 8)
-    file.seek(struct.unpack_from(">Q", header, 40)[0] + 8 * l1_index)
-    table = struct.unpack(">Q", file.read(8))[0] & 0x00FF_FFFF_FFFF_FE00
-    if not table:
-        return None
-    file.seek(table + 8 * l2_index)
-    host = struct.unpack(">Q", file.read(8))[0]
-    return host + offset % cluster if host else None
+    return _lookup(file, offset, l2_mask=(1 << 64) - 1)
 
 
 def cluster_lookup_64k(file, offset):
     """QEMU's default cluster size, not the header's."""
-    file.seek(0)
-    header = file.read(48)
-    cluster = 65536
-    l1_index, l2_index = divmod(offset // cluster, cluster // 8)
-    file.seek(struct.unpack_from(">Q", header, 40)[0] + 8 * l1_index)
-    table = struct.unpack(">Q", file.read(8))[0] & 0x00FF_FFFF_FFFF_FE00
-    if not table:
-        return None
-    file.seek(table + 8 * l2_index)
-    host = struct.unpack(">Q", file.read(8))[0] & 0x00FF_FFFF_FFFF_FE00
-    return host + offset % cluster if host else None
+    return _lookup(file, offset, cluster=65536)
 
 
 def cluster_lookup_cluster_start(file, offset):
