@@ -586,7 +586,7 @@ class MachineCore:
 
         Call between runs.  With ``memory=False`` the regions' bytes are left out (a diff
         snapshot takes only the written pages: :meth:`written_pages_data`); with ``shared_ram`` only RAM's
-        (the caller maps the same pages and copies them itself).  A machine with a monitor is refused: the monitor's own state (the
+        (the caller reads them from the RAM's memfd itself).  A machine with a monitor is refused: the monitor's own state (the
         kernel's virtual CPU, translations) lives outside the VM and is not saved.
         """
         if self.monitor is not None:
@@ -622,8 +622,8 @@ class MachineCore:
         """Make this (new, not yet run) machine the one ``state`` was captured from: memory, vCPU, devices.
 
         The next :meth:`run` continues the guest where the captured one stopped.  With
-        ``ram_in_place`` the state's RAM (region 0) is left out and the caller writes it through its
-        own mapping of the same pages once this has returned.
+        ``ram_in_place`` the state's RAM (region 0) is left out and the caller writes it into the RAM's
+        memfd once this has returned.
         """
         if self.status is not None:
             raise SnapshotError("restore into a machine that has not run yet (create a new one)")

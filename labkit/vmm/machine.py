@@ -306,6 +306,7 @@ class Machine:
         self._call("restore_state", dataclasses.replace(state, regions=(dataclasses.replace(ram, data=b""),)
                                                         + state.regions[1:]), True)
         _write_all(self._ram_fd, ram.data)
+
     def kvm_stats(self) -> KvmRunStats:
         """KVM's own counters for this machine's vCPU (binary stats fd, ``KVM_GET_STATS_FD``) since it was
         made, beside the exits labkit's run loop saw (:class:`labkit.kvm.stats.KvmRunStats`).
