@@ -66,7 +66,8 @@ def test_the_memory_maps_mark_the_wild_writer_at_its_cr2(runs):
     if wild.outcome.result.status.fault is not None:
         offsets = [tuple(collection.get_offsets()[0]) for collection in axes.collections]
         index = [row.name for row in run.rows].index(wild.name)
-        assert (index, wild.outcome.result.status.fault.cr2) in [(int(x), int(y)) for x, y in offsets]
+        # one row per VM: the address runs along x, the VM's row is y
+        assert (wild.outcome.result.status.fault.cr2, index) in [(int(x), int(y)) for x, y in offsets]
 
 
 def test_the_device_state_figure_marks_the_handler_byte_the_guest_overwrote(backend_name):
