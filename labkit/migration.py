@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from labkit.errors import ConfigError
-from labkit.snapshot.state import PAGE
+from labkit.snapshot.state import PAGE, write_pages
 from labkit.vmm.status import StatusKind
 
 if TYPE_CHECKING:
-    from labkit.snapshot.state import MachineState, PageDiff
     from labkit.vmm.devices.spec import DeviceSpec
     from labkit.vmm.machine import Machine
 
@@ -122,7 +121,7 @@ def migrate(source: Machine, backend: str = "auto", *, bandwidth: float = 256e6,
         diff = snapshot.diff
         pages = len(diff.pages) if diff is not None else 0
         if diff is not None:
-            apply_pages(received, snapshot.captured, diff)
+            write_pages(received, snapshot.captured.regions, diff)
         if finished:
             break
         if pages <= stop_pages:
@@ -142,15 +141,3 @@ def migrate(source: Machine, backend: str = "auto", *, bandwidth: float = 256e6,
                      reason=reason,
                      stop_copy_pages=pages, downtime_measured_s=downtime, downtime_link_s=pages * PAGE / bandwidth,
                      bandwidth=bandwidth, source=source.backend, destination=target.backend)
-
-
-def apply_pages(regions: list[bytearray], layout: MachineState, diff: PageDiff) -> None:
-    """Write a diff's pages into the receiving side's copy of each region (``layout`` says where they lie)."""
-    data = memoryview(diff.data)
-    for index, page in enumerate(diff.pages):
-        address = page * PAGE
-        for region, buffer in zip(layout.regions, regions):
-            if region.address <= address < region.address + region.size:
-                offset = address - region.address
-                buffer[offset:offset + PAGE] = data[index * PAGE:(index + 1) * PAGE]
-                break

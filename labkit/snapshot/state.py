@@ -32,7 +32,7 @@ import importlib
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from labkit.errors import SnapshotError
 from labkit.x86.state import DebugRegs, DescriptorTable, FpuState, Regs, Segment, SRegs
@@ -302,15 +302,21 @@ def _apply_diff(parent: MachineState, layout_: list[tuple[int, int, bool]], diff
     if parent.layout() != layout_:
         raise SnapshotError("diff snapshot's memory regions differ from its parent's")
     buffers = [bytearray(region.data) for region in parent.regions]
+    write_pages(buffers, parent.regions, diff)
+    return [Region(region.address, region.size, region.read_only, bytes(buffer))
+            for region, buffer in zip(parent.regions, buffers)]
+
+
+def write_pages(buffers: Sequence[bytearray], regions: Sequence[Region], diff: PageDiff) -> None:
+    """Write each of ``diff``'s pages into the buffer of the region (``regions``, same order) that holds it:
+    a diff over its parent's memory, or the pages a live migration's round sends to the receiving side."""
     data = memoryview(diff.data)
     for index, page in enumerate(diff.pages):
         address = page * PAGE
-        for region, buffer in zip(parent.regions, buffers):
+        for region, buffer in zip(regions, buffers):
             if region.address <= address and address + PAGE <= region.address + region.size:
                 offset = address - region.address
                 buffer[offset:offset + PAGE] = data[index * PAGE:(index + 1) * PAGE]
                 break
         else:
             raise SnapshotError(f"diff snapshot writes page {page:#x}, outside every memory region")
-    return [Region(region.address, region.size, region.read_only, bytes(buffer))
-            for region, buffer in zip(parent.regions, buffers)]
