@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from labkit.guest import Guest
     from labkit.monitor.trap_emulate import TrapAndEmulate
     from labkit.monitor.vmx import Vmcs
+    from labkit.monitor.vmx.model import VmxReport
     from labkit.vmm.status import Origin
 
 TIMEOUT = 5.0
@@ -442,17 +443,14 @@ def check_one_notification(buffers: Callable[[int], tuple[int, int]], backend: s
 UART_DATA_PORT = 0x3F8
 
 
-def check_output_exits_only(vmcs: Vmcs, backend: str = "auto") -> Verdict:
-    """Notebook 05: a VMCS under which ``minikernel64`` exits only for its ``out``s to the UART (port 0x3f8).
-
-    Read from each exit's qualification (Intel SDM vol. 3C, 28.2.1, table 28-5): bit 3 is the direction
-    (0 = ``out``), bits 31:16 the port.
-    """
+def _vmx_answer(exercise: str, expected: str, vmcs: Vmcs, backend: str,
+                wanted: int) -> tuple[RunResult, VmxReport, str, list[str]] | Verdict:
+    """Run ``minikernel64`` under the VMX model with the student's ``vmcs``: the result, its
+    :class:`~labkit.monitor.vmx.model.VmxReport`, where it ran and, as the first problem, the exits of
+    any reason but ``wanted``; or the verdict when it could not run or gave no report."""
     from labkit.monitor.vmx.exits import ExitReason
     from labkit.monitor.vmx.model import VmxReport, run_vmx
 
-    exercise = "only the console's out exits"
-    expected = f"VM exits only for I/O instructions, each an out to port {UART_DATA_PORT:#x}, one per console byte"
     backend = _backend_name(backend)
     try:
         result = run_vmx("minikernel64", vmcs, backend, timeout=TIMEOUT)
@@ -463,10 +461,26 @@ def check_output_exits_only(vmcs: Vmcs, backend: str = "auto") -> Verdict:
     if not isinstance(report, VmxReport):
         return Verdict(exercise, False, expected, f"the run ended {_status(result)} with no VMX report", where)
     problems = []
-    others = {ExitReason(reason).name: count for reason, count in report.exit_counts.items()
-              if reason != ExitReason.IO_INSTRUCTION}
+    others = {ExitReason(reason).name: count for reason, count in report.exit_counts.items() if reason != wanted}
     if others:
         problems.append("also exits: " + ", ".join(f"{name} x {count}" for name, count in sorted(others.items())))
+    return result, report, where, problems
+
+
+def check_output_exits_only(vmcs: Vmcs, backend: str = "auto") -> Verdict:
+    """Notebook 05: a VMCS under which ``minikernel64`` exits only for its ``out``s to the UART (port 0x3f8).
+
+    Read from each exit's qualification (Intel SDM vol. 3C, 28.2.1, table 28-5): bit 3 is the direction
+    (0 = ``out``), bits 31:16 the port.
+    """
+    from labkit.monitor.vmx.exits import ExitReason
+
+    exercise = "only the console's out exits"
+    expected = f"VM exits only for I/O instructions, each an out to port {UART_DATA_PORT:#x}, one per console byte"
+    answered = _vmx_answer(exercise, expected, vmcs, backend, ExitReason.IO_INSTRUCTION)
+    if isinstance(answered, Verdict):
+        return answered
+    result, report, where, problems = answered
     io = [exit_ for exit_ in report.exits if exit_.reason == ExitReason.IO_INSTRUCTION]
     not_out = [exit_ for exit_ in io if exit_.qualification & 0x8 or exit_.qualification >> 16 != UART_DATA_PORT]
     if not_out:
@@ -490,24 +504,13 @@ def check_cr3_loads_only(vmcs: Vmcs, backend: str = "auto") -> Verdict:
     ``non_root`` by its text (``mov cr3, rax``).
     """
     from labkit.monitor.vmx.exits import ExitReason
-    from labkit.monitor.vmx.model import VmxReport, run_vmx
 
     exercise = "exit at CR3 loads only"
     expected = "a VM exit at every mov to CR3 and at nothing else"
-    backend = _backend_name(backend)
-    try:
-        result = run_vmx("minikernel64", vmcs, backend, timeout=TIMEOUT)
-    except LabkitError as error:
-        return _refused(exercise, expected, error, backend)
-    where = _where(result.origin, backend)
-    report = result.monitor
-    if not isinstance(report, VmxReport):
-        return Verdict(exercise, False, expected, f"the run ended {_status(result)} with no VMX report", where)
-    problems = []
-    others = {ExitReason(reason).name: count for reason, count in report.exit_counts.items()
-              if reason != ExitReason.CONTROL_REGISTER_ACCESS}
-    if others:
-        problems.append("also exits: " + ", ".join(f"{name} x {count}" for name, count in sorted(others.items())))
+    answered = _vmx_answer(exercise, expected, vmcs, backend, ExitReason.CONTROL_REGISTER_ACCESS)
+    if isinstance(answered, Verdict):
+        return answered
+    result, report, where, problems = answered
     cr_exits = [exit_ for exit_ in report.exits if exit_.reason == ExitReason.CONTROL_REGISTER_ACCESS]
     not_loads = [exit_.instruction for exit_ in cr_exits if exit_.qualification & 0xF != 3 or exit_.qualification >> 4 & 3]
     if not_loads:
