@@ -73,6 +73,40 @@ class Hub:
         return json.loads(text) if text else None
 
 
+MAX_DROPS = 2
+"""How often one student's kernel websocket may close under us (the load of ten servers on two cores) and be
+opened again; each time the cell it was running is run again."""
+
+
+async def run_cell(connection, user: str, session: str, source: str) -> list[str] | None:
+    """Run ``source`` in the kernel behind ``connection``: its outputs' text, ``None`` if the websocket closed."""
+    msg_id = uuid.uuid4().hex
+    await connection.write_message(json.dumps({
+        "header": {"msg_id": msg_id, "username": user, "session": session, "msg_type": "execute_request",
+                   "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": source, "silent": False, "store_history": True, "user_expressions": {},
+                    "allow_stdin": False, "stop_on_error": True}}))
+    texts: list[str] = []
+    while True:
+        raw = await asyncio.wait_for(connection.read_message(), timeout=180)
+        if raw is None:
+            return None
+        message = json.loads(raw)
+        if message.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        kind, content = message["msg_type"], message["content"]
+        if kind == "error":
+            texts.append(f"ERROR {content['ename']}: {content['evalue']}")
+        elif kind == "stream":
+            texts.append(content["text"])
+        elif kind in ("execute_result", "display_data"):
+            data = content.get("data", {})
+            texts.append(data.get("text/markdown") or data.get("text/html") or data.get("text/plain", ""))
+        elif kind == "status" and content["execution_state"] == "idle":
+            return texts
+
+
 async def run_notebook(hub: Hub, user: str, token: str, notebook: nbformat.NotebookNode) -> list[str]:
     """Every code cell of ``notebook`` in a new kernel of ``user``'s server, through its websocket; the outputs' text."""
     from tornado.httpclient import HTTPRequest
@@ -83,38 +117,27 @@ async def run_notebook(hub: Hub, user: str, token: str, notebook: nbformat.Noteb
     socket_url = base.replace("http://", "ws://") + f"/kernels/{kernel['id']}/channels"
     # The server answers the websocket's upgrade only once the new kernel is ready: ten kernels importing
     # labkit at once on two cores take longer than tornado's 20 s default.
-    connection = await websocket_connect(HTTPRequest(socket_url, headers={"Authorization": f"token {token}"},
-                                                     connect_timeout=240, request_timeout=240))
+    request = HTTPRequest(socket_url, headers={"Authorization": f"token {token}"}, connect_timeout=240,
+                          request_timeout=240)
+    connection = await websocket_connect(request)
     texts: list[str] = []
     session = uuid.uuid4().hex
+    drops: list[str] = []
     try:
         for cell in [c for c in notebook.cells if c.cell_type == "code"] + [nbformat.v4.new_code_cell(NAME_GUEST)]:
-            msg_id = uuid.uuid4().hex
-            await connection.write_message(json.dumps({
-                "header": {"msg_id": msg_id, "username": user, "session": session, "msg_type": "execute_request",
-                           "version": "5.3", "date": ""},
-                "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-                "content": {"code": cell.source, "silent": False, "store_history": True, "user_expressions": {},
-                            "allow_stdin": False, "stop_on_error": True}}))
-            while True:
-                raw = await asyncio.wait_for(connection.read_message(), timeout=180)
-                assert raw is not None, f"{user}'s kernel websocket closed"
-                message = json.loads(raw)
-                if message.get("parent_header", {}).get("msg_id") != msg_id:
-                    continue
-                kind, content = message["msg_type"], message["content"]
-                if kind == "error":
-                    texts.append(f"ERROR {content['ename']}: {content['evalue']}")
-                elif kind == "stream":
-                    texts.append(content["text"])
-                elif kind in ("execute_result", "display_data"):
-                    data = content.get("data", {})
-                    texts.append(data.get("text/markdown") or data.get("text/html") or data.get("text/plain", ""))
-                elif kind == "status" and content["execution_state"] == "idle":
+            while True:  # a dropped websocket is opened again and the cell run again, as JupyterLab reconnects
+                cell_texts = await run_cell(connection, user, session, cell.source)
+                if cell_texts is not None:
+                    texts += cell_texts
                     break
+                drops.append(f"code {connection.close_code}, reason {connection.close_reason!r}")
+                assert len(drops) <= MAX_DROPS, f"{user}'s kernel websocket closed {len(drops)} times: {drops}"
+                connection = await websocket_connect(request)
     finally:
         connection.close()
         await asyncio.to_thread(hub.api, "DELETE", f"/user/{user}/api/kernels/{kernel['id']}", None, token)
+    if drops:
+        print(f"\n{user}'s kernel websocket closed and was opened again: {drops}")
     return texts
 
 
