@@ -52,6 +52,13 @@ def seconds_from(variable: str, default: int) -> int:
     return int(text)
 
 
+# Idle kernels inside a student's server: deploy/jupyter/jupyter_server_config.py shuts down a kernel that
+# has done nothing for LABKIT_KERNEL_IDLE_S seconds (default 30 minutes), tab open or not.
+c.Spawner.environment = {
+    "JUPYTER_CONFIG_PATH": str(REPO / "deploy" / "jupyter"),
+    "LABKIT_KERNEL_IDLE_S": str(seconds_from("LABKIT_KERNEL_IDLE_S", 1800)),
+}
+
 c.JupyterHub.services = [{
     "name": IDLE_CULLER,
     "command": [sys.executable, "-m", "jupyterhub_idle_culler",

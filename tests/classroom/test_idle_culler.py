@@ -1,4 +1,5 @@
-"""Idle culling in the course's JupyterHub: deploy/jupyterhub_config.py runs jupyterhub-idle-culler as a hub service.
+"""Idle culling in the course's JupyterHub: deploy/jupyterhub_config.py runs jupyterhub-idle-culler as a hub service,
+and each student's server shuts down idle kernels (deploy/jupyter/jupyter_server_config.py).
 
 Cheap: the config is loaded as JupyterHub loads it (traitlets' file loader), the
 service's command line is parsed by the culler's own application class, and its
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.unit
 
 
 def load(monkeypatch, **env: str):
-    for name in ("LABKIT_HUB_IDLE_S", "LABKIT_HUB_CULL_EVERY_S"):
+    for name in ("LABKIT_HUB_IDLE_S", "LABKIT_HUB_CULL_EVERY_S", "LABKIT_KERNEL_IDLE_S"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -81,3 +82,29 @@ def test_the_culler_is_in_the_classroom_extra_and_installed():
                           text=True, timeout=60, env=dict(os.environ))
     assert done.returncode == 0 and "--timeout" in done.stdout, \
         f"jupyterhub_idle_culler does not run ({done.stderr[-300:]}): pip install -e '.[classroom]'"
+
+
+def server_config(environment: dict[str, str]) -> subprocess.CompletedProcess:
+    """What a student's Jupyter server loads with the hub's ``environment``, as ``jupyter server --show-config`` says."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("JUPYTER")} | environment
+    return subprocess.run([str(Path(sys.executable).parent / "jupyter"), "server", "--show-config"],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_each_server_shuts_down_kernels_idle_for_half_an_hour_even_with_their_tab_open(monkeypatch):
+    environment = load(monkeypatch).Spawner.environment
+    assert environment["JUPYTER_CONFIG_PATH"] == str(REPO / "deploy" / "jupyter")
+    shown = server_config(environment)
+    assert shown.returncode == 0, shown.stderr[-500:]
+    assert str(REPO / "deploy" / "jupyter" / "jupyter_server_config.py") in shown.stdout, shown.stdout
+    settings = dict(line.strip().lstrip(".").split(" = ") for line in shown.stdout.splitlines()
+                    if line.strip().startswith(".cull_"))
+    assert settings == {"cull_idle_timeout": "1800", "cull_interval": "300", "cull_connected": "True",
+                        "cull_busy": "False"}, shown.stdout
+
+    environment = load(monkeypatch, LABKIT_KERNEL_IDLE_S="120").Spawner.environment
+    monkeypatch.setenv("LABKIT_KERNEL_IDLE_S", environment["LABKIT_KERNEL_IDLE_S"])
+    kernels = PyFileConfigLoader("jupyter_server_config.py", environment["JUPYTER_CONFIG_PATH"]).load_config()
+    assert (kernels.MappingKernelManager.cull_idle_timeout, kernels.MappingKernelManager.cull_interval) == (120, 120)
+    with pytest.raises(SystemExit, match="LABKIT_KERNEL_IDLE_S must be a whole number of seconds, not '0'"):
+        load(monkeypatch, LABKIT_KERNEL_IDLE_S="0")
