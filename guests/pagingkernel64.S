@@ -448,52 +448,7 @@ newline:
         mov al, 10
         jmp putc
 
-puts:                                     # rsi = zero-terminated string; keeps rsi
-        push rsi
-puts_next:
-        mov al, [rsi]
-        test al, al
-        jz puts_done
-        call putc
-        inc rsi
-        jmp puts_next
-puts_done:
-        pop rsi
-        ret
-
-put_hex:                                  # rax: "0x" and its hex digits, no leading zeros
-        push rcx
-        push rdx
-        mov rdx, rax
-        mov al, '0'
-        call putc
-        mov al, 'x'
-        call putc
-        mov ecx, 60
-put_hex_skip:
-        test ecx, ecx
-        jz put_hex_digit
-        mov rax, rdx
-        shr rax, cl
-        test al, 0xF
-        jnz put_hex_digit
-        sub ecx, 4
-        jmp put_hex_skip
-put_hex_digit:
-        mov rax, rdx
-        shr rax, cl
-        and eax, 0xF
-        cmp al, 10
-        jb put_hex_decimal
-        add al, 'a' - 10 - '0'
-put_hex_decimal:
-        add al, '0'
-        call putc
-        sub ecx, 4
-        jns put_hex_digit
-        pop rdx
-        pop rcx
-        ret
+        .include "kernel_print.inc"        # puts, put_hex (on this kernel's putc)
 
 putc:                                     # al = byte; waits for LSR.THRE; keeps every register but rax
         push rdx

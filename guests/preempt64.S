@@ -127,44 +127,7 @@ set_gate:                               # rdi = gate, rax = handler; clobbers rd
         mov dword ptr [rdi + 12], 0
         ret
 
-put_decimal:                            # eax: unsigned, in decimal; clobbers rax, rcx, rdx
-        push rbx
-        mov ebx, 10
-        xor ecx, ecx
-1:      xor edx, edx
-        div ebx
-        push rdx
-        inc ecx
-        test eax, eax
-        jnz 1b
-2:      pop rax
-        add al, '0'
-        call putc
-        loop 2b
-        pop rbx
-        ret
-
-puts:                                   # rsi = zero-terminated string
-        mov al, [rsi]
-        test al, al
-        jz 1f
-        call putc
-        inc rsi
-        jmp puts
-1:      ret
-
-putc:                                   # al; waits for LSR.THRE first
-        push rdx
-        push rax
-        mov dx, LSR
-1:      in al, dx
-        test al, LSR_THRE
-        jz 1b
-        pop rax
-        mov dx, COM1
-        out dx, al
-        pop rdx
-        ret
+        .include "uart_print.inc"          # put_decimal, puts, putc (polling COM1)
 
 # ---- the ring-3 task ---------------------------------------------------------------
 task:

@@ -27,30 +27,7 @@
         .equ QSIZE, 256
         .equ TRANSMITQ, 1
         .equ LINE, 64
-        # virtio-mmio registers (4.2.2) and status bits (2.1)
-        .equ R_MAGIC, 0x000
-        .equ R_VERSION, 0x004
-        .equ R_DEVICE_ID, 0x008
-        .equ R_DEVICE_FEATURES, 0x010
-        .equ R_DEVICE_FEATURES_SEL, 0x014
-        .equ R_DRIVER_FEATURES, 0x020
-        .equ R_DRIVER_FEATURES_SEL, 0x024
-        .equ R_QUEUE_SEL, 0x030
-        .equ R_QUEUE_SIZE_MAX, 0x034
-        .equ R_QUEUE_SIZE, 0x038
-        .equ R_QUEUE_READY, 0x044
-        .equ R_STATUS, 0x070
-        .equ R_QUEUE_DESC_LOW, 0x080
-        .equ R_QUEUE_DESC_HIGH, 0x084
-        .equ R_QUEUE_DRIVER_LOW, 0x090
-        .equ R_QUEUE_DRIVER_HIGH, 0x094
-        .equ R_QUEUE_DEVICE_LOW, 0x0A0
-        .equ R_QUEUE_DEVICE_HIGH, 0x0A4
-        .equ ACKNOWLEDGE, 1
-        .equ DRIVER, 2
-        .equ DRIVER_OK, 4
-        .equ FEATURES_OK, 8
-        .equ NEEDS_RESET, 0x40
+        .include "virtio_mmio.inc"         # the transport's registers and status bits
 
 start:
         mov esi, PARAMS

@@ -10,6 +10,7 @@
 
         .equ COM1, 0x3F8                # labkit.x86.layout.COM1_PORT
         .equ LSR, COM1 + 5
+        .equ LSR_THRE, 0x20
         .equ DEBUG_EXIT, 0xF4
         .equ FIFO_COMMAND, 0x3F4
         .equ FIFO_DATA, 0x3F5
@@ -67,44 +68,7 @@
         out DEBUG_EXIT, al
         hlt
 
-put_decimal:                            # eax: unsigned, in decimal; clobbers rax, rcx, rdx
-        push rbx
-        mov ebx, 10
-        xor ecx, ecx
-1:      xor edx, edx
-        div ebx
-        push rdx
-        inc ecx
-        test eax, eax
-        jnz 1b
-2:      pop rax
-        add al, '0'
-        call putc
-        loop 2b
-        pop rbx
-        ret
-
-puts:                                   # rsi = zero-terminated string
-        mov al, [rsi]
-        test al, al
-        jz 1f
-        call putc
-        inc rsi
-        jmp puts
-1:      ret
-
-putc:                                   # al; waits for LSR.THRE first; keeps rdx
-        push rdx
-        push rax
-        mov dx, LSR
-1:      in al, dx
-        test al, 0x20
-        jz 1b
-        pop rax
-        mov dx, COM1
-        out dx, al
-        pop rdx
-        ret
+        .include "uart_print.inc"          # put_decimal, puts, putc (polling COM1)
 
 payload:    .ascii "AAAAAAAAAAAAAAAA"
             .byte 0x02

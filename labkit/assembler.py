@@ -147,7 +147,8 @@ def assemble(source: str, mode: int, load_address: int = LOAD_ADDRESS, *, insert
     """Assemble Intel-syntax ``source`` for ``mode`` 16/32/64 into a flat image at ``load_address``.
 
     Runs ``as`` (with ``-g``, so that ``ld`` can name the line of an undefined
-    symbol; the debug sections never reach the flat image), ``ld`` and
+    symbol; the debug sections never reach the flat image; and ``-I``
+    :func:`include_dir`, so ``.include "uart_print.inc"`` works), ``ld`` and
     ``objcopy`` in a temporary directory.  Raises
     :class:`AssemblyError` with the tool's messages, line numbers counted in
     ``source`` (or, with ``insertion`` from :func:`splice`, in the inserted
@@ -173,6 +174,14 @@ def assemble(source: str, mode: int, load_address: int = LOAD_ADDRESS, *, insert
                             + (f": {error.filename}" if error.filename else "")) from error
 
 
+def include_dir() -> Path:
+    """``guests/include``: the routines the shipped guests share (console output, virtio-mmio's registers), which
+    any source may ``.include`` by name."""
+    from labkit.guest import guests_dir  # lazy: guest imports this module
+
+    return guests_dir() / "include"
+
+
 def _assemble_in(text: str, load_address: int, as_flag: str, emulation: str, as_path: str, ld_path: str,
                  objcopy_path: str, prelude_lines: int, insertion: Insertion | None) -> bytes:
     with tempfile.TemporaryDirectory(prefix="labkit-as-") as tmp:
@@ -183,7 +192,8 @@ def _assemble_in(text: str, load_address: int, as_flag: str, emulation: str, as_
             raise AssemblyError(f"the source is not valid Unicode text: {error.reason} at character {error.start}") \
                 from None
         (directory / "guest.ld").write_text(_LINKER_SCRIPT.format(load=load_address))
-        _run([as_path, as_flag, "-g", "-o", "guest.o", "guest.S"], directory, "as", prelude_lines, insertion)
+        _run([as_path, as_flag, "-g", "-I", str(include_dir()), "-o", "guest.o", "guest.S"], directory, "as",
+             prelude_lines, insertion)
         _run(
             [ld_path, "-m", emulation, "--build-id=none", "-nostdlib", "-e", f"{load_address:#x}", "-T", "guest.ld", "-o", "guest.elf", "guest.o"],
             directory, "ld", prelude_lines, insertion,

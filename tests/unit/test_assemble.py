@@ -153,3 +153,37 @@ def test_splice_checks_what_it_is_given():
         splice("nop\n", 0, 0, b"nop", "your routine")
     with pytest.raises(ConfigError, match="cannot splice at 3:1"):
         splice("nop\n", 3, 1, "nop", "x")
+
+
+def test_the_shared_virtio_symbols_are_the_device_models_values():
+    """guests/include/virtio_mmio.inc against labkit.virtio.transport: the guests' drivers and the device agree."""
+    from labkit.assembler import include_dir
+    from labkit.virtio import transport
+
+    symbols = {}
+    for line in (include_dir() / "virtio_mmio.inc").read_text().splitlines():
+        if line.strip().startswith(".equ "):
+            name, value = line.strip()[len(".equ "):].split(",")
+            symbols[name.strip()] = int(value.strip(), 0)
+    expected = {f"R_{name}": getattr(transport, name) for name in (
+        "MAGIC", "VERSION", "DEVICE_ID", "DEVICE_FEATURES", "DEVICE_FEATURES_SEL", "DRIVER_FEATURES",
+        "DRIVER_FEATURES_SEL", "QUEUE_SEL", "QUEUE_SIZE_MAX", "QUEUE_SIZE", "QUEUE_READY", "STATUS",
+        "QUEUE_DESC_LOW", "QUEUE_DESC_HIGH", "QUEUE_DRIVER_LOW", "QUEUE_DRIVER_HIGH", "QUEUE_DEVICE_LOW",
+        "QUEUE_DEVICE_HIGH")}
+    expected |= {"R_CAPACITY_LOW": transport.CONFIG, "R_CAPACITY_HIGH": transport.CONFIG + 4,
+                 "ACKNOWLEDGE": transport.STATUS_ACKNOWLEDGE, "DRIVER": transport.STATUS_DRIVER,
+                 "DRIVER_OK": transport.STATUS_DRIVER_OK, "FEATURES_OK": transport.STATUS_FEATURES_OK,
+                 "NEEDS_RESET": transport.STATUS_DEVICE_NEEDS_RESET}
+    assert symbols == expected
+
+
+def test_any_source_may_include_the_shared_routines_and_a_missing_one_is_named():
+    from labkit.assembler import include_dir
+
+    for include in include_dir().glob("*.inc"):
+        assert include.read_text().startswith(f"# {include.name}:"), include
+    code = assemble('.equ COM1, 0x3F8\n.equ LSR, COM1 + 5\n.equ LSR_THRE, 0x20\n'
+                    'lea rsi, [rip + hi]\ncall puts\nhlt\n.include "uart_print.inc"\nhi: .asciz "hi"', 64)
+    assert b"\xec" in code and b"\xee" in code and code.endswith(b"hi\x00")  # in al, dx; out dx, al
+    with pytest.raises(AssemblyError, match="no_such.inc"):
+        assemble('.include "no_such.inc"', 64)
