@@ -26,6 +26,21 @@ followed by a contributory fault or page fault, become #DF (error code 0); a
 fault while delivering #DF is a triple fault (:class:`TripleFault`).  Task
 gates and virtual-8086 mode are not modelled (:class:`DeliveryUnsupported`).
 
+Guest-physical memory with no RAM behind it (the MMIO hole above RAM) is
+treated during a delivery as KVM treats it (measured on kvm_pvm; the SDM
+defines no outcome for an access to where no memory is, and bare metal would
+hand it to the bus):
+
+- a paging-structure entry there reads as not present: #PF with P = 0 (KVM's
+  guest page walker fails the same way, and a normal store through such a
+  table gets that #PF on KVM too);
+- reading a gate, a descriptor or the TSS there, or writing a frame word
+  there, makes the delivery fail: the exception being delivered becomes #DF
+  (error code 0), and a #DF that cannot be delivered is a triple fault, as in
+  SDM vol. 3, 6.15 "Interrupt 8".  A #DF gate with an IST stack in RAM
+  therefore catches a fault pushed onto a stack in the MMIO hole, on both
+  backends.
+
 Linear addresses (IDT, GDT, TSS, stack) are translated by the page walk of
 :mod:`labkit.emu.page_walk` (no paging, 32-bit, PAE and 4-level paging), which
 sets the accessed and dirty bits like the CPU.  Translations are cached here like a TLB: the cache is
@@ -110,7 +125,11 @@ class TripleFault(Exception):
 
 
 class DeliveryUnsupported(Exception):
-    """The guest needs something this delivery does not model (task gates, vm86, tables outside RAM)."""
+    """The guest needs something this delivery does not model (task gates, virtual-8086 mode)."""
+
+
+class _NoRam(Exception):
+    """A delivery access (gate, descriptor, TSS, frame) to guest-physical memory with no RAM behind it."""
 
 
 class _Fault(Exception):
@@ -275,6 +294,12 @@ class ExceptionDelivery:
                     vector, error_code = 8, 0
                 else:
                     vector, error_code = fault.vector, fault.error_code
+            except _NoRam:  # the delivery cannot complete: #DF, as KVM does (see the module docstring)
+                if software:
+                    self._rewind_software_interrupt(vector)
+                if vector == 8:
+                    raise TripleFault() from None
+                vector, error_code = 8, 0
                 software, external, ext = False, False, 1
                 first = False
 
@@ -285,7 +310,7 @@ class ExceptionDelivery:
         cs_base = q[(S.SEGS + S.R_CS * S.SEGMENT_SIZE + S.SEG_BASE) // 8]
         try:
             two = self._read(cs_base + eip - 2, 2, False)
-        except (_Fault, DeliveryUnsupported):
+        except (_Fault, _NoRam):
             two = 0
         length = 2 if two == 0xCD | (vector << 8) else 1
         q[S.EIP // 8] = eip - length
@@ -438,7 +463,7 @@ class ExceptionDelivery:
             return -1
         try:
             physical = self._translate(linear, write, user)
-        except (_Fault, DeliveryUnsupported):
+        except _Fault:
             return -1
         return physical if physical + size <= self.ram_size else -1
 
@@ -525,7 +550,7 @@ class ExceptionDelivery:
             if where + 1 > limit:
                 return False
             bits = self._read(base + where, 2, False) >> (port & 7)
-        except (_Fault, DeliveryUnsupported):
+        except (_Fault, _NoRam):
             return False
         return not bits & ((1 << size) - 1)
 
@@ -557,15 +582,24 @@ class ExceptionDelivery:
                 if self.written is not None:
                     self.written.add(physical >> 12)
                 return
+        # Across a page boundary or RAM's end: check every word's page first, so a failed push writes nothing.
+        for i in range(len(values)):
+            self._check_writable(linear + i * size, size, user)
         for i, value in enumerate(values):
             self._write(linear + i * size, size, value, user)
+
+    def _check_writable(self, linear: int, size: int, user: bool) -> None:
+        """_Fault or _NoRam if ``size`` bytes at ``linear`` could not be written by a delivery."""
+        for start in {linear, linear + size - 1}:
+            if self._translate(start, True, user) >= self.ram_size:
+                raise _NoRam()
 
     def _read(self, linear: int, size: int, user: bool) -> int:
         if (linear & 0xFFF) + size > 0x1000:
             return int.from_bytes(bytes(self._read(linear + i, 1, user) for i in range(size)), "little")
         physical = self._translate(linear, False, user)
         if physical + size > self.ram_size:
-            raise DeliveryUnsupported(f"a system table at guest-physical {physical:#x} lies outside RAM")
+            raise _NoRam()
         return int.from_bytes(self.ram[physical:physical + size], "little")
 
     def _write(self, linear: int, size: int, value: int, user: bool) -> None:
@@ -575,7 +609,7 @@ class ExceptionDelivery:
             return
         physical = self._translate(linear, True, user)
         if physical + size > self.ram_size:
-            raise DeliveryUnsupported(f"an exception stack at guest-physical {physical:#x} lies outside RAM")
+            raise _NoRam()
         self.ram[physical:physical + size] = value.to_bytes(size, "little")
         if self.written is not None:
             self.written.add(physical >> 12)
@@ -597,7 +631,7 @@ class ExceptionDelivery:
                 page = walk(self.ram, linear, write, user, cr0, key[1], key[2], bool(key[3]))
             except PageFault as fault:
                 raise _Fault(14, fault.error_code, cr2=fault.address) from None
-            except TableOutsideRam as error:
-                raise DeliveryUnsupported(str(error)) from None
+            except TableOutsideRam:  # read as not present, as KVM's guest page walker does
+                raise _Fault(14, (2 if write else 0) | (4 if user else 0), cr2=linear) from None
             self._tlb[tag] = page
         return page | (linear & 0xFFF)
