@@ -118,6 +118,14 @@ class ExitTrace:
             self.overflow_host_ns[reason] = self.overflow_host_ns.get(reason, 0) + host_ns
             self.overflow_handling_ns[reason] = self.overflow_handling_ns.get(reason, 0) + handling_ns
 
+    def copy(self) -> ExitTrace:
+        """A copy that later exits of the same machine do not change (the records themselves are immutable)."""
+        copy = ExitTrace(self.limit)
+        copy.records, copy.handling = list(self.records), list(self.handling)
+        copy.overflow_counts, copy.overflow_host_ns = dict(self.overflow_counts), dict(self.overflow_host_ns)
+        copy.overflow_handling_ns = dict(self.overflow_handling_ns)
+        return copy
+
     @property
     def dropped(self) -> int:
         """Exits counted but not kept."""
