@@ -300,8 +300,8 @@ class ExceptionDelivery:
                 if vector == 8:
                     raise TripleFault() from None
                 vector, error_code = 8, 0
-                software, external, ext = False, False, 1
-                first = False
+            software, external, ext = False, False, 1
+            first = False
 
     def _rewind_software_interrupt(self, vector: int) -> None:
         """Point EIP back at the ``int n``/``int3``/``into`` that failed its checks (a fault, not a trap)."""
