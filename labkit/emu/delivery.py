@@ -120,6 +120,44 @@ if (S.EFLAGS, S.CC_DST, S.CC_SRC, S.CC_SRC2, S.CC_OP, S.DF, S.HFLAGS) != (
     raise ImportError("labkit.emu.delivery expects QEMU's CPUX86State order eip .. hflags (internals.LAYOUT)")
 
 
+_LEGACY_PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3})
+_ALU_TO_MEMORY = frozenset(base + low for base in (0x00, 0x08, 0x10, 0x18, 0x20, 0x28, 0x30) for low in (0, 1))
+"""ADD, OR, ADC, SBB, AND, SUB, XOR with an r/m destination (opcodes 00/01 .. 30/31; not CMP, 38/39)."""
+_READ_MODIFY_WRITE = {
+    # one-byte opcode: the ModRM reg fields (None: all) that read and write the r/m operand
+    **{opcode: None for opcode in _ALU_TO_MEMORY}, 0x86: None, 0x87: None,          # XCHG
+    0x80: frozenset(range(7)), 0x81: frozenset(range(7)), 0x82: frozenset(range(7)),  # group 1 but CMP (/7)
+    0x83: frozenset(range(7)),
+    0xC0: None, 0xC1: None, 0xD0: None, 0xD1: None, 0xD2: None, 0xD3: None,         # group 2: shifts, rotates
+    0xF6: frozenset({2, 3}), 0xF7: frozenset({2, 3}),                                # NOT, NEG (not TEST, MUL, DIV)
+    0xFE: frozenset({0, 1}), 0xFF: frozenset({0, 1}),                                # INC, DEC
+}
+_READ_MODIFY_WRITE_0F = {
+    0xA4: None, 0xA5: None, 0xAC: None, 0xAD: None,                                  # SHLD, SHRD
+    0xAB: None, 0xB3: None, 0xBB: None, 0xBA: frozenset({5, 6, 7}),                 # BTS, BTR, BTC (not BT)
+    0xB0: None, 0xB1: None, 0xC0: None, 0xC1: None, 0xC7: frozenset({1}),           # CMPXCHG, XADD, CMPXCHG8B/16B
+}
+
+
+def reads_and_writes_memory(code: bytes, long_mode: bool) -> bool:
+    """Whether the instruction at the start of ``code`` reads and writes one memory operand (ModRM r/m).
+
+    The read-modify-write instructions of the SDM's opcode map (vol. 2, appendix A): ALU operations with
+    an r/m destination but CMP, XCHG, the shifts and rotates, NOT, NEG, INC, DEC, SHLD/SHRD, BTS/BTR/BTC,
+    CMPXCHG, CMPXCHG8B/16B, XADD.  Legacy prefixes (and REX in 64-bit mode) are skipped.
+    """
+    at = 0
+    while at < len(code) and (code[at] in _LEGACY_PREFIXES or (long_mode and 0x40 <= code[at] <= 0x4F)):
+        at += 1
+    table = _READ_MODIFY_WRITE
+    if at < len(code) and code[at] == 0x0F:
+        table, at = _READ_MODIFY_WRITE_0F, at + 1
+    if at + 1 >= len(code) or code[at] not in table:
+        return False
+    fields, modrm = table[code[at]], code[at + 1]
+    return modrm >> 6 != 3 and (fields is None or (modrm >> 3) & 7 in fields)
+
+
 class TripleFault(Exception):
     """A fault while delivering #DF: the CPU shuts down."""
 
@@ -302,6 +340,36 @@ class ExceptionDelivery:
                 vector, error_code = 8, 0
             software, external, ext = False, False, 1
             first = False
+
+    def page_fault_error_code(self, error_code: int) -> int:
+        """A #PF's error code as the CPU reports it: W/R = 1 when a read-modify-write instruction faults.
+
+        QEMU (so Unicorn) raises such an instruction's #PF from its load, with W/R = 0; the CPU checks the
+        access as a write (SDM vol. 3, 4.7: W/R is the access that caused the fault), and so does KVM.
+        Decodes the instruction at RIP (:func:`reads_and_writes_memory`); a fetch fault (CR2 inside the
+        instruction) or code that cannot be read keeps ``error_code``.
+        """
+        if error_code & 2:
+            return error_code
+        q = self.cpu.q
+        hflags = self.cpu.u32[_HFLAGS]
+        rip = q[_EIP] + q[(_CS_OFFSET + S.SEG_BASE) // 8]
+        if not hflags & S.HF_CS64_MASK:
+            rip &= 0xFFFF_FFFF
+        if (q[(S.CR + 16) // 8] - rip) % (1 << 64) < 15:
+            return error_code
+        user = hflags & 3 == 3
+        code = b""
+        try:
+            while len(code) < 15:
+                physical = self._translate(rip + len(code), False, user)
+                take = min(15 - len(code), 0x1000 - (physical & 0xFFF), self.ram_size - physical)
+                if take <= 0:
+                    break
+                code += bytes(self.ram[physical:physical + take])
+        except _Fault:
+            pass
+        return error_code | 2 if reads_and_writes_memory(code, bool(hflags & S.HF_CS64_MASK)) else error_code
 
     def _rewind_software_interrupt(self, vector: int) -> None:
         """Point EIP back at the ``int n``/``int3``/``into`` that failed its checks (a fault, not a trap)."""
