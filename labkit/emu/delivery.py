@@ -41,6 +41,11 @@ hand it to the bus):
   therefore catches a fault pushed onto a stack in the MMIO hole, on both
   backends.
 
+A #PF's error code is the CPU's: QEMU raises a read-modify-write
+instruction's #PF from its load (W/R = 0), the CPU and KVM report a write;
+:meth:`ExceptionDelivery.page_fault_error_code` (and trap_replay.c) set W/R
+for such an instruction (:func:`reads_and_writes_memory`).
+
 Linear addresses (IDT, GDT, TSS, stack) are translated by the page walk of
 :mod:`labkit.emu.page_walk` (no paging, 32-bit, PAE and 4-level paging), which
 sets the accessed and dirty bits like the CPU.  Translations are cached here like a TLB: the cache is
