@@ -17,6 +17,8 @@
 - :data:`FAULTS`: the fault-injecting guests of the containment run: a triple fault, an
   endless loop, a console flood, hammering unclaimed ports, wild writes over the guest's
   whole address space, random bytes executed as code.
+- :func:`compare_backends`: one guest run alone on KVM and on the emulator, and whether they ended
+  alike (:class:`Agreement`); ``benchmarks/sweep_random_bytes.py`` does it for random-bytes seeds 0-499.
 - :func:`run_containment`: N VMs at once (:func:`labkit.fleet.run_many`), the chosen
   faulty ones and healthy ones filling up the rest; each healthy VM's console and final
   registers are compared with its solo run.
@@ -28,12 +30,14 @@ import random
 import re
 import struct
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from labkit.errors import ConfigError
+from labkit.exits import ExitReason
 from labkit.fleet import VmOutcome, VmSpec, run_many
 from labkit.table import Table
-from labkit.vmm.status import Origin, RunResult
+from labkit.vmm.status import Origin, RunResult, Status, StatusKind
 from labkit.x86 import layout
 
 if TYPE_CHECKING:
@@ -177,6 +181,75 @@ def random_bytes_guest(seed: int, size: int = 4096) -> Guest:
         raise ConfigError(f"size must be 1 to 65536 bytes, not {size!r}")
     code = random.Random(seed).randbytes(size)
     return Guest.from_bytes(code, 64, f"random{seed}", description=f"{size} random bytes (seed {seed}) as code")
+
+
+class Agreement(str, Enum):
+    """How a guest's runs on the two backends compare (:func:`compare_backends`)."""
+
+    SAME = "same"
+    """The same end status: kind, exit code and, for a fault, vector, RIP, error code and CR2."""
+    KVM_CANNOT_RUN = "KVM cannot run it"
+    """KVM stopped with ``KVM_EXIT_INTERNAL_ERROR``: it could not handle the guest (under PVM every ring-0
+    instruction goes through KVM's instruction emulator, which lacks x87, most SSE, ``int3``/``int n`` at
+    CPL 0, ...), so there is no KVM ending to compare with.  On VT-x/AMD-V such code runs natively."""
+    DIFFERENT = "different"
+    """Different end statuses: a difference between the backends to explain or fix."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class BackendComparison:
+    """One guest run alone on KVM and on the emulator (:func:`compare_backends`)."""
+
+    guest: str
+    kvm: RunResult
+    emu: RunResult
+    timeout: float
+    """The budget both runs had (raised once when only one backend timed out with the first one)."""
+
+    @property
+    def agreement(self) -> Agreement:
+        if same_ending(self.kvm.status, self.emu.status):
+            return Agreement.SAME
+        # An internal error ends a KVM run, so one counted (kept or past the trace's bound) was the last exit.
+        if self.kvm.status.kind is StatusKind.ERROR and self.kvm.trace.count(ExitReason.INTERNAL_ERROR):
+            return Agreement.KVM_CANNOT_RUN
+        return Agreement.DIFFERENT
+
+
+def same_ending(a: Status, b: Status) -> bool:
+    """Whether two runs ended alike: kind, exit code and fault (vector, RIP, error code, CR2).
+
+    Messages are not compared (each backend words its own errors), nor registers: a random guest's
+    flags can hold values the SDM leaves undefined (``imul``'s ZF), which differ between CPUs too.
+    """
+    return a.kind is b.kind and a.code == b.code and a.fault == b.fault
+
+
+def compare_backends(guest: Guest | str, timeout: float = 1.0, retry_timeout: float = 10.0) -> BackendComparison:
+    """Run ``guest`` alone on KVM, then on the emulator, each in a fresh machine, and keep both results.
+
+    A guest that times out on one backend only is run again on both with ``retry_timeout``: ring-0
+    code runs at about 1 us per instruction under PVM and faster on the emulator, so a long but finite
+    loop can end within the budget on one and not the other.  Needs /dev/kvm (a BackendError without).
+    """
+    from labkit.vmm.machine import Machine
+
+    def both(budget: float) -> tuple[RunResult, RunResult]:
+        results = []
+        for backend in ("kvm", "emu"):
+            with Machine(guest, backend=backend) as machine:
+                results.append(machine.run(timeout=budget))
+        return results[0], results[1]
+
+    kvm, emu = both(timeout)
+    if (kvm.status.kind is StatusKind.TIMEOUT) != (emu.status.kind is StatusKind.TIMEOUT) and retry_timeout > timeout:
+        timeout = retry_timeout
+        kvm, emu = both(timeout)
+    name = guest if isinstance(guest, str) else guest.name
+    return BackendComparison(name, kvm, emu, timeout)
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,21 @@ class ExitTrace:
             self.overflow_host_ns[reason] = self.overflow_host_ns.get(reason, 0) + host_ns
             self.overflow_handling_ns[reason] = self.overflow_handling_ns.get(reason, 0) + handling_ns
 
+    def copy(self) -> ExitTrace:
+        """A copy that later exits of the same machine do not change (the records themselves are immutable).
+
+        Kept records are only ever appended, up to ``limit``: a trace at its limit shares its lists (they no
+        longer change), so the copy costs nothing more once a long run has filled the trace.
+        """
+        copy = ExitTrace(self.limit)
+        if len(self.records) >= self.limit:
+            copy.records, copy.handling = self.records, self.handling
+        else:
+            copy.records, copy.handling = list(self.records), list(self.handling)
+        copy.overflow_counts, copy.overflow_host_ns = dict(self.overflow_counts), dict(self.overflow_host_ns)
+        copy.overflow_handling_ns = dict(self.overflow_handling_ns)
+        return copy
+
     @property
     def dropped(self) -> int:
         """Exits counted but not kept."""

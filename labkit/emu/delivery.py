@@ -26,6 +26,26 @@ followed by a contributory fault or page fault, become #DF (error code 0); a
 fault while delivering #DF is a triple fault (:class:`TripleFault`).  Task
 gates and virtual-8086 mode are not modelled (:class:`DeliveryUnsupported`).
 
+Guest-physical memory with no RAM behind it (the MMIO hole above RAM) is
+treated during a delivery as KVM treats it (measured on kvm_pvm; the SDM
+defines no outcome for an access to where no memory is, and bare metal would
+hand it to the bus):
+
+- a paging-structure entry there reads as not present: #PF with P = 0 (KVM's
+  guest page walker fails the same way, and a normal store through such a
+  table gets that #PF on KVM too);
+- reading a gate, a descriptor or the TSS there, or writing a frame word
+  there, makes the delivery fail: the exception being delivered becomes #DF
+  (error code 0), and a #DF that cannot be delivered is a triple fault, as in
+  SDM vol. 3, 6.15 "Interrupt 8".  A #DF gate with an IST stack in RAM
+  therefore catches a fault pushed onto a stack in the MMIO hole, on both
+  backends.
+
+A #PF's error code is the CPU's: QEMU raises a read-modify-write
+instruction's #PF from its load (W/R = 0), the CPU and KVM report a write;
+:meth:`ExceptionDelivery.page_fault_error_code` (and trap_replay.c) set W/R
+for such an instruction (:func:`reads_and_writes_memory`).
+
 Linear addresses (IDT, GDT, TSS, stack) are translated by the page walk of
 :mod:`labkit.emu.page_walk` (no paging, 32-bit, PAE and 4-level paging), which
 sets the accessed and dirty bits like the CPU.  Translations are cached here like a TLB: the cache is
@@ -105,12 +125,54 @@ if (S.EFLAGS, S.CC_DST, S.CC_SRC, S.CC_SRC2, S.CC_OP, S.DF, S.HFLAGS) != (
     raise ImportError("labkit.emu.delivery expects QEMU's CPUX86State order eip .. hflags (internals.LAYOUT)")
 
 
+_LEGACY_PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3})
+_ALU_TO_MEMORY = frozenset(base + low for base in (0x00, 0x08, 0x10, 0x18, 0x20, 0x28, 0x30) for low in (0, 1))
+"""ADD, OR, ADC, SBB, AND, SUB, XOR with an r/m destination (opcodes 00/01 .. 30/31; not CMP, 38/39)."""
+_READ_MODIFY_WRITE = {
+    # one-byte opcode: the ModRM reg fields (None: all) that read and write the r/m operand
+    **{opcode: None for opcode in _ALU_TO_MEMORY}, 0x86: None, 0x87: None,          # XCHG
+    0x80: frozenset(range(7)), 0x81: frozenset(range(7)), 0x82: frozenset(range(7)),  # group 1 but CMP (/7)
+    0x83: frozenset(range(7)),
+    0xC0: None, 0xC1: None, 0xD0: None, 0xD1: None, 0xD2: None, 0xD3: None,         # group 2: shifts, rotates
+    0xF6: frozenset({2, 3}), 0xF7: frozenset({2, 3}),                                # NOT, NEG (not TEST, MUL, DIV)
+    0xFE: frozenset({0, 1}), 0xFF: frozenset({0, 1}),                                # INC, DEC
+}
+_READ_MODIFY_WRITE_0F = {
+    0xA4: None, 0xA5: None, 0xAC: None, 0xAD: None,                                  # SHLD, SHRD
+    0xAB: None, 0xB3: None, 0xBB: None, 0xBA: frozenset({5, 6, 7}),                 # BTS, BTR, BTC (not BT)
+    0xB0: None, 0xB1: None, 0xC0: None, 0xC1: None, 0xC7: frozenset({1}),           # CMPXCHG, XADD, CMPXCHG8B/16B
+}
+
+
+def reads_and_writes_memory(code: bytes, long_mode: bool) -> bool:
+    """Whether the instruction at the start of ``code`` reads and writes one memory operand (ModRM r/m).
+
+    The read-modify-write instructions of the SDM's opcode map (vol. 2, appendix A): ALU operations with
+    an r/m destination but CMP, XCHG, the shifts and rotates, NOT, NEG, INC, DEC, SHLD/SHRD, BTS/BTR/BTC,
+    CMPXCHG, CMPXCHG8B/16B, XADD.  Legacy prefixes (and REX in 64-bit mode) are skipped.
+    """
+    at = 0
+    while at < len(code) and (code[at] in _LEGACY_PREFIXES or (long_mode and 0x40 <= code[at] <= 0x4F)):
+        at += 1
+    table = _READ_MODIFY_WRITE
+    if at < len(code) and code[at] == 0x0F:
+        table, at = _READ_MODIFY_WRITE_0F, at + 1
+    if at + 1 >= len(code) or code[at] not in table:
+        return False
+    fields, modrm = table[code[at]], code[at + 1]
+    return modrm >> 6 != 3 and (fields is None or (modrm >> 3) & 7 in fields)
+
+
 class TripleFault(Exception):
     """A fault while delivering #DF: the CPU shuts down."""
 
 
 class DeliveryUnsupported(Exception):
-    """The guest needs something this delivery does not model (task gates, vm86, tables outside RAM)."""
+    """The guest needs something this delivery does not model (task gates, virtual-8086 mode)."""
+
+
+class _NoRam(Exception):
+    """A delivery access (gate, descriptor, TSS, frame) to guest-physical memory with no RAM behind it."""
 
 
 class _Fault(Exception):
@@ -275,8 +337,44 @@ class ExceptionDelivery:
                     vector, error_code = 8, 0
                 else:
                     vector, error_code = fault.vector, fault.error_code
-                software, external, ext = False, False, 1
-                first = False
+            except _NoRam:  # the delivery cannot complete: #DF, as KVM does (see the module docstring)
+                if software:
+                    self._rewind_software_interrupt(vector)
+                if vector == 8:
+                    raise TripleFault() from None
+                vector, error_code = 8, 0
+            software, external, ext = False, False, 1
+            first = False
+
+    def page_fault_error_code(self, error_code: int) -> int:
+        """A #PF's error code as the CPU reports it: W/R = 1 when a read-modify-write instruction faults.
+
+        QEMU (so Unicorn) raises such an instruction's #PF from its load, with W/R = 0; the CPU checks the
+        access as a write (SDM vol. 3, 4.7: W/R is the access that caused the fault), and so does KVM.
+        Decodes the instruction at RIP (:func:`reads_and_writes_memory`); a fetch fault (CR2 inside the
+        instruction) or code that cannot be read keeps ``error_code``.
+        """
+        if error_code & 2:
+            return error_code
+        q = self.cpu.q
+        hflags = self.cpu.u32[_HFLAGS]
+        rip = q[_EIP] + q[(_CS_OFFSET + S.SEG_BASE) // 8]
+        if not hflags & S.HF_CS64_MASK:
+            rip &= 0xFFFF_FFFF
+        if (q[(S.CR + 16) // 8] - rip) % (1 << 64) < 15:
+            return error_code
+        user = hflags & 3 == 3
+        code = b""
+        try:
+            while len(code) < 15:
+                physical = self._translate(rip + len(code), False, user)
+                take = min(15 - len(code), 0x1000 - (physical & 0xFFF), self.ram_size - physical)
+                if take <= 0:
+                    break
+                code += bytes(self.ram[physical:physical + take])
+        except _Fault:
+            pass
+        return error_code | 2 if reads_and_writes_memory(code, bool(hflags & S.HF_CS64_MASK)) else error_code
 
     def _rewind_software_interrupt(self, vector: int) -> None:
         """Point EIP back at the ``int n``/``int3``/``into`` that failed its checks (a fault, not a trap)."""
@@ -285,7 +383,7 @@ class ExceptionDelivery:
         cs_base = q[(S.SEGS + S.R_CS * S.SEGMENT_SIZE + S.SEG_BASE) // 8]
         try:
             two = self._read(cs_base + eip - 2, 2, False)
-        except (_Fault, DeliveryUnsupported):
+        except (_Fault, _NoRam):
             two = 0
         length = 2 if two == 0xCD | (vector << 8) else 1
         q[S.EIP // 8] = eip - length
@@ -438,7 +536,7 @@ class ExceptionDelivery:
             return -1
         try:
             physical = self._translate(linear, write, user)
-        except (_Fault, DeliveryUnsupported):
+        except _Fault:
             return -1
         return physical if physical + size <= self.ram_size else -1
 
@@ -525,7 +623,7 @@ class ExceptionDelivery:
             if where + 1 > limit:
                 return False
             bits = self._read(base + where, 2, False) >> (port & 7)
-        except (_Fault, DeliveryUnsupported):
+        except (_Fault, _NoRam):
             return False
         return not bits & ((1 << size) - 1)
 
@@ -557,15 +655,24 @@ class ExceptionDelivery:
                 if self.written is not None:
                     self.written.add(physical >> 12)
                 return
+        # Across a page boundary or RAM's end: check every word's page first, so a failed push writes nothing.
+        for i in range(len(values)):
+            self._check_writable(linear + i * size, size, user)
         for i, value in enumerate(values):
             self._write(linear + i * size, size, value, user)
+
+    def _check_writable(self, linear: int, size: int, user: bool) -> None:
+        """_Fault or _NoRam if ``size`` bytes at ``linear`` could not be written by a delivery."""
+        for start in {linear, linear + size - 1}:
+            if self._translate(start, True, user) >= self.ram_size:
+                raise _NoRam()
 
     def _read(self, linear: int, size: int, user: bool) -> int:
         if (linear & 0xFFF) + size > 0x1000:
             return int.from_bytes(bytes(self._read(linear + i, 1, user) for i in range(size)), "little")
         physical = self._translate(linear, False, user)
         if physical + size > self.ram_size:
-            raise DeliveryUnsupported(f"a system table at guest-physical {physical:#x} lies outside RAM")
+            raise _NoRam()
         return int.from_bytes(self.ram[physical:physical + size], "little")
 
     def _write(self, linear: int, size: int, value: int, user: bool) -> None:
@@ -575,7 +682,7 @@ class ExceptionDelivery:
             return
         physical = self._translate(linear, True, user)
         if physical + size > self.ram_size:
-            raise DeliveryUnsupported(f"an exception stack at guest-physical {physical:#x} lies outside RAM")
+            raise _NoRam()
         self.ram[physical:physical + size] = value.to_bytes(size, "little")
         if self.written is not None:
             self.written.add(physical >> 12)
@@ -597,7 +704,7 @@ class ExceptionDelivery:
                 page = walk(self.ram, linear, write, user, cr0, key[1], key[2], bool(key[3]))
             except PageFault as fault:
                 raise _Fault(14, fault.error_code, cr2=fault.address) from None
-            except TableOutsideRam as error:
-                raise DeliveryUnsupported(str(error)) from None
+            except TableOutsideRam:  # read as not present, as KVM's guest page walker does
+                raise _Fault(14, (2 if write else 0) | (4 if user else 0), cr2=linear) from None
             self._tlb[tag] = page
         return page | (linear & 0xFFF)

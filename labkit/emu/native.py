@@ -63,6 +63,7 @@ class TrapReplayState(ctypes.Structure):
         ("replayed", _u64), ("passed_on", _u64),
         ("plans", Plan * PLAN_SLOTS),
         ("dirty_bitmap", _void_p), ("dirty_pages", _u64),
+        ("vmem_read", _void_p), ("cs_base", _u32), ("cs64_mask", _u32),
     ]
 
 
@@ -197,10 +198,11 @@ class NativeTrapReplay:
     """
 
     def __init__(self, library: ctypes.CDLL, *, cpu_address: int, ram_address: int, ram_size: int,
-                 reg_read_address: int, rflags_reg: int, slow: CFuncPtr, offsets: dict[str, int]):
+                 reg_read_address: int, rflags_reg: int, slow: CFuncPtr, offsets: dict[str, int],
+                 vmem_read_address: int | None = None):
         self.state = TrapReplayState(cpu=cpu_address, ram=ram_address, ram_size=ram_size,
                                      reg_read=reg_read_address, slow=ctypes.cast(slow, _void_p).value,
-                                     rflags_reg=rflags_reg, **offsets)
+                                     rflags_reg=rflags_reg, vmem_read=vmem_read_address, **offsets)
         self._slow = slow
         self.hook_address = ctypes.cast(library.trap_replay_hook, _void_p).value
         self.user_data = ctypes.addressof(self.state)

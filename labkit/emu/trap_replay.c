@@ -38,6 +38,7 @@
 
 typedef void (*hook_intr)(void *uc, uint32_t vector, void *user_data);
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
+typedef int (*vmem_read_fn)(void *uc, uint64_t address, uint32_t prot, void *bytes, size_t size);
 
 struct plan {
     uint64_t key;            /* hflags << 9 | software << 8 | vector; 0: empty slot */
@@ -74,6 +75,9 @@ struct trap_replay {
     struct plan plans[PLAN_SLOTS];
     uint8_t *dirty_bitmap;   /* while the dirty log is on: its bitmap (the frame's page is logged), else NULL */
     uint64_t dirty_pages;
+    /* For a #PF's W/R bit (page_fault_write_bit): uc_vmem_read, CS.base's offset, HF_CS64_MASK. */
+    vmem_read_fn vmem_read;
+    uint32_t cs_base, cs64_mask;
 };
 
 static inline uint64_t load64(const uint8_t *at)
@@ -148,11 +152,89 @@ static int replay(struct trap_replay *t, void *uc, uint32_t vector)
     return 1;
 }
 
+/*
+ * Whether the instruction at `code` reads and writes its ModRM memory operand: the read-modify-write
+ * instructions of the SDM's opcode map (vol. 2, appendix A).  The same tables as reads_and_writes_memory
+ * in labkit/emu/delivery.py: per opcode, a mask of the ModRM reg fields that are read-modify-write.
+ */
+static int reads_and_writes_memory(const uint8_t *code, size_t n, int long_mode)
+{
+    static uint8_t one[256], two[256];
+    static int ready;
+    if (!ready) {
+        for (int base = 0x00; base <= 0x30; base += 8)
+            one[base] = one[base + 1] = 0xFF;           /* ADD OR ADC SBB AND SUB XOR r/m, r (not CMP) */
+        one[0x86] = one[0x87] = 0xFF;                   /* XCHG */
+        one[0x80] = one[0x81] = one[0x82] = one[0x83] = 0x7F;  /* group 1 but CMP (/7) */
+        one[0xC0] = one[0xC1] = one[0xD0] = one[0xD1] = one[0xD2] = one[0xD3] = 0xFF;  /* shifts, rotates */
+        one[0xF6] = one[0xF7] = 0x0C;                   /* NOT, NEG */
+        one[0xFE] = one[0xFF] = 0x03;                   /* INC, DEC */
+        two[0xA4] = two[0xA5] = two[0xAC] = two[0xAD] = 0xFF;  /* SHLD, SHRD */
+        two[0xAB] = two[0xB3] = two[0xBB] = 0xFF;       /* BTS, BTR, BTC */
+        two[0xBA] = 0xE0;                               /* group 8: BTS, BTR, BTC (not BT) */
+        two[0xB0] = two[0xB1] = two[0xC0] = two[0xC1] = 0xFF;  /* CMPXCHG, XADD */
+        two[0xC7] = 0x02;                               /* CMPXCHG8B/16B */
+        ready = 1;
+    }
+    size_t at = 0;
+    while (at < n) {
+        uint8_t byte = code[at];
+        if (byte == 0x26 || byte == 0x2E || byte == 0x36 || byte == 0x3E || byte == 0x64 || byte == 0x65
+            || byte == 0x66 || byte == 0x67 || byte == 0xF0 || byte == 0xF2 || byte == 0xF3
+            || (long_mode && byte >= 0x40 && byte <= 0x4F))
+            at++;
+        else
+            break;
+    }
+    const uint8_t *table = one;
+    if (at < n && code[at] == 0x0F) {
+        table = two;
+        at++;
+    }
+    if (at + 1 >= n)
+        return 0;
+    uint8_t fields = table[code[at]], modrm = code[at + 1];
+    return modrm >> 6 != 3 && (fields >> ((modrm >> 3) & 7) & 1);
+}
+
+/*
+ * QEMU raises a read-modify-write instruction's #PF from its load, with W/R = 0; the CPU (and KVM)
+ * report a write.  Set W/R in the error code when the instruction at RIP is one (not for a fetch fault:
+ * CR2 inside the instruction; nor where its bytes cannot be read).  delivery.page_fault_error_code is
+ * the same in Python.
+ */
+static void page_fault_write_bit(struct trap_replay *t, void *uc)
+{
+    uint8_t *cpu = t->cpu;
+    uint32_t error = load32(cpu + t->error_code);
+    if (error & 2 || t->vmem_read == NULL)
+        return;
+    int long_mode = (load32(cpu + t->hflags) & t->cs64_mask) != 0;
+    uint64_t linear = load64(cpu + t->cs_base) + load64(cpu + t->eip);
+    if (!long_mode)
+        linear &= 0xFFFFFFFFull;
+    if (load64(cpu + t->system + t->cr2_in_system) - linear < 15)
+        return;
+    uint8_t code[15];
+    size_t first = 0x1000 - (linear & 0xFFF), n;
+    if (first > 15)
+        first = 15;
+    if (t->vmem_read(uc, linear, 4 /* UC_PROT_EXEC */, code, first) != 0)
+        return;
+    n = first;
+    if (first < 15 && t->vmem_read(uc, linear + first, 4, code + first, 15 - first) == 0)
+        n = 15;
+    if (reads_and_writes_memory(code, n, long_mode))
+        store32(cpu + t->error_code, error | 2);
+}
+
 /* The UC_HOOK_INTR callback; user_data is the struct trap_replay. */
 void trap_replay_hook(void *uc, uint32_t vector, void *user_data)
 {
     struct trap_replay *t = user_data;
     store32(t->cpu + t->old_exception, (uint32_t)-1);  /* unicorn#1883 */
+    if (vector == 14 && !t->stopping && load32(t->cpu + t->exception_is_int) == 0)
+        page_fault_write_bit(t, uc);
     /* vector > 255: EXCP_VMEXIT + exit code, labkit's CR/MSR intercepts (labkit/emu/intercepts.py) */
     if (!t->stopping && vector < 256 && replay(t, uc, vector)) {
         t->replayed++;

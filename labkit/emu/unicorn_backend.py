@@ -243,6 +243,7 @@ class _Engine:
         is_int_index = self.cpu.deep.exception_is_int // 4
         deliver = self.delivery.deliver
         deliver_fast = self.delivery.deliver_fast
+        page_fault_error_code = self.delivery.page_fault_error_code
         engine = self
         native: NativeTrapReplay | None = None  # the C trap replay, set below once the Python hook it passes on to exists
 
@@ -331,6 +332,8 @@ class _Engine:
                 engine.stop_run()
                 return
             try:
+                if vector == 14 and not i32[error_code_index] & 2 and not i32[is_int_index]:
+                    i32[error_code_index] = page_fault_error_code(i32[error_code_index])  # a write for RMW
                 # Behind the C replay, a plan that did not apply is recorded afresh by deliver().
                 if native is not None or not deliver_fast(vector):
                     deliver(vector, i32[error_code_index], i32[is_int_index] != 0)
@@ -512,7 +515,9 @@ class _Engine:
             offsets={"eip": S.EIP, "eflags": S.EFLAGS, "hflags": S.HFLAGS, "rsp": S.REGS + 8 * 4,
                      "cs": S.SEGS + S.R_CS * S.SEGMENT_SIZE, "ss": S.SEGS + S.R_SS * S.SEGMENT_SIZE,
                      "system": S.LDT, "cr2_in_system": S.CR + 16 - S.LDT, "old_exception": deep.old_exception,
-                     "error_code": deep.error_code, "exception_is_int": deep.exception_is_int})
+                     "error_code": deep.error_code, "exception_is_int": deep.exception_is_int,
+                     "cs_base": S.SEGS + S.R_CS * S.SEGMENT_SIZE + S.SEG_BASE, "cs64_mask": S.HF_CS64_MASK},
+            vmem_read_address=ctypes.cast(_lib.uc_vmem_read, _c_void_p).value)
 
     def stop_run(self) -> None:
         """From a hook: end uc_emu_start; hooks do nothing more until then (exceptions are not delivered)."""

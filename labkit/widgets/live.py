@@ -4,7 +4,8 @@
 ``slice_s`` seconds (``Machine.run`` with that timeout continues where the last
 slice stopped) and redraws after each slice: the exit-rate chart
 (:func:`labkit.viz.live.exit_rate`), the exit table
-(:func:`labkit.viz.report.exit_table`) and the console's last lines.
+(:func:`labkit.viz.report.exit_table`) and the console's last lines, all from one
+:class:`LiveState` (the latest slice's result and the samples up to it).
 ``start`` runs (or continues), ``pause`` stops at the next exit boundary
 (``Machine.pause``), ``step`` runs exactly one exit (``Machine.steps``) and
 ``reset`` throws the VM away; the next start boots a fresh one.  Text is sized
@@ -21,6 +22,7 @@ import html
 import io
 import threading
 import time
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import ipywidgets as widgets
@@ -46,6 +48,19 @@ STOPPED = (StatusKind.RUNNING, StatusKind.TIMEOUT, StatusKind.PAUSED)
 """Statuses after which the guest can go on (anything else ended it)."""
 
 
+@dataclass(frozen=True)
+class LiveState:
+    """What one redraw shows: the latest result, the chart's samples up to it, and the running time.
+
+    Replaced whole (one attribute assignment) after every slice or step, and read once per redraw, so
+    the chart, the table, the console and the status line of a redraw always come from the same slice.
+    """
+
+    result: RunResult | None = None
+    samples: tuple[RateSample, ...] = ()
+    run_s: float = 0.0
+
+
 class LiveView:
     """Runs ``guest`` on ``backend`` with start, pause, step and reset, redrawing while it runs.
 
@@ -63,9 +78,10 @@ class LiveView:
         self.slice_s = slice_s
         self.on_update = on_update
         self.machine: Machine | None = None
-        self.result: RunResult | None = None
-        self.samples: list[RateSample] = []
-        self.run_s = 0.0
+        self.state = LiveState()
+        """The latest result and the samples up to it (see :class:`LiveState`)."""
+        self.drawn = self.state
+        """The state the latest redraw showed (chart, table, console and status alike)."""
         self.updates = 0
         """How many times the view was redrawn."""
         self._thread: threading.Thread | None = None
@@ -157,7 +173,7 @@ class LiveView:
         self.pause()
         if self.machine is not None:
             self.machine.close()
-        self.machine, self.result, self.samples, self.run_s = None, None, [], 0.0
+        self.machine, self.state = None, LiveState()
         self._redraw()
 
     def close(self) -> None:
@@ -167,13 +183,26 @@ class LiveView:
     # --- state ----------------------------------------------------------------------------------
 
     @property
+    def result(self) -> RunResult | None:
+        return self.state.result
+
+    @property
+    def samples(self) -> tuple[RateSample, ...]:
+        return self.state.samples
+
+    @property
+    def run_s(self) -> float:
+        return self.state.run_s
+
+    @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     @property
     def finished(self) -> bool:
         """The guest ended (halted, exited, faulted...): only reset helps."""
-        return self.result is not None and self.result.status.kind not in STOPPED
+        result = self.state.result
+        return result is not None and result.status.kind not in STOPPED
 
     def wait(self, timeout: float) -> bool:
         """Wait until the background run ends (the guest stopped or was paused); False after ``timeout``."""
@@ -227,9 +256,14 @@ class LiveView:
         result = machine.last_result
         if result is None:
             return
-        self.result = result
-        self.run_s += seconds
-        self.samples.append(RateSample(self.run_s, result.trace.by_reason()))
+        # The machine's trace goes on growing in the next slice, while a redraw may still be drawing this one:
+        # keep a copy, so the table shows the same exits as the chart's last sample (the table used to run a
+        # slice ahead of the chart, the figure being the slowest part of a redraw).
+        result = replace(result, trace=result.trace.copy())
+        state = self.state
+        run_s = state.run_s + seconds
+        # One assignment: a redraw beside it sees the old state or the new one, never a mix.
+        self.state = LiveState(result, state.samples + (RateSample(run_s, result.trace.by_reason()),), run_s)
 
     def _failed(self, error: LabkitError) -> None:
         self.status.value = self._text(f"{type(error).__name__}: {error}", colour="#b00")
@@ -241,32 +275,35 @@ class LiveView:
         return f"<span style='font-size:{FONT_PX}px;color:{colour}'>{html.escape(text)}</span>"
 
     def _redraw(self) -> None:
-        result = self.result
+        shown = self.state  # read once: everything below shows this one slice
+        result = shown.result
         if self.running:
             state = "running"
         elif result is None:
             state = "not started"
-        elif self.finished:
-            state = f"{result.status} after {self.run_s:.2f} s"
+        elif result.status.kind not in STOPPED:
+            state = f"{result.status} after {shown.run_s:.2f} s"
         else:
-            state = f"paused after {self.run_s:.2f} s"
+            state = f"paused after {shown.run_s:.2f} s"
         origin = result.origin if result is not None else None
         where = f" ({origin})" if origin is not None else f" (backend {self.backend})"
         exits = f", {result.trace.exit_count()} VM exits" if result is not None else ""
-        self.status.value = self._text(state + exits + where)
-        figure = exit_rate(self.samples, origin, self.guest_name)
+        figure = exit_rate(shown.samples, origin, self.guest_name)
         png = io.BytesIO()
         figure.savefig(png, format="png")
-        self.chart.value = png.getvalue()
         if result is not None:
             table = exit_table(result)._repr_html_()
             lines = result.console.splitlines()[-CONSOLE_LINES:]
             console = "\n".join(lines) or "(nothing yet)"
         else:
             table, console = "", "(not started)"
+        # Everything is made first (the figure takes the longest), then the widgets change together.
+        self.status.value = self._text(state + exits + where)
+        self.chart.value = png.getvalue()
         self.table.value = f"<div style='font-size:{FONT_PX}px'>{table}</div>"
         self.console.value = (f"<pre style='font-size:{FONT_PX}px;line-height:1.2;background:#111;color:#eee;"
                               f"padding:8px;white-space:pre-wrap'>{html.escape(console)}</pre>")
+        self.drawn = shown
         self.updates += 1
         if self.on_update is not None:
             self.on_update(self)

@@ -26,8 +26,14 @@ def test_rates_are_exits_per_second_of_running_time():
 def test_live_view_runs_pauses_steps_and_resets(backend_name):
     BYTES = BYTES_ON[backend_name]
     charts_while_running: list[str] = []
+    out_of_step: list[str] = []
 
     def seen(view: LiveView) -> None:
+        drawn = view.drawn  # what this redraw showed: the chart's last sample is the table's result
+        if drawn.result is not None:
+            exits = drawn.result.trace.exit_count()
+            if drawn.samples[-1].counts != drawn.result.trace.by_reason() or f"VM exits ({exits})" not in view.table.value:
+                out_of_step.append(f"chart {drawn.samples[-1].counts}, table {drawn.result.trace.by_reason()}")
         if view.samples and not view.finished:  # drawn after a slice, before the guest ended
             charts_while_running.append(hashlib.sha256(view.chart.value).hexdigest())
 
@@ -60,6 +66,7 @@ def test_live_view_runs_pauses_steps_and_resets(backend_name):
         assert last_lines[-1] in view.console.value and last_lines[0] in view.console.value
         assert "VM exits (" in view.table.value and f">{2 * BYTES + 1}<" in view.table.value
         assert len(set(charts_while_running)) >= 2, "the chart did not change while the guest ran"
+        assert view.updates >= 4 and out_of_step == [], f"a redraw's chart and table differ: {out_of_step[:3]}"
         label = "KVM (" + view.result.origin.flavour if backend_name == "kvm" else "emulator (Unicorn)"
         assert label in view.status.value or str(view.result.origin) in view.status.value
 

@@ -60,3 +60,15 @@ def test_limit_keeps_counting():
     assert len(trace.records) == 2 and trace.dropped == 3 and len(trace) == 5
     assert "not kept" in trace.format_table()
     assert len(trace.handling) == 2 and trace.total_handling_ns() == 20  # dropped exits' handling still counts
+
+
+def test_a_copy_keeps_what_the_trace_held_when_it_was_made():
+    trace = ExitTrace(limit=3)
+    trace.add(2, 0x8000, 0x3F8, 1, True, 65, 100, 10)
+    copy = trace.copy()
+    for _ in range(4):
+        trace.add(2, 0x8002, 0x3F8, 1, True, 66, 100, 10)
+    assert copy.by_reason() == {"IO": 1} and trace.by_reason() == {"IO": 5}
+    full = trace.copy()  # at the limit: further exits only go to the (copied) overflow counts
+    trace.add(2, 0x8004, 0x3F8, 1, True, 67, 100, 10)
+    assert full.by_reason() == {"IO": 5} and trace.by_reason() == {"IO": 6}
