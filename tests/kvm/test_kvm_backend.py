@@ -273,6 +273,33 @@ def test_sync_regs_are_used_where_the_kernel_offers_them(backend):
     assert backend.sync_regs == offered
 
 
+def kvm_get_regs(backend) -> Regs:
+    """KVM_GET_REGS itself, past the backend's sync-regs copy."""
+    raw = backend._vcpu.get_regs()
+    return Regs(*(getattr(raw, name) for name, _ in kb.kvm_regs._fields_))
+
+
+def test_registers_read_after_a_run_are_what_kvm_get_regs_says(backend):
+    """get_regs() reads KVM's sync-regs copy after a run: the same values as the ioctl, at every way a
+    run ends (a halt, a stop at an `out`, a stop at an `in` completed first), and what set_regs set."""
+    load_real_mode(backend, PORT_ROUND_TRIP16)
+    ends = [backend.run(RecordingDispatcher({0x11: 0x5A, 0x3F8: 0x1234}, stop_on={0x10}), timeout=2.0),
+            backend.run(RecordingDispatcher({0x11: 0x5A, 0x3F8: 0x1234}, stop_on={0x11}), timeout=2.0),
+            backend.run(RecordingDispatcher({0x11: 0x5A, 0x3F8: 0x1234}), timeout=2.0)]
+    assert [type(end) for end in ends] == [exits.Io, exits.Io, exits.Hlt]
+    assert backend._regs_synced == backend.sync_regs  # the copy is what was read
+    assert backend.get_regs() == kvm_get_regs(backend)
+    changed = dataclasses.replace(backend.get_regs(), rbx=0xFEED, rip=ENTRY)
+    backend.set_regs(changed)
+    assert backend.get_regs() == changed == kvm_get_regs(backend)
+    steps = []
+    for stop_on in ({0x10}, {0x11}):
+        backend.run(RecordingDispatcher({0x11: 0x77}, stop_on=stop_on), timeout=2.0)
+        steps.append((backend.get_regs(), kvm_get_regs(backend)))
+    assert all(synced == asked for synced, asked in steps)
+    assert steps[1][0].rax & 0xFF == 0x77  # the `in` completed before the run returned
+
+
 def test_bad_arguments_are_config_errors():
     for size in (MEMORY + 100, 4096, 64 << 30, "2M"):  # the one check (x86/layout.py), its own message
         with pytest.raises(ConfigError) as raised:
