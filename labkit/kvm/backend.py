@@ -650,8 +650,9 @@ class KvmBackend:
             token = None
             timer = None
             if math.isfinite(timeout):
-                token = WATCHDOG.arm(deadline, partial(_kick, run, threading.get_ident()))
                 timer = ThreadTimer(deadline, threading.get_native_id(), signum)  # the kick without the GIL
+                if not timer.ok:  # the kernel refused a timer: the watchdog thread kicks instead
+                    token = WATCHDOG.arm(deadline, partial(_kick, run, threading.get_ident()))
             self._regs_synced = False  # until the loop has returned: then KVM_RUN has written run.s.regs
             try:
                 exit = self._loop(run, dispatcher, deadline, timeout)

@@ -176,6 +176,28 @@ def test_endless_loop_times_out_within_budget(backend, user):
         assert backend.run(RecordingDispatcher(), timeout=2.0) == exits.Hlt()
 
 
+def test_without_the_kernel_timer_the_watchdog_thread_stops_the_run(backend, monkeypatch):
+    """The kernel timer (ThreadTimer) kicks a run at its deadline; where the kernel refuses one, the
+    watchdog thread must: the run still ends in its budget, and no kick is left pending."""
+    import labkit.kvm.backend as kvm_backend
+
+    class RefusedTimer:
+        ok = False
+
+        def __init__(self, *args):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(kvm_backend, "ThreadTimer", RefusedTimer)
+    load_boot_state(backend, 64, ENDLESS)
+    start = time.monotonic()
+    assert backend.run(RecordingDispatcher(), timeout=0.2) == exits.Timeout(budget_s=0.2)
+    assert 0.2 <= time.monotonic() - start < 0.6
+    assert signal.SIGUSR1 not in signal.sigpending()
+
+
 def test_timeout_from_another_thread_and_no_thread_leak(backend):
     load_boot_state(backend, 64, ENDLESS)
     backend.run(RecordingDispatcher(), timeout=0.01)  # starts the shared watchdog
