@@ -12,8 +12,12 @@
  * byte to the console.  Then everything is closed and unmapped.
  * /dev/kvm is opened once (labkit keeps it open too).
  *
- * Usage: kvm_vm_cycle hello64.bin N  ->  prints {"cycles": N, "seconds": t, "cpu_seconds": c, "console": "..."}
- * (cpu_seconds: this thread's CPU time, user + kernel, the fair measure on a loaded machine)
+ * Usage: kvm_vm_cycle hello64.bin N  ->  prints {"cycles": N, "seconds": t, "cpu_seconds": c,
+ *        "life_cpu_us": [...], "life_wall_us": [...], "console": "..."}
+ *        kvm_vm_cycle hello64.bin -  ->  the same line for each count read from stdin, one count a line,
+ *        until an empty line or EOF (so a caller can interleave its own lives with these, a few at a time)
+ * (cpu_seconds: this thread's CPU time, user + kernel, the fair measure on a loaded machine;
+ * life_cpu_us and life_wall_us: each cycle's own, so the caller can take medians)
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -131,10 +135,43 @@ static size_t cycle(int kvm, int run_size, const uint8_t *image, size_t image_si
 	return length;
 }
 
+/* N lives, each timed on its own; one JSON line on stdout. */
+static void measure(int kvm, int run_size, const uint8_t *image, size_t image_size, unsigned n)
+{
+	char console[256] = "";
+	double *life_cpu = calloc(n ? n : 1, sizeof(double)), *life_wall = calloc(n ? n : 1, sizeof(double));
+	if (!life_cpu || !life_wall)
+		die("calloc");
+	double start = clock_of(CLOCK_MONOTONIC), cpu_start = clock_of(CLOCK_THREAD_CPUTIME_ID);
+	for (unsigned i = 0; i < n; i++) {
+		double wall = clock_of(CLOCK_MONOTONIC), cpu = clock_of(CLOCK_THREAD_CPUTIME_ID);
+		cycle(kvm, run_size, image, image_size, console, sizeof(console));
+		life_cpu[i] = clock_of(CLOCK_THREAD_CPUTIME_ID) - cpu;
+		life_wall[i] = clock_of(CLOCK_MONOTONIC) - wall;
+	}
+	double seconds = clock_of(CLOCK_MONOTONIC) - start, cpu_seconds = clock_of(CLOCK_THREAD_CPUTIME_ID) - cpu_start;
+	printf("{\"cycles\": %u, \"seconds\": %.6f, \"cpu_seconds\": %.6f", n, seconds, cpu_seconds);
+	const char *names[2] = {"life_cpu_us", "life_wall_us"};
+	double *lives[2] = {life_cpu, life_wall};
+	for (int k = 0; k < 2; k++) {
+		printf(", \"%s\": [", names[k]);
+		for (unsigned i = 0; i < n; i++)
+			printf(i ? ", %.1f" : "%.1f", lives[k][i] * 1e6);
+		printf("]");
+	}
+	printf(", \"console\": \"");
+	for (char *c = console; *c; c++)
+		printf(*c == '\n' ? "\\n" : "%c", *c);
+	printf("\"}\n");
+	fflush(stdout);
+	free(life_cpu);
+	free(life_wall);
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 3) {
-		fprintf(stderr, "usage: kvm_vm_cycle GUEST.bin N\n");
+		fprintf(stderr, "usage: kvm_vm_cycle GUEST.bin N|-\n");
 		return 2;
 	}
 	static uint8_t image[1 << 16];
@@ -143,21 +180,20 @@ int main(int argc, char **argv)
 		die("open guest binary");
 	size_t image_size = fread(image, 1, sizeof(image), file);
 	fclose(file);
-	unsigned n = (unsigned)strtoul(argv[2], NULL, 0);
 	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
 	if (kvm < 0)
 		die("open /dev/kvm");
 	int run_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
 	if (run_size < 0)
 		die("KVM_GET_VCPU_MMAP_SIZE");
-	char console[256];
-	double start = clock_of(CLOCK_MONOTONIC), cpu_start = clock_of(CLOCK_THREAD_CPUTIME_ID);
-	for (unsigned i = 0; i < n; i++)
-		cycle(kvm, run_size, image, image_size, console, sizeof(console));
-	double seconds = clock_of(CLOCK_MONOTONIC) - start, cpu_seconds = clock_of(CLOCK_THREAD_CPUTIME_ID) - cpu_start;
-	printf("{\"cycles\": %u, \"seconds\": %.6f, \"cpu_seconds\": %.6f, \"console\": \"", n, seconds, cpu_seconds);
-	for (char *c = console; *c; c++)
-		printf(*c == '\n' ? "\\n" : "%c", *c);
-	printf("\"}\n");
+	if (strcmp(argv[2], "-") == 0) {
+		/* Serve: each line on stdin is a count of lives to measure now; an empty line or EOF ends. */
+		char line[32];
+		while (fgets(line, sizeof(line), stdin) && line[0] != '\n')
+			measure(kvm, run_size, image, image_size, (unsigned)strtoul(line, NULL, 0));
+	} else {
+		measure(kvm, run_size, image, image_size, (unsigned)strtoul(argv[2], NULL, 0));
+	}
+	close(kvm);
 	return 0;
 }

@@ -173,23 +173,40 @@ class Guest:
 
     @classmethod
     def named(cls, name: str) -> Guest:
-        """A shipped guest by name (``list_guests()`` shows them), from its prebuilt binary."""
-        entries = {entry["name"]: entry for entry in load_manifest()}
+        """A shipped guest by name (``list_guests()`` shows them), from its prebuilt binary.
+
+        Kept per process and binary file: read again only when the file's size or mtime changed
+        (a rebuild), so a fleet of the same guest reads it once.
+        """
+        entries = _manifest_by_name(os.path.join(guests_dir(), MANIFEST))
         if name not in entries:
             raise ConfigError(f"no shipped guest named {name!r}; there are: {', '.join(sorted(entries))}")
         entry = entries[name]
-        path = guests_dir() / entry["binary"]
+        path = os.path.join(guests_dir(), entry["binary"])
         try:
-            code = path.read_bytes()
+            info = os.stat(path)
+            version = (path, info.st_mtime_ns, info.st_size)
+            known = _NAMED.get(name)
+            if known is not None and known[0] == version:
+                return known[1]
+            with open(path, "rb") as file:
+                code = file.read()
         except OSError as error:
             raise GuestFileError(
                 f"shipped guest {name!r}: cannot read {path}: {error.strerror or error} "
                 "(rebuild with `python -m labkit.assembler --build-guests`)"
             ) from None
-        return cls(
+        guest = cls(
             name, code, entry["mode"], entry["load_address"], entry["entry"], entry["user"],
-            entry["description"], entry.get("expected", {}),
+            entry["description"], dict(entry.get("expected", {})),
         )
+        if len(code) == info.st_size:  # not a file caught halfway through a rebuild
+            _NAMED[name] = (version, guest)
+        return guest
+
+
+_NAMED: dict[str, tuple[tuple[str, int, int], Guest]] = {}
+"""``Guest.named``'s guests by name, with the (path, mtime, size) of the binary they were read from."""
 
 
 @dataclass(frozen=True)
@@ -240,6 +257,12 @@ _MANIFEST_FIELDS = {
     "entry": int, "user": bool, "description": str, "expected": dict,
 }
 EXPECTED_STATUSES = ("halted", "exited", "shutdown", "timeout", "fault")
+
+
+@lru_cache(maxsize=4)
+def _manifest_by_name(path: str) -> dict[str, dict[str, Any]]:
+    """The manifest's entries by name (read-only: :func:`load_manifest` hands out copies)."""
+    return {entry["name"]: entry for entry in _manifest(path)}
 
 
 @lru_cache(maxsize=4)

@@ -48,7 +48,7 @@ from labkit.errors import ConfigError, KvmError
 from labkit.kvm import bindings as kb
 from labkit.kvm.controls import KvmExitControls, missing_capabilities, msr_filter_ranges
 from labkit.kvm.ioctl import get_errno, kvm_run_ioctl
-from labkit.kvm.stats import KvmRunStats, counters_delta, cumulative_counters
+from labkit.kvm.stats import KvmRunStats
 from labkit.kvm.system import Kvm, kvm_flavour
 from labkit.kvm.vm import dirty_page_numbers
 from labkit.watchdog import KICK_SIGNAL, WATCHDOG, ThreadTimer
@@ -73,6 +73,9 @@ _EXIT_FIELDS = struct.Struct(
     f"BBHIQ{_SYNC_RIP_OFFSET - _EXIT_OFFSET - 16}xQ"
 )
 """exit_reason; io.direction, io.size, io.port, io.count, io.data_offset; s.regs.regs.rip."""
+_SYNC_REGS_OFFSET = kb.kvm_run.s.offset + kb.kvm_sync_regs.regs.offset
+_SYNC_REGS = struct.Struct(f"<{len(kb.kvm_regs._fields_)}Q")
+"""``kvm_run.s.regs.regs``: the ``kvm_regs`` KVM copies there at every return of ``KVM_RUN`` (sync regs)."""
 _MMIO_FIELDS = struct.Struct("<Q8sIB")  # kvm_run.mmio: phys_addr, data, len, is_write
 _VALUE_FORMATS = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I")}
 _MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF}
@@ -105,6 +108,19 @@ class _NoInterrupts:
 
 
 _NO_INTERRUPTS = _NoInterrupts()
+
+
+@dataclass(frozen=True)
+class _VmCapabilities:
+    """What every VM of one KVM device offers, asked of the first VM a process makes there (three
+    ``KVM_CHECK_EXTENSION`` ioctls on each VM fd otherwise; the answers are the module's, not the VM's)."""
+
+    sync_regs: bool
+    readonly_memory: bool
+    max_slots: int
+
+
+_VM_CAPABILITIES: dict[str, _VmCapabilities] = {}
 
 
 @dataclass(frozen=True)
@@ -200,9 +216,7 @@ class KvmBackend:
             self._apply_vm_controls(self.controls)  # DISABLE_EXITS only before the first vCPU
             self._vcpu = self._vm.create_vcpu(0)
             self._vcpu.set_cpuid2(self._kvm.supported_cpuid())
-            stats = self._vcpu.stats()
-            self._stat_names = cumulative_counters(stats)
-            self._stats_base = stats.read()
+            self._stats_base = self._vcpu.stats().values()
         except BaseException:
             self.close()
             raise
@@ -212,15 +226,24 @@ class KvmBackend:
         """Writes KVM kept in the kernel (coalesced ring, ioeventfds) that this backend handed to the dispatcher."""
         self._kernel_writes = bool(self.controls.coalesced or self._eventfds)
         run = self._vcpu.run
-        self.sync_regs = bool(self._vm.check_extension(kb.KVM_CAP_SYNC_REGS) & kb.KVM_SYNC_X86_REGS)
+        capabilities = _VM_CAPABILITIES.get(self._kvm.device)
+        if capabilities is None:
+            capabilities = _VM_CAPABILITIES[self._kvm.device] = _VmCapabilities(
+                bool(self._vm.check_extension(kb.KVM_CAP_SYNC_REGS) & kb.KVM_SYNC_X86_REGS),
+                bool(self._vm.check_extension(kb.KVM_CAP_READONLY_MEM)),
+                self._vm.check_extension(kb.KVM_CAP_NR_MEMSLOTS) or 32)
+        self.sync_regs = capabilities.sync_regs
         if self.sync_regs:
             run.kvm_valid_regs = kb.KVM_SYNC_X86_REGS  # KVM copies kvm_regs into run.s at every exit
+        self._regs_synced = False
+        """Whether ``run.s.regs`` holds the vCPU's registers now: KVM wrote them at the last return of
+        ``KVM_RUN`` and no ``KVM_SET_REGS`` came since (then :meth:`get_regs` reads them there)."""
         self._run: kb.kvm_run | None = run  # None once closed
         self._signal_mask: bytes | None = None
         # A read an exception cut short: (exit reason, port/address, size, rip, data offset, element, count).
         self._unanswered: tuple[int, int, int, int, int, int, int] | None = None
-        self.readonly_memory = bool(self._vm.check_extension(kb.KVM_CAP_READONLY_MEM))
-        self._max_slots = self._vm.check_extension(kb.KVM_CAP_NR_MEMSLOTS) or 32
+        self.readonly_memory = capabilities.readonly_memory
+        self._max_slots = capabilities.max_slots
 
     # --- Backend protocol: description and state ----------------------------------
 
@@ -238,7 +261,10 @@ class KvmBackend:
         }
 
     def get_regs(self) -> Regs:
-        """``KVM_GET_REGS`` as a :class:`Regs`."""
+        """The vCPU's registers as a :class:`Regs`: ``KVM_GET_REGS``, or with sync regs after a run the copy
+        KVM left in ``kvm_run.s.regs`` when ``KVM_RUN`` returned (the same values, without the ioctl)."""
+        if self._regs_synced:
+            return Regs(*_SYNC_REGS.unpack_from(self._vcpu._run_map, _SYNC_REGS_OFFSET))
         raw = self._vcpu.get_regs()
         return Regs(*(getattr(raw, name) for name in REGS_FIELDS))
 
@@ -249,6 +275,7 @@ class KvmBackend:
         exit) is cleared: a pending interrupt then waits for a fresh window.
         """
         run = self._live_run()
+        self._regs_synced = False
         self._vcpu.set_regs(kb.kvm_regs(*(getattr(regs, name) & _U64 for name in REGS_FIELDS)))
         run.if_flag = 0
 
@@ -335,7 +362,7 @@ class KvmBackend:
         """The vCPU's cumulative counters since this backend was made, beside the exits its run loop saw
         (:class:`labkit.kvm.stats.KvmRunStats`); one ``pread`` of the stats fd."""
         self._check_open()
-        counters = counters_delta(self._stats_base, self._vcpu.stats().read(), self._stat_names)
+        counters = self._vcpu.stats().growth(self._stats_base)
         userspace = {exits.reason_name(reason): count for reason, count in sorted(self.userspace_exits.items())}
         return KvmRunStats(self.flavour, counters, userspace, dict(self.delivered), self.controls.describe())
 
@@ -623,10 +650,14 @@ class KvmBackend:
             token = None
             timer = None
             if math.isfinite(timeout):
-                token = WATCHDOG.arm(deadline, partial(_kick, run, threading.get_ident()))
                 timer = ThreadTimer(deadline, threading.get_native_id(), signum)  # the kick without the GIL
+                if not timer.ok:  # the kernel refused a timer: the watchdog thread kicks instead
+                    token = WATCHDOG.arm(deadline, partial(_kick, run, threading.get_ident()))
+            self._regs_synced = False  # until the loop has returned: then KVM_RUN has written run.s.regs
             try:
-                return self._loop(run, dispatcher, deadline, timeout)
+                exit = self._loop(run, dispatcher, deadline, timeout)
+                self._regs_synced = self.sync_regs
+                return exit
             finally:
                 fired = token is not None and WATCHDOG.disarm(token)  # after this the watchdog cannot fire
                 if timer is not None:

@@ -2,8 +2,9 @@
 
 The stats fd holds a ``kvm_stats_header``, an id string, one ``kvm_stats_desc``
 (plus its name) per statistic, and a data block of ``u64`` values.  The
-descriptors never change, so :class:`BinaryStats` reads them once and each
-:meth:`BinaryStats.read` costs one ``pread`` of the data block.
+descriptors never change, and are the same for every vCPU of a kernel, so
+:class:`BinaryStats` parses them once per process (each new fd then reads only
+its header) and each :meth:`BinaryStats.read` costs one ``pread`` of the data block.
 """
 
 from __future__ import annotations
@@ -26,11 +27,21 @@ class BinaryStats:
         self.fd = fd
         self._finalizer = weakref.finalize(self, os.close, fd)
         header = kb.kvm_stats_header.from_buffer_copy(os.pread(fd, ctypes.sizeof(kb.kvm_stats_header), 0))
-        self.id = os.pread(fd, header.name_size, header.id_offset).split(b"\0", 1)[0].decode()
-        desc_size = ctypes.sizeof(kb.kvm_stats_desc) + header.name_size
-        descs = os.pread(fd, desc_size * header.num_desc, header.desc_offset)
+        self._header = header
+        shape = bytes(header)
+        known = _LAYOUTS.get(shape)
+        if known is None:  # the first fd of this shape: read and parse its descriptors
+            desc_size = ctypes.sizeof(kb.kvm_stats_desc) + header.name_size
+            descs = os.pread(fd, desc_size * header.num_desc, header.desc_offset)
+            known = _LAYOUTS.setdefault(shape, _parse_descriptors(descs, desc_size))
         self._data_offset = header.data_offset
-        self._layout, self._data_size, self._unpack = _parse_descriptors(descs, desc_size)
+        self._layout, self._data_size, self._unpack, self._cumulative = known
+
+    @functools.cached_property
+    def id(self) -> str:
+        """The kernel's name for these statistics (``kvm-<pid>/vcpu-<n>``)."""
+        header = self._header
+        return os.pread(self.fd, header.name_size, header.id_offset).split(b"\0", 1)[0].decode()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -40,23 +51,39 @@ class BinaryStats:
         """Name -> ``KVM_STATS_TYPE_* | KVM_STATS_UNIT_* | KVM_STATS_BASE_*`` flags."""
         return {name: flags for name, _, _, flags in self._layout}
 
+    def values(self) -> tuple[int, ...]:
+        """The data block as it is now, unnamed (one ``pread``): keep it to measure :meth:`growth` from."""
+        return self._unpack(os.pread(self.fd, self._data_size, self._data_offset))
+
     def read(self) -> dict[str, int | tuple[int, ...]]:
         """Name -> current value; histograms (``size`` > 1) as tuples of bucket counts."""
-        values = self._unpack(os.pread(self.fd, self._data_size, self._data_offset))
+        values = self.values()
         return {
             name: values[index] if count == 1 else values[index:index + count]
             for name, index, count, _ in self._layout
         }
 
+    def growth(self, before: tuple[int, ...]) -> dict[str, int]:
+        """How much each plain cumulative counter (:func:`cumulative_counters`) grew since :meth:`values`
+        gave ``before``: one ``pread``."""
+        after = self.values()
+        return {name: after[index] - before[index] for name, index in self._cumulative}
+
     def close(self) -> None:
         self._finalizer()
 
 
-@functools.lru_cache(maxsize=8)
+_LAYOUTS: dict[bytes, tuple[tuple[tuple[str, int, int, int], ...], int, Callable[[bytes], tuple[int, ...]],
+                            tuple[tuple[str, int], ...]]] = {}
+"""Parsed descriptors by the stats header's bytes: every vCPU of this kernel has the same, so a new stats
+fd costs one ``pread`` of its header before its first read, not three reads and a parse."""
+
+
 def _parse_descriptors(descs: bytes, desc_size: int) -> tuple[tuple[tuple[str, int, int, int], ...], int,
-                                                             Callable[[bytes], tuple[int, ...]]]:
-    """The layout ((name, first u64 index, count, flags), ...), the data block's size and its unpacker, from
-    the descriptors' bytes: the same for every vCPU of this kernel, so parsed once."""
+                                                             Callable[[bytes], tuple[int, ...]],
+                                                             tuple[tuple[str, int], ...]]:
+    """The layout ((name, first u64 index, count, flags), ...), the data block's size, its unpacker, and
+    (name, index) of the plain cumulative counters, from the descriptors' bytes."""
     layout = []
     end = 0
     for i in range(len(descs) // desc_size):
@@ -65,13 +92,14 @@ def _parse_descriptors(descs: bytes, desc_size: int) -> tuple[tuple[tuple[str, i
         name = raw[ctypes.sizeof(kb.kvm_stats_desc):].split(b"\0", 1)[0].decode()
         layout.append((name, desc.offset // 8, desc.size, desc.flags))
         end = max(end, desc.offset + 8 * desc.size)
-    return tuple(layout), end, struct.Struct(f"<{end // 8}Q").unpack
+    cumulative = tuple((name, index) for name, index, count, flags in layout
+                       if count == 1 and flags & kb.KVM_STATS_TYPE_MASK == kb.KVM_STATS_TYPE_CUMULATIVE)
+    return tuple(layout), end, struct.Struct(f"<{end // 8}Q").unpack, cumulative
 
 
 def cumulative_counters(stats: BinaryStats) -> tuple[str, ...]:
     """The names of the plain cumulative counters (``KVM_STATS_TYPE_CUMULATIVE``, one value each)."""
-    return tuple(name for name, _, count, flags in stats._layout
-                 if count == 1 and flags & kb.KVM_STATS_TYPE_MASK == kb.KVM_STATS_TYPE_CUMULATIVE)
+    return tuple(name for name, _ in stats._cumulative)
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,28 @@ def test_endless_loop_times_out_within_budget(backend, user):
         assert backend.run(RecordingDispatcher(), timeout=2.0) == exits.Hlt()
 
 
+def test_without_the_kernel_timer_the_watchdog_thread_stops_the_run(backend, monkeypatch):
+    """The kernel timer (ThreadTimer) kicks a run at its deadline; where the kernel refuses one, the
+    watchdog thread must: the run still ends in its budget, and no kick is left pending."""
+    import labkit.kvm.backend as kvm_backend
+
+    class RefusedTimer:
+        ok = False
+
+        def __init__(self, *args):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(kvm_backend, "ThreadTimer", RefusedTimer)
+    load_boot_state(backend, 64, ENDLESS)
+    start = time.monotonic()
+    assert backend.run(RecordingDispatcher(), timeout=0.2) == exits.Timeout(budget_s=0.2)
+    assert 0.2 <= time.monotonic() - start < 0.6
+    assert signal.SIGUSR1 not in signal.sigpending()
+
+
 def test_timeout_from_another_thread_and_no_thread_leak(backend):
     load_boot_state(backend, 64, ENDLESS)
     backend.run(RecordingDispatcher(), timeout=0.01)  # starts the shared watchdog
@@ -271,6 +293,33 @@ def test_sync_regs_are_used_where_the_kernel_offers_them(backend):
     with Kvm() as kvm:
         offered = bool(kvm.check_extension(kb.KVM_CAP_SYNC_REGS) & kb.KVM_SYNC_X86_REGS)
     assert backend.sync_regs == offered
+
+
+def kvm_get_regs(backend) -> Regs:
+    """KVM_GET_REGS itself, past the backend's sync-regs copy."""
+    raw = backend._vcpu.get_regs()
+    return Regs(*(getattr(raw, name) for name, _ in kb.kvm_regs._fields_))
+
+
+def test_registers_read_after_a_run_are_what_kvm_get_regs_says(backend):
+    """get_regs() reads KVM's sync-regs copy after a run: the same values as the ioctl, at every way a
+    run ends (a halt, a stop at an `out`, a stop at an `in` completed first), and what set_regs set."""
+    load_real_mode(backend, PORT_ROUND_TRIP16)
+    ends = [backend.run(RecordingDispatcher({0x11: 0x5A, 0x3F8: 0x1234}, stop_on={0x10}), timeout=2.0),
+            backend.run(RecordingDispatcher({0x11: 0x5A, 0x3F8: 0x1234}, stop_on={0x11}), timeout=2.0),
+            backend.run(RecordingDispatcher({0x11: 0x5A, 0x3F8: 0x1234}), timeout=2.0)]
+    assert [type(end) for end in ends] == [exits.Io, exits.Io, exits.Hlt]
+    assert backend._regs_synced == backend.sync_regs  # the copy is what was read
+    assert backend.get_regs() == kvm_get_regs(backend)
+    changed = dataclasses.replace(backend.get_regs(), rbx=0xFEED, rip=ENTRY)
+    backend.set_regs(changed)
+    assert backend.get_regs() == changed == kvm_get_regs(backend)
+    steps = []
+    for stop_on in ({0x10}, {0x11}):
+        backend.run(RecordingDispatcher({0x11: 0x77}, stop_on=stop_on), timeout=2.0)
+        steps.append((backend.get_regs(), kvm_get_regs(backend)))
+    assert all(synced == asked for synced, asked in steps)
+    assert steps[1][0].rax & 0xFF == 0x77  # the `in` completed before the run returned
 
 
 def test_bad_arguments_are_config_errors():

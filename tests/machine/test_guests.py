@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import struct
 import time
 
 import pytest
@@ -223,6 +224,32 @@ def test_hello_exits_once_per_port_access(backend_name):
     polls = [record for record in records if record.address == 0x3FD and record.direction == "in"]
     assert len(polls) >= len(text) and all(record.data & 0x20 for record in polls)
     assert result.trace[len(result.trace.records) - 1].reason == "HLT"
+
+
+def collatz_steps(limit: int) -> int:
+    total = 0
+    for n in range(1, limit + 1):
+        while n != 1:
+            n = n >> 1 if n % 2 == 0 else 3 * n + 1
+            total += 1
+    return total
+
+
+@pytest.mark.parametrize("limit", [1, 2, 27, 3000])
+def test_compute64_computes_as_much_as_its_parameter_block_says(limit, backend_name):
+    with Machine("compute64", backend=backend_name) as machine:
+        machine.write_memory(0x80000, struct.pack("<Q", limit))
+        result = machine.run(timeout=10)
+    assert result.status.kind is StatusKind.EXITED and result.status.code == 0, str(result.status)
+    assert result.console == f"collatz steps 1..{limit}: {collatz_steps(limit)}\n"
+
+
+def test_compute64_refuses_a_limit_whose_sequences_could_overflow(backend_name):
+    with Machine("compute64", backend=backend_name) as machine:
+        machine.write_memory(0x80000, struct.pack("<Q", 1 << 32))
+        result = machine.run(timeout=10)
+    assert result.status.kind is StatusKind.EXITED and result.status.code == 1, str(result.status)
+    assert result.console == "collatz: the limit at 0x80000 must be below 2**32\n"
 
 
 def exit_key(record):
