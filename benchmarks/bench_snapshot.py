@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
+import os
 import platform
 import statistics
 import struct
@@ -34,10 +36,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from labkit import Machine  # noqa: E402
+from labkit import Machine, Snapshot  # noqa: E402
 from labkit.backend import kvm_problem  # noqa: E402
 
 MIB = 1 << 20
+FILL_FROM = 1 * MIB
 RESULTS = ROOT / "benchmarks" / "results" / "snapshot.json"
 
 
@@ -56,13 +59,41 @@ def memcpy_seconds(size: int, fresh: bool = False) -> float:
     return time.perf_counter() - started
 
 
-def snapshot_restore_seconds(backend: str, size: int) -> tuple[float, float]:
-    """(snapshot, restore) seconds for a ``size``-byte hello64 machine stopped at its first exit."""
+def memfd_write_seconds(size: int) -> float:
+    """One ``size``-byte ``pwrite`` from touched memory into a new memfd: the floor of the one copy a full
+    snapshot makes (the kernel allocates each page of the file, without zeroing it or a page fault)."""
+    source = ctypes.create_string_buffer(size)
+    ctypes.memset(source, 1, size)
+    started = time.perf_counter()
+    fd = os.memfd_create("bench-snapshot")
+    try:
+        os.ftruncate(fd, size)
+        view, done = memoryview(source).cast("B"), 0
+        while done < size:
+            done += os.pwrite(fd, view[done:], done)
+        return time.perf_counter() - started
+    finally:
+        os.close(fd)
+
+
+def fill(machine: Machine, size: int) -> None:
+    """Give every page of RAM from 1 MiB up its own non-zero bytes (the guests' code and tables sit below)."""
+    for start in range(FILL_FROM, size, 8 * MIB):
+        end = min(start + 8 * MIB, size)
+        machine.write_memory(start, b"".join(struct.pack("<Q", page | 1 << 40) * 512
+                                             for page in range(start >> 12, end >> 12)))
+
+
+def snapshot_restore_seconds(backend: str, size: int, filled: bool = False) -> tuple[float, float]:
+    """(snapshot, restore) seconds for a ``size``-byte hello64 machine stopped at its first exit; ``filled``:
+    with all of its RAM from 1 MiB up written first (:func:`fill`), else as the guest left it (sparse)."""
     with Machine("hello64", backend=backend, memory=size) as machine, \
             Machine("hello64", backend=backend, memory=size) as target:
         steps = machine.steps()
         next(steps)
         steps.close()
+        if filled:
+            fill(machine, size)
         started = time.perf_counter()
         snapshot = machine.snapshot()
         taken = time.perf_counter()
@@ -71,8 +102,10 @@ def snapshot_restore_seconds(backend: str, size: int) -> tuple[float, float]:
 
 
 def diff_and_full_seconds(backend: str, size: int, pages: int) -> tuple[float, float, int]:
-    """Seconds for a diff after memtouch64 rewrote ``pages`` pages once, and for a full snapshot then."""
+    """Seconds for a diff after memtouch64 rewrote ``pages`` pages once, and for a full snapshot then
+    (of all of its RAM filled first: :func:`fill`)."""
     with Machine("memtouch64", backend=backend, memory=size) as machine:
+        fill(machine, size)
         machine.write_memory(0x80000, struct.pack("<QQQ", pages, 1 << 40, 0))
         first = machine.snapshot()
         machine.run(timeout=0.05)  # rewrites its pages many times over: each is dirty once
@@ -82,6 +115,27 @@ def diff_and_full_seconds(backend: str, size: int, pages: int) -> tuple[float, f
         started = time.perf_counter()
         machine.snapshot()
         return diff_s, time.perf_counter() - started, len(diff.diff.pages) if diff.diff else 0
+
+
+def first_writes_seconds(backend: str, size: int) -> tuple[float, float]:
+    """Run time of memtouch64 writing every page of RAM from 1 MiB up once (then summing them) in a machine
+    restored from a snapshot of it (on KVM its RAM is the snapshot's image mapped copy-on-write, so each
+    first write copies a page) and in one restored from the same state with its RAM as bytes (copied
+    whole at restore, the pages already there): what the cheap restore moves into the guest's run."""
+    with Machine("memtouch64", backend=backend, memory=size) as source:
+        fill(source, size)
+        source.write_memory(0x80000, struct.pack("<QQQ", (size - FILL_FROM) >> 12, 1, 0))
+        snapshot = source.snapshot()
+    state = snapshot.state
+    copied = Snapshot(dataclasses.replace(state, regions=tuple(dataclasses.replace(region, data=bytes(region.data))
+                                                               for region in state.regions)))
+    with Machine.from_snapshot(snapshot, backend) as machine:
+        mapped_run = machine.run(timeout=60)
+    with Machine.from_snapshot(copied, backend) as machine:
+        copied_run = machine.run(timeout=60)
+    if mapped_run.console != copied_run.console or not mapped_run.console.startswith("memtouch: "):
+        raise SystemExit(f"restored runs differ: {mapped_run.console!r} against {copied_run.console!r}")
+    return mapped_run.elapsed_s, copied_run.elapsed_s
 
 
 def tracked_run_seconds(guest: str, tracking: bool, parameters: bytes = b"") -> float:
@@ -111,12 +165,25 @@ def main() -> None:
     fresh = median([memcpy_seconds(size, fresh=True) for _ in range(args.rounds)])
     report["memcpy_64mib_ms"] = memcpy * 1e3
     report["memcpy_64mib_into_fresh_memory_ms"] = fresh * 1e3
+    report["pwrite_64mib_into_fresh_memfd_ms"] = median([memfd_write_seconds(size) for _ in range(args.rounds)]) * 1e3
     for backend in backends:
         pairs = [snapshot_restore_seconds(backend, size) for _ in range(args.rounds)]
         snap, restore = median([p[0] for p in pairs]), median([p[1] for p in pairs])
+        filled = [snapshot_restore_seconds(backend, size, filled=True) for _ in range(args.rounds)]
+        filled_snap, filled_restore = median([p[0] for p in filled]), median([p[1] for p in filled])
         diffs = [diff_and_full_seconds(backend, size, 1024) for _ in range(args.rounds)]
         diff_s, full_s = median([d[0] for d in diffs]), median([d[1] for d in diffs])
+        writes = [first_writes_seconds(backend, size) for _ in range(args.rounds)]
+        mapped_s, copied_s = median([w[0] for w in writes]), median([w[1] for w in writes])
         report[backend] = {
+            "filled": {
+                "snapshot_ms": filled_snap * 1e3, "restore_ms": filled_restore * 1e3,
+                "snapshot_plus_restore_over_memcpy": (filled_snap + filled_restore) / memcpy,
+                "snapshot_plus_restore_over_fresh_memcpy": (filled_snap + filled_restore) / fresh,
+            },
+            "first_writes_after_restore_ms": {"restored_copy_on_write": mapped_s * 1e3,
+                                              "restored_by_copy": copied_s * 1e3,
+                                              "moved_into_the_run": (mapped_s - copied_s) * 1e3},
             "snapshot_ms": snap * 1e3, "restore_ms": restore * 1e3,
             "snapshot_plus_restore_over_memcpy": (snap + restore) / memcpy,
             "snapshot_plus_restore_over_fresh_memcpy": (snap + restore) / fresh,
