@@ -13,8 +13,8 @@ What a snapshot holds, and why each part is there:
                    KERNEL_GS_BASE, SYSENTER's three, the TSC); x87/SSE (FXSAVE's view); DR0-3/6/7.
 ``devices``        JSON: every device's ``save()`` (UART registers, console bytes, PIC, PIT, ...).
 ``guest-code``     the guest program's bytes (so the guest can be rebuilt without its file).
-``ram``,           each memory region's bytes, RAM first (full snapshots), or
-``region:N``
+``ram``,           each memory region's bytes, RAM first (full snapshots; in memory a sealed memfd,
+``region:N``       :class:`labkit.snapshot.image.MemoryImage`, or ``bytes``), or
 ``pages``,         the numbers of the pages written since the parent snapshot (8 bytes each) and
 ``page-data``      their contents, 4 KiB each (diff snapshots).
 =================  ==============================================================================

@@ -12,6 +12,7 @@ import pytest
 from labkit.errors import SnapshotError
 from labkit.memory import bitmap_pages
 from labkit.snapshot.image import MemoryImage, data_extents
+from labkit.snapshot.state import page_runs
 
 pytestmark = pytest.mark.unit
 
@@ -92,3 +93,9 @@ def test_bitmap_pages_equals_the_set_bits() -> None:
                        for _ in range(size))
         value = int.from_bytes(bitmap, "little")
         assert bitmap_pages(bitmap) == [bit for bit in range(8 * size) if value >> bit & 1]
+
+
+def test_page_runs_join_consecutive_pages_but_not_across_a_region_edge() -> None:
+    assert list(page_runs([1, 2, 3, 5, 6, 9])) == [(1, 3), (5, 2), (9, 1)]
+    assert list(page_runs([1, 2, 3, 4], breaks=[3])) == [(1, 2), (3, 2)]
+    assert list(page_runs([])) == []
