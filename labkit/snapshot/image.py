@@ -95,10 +95,33 @@ _WRITTEN_OVER_FILE = bytes(int(bool(b & _SWAPPED or b & (_PRESENT | _FILE) == _P
 """Top byte -> 1 for a page of a private file mapping that was written (an anonymous copy, present or swapped)."""
 
 
+_PAGEMAP_CHECKED: list[bool] = []
+
+
+def _pagemap_tells_pages() -> bool:
+    """Whether this host's ``/proc/self/pagemap`` tells written pages from untouched ones, checked once on a
+    scratch mapping (one page written, one read, one untouched), not trusted: a sandbox that gives zeros
+    would otherwise make every page look untouched and a snapshot skip them all."""
+    if not _PAGEMAP_CHECKED:
+        scratch = mmap.mmap(-1, 3 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            scratch[0] = 1
+            _ = scratch[PAGE]
+            flags = _read_page_flags(memoryview(scratch), check=False)
+            _PAGEMAP_CHECKED.append(flags is not None and flags.translate(_HOLDS_DATA)[0::2] == b"\x01\x00")
+        finally:
+            scratch.close()
+    return _PAGEMAP_CHECKED[0]
+
+
 def _page_flags(view: memoryview) -> bytes | None:
     """The top byte of each page's ``/proc/self/pagemap`` entry for the page-aligned writable ``view``,
-    or ``None`` where that cannot be read (a read-only buffer, an unaligned one, no ``/proc``)."""
-    if view.readonly or len(view) % PAGE:
+    or ``None`` where that cannot be read or trusted (a read-only buffer, an unaligned one, no ``/proc``)."""
+    return _read_page_flags(view, check=True)
+
+
+def _read_page_flags(view: memoryview, check: bool) -> bytes | None:
+    if view.readonly or len(view) % PAGE or (check and not _pagemap_tells_pages()):
         return None
     anchor = (ctypes.c_char * len(view)).from_buffer(view)
     address = ctypes.addressof(anchor)

@@ -99,3 +99,14 @@ def test_page_runs_join_consecutive_pages_but_not_across_a_region_edge() -> None
     assert list(page_runs([1, 2, 3, 5, 6, 9])) == [(1, 3), (5, 2), (9, 1)]
     assert list(page_runs([1, 2, 3, 4], breaks=[3])) == [(1, 2), (3, 2)]
     assert list(page_runs([])) == []
+
+
+def test_without_a_pagemap_it_can_trust_an_image_copies_every_byte(monkeypatch) -> None:
+    from labkit.snapshot import image
+
+    assert image._pagemap_tells_pages()  # checked on this host: a written, a read and an untouched page
+    monkeypatch.setattr(image, "_PAGEMAP_CHECKED", [False])
+    memory = anonymous()
+    written(memory, [4], seed=7)
+    copied = MemoryImage.copy_of_memory(memoryview(memory))
+    assert list(data_extents(copied.fd, len(copied))) == [(0, len(copied))] and bytes(copied) == bytes(memory)
