@@ -192,13 +192,15 @@ class SnapshotCost:
 
 
 def fill_memory(machine: Machine, start: int = WORKING_SET_BASE, chunk: int = 8 * MIB) -> None:
-    """Write every page of ``machine``'s RAM from ``start`` up with bytes of its own (the page number): a
-    guest that uses all of its RAM.  A snapshot copies only pages that hold data (a page never written is
-    a hole), so this is what makes a full snapshot's cost the cost of all of RAM."""
+    """Write every page of ``machine``'s RAM from ``start`` up (non-zero bytes, each page starting with its
+    own number): a guest that uses all of its RAM.  A snapshot copies only pages that hold data (a page
+    never written is a hole), so this is what makes a full snapshot's cost the cost of all of RAM."""
     for first in range(start, machine.memory_size, chunk):
         end = min(first + chunk, machine.memory_size)
-        machine.write_memory(first, b"".join(struct.pack("<Q", page | 1 << 40) * (PAGE // 8)
-                                             for page in range(first // PAGE, end // PAGE)))
+        data = bytearray(b"\x5a") * (end - first)
+        for page in range(first // PAGE, end // PAGE):
+            struct.pack_into("<Q", data, page * PAGE - first, page)
+        machine.write_memory(first, bytes(data))
 
 
 def snapshot_cost(backend: str, memory: int, dirty_pages: int = 256, repeats: int = 1) -> SnapshotCost:
