@@ -49,6 +49,32 @@ def _whole(address: object, size: object) -> bool:
             and isinstance(size, int) and not isinstance(size, bool))
 
 
+_BITS = tuple(tuple(bit for bit in range(8) if value >> bit & 1) for value in range(256))
+_SET = bytes([0] + [1] * 255)
+
+
+def bitmap_pages(bitmap: bytes) -> list[int]:
+    """Ascending indexes of the set bits of a dirty-page bitmap (bit ``i`` of byte ``j`` is page ``8 * j + i``,
+    as in ``KVM_GET_DIRTY_LOG``): runs of non-zero bytes are found in C (``translate``, ``find``), each of
+    their bytes costs a table lookup."""
+    pages: list[int] = []
+    append = pages.append
+    mask = bitmap.translate(_SET)
+    start = mask.find(1)
+    while start != -1:
+        end = mask.find(0, start)
+        end = len(mask) if end == -1 else end
+        for index in range(start, end):
+            bits = _BITS[bitmap[index]]
+            base = index << 3
+            if len(bits) == 1:
+                append(base + bits[0])
+            else:
+                pages.extend([base + bit for bit in bits])
+        start = mask.find(1, end)
+    return pages
+
+
 class GuestMemory:
     """Bounds-checked access to guest-physical memory made of regions.
 
@@ -153,6 +179,12 @@ class GuestMemory:
         view, offset = self._locate(address, size)
         self._note(address, size)
         return view[offset:offset + size]
+
+    def peek(self, address: int, size: int) -> memoryview:
+        """A live read-only view of ``size`` bytes at ``address`` (no copy, not counted as written: what a
+        snapshot copies from)."""
+        view, offset = self._locate(address, size)
+        return view[offset:offset + size].toreadonly()
 
     def __repr__(self) -> str:
         spans = ", ".join(f"{base:#x}+{len(view):#x}{' ro' if ro else ''}" for base, view, ro in self.regions())

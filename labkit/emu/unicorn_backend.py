@@ -87,10 +87,10 @@ What the emulator cannot show: real exit latency.  Its timings are Python's.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import mmap
-import re
 import threading
 import time
 import weakref
@@ -119,6 +119,7 @@ from labkit.emu.unicorn_capi import lib as _lib  # also what benchmarks/bench_em
 from labkit.emu.unicorn_capi import u64 as _u64
 from labkit.errors import ConfigError, EmulatorError
 from labkit.exits import Dispatcher, EmulatorFailure, Exit, Hlt, Interrupted, Io, Mmio, Shutdown, Timeout
+from labkit.memory import bitmap_pages
 from labkit.watchdog import WATCHDOG
 from labkit.x86 import layout
 from labkit.x86.arch import (EFER_LMA, EFER_SCE, MSR_CSTAR, MSR_EFER, MSR_LSTAR, MSR_SFMASK, MSR_STAR, RFLAGS_IF,
@@ -963,17 +964,11 @@ class _WriteLog:
     def take(self) -> set[int]:
         """The pages logged since the last take; clears the log."""
         data = bytes(self.bitmap)
-        pages = {index * 8 + bit for index in _nonzero(data) for bit in range(8) if data[index] >> bit & 1}
         ctypes.memset(self.bitmap, 0, len(data))
-        return pages
+        return set(bitmap_pages(data))
 
     def close(self) -> None:
         _check(_lib.uc_hook_del(self.handle, self.hook.value), "uc_hook_del (the dirty log)")
-
-
-def _nonzero(data: bytes) -> Iterator[int]:
-    """Indexes of the non-zero bytes of ``data`` (the regular expression engine's C loop skips the zeros)."""
-    return (match.start() for match in re.finditer(rb"[^\x00]", data))
 
 
 _DEBUG_REGISTERS = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3, X.UC_X86_REG_DR6,
@@ -1359,9 +1354,12 @@ class EmuBackend:
             raise ConfigError("the dirty log is not started (call dirty_log_start first)")
         pushed = engine.delivery.written or set()
         engine.delivery.written = set()
-        writable = engine.writable_ranges()
-        return sorted(page for page in engine.dirty.take() | pushed
-                      if any(start <= page << 12 < start + size for start, size in writable))
+        pages = sorted(engine.dirty.take() | pushed)
+        kept: list[int] = []
+        for start, size in engine.writable_ranges():  # pages with start <= page << 12 < start + size
+            first, end = -(-start >> 12), -(-(start + size) >> 12)
+            kept.extend(pages[bisect.bisect_left(pages, first):bisect.bisect_left(pages, end)])
+        return sorted(kept)
 
     def dirty_log_stop(self) -> None:
         """Stop logging (the write hook is removed: stores cost nothing extra again)."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from labkit.errors import ConfigError
 from labkit.kvm import bindings as kb
 from labkit.kvm.ioctl import ioctl
+from labkit.memory import bitmap_pages
 
 if TYPE_CHECKING:  # both import this module
     from labkit.kvm.system import Kvm
@@ -180,10 +181,4 @@ class VmFd:
 
 def dirty_page_numbers(bitmap: bytes) -> list[int]:
     """The page frame numbers whose bits are set in a ``KVM_GET_DIRTY_LOG`` bitmap, ascending."""
-    value = int.from_bytes(bitmap, "little")
-    pages = []
-    while value:
-        low = value & -value
-        pages.append(low.bit_length() - 1)
-        value ^= low
-    return pages
+    return bitmap_pages(bitmap)

@@ -9,7 +9,9 @@
     >>> again = Machine.from_snapshot(Snapshot.load("b.snap", parent=Snapshot.load("a.snap")), backend="emu")
 
 :class:`Snapshot` holds a :class:`~labkit.snapshot.state.MachineState` (what is saved and why:
-:mod:`labkit.snapshot.state`); the file layout is in :mod:`labkit.snapshot.file`.
+:mod:`labkit.snapshot.state`); the file layout is in :mod:`labkit.snapshot.file`.  A snapshot taken of a
+machine keeps its memory in sealed memfds (:mod:`labkit.snapshot.image`: only pages that hold data are
+copied, and a restore on KVM maps them copy-on-write); one loaded from a file holds ``bytes``.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ What a snapshot holds, and why each part is there:
                    KERNEL_GS_BASE, SYSENTER's three, the TSC); x87/SSE (FXSAVE's view); DR0-3/6/7.
 ``devices``        JSON: every device's ``save()`` (UART registers, console bytes, PIC, PIT, ...).
 ``guest-code``     the guest program's bytes (so the guest can be rebuilt without its file).
-``ram``,           each memory region's bytes, RAM first (full snapshots), or
-``region:N``
+``ram``,           each memory region's bytes, RAM first (full snapshots; in memory a sealed memfd,
+``region:N``       :class:`labkit.snapshot.image.MemoryImage`, or ``bytes``), or
 ``pages``,         the numbers of the pages written since the parent snapshot (8 bytes each) and
 ``page-data``      their contents, 4 KiB each (diff snapshots).
 =================  ==============================================================================
@@ -32,9 +32,10 @@ import importlib
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from labkit.errors import SnapshotError
+from labkit.snapshot.image import MemoryImage
 from labkit.x86.state import DebugRegs, DescriptorTable, FpuState, Regs, Segment, SRegs
 
 FORMAT = 1
@@ -78,7 +79,8 @@ class Region:
     address: int
     size: int
     read_only: bool
-    data: bytes = field(default=b"", repr=False)
+    data: bytes | MemoryImage = field(default=b"", repr=False)
+    """Bytes, or (a snapshot taken of a machine) a sealed :class:`labkit.snapshot.image.MemoryImage`."""
 
 
 @dataclass(frozen=True)
@@ -128,10 +130,27 @@ class MachineState:
 
 @dataclass(frozen=True)
 class PageDiff:
-    """The pages of memory written since the parent snapshot: guest-physical page numbers and their bytes."""
+    """The pages of memory written since the parent snapshot: guest-physical page numbers and their bytes
+    (taken of a machine: a :class:`labkit.snapshot.image.MemoryImage`)."""
 
     pages: tuple[int, ...]
-    data: bytes = field(repr=False)
+    data: bytes | MemoryImage = field(repr=False)
+
+
+def page_runs(pages: Sequence[int], breaks: Sequence[int] = ()) -> Iterator[tuple[int, int]]:
+    """(first page, count) of each run of consecutive pages in the sorted ``pages``; a run never crosses one
+    of the page numbers ``breaks`` (where one memory region ends and the next may begin)."""
+    stops = set(breaks)
+    start = previous = None
+    for page in pages:
+        if previous is not None and page == previous + 1 and page not in stops:
+            previous = page
+            continue
+        if start is not None and previous is not None:
+            yield start, previous - start + 1
+        start = previous = page
+    if start is not None and previous is not None:
+        yield start, previous - start + 1
 
 
 # --- tagged JSON for device state ----------------------------------------------------------------
@@ -228,20 +247,21 @@ def encode_machine(state: MachineState, regions: list[dict[str, int | bool]]) ->
     }).encode()
 
 
-def state_sections(state: MachineState, diff: PageDiff | None = None) -> dict[str, bytes]:
+def state_sections(state: MachineState, diff: PageDiff | None = None) -> dict[str, bytes | memoryview]:
     """The file sections for ``state``: every region's bytes, or (``diff``) only the changed pages."""
     regions = [{"address": region.address, "size": region.size, "read_only": region.read_only}
                for region in state.regions]
-    sections = {"machine": encode_machine(state, regions), "cpu": encode_cpu(state),
-                "devices": json.dumps(encode_value(state.devices)).encode(), "guest-code": state.guest.code}
+    sections: dict[str, bytes | memoryview] = {
+        "machine": encode_machine(state, regions), "cpu": encode_cpu(state),
+        "devices": json.dumps(encode_value(state.devices)).encode(), "guest-code": state.guest.code}
     if diff is None:
         if not state.has_memory:
             raise SnapshotError("a full snapshot needs every region's bytes")
         for index, region in enumerate(state.regions):
-            sections[region_section(index)] = region.data
+            sections[region_section(index)] = memoryview(region.data)
     else:
         sections["pages"] = struct.pack(f"<{len(diff.pages)}Q", *diff.pages)
-        sections["page-data"] = diff.data
+        sections["page-data"] = memoryview(diff.data)
     return sections
 
 
@@ -301,22 +321,40 @@ def _apply_diff(parent: MachineState, layout_: list[tuple[int, int, bool]], diff
         raise SnapshotError("a diff applies to a parent whose memory is whole")
     if parent.layout() != layout_:
         raise SnapshotError("diff snapshot's memory regions differ from its parent's")
-    buffers = [bytearray(region.data) for region in parent.regions]
-    write_pages(buffers, parent.regions, diff)
-    return [Region(region.address, region.size, region.read_only, bytes(buffer))
-            for region, buffer in zip(parent.regions, buffers)]
+    regions = []
+    for region, pages in zip(parent.regions, place_pages(parent.regions, diff)):
+        if not pages:
+            data: bytes | MemoryImage = region.data  # unchanged, and immutable: shared with the parent
+        elif isinstance(region.data, MemoryImage):
+            data = MemoryImage.with_pages(region.data, pages)
+        else:
+            buffer = bytearray(region.data)
+            for offset, page in pages:
+                buffer[offset:offset + PAGE] = page
+            data = bytes(buffer)
+        regions.append(Region(region.address, region.size, region.read_only, data))
+    return regions
+
+
+def place_pages(regions: Sequence[Region], diff: PageDiff) -> list[list[tuple[int, memoryview]]]:
+    """For each of ``regions``, the (offset in the region, 4 KiB) of each of ``diff``'s pages it holds;
+    a page outside every region is an error."""
+    data = memoryview(diff.data)
+    placed: list[list[tuple[int, memoryview]]] = [[] for _ in regions]
+    for index, page in enumerate(diff.pages):
+        address = page * PAGE
+        for slot, region in enumerate(regions):
+            if region.address <= address and address + PAGE <= region.address + region.size:
+                placed[slot].append((address - region.address, data[index * PAGE:(index + 1) * PAGE]))
+                break
+        else:
+            raise SnapshotError(f"diff snapshot writes page {page:#x}, outside every memory region")
+    return placed
 
 
 def write_pages(buffers: Sequence[bytearray], regions: Sequence[Region], diff: PageDiff) -> None:
     """Write each of ``diff``'s pages into the buffer of the region (``regions``, same order) that holds it:
     a diff over its parent's memory, or the pages a live migration's round sends to the receiving side."""
-    data = memoryview(diff.data)
-    for index, page in enumerate(diff.pages):
-        address = page * PAGE
-        for region, buffer in zip(regions, buffers):
-            if region.address <= address and address + PAGE <= region.address + region.size:
-                offset = address - region.address
-                buffer[offset:offset + PAGE] = data[index * PAGE:(index + 1) * PAGE]
-                break
-        else:
-            raise SnapshotError(f"diff snapshot writes page {page:#x}, outside every memory region")
+    for buffer, pages in zip(buffers, place_pages(regions, diff)):
+        for offset, page in pages:
+            buffer[offset:offset + PAGE] = page

@@ -27,7 +27,8 @@ from labkit.backend import Backend, create_backend
 from labkit.errors import ConfigError, LabkitError, NotModelled, SnapshotError
 from labkit.exits import ExitReason
 from labkit.memory import GuestMemory
-from labkit.snapshot.state import SAVED_MSRS, GuestImage, MachineState, PageDiff, Region
+from labkit.snapshot.image import MemoryImage
+from labkit.snapshot.state import SAVED_MSRS, GuestImage, MachineState, PageDiff, Region, page_runs
 from labkit.trace import ExitRecord, ExitTrace
 from labkit.vmm.bus import Bus, Buses, PortBus
 from labkit.vmm.devices import Console, DebugExit, HypercallPort, Uart16550
@@ -113,6 +114,8 @@ class MachineCore:
         from labkit.x86.boot import boot_state, load_boot_state  # the boot builder pulls in the table builders
 
         self.guest = guest
+        self._ram_shared = ram_fd is not None  # RAM is a file the caller reads too: never remapped here
+        self._mapped_images: dict[int, MemoryImage] = {}  # region index -> the snapshot image mapped over it
         if isinstance(backend, str):
             self.backend = create_backend(backend, memory_size, guest.mode, kvm_controls, ram_fd=ram_fd)
         elif kvm_controls is not None:
@@ -611,7 +614,9 @@ class MachineCore:
             regs=regs, sregs=self.backend.get_sregs(), msrs=self.backend.get_msrs(SAVED_MSRS),
             fpu=self.backend.get_fpu(), debug=self.backend.get_debug_regs(), devices=devices,
             regions=tuple(Region(address, len(view), read_only,
-                                 bytes(view) if memory and not (shared_ram and index == 0) else b"")
+                                 MemoryImage.copy_of_memory(view, self._mapped_images.get(index))
+                                 if memory and not (shared_ram and index == 0)
+                                 else b"")
                           for index, (address, view, read_only) in enumerate(self.backend.regions())),
             status=self.status,
             halted_waiting=self._halted_waiting,
@@ -640,7 +645,13 @@ class MachineCore:
             raise SnapshotError(f"the snapshot has state for devices this machine lacks: {', '.join(missing)} "
                                 "(give the same DeviceSpecs as the machine it was taken of)")
         for index, ((_, view, _), region) in enumerate(zip(self.backend.regions(), state.regions)):
-            if not (ram_in_place and index == 0):
+            if ram_in_place and index == 0:
+                continue
+            if isinstance(region.data, MemoryImage) and region.data.can_map_over(view) \
+                    and not (self._ram_shared and index == 0):
+                region.data.map_private_over(view)  # copy-on-write: no copy now, one per page the guest writes
+                self._mapped_images[index] = region.data  # what the pages not written since hold
+            else:
                 view[:] = region.data
         self.backend.set_sregs(state.sregs)
         self.backend.set_msrs(state.msrs)
@@ -670,9 +681,21 @@ class MachineCore:
         return sorted(set(self.backend.dirty_log_fetch()) | self.memory.take_written())
 
     def written_pages_data(self) -> PageDiff:
-        """The pages written since tracking started or the last take, with their bytes now."""
+        """The pages written since tracking started or the last take, with their bytes now (copied into a
+        :class:`MemoryImage`, one ``pwrite`` per run of consecutive pages)."""
         pages = self.take_written_pages()
-        return PageDiff(tuple(pages), b"".join(self.memory.read(page << 12, 4096) for page in pages))
+        breaks = [edge >> 12 for address, view, _ in self.backend.regions() for edge in (address, address + len(view))]
+        parts = [self.memory.peek(first << 12, count << 12) for first, count in page_runs(pages, breaks)]
+        return PageDiff(tuple(pages), MemoryImage.concatenation(parts) if parts else b"")
+
+    def capture_diff(self) -> tuple[MachineState, PageDiff]:
+        """:meth:`capture_state` without memory and :meth:`written_pages_data`: a diff snapshot's two halves."""
+        return self.capture_state(False), self.written_pages_data()
+
+    def capture_diff_pages(self) -> tuple[MachineState, list[int]]:
+        """:meth:`capture_state` without memory and :meth:`take_written_pages`, in one call (one round trip to
+        a worker, whose caller reads the pages from the RAM's memfd itself)."""
+        return self.capture_state(False), self.take_written_pages()
 
     def stop_page_tracking(self) -> None:
         self.memory.track_writes(False)

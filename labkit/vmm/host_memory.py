@@ -1,7 +1,9 @@
 """Where a machine's guest RAM lives on the host: one mapping per VM, read from ``/proc/self/maps``.
 
 Every labkit machine's RAM is a mapping of its own (KVM: a private anonymous ``mmap``, memory slot 0,
-``KVM_SET_USER_MEMORY_REGION``'s ``userspace_addr``; the emulator in its worker process: a shared
+``KVM_SET_USER_MEMORY_REGION``'s ``userspace_addr``, which a restore from a snapshot kept in memory replaces
+by a private copy-on-write mapping of the snapshot's image, ``/memfd:labkit-snapshot-ram``, at the same
+address; the emulator in its worker process: a shared
 mapping of a ``memfd`` of its own, given to ``uc_mem_map_ptr``, which the caller maps too so that a
 snapshot copies the pages without sending them through a socket).  :func:`host_mappings` turns a backend's regions into
 :class:`HostMapping` rows: the process that holds the mapping (the caller on KVM, the

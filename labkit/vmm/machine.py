@@ -231,42 +231,47 @@ class Machine:
         page-table lookup; on KVM, a write fault per page first written after each snapshot).
         """
         from labkit.snapshot import Snapshot
+        from labkit.snapshot.image import MemoryImage
 
         if parent is not None:
             if self._latest_snapshot is None or parent.id != self._latest_snapshot:
                 raise SnapshotError("a diff snapshot's parent must be this machine's latest snapshot "
                                     "(the written pages are counted from that one)")
-            state = self._call("capture_state", False)
-            diff = self._call("written_pages_data") if self._ram_fd is None else self._written_pages_here()
+            if self._ram_fd is None:
+                state, diff = self._call("capture_diff")
+            else:
+                state, pages = self._call("capture_diff_pages")
+                diff = self._written_pages_here(pages)
             snapshot = Snapshot(state, parent=parent, diff=diff)
         else:
             if self._ram_fd is None:
                 state = self._call("capture_state", True)
             else:
                 state = self._call("capture_state", True, True)
-                ram = dataclasses.replace(state.regions[0], data=_read_all(self._ram_fd, self.memory_size))
+                ram = dataclasses.replace(state.regions[0],
+                                          data=MemoryImage.copy_of_file(self._ram_fd, self.memory_size))
                 state = dataclasses.replace(state, regions=(ram,) + state.regions[1:])
             self._call("start_page_tracking")
             snapshot = Snapshot(state)
         self._latest_snapshot = snapshot.id
         return snapshot
 
-    def _written_pages_here(self) -> PageDiff:
-        """The worker's written pages, their bytes read here from the RAM's file (pages of other regions,
-        if any, from the worker)."""
-        from labkit.snapshot.state import PageDiff
+    def _written_pages_here(self, pages: list[int]) -> PageDiff:
+        """The worker's written ``pages`` with their bytes, copied in the kernel from the RAM's file into a
+        :class:`MemoryImage` (pages of other regions, if any, read through the worker)."""
+        from labkit.snapshot.image import MemoryImage
+        from labkit.snapshot.state import PageDiff, page_runs
 
         fd = self._ram_fd
         assert fd is not None
-        pages = self._call("take_written_pages")
         ram_pages = self.memory_size >> 12
-        pieces = []
-        for first, count in _runs(pages, ram_pages):  # one read per run of consecutive pages
+        parts: list[bytes | tuple[int, int, int]] = []
+        for first, count in page_runs(pages, [ram_pages]):  # one copy per run of consecutive pages
             if first < ram_pages:
-                pieces.append(_read_all(fd, count << 12, first << 12))
+                parts.append((fd, first << 12, count << 12))
             else:
-                pieces.append(self._call("read_memory", first << 12, count << 12))
-        return PageDiff(tuple(pages), b"".join(pieces))
+                parts.append(self._call("read_memory", first << 12, count << 12))
+        return PageDiff(tuple(pages), MemoryImage.concatenation(parts) if parts else b"")
 
     def stop_page_tracking(self) -> None:
         """Stop counting written pages (the next snapshot must be a full one)."""
@@ -297,6 +302,8 @@ class Machine:
         :meth:`from_snapshot` creates the machine and calls this; a live migration creates the
         target machine first and restores into it once the source has stopped.
         """
+        from labkit.snapshot.image import MemoryImage
+
         state = snapshot.state
         ram = state.regions[0] if state.regions else None
         size = self.memory_size
@@ -305,7 +312,10 @@ class Machine:
             return
         self._call("restore_state", dataclasses.replace(state, regions=(dataclasses.replace(ram, data=b""),)
                                                         + state.regions[1:]), True)
-        _write_all(self._ram_fd, ram.data)
+        if isinstance(ram.data, MemoryImage):
+            ram.data.copy_into_file(self._ram_fd)  # in the kernel: no page of it passes through this process
+        else:
+            _write_all(self._ram_fd, ram.data)
 
     def kvm_stats(self) -> KvmRunStats:
         """KVM's own counters for this machine's vCPU (binary stats fd, ``KVM_GET_STATS_FD``) since it was
@@ -397,28 +407,6 @@ def _ram_file(size: int) -> int:
         raise EmulatorError(f"cannot make {size >> 20} MiB of RAM for the emulated machine: "
                             f"{strerror(error.errno or 0)}") from None
     return fd
-
-
-def _runs(pages: Sequence[int], split: int) -> Iterator[tuple[int, int]]:
-    """(first page, count) of each run of consecutive pages in the sorted ``pages``; no run crosses page
-    ``split`` (where RAM ends and a region may begin)."""
-    start = previous = None
-    for page in pages:
-        if previous is not None and page == previous + 1 and page != split:
-            previous = page
-            continue
-        if start is not None and previous is not None:
-            yield start, previous - start + 1
-        start = previous = page
-    if start is not None and previous is not None:
-        yield start, previous - start + 1
-
-
-def _read_all(fd: int, size: int, offset: int = 0) -> bytes:
-    data = os.pread(fd, size, offset)
-    if len(data) != size:  # a memfd of the machine's size: never short, but never trust a count
-        raise EmulatorError(f"the emulated machine's RAM file gave {len(data)} of {size} bytes at {offset:#x}")
-    return data
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -276,3 +276,30 @@ def test_a_real_machine_snapshot_rejects_flips_and_truncations(tmp_path) -> None
         with pytest.raises(SnapshotError):
             Snapshot.load(damaged)
     assert Snapshot.load(tmp_path / "hello.snap").state.guest.name == "hello64"
+
+
+@pytest.mark.parametrize("isolate", [None, False], ids=["default", "in-process"])
+def test_a_snapshot_kept_in_memory_stays_as_taken_and_a_restored_guest_snapshots_again(backend_name, isolate):
+    """A snapshot kept in memory is restored by mapping its sealed image copy-on-write over the new
+    machine's RAM (KVM, an emulator in this process) or by copying it into the worker's RAM file: the
+    restored guest's writes never reach the snapshot; a full and a diff snapshot of the restored guest hold
+    its writes over the image; and the guest restored from the full one finishes as an uninterrupted run."""
+    name = "minikernel64"
+    expected = reference(name, backend_name)
+    with Machine(name, backend=backend_name, isolate=isolate) as machine:
+        stop_after(machine, 2)
+        first = machine.snapshot()
+    taken = bytes(first.state.regions[0].data)
+    with Machine.from_snapshot(first, backend=backend_name, isolate=isolate) as restored:
+        stop_after(restored, 3)
+        assert restored.last_result.status.kind is StatusKind.RUNNING
+        second = restored.snapshot()
+        assert second.state.regions[0].data == restored.read_memory(0, restored.memory_size) != taken
+        stop_after(restored, 3)  # a diff over the mapped image: the dirty log of a copy-on-write mapping
+        third = restored.snapshot(parent=second)
+        assert third.state.regions[0].data == restored.read_memory(0, restored.memory_size)
+    assert bytes(first.state.regions[0].data) == taken
+    with Machine.from_snapshot(second, backend=backend_name, isolate=isolate) as last:
+        got = final_state(last, last.run(timeout=10))
+    found = {key: value for key, value in differences(expected, got, name).items() if not key.startswith("exits.")}
+    assert got[0].console == expected[0].console and found == {}
