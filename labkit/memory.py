@@ -15,7 +15,10 @@ included (the host loads what the guest may only read); they are not in the
 backend's dirty log.  For diff snapshots and live migration the host's own
 writes are counted apart (:meth:`GuestMemory.track_writes`): every page
 :meth:`GuestMemory.write` stores to, and every page a writable
-:meth:`GuestMemory.view` covers (the holder may write through it).
+:meth:`GuestMemory.view` covers (the holder may write through it), and what a holder of an
+older view reports with :meth:`GuestMemory.mark_written`.  A hot path that takes many views of
+one region (a device's virtqueue) holds a :class:`MemoryWindow` of it: the same check, without
+looking the regions up each time.
 """
 
 from __future__ import annotations
