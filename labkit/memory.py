@@ -15,7 +15,10 @@ included (the host loads what the guest may only read); they are not in the
 backend's dirty log.  For diff snapshots and live migration the host's own
 writes are counted apart (:meth:`GuestMemory.track_writes`): every page
 :meth:`GuestMemory.write` stores to, and every page a writable
-:meth:`GuestMemory.view` covers (the holder may write through it).
+:meth:`GuestMemory.view` covers (the holder may write through it), and what a holder of an
+older view reports with :meth:`GuestMemory.mark_written`.  A hot path that takes many views of
+one region (a device's virtqueue) holds a :class:`MemoryWindow` of it: the same check, without
+looking the regions up each time.
 """
 
 from __future__ import annotations
@@ -186,6 +189,49 @@ class GuestMemory:
         view, offset = self._locate(address, size)
         return view[offset:offset + size].toreadonly()
 
+    def window(self, address: int) -> "MemoryWindow":
+        """The region holding ``address``, kept for a hot path (see :class:`MemoryWindow`)."""
+        for base, view, _read_only in self.regions():
+            if _whole(address, 0) and base <= address < base + len(view):
+                return MemoryWindow(self, base, view)
+        raise GuestMemoryError(self._describe(address, 1))
+
+    def mark_written(self, address: int, size: int) -> None:
+        """The host stored into ``[address, address + size)`` through a view it kept: count the pages while
+        :meth:`track_writes` is on (a view counts its pages only when it is taken)."""
+        if self._written is not None:
+            self._note(address, size)
+
     def __repr__(self) -> str:
         spans = ", ".join(f"{base:#x}+{len(view):#x}{' ro' if ro else ''}" for base, view, ro in self.regions())
         return f"<GuestMemory {spans}>"
+
+
+class MemoryWindow:
+    """One region of a :class:`GuestMemory`, held by a hot path that takes many views of it (a device's queue).
+
+    :meth:`view` checks a range against this region alone, without asking for the
+    memory's regions (on the emulator that call builds a list each time); a range
+    not wholly inside it goes to :meth:`GuestMemory.view`, which finds another
+    region or raises :class:`GuestMemoryError`.  So it refuses exactly what
+    :meth:`GuestMemory.view` refuses.  Valid while the region is: take it when the
+    views of a structure in that region are taken, and drop it with them.
+    """
+
+    __slots__ = ("memory", "base", "size", "_view")
+
+    def __init__(self, memory: GuestMemory, base: int, view: memoryview):
+        self.memory = memory
+        self.base = base
+        self.size = len(view)
+        self._view = view
+
+    def view(self, address: int, size: int) -> memoryview:
+        """:meth:`GuestMemory.view` of ``size`` bytes at ``address``."""
+        if type(address) is int and type(size) is int:  # not bool: GuestMemory refuses those
+            offset = address - self.base
+            if 0 <= offset and 0 <= size <= self.size - offset:
+                if self.memory._written is not None:
+                    self.memory._note(address, size)
+                return self._view[offset:offset + size]
+        return self.memory.view(address, size)

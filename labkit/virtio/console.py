@@ -37,7 +37,6 @@ from __future__ import annotations
 import builtins
 from typing import Any, Callable
 
-from labkit.errors import GuestMemoryError, VirtqueueError
 from labkit.memory import GuestMemory
 from labkit.vmm.devices.spec import DeviceContext, DeviceSpec
 from labkit.virtio import transport as t
@@ -105,22 +104,15 @@ class VirtioConsole(VirtioMmioDevice):
         if index != TRANSMITQ:
             self.ignored += 1
             return
-        consumed = 0
-        try:
-            waiting = queue.pending()
-            while waiting:
-                chain = queue.pop()  # validated whole: a bad chain's bytes never reach the console
-                self.console(chain.data)
-                queue.put_used(chain.head, 0)  # a transmit buffer: the device wrote nothing into it
-                consumed += 1
-                self.bytes += len(chain.data)
-                waiting -= 1
-        except (VirtqueueError, GuestMemoryError) as error:
-            self.fail(f"queue {TRANSMITQ}: {error}")
+        # Each chain validated whole (a bad chain's bytes never reach the console), returned with len 0
+        # (a transmit buffer: the device wrote nothing into it), the used idx published once.
+        consumed, moved, error = queue.drain(self.console)
         if consumed:
-            queue.publish_used()
             self.chains += consumed
+            self.bytes += moved
             self.interrupt_status |= INTERRUPT_USED_BUFFER
+        if error is not None:
+            self.fail(f"queue {TRANSMITQ}: {error}")
 
 
 def console_devices(name: str = DEVICE_NAME, *, base: int = layout.VIRTIO_MMIO_BASE,

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
-from labkit.errors import ConfigError, GuestMemoryError, VirtqueueError
+from labkit.errors import ConfigError, GuestMemoryError, LabkitError, VirtqueueError
 from labkit.memory import GuestMemory
 
 VIRTQ_DESC_F_NEXT = 1
@@ -138,7 +138,8 @@ class Chain(NamedTuple):
     """A validated descriptor chain: its head's index, its buffers as ``(address, length)``, and the bytes
     of its device-readable buffers in order (read while validating: each range is looked up once).
 
-    A named tuple, not a frozen dataclass: one is built per chain on the notification's hot path.
+    A named tuple, not a frozen dataclass: one is built per chain on the notification's hot path
+    (there with ``tuple.__new__``, which skips the named tuple's Python-level ``__new__``).
     """
 
     head: int
@@ -146,6 +147,9 @@ class Chain(NamedTuple):
     writable: tuple[tuple[int, int], ...]
     data: bytes | memoryview
     """A view into guest memory when the chain is one buffer (copy it before the guest runs again)."""
+
+
+_new_chain = tuple.__new__
 
 
 class DeviceQueue:
@@ -175,16 +179,21 @@ class DeviceQueue:
         # Live views of the three areas, bounds-checked once here: the hot path unpacks from them.
         self._desc = memory.view(layout.desc, desc_table_size(layout.size))
         self._avail = memory.view(layout.avail, avail_ring_size(layout.size))
-        self._used = memory.view(layout.used, used_ring_size(layout.size))
+        self._used_bytes = used_ring_size(layout.size)
+        self._used = memory.view(layout.used, self._used_bytes)
+        self._buffers = memory.window(layout.desc)
+        """The region holding the descriptor table, where buffers usually are: each buffer's view comes
+        from it (the same check as ``memory.view``, and a buffer elsewhere goes through ``memory``)."""
 
     def avail_idx(self) -> int:
         return _U16.unpack_from(self._avail, 2)[0]
 
     def pending(self) -> int:
         """Chains the driver has made available and the device has not taken; more than the size is an error."""
-        waiting = (self.avail_idx() - self.last_avail) & 0xFFFF
+        avail_idx = _U16.unpack_from(self._avail, 2)[0]
+        waiting = (avail_idx - self.last_avail) & 0xFFFF
         if waiting > self.size:
-            raise VirtqueueError(f"available idx {self.avail_idx()} is {waiting} ahead of the device's "
+            raise VirtqueueError(f"available idx {avail_idx} is {waiting} ahead of the device's "
                                  f"{self.last_avail}: more than the queue size {self.size}")
         return waiting
 
@@ -200,11 +209,63 @@ class DeviceQueue:
             raise VirtqueueError(f"available ring slot {slot} names descriptor {head}, past the queue size {self.size}")
         addr, length, flags, _next = _DESC.unpack_from(self._desc, VIRTQ_DESC_SIZE * head)
         if flags == 0 and length:  # the common case, one device-readable buffer: the same checks, less work
-            chain = Chain(head, ((addr, length),), (), self._view("descriptor", head, addr, length))
+            try:
+                data = self._buffers.view(addr, length)
+            except GuestMemoryError:
+                raise VirtqueueError(f"descriptor {head}: buffer [{addr:#x}, {addr + length:#x}) "
+                                     f"is not inside guest memory") from None
+            chain = _new_chain(Chain, (head, ((addr, length),), (), data))
         else:
             chain = self._walk(head, gather)
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return chain
+
+    def drain(self, sink: Callable[[bytes | memoryview], object]) -> tuple[int, int, LabkitError | None]:
+        """Consume every available chain of a queue whose device only reads its buffers (a transmit queue).
+
+        Each chain is validated whole, as :meth:`pop` validates it; its device-readable
+        bytes go to ``sink`` (a view into guest memory for a one-buffer chain: copy it
+        before the guest runs again), and it comes back on the used ring with ``len``
+        0; the used ``idx`` is published once, after the last.  Returns ``(chains,
+        bytes, error)``: what was consumed and returned, and the error of the first
+        bad chain (``None`` if there was none), whose bytes reach no sink and after
+        which nothing is taken (the queue stays at that chain).  The one-buffer
+        case of :meth:`pop` is written out here, with the ring's fields in locals:
+        this runs once per notification, and a call costs as much as the checks.
+        """
+        avail, desc, used, size, view = self._avail, self._desc, self._used, self.size, self._buffers.view
+        last, used_idx = self.last_avail, self.used_idx
+        chains = moved = 0
+        error: LabkitError | None = None
+        try:
+            for _ in range(self.pending()):
+                slot = last % size
+                head = _U16.unpack_from(avail, 4 + 2 * slot)[0]
+                if head >= size:
+                    raise VirtqueueError(f"available ring slot {slot} names descriptor {head}, "
+                                         f"past the queue size {size}")
+                addr, length, flags, _next = _DESC.unpack_from(desc, VIRTQ_DESC_SIZE * head)
+                if flags == 0 and length:
+                    try:
+                        data: bytes | memoryview = view(addr, length)
+                    except GuestMemoryError:
+                        raise VirtqueueError(f"descriptor {head}: buffer [{addr:#x}, {addr + length:#x}) "
+                                             f"is not inside guest memory") from None
+                else:
+                    data = self._walk(head).data
+                sink(data)
+                _USED_ELEM.pack_into(used, 4 + USED_ELEM_SIZE * (used_idx % size), head, 0)
+                used_idx = (used_idx + 1) & 0xFFFF
+                last = (last + 1) & 0xFFFF
+                chains += 1
+                moved += len(data)
+        except (VirtqueueError, GuestMemoryError) as caught:
+            error = caught
+        finally:
+            self.last_avail, self.used_idx = last, used_idx
+            if chains:
+                self.publish_used()
+        return chains, moved, error
 
     def _read(self, where: str, index: int, addr: int, length: int) -> bytes:
         """The buffer's bytes; a range outside guest memory (GuestMemory's one check) is a ring error."""
@@ -213,7 +274,7 @@ class DeviceQueue:
     def _view(self, where: str, index: int, addr: int, length: int) -> memoryview:
         """A live view of the buffer (no copy); a range outside guest memory is a ring error."""
         try:
-            return self.memory.view(addr, length)
+            return self._buffers.view(addr, length)
         except GuestMemoryError:
             raise VirtqueueError(f"{where} {index}: buffer [{addr:#x}, {addr + length:#x}) "
                                  f"is not inside guest memory") from None
@@ -290,8 +351,13 @@ class DeviceQueue:
         self.used_idx = (self.used_idx + 1) & 0xFFFF
 
     def publish_used(self) -> None:
-        """Store the used ``idx``: the driver now sees every element put since (2.7.8: len before idx)."""
+        """Store the used ``idx``: the driver now sees every element put since (2.7.8: len before idx).
+
+        The used ring's pages count as written by the host (``GuestMemory.mark_written``): its view was
+        taken when the queue was made ready, and a diff snapshot or a migration round must still carry them.
+        """
         _U16.pack_into(self._used, 2, self.used_idx)
+        self.memory.mark_written(self.layout.used, self._used_bytes)
 
 
 class DriverQueue:

@@ -330,7 +330,7 @@ class VirtioMmioDevice:
         self.notifications += 1
         index = value & 0xFFFF
         ring = self.rings[index] if index < len(self.rings) else None
-        if ring is None or self.needs_reset or not self.status & STATUS_DRIVER_OK:
+        if ring is None or self.status & (STATUS_DEVICE_NEEDS_RESET | STATUS_DRIVER_OK) != STATUS_DRIVER_OK:
             self.ignored += 1
             return
         self.process(index, ring)
@@ -350,10 +350,11 @@ class NotifyPort:
         if not isinstance(device, VirtioMmioDevice):
             raise ConfigError(f"a notify port needs a virtio device, not {type(device).__name__}")
         self.device = device
+        self._notify = device.notify
 
     def write(self, offset: int, size: int, value: int) -> None:
         if offset == 0:
-            self.device.notify(value & 0xFFFF)
+            self._notify(value & 0xFFFF)
 
     def read(self, offset: int, size: int) -> int:
         return (1 << (8 * size)) - 1

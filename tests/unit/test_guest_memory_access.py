@@ -291,3 +291,33 @@ def test_set_armed_without_a_controller_that_has_it_is_a_config_error():
     context = DeviceContext(memory=memory(), regs=Regs, raise_irq=print, lower_irq=print, kick=print)
     with pytest.raises(ConfigError, match="cannot arm line 5"):
         context.set_armed(5, True)
+
+
+# -- MemoryWindow: GuestMemory.view without the region lookup ---------------------------------------------
+
+@pytest.mark.parametrize("address, size", [
+    (0, 16), (RAM - 16, 16), (RAM, 0), (RAM - 1, 2), (RAM, 1), (-1, 1), (0, -1), (0x20000, 16), (0x20FF0, 32),
+    (True, 1), (0, True), (1.0, 1), ("0", 1), (2**64 - 1, 2),
+])
+def test_a_window_refuses_exactly_what_guest_memory_refuses(address, size):
+    guest = memory(RAM, (0x20000, 0x1000))
+    window = guest.window(0x100)
+    outcomes = []
+    for view in (guest.view, window.view):
+        try:
+            outcomes.append(bytes(view(address, size)))
+        except GuestMemoryError as error:
+            outcomes.append(str(error))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_a_window_counts_the_pages_it_hands_out_while_tracking():
+    guest = memory(RAM)
+    window = guest.window(0)
+    window.view(0x1000, 16)
+    guest.track_writes(True)
+    window.view(0x2FF0, 32)
+    guest.mark_written(0x5000, 1)
+    assert guest.take_written() == {2, 3, 5}
+    with pytest.raises(GuestMemoryError):
+        guest.window(RAM)

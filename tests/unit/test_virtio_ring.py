@@ -296,3 +296,41 @@ def test_the_device_specs_share_one_device():
     assert port.device is device
     with pytest.raises(ConfigError, match="needs a virtio device"):
         NotifyPort(object())
+
+
+def test_the_used_ring_counts_as_written_by_the_host_while_pages_are_tracked():
+    """The device keeps a view of the used ring from the moment the queue is ready; a diff snapshot or a
+    migration round taken later must still carry the pages it writes (the guest never writes them)."""
+    ram, out, device, driver = live_console(size=256)
+    used_pages = set(range(driver.layout.used >> 12, (driver.layout.end - 1 >> 12) + 1))
+    ram[BUF:BUF + 2] = b"hi"
+    driver.add_chain([(BUF, 2)], first=0)
+    driver.publish()
+    device.memory.track_writes(True)
+    device.notify(TRANSMITQ)
+    assert bytes(out) == b"hi" and driver.used_idx() == 1
+    assert used_pages <= device.memory.take_written()  # with the buffer's page: a view may be written through
+    device.notify(TRANSMITQ)  # nothing available: nothing written
+    assert device.memory.take_written() == set()
+
+
+def test_buffers_in_another_region_are_read_and_a_buffer_in_no_region_is_refused():
+    """The device looks buffers up in the ring's region first, then in every region, as GuestMemory does."""
+    ram = bytearray(RAM)
+    extra = bytearray(0x1000)
+    memory = GuestMemory([(0, memoryview(ram), False), (0x200000, memoryview(extra), False)])
+    ring = QueueLayout.packed(8, 0x1000)
+    driver = DriverQueue(memory, ring)
+    driver.clear()
+    queue = DeviceQueue(memory, ring, writable=False)
+    extra[0x10:0x13] = b"far"
+    ram[BUF:BUF + 4] = b"near"
+    driver.add_chain([(BUF, 4)], first=0)
+    driver.add_chain([(0x200010, 3)], first=1)
+    driver.add_chain([(RAM - 2, 4)], first=2)  # runs past RAM into the gap below the second region
+    driver.publish()
+    got: list[bytes] = []
+    chains, moved, error = queue.drain(lambda data: got.append(bytes(data)))
+    assert (got, chains, moved) == ([b"near", b"far"], 2, 7)
+    assert isinstance(error, VirtqueueError) and "is not inside guest memory" in str(error)
+    assert driver.used_idx() == 2 and queue.last_avail == 2, "the bad chain is not taken"

@@ -23,8 +23,11 @@ class Console:
 
     def extend(self, data: bytes | memoryview) -> None:
         room = self.capacity - len(self.output)
-        self.output += data[:room]
-        self.dropped += max(0, len(data) - room)
+        if len(data) <= room:  # the common case, without a slice (a virtio notification's buffer comes here)
+            self.output += data
+        else:
+            self.output += data[:max(0, room)]
+            self.dropped += len(data) - max(0, room)
 
     def reset(self) -> None:
         """Empty, as at power-on."""
