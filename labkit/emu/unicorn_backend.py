@@ -110,6 +110,7 @@ from labkit.emu.intercepts import EXCP_VMEXIT, Intercepts
 from labkit.emu.native import CFuncPtr, NativeTrapReplay, load as load_native
 from labkit.emu.unicorn_capi import (HOOK_BLOCK, HOOK_IN, HOOK_INTR, HOOK_MEM, HOOK_OUT, HOOK_SYSCALL, HOOK_WRITE_PROT,
                                      MMIO_READ, MMIO_WRITE)
+from labkit.emu.unicorn_capi import RegisterBatch
 from labkit.emu.unicorn_capi import UC_CTL_TB_FLUSH as _UC_CTL_TB_FLUSH
 from labkit.emu.unicorn_capi import UC_CTL_TLB_FLUSH as _UC_CTL_TLB_FLUSH
 from labkit.emu.unicorn_capi import c_void_p as _c_void_p
@@ -227,6 +228,7 @@ class _Engine:
         self.gate = _StopGate(self.handle, load_native(), self.cpu.address)
         self.callbacks = self._install_hooks()
         self.intercepts = Intercepts(self.uc, self.cpu)
+        self.batches: dict[tuple[str, tuple[int, ...]], RegisterBatch] = {}
 
     def read_eflags(self) -> int:
         _lib.uc_reg_read(self.handle, self._eflags_id, self._eflags_ref)
@@ -973,6 +975,11 @@ class _WriteLog:
 
 _DEBUG_REGISTERS = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3, X.UC_X86_REG_DR6,
                     X.UC_X86_REG_DR7)
+# get_fpu's registers and the bytes of each value: FPSW, FPCW, FPTAG, FOP, FIP, FDP, MXCSR, the eight physical
+# x87 registers (a 64-bit significand, then sign and exponent: 80 bits), XMM0-15.
+_FPU_REGISTERS = ([(X.UC_X86_REG_FPSW, 2), (X.UC_X86_REG_FPCW, 2), (X.UC_X86_REG_FPTAG, 2), (X.UC_X86_REG_FOP, 2),
+                   (X.UC_X86_REG_FIP, 8), (X.UC_X86_REG_FDP, 8), (X.UC_X86_REG_MXCSR, 4)]
+                  + [(X.UC_X86_REG_FP0 + i, 10) for i in range(8)] + [(X.UC_X86_REG_XMM0 + i, 16) for i in range(16)])
 
 
 class EmuBackend:
@@ -1097,9 +1104,10 @@ class EmuBackend:
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """RDMSR through Unicorn (QEMU's helper_rdmsr); MSRs QEMU does not model read as 0."""
-        engine = self._live()
-        with engine.intercepts.suspended():
-            return {index: engine.uc.msr_read(index) for index in indices}
+        indices = tuple(indices)
+        batch = self._batch("msrs", [], indices)
+        with self._live().intercepts.suspended():
+            return dict(zip(indices, batch.read()))
 
     def set_msrs(self, msrs: Mapping[int, int]) -> None:
         """WRMSR through Unicorn (QEMU's helper_wrmsr); writes QEMU does not model are dropped."""
@@ -1110,18 +1118,21 @@ class EmuBackend:
 
     def get_fpu(self) -> FpuState:
         """x87/SSE state through Unicorn's registers, in FXSAVE's terms (ST(i) in stack order, abridged tags)."""
-        uc = self._live().uc
-        fsw = uc.reg_read(X.UC_X86_REG_FPSW)
+        fsw, fcw, tags, fop, fip, fdp, mxcsr, *rest = self._batch("fpu", _FPU_REGISTERS).read()
         top = (fsw >> 11) & 7
-        physical = [uc.reg_read(X.UC_X86_REG_FP0 + i) for i in range(8)]  # (significand, sign and exponent)
-        tags = uc.reg_read(X.UC_X86_REG_FPTAG)  # two bits per physical register, 0: holds a value
+        physical, xmm = rest[:8], rest[8:]  # physical: significand | sign and exponent << 64
         return FpuState(
-            fcw=uc.reg_read(X.UC_X86_REG_FPCW), fsw=fsw,
-            ftw=sum(1 << i for i in range(8) if not (tags >> (2 * i)) & 3),
-            fop=uc.reg_read(X.UC_X86_REG_FOP), fip=uc.reg_read(X.UC_X86_REG_FIP), fdp=uc.reg_read(X.UC_X86_REG_FDP),
-            mxcsr=uc.reg_read(X.UC_X86_REG_MXCSR),
-            st=tuple(physical[(top + i) & 7][0] | physical[(top + i) & 7][1] << 64 for i in range(8)),
-            xmm=tuple(uc.reg_read(X.UC_X86_REG_XMM0 + i) for i in range(16)))
+            fcw=fcw, fsw=fsw, ftw=sum(1 << i for i in range(8) if not (tags >> (2 * i)) & 3),  # tags: 0 holds a value
+            fop=fop, fip=fip, fdp=fdp, mxcsr=mxcsr, st=tuple(physical[(top + i) & 7] for i in range(8)), xmm=tuple(xmm))
+
+    def _batch(self, name: str, registers: list[tuple[int, int]], msrs: tuple[int, ...] = ()) -> RegisterBatch:
+        """The engine's :class:`RegisterBatch` for ``name`` (made on first use)."""
+        engine = self._live()
+        key = (name, msrs)
+        batch = engine.batches.get(key)
+        if batch is None:
+            batch = engine.batches[key] = RegisterBatch(engine.handle, registers, msrs)
+        return batch
 
     def set_fpu(self, fpu: FpuState) -> None:
         uc = self._live().uc
@@ -1139,8 +1150,7 @@ class EmuBackend:
             uc.reg_write(X.UC_X86_REG_XMM0 + i, value)
 
     def get_debug_regs(self) -> DebugRegs:
-        uc = self._live().uc
-        return DebugRegs(*(uc.reg_read(register) for register in _DEBUG_REGISTERS))
+        return DebugRegs(*self._batch("debug", [(register, 8) for register in _DEBUG_REGISTERS]).read())
 
     def set_debug_regs(self, debug: DebugRegs) -> None:
         """DR0-DR3, DR6, DR7 as values only: Unicorn does not raise #DB for breakpoints set in them."""

@@ -399,3 +399,43 @@ def test_rf_is_pushed_for_faults_only(way, monkeypatch):
               "handler": regs.r13}
     assert {name: bool(value & RF) for name, value in pushed.items()} == {
         "#UD": True, "#UD again": True, "int3": False, "int 0x30": False, "#GP": True, "handler": False}
+
+
+def test_batched_register_reads_equal_the_bindings_one_by_one():
+    """get_fpu, get_debug_regs and get_msrs read through one uc_reg_read_batch each: every value equals what
+    Unicorn's binding reads register by register, after random values were set."""
+    import random
+
+    from unicorn import x86_const as X
+
+    from labkit.snapshot.state import SAVED_MSRS
+    from labkit.x86.state import DebugRegs, FpuState
+
+    rng = random.Random(7)
+    backend = EmuBackend(memory_size=1 << 20, mode=64)
+    try:
+        backend.set_fpu(FpuState(fcw=0x37F, fsw=rng.getrandbits(16) & 0x3FFF, ftw=rng.getrandbits(8),
+                                 fop=rng.getrandbits(11), fip=rng.getrandbits(48), fdp=rng.getrandbits(48),
+                                 mxcsr=0x1F80 | rng.getrandbits(6),
+                                 st=tuple(rng.getrandbits(79) for _ in range(8)),
+                                 xmm=tuple(rng.getrandbits(128) for _ in range(16))))
+        backend.set_debug_regs(DebugRegs(*(rng.getrandbits(32) << 2 for _ in range(4)), 0xFFFF0FF0, 0x400 | 0xFF))
+        backend.set_msrs({0xC0000081: rng.getrandbits(48) << 16, 0xC0000082: 0x8000 + rng.getrandbits(12)})
+        uc = backend._live().uc
+        fpu = backend.get_fpu()
+        top = (fpu.fsw >> 11) & 7
+        for i in range(8):
+            significand, exponent = uc.reg_read(X.UC_X86_REG_FP0 + (top + i) % 8)
+            assert fpu.st[i] == significand | exponent << 64 != 0
+        assert fpu.xmm == tuple(uc.reg_read(X.UC_X86_REG_XMM0 + i) for i in range(16))
+        assert (fpu.fcw, fpu.fsw, fpu.fop, fpu.fip, fpu.fdp, fpu.mxcsr) == tuple(uc.reg_read(register) for register in (
+            X.UC_X86_REG_FPCW, X.UC_X86_REG_FPSW, X.UC_X86_REG_FOP, X.UC_X86_REG_FIP, X.UC_X86_REG_FDP,
+            X.UC_X86_REG_MXCSR))
+        assert backend.get_debug_regs() == DebugRegs(*(uc.reg_read(register) for register in (
+            X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3, X.UC_X86_REG_DR6,
+            X.UC_X86_REG_DR7)))
+        msrs = backend.get_msrs(SAVED_MSRS)
+        with backend._live().intercepts.suspended():  # as get_msrs reads them (an intercept would longjmp)
+            assert msrs == {index: uc.msr_read(index) for index in SAVED_MSRS} and msrs[0xC0000082] >= 0x8000
+    finally:
+        backend.close()
