@@ -54,26 +54,36 @@ def _whole(address: object, size: object) -> bool:
 
 _BITS = tuple(tuple(bit for bit in range(8) if value >> bit & 1) for value in range(256))
 _SET = bytes([0] + [1] * 255)
+_FULL = bytes([0] * 255 + [1])
 
 
 def bitmap_pages(bitmap: bytes) -> list[int]:
     """Ascending indexes of the set bits of a dirty-page bitmap (bit ``i`` of byte ``j`` is page ``8 * j + i``,
-    as in ``KVM_GET_DIRTY_LOG``): runs of non-zero bytes are found in C (``translate``, ``find``), each of
-    their bytes costs a table lookup."""
+    as in ``KVM_GET_DIRTY_LOG``): runs of non-zero bytes are found in C (``translate``, ``find``), a run of
+    0xff bytes is one ``range``, each other byte costs a table lookup."""
     pages: list[int] = []
-    append = pages.append
+    append, extend = pages.append, pages.extend
     mask = bitmap.translate(_SET)
+    full = bitmap.translate(_FULL)
     start = mask.find(1)
     while start != -1:
         end = mask.find(0, start)
         end = len(mask) if end == -1 else end
-        for index in range(start, end):
+        index = start
+        while index < end:
+            if full[index]:  # whole bytes: eight pages each
+                stop = full.find(0, index, end)
+                stop = end if stop == -1 else stop
+                extend(range(index << 3, stop << 3))
+                index = stop
+                continue
             bits = _BITS[bitmap[index]]
             base = index << 3
             if len(bits) == 1:
                 append(base + bits[0])
             else:
-                pages.extend([base + bit for bit in bits])
+                extend([base + bit for bit in bits])
+            index += 1
         start = mask.find(1, end)
     return pages
 

@@ -963,11 +963,11 @@ class _WriteLog:
         _check(_lib.uc_hook_add(handle, ctypes.byref(self.hook), _i32(UC.UC_HOOK_MEM_WRITE), self.callback,
                                 user_data, _u64(1), _u64(0)), "uc_hook_add (UC_HOOK_MEM_WRITE, the dirty log)")
 
-    def take(self) -> set[int]:
-        """The pages logged since the last take; clears the log."""
+    def take(self) -> list[int]:
+        """The pages logged since the last take, ascending; clears the log."""
         data = bytes(self.bitmap)
         ctypes.memset(self.bitmap, 0, len(data))
-        return set(bitmap_pages(data))
+        return bitmap_pages(data)
 
     def close(self) -> None:
         _check(_lib.uc_hook_del(self.handle, self.hook.value), "uc_hook_del (the dirty log)")
@@ -1364,12 +1364,14 @@ class EmuBackend:
             raise ConfigError("the dirty log is not started (call dirty_log_start first)")
         pushed = engine.delivery.written or set()
         engine.delivery.written = set()
-        pages = sorted(engine.dirty.take() | pushed)
+        pages = engine.dirty.take()  # ascending
+        if pushed:
+            pages = sorted(set(pages) | pushed)
         kept: list[int] = []
-        for start, size in engine.writable_ranges():  # pages with start <= page << 12 < start + size
+        for start, size in sorted(engine.writable_ranges()):  # pages with start <= page << 12 < start + size
             first, end = -(-start >> 12), -(-(start + size) >> 12)
             kept.extend(pages[bisect.bisect_left(pages, first):bisect.bisect_left(pages, end)])
-        return sorted(kept)
+        return kept
 
     def dirty_log_stop(self) -> None:
         """Stop logging (the write hook is removed: stores cost nothing extra again)."""

@@ -93,6 +93,11 @@ def test_bitmap_pages_equals_the_set_bits() -> None:
                        for _ in range(size))
         value = int.from_bytes(bitmap, "little")
         assert bitmap_pages(bitmap) == [bit for bit in range(8 * size) if value >> bit & 1]
+    for _ in range(300):  # runs of whole bytes (one range each), next to partial ones and at either end
+        bitmap = b"".join(bytes([generator.choice([0, 0xFF, generator.randrange(256)])]) * generator.randrange(1, 9)
+                          for _ in range(generator.randrange(0, 12)))
+        value = int.from_bytes(bitmap, "little")
+        assert bitmap_pages(bitmap) == [bit for bit in range(8 * len(bitmap)) if value >> bit & 1]
 
 
 def test_page_runs_join_consecutive_pages_but_not_across_a_region_edge() -> None:
