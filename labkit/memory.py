@@ -23,9 +23,10 @@ looking the regions up each time.
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Protocol, Sequence, Union
 
-from labkit.errors import GuestMemoryError
+from labkit.errors import GuestMemoryError, LabkitError, strerror
 
 Region = tuple[int, memoryview, bool]
 """``(guest_address, view, read_only)``, as ``Backend.regions()`` returns them."""
@@ -245,3 +246,19 @@ class MemoryWindow:
                     self.memory._note(address, size)
                 return self._view[offset:offset + size]
         return self.memory.view(address, size)
+
+
+def memory_file(name: str, size: int, error: type[LabkitError], what: str, *, sealable: bool = False) -> int:
+    """A new ``memfd`` named ``name`` of ``size`` bytes, its pages allocated as they are first written (guest RAM
+    shared with a worker, a snapshot's memory image).  Where the kernel refuses (no memory, no descriptors),
+    raises ``error`` saying it could not make ``what``."""
+    try:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0))
+    except OSError as failure:
+        raise error(f"cannot make {what}: {strerror(failure.errno or 0)}") from None
+    try:
+        os.ftruncate(fd, size)
+    except OSError as failure:
+        os.close(fd)
+        raise error(f"cannot make {what} of {size >> 20} MiB: {strerror(failure.errno or 0)}") from None
+    return fd

@@ -30,6 +30,7 @@ import weakref
 from typing import Any, Iterable, Iterator
 
 from labkit.errors import SnapshotError, strerror
+from labkit.memory import memory_file
 
 PAGE = 4096
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
@@ -40,17 +41,7 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def _new_file(size: int) -> int:
-    try:
-        fd = os.memfd_create("labkit-snapshot-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    except OSError as error:
-        raise SnapshotError(f"cannot make a snapshot's memory image: {strerror(error.errno or 0)}") from None
-    try:
-        os.ftruncate(fd, size)
-    except OSError as error:
-        os.close(fd)
-        raise SnapshotError(f"cannot make a {size >> 20} MiB snapshot memory image: {strerror(error.errno or 0)}") \
-            from None
-    return fd
+    return memory_file("labkit-snapshot-ram", size, SnapshotError, "a snapshot's memory image", sealable=True)
 
 
 def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:

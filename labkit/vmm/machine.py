@@ -26,7 +26,8 @@ import weakref
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from labkit.backend import choose_backend
-from labkit.errors import ConfigError, DeviceError, EmulatorError, SnapshotError, strerror
+from labkit.errors import ConfigError, DeviceError, EmulatorError, SnapshotError
+from labkit.memory import memory_file
 from labkit.trace import ExitRecord, ExitTrace
 from labkit.vmm.core import LegacyDeviceSpec, MachineCore
 from labkit.vmm.devices.spec import DeviceSpec
@@ -396,17 +397,7 @@ class Machine:
 
 def _ram_file(size: int) -> int:
     """A memfd of ``size`` bytes for an emulated machine's RAM (its pages are allocated as they are touched)."""
-    try:
-        fd = os.memfd_create("labkit-guest-ram", os.MFD_CLOEXEC)
-    except OSError as error:
-        raise EmulatorError(f"cannot make the emulated machine's RAM: {strerror(error.errno or 0)}") from None
-    try:
-        os.ftruncate(fd, size)
-    except OSError as error:
-        os.close(fd)
-        raise EmulatorError(f"cannot make {size >> 20} MiB of RAM for the emulated machine: "
-                            f"{strerror(error.errno or 0)}") from None
-    return fd
+    return memory_file("labkit-guest-ram", size, EmulatorError, "the emulated machine's RAM")
 
 
 def _write_all(fd: int, data: bytes) -> None:
