@@ -238,6 +238,8 @@ class KvmBackend:
         self._regs_synced = False
         """Whether ``run.s.regs`` holds the vCPU's registers now: KVM wrote them at the last return of
         ``KVM_RUN`` and no ``KVM_SET_REGS`` came since (then :meth:`get_regs` reads them there)."""
+        self._regs_set = 0
+        """How many ``KVM_SET_REGS`` so far: one during a run (a device's handler) leaves the copy stale."""
         self._run: kb.kvm_run | None = run  # None once closed
         self._signal_mask: bytes | None = None
         # A read an exception cut short: (exit reason, port/address, size, rip, data offset, element, count).
@@ -276,6 +278,7 @@ class KvmBackend:
         """
         run = self._live_run()
         self._regs_synced = False
+        self._regs_set += 1
         self._vcpu.set_regs(kb.kvm_regs(*(getattr(regs, name) & _U64 for name in REGS_FIELDS)))
         run.if_flag = 0
 
@@ -654,9 +657,10 @@ class KvmBackend:
                 if not timer.ok:  # the kernel refused a timer: the watchdog thread kicks instead
                     token = WATCHDOG.arm(deadline, partial(_kick, run, threading.get_ident()))
             self._regs_synced = False  # until the loop has returned: then KVM_RUN has written run.s.regs
+            regs_set = self._regs_set
             try:
                 exit = self._loop(run, dispatcher, deadline, timeout)
-                self._regs_synced = self.sync_regs
+                self._regs_synced = self.sync_regs and self._regs_set == regs_set  # no handler set them since
                 return exit
             finally:
                 fired = token is not None and WATCHDOG.disarm(token)  # after this the watchdog cannot fire

@@ -322,6 +322,22 @@ def test_registers_read_after_a_run_are_what_kvm_get_regs_says(backend):
     assert steps[1][0].rax & 0xFF == 0x77  # the `in` completed before the run returned
 
 
+def test_registers_a_handler_set_during_the_run_are_read_back_not_the_stale_copy(backend):
+    """A device handler that sets registers at the exit the run stops on (after the last KVM_RUN, so
+    KVM's sync-regs copy predates it): get_regs() must return what it set."""
+    load_real_mode(backend, PORT_ROUND_TRIP16)
+
+    class SetsRegisters(RecordingDispatcher):
+        def pio(self, port, size, is_write, value, rip):
+            answer = super().pio(port, size, is_write, value, rip)
+            if self.stop:
+                backend.set_regs(dataclasses.replace(kvm_get_regs(backend), rbx=0xBEEF))
+            return answer
+
+    assert isinstance(backend.run(SetsRegisters({0x11: 0x5A}, stop_on={0x10}), timeout=2.0), exits.Io)
+    assert backend.get_regs().rbx == 0xBEEF == kvm_get_regs(backend).rbx
+
+
 def test_bad_arguments_are_config_errors():
     for size in (MEMORY + 100, 4096, 64 << 30, "2M"):  # the one check (x86/layout.py), its own message
         with pytest.raises(ConfigError) as raised:
