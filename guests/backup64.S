@@ -209,50 +209,7 @@ finish:
         out DEBUG_EXIT, al
         hlt
 
-# Initialise the virtio-mmio device at rbp (device ID ebx), queue r12 of QSIZE entries at r13 (descriptors,
-# then the available ring 0x1000 on, the used ring 0x2000 on): 3.1.1, 4.2.3. Uses rax, rcx, rdi.
-init_device:
-        cmp dword ptr [rbp + R_MAGIC], 0x74726976
-        jne no_device
-        cmp dword ptr [rbp + R_VERSION], 2
-        jne no_device
-        cmp [rbp + R_DEVICE_ID], ebx
-        jne no_device
-        mov dword ptr [rbp + R_STATUS], 0               # reset
-        mov dword ptr [rbp + R_STATUS], ACKNOWLEDGE
-        mov dword ptr [rbp + R_STATUS], ACKNOWLEDGE | DRIVER
-        mov dword ptr [rbp + R_DEVICE_FEATURES_SEL], 1
-        test dword ptr [rbp + R_DEVICE_FEATURES], 1     # bit 32: VIRTIO_F_VERSION_1
-        jz no_device
-        mov dword ptr [rbp + R_DRIVER_FEATURES_SEL], 1
-        mov dword ptr [rbp + R_DRIVER_FEATURES], 1      # accept VIRTIO_F_VERSION_1 ...
-        mov dword ptr [rbp + R_DRIVER_FEATURES_SEL], 0
-        mov dword ptr [rbp + R_DRIVER_FEATURES], 0      # ... and nothing of bits 0-31
-        mov dword ptr [rbp + R_STATUS], ACKNOWLEDGE | DRIVER | FEATURES_OK
-        test dword ptr [rbp + R_STATUS], FEATURES_OK
-        jz no_device
-        mov rdi, r13                                    # zero the queue's memory (4.2.3.2 step 4)
-        mov ecx, 0x3000 / 8
-        xor eax, eax
-        rep stosq
-        mov [rbp + R_QUEUE_SEL], r12d
-        cmp dword ptr [rbp + R_QUEUE_READY], 0
-        jne no_device
-        cmp dword ptr [rbp + R_QUEUE_SIZE_MAX], QSIZE
-        jb no_device
-        mov dword ptr [rbp + R_QUEUE_SIZE], QSIZE
-        mov [rbp + R_QUEUE_DESC_LOW], r13d
-        mov dword ptr [rbp + R_QUEUE_DESC_HIGH], 0
-        lea eax, [r13 + 0x1000]
-        mov [rbp + R_QUEUE_DRIVER_LOW], eax
-        mov dword ptr [rbp + R_QUEUE_DRIVER_HIGH], 0
-        lea eax, [r13 + 0x2000]
-        mov [rbp + R_QUEUE_DEVICE_LOW], eax
-        mov dword ptr [rbp + R_QUEUE_DEVICE_HIGH], 0
-        mov dword ptr [rbp + R_QUEUE_READY], 1
-        mov dword ptr [rbp + R_STATUS], ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
-        mov word ptr [r13 + 0x1000], 1                  # VIRTQ_AVAIL_F_NO_INTERRUPT: this driver polls
-        ret
+        .include "virtio_init.inc"         # init_device: rbp device, ebx its ID, r12 queue, r13 its memory
 
 # One block request of type eax at sector rdx with ecx sectors of data at rdi (r8: 0 device-readable,
 # 2 device-writable; ecx 0: no data). Waits for the answer; a status other than OK ends the run (exit 4).

@@ -51,44 +51,14 @@ start:
 
         # -- device initialisation (3.1.1, 4.2.3) --
         mov ebp, MMIO
-        cmp dword ptr [rbp + R_MAGIC], 0x74726976
-        jne no_device
-        cmp dword ptr [rbp + R_VERSION], 2
-        jne no_device
-        cmp dword ptr [rbp + R_DEVICE_ID], 3            # a console
-        jne no_device
-        mov dword ptr [rbp + R_STATUS], 0               # reset
-        mov dword ptr [rbp + R_STATUS], ACKNOWLEDGE
-        mov dword ptr [rbp + R_STATUS], ACKNOWLEDGE | DRIVER
-        mov dword ptr [rbp + R_DEVICE_FEATURES_SEL], 1
-        test dword ptr [rbp + R_DEVICE_FEATURES], 1     # bit 32: VIRTIO_F_VERSION_1
-        jz no_device
-        mov dword ptr [rbp + R_DRIVER_FEATURES_SEL], 1
-        mov dword ptr [rbp + R_DRIVER_FEATURES], 1      # accept VIRTIO_F_VERSION_1 ...
-        mov dword ptr [rbp + R_DRIVER_FEATURES_SEL], 0
-        mov dword ptr [rbp + R_DRIVER_FEATURES], 0      # ... and nothing of bits 0-31
-        mov dword ptr [rbp + R_STATUS], ACKNOWLEDGE | DRIVER | FEATURES_OK
-        test dword ptr [rbp + R_STATUS], FEATURES_OK    # did the device take them?
-        jz no_device
-        mov edi, DESC                                   # zero the queue's memory (4.2.3.2 step 4)
-        mov ecx, (USED + 0x1000 - DESC) / 8
-        xor eax, eax
-        rep stosq
-        mov dword ptr [rbp + R_QUEUE_SEL], TRANSMITQ
-        cmp dword ptr [rbp + R_QUEUE_READY], 0          # not already in use
-        jne no_device
-        cmp dword ptr [rbp + R_QUEUE_SIZE_MAX], QSIZE
-        jb no_device
-        mov dword ptr [rbp + R_QUEUE_SIZE], QSIZE
-        mov dword ptr [rbp + R_QUEUE_DESC_LOW], DESC
-        mov dword ptr [rbp + R_QUEUE_DESC_HIGH], 0
-        mov dword ptr [rbp + R_QUEUE_DRIVER_LOW], AVAIL
-        mov dword ptr [rbp + R_QUEUE_DRIVER_HIGH], 0
-        mov dword ptr [rbp + R_QUEUE_DEVICE_LOW], USED
-        mov dword ptr [rbp + R_QUEUE_DEVICE_HIGH], 0
-        mov dword ptr [rbp + R_QUEUE_READY], 1
-        mov dword ptr [rbp + R_STATUS], ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
-        mov word ptr [AVAIL], 1                         # VIRTQ_AVAIL_F_NO_INTERRUPT: this driver polls
+        push r12
+        push r13
+        mov ebx, 3                      # a console
+        mov r12d, TRANSMITQ             # its transmitq
+        mov r13d, DESC
+        call init_device
+        pop r13
+        pop r12
 
         # -- the transfer --
         xor ebx, ebx                    # position in the current line
@@ -154,6 +124,9 @@ finish:
         xor eax, eax
         out DEBUG_EXIT, al
         hlt
+
+        .include "virtio_init.inc"         # init_device: rbp device, ebx its ID, r12 queue, r13 its memory
+
 bad_params:
         mov eax, 1
         out DEBUG_EXIT, al
