@@ -228,7 +228,7 @@ class _Engine:
         self.gate = _StopGate(self.handle, load_native(), self.cpu.address)
         self.callbacks = self._install_hooks()
         self.intercepts = Intercepts(self.uc, self.cpu)
-        self.batches: dict[tuple[str, tuple[int, ...]], RegisterBatch] = {}
+        self.batches: dict[str, RegisterBatch] = {}
 
     def read_eflags(self) -> int:
         _lib.uc_reg_read(self.handle, self._eflags_id, self._eflags_ref)
@@ -1126,12 +1126,12 @@ class EmuBackend:
             fop=fop, fip=fip, fdp=fdp, mxcsr=mxcsr, st=tuple(physical[(top + i) & 7] for i in range(8)), xmm=tuple(xmm))
 
     def _batch(self, name: str, registers: list[tuple[int, int]], msrs: tuple[int, ...] = ()) -> RegisterBatch:
-        """The engine's :class:`RegisterBatch` for ``name`` (made on first use)."""
+        """The engine's :class:`RegisterBatch` for ``name``: one per name, made again when other MSRs are asked
+        for (so a caller asking for ever different MSRs cannot grow the engine)."""
         engine = self._live()
-        key = (name, msrs)
-        batch = engine.batches.get(key)
-        if batch is None:
-            batch = engine.batches[key] = RegisterBatch(engine.handle, registers, msrs)
+        batch = engine.batches.get(name)
+        if batch is None or batch.msrs != msrs:
+            batch = engine.batches[name] = RegisterBatch(engine.handle, registers, msrs)
         return batch
 
     def set_fpu(self, fpu: FpuState) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import unicorn
 from unicorn import unicorn_const as UC
+from unicorn import x86_const as X86
 
 from labkit.errors import EmulatorError
 
@@ -67,16 +68,15 @@ class RegisterBatch:
     register (about 7 µs each: 221 µs for the x87/SSE state); here a read is one C call.  Each
     register gets a zeroed 16-byte buffer (the widest value Unicorn writes for them: an XMM
     register, an x87 register's 64-bit significand and 16-bit sign and exponent); :meth:`read`
-    returns each as an unsigned little-endian integer of the given width in bytes.  An MSR
-    (``UC_X86_REG_MSR``) is named by ``msr=``: its buffer is Unicorn's ``uc_x86_msr``, the index
-    at offset 0 and the value written at offset 8.
+    returns each as an unsigned little-endian integer of the given width in bytes.  Each of
+    ``msrs`` is read as a ``UC_X86_REG_MSR`` entry after the registers: its buffer is Unicorn's
+    ``uc_x86_msr``, the MSR's index at offset 0 (written once here), its value at offset 8.
     """
 
     def __init__(self, handle: Any, registers: list[tuple[int, int]], msrs: tuple[int, ...] = ()):  # a uc_engine *
-        from unicorn import x86_const as X
-
-        entries = list(registers) + [(X.UC_X86_REG_MSR, 0)] * len(msrs)
+        entries = list(registers) + [(X86.UC_X86_REG_MSR, 0)] * len(msrs)
         self.handle = handle
+        self.msrs = msrs
         self.count = len(entries)
         self.ids = (i32 * self.count)(*(register for register, _ in entries))
         self.buffers = [ctypes.create_string_buffer(16) for _ in entries]
