@@ -24,7 +24,7 @@ looking the regions up each time.
 from __future__ import annotations
 
 import os
-from typing import Callable, Protocol, Sequence, Union
+from typing import Callable, Iterator, Protocol, Sequence, Union
 
 from labkit.errors import GuestMemoryError, LabkitError, strerror
 
@@ -58,19 +58,43 @@ _SET = bytes([0] + [1] * 255)
 _FULL = bytes([0] * 255 + [1])
 
 
+def byte_runs(mask: bytes) -> Iterator[tuple[int, int]]:
+    """(first, count) of each run of 1 bytes in ``mask`` (a ``bytes.translate`` of a bitmap or a page-flag
+    list), found in C by ``find``."""
+    first = mask.find(1)
+    while first != -1:
+        end = mask.find(0, first)
+        if end == -1:
+            end = len(mask)
+        yield first, end - first
+        first = mask.find(1, end)
+
+
+def page_runs(pages: Sequence[int], breaks: Sequence[int] = ()) -> Iterator[tuple[int, int]]:
+    """(first page, count) of each run of consecutive pages in the sorted ``pages``; a run never crosses one
+    of the page numbers ``breaks`` (where one memory region ends and the next may begin)."""
+    stops = set(breaks)
+    start = previous = None
+    for page in pages:
+        if previous is not None and page == previous + 1 and page not in stops:
+            previous = page
+            continue
+        if start is not None and previous is not None:
+            yield start, previous - start + 1
+        start = previous = page
+    if start is not None and previous is not None:
+        yield start, previous - start + 1
+
+
 def bitmap_pages(bitmap: bytes) -> list[int]:
     """Ascending indexes of the set bits of a dirty-page bitmap (bit ``i`` of byte ``j`` is page ``8 * j + i``,
-    as in ``KVM_GET_DIRTY_LOG``): runs of non-zero bytes are found in C (``translate``, ``find``), a run of
+    as in ``KVM_GET_DIRTY_LOG``): runs of non-zero bytes are found in C (:func:`byte_runs`), a run of
     0xff bytes is one ``range``, each other byte costs a table lookup."""
     pages: list[int] = []
     append, extend = pages.append, pages.extend
-    mask = bitmap.translate(_SET)
     full = bitmap.translate(_FULL)
-    start = mask.find(1)
-    while start != -1:
-        end = mask.find(0, start)
-        end = len(mask) if end == -1 else end
-        index = start
+    for start, count in byte_runs(bitmap.translate(_SET)):
+        index, end = start, start + count
         while index < end:
             if full[index]:  # whole bytes: eight pages each
                 stop = full.find(0, index, end)
@@ -85,7 +109,6 @@ def bitmap_pages(bitmap: bytes) -> list[int]:
             else:
                 extend([base + bit for bit in bits])
             index += 1
-        start = mask.find(1, end)
     return pages
 
 
@@ -210,8 +233,7 @@ class GuestMemory:
     def mark_written(self, address: int, size: int) -> None:
         """The host stored into ``[address, address + size)`` through a view it kept: count the pages while
         :meth:`track_writes` is on (a view counts its pages only when it is taken)."""
-        if self._written is not None:
-            self._note(address, size)
+        self._note(address, size)
 
     def __repr__(self) -> str:
         spans = ", ".join(f"{base:#x}+{len(view):#x}{' ro' if ro else ''}" for base, view, ro in self.regions())

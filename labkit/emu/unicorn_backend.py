@@ -120,7 +120,7 @@ from labkit.emu.unicorn_capi import lib as _lib  # also what benchmarks/bench_em
 from labkit.emu.unicorn_capi import u64 as _u64
 from labkit.errors import ConfigError, EmulatorError
 from labkit.exits import Dispatcher, EmulatorFailure, Exit, Hlt, Interrupted, Io, Mmio, Shutdown, Timeout
-from labkit.memory import bitmap_pages
+from labkit.memory import bitmap_pages, page_runs
 from labkit.watchdog import WATCHDOG
 from labkit.x86 import layout
 from labkit.x86.arch import (EFER_LMA, EFER_SCE, MSR_CSTAR, MSR_EFER, MSR_LSTAR, MSR_SFMASK, MSR_STAR, RFLAGS_IF,
@@ -650,14 +650,8 @@ class _Engine:
 
     def protect_pages(self, pages: Iterable[int], prot: int) -> None:
         """uc_mem_protect over runs of consecutive page frame numbers (never from inside a store: see on_write_prot)."""
-        runs: list[list[int]] = []  # [first, last] page of each run
-        for page in sorted(pages):
-            if runs and page == runs[-1][1] + 1:
-                runs[-1][1] = page
-            else:
-                runs.append([page, page])
-        for first, last in runs:
-            _check(_lib.uc_mem_protect(self.handle, first << 12, (last - first + 1) << 12, prot), "uc_mem_protect")
+        for first, count in page_runs(sorted(pages)):
+            _check(_lib.uc_mem_protect(self.handle, first << 12, count << 12, prot), "uc_mem_protect")
 
     def protect_writable(self) -> None:
         """Writable memory as it should be between runs: all of it writable."""

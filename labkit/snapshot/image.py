@@ -30,7 +30,7 @@ import weakref
 from typing import Any, Iterable, Iterator
 
 from labkit.errors import SnapshotError, strerror
-from labkit.memory import memory_file
+from labkit.memory import byte_runs, memory_file
 
 PAGE = 4096
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
@@ -135,17 +135,6 @@ def _read_page_flags(view: memoryview, check: bool) -> bytes | None:
     return entries[7::8]
 
 
-def _runs(mask: bytes) -> Iterator[tuple[int, int]]:
-    """(first, count) of each run of 1 bytes in ``mask``."""
-    first = mask.find(1)
-    while first != -1:
-        end = mask.find(0, first)
-        if end == -1:
-            end = len(mask)
-        yield first, end - first
-        first = mask.find(1, end)
-
-
 class MemoryImage(mmap.mmap):
     """A region's bytes at a snapshot: a sealed memfd, mapped read-only here (see the module docstring)."""
 
@@ -190,7 +179,7 @@ class MemoryImage(mmap.mmap):
                     for offset, length in data_extents(base.fd, size):
                         _copy_range(base.fd, fd, offset, length)
                 mask = flags.translate(_WRITTEN_OVER_FILE if base is not None else _HOLDS_DATA)
-                for first, count in _runs(mask):
+                for first, count in byte_runs(mask):
                     _write_all(fd, view[first * PAGE:(first + count) * PAGE], first * PAGE)
         except OSError as error:
             os.close(fd)

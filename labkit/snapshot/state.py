@@ -32,7 +32,7 @@ import importlib
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from labkit.errors import SnapshotError
 from labkit.snapshot.image import MemoryImage
@@ -135,22 +135,6 @@ class PageDiff:
 
     pages: tuple[int, ...]
     data: bytes | MemoryImage = field(repr=False)
-
-
-def page_runs(pages: Sequence[int], breaks: Sequence[int] = ()) -> Iterator[tuple[int, int]]:
-    """(first page, count) of each run of consecutive pages in the sorted ``pages``; a run never crosses one
-    of the page numbers ``breaks`` (where one memory region ends and the next may begin)."""
-    stops = set(breaks)
-    start = previous = None
-    for page in pages:
-        if previous is not None and page == previous + 1 and page not in stops:
-            previous = page
-            continue
-        if start is not None and previous is not None:
-            yield start, previous - start + 1
-        start = previous = page
-    if start is not None and previous is not None:
-        yield start, previous - start + 1
 
 
 # --- tagged JSON for device state ----------------------------------------------------------------

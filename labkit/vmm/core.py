@@ -28,7 +28,8 @@ from labkit.errors import ConfigError, LabkitError, NotModelled, SnapshotError
 from labkit.exits import ExitReason
 from labkit.memory import GuestMemory
 from labkit.snapshot.image import MemoryImage
-from labkit.snapshot.state import SAVED_MSRS, GuestImage, MachineState, PageDiff, Region, page_runs
+from labkit.memory import page_runs
+from labkit.snapshot.state import SAVED_MSRS, GuestImage, MachineState, PageDiff, Region
 from labkit.trace import ExitRecord, ExitTrace
 from labkit.vmm.bus import Bus, Buses, PortBus
 from labkit.vmm.devices import Console, DebugExit, HypercallPort, Uart16550

@@ -261,7 +261,8 @@ class Machine:
         """The worker's written ``pages`` with their bytes, copied in the kernel from the RAM's file into a
         :class:`MemoryImage` (pages of other regions, if any, read through the worker)."""
         from labkit.snapshot.image import MemoryImage
-        from labkit.snapshot.state import PageDiff, page_runs
+        from labkit.memory import page_runs
+        from labkit.snapshot.state import PageDiff
 
         fd = self._ram_fd
         assert fd is not None

@@ -12,7 +12,7 @@ import pytest
 from labkit.errors import SnapshotError
 from labkit.memory import bitmap_pages
 from labkit.snapshot.image import MemoryImage, data_extents
-from labkit.snapshot.state import page_runs
+from labkit.memory import page_runs
 
 pytestmark = pytest.mark.unit
 
