@@ -152,6 +152,11 @@ class Chain(NamedTuple):
 _new_chain = tuple.__new__
 
 
+def _outside(where: str, index: int, addr: int, length: int) -> VirtqueueError:
+    """The error for a descriptor whose buffer is not wholly inside guest memory."""
+    return VirtqueueError(f"{where} {index}: buffer [{addr:#x}, {addr + length:#x}) is not inside guest memory")
+
+
 class DeviceQueue:
     """The device's side of one split virtqueue (2.7.13 and 2.7.14, seen from the device).
 
@@ -212,8 +217,7 @@ class DeviceQueue:
             try:
                 data = self._buffers.view(addr, length)
             except GuestMemoryError:
-                raise VirtqueueError(f"descriptor {head}: buffer [{addr:#x}, {addr + length:#x}) "
-                                     f"is not inside guest memory") from None
+                raise _outside("descriptor", head, addr, length) from None
             chain = _new_chain(Chain, (head, ((addr, length),), (), data))
         else:
             chain = self._walk(head, gather)
@@ -249,8 +253,7 @@ class DeviceQueue:
                     try:
                         data: bytes | memoryview = view(addr, length)
                     except GuestMemoryError:
-                        raise VirtqueueError(f"descriptor {head}: buffer [{addr:#x}, {addr + length:#x}) "
-                                             f"is not inside guest memory") from None
+                        raise _outside("descriptor", head, addr, length) from None
                 else:
                     data = self._walk(head).data
                 sink(data)
@@ -276,8 +279,7 @@ class DeviceQueue:
         try:
             return self._buffers.view(addr, length)
         except GuestMemoryError:
-            raise VirtqueueError(f"{where} {index}: buffer [{addr:#x}, {addr + length:#x}) "
-                                 f"is not inside guest memory") from None
+            raise _outside(where, index, addr, length) from None
 
     def _walk(self, head: int, gather: bool = True) -> Chain:
         pieces: list[bytes] = []
@@ -327,8 +329,7 @@ class DeviceQueue:
                     raise VirtqueueError(f"{where} {index} is device-writable (WRITE) on a queue the device "
                                          f"only reads (a transmit queue)")
                 if not self.memory.contains(addr, length):
-                    raise VirtqueueError(f"{where} {index}: buffer [{addr:#x}, {addr + length:#x}) "
-                                         f"is not inside guest memory")
+                    raise _outside(where, index, addr, length)
                 writable.append((addr, length))
             elif writable:
                 raise VirtqueueError(f"{where} {index} is device-readable after a device-writable one (2.7.4.2)")
@@ -336,8 +337,7 @@ class DeviceQueue:
                 if gather:
                     pieces.append(self._read(where, index, addr, length))
                 elif not self.memory.contains(addr, length):
-                    raise VirtqueueError(f"{where} {index}: buffer [{addr:#x}, {addr + length:#x}) "
-                                         f"is not inside guest memory")
+                    raise _outside(where, index, addr, length)
                 readable.append((addr, length))
             if not flags & VIRTQ_DESC_F_NEXT:
                 return Chain(head, tuple(readable), tuple(writable), b"".join(pieces))
