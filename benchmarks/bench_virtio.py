@@ -36,11 +36,18 @@ part of its round there.
 The floor under the ratio, in the same rounds: ``floor_notification_us``
 is the same ring guest against a console that returns every chain unread (no check, no
 copy): the driver's round, the exit and labkit's dispatch, what no device model can
-remove; ``fresh_page_copy_us`` is one 4 KiB copy into host memory never touched before
-(an anonymous mmap, page by page: the console keeps what it receives, so each
-notification moving 4 KiB grows it by a page), ``warm_copy_us`` the same copy into
-touched memory.  ``floor_ratio`` = (floor notification + fresh-page copy) / port exit,
-the median over the rounds: the least a notification that keeps its 4 KiB can cost here.
+remove.  The console keeps what it receives, so each notification moving 4 KiB grows it by a
+page of host memory never touched before: ``fresh_page_copy_us`` is one 4 KiB copy into such a
+page of a private anonymous mapping (the console's kind) when the copy faults the page in,
+``populated_page_copy_us`` the same with the pages allocated 64 KiB at a time by
+``madvise(MADV_POPULATE_WRITE)`` first, as the console's C drain does (that call's cost
+shared among its 16 pages), ``warm_copy_us`` the copy into a page written before.
+``floor_ratio`` = (floor notification + populated-page copy) / port exit, the median over the
+rounds: the least a notification that keeps its 4 KiB can cost here.
+
+The medians leave out the notifications that allocate the console's next 64 KiB (one in 16,
+about 16 us here); the whole-run ratio above includes them, and the target counts as met
+(``within_target``) only when both are within it.
 
     python benchmarks/bench_virtio.py [--repeat N] [--rounds N] [--notification-only]
 
@@ -152,17 +159,30 @@ def floor_notification_ns(backend: str) -> tuple[float, float]:
             statistics.median(record.handling_ns or 0 for record in records))
 
 
-def page_copy_ns(pages: int = 256) -> tuple[float, float]:
-    """Median ns of one 4 KiB copy into a page of fresh anonymous memory, and into the same page again."""
+POPULATE_CHUNK = 64 * 1024
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
+def page_copy_ns(pages: int = 256) -> tuple[float, float, float]:
+    """Median ns of one 4 KiB copy into a fresh page of a private anonymous mapping (faulted in by the copy;
+    then allocated 64 KiB at a time first, its cost shared by its pages) and into a page written before."""
     data = bytes(range(256)) * 16
-    fresh, warm = [], []
-    with mmap.mmap(-1, pages * 4096) as memory:
+    private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    fresh, populated, warm = [], [], []
+    with mmap.mmap(-1, pages * 4096, flags=private) as memory:
         for times in (fresh, warm):
             for offset in range(0, pages * 4096, 4096):
                 started = time.perf_counter_ns()
                 memory[offset:offset + 4096] = data
                 times.append(time.perf_counter_ns() - started)
-    return statistics.median(fresh), statistics.median(warm)
+    with mmap.mmap(-1, pages * 4096, flags=private) as memory:
+        for chunk in range(0, pages * 4096, POPULATE_CHUNK):
+            started = time.perf_counter_ns()
+            memory.madvise(MADV_POPULATE_WRITE, chunk, POPULATE_CHUNK)
+            for offset in range(chunk, chunk + POPULATE_CHUNK, 4096):
+                memory[offset:offset + 4096] = data
+            populated.append((time.perf_counter_ns() - started) / (POPULATE_CHUNK // 4096))
+    return statistics.median(fresh), statistics.median(populated), statistics.median(warm)
 
 
 def notification_against_port_exit(backend: str, repeat: int, rounds_wanted: int) -> dict:
@@ -177,11 +197,11 @@ def notification_against_port_exit(backend: str, repeat: int, rounds_wanted: int
         ring_ns, ring_handling = exit_medians(NOTIFY_PORT, 4, "ring", batch=1, buffer_bytes=4096, repeat=POSTS[1])
         uart_ns, uart_handling = exit_medians(None, UART_KIB[1], "uart", timeout=300)
         floor_ns, floor_handling = floor_notification_ns(backend)
-        fresh_ns, warm_ns = page_copy_ns()
+        fresh_ns, populated_ns, warm_ns = page_copy_ns()
         rounds.append((ring_ns, uart_ns, ring_handling, uart_handling, floor_ns, floor_handling, fresh_ns, warm_ns,
-                       ring_ns / uart_ns, (floor_ns + fresh_ns) / uart_ns))
+                       ring_ns / uart_ns, (floor_ns + populated_ns) / uart_ns, populated_ns))
     (notification_ns, port_exit_ns, notification_handling, port_handling,
-     floor_ns, floor_handling, fresh_ns, warm_ns, ratio, floor_ratio) = (
+     floor_ns, floor_handling, fresh_ns, warm_ns, ratio, floor_ratio, populated_ns) = (
         statistics.median(column) for column in zip(*rounds))
     wall_notifications, wall_port_exits = [], []
     for _ in range(repeat):  # each difference from two runs made one after the other (the same load)
@@ -196,7 +216,7 @@ def notification_against_port_exit(backend: str, repeat: int, rounds_wanted: int
         "port_exit_us": round(port_exit_ns / 1e3, 2),
         "ratio": round(ratio, 2),
         "target_ratio": TARGET_RATIO,
-        "within_target": ratio <= TARGET_RATIO,
+        "within_target": ratio <= TARGET_RATIO and wall_notification / wall_port_exit <= TARGET_RATIO,
         "ratio_of_medians": round(notification_ns / port_exit_ns, 2),
         "round_ratios": [round(each[8], 2) for each in rounds],
         "notification_handling_us": round(notification_handling / 1e3, 2),
@@ -209,6 +229,7 @@ def notification_against_port_exit(backend: str, repeat: int, rounds_wanted: int
         "floor_notification_us": round(floor_ns / 1e3, 2),
         "floor_handling_us": round(floor_handling / 1e3, 2),
         "fresh_page_copy_us": round(fresh_ns / 1e3, 2),
+        "populated_page_copy_us": round(populated_ns / 1e3, 2),
         "warm_copy_us": round(warm_ns / 1e3, 2),
         "floor_ratio": round(floor_ratio, 2),
     })

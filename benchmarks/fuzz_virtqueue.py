@@ -3,9 +3,10 @@ unchanged, every bad ring is rejected with DEVICE_NEEDS_RESET and every good one
 
 The rings come from ``labkit.virtio.hostile.random_ring`` (a quarter valid, the rest with one fault of
 24 kinds: indexes past the ring, loops, lengths past RAM, addresses wrapping past 2**64, WRITE on the
-transmit queue, INDIRECT misused, bad queue sizes and areas, ...).  Each goes to a fresh device
-through its virtio-mmio registers over 2 MiB of RAM in a host bytearray, and is checked by
-``check_outcome`` against the answer the generator knows.  ``--machines N`` also sends N rings per
+transmit queue, INDIRECT misused, bad queue sizes and areas, ...).  Each goes twice to a fresh device
+through its virtio-mmio registers over 2 MiB of RAM in a host bytearray, once into a Console (the C
+drain of ``labkit.virtio.native``, then Python from the first chain it leaves) and once into a plain
+function (Python alone), and each is checked by ``check_outcome`` against the answer the generator knows.  ``--machines N`` also sends N rings per
 backend through real machines (a guest driver sets the queue up and notifies; the device runs where
 the guest runs: in the emulator's worker process, or in this process beside KVM).
 ``tests/unit/test_virtio_hostile.py`` runs a fixed sample of 500.
@@ -30,6 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from labkit.virtio import native  # noqa: E402
 from labkit.virtio.hostile import (HOSTILE_DRIVER, RAM_SIZE, check_outcome, random_ring,  # noqa: E402
                                    run_on_device, run_on_machine, write_ring)
 
@@ -44,18 +46,22 @@ def fuzz_device(count: int, seed: int) -> dict:
     for number in range(count):
         case = random_ring(rng)
         kinds[case.fault] += 1
-        ram = bytearray(RAM_SIZE)
-        write_ring(ram, case)
-        before = bytes(ram)
-        try:
-            device, console = run_on_device(ram, case)
-        except Exception as error:  # noqa: BLE001 - the point: any raise is a failure, counted and named
-            failures.append(f"case {number} ({case.fault}): raised {type(error).__name__}: {error}")
-            continue
-        problems = check_outcome(case, device, console, before, ram)
-        if problems:
-            failures.append(f"case {number} ({case.fault}): {'; '.join(problems)}")
+        for native in (True, False):  # the C drain where it is built (then Python), and Python alone
+            ram = bytearray(RAM_SIZE)
+            write_ring(ram, case)
+            before = bytes(ram)
+            try:
+                device, console = run_on_device(ram, case, native=native)
+            except Exception as error:  # noqa: BLE001 - the point: any raise is a failure, counted and named
+                failures.append(f"case {number} ({case.fault}, native={native}): raised {type(error).__name__}: "
+                                f"{error}")
+                continue
+            problems = check_outcome(case, device, console, before, ram)
+            if problems:
+                failures.append(f"case {number} ({case.fault}, native={native}): {'; '.join(problems)}")
     return {"count": count, "seed": seed, "seconds": round(time.perf_counter() - started, 2),
+            "each_ring_through": ["the C drain, then Python" if native.load() else "Python (no C drain here)",
+                                  "Python alone"],
             "bad_rings": count - kinds["valid"], "valid_rings": kinds["valid"], "by_fault": dict(sorted(kinds.items())),
             "failures": len(failures), "first_failures": failures[:20]}
 

@@ -25,7 +25,10 @@ if TYPE_CHECKING:  # imported where used: `labkit doctor` stays fast
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from labkit.virtio.native import status as virtio_drain_status
+
     report = doctor_report()
+    report["virtio_drain"] = virtio_drain_status()
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -43,6 +46,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"Capstone       {report['capstone'] or 'missing'}")
     print(f"binutils       {report['binutils'] or 'missing'}")
     print(f"trap delivery  {report['trap_replay']}")
+    print(f"virtio drain   {report['virtio_drain']}")
     print()
     print(f"backend='auto' picks {report['auto']['backend']}: {report['auto']['reason']}")
     if report["fixes"]:

@@ -2,35 +2,22 @@
 
 A trap round trip through Python costs about 2.2 us on the development machine,
 1.5 us of which is the delivery's Python; the same replay in C leaves Unicorn's
-fault path and the guest's own handler.  Nothing else is compiled: the C file
-uses no Unicorn or Python headers (offsets and ``uc_reg_read`` are handed to it),
-so one build serves every Python version.
-
-Build: the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) with
-``-O2 -shared -fPIC`` into a per-user cache directory (``$LABKIT_CACHE_DIR``,
-else ``$XDG_CACHE_HOME/labkit`` or ``~/.cache/labkit``, mode 0700), named by a
-hash of the source, the compiler and the flags, written to a temporary name and
-renamed into place.  Where there is no compiler, the build fails, or
-``LABKIT_NATIVE=0`` is set, :func:`load` returns None, :func:`status` says why,
-and the backend delivers every exception in Python (same results, slower).
+fault path and the guest's own handler.  Built by :func:`labkit.native.build`
+(the system compiler, a per-user cache).  Where it is not built (no compiler, a
+failed build, ``LABKIT_NATIVE=0``), :func:`load` returns None, :func:`status`
+says why, and the backend delivers every exception in Python (same results, slower).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
 from _ctypes import CFuncPtr  # the type of a ctypes callback (CFUNCTYPE(...)(function))
 from functools import lru_cache
 from pathlib import Path
 
+from labkit.native import Built, build
+
 SOURCE = Path(__file__).with_name("trap_replay.c")
-FLAGS = ("-O2", "-fPIC", "-shared", "-std=c99", "-Wall", "-Wextra")
 PLAN_SLOTS = 64
 SYSTEM_BYTES = 136
 CACHE_BYTES = 48
@@ -67,102 +54,19 @@ class TrapReplayState(ctypes.Structure):
     ]
 
 
-def _cache_dir() -> Path:
-    configured = os.environ.get("LABKIT_CACHE_DIR")
-    if configured:
-        return Path(configured)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg) / "labkit"
-    home = Path.home()
-    if home.is_dir() and os.access(home, os.W_OK):
-        return home / ".cache" / "labkit"
-    return Path(tempfile.gettempdir()) / f"labkit-{os.getuid()}"
-
-
-def _private_dir(path: Path) -> Path:
-    """``path``, created 0700 if missing; refused if another user owns it (we load code from it)."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_uid != os.getuid():
-        raise OSError(f"{path} belongs to another user")
-    return path
-
-
-def _compiler() -> list[str] | None:
-    configured = os.environ.get("CC")
-    if configured:
-        return shlex.split(configured)
-    for name in ("cc", "gcc", "clang"):
-        found = shutil.which(name)
-        if found:
-            return [found]
-    return None
-
-
-class _Build:
-    """Outcome of building and loading trap_replay.c in this process."""
-
-    def __init__(self) -> None:
-        self.library: ctypes.CDLL | None = None
-        self.path: Path | None = None
-        self.reason = ""
-
-
-def _build() -> _Build:
-    build = _Build()
-    if os.environ.get("LABKIT_NATIVE", "1").strip().lower() in ("0", "no", "off", "false"):
-        build.reason = "turned off by LABKIT_NATIVE=0"
-        return build
-    compiler = _compiler()
-    if compiler is None:
-        build.reason = "no C compiler found (install gcc, or set CC)"
-        return build
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(b"\0".join([source, " ".join(compiler).encode(), " ".join(FLAGS).encode(),
-                                        platform.machine().encode()])).hexdigest()[:16]
-    try:
-        directory = _private_dir(_cache_dir())
-        target = directory / f"trap_replay-{digest}.so"
-        library = _open_cached(target)
-        if library is None:
-            with tempfile.TemporaryDirectory(dir=directory) as scratch:
-                built = Path(scratch) / target.name
-                result = subprocess.run([*compiler, *FLAGS, "-o", str(built), str(SOURCE)],
-                                        capture_output=True, text=True, timeout=120)
-                if result.returncode != 0:
-                    detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-                    build.reason = f"{compiler[0]} could not build {SOURCE.name}: {detail}"
-                    return build
-                os.replace(built, target)
-            library = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as error:
-        build.reason = f"cannot build or load {SOURCE.name}: {error}"
-        return build
+def _check(library: ctypes.CDLL) -> str | None:
     library.trap_replay_layout.argtypes = (ctypes.POINTER(_u64 * 6),)
     library.trap_replay_layout.restype = None
     library.trap_replay_slot.argtypes = (_u64,)
     library.trap_replay_slot.restype = ctypes.c_uint
     if layout_of(library) != expected_layout():
-        build.reason = f"{target} does not match labkit's ctypes mirror of struct trap_replay"
-        return build
-    build.library, build.path = library, target
-    return build
-
-
-def _open_cached(target: Path) -> ctypes.CDLL | None:
-    """The library built before, or None; a cached file that does not load is removed (and rebuilt)."""
-    if not target.exists():
-        return None
-    try:
-        return ctypes.CDLL(str(target))
-    except OSError:
-        target.unlink(missing_ok=True)
-        return None
+        return f"{library._name} does not match labkit's ctypes mirror of struct trap_replay"
+    return None
 
 
 @lru_cache(maxsize=1)
-def _loaded() -> _Build:
-    return _build()
+def _loaded() -> Built:
+    return build(SOURCE, _check)
 
 
 def load() -> ctypes.CDLL | None:
@@ -172,10 +76,10 @@ def load() -> ctypes.CDLL | None:
 
 def status() -> str:
     """One line for ``labkit doctor``: which trap delivery the emulation backend uses, and why."""
-    build = _loaded()
-    if build.library is not None:
-        return f"C trap replay ({build.path})"
-    return f"Python only: {build.reason}"
+    built = _loaded()
+    if built.library is not None:
+        return f"C trap replay ({built.path})"
+    return f"Python only: {built.reason}"
 
 
 def layout_of(library: ctypes.CDLL) -> tuple[int, ...]:

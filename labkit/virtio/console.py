@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from labkit.memory import GuestMemory
 from labkit.vmm.devices.spec import DeviceContext, DeviceSpec
-from labkit.virtio import transport as t
+from labkit.virtio import native, transport as t
 from labkit.virtio.ring import DeviceQueue
 from labkit.virtio.transport import (INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_BUFFER, QUEUE_ENTRIES_MAX, NotifyPort,
                                      QueueConfig, VirtioMmioDevice)
@@ -121,8 +121,10 @@ def console_devices(name: str = DEVICE_NAME, *, base: int = layout.VIRTIO_MMIO_B
 
     Both specs name the same device: the second's factory looks the first up by
     ``name`` (so list them in this order).  ``Machine.device_state(name)`` is the
-    device's :meth:`VirtioConsole.save`.
+    device's :meth:`VirtioConsole.save`.  The transmit queue's C drain (``labkit.virtio.native``) is
+    built or loaded here, in the caller, so an emulator's worker forked after inherits it.
     """
+    native.load()
 
     def build(context: DeviceContext) -> VirtioConsole:
         return VirtioConsole(context.memory, context.console)

@@ -35,6 +35,7 @@ from labkit.virtio import transport as t
 from labkit.virtio.console import TRANSMITQ, VirtioConsole
 from labkit.virtio.ring import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_SIZE,
                                 Descriptor, QueueLayout, used_ring_size)
+from labkit.vmm.devices.console import Console
 from labkit.x86 import layout
 
 QUEUE_BASE = 0x81000
@@ -330,14 +331,16 @@ def write_ring(ram: bytearray, case: HostileRing) -> None:
         memory.write(address, data)
 
 
-def run_on_device(ram: bytearray, case: HostileRing) -> tuple[VirtioConsole, bytes]:
+def run_on_device(ram: bytearray, case: HostileRing, *, native: bool = True) -> tuple[VirtioConsole, bytes]:
     """Set the device up over ``ram`` as the driver would (3.1.1, 4.2.3), with ``case``'s ring, and notify once.
 
     ``ram`` must already hold the ring (:func:`write_ring`).  Returns the device and what it sent to the console.
+    ``native``: the console is a machine's :class:`Console`, which the queue drains in C where that is built
+    (``labkit.virtio.native``); otherwise a plain function, which only the Python drain serves.
     """
     memory = GuestMemory([(0, memoryview(ram), False)])
-    out = bytearray()
-    device = VirtioConsole(memory, out.extend)
+    out = Console(capacity=len(ram))
+    device = VirtioConsole(memory, out if native else out.extend)
     register = device.write
     register(t.STATUS, 4, 0)
     register(t.STATUS, 4, t.STATUS_ACKNOWLEDGE | t.STATUS_DRIVER)
@@ -359,7 +362,7 @@ def run_on_device(ram: bytearray, case: HostileRing) -> tuple[VirtioConsole, byt
         state["last_avail"] = state["used_idx"] = case.start
         device.restore(state)
     device.notify(TRANSMITQ)
-    return device, bytes(out)
+    return device, out.output
 
 
 def check_outcome(case: HostileRing, device: VirtioConsole, console: bytes, before: bytes,

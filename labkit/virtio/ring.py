@@ -36,6 +36,7 @@ from typing import Callable, NamedTuple, Sequence
 
 from labkit.errors import ConfigError, GuestMemoryError, LabkitError, VirtqueueError
 from labkit.memory import GuestMemory
+from labkit.virtio.native import NativeTransmit, native_transmit
 
 VIRTQ_DESC_F_NEXT = 1
 """The buffer continues in the descriptor named by ``next``."""
@@ -189,6 +190,9 @@ class DeviceQueue:
         self._buffers = memory.window(layout.desc)
         """The region holding the descriptor table, where buffers usually are: each buffer's view comes
         from it (the same check as ``memory.view``, and a buffer elsewhere goes through ``memory``)."""
+        self._native_sink: object = None
+        self._native: NativeTransmit | None = None
+        """:meth:`drain`'s C path into ``_native_sink`` (a Console), made at the first drain into it."""
 
     def avail_idx(self) -> int:
         return _U16.unpack_from(self._avail, 2)[0]
@@ -233,13 +237,25 @@ class DeviceQueue:
         0; the used ``idx`` is published once, after the last.  Returns ``(chains,
         bytes, error)``: what was consumed and returned, and the error of the first
         bad chain (``None`` if there was none), whose bytes reach no sink and after
-        which nothing is taken (the queue stays at that chain).  The one-buffer
-        case of :meth:`pop` is written out here, with the ring's fields in locals:
-        this runs once per notification, and a call costs as much as the checks.
+        which nothing is taken (the queue stays at that chain).
+
+        Into a :class:`labkit.vmm.devices.console.Console`, the chains of one buffer in the
+        queue's region go through C (``labkit.virtio.native``: the same checks, no Python per
+        chain) up to the first other chain, and this loop takes over from there.  The one-buffer
+        case of :meth:`pop` is written out here too, with the ring's fields in locals: this runs
+        once per notification, and a call costs as much as the checks.
         """
+        if sink is not self._native_sink:
+            self._native_sink, self._native = sink, native_transmit(self, sink)
+        chains = moved = 0
+        if self._native is not None:
+            chains, moved, stopped = self._native.drain(self)
+            if not stopped:
+                if chains:
+                    self.memory.mark_written(self.layout.used, self._used_bytes)
+                return chains, moved, None
         avail, desc, used, size, view = self._avail, self._desc, self._used, self.size, self._buffers.view
         last, used_idx = self.last_avail, self.used_idx
-        chains = moved = 0
         error: LabkitError | None = None
         try:
             for _ in range(self.pending()):

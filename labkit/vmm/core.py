@@ -199,7 +199,7 @@ class MachineCore:
         context = DeviceContext(memory=self.memory, regs=self.backend.get_regs,
                                 raise_irq=self.interrupts.raise_irq, lower_irq=self.interrupts.lower_irq,
                                 kick=self.kick, set_armed=getattr(self.interrupts, "set_armed", no_armed_lines),
-                                console=self.console.extend, device=self._built_device,
+                                console=self.console, device=self._built_device,
                                 pause=self.request_pause, on_resume=self._resume_callbacks.append)
         for spec in extra:
             if isinstance(spec, DeviceSpec):
@@ -433,7 +433,7 @@ class MachineCore:
         return ResultUpdate(replace(whole, trace=ExitTrace(0), console=""),
                             trace.records[records_seen:], trace.handling[records_seen:], trace.overflow_counts,
                             trace.overflow_host_ns, trace.overflow_handling_ns,
-                            bytes(self.console.output[console_seen:]))
+                            self.console.since(console_seen))
 
     def step(self, timeout: float, budget: float | None = None) -> StepResult:
         """Run to the next exit(s); return only the exits recorded by this step, and the status.

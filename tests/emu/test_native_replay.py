@@ -19,6 +19,7 @@ from labkit.emu import native
 from labkit.emu import unicorn_backend
 from labkit.emu.delivery import ExceptionDelivery
 from labkit.exits import Io
+from labkit.native import compiler
 from labkit.x86 import layout
 from labkit.x86.idt import TRAP_GATE, Gate, encode_gate64
 
@@ -34,7 +35,7 @@ COMMON = STUBS + 0x40 * len(VECTORS)
 EXIT = COMMON + 0x100
 UNMAPPED = 0x4000_0000  # above what labkit's page tables map: #PF
 NONCANONICAL = 0x8000_0000_0000_0000
-HAS_COMPILER = native._compiler() is not None
+HAS_COMPILER = compiler() is not None
 
 
 def test_the_c_replay_is_built_and_used_where_a_compiler_is():

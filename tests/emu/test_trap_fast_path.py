@@ -17,6 +17,7 @@ from labkit.emu import cpu_state as S
 from labkit.emu import native, unicorn_backend
 from labkit.emu.delivery import ARITHMETIC, _FLAG_TABLE
 from labkit.exits import Io, Shutdown
+from labkit.native import compiler
 from labkit.x86 import layout
 from labkit.x86.idt import INTERRUPT_GATE, Gate, encode_gate64
 
@@ -33,7 +34,7 @@ NONCANONICAL = "0x8000000000000000"
 @pytest.fixture(autouse=True, params=["c", "python"])
 def replay_path(request, monkeypatch):
     """Run the test with the C trap replay, then with the Python fast path alone."""
-    if request.param == "c" and native._compiler() is None:
+    if request.param == "c" and compiler() is None:
         pytest.skip("no C compiler: the C trap replay is not built here")
     if request.param == "python":
         monkeypatch.setattr(unicorn_backend, "load_native", lambda: None)

@@ -34,7 +34,7 @@ def test_doctor_reports_kvm_tools_and_the_choice():
     if shutil.which("cc") or shutil.which("gcc"):
         assert report["trap_replay"].startswith("C trap replay"), report["trap_replay"]
     text = labkit("doctor", check=True).stdout
-    assert "backend='auto' picks" in text and "/dev/kvm" in text and "trap delivery" in text
+    assert "backend='auto' picks" in text and "/dev/kvm" in text and "trap delivery" in text and "virtio drain" in text
 
 
 @pytest.mark.unit

@@ -26,15 +26,16 @@ def test_500_random_rings_each_get_the_answer_the_generator_knows():
     for number in range(SAMPLE):
         case = random_ring(rng)
         kinds[case.fault] += 1
-        ram = bytearray(RAM_SIZE)
-        write_ring(ram, case)
-        before = bytes(ram)
-        device, console = run_on_device(ram, case)  # never raises: a raise fails the test right here
-        problems = check_outcome(case, device, console, before, ram)
-        if case.bad and not device.error:
-            problems.append("a bad ring with no error message")
-        if problems:
-            failures.append(f"case {number} ({case.fault}): {'; '.join(problems)}")
+        for native in (True, False):  # the C drain where it is built (and Python after it), and Python alone
+            ram = bytearray(RAM_SIZE)
+            write_ring(ram, case)
+            before = bytes(ram)
+            device, console = run_on_device(ram, case, native=native)  # never raises: a raise fails right here
+            problems = check_outcome(case, device, console, before, ram)
+            if case.bad and not device.error:
+                problems.append("a bad ring with no error message")
+            if problems:
+                failures.append(f"case {number} ({case.fault}, native={native}): {'; '.join(problems)}")
     assert not failures, "\n".join(failures[:10])
     assert set(kinds) == set(FAULTS) | {"valid"}, f"faults never drawn: {set(FAULTS) - set(kinds)}"
     assert kinds["valid"] >= SAMPLE // 8
