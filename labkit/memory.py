@@ -269,6 +269,15 @@ class MemoryWindow:
                 return self._view[offset:offset + size]
         return self.memory.view(address, size)
 
+    def peek(self, address: int, size: int) -> memoryview:
+        """:meth:`GuestMemory.peek` of ``size`` bytes at ``address``: read-only, not counted as written (a
+        buffer the device only reads)."""
+        if type(address) is int and type(size) is int:
+            offset = address - self.base
+            if 0 <= offset and 0 <= size <= self.size - offset:
+                return self._view[offset:offset + size].toreadonly()
+        return self.memory.peek(address, size)
+
 
 def memory_file(name: str, size: int, error: type[LabkitError], what: str, *, sealable: bool = False) -> int:
     """A new ``memfd`` named ``name`` of ``size`` bytes, its pages allocated as they are first written (guest RAM

@@ -62,7 +62,9 @@ class VirtioConsole(VirtioMmioDevice):
 
     ``memory`` is guest memory (every ring access goes through it), ``console``
     receives the transmitted bytes (a view into guest memory for a one-buffer
-    chain: copy it, as ``Console.extend`` does).  Counters for the lesson: ``notifications``
+    chain: copy it, as ``Console.extend`` does).  When ``console`` is the machine's
+    :class:`labkit.vmm.devices.console.Console` itself, one-buffer chains are copied
+    into it in C (:meth:`DeviceQueue.drain`).  Counters for the lesson: ``notifications``
     (every one received), ``ignored`` (those the device did not act on: not
     DRIVER_OK, needing a reset, queue not ready, or not the transmit queue),
     ``chains`` and ``bytes`` consumed, ``resets`` by the driver.

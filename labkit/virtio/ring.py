@@ -219,7 +219,7 @@ class DeviceQueue:
         addr, length, flags, _next = _DESC.unpack_from(self._desc, VIRTQ_DESC_SIZE * head)
         if flags == 0 and length:  # the common case, one device-readable buffer: the same checks, less work
             try:
-                data = self._buffers.view(addr, length)
+                data = self._buffers.peek(addr, length)
             except GuestMemoryError:
                 raise _outside("descriptor", head, addr, length) from None
             chain = _new_chain(Chain, (head, ((addr, length),), (), data))
@@ -254,7 +254,7 @@ class DeviceQueue:
                 if chains:
                     self.memory.mark_written(self.layout.used, self._used_bytes)
                 return chains, moved, None
-        avail, desc, used, size, view = self._avail, self._desc, self._used, self.size, self._buffers.view
+        avail, desc, used, size, peek = self._avail, self._desc, self._used, self.size, self._buffers.peek
         last, used_idx = self.last_avail, self.used_idx
         error: LabkitError | None = None
         try:
@@ -267,7 +267,7 @@ class DeviceQueue:
                 addr, length, flags, _next = _DESC.unpack_from(desc, VIRTQ_DESC_SIZE * head)
                 if flags == 0 and length:
                     try:
-                        data: bytes | memoryview = view(addr, length)
+                        data: bytes | memoryview = peek(addr, length)
                     except GuestMemoryError:
                         raise _outside("descriptor", head, addr, length) from None
                 else:
@@ -291,9 +291,10 @@ class DeviceQueue:
         return bytes(self._view(where, index, addr, length))
 
     def _view(self, where: str, index: int, addr: int, length: int) -> memoryview:
-        """A live view of the buffer (no copy); a range outside guest memory is a ring error."""
+        """A live read-only view of the buffer (no copy, not counted as written: the device only reads it); a
+        range outside guest memory is a ring error."""
         try:
-            return self._buffers.view(addr, length)
+            return self._buffers.peek(addr, length)
         except GuestMemoryError:
             raise _outside(where, index, addr, length) from None
 
@@ -326,7 +327,7 @@ class DeviceQueue:
                                          f"of {VIRTQ_DESC_SIZE} from {VIRTQ_DESC_SIZE} to "
                                          f"{VIRTQ_DESC_SIZE * MAX_QUEUE_SIZE}")
                 try:
-                    table = self.memory.view(addr, length)
+                    table = self.memory.peek(addr, length)
                 except GuestMemoryError:
                     raise VirtqueueError(f"{where} {index}: indirect table [{addr:#x}, {addr + length:#x}) "
                                          f"is not inside guest memory") from None
