@@ -6,9 +6,10 @@ The rings come from ``labkit.virtio.hostile.random_ring`` (a quarter valid, the 
 transmit queue, INDIRECT misused, bad queue sizes and areas, ...).  Each goes twice to a fresh device
 through its virtio-mmio registers over 2 MiB of RAM in a host bytearray, once into a Console (the C
 drain of ``labkit.virtio.native``, then Python from the first chain it leaves) and once into a plain
-function (Python alone), and each is checked by ``check_outcome`` against the answer the generator knows.  ``--machines N`` also sends N rings per
-backend through real machines (a guest driver sets the queue up and notifies; the device runs where
-the guest runs: in the emulator's worker process, or in this process beside KVM).
+function (Python alone), and each is checked by ``check_outcome`` against the answer the generator
+knows.  ``--machines N`` also sends N rings per backend through real machines (a guest driver sets
+the queue up and notifies; the device runs where the guest runs: in the emulator's worker process,
+or in this process beside KVM).
 ``tests/unit/test_virtio_hostile.py`` runs a fixed sample of 500.
 
     python benchmarks/fuzz_virtqueue.py [--count 10000] [--seed S] [--machines 200]

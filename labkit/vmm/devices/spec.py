@@ -62,10 +62,11 @@ class DeviceContext:
     with IF = 1 waits for the interrupt instead of ending the run as halted
     (:meth:`labkit.vmm.interrupts.InterruptController.set_armed`).
     ``console(data)`` appends bytes to the machine's console (what ``RunResult.console``
-    shows, beside the UART's; in a machine it is the :class:`~labkit.vmm.devices.console.Console` itself, which a device
-    may also hand to C code, as the virtio console's queue does); ``device(name)`` is a device built before this one
-    (a spec listed earlier), for a device that sits on two buses (a register block
-    and a notify port).  ``pause(message)`` ends the run in progress with status
+    shows, beside the UART's; in a machine it is the
+    :class:`~labkit.vmm.devices.console.Console` itself, which a device may also hand
+    to C code, as the virtio console's queue does); ``device(name)`` is a device built
+    before this one (a spec listed earlier), for a device that sits on two buses (a
+    register block and a notify port).  ``pause(message)`` ends the run in progress with status
     ``paused`` and that message (a device that cannot go on: a disk whose
     datastore is full), and ``on_resume(callback)`` has the machine call
     ``callback()`` at the start of its next run, before the guest runs (the
