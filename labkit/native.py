@@ -12,6 +12,7 @@ Build: the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) with
 the source, the compiler and the flags, written to a temporary name and renamed
 into place.  Where there is no compiler, the build fails, or ``LABKIT_NATIVE=0``
 is set, :func:`build` returns a :class:`Built` without a library and with the reason.
+Each C file is one :class:`Library`, built at most once per process, when first used.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -114,3 +116,31 @@ def _open_cached(target: Path) -> ctypes.CDLL | None:
     except OSError:
         target.unlink(missing_ok=True)
         return None
+
+
+class Library:
+    """One C file: :meth:`load` builds (or loads) it at most once per process; :meth:`status` says for ``labkit
+    doctor`` what is used, ``using`` (the C file's job) or Python, and why."""
+
+    def __init__(self, source: Path, check: Callable[[ctypes.CDLL], str | None], using: str):
+        self.source = source
+        self.using = using
+        self._check = check
+        self._built: Built | None = None
+        self._lock = threading.Lock()
+
+    def built(self) -> Built:
+        with self._lock:
+            if self._built is None:
+                self._built = build(self.source, self._check)
+            return self._built
+
+    def load(self) -> ctypes.CDLL | None:
+        """The library, or None where it is not built (see :meth:`status`)."""
+        return self.built().library
+
+    def status(self) -> str:
+        built = self.built()
+        if built.library is not None:
+            return f"{self.using} ({built.path})"
+        return f"Python only: {built.reason}"

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import ctypes
 from _ctypes import CFuncPtr  # the type of a ctypes callback (CFUNCTYPE(...)(function))
-from functools import lru_cache
 from pathlib import Path
 
-from labkit.native import Built, build
+from labkit.native import Library
 
 SOURCE = Path(__file__).with_name("trap_replay.c")
 PLAN_SLOTS = 64
@@ -64,22 +63,17 @@ def _check(library: ctypes.CDLL) -> str | None:
     return None
 
 
-@lru_cache(maxsize=1)
-def _loaded() -> Built:
-    return build(SOURCE, _check)
+_LIBRARY = Library(SOURCE, _check, "C trap replay")
 
 
 def load() -> ctypes.CDLL | None:
     """The built trap-replay library, or None (see :func:`status`).  Built at most once per process."""
-    return _loaded().library
+    return _LIBRARY.load()
 
 
 def status() -> str:
     """One line for ``labkit doctor``: which trap delivery the emulation backend uses, and why."""
-    built = _loaded()
-    if built.library is not None:
-        return f"C trap replay ({built.path})"
-    return f"Python only: {built.reason}"
+    return _LIBRARY.status()
 
 
 def layout_of(library: ctypes.CDLL) -> tuple[int, ...]:

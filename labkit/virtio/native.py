@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from labkit.native import Built, build
+from labkit.native import Library
 from labkit.vmm.devices.console import Console
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,22 +61,17 @@ def _check(library: ctypes.CDLL) -> str | None:
     return None
 
 
-@lru_cache(maxsize=1)
-def _loaded() -> Built:
-    return build(SOURCE, _check)
+_LIBRARY = Library(SOURCE, _check, "C drain")
 
 
 def load() -> ctypes.CDLL | None:
     """The built library, or None (see :func:`status`).  Built at most once per process."""
-    return _loaded().library
+    return _LIBRARY.load()
 
 
 def status() -> str:
     """One line for ``labkit doctor``: how a virtio transmit queue is consumed, and why."""
-    built = _loaded()
-    if built.library is not None:
-        return f"C drain ({built.path})"
-    return f"Python only: {built.reason}"
+    return _LIBRARY.status()
 
 
 def _address(view: memoryview | mmap.mmap) -> int:
