@@ -18,6 +18,7 @@ import stat
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping
 
 from labkit.errors import AssemblyError, ConfigError, GuestFileError
@@ -198,8 +199,8 @@ class Guest:
             ) from None
         guest = cls(
             name, code, entry["mode"], entry["load_address"], entry["entry"], entry["user"],
-            entry["description"], dict(entry.get("expected", {})),
-        )
+            entry["description"], MappingProxyType(dict(entry.get("expected", {}))),
+        )  # read-only ``expected``: the same Guest is handed to every caller that names it
         if len(code) == info.st_size:  # not a file caught halfway through a rebuild
             _NAMED[name] = (version, guest)
         return guest

@@ -70,6 +70,9 @@ def test_named_guests_load_from_their_binaries(name):
     assert guest.code == (guests_dir() / entry["binary"]).read_bytes()
     assert (guest.mode, guest.user, guest.entry) == (entry["mode"], entry["user"], entry["entry"])
     assert guest.expected["status"] in ("halted", "exited", "shutdown", "timeout", "fault")
+    assert Guest.named(name) is guest  # read once per process
+    with pytest.raises(TypeError):  # so no caller may change what the next one gets
+        guest.expected["status"] = "changed"  # type: ignore[index]
 
 
 def test_user_guests_are_the_ring3_ones():
