@@ -44,6 +44,7 @@ from types import TracebackType
 from typing import Iterable, Mapping
 
 from labkit.errors import SnapshotError, strerror
+from labkit.snapshot.image import MemoryImage
 
 MAGIC = b"LABKSNAP"
 VERSION = 1
@@ -255,7 +256,7 @@ def write_snapshot_file(path: str | os.PathLike[str], sections: Mapping[str, byt
     snapshot_id = snapshot_id if snapshot_id is not None else new_snapshot_id()
     views = {name: memoryview(data).cast("B") for name, data in sections.items()}
     head = encode_header(kind, snapshot_id, parent_id,
-                         [(name, view.nbytes, _crc(view)) for name, view in views.items()])
+                         [(name, view.nbytes, _crc_of_pieces(_pieces(view))) for name, view in views.items()])
     folder = target.parent if str(target.parent) else Path(".")
     temporary = folder / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
@@ -264,7 +265,8 @@ def write_snapshot_file(path: str | os.PathLike[str], sections: Mapping[str, byt
             with os.fdopen(descriptor, "wb", closefd=True) as file:
                 file.write(head)
                 for view in views.values():
-                    file.write(view)
+                    for piece in _pieces(view):
+                        file.write(piece)
                 file.flush()
                 os.fsync(file.fileno())
         except BaseException:
@@ -277,6 +279,21 @@ def write_snapshot_file(path: str | os.PathLike[str], sections: Mapping[str, byt
         raise SnapshotError(f"cannot save snapshot {target}: {strerror(error.errno)}; "
                             f"the file there before (if any) is unchanged") from None
     return decode_header(head, len(head) + sum(view.nbytes for view in views.values()), str(target))
+
+
+def _pieces(view: memoryview) -> Iterable[bytes | memoryview]:
+    """A section's bytes: a whole :class:`MemoryImage` read from its file (its holes stay unallocated), the rest as
+    it is."""
+    if isinstance(view.obj, MemoryImage) and view.nbytes == len(view.obj):
+        return view.obj.chunks()
+    return (view,)
+
+
+def _crc_of_pieces(pieces: Iterable[bytes | memoryview]) -> int:
+    crc = 0
+    for piece in pieces:
+        crc = zlib.crc32(piece, crc)
+    return crc & 0xFFFFFFFF
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -16,7 +16,9 @@ write to each page copies that one page (a copy-on-write fault), its first read 
 
 A :class:`MemoryImage` is an :class:`mmap.mmap` of the image (read-only, shared), so it is a buffer
 like ``bytes``: ``len``, slices, ``bytes(image)``, ``memoryview(image)``, written to a file as it is;
-``==`` compares contents; it pickles as its bytes (a state sent to a worker process).
+``==`` compares contents; it pickles as its bytes (a state sent to a worker process).  Comparing,
+pickling and saving read the image's file, not its mapping (:meth:`MemoryImage.chunks`), so the pages
+a sparse image never had are not allocated for it.
 """
 
 from __future__ import annotations
@@ -281,16 +283,43 @@ class MemoryImage(mmap.mmap):
         if result == _MAP_FAILED or result != address:  # 0x10: MAP_FIXED (the mmap module does not export it)
             raise SnapshotError(f"cannot map a snapshot image over guest memory: {strerror(ctypes.get_errno())}")
 
+    def chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
+        """The image's bytes, ``size`` at a time, read from its file: pages never written read as zeros there
+        without being allocated (read through the mapping, each would get a page of memory, and a sparse
+        image saved or compared would grow to its full size)."""
+        for offset in range(0, len(self), size):
+            yield self._read(offset, min(size, len(self) - offset))
+
+    def _read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        while len(data) < length:  # a short read: go on from where it stopped
+            more = os.pread(self.fd, length - len(data), offset + len(data))
+            if not more:
+                raise SnapshotError(f"memory image ends at {offset + len(data):#x}, before {offset + length:#x}")
+            data += more
+        return data
+
     def __eq__(self, other: object) -> bool:
+        if isinstance(other, MemoryImage):
+            return len(self) == len(other) and all(mine == theirs
+                                                   for mine, theirs in zip(self.chunks(), other.chunks()))
         try:
-            return memoryview(self) == memoryview(other)  # type: ignore[arg-type]
+            view = memoryview(other).cast("B")  # type: ignore[arg-type]
         except TypeError:
             return NotImplemented
+        if len(view) != len(self):
+            return False
+        offset = 0
+        for chunk in self.chunks():
+            if view[offset:offset + len(chunk)] != chunk:
+                return False
+            offset += len(chunk)
+        return True
 
     __hash__ = None  # type: ignore[assignment]
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (MemoryImage.copy_of_memory, (bytes(self),))
+        return (MemoryImage.copy_of_memory, (self._read(0, len(self)),))
 
     def __repr__(self) -> str:
         return f"<MemoryImage {len(self) >> 10} KiB, memfd {self.fd}>"

@@ -44,6 +44,23 @@ def test_an_image_of_sparse_memory_is_exact_keeps_its_holes_and_is_sealed() -> N
     assert pickle.loads(pickle.dumps(image)) == image
 
 
+def test_comparing_pickling_and_saving_a_sparse_image_allocate_none_of_its_holes(tmp_path) -> None:
+    from labkit.snapshot.file import SnapshotFile, write_snapshot_file
+
+    memory = anonymous(1024)  # 4 MiB, 3 pages written
+    written(memory, [0, 500, 1023], seed=2)
+    image = MemoryImage.copy_of_memory(memoryview(memory))
+    allocated = os.fstat(image.fd).st_blocks
+    assert allocated * 512 <= 3 * PAGE + 3 * PAGE  # the written pages (and at most as much again of rounding)
+    assert image == memoryview(memory) and image == MemoryImage.copy_of_memory(memoryview(memory))
+    assert image != memoryview(memory)[:-1] and image != bytes(len(image))
+    assert pickle.loads(pickle.dumps(image)) == bytes(memory)
+    write_snapshot_file(tmp_path / "sparse.snap", {"memory": image})
+    with SnapshotFile(tmp_path / "sparse.snap") as saved:
+        assert bytes(saved.section("memory")) == bytes(memory)
+    assert os.fstat(image.fd).st_blocks == allocated  # through the mapping, 1,021 pages of zeros would be allocated
+
+
 def test_an_image_mapped_over_memory_is_copy_on_write_and_a_new_image_takes_only_the_writes() -> None:
     source = anonymous()
     written(source, list(range(0, PAGES, 3)), seed=2)
