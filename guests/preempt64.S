@@ -25,19 +25,15 @@
         .equ LSR, COM1 + 5
         .equ LSR_THRE, 0x20
         .equ DEBUG_EXIT, 0xF4
-        .equ PIC_COMMAND, 0x20
-        .equ PIC_DATA, 0x21
-        .equ PIT_COUNTER0, 0x40
-        .equ PIT_CONTROL, 0x43
         .equ KERNEL_CS, 0x08            # labkit.x86.layout's selectors
         .equ USER_CS, 0x2B
         .equ USER_DS, 0x23
         .equ KERNEL_STACK, 0x70000      # labkit.x86.layout.KERNEL_STACK_TOP (the TSS's RSP0)
         .equ USER_STACK, 0x78000
         .equ TIMER_VECTOR, 0x20
-        .equ OCW2_EOI, 0x20
-        .equ PIT_MODE2, 0x34
         .equ RFLAGS_IF, 0x200
+
+        .include "pic_pit.inc"             # pic_init, pit_start, timer_stop: the PIC and the PIT
 
 start:
         jmp boot
@@ -55,23 +51,9 @@ boot:
         lea rax, [rip + timer_handler]
         call set_gate
 
-        mov al, 0x11                    # ICW1: edge triggered, cascade mode, ICW4 follows
-        out PIC_COMMAND, al
-        mov al, TIMER_VECTOR            # ICW2: vector base
-        out PIC_DATA, al
-        mov al, 0x04                    # ICW3: a slave on IR2 (as on a PC)
-        out PIC_DATA, al
-        mov al, 0x01                    # ICW4: 8086 mode, normal EOI
-        out PIC_DATA, al
-        mov al, 0xFE                    # OCW1: only IR0 (the timer) unmasked
-        out PIC_DATA, al
+        pic_init 0xFE                   # OCW1: only IR0 (the timer) unmasked
 
-        mov al, PIT_MODE2
-        out PIT_CONTROL, al
-        mov ax, [rip + pit_count]
-        out PIT_COUNTER0, al
-        mov al, ah
-        out PIT_COUNTER0, al
+        pit_start [rip + pit_count]
 
         push USER_DS                    # SS
         push USER_STACK                 # RSP
@@ -96,10 +78,7 @@ timer_handler:                          # on RSP0: RIP, CS, RFLAGS, RSP, SS of t
         iretq
 
 stop_task:                              # IF = 0, ring 0: the task is never resumed
-        mov al, PIT_MODE2               # a control word stops the counter until a new count
-        out PIT_CONTROL, al
-        mov al, 0xFF                    # OCW1: mask every line
-        out PIC_DATA, al
+        timer_stop
         mov rsp, KERNEL_STACK
         lea rsi, [rip + msg_ticks]
         call puts
@@ -115,17 +94,7 @@ stop_task:                              # IF = 0, ring 0: the task is never resu
         out DEBUG_EXIT, al
         hlt                             # not reached: the write ends the run
 
-set_gate:                               # rdi = gate, rax = handler; clobbers rdx
-        mov word ptr [rdi], ax
-        mov word ptr [rdi + 2], KERNEL_CS
-        mov word ptr [rdi + 4], 0x8E00  # present, DPL 0, 64-bit interrupt gate
-        mov rdx, rax
-        shr rdx, 16
-        mov word ptr [rdi + 6], dx
-        shr rdx, 16
-        mov dword ptr [rdi + 8], edx
-        mov dword ptr [rdi + 12], 0
-        ret
+        .include "idt_gate.inc"            # set_gate: rdi = gate, rax = handler; clobbers rdx
 
         .include "uart_print.inc"          # put_decimal, puts, putc (polling COM1)
 

@@ -304,17 +304,7 @@ iret_failed:
 
 # -- helpers: set_gate, puts, put_hex, put_digit, newline, putc, flush ---------------
 
-set_gate:                                 # rdi = gate, rax = handler; clobbers rdx
-        mov word ptr [rdi], ax
-        mov word ptr [rdi + 2], KERNEL_CS
-        mov word ptr [rdi + 4], 0x8E00    # present, DPL 0, 64-bit interrupt gate
-        mov rdx, rax
-        shr rdx, 16
-        mov word ptr [rdi + 6], dx
-        shr rdx, 16
-        mov dword ptr [rdi + 8], edx
-        mov dword ptr [rdi + 12], 0
-        ret
+        .include "idt_gate.inc"            # set_gate: rdi = gate, rax = handler; clobbers rdx
 
 newline:
         mov al, 10

@@ -21,15 +21,11 @@
         .equ LSR, COM1 + 5
         .equ LSR_THRE, 0x20
         .equ DEBUG_EXIT, 0xF4
-        .equ PIC_COMMAND, 0x20          # master 8259A: ICW1, OCW2, OCW3
-        .equ PIC_DATA, 0x21             # ICW2-ICW4, OCW1 (IMR)
-        .equ PIT_COUNTER0, 0x40         # 8254 channel 0
-        .equ PIT_CONTROL, 0x43
         .equ KERNEL_CS, 0x08
         .equ TIMER_VECTOR, 0x20         # ICW2: IR0 arrives as vector 0x20
-        .equ OCW2_EOI, 0x20             # non-specific end of interrupt
-        .equ PIT_MODE2, 0x34            # channel 0, LSB then MSB, mode 2, binary
         .equ RFLAGS_IF, 0x200
+
+        .include "pic_pit.inc"             # pic_init, pit_start, timer_stop: the PIC and the PIT
 
 start:
         jmp boot
@@ -47,23 +43,9 @@ boot:
         lea rax, [rip + timer_handler]
         call set_gate
 
-        mov al, 0x11                    # ICW1: edge triggered, cascade mode, ICW4 follows
-        out PIC_COMMAND, al
-        mov al, TIMER_VECTOR            # ICW2: vector base
-        out PIC_DATA, al
-        mov al, 0x04                    # ICW3: a slave on IR2 (as on a PC)
-        out PIC_DATA, al
-        mov al, 0x01                    # ICW4: 8086 mode, normal EOI
-        out PIC_DATA, al
-        mov al, 0xFE                    # OCW1: only IR0 (the timer) unmasked
-        out PIC_DATA, al
+        pic_init 0xFE                   # OCW1: only IR0 (the timer) unmasked
 
-        mov al, PIT_MODE2
-        out PIT_CONTROL, al
-        mov ax, [rip + pit_count]
-        out PIT_COUNTER0, al            # LSB
-        mov al, ah
-        out PIT_COUNTER0, al            # MSB: the counter starts
+        pit_start [rip + pit_count]
 
 wait_tick:                              # IF = 0 here
         mov eax, [rip + ticks]
@@ -75,10 +57,7 @@ wait_tick:                              # IF = 0 here
         jmp wait_tick
 
 done:
-        mov al, PIT_MODE2               # a control word stops the counter until a new count
-        out PIT_CONTROL, al
-        mov al, 0xFF                    # OCW1: mask every line
-        out PIC_DATA, al
+        timer_stop
         lea rsi, [rip + msg_ticks]
         call puts
         mov eax, [rip + ticks]
@@ -101,17 +80,7 @@ timer_handler:                          # frame: RIP, CS, RFLAGS, RSP, SS (IF = 
 1:      pop rax
         iretq
 
-set_gate:                               # rdi = gate, rax = handler; clobbers rdx
-        mov word ptr [rdi], ax
-        mov word ptr [rdi + 2], KERNEL_CS
-        mov word ptr [rdi + 4], 0x8E00  # present, DPL 0, 64-bit interrupt gate
-        mov rdx, rax
-        shr rdx, 16
-        mov word ptr [rdi + 6], dx
-        shr rdx, 16
-        mov dword ptr [rdi + 8], edx
-        mov dword ptr [rdi + 12], 0
-        ret
+        .include "idt_gate.inc"            # set_gate: rdi = gate, rax = handler; clobbers rdx
 
         .include "uart_print.inc"          # put_decimal, puts, putc (polling COM1)
 

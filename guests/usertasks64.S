@@ -23,10 +23,6 @@
         .equ LSR, COM1 + 5
         .equ LSR_THRE, 0x20
         .equ DEBUG_EXIT, 0xF4
-        .equ PIC_COMMAND, 0x20
-        .equ PIC_DATA, 0x21
-        .equ PIT_COUNTER0, 0x40
-        .equ PIT_CONTROL, 0x43
         .equ KERNEL_CS, 0x08            # labkit.x86.layout's selectors
         .equ USER_CS, 0x2B
         .equ USER_DS, 0x23
@@ -37,10 +33,10 @@
         .equ READ_ONLY, 0x31000
         .equ NOT_PRESENT, 0x32000
         .equ TIMER_VECTOR, 0x20
-        .equ OCW2_EOI, 0x20
-        .equ PIT_MODE2, 0x34
         .equ RFLAGS_IF, 0x200
         .equ TASKS, 8
+
+        .include "pic_pit.inc"             # pic_init, pit_start, timer_stop: the PIC and the PIT
 
 start:
         jmp boot
@@ -68,16 +64,7 @@ boot:
         mov edx, 0x8E00
         call set_gate
 
-        mov al, 0x11                    # ICW1: edge triggered, cascade mode, ICW4 follows
-        out PIC_COMMAND, al
-        mov al, TIMER_VECTOR            # ICW2: vector base
-        out PIC_DATA, al
-        mov al, 0x04                    # ICW3: a slave on IR2 (as on a PC)
-        out PIC_DATA, al
-        mov al, 0x01                    # ICW4: 8086 mode, normal EOI
-        out PIC_DATA, al
-        mov al, 0xFF                    # OCW1: every line masked until the looping task
-        out PIC_DATA, al
+        pic_init 0xFF                   # OCW1: every line masked until the looping task
 
         mov byte ptr [KERNEL_PAGE], 0x4B        # something to read, for a task that could
         and qword ptr [PAGE_TABLE + (KERNEL_PAGE >> 12) * 8], ~4      # U/S = 0
@@ -102,12 +89,7 @@ next_task:                              # ring 0, IF = 0, any stack
         call puts
         cmp ebx, TASKS - 1
         jne 1f
-        mov al, PIT_MODE2               # the looping task: start the timer
-        out PIT_CONTROL, al
-        mov ax, [rip + pit_count]
-        out PIT_COUNTER0, al
-        mov al, ah
-        out PIT_COUNTER0, al
+        pit_start [rip + pit_count]     # the looping task: start the timer
         mov al, 0xFE                    # OCW1: only IR0 unmasked
         out PIC_DATA, al
 1:      push USER_DS                    # SS
@@ -184,10 +166,7 @@ timer_handler:                          # on RSP0: RIP, CS, RFLAGS, RSP, SS of t
         jae 2f
         pop rax
         iretq
-2:      mov al, PIT_MODE2               # a control word stops the counter until a new count
-        out PIT_CONTROL, al
-        mov al, 0xFF                    # OCW1: mask every line
-        out PIC_DATA, al
+2:      timer_stop
         lea rsi, [rip + s_preempted]
         call puts
         mov eax, [rip + user_ticks]

@@ -155,16 +155,32 @@ def test_splice_checks_what_it_is_given():
         splice("nop\n", 3, 1, "nop", "x")
 
 
-def test_the_shared_virtio_symbols_are_the_device_models_values():
-    """guests/include/virtio_mmio.inc against labkit.virtio.transport: the guests' drivers and the device agree."""
+def include_symbols(name: str) -> dict[str, int]:
+    """The ``.equ`` symbols of ``guests/include/NAME`` with their values (each a number there)."""
     from labkit.assembler import include_dir
-    from labkit.virtio import transport
 
     symbols = {}
-    for line in (include_dir() / "virtio_mmio.inc").read_text().splitlines():
+    for line in (include_dir() / name).read_text().splitlines():
         if line.strip().startswith(".equ "):
-            name, value = line.strip()[len(".equ "):].split(",")
-            symbols[name.strip()] = int(value.strip(), 0)
+            symbol, value = line.strip()[len(".equ "):].split("#")[0].split(",")
+            symbols[symbol.strip()] = int(value.strip(), 0)
+    return symbols
+
+
+def test_the_shared_pic_and_pit_ports_are_where_the_machine_puts_its_models():
+    from labkit.vmm.devices.timer import PIT_PORT
+    from labkit.vmm.interrupts import MASTER_PORT
+
+    symbols = include_symbols("pic_pit.inc")
+    assert (symbols["PIC_COMMAND"], symbols["PIC_DATA"]) == (MASTER_PORT, MASTER_PORT + 1)
+    assert (symbols["PIT_COUNTER0"], symbols["PIT_CONTROL"]) == (PIT_PORT, PIT_PORT + 3)
+
+
+def test_the_shared_virtio_symbols_are_the_device_models_values():
+    """guests/include/virtio_mmio.inc against labkit.virtio.transport: the guests' drivers and the device agree."""
+    from labkit.virtio import transport
+
+    symbols = include_symbols("virtio_mmio.inc")
     expected = {f"R_{name}": getattr(transport, name) for name in (
         "MAGIC", "VERSION", "DEVICE_ID", "DEVICE_FEATURES", "DEVICE_FEATURES_SEL", "DRIVER_FEATURES",
         "DRIVER_FEATURES_SEL", "QUEUE_SEL", "QUEUE_SIZE_MAX", "QUEUE_SIZE", "QUEUE_READY", "STATUS",
