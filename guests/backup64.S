@@ -304,18 +304,7 @@ puts:
 2:
         ret
 
-bad_params:
-        mov eax, 1
-        out DEBUG_EXIT, al
-        hlt
-no_device:
-        mov eax, 2
-        out DEBUG_EXIT, al
-        hlt
-needs_reset:
-        mov eax, 3
-        out DEBUG_EXIT, al
-        hlt
+        .include "virtio_exits.inc"        # bad_params 1, no_device 2, needs_reset 3: exit codes
 request_failed:
         mov eax, 4
         out DEBUG_EXIT, al

@@ -312,18 +312,7 @@ puthex:
 
         .include "virtio_init.inc"         # init_device: rbp device, ebx its ID, r12 queue, r13 its memory
 
-bad_params:
-        mov eax, 1
-        out DEBUG_EXIT, al
-        hlt
-no_device:
-        mov eax, 2
-        out DEBUG_EXIT, al
-        hlt
-needs_reset:
-        mov eax, 3
-        out DEBUG_EXIT, al
-        hlt
+        .include "virtio_exits.inc"        # bad_params 1, no_device 2, needs_reset 3: exit codes
 request_failed:
         mov eax, 4
         out DEBUG_EXIT, al
