@@ -79,7 +79,6 @@ def _address(view: memoryview | mmap.mmap) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
-
 class NativeTransmit:
     """``queue``'s one-buffer chains consumed in C into ``console``.
 
