@@ -155,22 +155,30 @@ def test_enospc_from_the_file_system_is_a_full_datastore(small_file_system):
 
 
 def test_writers_in_threads_pause_on_a_full_datastore_and_resume(tmp_path):
-    """Three VMs' writers, one thread each: each pauses (waits) when refused, and all resume when a commit
-    and a larger capacity free space; every acknowledged write reads back at the end."""
-    store = Datastore(tmp_path / "lun", capacity=7 * MIB)
+    """Three VMs' writers, one thread each: each pauses (waits) when refused, and all resume when a larger
+    capacity frees space; every acknowledged write reads back at the end.
+
+    Each writer fills its whole 2 MiB overlay, every 16 KiB block once, and the datastore has 1.5 MiB free
+    at the start: no writer can finish before the capacity grows, so all three are refused and wait,
+    whatever order the threads run in (with random offsets, a writer that rewrote its own blocks could
+    finish without ever being refused, and the test depended on the scheduler).
+    """
+    store = Datastore(tmp_path / "lun", capacity=64 * MIB)
     store.create_raw("base.raw", 2 * MIB)
     for vm in ("vm1", "vm2", "vm3"):
         store.create_overlay(f"{vm}.qcow2", "base.raw", cluster_size=4096)
     disks = {vm: store.open(f"{vm}.qcow2", barriers=False) for vm in ("vm1", "vm2", "vm3")}  # pausing, not fsync
+    store.set_capacity(store.used() + 3 * MIB // 2)
     acknowledged: dict[str, dict[int, bytes]] = {vm: {} for vm in disks}
     pauses = {vm: 0 for vm in disks}
     errors: list[BaseException] = []
 
     def writer(vm: str) -> None:
         rng = random.Random(vm)
+        offsets = [block * 16 * KIB for block in range(2 * MIB // (16 * KIB))]
+        rng.shuffle(offsets)
         try:
-            for _ in range(600):
-                offset = rng.randrange(2 * MIB // (16 * KIB)) * 16 * KIB
+            for offset in offsets:
                 data = rng.randbytes(16 * KIB)
                 while True:
                     try:
@@ -178,7 +186,7 @@ def test_writers_in_threads_pause_on_a_full_datastore_and_resume(tmp_path):
                         break
                     except DatastoreFull as error:
                         pauses[vm] += 1
-                        if not store.wait_for_space(error.needed, timeout=20):
+                        if not store.wait_for_space(error.needed, timeout=120):  # beyond the main thread's 60 s
                             raise AssertionError(f"{vm} was never resumed") from error
                 acknowledged[vm][offset] = data
         except BaseException as error:  # noqa: BLE001 - reported by the main thread
@@ -193,11 +201,13 @@ def test_writers_in_threads_pause_on_a_full_datastore_and_resume(tmp_path):
         threading.Event().wait(0.01)
     assert not errors, errors
     assert store.waiting == 3 and all(pauses.values()), (store.waiting, pauses)
-    store.set_capacity(16 * MIB)
+    store.set_capacity(store.used() + 16 * MIB)
     for thread in threads:
         thread.join(60)
     assert not errors, errors
+    assert not any(thread.is_alive() for thread in threads)
     for vm, disk in disks.items():
+        assert len(acknowledged[vm]) == 2 * MIB // (16 * KIB)
         assert_acknowledged(disk, acknowledged[vm])
         disk.close()
         assert check_image(store.file(f"{vm}.qcow2")).exit_code == 0
