@@ -36,65 +36,9 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory) -> Path:
-    """Notebook 00 executed on the default backend choice (``auto``) and converted to HTML."""
-    from nbconvert import HTMLExporter
-
-    run = execute_shared(NOTEBOOKS / "00-welcome.ipynb", None)
-    assert not run.problems, "\n".join(run.problems)
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(run.notebook)
-    page = tmp_path_factory.mktemp("render") / "00-welcome.html"
-    page.write_text(body, encoding="utf-8")
-    return page
-
-
-@pytest.fixture(scope="module")
 def browser():
     with chromium() as launched:
         yield launched
-
-
-def test_student_sees_hello_figures_and_no_errors(rendered, browser, tmp_path):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    blocked: list[str] = []
-
-    def offline(route):
-        if route.request.url.startswith(("file://", "data:")):
-            route.continue_()
-        else:
-            blocked.append(route.request.url)
-            route.abort()
-
-    page.route("**/*", offline)
-    page.goto(rendered.as_uri(), wait_until="load")
-
-    hello = page.get_by_text(HELLO).first
-    assert hello.is_visible(), f"{HELLO!r} is not visible on the page"
-    assert page.get_by_text("This machine (labkit").first.is_visible(), "the capability table is not visible"
-    assert page.get_by_text("measured on the emulator (Unicorn)").first.is_visible()
-
-    images = page.locator(".jp-OutputArea-output img")
-    assert images.count() >= 3, f"expected at least 3 figures, found {images.count()}"
-    for index in range(images.count()):
-        image = images.nth(index)
-        image.scroll_into_view_if_needed()
-        width, height = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
-        assert width > 0 and height > 0, f"figure {index} did not decode (naturalWidth {width})"
-        assert image.is_visible(), f"figure {index} is not visible"
-
-    errors = page.locator("[data-mime-type='application/vnd.jupyter.stderr']")
-    assert errors.count() == 0, f"error or stderr output on the page: {errors.first.inner_text()[:500]}"
-    assert "Traceback" not in page.inner_text("body")
-
-    shots = Path(os.environ.get("LABKIT_SCREENSHOT_DIR", tmp_path))
-    shots.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(shots / "00-welcome-top.png"))
-    page.screenshot(path=str(shots / "00-welcome-full.png"), full_page=True)
-    hello.scroll_into_view_if_needed()
-    page.screenshot(path=str(shots / "00-welcome-hello.png"))
-    assert (shots / "00-welcome-full.png").stat().st_size > 10_000
-    print(f"screenshots in {shots}; blocked requests: {blocked}")
-    page.close()
 
 
 @dataclass(frozen=True)
@@ -150,57 +94,6 @@ MIN_TEXT_CSS_PX = 11.0
 def test_every_notebook_has_a_lesson_entry():
     assert sorted(LESSONS) == sorted(path.name for path in NOTEBOOKS.glob("*.ipynb")), \
         "add the new notebook to LESSONS in tests/browser/test_notebook_render.py"
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", sorted(LESSONS))
-def test_each_lesson_shows_its_result_and_figures(name, backend, browser, tmp_path):
-    """Rendered as on a 1280x720 projector at 150% zoom: the results visible, every figure decoded and, for a
-    notebook whose figures use labkit.viz.style, shown large enough that its smallest text stays readable."""
-    from nbconvert import HTMLExporter
-
-    from labkit.viz.style import DPI, MIN_FONT_PT
-
-    run = execute_shared(NOTEBOOKS / name, BACKENDS[backend])
-    assert not run.problems, "\n".join(run.problems)
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(run.notebook)
-    html = tmp_path / name.replace(".ipynb", f"-{backend}.html")
-    html.write_text(body, encoding="utf-8")
-
-    lesson = LESSONS[name]
-    page = browser.new_page(viewport={"width": PROJECTOR["width"], "height": PROJECTOR["height"]},
-                            device_scale_factor=PROJECTOR["device_scale_factor"])
-    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(("file://", "data:"))
-               else route.abort())
-    page.goto(html.as_uri(), wait_until="load")
-    for text in lesson.visible:
-        shown = page.get_by_text(text).first
-        shown.scroll_into_view_if_needed()
-        assert shown.is_visible(), f"{name}: {text!r} is not visible"
-    images = page.locator(".jp-OutputArea-output img")
-    assert images.count() >= 1, f"{name} shows no figure"
-    for index in range(images.count()):
-        image = images.nth(index)
-        image.scroll_into_view_if_needed()
-        width, shown = image.evaluate("img => [img.naturalWidth, img.getBoundingClientRect().width]")
-        assert width > 0, f"{name}: figure {index} did not decode"
-        smallest = MIN_FONT_PT * DPI / 72 * shown / width
-        assert not lesson.projector or smallest >= MIN_TEXT_CSS_PX, \
-            f"{name}: figure {index} is shown at {shown:.0f} of {width} px: its smallest text is {smallest:.1f} CSS px"
-    if lesson.projector:  # every line of code fits its cell: nothing cut off at the right edge
-        cut = page.locator(".jp-InputArea-editor").evaluate_all(
-            "cells => cells.filter(cell => cell.scrollWidth > cell.clientWidth + 1).map(cell => cell.innerText.slice(0, 80))")
-        assert cut == [], f"{name}: code cells wider than the page at 150% zoom: {cut}"
-    assert page.locator("[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
-    assert "Traceback" not in page.inner_text("body")
-    shots = Path(os.environ.get("LABKIT_SCREENSHOT_DIR", tmp_path))
-    shots.mkdir(parents=True, exist_ok=True)
-    if backend == "default":
-        page.screenshot(path=str(shots / name.replace(".ipynb", f"-{backend}-full.png")), full_page=True)
-    else:  # the same page's other run: JPEG at CSS pixels takes a third of the time of a 1.5x PNG
-        page.screenshot(path=str(shots / name.replace(".ipynb", f"-{backend}-full.jpg")), full_page=True,
-                        type="jpeg", quality=70, scale="css")
-    page.close()
 
 
 def test_missing_chromium_is_a_failure_not_a_skip():
@@ -486,3 +379,112 @@ def _shut_down_kernels(base: str, token: str) -> None:
     for session in sessions:
         request = urllib.request.Request(f"{base}/api/sessions/{session['id']}", headers=headers, method="DELETE")
         urllib.request.urlopen(request, timeout=30).close()
+
+
+# -- what a student sees: the executed notebooks rendered to HTML ------------------------------------------
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> Path:
+    """Notebook 00 executed on the default backend choice (``auto``) and converted to HTML."""
+    from nbconvert import HTMLExporter
+
+    run = execute_shared(NOTEBOOKS / "00-welcome.ipynb", None)
+    assert not run.problems, "\n".join(run.problems)
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(run.notebook)
+    page = tmp_path_factory.mktemp("render") / "00-welcome.html"
+    page.write_text(body, encoding="utf-8")
+    return page
+
+
+def test_student_sees_hello_figures_and_no_errors(rendered, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    blocked: list[str] = []
+
+    def offline(route):
+        if route.request.url.startswith(("file://", "data:")):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", offline)
+    page.goto(rendered.as_uri(), wait_until="load")
+
+    hello = page.get_by_text(HELLO).first
+    assert hello.is_visible(), f"{HELLO!r} is not visible on the page"
+    assert page.get_by_text("This machine (labkit").first.is_visible(), "the capability table is not visible"
+    assert page.get_by_text("measured on the emulator (Unicorn)").first.is_visible()
+
+    images = page.locator(".jp-OutputArea-output img")
+    assert images.count() >= 3, f"expected at least 3 figures, found {images.count()}"
+    for index in range(images.count()):
+        image = images.nth(index)
+        image.scroll_into_view_if_needed()
+        width, height = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+        assert width > 0 and height > 0, f"figure {index} did not decode (naturalWidth {width})"
+        assert image.is_visible(), f"figure {index} is not visible"
+
+    errors = page.locator("[data-mime-type='application/vnd.jupyter.stderr']")
+    assert errors.count() == 0, f"error or stderr output on the page: {errors.first.inner_text()[:500]}"
+    assert "Traceback" not in page.inner_text("body")
+
+    shots = Path(os.environ.get("LABKIT_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / "00-welcome-top.png"))
+    page.screenshot(path=str(shots / "00-welcome-full.png"), full_page=True)
+    hello.scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "00-welcome-hello.png"))
+    assert (shots / "00-welcome-full.png").stat().st_size > 10_000
+    print(f"screenshots in {shots}; blocked requests: {blocked}")
+    page.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(LESSONS))
+def test_each_lesson_shows_its_result_and_figures(name, backend, browser, tmp_path):
+    """Rendered as on a 1280x720 projector at 150% zoom: the results visible, every figure decoded and, for a
+    notebook whose figures use labkit.viz.style, shown large enough that its smallest text stays readable."""
+    from nbconvert import HTMLExporter
+
+    from labkit.viz.style import DPI, MIN_FONT_PT
+
+    run = execute_shared(NOTEBOOKS / name, BACKENDS[backend])
+    assert not run.problems, "\n".join(run.problems)
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(run.notebook)
+    html = tmp_path / name.replace(".ipynb", f"-{backend}.html")
+    html.write_text(body, encoding="utf-8")
+
+    lesson = LESSONS[name]
+    page = browser.new_page(viewport={"width": PROJECTOR["width"], "height": PROJECTOR["height"]},
+                            device_scale_factor=PROJECTOR["device_scale_factor"])
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(("file://", "data:"))
+               else route.abort())
+    page.goto(html.as_uri(), wait_until="load")
+    for text in lesson.visible:
+        shown = page.get_by_text(text).first
+        shown.scroll_into_view_if_needed()
+        assert shown.is_visible(), f"{name}: {text!r} is not visible"
+    images = page.locator(".jp-OutputArea-output img")
+    assert images.count() >= 1, f"{name} shows no figure"
+    for index in range(images.count()):
+        image = images.nth(index)
+        image.scroll_into_view_if_needed()
+        width, shown = image.evaluate("img => [img.naturalWidth, img.getBoundingClientRect().width]")
+        assert width > 0, f"{name}: figure {index} did not decode"
+        smallest = MIN_FONT_PT * DPI / 72 * shown / width
+        assert not lesson.projector or smallest >= MIN_TEXT_CSS_PX, \
+            f"{name}: figure {index} is shown at {shown:.0f} of {width} px: its smallest text is {smallest:.1f} CSS px"
+    if lesson.projector:  # every line of code fits its cell: nothing cut off at the right edge
+        cut = page.locator(".jp-InputArea-editor").evaluate_all(
+            "cells => cells.filter(cell => cell.scrollWidth > cell.clientWidth + 1).map(cell => cell.innerText.slice(0, 80))")
+        assert cut == [], f"{name}: code cells wider than the page at 150% zoom: {cut}"
+    assert page.locator("[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
+    assert "Traceback" not in page.inner_text("body")
+    shots = Path(os.environ.get("LABKIT_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    if backend == "default":
+        page.screenshot(path=str(shots / name.replace(".ipynb", f"-{backend}-full.png")), full_page=True)
+    else:  # the same page's other run: JPEG at CSS pixels takes a third of the time of a 1.5x PNG
+        page.screenshot(path=str(shots / name.replace(".ipynb", f"-{backend}-full.jpg")), full_page=True,
+                        type="jpeg", quality=70, scale="css")
+    page.close()
