@@ -8,7 +8,9 @@ The screenshot goes to pytest's temp dir, or to ``LABKIT_SCREENSHOT_DIR``.
 
 Both backends: the default (``auto``) and ``LABKIT_BACKEND=emu``.  Every notebook is
 rendered from both runs; the emulator's run is the very one tests/notebooks checks
-(:func:`execute_shared`: executed once per session).  In a live JupyterLab every
+(:func:`execute_shared`: executed once per session), the default backend's is the live
+JupyterLab's "Run all" of the widget pass, saved before any control is changed
+(:data:`LIVE_RUNS`; executed headless only where that pass did not run it).  In a live JupyterLab every
 notebook's widgets are changed on the default backend, and one of them per run, in turn
 (:func:`emu_widget_notebooks`) under ``LABKIT_BACKEND=emu``: ``scripts/browser-all``
 changes every notebook's widgets on both.
@@ -22,10 +24,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nbformat
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "notebooks"))
-from notebook_execution import NOTEBOOKS, execute_shared  # noqa: E402
+from notebook_execution import NOTEBOOKS, Execution, execute_shared, problems_in  # noqa: E402
 from servers import Server, chromium, free_port, require_chromium  # noqa: E402
 
 HELLO = "Hello from 64-bit mode!"
@@ -239,7 +242,7 @@ def _jupyterlab(backend: str, tmp_path_factory):
                 return False
 
         _wait_for(status, 90, "JupyterLab to come up")
-        yield base, token, server, backend
+        yield base, token, server, notebooks
     finally:
         left = server.stop()
     assert left == [], f"JupyterLab left processes behind: {left}"
@@ -309,8 +312,9 @@ def test_every_widget_changes_the_results(name, backend, browser, tmp_path, requ
     to (conftest skips them only without /dev/kvm).  Under LABKIT_BACKEND=emu a control with nothing else to
     choose is found and checked (:func:`_change`), and every other control is changed."""
     import re
+    import time
 
-    base, token, server, _ = request.getfixturevalue(f"lab_{backend}")
+    base, token, server, notebooks = request.getfixturevalue(f"lab_{backend}")
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.route("**/*", lambda route: route.continue_() if route.request.url.startswith((base, "data:", "blob:"))
                else route.abort())
@@ -325,6 +329,7 @@ def test_every_widget_changes_the_results(name, backend, browser, tmp_path, requ
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
     page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^Run$")).click()
     page.locator("li.lm-Menu-item[data-command='runmenu:run-all']").click()
+    started = time.perf_counter()
     prompts = notebook.locator(".jp-CodeCell .jp-InputPrompt")
 
     def all_ran() -> bool:
@@ -332,9 +337,12 @@ def test_every_widget_changes_the_results(name, backend, browser, tmp_path, requ
         return bool(texts) and all(re.fullmatch(r"\[\d+\]:", text.strip()) for text in texts)
 
     _wait_for(all_ran, RUN_ALL_S, f"{name} to run to the end")
+    seconds = time.perf_counter() - started
     server.seen()  # its kernel and the kernel's workers, to be found if they outlive the server
     errors = notebook.locator("[data-mime-type='application/vnd.jupyter.stderr']")
     assert errors.count() == 0, f"{name}: error output: {errors.first.inner_text()[:500]}"
+    if backend == "default":  # the run the lesson test renders (before any control changes an output)
+        LIVE_RUNS[name] = _save(page, notebooks / name, seconds)
 
     cells = notebook.locator(".jp-CodeCell").filter(has=page.locator(".jp-OutputArea-output .jupyter-widgets"))
     found = {kind: 0 for kind in SELECTORS}
@@ -369,6 +377,37 @@ def test_every_widget_changes_the_results(name, backend, browser, tmp_path, requ
     _shut_down_kernels(base, token)
 
 
+LIVE_RUNS: dict[str, Execution] = {}
+"""The default backend's runs of the widget pass, by notebook: as JupyterLab saved them right after "Run all"."""
+
+
+def _save(page, path: Path, seconds: float) -> Execution:
+    """Save the notebook open in ``page`` (File, Save Notebook) and read back what JupyterLab wrote."""
+    import re
+
+    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^File$")).click()
+    # Waited for through Playwright: the page's requests pass this process's route handler, so a plain sleep
+    # here would hold the save's PUT back.
+    with page.expect_response(lambda response: response.request.method == "PUT" and
+                              f"/api/contents/{path.name}" in response.url, timeout=30_000) as saving:
+        page.locator("li.lm-Menu-item[data-command='docmanager:save']").click()
+    assert saving.value.ok, f"JupyterLab could not save {path.name}: HTTP {saving.value.status}"
+    saved = nbformat.read(path, as_version=4)
+    unrun = [index for index, cell in enumerate(saved.cells) if cell.cell_type == "code" and not cell.execution_count]
+    assert unrun == [], f"{path.name} was saved with cells {unrun} not run"
+    return Execution(saved, seconds, problems_in(saved))
+
+
+def default_run(name: str) -> Execution:
+    """The default backend's run of ``name`` to render: the widget pass's (:data:`LIVE_RUNS`) when it ran it, else
+    executed headless (:func:`execute_shared`: without KVM the widget pass is skipped, or this test runs alone)."""
+    import copy
+
+    if name in LIVE_RUNS:
+        return copy.deepcopy(LIVE_RUNS[name])
+    return execute_shared(NOTEBOOKS / name, None)
+
+
 def _shut_down_kernels(base: str, token: str) -> None:
     """End the sessions (and kernels) the page started: the next notebook gets the machine's cores."""
     import urllib.request
@@ -385,10 +424,10 @@ def _shut_down_kernels(base: str, token: str) -> None:
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> Path:
-    """Notebook 00 executed on the default backend choice (``auto``) and converted to HTML."""
+    """Notebook 00 run on the default backend choice (``auto``, :func:`default_run`) and converted to HTML."""
     from nbconvert import HTMLExporter
 
-    run = execute_shared(NOTEBOOKS / "00-welcome.ipynb", None)
+    run = default_run("00-welcome.ipynb")
     assert not run.problems, "\n".join(run.problems)
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(run.notebook)
     page = tmp_path_factory.mktemp("render") / "00-welcome.html"
@@ -448,7 +487,7 @@ def test_each_lesson_shows_its_result_and_figures(name, backend, browser, tmp_pa
 
     from labkit.viz.style import DPI, MIN_FONT_PT
 
-    run = execute_shared(NOTEBOOKS / name, BACKENDS[backend])
+    run = default_run(name) if backend == "default" else execute_shared(NOTEBOOKS / name, BACKENDS[backend])
     assert not run.problems, "\n".join(run.problems)
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(run.notebook)
     html = tmp_path / name.replace(".ipynb", f"-{backend}.html")
