@@ -321,12 +321,14 @@ def test_every_widget_changes_the_results(name, backend, browser, tmp_path, requ
     page.goto(f"{base}/lab/tree/{name}?token={token}&reset", wait_until="domcontentloaded")  # reset: this tab only
     notebook = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
     notebook.locator(".jp-CodeCell").first.wait_for(timeout=90_000)
+    # The kernel starts on its own (autoStartDefaultKernel), or JupyterLab asks for one on a first start: whichever
+    # comes first (a kernel that is idle asks for nothing), instead of waiting 10 s for a dialog that never comes.
     select_kernel = page.locator(".jp-Dialog button", has_text=re.compile("^Select$"))
-    try:
-        select_kernel.click(timeout=10_000)  # asked on a first start even with autoStartDefaultKernel
-    except Exception:  # noqa: BLE001 - Playwright's TimeoutError: no dialog, the kernel started on its own
-        pass
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+    idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first
+    select_kernel.or_(idle).first.wait_for(timeout=90_000)
+    if select_kernel.count():
+        select_kernel.first.click()
+    idle.wait_for(timeout=90_000)
     page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^Run$")).click()
     page.locator("li.lm-Menu-item[data-command='runmenu:run-all']").click()
     started = time.perf_counter()
