@@ -329,8 +329,11 @@ def test_every_widget_changes_the_results(name, backend, browser, tmp_path, requ
     if select_kernel.count():
         select_kernel.first.click()
     idle.wait_for(timeout=90_000)
+    # Run all acts on the current notebook, and JupyterLab disables it (a click on it does nothing) until the page
+    # has made this notebook current: selecting a cell makes it so, and the menu item is clicked once enabled.
+    notebook.locator(".jp-CodeCell .jp-InputPrompt").first.click()
     page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^Run$")).click()
-    page.locator("li.lm-Menu-item[data-command='runmenu:run-all']").click()
+    page.locator("li.lm-Menu-item[data-command='runmenu:run-all']:not(.lm-mod-disabled)").click()
     started = time.perf_counter()
     prompts = notebook.locator(".jp-CodeCell .jp-InputPrompt")
 
