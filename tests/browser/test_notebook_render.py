@@ -128,6 +128,8 @@ SETTINGS = {
     "@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False},
 }
 CHANGE_S = 60
+QUEUED_S = 10
+"""Seconds after Run all by which JupyterLab has marked a cell [*]: it does so before sending, so none means none sent."""
 
 
 WIDGET_NOTEBOOKS = sorted(name for name, lesson in LESSONS.items() if lesson.controls)
@@ -329,13 +331,24 @@ def test_every_widget_changes_the_results(name, backend, browser, tmp_path, requ
     if select_kernel.count():
         select_kernel.first.click()
     idle.wait_for(timeout=90_000)
-    # Run all acts on the current notebook, and JupyterLab disables it (a click on it does nothing) until the page
-    # has made this notebook current: selecting a cell makes it so, and the menu item is clicked once enabled.
-    notebook.locator(".jp-CodeCell .jp-InputPrompt").first.click()
-    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^Run$")).click()
-    page.locator("li.lm-Menu-item[data-command='runmenu:run-all']:not(.lm-mod-disabled)").click()
-    started = time.perf_counter()
     prompts = notebook.locator(".jp-CodeCell .jp-InputPrompt")
+
+    def queued() -> bool:  # JupyterLab marks a cell [*] as it sends it to the kernel, [n] once it ran
+        return any(re.fullmatch(r"\[(\*|\d+)\]:", text.strip()) for text in prompts.all_inner_texts())
+
+    # Just after the kernel started, JupyterLab's Run all can pass over every cell and send none (all stay [ ],
+    # the last one selected; 3 of about 70 notebooks opened here): then it is chosen again, as a student would.
+    dropped = 0
+    while True:
+        page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^Run$")).click()
+        page.locator("li.lm-Menu-item[data-command='runmenu:run-all']").click()
+        started = time.perf_counter()
+        try:
+            _wait_for(queued, QUEUED_S, f"{name}: Run all to send a cell")
+            break
+        except AssertionError:
+            dropped += 1
+            assert dropped < 3, f"{name}: Run all sent no cell to the kernel, {dropped} times"
 
     def all_ran() -> bool:
         texts = prompts.all_inner_texts()
@@ -377,7 +390,7 @@ def test_every_widget_changes_the_results(name, backend, browser, tmp_path, requ
     shots = Path(os.environ.get("LABKIT_SCREENSHOT_DIR", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(shots / name.replace(".ipynb", f"-{backend}-widgets.png")))
-    print(f"{name} ({backend}): changed {changed}")
+    print(f"{name} ({backend}): changed {changed}" + (f"; Run all chosen {dropped + 1} times" if dropped else ""))
     page.close()
     _shut_down_kernels(base, token)
 
