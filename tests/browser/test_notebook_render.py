@@ -128,8 +128,9 @@ SETTINGS = {
     "@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False},
 }
 CHANGE_S = 60
-QUEUED_S = 10
-"""Seconds after Run all by which JupyterLab has marked a cell [*]: it does so before sending, so none means none sent."""
+QUEUED_S = 5
+"""Seconds after Run all by which JupyterLab has marked a cell [*]: it marks them as it queues them (at once), so none
+means none was sent; a late mark would only run the notebook twice."""
 
 
 WIDGET_NOTEBOOKS = sorted(name for name, lesson in LESSONS.items() if lesson.controls)
