@@ -338,7 +338,8 @@ def test_every_widget_changes_the_results(name, backend, browser, tmp_path, requ
         return any(re.fullmatch(r"\[(\*|\d+)\]:", text.strip()) for text in prompts.all_inner_texts())
 
     # Just after the kernel started, JupyterLab's Run all can pass over every cell and send none (all stay [ ],
-    # the last one selected; 3 of about 70 notebooks opened here): then it is chosen again, as a student would.
+    # the last one selected; 3 of about 70 openings here, 4 of 11 in one run at load 4): it is chosen again, as a
+    # student would (DECISIONS 129).
     dropped = 0
     while True:
         page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^Run$")).click()
