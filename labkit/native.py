@@ -128,12 +128,21 @@ class Library:
         self._check = check
         self._built: Built | None = None
         self._lock = threading.Lock()
+        # A worker forked while another thread of its caller builds would inherit the lock held by a thread
+        # it does not have: it gets a lock of its own (and builds or loads for itself if it needs to).
+        os.register_at_fork(after_in_child=self._new_lock)
+
+    def _new_lock(self) -> None:
+        self._lock = threading.Lock()
 
     def built(self) -> Built:
-        with self._lock:
-            if self._built is None:
-                self._built = build(self.source, self._check)
-            return self._built
+        built = self._built
+        if built is None:
+            with self._lock:
+                if self._built is None:
+                    self._built = build(self.source, self._check)
+                built = self._built
+        return built
 
     def load(self) -> ctypes.CDLL | None:
         """The library, or None where it is not built (see :meth:`status`)."""
